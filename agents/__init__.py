@@ -1,0 +1,1 @@
+"""ntrl's agents, installed as ``ntrl.agents``: policies, REINFORCE and optimizers."""

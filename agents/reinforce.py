@@ -1,0 +1,140 @@
+"""REINFORCE utilities and their gradients, in two modes.
+
+*exact*:   U(θ) = J(π_θ), the environment model's exact expected return; g = ∇θ J.
+*sampled*: a batch of B episodes from the environment and the surrogate
+
+    U_s(θ) = (1/B) Σ_i Σ_t (G_{i,t} − b_{i,t}) log π_θ(a_{i,t} | s_{i,t}),
+
+whose gradient is an unbiased estimate of ∇θ J when the baseline b does not depend on
+episode i's own actions. ``baseline="loo"`` uses the leave-one-out mean
+b_{i,t} = mean_{j≠i} G_{j,t} (G_{j,t} = 0 after episode j ended); ``"none"`` uses b = 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ntrl.tangent import PolicyView, TangentEngine
+
+GRADIENT_MODES = ("exact", "sampled")
+BASELINES = ("none", "loo")
+
+
+@dataclass
+class EpisodeBatch:
+    """Transitions of B episodes, flattened over (episode, time)."""
+
+    obs: Tensor  # (T, *obs_shape)
+    actions: Tensor  # (T,)
+    advantages: Tensor  # (T,), G − b
+    episode_returns: np.ndarray  # (B,)
+    n_episodes: int
+
+
+@dataclass
+class UtilityGradient:
+    """The utility the agent ascends this update, its gradient, and the states for the Fisher."""
+
+    value: float
+    gradient: Tensor
+    fisher_states: tuple[Tensor, Tensor]
+    mean_return: float
+    utility_fn: Callable[[PolicyView], Tensor]
+
+
+def _sample_action(policy: nn.Module, obs: np.ndarray, rng: np.random.Generator) -> int:
+    with torch.no_grad():
+        x = torch.as_tensor(obs)[None]
+        probs = torch.softmax(policy(x).to(torch.float64), dim=-1)[0].numpy()
+    return int(rng.choice(len(probs), p=probs / probs.sum()))
+
+
+def collect_episodes(
+    env: gym.Env,
+    policy: nn.Module,
+    n_episodes: int,
+    rng: np.random.Generator,
+    gamma: float = 1.0,
+    baseline: str = "loo",
+    max_steps: int = 100_000,
+) -> EpisodeBatch:
+    """Run ``n_episodes`` episodes with actions drawn from π by ``rng``; rewards-to-go G_t."""
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+    all_obs, all_act, all_ret = [], [], []
+    for _ in range(n_episodes):
+        obs, _ = env.reset()
+        ep_obs, ep_act, ep_rew = [], [], []
+        for _ in range(max_steps):
+            a = _sample_action(policy, obs, rng)
+            nxt, r, terminated, truncated, _ = env.step(a)
+            ep_obs.append(np.asarray(obs))
+            ep_act.append(a)
+            ep_rew.append(float(r))
+            obs = nxt
+            if terminated or truncated:
+                break
+        G = np.zeros(len(ep_rew))
+        acc = 0.0
+        for t in range(len(ep_rew) - 1, -1, -1):
+            acc = ep_rew[t] + gamma * acc
+            G[t] = acc
+        all_obs.append(ep_obs)
+        all_act.append(ep_act)
+        all_ret.append(G)
+    T = max(len(g) for g in all_ret)
+    G_pad = np.zeros((n_episodes, T))
+    for i, g in enumerate(all_ret):
+        G_pad[i, : len(g)] = g
+    if baseline == "loo" and n_episodes > 1:
+        b_pad = (G_pad.sum(axis=0, keepdims=True) - G_pad) / (n_episodes - 1)
+    else:
+        b_pad = np.zeros_like(G_pad)
+    adv = np.concatenate([G_pad[i, : len(g)] - b_pad[i, : len(g)] for i, g in enumerate(all_ret)])
+    return EpisodeBatch(
+        obs=torch.as_tensor(np.stack([o for ep in all_obs for o in ep])),
+        actions=torch.as_tensor(np.concatenate(all_act), dtype=torch.long),
+        advantages=torch.as_tensor(adv, dtype=torch.float64),
+        episode_returns=np.array([g[0] for g in all_ret]),
+        n_episodes=n_episodes,
+    )
+
+
+def surrogate_utility(batch: EpisodeBatch) -> Callable[[PolicyView], Tensor]:
+    """U_s(view) = (1/B) Σ (G − b) log π(a|s): the REINFORCE surrogate on a fixed batch."""
+
+    def U(view: PolicyView) -> Tensor:
+        logp = view.log_probs(batch.obs).gather(-1, batch.actions[:, None])[:, 0]
+        return (batch.advantages.to(logp.dtype) * logp).sum() / batch.n_episodes
+
+    return U
+
+
+def exact_gradient(engine: TangentEngine, model) -> UtilityGradient:
+    """U = J(π_θ) from the model's ``exact_expected_reward``; g = ∇θ J."""
+    U = model.exact_expected_reward
+    value, J = engine.jacobian(U)
+    obs, w = model.exact_states()
+    return UtilityGradient(float(value[0]), J[0], (obs, w), float(value[0]), U)
+
+
+def sampled_gradient(
+    engine: TangentEngine,
+    env: gym.Env,
+    n_episodes: int,
+    rng: np.random.Generator,
+    baseline: str = "loo",
+    gamma: float = 1.0,
+) -> UtilityGradient:
+    """Collect a batch and return the surrogate, its gradient and the visited states."""
+    batch = collect_episodes(env, engine.module, n_episodes, rng, gamma=gamma, baseline=baseline)
+    U = surrogate_utility(batch)
+    value, J = engine.jacobian(U)
+    w = torch.full((batch.obs.shape[0],), 1.0 / batch.obs.shape[0], dtype=torch.float64)
+    return UtilityGradient(float(value[0]), J[0], (batch.obs, w), float(batch.episode_returns.mean()), U)

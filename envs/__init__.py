@@ -1,0 +1,14 @@
+"""ntrl's environments, registered with Gymnasium under the ``ntrl/`` namespace.
+
+    import ntrl.envs, gymnasium as gym
+    env = gym.make("ntrl/TwoArmedBandit-v0", reward_do=1.0, reward_dont=-1.0)
+"""
+
+import gymnasium as gym
+
+from ntrl.envs.bandit import TwoArmedBandit
+
+if "ntrl/TwoArmedBandit-v0" not in gym.registry:
+    gym.register(id="ntrl/TwoArmedBandit-v0", entry_point="ntrl.envs.bandit:TwoArmedBandit")
+
+__all__ = ["TwoArmedBandit"]

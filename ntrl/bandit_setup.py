@@ -1,0 +1,62 @@
+"""The bandit experiment: config fields of ``ntrl train bandit`` and how they are built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+
+import ntrl.envs  # noqa: F401  (registers ntrl/TwoArmedBandit-v0)
+from ntrl.agents.optimizers import make_optimizer
+from ntrl.agents.policies import make_policy
+from ntrl.agents.reinforce import exact_gradient, sampled_gradient
+from ntrl.config import Experiment, TrainConfig
+from ntrl.properties import ActionProbability, ExpectedReward, LogOdds
+
+
+@dataclass
+class BanditConfig(TrainConfig):
+    """REINFORCE on ``ntrl/TwoArmedBandit-v0`` with the target action's probability tracked."""
+
+    env: str = "bandit"
+    target: int = 1
+    reward_do: float = 1.0
+    reward_dont: float = -1.0
+    noise_std: float = 0.0
+
+    def validate(self) -> "BanditConfig":
+        super().validate()
+        self.need(self.target in (0, 1), "target", f"must be in [0, 1] for the bandit (0 = dont, 1 = do), got {self.target}")
+        for name in ("reward_do", "reward_dont"):
+            self.need(math.isfinite(getattr(self, name)), name, f"must be finite, got {getattr(self, name)}")
+        self.need(self.noise_std >= 0, "noise_std", f"must be >= 0, got {self.noise_std}")
+        return self
+
+    def build(self) -> Experiment:
+        env = gym.make("ntrl/TwoArmedBandit-v0", reward_do=self.reward_do,
+                       reward_dont=self.reward_dont, noise_std=self.noise_std)
+        model = env.unwrapped
+        dtype = torch.float64 if self.dtype == "float64" else torch.float32
+        obs, _ = model.exact_states()
+        policy = make_policy(self.policy, obs_dim=1, n_actions=2, target=self.target, p0=self.p0,
+                             reference_obs=obs, seed=self.seed, width=self.width, depth=self.depth,
+                             activation=self.activation, dtype=dtype)
+        opt_kwargs = {"damping": self.npg_damping} if self.optimizer == "npg" else {}
+        optimizer = make_optimizer(self.optimizer, policy, self.lr, **opt_kwargs)
+
+        def utility(engine, rng):
+            if self.mode == "exact":
+                return exact_gradient(engine, model)
+            return sampled_gradient(engine, env, self.batch_size, rng, baseline=self.baseline)
+
+        return Experiment(
+            env=env,
+            policy=policy,
+            optimizer=optimizer,
+            properties=[ActionProbability(obs, self.target, "P"), ExpectedReward(model, "R")],
+            kappa=LogOdds(obs, self.target, "z"),
+            utility=utility,
+            target_label="do" if self.target == 1 else "dont",
+        )

@@ -1,0 +1,133 @@
+"""The ``ntrl`` command line.
+
+    ntrl train bandit --optimizer sgd --p0 0.01 --lr 0.1 --steps 300
+
+Bad input gets one line on stderr naming the flag and what is allowed, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Sequence
+
+import importlib
+
+from ntrl.config import ConfigError, TrainConfig, flag_of
+
+# ``ntrl train <name>``: the config class of each environment, imported when used.
+EXPERIMENTS = {
+    "bandit": ("ntrl.bandit_setup:BanditConfig", "REINFORCE on ntrl/TwoArmedBandit-v0"),
+}
+
+
+def experiment_config(name: str) -> type[TrainConfig]:
+    module, cls = EXPERIMENTS[name][0].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+HELP = {
+    "policy": "policy kind: single_logit (p = σ(b)), tabular (softmax over K logits) or mlp",
+    "optimizer": "sgd, adam, npg (natural policy gradient) or sign (sign descent)",
+    "mode": "exact (analytic ∇J) or sampled (REINFORCE on a batch of episodes)",
+    "p0": "initial probability of the target action, in (0, 1)",
+    "target": "the tracked action: 1 = do, 0 = dont",
+    "lr": "learning rate η > 0",
+    "steps": "number of updates",
+    "seed": "seed for initialisation, sampling and reward noise",
+    "batch_size": "episodes per update in sampled mode",
+    "baseline": "sampled-mode baseline: loo (leave-one-out mean) or none",
+    "track_every": "track every k-th update",
+    "stop_at_p": "stop once P reaches this value",
+    "reward_do": "reward for do",
+    "reward_dont": "reward for dont",
+    "noise_std": "standard deviation of Gaussian reward noise",
+    "width": "MLP hidden width",
+    "depth": "MLP hidden layers",
+    "activation": "MLP activation",
+    "dtype": "policy dtype (tracking always runs in float64)",
+    "npg_damping": "λ in (F + λI)⁻¹ for npg (0: pseudo-inverse)",
+    "fisher": "also record NTVar in the Fisher metric",
+    "out": "directory that holds run directories",
+    "run_name": "name of the run directory (default: from the config)",
+    "group": "W&B group",
+    "wandb": "offline (default), online or disabled",
+    "force": "replace an existing run directory",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "") else float(text)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], skip: Sequence[str] = ("env",)) -> None:
+    """One flag per config field, typed from the dataclass defaults."""
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name in ("wandb", "force"):
+            continue
+        default = getattr(defaults, f.name)
+        kind = {bool: _parse_bool, int: int, float: float, str: str}.get(type(default), str)
+        if f.name == "stop_at_p":
+            kind = _optional_float
+        parser.add_argument(flag_of(f.name), dest=f.name, type=kind, default=default,
+                            metavar=f.name.upper(), help=f"{HELP.get(f.name, f.name)} (default: {default})")
+    parser.add_argument("--wandb", dest="wandb", default=defaults.wandb, metavar="MODE",
+                        help="W&B mode: offline (default), online (upload) or disabled")
+    parser.add_argument("--no-wandb", dest="wandb", action="store_const", const="disabled",
+                        help="turn W&B logging off")
+    parser.add_argument("--force", action="store_true", help=HELP["force"])
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="ntrl", description="Price's equation for neural networks, measured in RL training.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    train = sub.add_parser("train", help="train an agent with Price tracking")
+    envs = train.add_subparsers(dest="env", required=True, parser_class=OneLineParser)
+    for name, (_, help_text) in EXPERIMENTS.items():
+        add_config_flags(envs.add_parser(name, help=help_text), experiment_config(name))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, cls: type[TrainConfig]) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from ntrl.train import TrainingError, describe, train
+
+        try:
+            config = config_from_args(args, experiment_config(args.env)).validate()
+            result = train(config, progress=not args.quiet)
+        except ConfigError as e:
+            print(f"ntrl: error: {e}", file=sys.stderr)
+            return 2
+        except TrainingError as e:
+            print(f"ntrl: training stopped: {e}", file=sys.stderr)
+            return 1
+        print(describe(result, config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

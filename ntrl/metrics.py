@@ -1,0 +1,172 @@
+"""Metrics M for NTCov_M(X, Y) = ∇X · M ∇Y: the geometry an optimizer's step lives in.
+
+| optimizer        | M                                    | class          |
+| ---------------- | ------------------------------------ | -------------- |
+| SGD              | I                                    | Euclidean      |
+| Adam / RMSprop   | diag(1 / (√v̂ + ε))                   | Diagonal       |
+| sign descent     | diag(1 / |g|)  (so that M g = sign g) | Diagonal       |
+| NPG              | F⁻¹ (pseudo-inverse or damped)       | InverseFisher  |
+
+Every metric acts on rows: ``apply(V)`` maps V of shape (k, P) to (M vᵢ)ᵢ, shape (k, P).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, jvp, vjp
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ntrl.tangent import TangentEngine
+
+
+class Metric(ABC):
+    """A symmetric positive semi-definite preconditioner M."""
+
+    name: str = "metric"
+
+    @abstractmethod
+    def apply(self, V: Tensor) -> Tensor:
+        """Return M vᵢ for every row vᵢ of V (shape (k, P))."""
+
+    @property
+    def diagonal(self) -> Tensor | None:
+        """The diagonal of M when M is diagonal (used by structured backends), else None."""
+        return None
+
+
+class Euclidean(Metric):
+    """M = I: plain gradient descent."""
+
+    name = "euclidean"
+
+    def apply(self, V: Tensor) -> Tensor:
+        return V
+
+    @property
+    def diagonal(self) -> Tensor | None:
+        return None
+
+
+class Diagonal(Metric):
+    """M = diag(d): Adam, RMSprop (d = 1/(√v̂ + ε)) and sign descent (d = 1/|g|, 0 where g = 0)."""
+
+    name = "diagonal"
+
+    def __init__(self, d: Tensor):
+        if d.ndim != 1:
+            raise ValueError(f"Diagonal metric needs a flat vector, got shape {tuple(d.shape)}")
+        if not torch.isfinite(d).all() or (d < 0).any():
+            raise ValueError("Diagonal metric entries must be finite and non-negative")
+        self.d = d
+
+    def apply(self, V: Tensor) -> Tensor:
+        return V * self.d.to(V.dtype)
+
+    @property
+    def diagonal(self) -> Tensor | None:
+        return self.d
+
+
+class InverseFisher(Metric):
+    """M = (F + λI)⁻¹, or the pseudo-inverse F⁺ when λ = 0, for the policy's Fisher information
+
+        F = Σ_s w_s Σ_a π(a|s) ∇log π(a|s) ∇log π(a|s)ᵀ = AᵀA,
+        A = rows √(w_s π(a|s)) ∇log π(a|s)   (π in the weights is held constant).
+
+    ``method="exact"`` factors A = U S Vᵀ (thin SVD) and applies V diag(1/(S² + λ)) Vᵀ, plus
+    (1/λ)(I − VVᵀ) when λ > 0. Singular values below ``rtol``·S_max are treated as zero
+    (the softmax's shift direction is always one). ``method="cg"`` never forms A: it runs
+    conjugate gradient on (F + λI) x = v with Fisher-vector products from ``torch.func`` jvp/vjp,
+    and needs λ > 0. ``method="auto"`` is exact while A has at most ``max_exact_elements``.
+    """
+
+    name = "inverse_fisher"
+
+    def __init__(
+        self,
+        engine: "TangentEngine",
+        obs: Tensor,
+        weights: Tensor | None = None,
+        damping: float = 0.0,
+        method: str = "auto",
+        rtol: float | None = None,
+        max_exact_elements: int = 2**24,
+        cg_tol: float = 1e-10,
+        cg_max_iter: int = 200,
+    ):
+        if method not in ("auto", "exact", "cg"):
+            raise ValueError(f"method must be auto, exact or cg, got {method!r}")
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        self.engine = engine
+        params = engine.params()
+        dtype = next(iter(params.values())).dtype
+        view = engine.view(params)
+        self.obs = view.as_obs(obs)
+        with torch.no_grad():
+            logp = view.log_probs(self.obs)
+        n_states, n_actions = logp.shape
+        w = torch.full((n_states,), 1.0 / n_states, dtype=dtype) if weights is None else weights
+        w = torch.as_tensor(w, dtype=dtype)
+        self.row_scale = (w[:, None] * logp.exp()).clamp_min(0).sqrt().reshape(-1)
+        self.damping = float(damping)
+        m = n_states * n_actions
+        if method == "auto":
+            method = "exact" if m * engine.n_params <= max_exact_elements else "cg"
+        if method == "cg" and self.damping <= 0:
+            raise ValueError("InverseFisher with method='cg' needs damping > 0")
+        self.method = method
+        self.cg_tol, self.cg_max_iter = cg_tol, cg_max_iter
+        self._params = params
+        if method == "exact":
+            _, J = engine.jacobian(lambda v: v.log_probs(self.obs), params)
+            A = J * self.row_scale[:, None]
+            _, S, Vh = torch.linalg.svd(A, full_matrices=False)
+            eps = torch.finfo(dtype).eps
+            rtol = rtol if rtol is not None else max(A.shape) * eps * 1e3
+            keep = S > rtol * S.max().clamp_min(torch.finfo(dtype).tiny)
+            self.S, self.Vh = S[keep], Vh[keep]
+
+    def _scaled_logp(self, flat: Tensor) -> Tensor:
+        p = self.engine.unflatten(flat)
+        logp = torch.log_softmax(functional_call(self.engine.module, p, (self.obs,)), dim=-1)
+        return logp.reshape(-1) * self.row_scale
+
+    def fvp(self, v: Tensor) -> Tensor:
+        """F v = Aᵀ(A v), by one jvp and one vjp (no Jacobian is formed)."""
+        theta = self.engine.flatten(self._params)
+        _, Av = jvp(self._scaled_logp, (theta,), (v,))
+        _, pullback = vjp(self._scaled_logp, theta)
+        return pullback(Av)[0]
+
+    def _cg(self, b: Tensor) -> Tensor:
+        x = torch.zeros_like(b)
+        r = b.clone()
+        p = r.clone()
+        rr = r @ r
+        b_norm = b.norm().clamp_min(torch.finfo(b.dtype).tiny)
+        for _ in range(self.cg_max_iter):
+            Ap = self.fvp(p) + self.damping * p
+            alpha = rr / (p @ Ap)
+            x = x + alpha * p
+            r = r - alpha * Ap
+            rr_new = r @ r
+            if rr_new.sqrt() <= self.cg_tol * b_norm:
+                break
+            p = r + (rr_new / rr) * p
+            rr = rr_new
+        return x
+
+    def apply(self, V: Tensor) -> Tensor:
+        V = V.to(self.row_scale.dtype)
+        if self.method == "cg":
+            return torch.stack([self._cg(v) for v in V]) if V.shape[0] else V
+        coef = V @ self.Vh.T  # (k, r)
+        out = (coef / (self.S**2 + self.damping)) @ self.Vh
+        if self.damping > 0:
+            out = out + (V - coef @ self.Vh) / self.damping
+        return out

@@ -1,0 +1,63 @@
+"""Properties: named scalar (or batched) functions X(θ) of a policy, tracked by the engine.
+
+Every property, built-in or a user's, has one interface: ``prop(view) -> Tensor`` where
+``view`` is a :class:`ntrl.tangent.PolicyView`, plus a ``name`` used in records.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from ntrl.tangent import PolicyView, log_odds
+
+
+class Property:
+    """A named property X(θ): ``Property(name, fn)`` with ``fn(view) -> Tensor``."""
+
+    def __init__(self, name: str, fn: Callable[[PolicyView], Tensor]):
+        if not name or "/" in name:
+            raise ValueError(f"property name must be non-empty and contain no '/', got {name!r}")
+        self.name = name
+        self.fn = fn
+
+    def __call__(self, view: PolicyView) -> Tensor:
+        return self.fn(view)
+
+    def __repr__(self) -> str:
+        return f"Property({self.name!r})"
+
+
+class ActionProbability(Property):
+    """X = π(a | s) for each probe state s, computed as exp(log_softmax(z)[a]) (log space)."""
+
+    def __init__(self, obs: Tensor, action: int, name: str = "P"):
+        self.obs = torch.as_tensor(obs)
+        self.action = int(action)
+        super().__init__(name, lambda v: v.log_probs(self.obs)[:, self.action].exp())
+
+
+class LogOdds(Property):
+    """X = z_a = log π_a − log(1 − π_a), whose NTVar is the logit kernel κ."""
+
+    def __init__(self, obs: Tensor, action: int, name: str = "z"):
+        self.obs = torch.as_tensor(obs)
+        self.action = int(action)
+        super().__init__(name, lambda v: log_odds(v.log_probs(self.obs), self.action))
+
+
+class ExactRewardModel(Protocol):
+    """Anything that gives the exact expected reward J(π) differentiably in the policy."""
+
+    def exact_expected_reward(self, view: PolicyView) -> Tensor:  # pragma: no cover - protocol
+        ...
+
+
+class ExpectedReward(Property):
+    """X = R = J(π_θ), the exact expected reward from an environment's model."""
+
+    def __init__(self, model: ExactRewardModel, name: str = "R"):
+        self.model = model
+        super().__init__(name, lambda v: model.exact_expected_reward(v))

@@ -1,0 +1,79 @@
+"""The record stream: one JSON object per tracked update, appended and flushed as it goes.
+
+A run killed at any moment leaves every completed line readable; ``read_records`` drops
+only a final line that was cut off mid-write. Floats are written with ``repr`` precision,
+so the same seed and config give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+RECORDS_FILE = "records.jsonl"
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+
+
+class RecordWriter:
+    """Append-only JSONL writer that flushes after every record."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All complete records of a run (a file path or a run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECORDS_FILE
+    lines = path.read_text(encoding="utf-8").split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # the last line was being written when the run died
+                break
+            raise ValueError(f"{path}:{i + 1}: corrupt record") from None
+    return out
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temporary file and rename it into place (never half-written)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def scalar_items(record: dict[str, Any]) -> Iterable[tuple[str, float]]:
+    """(key, value) pairs of a record as scalars: lists (batched properties) become their mean."""
+    for k, v in record.items():
+        if isinstance(v, bool) or v is None:
+            continue
+        if isinstance(v, (int, float)):
+            yield k, v
+        elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+            yield k, sum(v) / len(v)

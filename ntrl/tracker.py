@@ -1,0 +1,111 @@
+"""The tracker: Price's equation checked at every k-th update.
+
+Before the step, for each property X (with Δθ = η d and d = M g_eff the optimizer's plan):
+
+    value          X(θ)
+    ntvar_euc      NTVar(X)            = ‖∇X‖²
+    ntvar_opt      NTVar_M(X)          = ∇X · M ∇X        (M: the optimizer's metric)
+    ntvar_fisher   NTVar_F⁻¹(X)        = ∇X · F⁺ ∇X       (natural-gradient geometry)
+    ntcov_euc      NTCov(X, U)         = ∇X · g
+    ntcov_opt      NTCov_M(X, U)       = ∇X · d           (for Adam, g_eff = m̂)
+    pred_delta     predicted ΔX        = η · NTCov_M(X, U)
+
+and after the step
+
+    real_delta     X(θ + Δθ) − X(θ)
+    residual       real_delta − pred_delta     (O(η²) from curvature)
+
+plus ``kappa`` = ‖∇z‖² for the log-odds z of the target action, and the utility ``U``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ntrl.metrics import Euclidean, InverseFisher, Metric
+from ntrl.properties import Property
+from ntrl.tangent import TangentEngine
+
+FIELDS = (
+    "value", "ntvar_euc", "ntvar_opt", "ntvar_fisher", "ntcov_euc", "ntcov_opt",
+    "pred_delta", "real_delta", "residual",
+)
+
+
+def to_json(t: Tensor) -> float | list[float]:
+    """A tensor as a JSON value: a float for one entry, else a list of floats."""
+    flat = t.detach().reshape(-1).to(torch.float64).tolist()
+    return flat[0] if len(flat) == 1 else flat
+
+
+@dataclass
+class PendingUpdate:
+    update: int
+    record: dict[str, Any]
+    before: dict[str, Tensor]
+    predicted: dict[str, Tensor]
+
+
+class Tracker:
+    """Computes, at every ``every``-th update, the Price prediction and the realised change."""
+
+    def __init__(
+        self,
+        engine: TangentEngine,
+        properties: Sequence[Property],
+        kappa: Property | None = None,
+        every: int = 1,
+        fisher: bool = True,
+        fisher_damping: float = 0.0,
+    ):
+        if every < 1:
+            raise ValueError(f"track interval must be >= 1, got {every}")
+        names = [p.name for p in properties]
+        if len(set(names)) != len(names):
+            raise ValueError(f"property names must be unique, got {names}")
+        self.engine = engine
+        self.properties = list(properties)
+        self.kappa = kappa
+        self.every = every
+        self.fisher = fisher
+        self.fisher_damping = fisher_damping
+
+    def should_track(self, update: int) -> bool:
+        return update % self.every == 0
+
+    def before(self, update: int, gradient: Tensor, plan, utility_value: float,
+               fisher_states: tuple[Tensor, Tensor] | None = None) -> PendingUpdate:
+        """Everything that is known before the step: X, NTVar, NTCov and the prediction."""
+        metrics: dict[str, Metric] = {"euc": Euclidean(), "opt": plan.metric}
+        if self.fisher and fisher_states is not None:
+            metrics["fisher"] = InverseFisher(self.engine, *fisher_states, damping=self.fisher_damping)
+        record: dict[str, Any] = {"update": update, "lr": plan.lr, "U": utility_value}
+        before, predicted = {}, {}
+        for X in self.properties:
+            s = self.engine.stats(X, metrics, directions={"g": gradient, "d": plan.direction})
+            pred = plan.lr * s.ntcov["d"]
+            before[X.name], predicted[X.name] = s.value, pred
+            record[f"{X.name}/value"] = to_json(s.value)
+            for m in metrics:
+                record[f"{X.name}/ntvar_{m}"] = to_json(s.ntvar[m])
+            record[f"{X.name}/ntcov_euc"] = to_json(s.ntcov["g"])
+            record[f"{X.name}/ntcov_opt"] = to_json(s.ntcov["d"])
+            record[f"{X.name}/pred_delta"] = to_json(pred)
+        if self.kappa is not None:
+            record["kappa"] = to_json(self.engine.ntvar(self.kappa))
+        record["backend"] = s.backend
+        return PendingUpdate(update, record, before, predicted)
+
+    def after(self, pending: PendingUpdate) -> dict[str, Any]:
+        """Add the realised change X(θ + Δθ) − X(θ) and the residual; return the full record."""
+        record = dict(pending.record)
+        params = self.engine.params()
+        for X in self.properties:
+            real = self.engine.evaluate(X, params) - pending.before[X.name]
+            record[f"{X.name}/real_delta"] = to_json(real)
+            record[f"{X.name}/residual"] = to_json(real - pending.predicted[X.name])
+        return record
