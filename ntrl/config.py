@@ -24,6 +24,8 @@ class Experiment:
 
     ``utility(engine, rng)`` returns the utility ascended this update and its gradient
     (exact or sampled); ``properties[0]`` is the headline property P.
+    ``extra_tracking(engine, utility_gradient) -> dict``, when given, is called before each
+    tracked step with the float64 analysis engine; its items are added to the record.
     """
 
     env: Any
@@ -33,6 +35,7 @@ class Experiment:
     kappa: Any
     utility: Callable[..., Any]
     target_label: str = "target"
+    extra_tracking: Callable[..., dict] | None = None
 
 
 class ConfigError(ValueError):

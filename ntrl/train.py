@@ -94,6 +94,8 @@ def train(config: TrainConfig, progress: bool = True, echo=print) -> RunResult:
                 pending = None
                 if tracker.should_track(t):
                     pending = tracker.before(t, u.gradient, plan, u.value, u.fisher_states)
+                    if exp.extra_tracking is not None:
+                        pending.record.update(exp.extra_tracking(analysis_engine, u))
                 optimizer.apply(plan)
                 steps_done = t + 1
                 if pending is not None:

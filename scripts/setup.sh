@@ -17,5 +17,5 @@ fi
 extra=""
 [ "${1:-}" = "--dev" ] && extra="[dev]"
 echo "setup: installing ntrl${extra}" >&2
-"${PIP[@]}" -e ".${extra}" "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+"${PIP[@]}" -e ".${extra}" "torch==2.13.0"
 .venv/bin/python -c "import ntrl.envs, ntrl.agents, torch; print('setup: ok, torch', torch.__version__)" >&2
