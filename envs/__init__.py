@@ -7,8 +7,16 @@
 import gymnasium as gym
 
 from ntrl.envs.bandit import TwoArmedBandit
+from ntrl.envs.juice import JuiceGridworld, JuiceGridworldVector
 
 if "ntrl/TwoArmedBandit-v0" not in gym.registry:
     gym.register(id="ntrl/TwoArmedBandit-v0", entry_point="ntrl.envs.bandit:TwoArmedBandit")
 
-__all__ = ["TwoArmedBandit"]
+if "ntrl/JuiceGridworld-v0" not in gym.registry:
+    gym.register(
+        id="ntrl/JuiceGridworld-v0",
+        entry_point="ntrl.envs.juice:JuiceGridworld",
+        vector_entry_point="ntrl.envs.juice:JuiceGridworldVector",
+    )
+
+__all__ = ["TwoArmedBandit", "JuiceGridworld", "JuiceGridworldVector"]

@@ -99,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="ntrl", description="Price's equation for neural networks, measured in RL training.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     train = sub.add_parser("train", help="train an agent with Price tracking")
-    envs = train.add_subparsers(dest="env", required=True, parser_class=OneLineParser)
+    envs = train.add_subparsers(dest="env", required=False, parser_class=OneLineParser)
+    from ntrl.gym_setup import add_env_flags  # ``ntrl train --env ID``: any Gymnasium env
+
+    add_env_flags(train)
     for name, (_, help_text) in EXPERIMENTS.items():
         add_config_flags(envs.add_parser(name, help=help_text), experiment_config(name))
     return parser
@@ -113,6 +116,14 @@ def config_from_args(args: argparse.Namespace, cls: type[TrainConfig]) -> TrainC
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train" and (args.env is None) == (getattr(args, "gym_env", None) is None):
+        print("ntrl: error: give a built-in experiment (" + ", ".join(EXPERIMENTS) + ") or --env ID, "
+              "not both and not neither", file=sys.stderr)
+        return 2
+    if args.command == "train" and args.env is None:
+        from ntrl.gym_setup import run_from_args
+
+        return run_from_args(args)
     if args.command == "train":
         from ntrl.train import TrainingError, describe, train
 

@@ -60,7 +60,7 @@ class TrainConfig:
     mode: str = "exact"
     p0: float = 0.01
     lr: float = 0.01
-    steps: int = 300
+    steps: int = 400
     seed: int = 0
     batch_size: int = 64
     baseline: str = "loo"

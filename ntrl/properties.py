@@ -11,7 +11,8 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from ntrl.tangent import PolicyView, log_odds
+from ntrl.tangent import PolicyView, log_odds, log_odds_of_logits
+from ntrl.tangent_structured import PerState
 
 
 class Property:
@@ -31,21 +32,42 @@ class Property:
 
 
 class ActionProbability(Property):
-    """X = π(a | s) for each probe state s, computed as exp(log_softmax(z)[a]) (log space)."""
+    """X = π(a | s) for each probe state s, computed as exp(log_softmax(z)[a]) (log space).
+
+    Per-state (``per_state``): X_i = exp(log_softmax(z_i)[a]) depends on the logits z_i only.
+    """
 
     def __init__(self, obs: Tensor, action: int, name: str = "P"):
         self.obs = torch.as_tensor(obs)
         self.action = int(action)
         super().__init__(name, lambda v: v.log_probs(self.obs)[:, self.action].exp())
 
+    def of_logits(self, logits: Tensor) -> Tensor:
+        """X_i = exp(log_softmax(z_i)[a]) for logits z of shape (N, K)."""
+        return torch.log_softmax(logits, dim=-1)[:, self.action].exp()
+
+    @property
+    def per_state(self) -> PerState:
+        """(obs, fn_of_logits): the structured tangent backend's view of this property."""
+        return PerState(self.obs, self.of_logits)
+
 
 class LogOdds(Property):
-    """X = z_a = log π_a − log(1 − π_a), whose NTVar is the logit kernel κ."""
+    """X = z_a = log π_a − log(1 − π_a), whose NTVar is the logit kernel κ (per-state)."""
 
     def __init__(self, obs: Tensor, action: int, name: str = "z"):
         self.obs = torch.as_tensor(obs)
         self.action = int(action)
         super().__init__(name, lambda v: log_odds(v.log_probs(self.obs), self.action))
+
+    def of_logits(self, logits: Tensor) -> Tensor:
+        """X_i = z_a(z_i) for logits z of shape (N, K)."""
+        return log_odds_of_logits(logits, self.action)
+
+    @property
+    def per_state(self) -> PerState:
+        """(obs, fn_of_logits): the structured tangent backend's view of this property."""
+        return PerState(self.obs, self.of_logits)
 
 
 class ExactRewardModel(Protocol):

@@ -12,10 +12,20 @@ A *property* is any callable ``X(view) -> Tensor`` that maps a :class:`PolicyVie
 evaluated at explicit parameters) to a scalar or a 1-D batch of scalars.  The reference backend
 materialises the Jacobian ∂X/∂θ with ``torch.func.jacrev``; faster backends must agree with it
 in float64 (see tests/test_tangent_*.py).
+
+Backends: ``TangentEngine(module, backend="auto")`` uses the layer-structured backend of
+:mod:`ntrl.tangent_structured` (no per-state gradients, no Jacobian) whenever the property
+declares ``per_state``, the module is a Sequential of Linear + elementwise layers (or an ntrl
+policy) and every metric is Euclidean or diagonal; otherwise it falls back, entirely, to the
+reference (an InverseFisher metric needs the Jacobian, so a query that includes one runs on
+the reference). ``backend="reference"`` always uses jacrev; ``backend="structured"`` raises
+:class:`StructuredUnsupported` where the structured backend cannot apply. ``TangentStats.backend``
+and a DEBUG log line on the ``ntrl.tangent`` logger say which backend answered.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -24,6 +34,16 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 from ntrl.metrics import Euclidean, Metric
+from ntrl.tangent_structured import (
+    PerState,
+    StructuredBackend,
+    StructuredUnsupported,
+    Trace,
+    metric_diagonal,
+)
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "reference", "structured")
 
 ParamDict = dict[str, Tensor]
 
@@ -67,6 +87,26 @@ def log_odds(log_probs: Tensor, action: int) -> Tensor:
     return log_probs[..., action] - torch.logsumexp(others, dim=-1)
 
 
+def log_odds_of_logits(logits: Tensor, action: int) -> Tensor:
+    """z_a from logits (N, K): log_odds(log_softmax(logits), a), row by row (a per-state fn)."""
+    return log_odds(torch.log_softmax(logits, dim=-1), action)
+
+
+class _KappaProperty:
+    """X = z_a at ``obs``: the property behind :meth:`TangentEngine.kappa` (per-state)."""
+
+    def __init__(self, obs: Tensor, action: int):
+        self.obs, self.action = obs, action
+        self.name = "kappa"
+        self.per_state = PerState(obs, self.of_logits)
+
+    def of_logits(self, logits: Tensor) -> Tensor:
+        return log_odds_of_logits(logits, self.action)
+
+    def __call__(self, v: "PolicyView") -> Tensor:
+        return log_odds(v.log_probs(self.obs), self.action)
+
+
 @dataclass
 class TangentStats:
     """What one engine query returns for a property X with n entries.
@@ -88,15 +128,32 @@ class TangentEngine:
 
     ``dtype=torch.float64`` evaluates everything on float64 copies of the parameters, which is
     what the analysis of tiny probabilities (p down to 1e-12) needs.
+
+    ``backend``: "auto" (structured where it applies, else reference), "reference" (always
+    torch.func), or "structured" (raise :class:`StructuredUnsupported` where it cannot apply).
+    ``gram_block`` bounds the tile size of structured NTCov matrices.
     """
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype | None = None):
+    def __init__(self, module: nn.Module, dtype: torch.dtype | None = None, backend: str = "auto",
+                 gram_block: int = 1024):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.module = module
         self.dtype = dtype
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
         self.shapes = {n: p.shape for n, p in module.named_parameters() if p.requires_grad}
         self.n_params = sum(int(torch.Size(s).numel()) for s in self.shapes.values())
-        self.backend = "reference"
+        self.backend = backend
+        self.gram_block = int(gram_block)
+        self.structured: StructuredBackend | None = None
+        self._unsupported = "backend='reference' was requested"
+        if backend != "reference":
+            try:
+                self.structured = StructuredBackend(module, self.names)
+            except StructuredUnsupported as e:
+                if backend == "structured":
+                    raise StructuredUnsupported(f"backend='structured' cannot apply: {e}") from e
+                self._unsupported = str(e)
 
     # ---------------------------------------------------------------- parameters
     def params(self) -> ParamDict:
@@ -155,6 +212,41 @@ class TangentEngine:
             raise ValueError(f"gradient() needs a scalar property, got {J.shape[0]} values")
         return J[0]
 
+    # ---------------------------------------------------------------- backend dispatch
+    def _per_state(self, X: TangentFn, metrics: Mapping[str, Metric]) -> PerState | None:
+        """X's per-state spec when the structured backend applies to (X, metrics), else None."""
+        reason = self._unsupported
+        if self.structured is not None:
+            try:
+                return self.structured.check(X, metrics, self.n_params)
+            except StructuredUnsupported as e:
+                reason = str(e)
+        if self.backend == "structured":
+            raise StructuredUnsupported(f"backend='structured' cannot apply: {reason}")
+        log.debug("tangent engine: reference backend for %r (%s)", getattr(X, "name", X), reason)
+        return None
+
+    def _trace(self, spec: PerState, params: ParamDict | None = None) -> Trace:
+        assert self.structured is not None
+        return self.structured.trace(spec, self.params() if params is None else params)
+
+    def _blocks(self, v: Tensor, dtype: torch.dtype) -> ParamDict:
+        if v.shape != (self.n_params,):
+            raise ValueError(f"direction/metric vector has shape {tuple(v.shape)}, expected ({self.n_params},)")
+        return self.unflatten(v.to(dtype))
+
+    def _metric_blocks(self, metric: Metric, dtype: torch.dtype) -> tuple[str, ParamDict | None]:
+        kind, d = metric_diagonal(metric, self.n_params)
+        return kind, None if d is None else self._blocks(d, dtype)
+
+    def _structured_gram(self, specs: Sequence[PerState], metric: Metric,
+                         cols: Sequence[PerState] | None = None) -> Tensor:
+        rows = Trace.cat([self._trace(s) for s in specs])
+        col = None if cols is None else Trace.cat([self._trace(s) for s in cols])
+        kind, d = self._metric_blocks(metric, rows.value.dtype)
+        log.debug("tangent engine: structured backend for an NTCov matrix of %d states", rows.value.shape[0])
+        return self.structured.gram(rows, col, kind, d, self.gram_block)
+
     # ---------------------------------------------------------------- tangent quantities
     def stats(
         self,
@@ -170,6 +262,16 @@ class TangentEngine:
         """
         metrics = {"euc": Euclidean()} if metrics is None else metrics
         directions = {} if directions is None else directions
+        spec = self._per_state(X, metrics)
+        if spec is not None:
+            tr = self._trace(spec, params)
+            out = TangentStats(value=tr.value, backend="structured")
+            for name, metric in metrics.items():
+                out.ntvar[name] = self.structured.ntvar(tr, *self._metric_blocks(metric, tr.value.dtype))
+            for name, v in directions.items():
+                out.ntcov[name] = self.structured.ntcov(tr, self._blocks(v, tr.value.dtype))
+            log.debug("tangent engine: structured backend for %r", getattr(X, "name", X))
+            return out
         value, J = self.jacobian(X, params)
         out = TangentStats(value=value, backend="reference")
         for name, metric in metrics.items():
@@ -181,6 +283,9 @@ class TangentEngine:
     def ntcov(self, X: TangentFn, Y: TangentFn, metric: Metric | None = None) -> Tensor:
         """NTCov_M(X, Y) = ∂X/∂θ · M · (∂Y/∂θ)ᵀ, shape (n_X, n_Y)."""
         metric = metric or Euclidean()
+        sx, sy = self._per_state(X, {"m": metric}), self._per_state(Y, {"m": metric})
+        if sx is not None and sy is not None:
+            return self._structured_gram([sx], metric, cols=[sy])
         _, Jx = self.jacobian(X)
         _, Jy = self.jacobian(Y)
         return Jx @ metric.apply(Jy).T
@@ -193,9 +298,12 @@ class TangentEngine:
     def ntcov_matrix(self, props: Sequence[TangentFn], metric: Metric | None = None) -> Tensor:
         """The NTCov_M matrix between all entries of several properties (stacked in order)."""
         metric = metric or Euclidean()
+        specs = [self._per_state(X, {"m": metric}) for X in props]
+        if specs and all(s is not None for s in specs):
+            return self._structured_gram(specs, metric)
         J = torch.cat([self.jacobian(X)[1] for X in props], dim=0)
         return J @ metric.apply(J).T
 
     def kappa(self, obs: Tensor, action: int, metric: Metric | None = None) -> Tensor:
         """κ = ‖∇θ z_a‖² for the log-odds z_a of ``action`` at each observation, shape (N,)."""
-        return self.ntvar(lambda v: log_odds(v.log_probs(obs), action), metric)
+        return self.ntvar(_KappaProperty(obs, action), metric)

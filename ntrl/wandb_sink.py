@@ -75,3 +75,32 @@ class WandbSink:
                 self.run.summary[k] = v
         self.run.finish(exit_code=exit_code)
         self.run = None
+
+
+def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read an offline W&B run back with ``wandb leet inspect --json``.
+
+    Returns {"history": [logged dicts, in order], "summary": {...}, "config": {...},
+    "tables": {key: table record}}, i.e. what W&B really stored.
+    """
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
+    out = subprocess.run([exe, "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    history, summary, config = [], {}, {}
+    for line in out.splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        kind = rec.get("type")
+        if kind == "history":
+            history.append(rec["history"]["item"])
+        elif kind == "summary":
+            summary.update(rec["summary"].get("update", {}))
+        elif kind == "run":
+            config.update(rec["run"].get("config", {}).get("update", {}))
+    return {"history": history, "summary": summary, "config": config}

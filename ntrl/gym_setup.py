@@ -1,0 +1,366 @@
+"""Any Gymnasium environment with a Discrete action space: ``ntrl train --env ID``.
+
+    ntrl train --env CartPole-v1 --steps 50 --property action:1
+    ntrl train --env my_env:MyEnv-v0 --env-kwargs '{"size": 5}' --property my_env:prefers_left
+    ntrl train --env FrozenLake-v1 --env-kwargs '{"is_slippery": false}' --mode exact --property return
+    ntrl train --env CartPole-v1 --algo ppo --steps 20 --n-steps 128
+
+``ID`` is any registered id, including gymnasium's ``module:EnvName-v0`` form (the module is
+imported first, from the working directory too). The env is checked with gymnasium's
+``check_env`` before training. The headline property ``P`` is π(target | s) over the probe
+states; ``--property`` adds more (see :mod:`ntrl.user_properties`).
+
+The utility REINFORCE ascends is the sampled policy-gradient surrogate of a batch of episodes
+(``--mode sampled``, any env), or the exact expected return J(π) of a tabular model
+(``--mode exact``; toy-text envs exposing ``env.unwrapped.P``, through :mod:`ntrl.exact_model`).
+``--algo ppo|a2c`` trains with Stable-Baselines3 instead (:mod:`ntrl.sb3_train`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from ntrl.agents.optimizers import make_optimizer
+from ntrl.agents.policies import make_policy
+from ntrl.agents.reinforce import collect_episodes, exact_gradient, sampled_gradient
+from ntrl.config import ConfigError, Experiment, TrainConfig, flag_of
+from ntrl.properties import ActionProbability, LogOdds
+from ntrl.user_properties import (
+    RunContext, check_properties, import_user_module, load_probe_states, parse_property, sample_rows,
+)
+
+ALGOS = ("reinforce", "ppo", "a2c")
+
+
+class OneHotObservation(gym.ObservationWrapper):
+    """Discrete(n) observations as one-hot float vectors, so an MLP can read them."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.n = int(env.observation_space.n)
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(self.n,), dtype=np.float32)
+
+    def observation(self, obs):
+        out = np.zeros(self.n, dtype=np.float32)
+        out[int(obs)] = 1.0
+        return out
+
+
+def parse_env_kwargs(text: str | dict) -> dict:
+    if isinstance(text, dict):
+        return text
+    try:
+        kwargs = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise ConfigError("--env-kwargs", f"not valid JSON ({e.msg} at char {e.pos}): {text!r}") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError("--env-kwargs", f"must be a JSON object like '{{\"size\": 5}}', got {text!r}")
+    return kwargs
+
+
+def make_env(env_id: str, env_kwargs: dict | None = None, check: bool = True) -> gym.Env:
+    """``gym.make(env_id, **env_kwargs)`` with one-line ConfigErrors, a Discrete-action check and
+    gymnasium's ``check_env``."""
+    env_kwargs = env_kwargs or {}
+    if ":" in env_id:
+        import_user_module(env_id.split(":", 1)[0], "--env")
+    try:
+        env = gym.make(env_id, **env_kwargs)
+    except gym.error.Error as e:  # NameNotFound, NamespaceNotFound, VersionNotFound, ...
+        raise ConfigError("--env", f"unknown environment {env_id!r}: {str(e).rstrip('.')}. Register it with gymnasium.register, "
+                                   f"or use MODULE:ID so that ntrl imports the module that registers it") from None
+    except TypeError as e:
+        raise ConfigError("--env-kwargs", f"{env_id} does not accept these keyword arguments: {e}") from None
+    except Exception as e:
+        raise ConfigError("--env", f"making {env_id} raised {type(e).__name__}: {e}") from None
+    space = env.action_space
+    if not isinstance(space, gym.spaces.Discrete):
+        env.close()
+        raise ConfigError("--env", f"{env_id} has a {type(space).__name__} action space; only Discrete action "
+                                   f"spaces are supported yet (continuous actions are not)")
+    obs_space = env.observation_space
+    if not (isinstance(obs_space, gym.spaces.Discrete)
+            or (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1)):
+        env.close()
+        raise ConfigError("--env", f"{env_id} has observation space {obs_space}; ntrl's policies read Discrete "
+                                   f"or flat (1-D) Box observations (flatten it with a wrapper first)")
+    if check:
+        from gymnasium.utils.env_checker import check_env
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                check_env(env.unwrapped, skip_render_check=True)
+        except Exception as e:
+            env.close()
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError("--env", f"{env_id} fails gymnasium's check_env: {msg} "
+                                       f"(fix the env, or pass --check-env false to skip the check)") from None
+    return env
+
+
+def tabular_model(env: gym.Env, gamma: float, horizon: int | None, one_hot: bool):
+    """An exact model of a toy-text env (``env.unwrapped.P``), or None when it has none."""
+    u = env.unwrapped
+    if not hasattr(u, "P") or not isinstance(getattr(u, "P"), dict):
+        return None
+    from ntrl.toytext_model import toy_text_model
+
+    return toy_text_model(env, gamma=gamma, horizon=horizon, one_hot=one_hot)
+
+
+@dataclass
+class GymConfig(TrainConfig):
+    """REINFORCE (or SB3 PPO/A2C) on any Gymnasium env with Discrete actions."""
+
+    env: str = "CartPole-v1"
+    env_kwargs: str = "{}"
+    algo: str = "reinforce"
+    target: int = 0
+    property: list = field(default_factory=list)
+    probe_states: str = "rollout"
+    n_probe: int = 32
+    gamma: float = 0.99
+    horizon: int = 100
+    check_env: bool = True
+    n_steps: int = 128
+    n_envs: int = 1
+    p0: float | None = None
+    mode: str = "sampled"
+    batch_size: int = 8
+    width: int = 32
+    fisher: bool = False
+
+    def validate(self) -> "GymConfig":
+        p0 = self.p0
+        if p0 is None:
+            self.p0 = 0.5  # placeholder for the base range check: None means uniform
+        try:
+            super().validate()
+        finally:
+            self.p0 = p0
+        need = self.need
+        need(self.algo in ALGOS, "algo", f"must be one of {', '.join(ALGOS)}, got {self.algo!r}")
+        need(isinstance(self.env, str) and bool(self.env), "env", "give a Gymnasium id, e.g. --env CartPole-v1")
+        parse_env_kwargs(self.env_kwargs)
+        need(self.target >= 0, "target", f"must be an action index >= 0, got {self.target}")
+        need(self.n_probe >= 1, "n_probe", f"must be >= 1, got {self.n_probe}")
+        need(math.isfinite(self.gamma) and 0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
+        need(self.horizon >= 1, "horizon", f"must be >= 1, got {self.horizon}")
+        need(self.n_steps >= 2, "n_steps", f"must be >= 2, got {self.n_steps}")
+        need(self.n_envs >= 1, "n_envs", f"must be >= 1, got {self.n_envs}")
+        if self.algo != "reinforce":
+            need(self.mode == "sampled", "mode", f"{self.algo} learns from its own rollouts; use --mode sampled")
+        return self
+
+    def default_run_name(self) -> str:
+        env = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.env)
+        return f"{env}-{self.algo}-{self.policy if self.algo == 'reinforce' else 'sb3'}-seed{self.seed}"
+
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+    def prebuild(self) -> Experiment:
+        self.__dict__["_prebuilt"] = None
+        exp = self.build()
+        self.__dict__["_prebuilt"] = exp
+        return exp
+
+    def make_env(self) -> gym.Env:
+        return make_env(self.env, parse_env_kwargs(self.env_kwargs), check=self.check_env)
+
+    def make_env_unchecked(self) -> gym.Env:
+        return make_env(self.env, parse_env_kwargs(self.env_kwargs), check=False)
+
+    def build(self) -> Experiment:
+        """Env, policy and optimizer; probe states; the properties; the REINFORCE utility.
+
+        ``prebuild()`` builds it once ahead of :func:`ntrl.train.train` (so that bad input fails
+        before a run directory exists); ``build()`` then hands over that experiment.
+        """
+        prebuilt = self.__dict__.pop("_prebuilt", None)
+        if prebuilt is not None:
+            return prebuilt
+        raw_env = self.make_env()
+        n_actions = int(raw_env.action_space.n)
+        self.need(self.target < n_actions, "target", f"the env has actions 0..{n_actions - 1}, got {self.target}")
+        discrete_obs = isinstance(raw_env.observation_space, gym.spaces.Discrete)
+        if self.policy == "tabular" and not discrete_obs:
+            raise ConfigError("--policy", f"tabular needs a Discrete observation space; {self.env} has "
+                                          f"{raw_env.observation_space}; use --policy mlp")
+        if self.policy == "single_logit" and n_actions != 2:
+            raise ConfigError("--policy", f"single_logit needs 2 actions; {self.env} has {n_actions}")
+        one_hot = discrete_obs and self.policy == "mlp"
+        env = OneHotObservation(raw_env) if one_hot else raw_env
+        raw_shape = tuple(raw_env.observation_space.shape)
+        obs_dim = int(np.prod(env.observation_space.shape)) if env.observation_space.shape else 1
+        n_states = int(raw_env.observation_space.n) if discrete_obs else 1
+        dtype = self.torch_dtype()
+        p0 = self.p0 if self.p0 is not None else 1.0 / n_actions
+        context = RunContext(run=self.run_name or self.default_run_name())
+
+        def to_policy_obs(raw: np.ndarray) -> torch.Tensor:
+            if one_hot:
+                return torch.as_tensor(np.eye(n_states, dtype=np.float32)[raw.astype(np.int64)])
+            if discrete_obs:
+                return torch.as_tensor(raw.astype(np.int64))
+            return torch.as_tensor(raw)
+
+        def policy_for(reference: torch.Tensor) -> nn.Module:
+            return make_policy(self.policy, obs_dim=obs_dim, n_actions=n_actions, target=self.target, p0=p0,
+                               reference_obs=reference, seed=self.seed, n_states=n_states, width=self.width,
+                               depth=self.depth, activation=self.activation, dtype=dtype)
+
+        # probe states: a file, a callable, or the agent's own initial rollouts (frozen now)
+        raw_probes = load_probe_states(self.probe_states, raw_shape, raw_env)
+        if raw_probes is None:
+            obs0, _ = raw_env.reset(seed=self.seed)
+            policy = policy_for(to_policy_obs(np.asarray(obs0)[None]))
+            batch = collect_episodes(env, policy, max(1, self.batch_size), np.random.default_rng(self.seed + 1),
+                                     baseline="none", max_steps=10_000)
+            visited = batch.obs.numpy()
+            if one_hot:
+                visited = visited.argmax(axis=-1)
+            raw_probes = sample_rows(visited, self.n_probe, self.seed)
+        if discrete_obs:
+            if not np.all((raw_probes >= 0) & (raw_probes < n_states) & (raw_probes == np.round(raw_probes))):
+                raise ConfigError("--probe-states", f"probe states must be integers in [0, {n_states - 1}] for {self.env}")
+            raw_probes = raw_probes.astype(np.int64)
+        probes = to_policy_obs(raw_probes)
+        policy = policy_for(probes)
+        opt_kwargs = {"damping": self.npg_damping} if self.optimizer == "npg" else {}
+        optimizer = make_optimizer(self.optimizer, policy, self.lr, **opt_kwargs)
+
+        model = tabular_model(raw_env, self.gamma, self.horizon, one_hot) if self.mode == "exact" or "return" in [
+            s.split("=", 1)[-1] for s in self.property if isinstance(s, str)] else None
+        if self.mode == "exact" and model is None:
+            raise ConfigError("--mode", f"exact needs a tabular model (env.unwrapped.P, as in gymnasium's toy-text "
+                                        f"envs); {self.env} has none: use --mode sampled")
+        properties = [ActionProbability(probes, self.target, "P")]
+        properties += [parse_property(s, probes, n_actions, context, exact_model=model, raw_probes=raw_probes)
+                       for s in self.property]
+        from ntrl.tangent import TangentEngine
+
+        check_properties(TangentEngine(policy, dtype=torch.float64), properties)
+
+        def utility(engine, rng):
+            context.step = 0 if context.step is None else context.step + 1
+            if self.mode == "exact":
+                return exact_gradient(engine, model)
+            return sampled_gradient(engine, env, self.batch_size, rng, baseline=self.baseline, gamma=self.gamma)
+
+        return Experiment(
+            env=env, policy=policy, optimizer=optimizer, properties=properties,
+            kappa=LogOdds(probes, self.target, "z"), utility=utility, target_label=f"a={self.target}",
+        )
+
+
+# ---------------------------------------------------------------------- CLI
+ENV_HELP = {
+    "env_kwargs": "JSON object of keyword arguments for gym.make, e.g. '{\"is_slippery\": false}'",
+    "algo": "reinforce (ntrl's own loop), ppo or a2c (Stable-Baselines3 with NTCovCallback)",
+    "target": "action whose probability over the probe states is the headline property P",
+    "property": "a tracked property, repeatable: action:A, event:MOD:PRED, return, MOD:FUNC or NAME=SPEC",
+    "probe_states": "rollout (the agent's initial rollouts, frozen), FILE.npy or MOD:FUNC",
+    "n_probe": "number of probe states taken from the rollouts",
+    "gamma": "discount of the returns (REINFORCE, exact model, SB3)",
+    "horizon": "episode length of the exact tabular model",
+    "check_env": "run gymnasium's check_env on the env first",
+    "n_steps": "SB3: rollout length per env (one tracked update per rollout)",
+    "n_envs": "SB3: number of parallel envs",
+    "p0": "initial probability of the target action (default: uniform over actions)",
+    "mode": "sampled (REINFORCE surrogate of a batch) or exact (tabular envs: exact J and ∇J)",
+}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _opt_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "") else float(text)
+
+
+def add_env_flags(parser: argparse.ArgumentParser) -> None:
+    """The ``ntrl train --env ID ...`` flags on the ``train`` parser. Defaults are suppressed so that
+    ``ntrl train bandit ...`` (a sub-command with its own flags) is unaffected."""
+    from ntrl.cli import HELP
+
+    defaults = GymConfig()
+    parser.add_argument("--env", dest="gym_env", metavar="ID", default=None,
+                        help="any Gymnasium id (or MODULE:ID) to train on instead of a built-in experiment")
+    for f in fields(GymConfig):
+        if f.name in ("env", "wandb", "force"):
+            continue
+        default = getattr(defaults, f.name)
+        help_text = ENV_HELP.get(f.name, HELP.get(f.name, f.name))
+        kw: dict[str, Any] = dict(dest=f"gym_{f.name}", default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                  help=f"(--env) {help_text} (default: {default})")
+        if f.name == "property":
+            parser.add_argument("--property", action="append", **kw)
+            continue
+        kind = {bool: _bool, int: int, float: float, str: str}.get(type(default), str)
+        if f.name in ("stop_at_p", "p0"):
+            kind = _opt_float
+        parser.add_argument(flag_of(f.name), type=kind, **kw)
+    parser.add_argument("--wandb", dest="gym_wandb", default=argparse.SUPPRESS, metavar="MODE",
+                        help="(--env) W&B mode: offline (default), online or disabled")
+    parser.add_argument("--no-wandb", dest="gym_wandb", action="store_const", const="disabled",
+                        default=argparse.SUPPRESS, help="(--env) turn W&B logging off")
+    parser.add_argument("--force", dest="gym_force", action="store_true", default=argparse.SUPPRESS,
+                        help="(--env) replace an existing run directory")
+    parser.add_argument("--quiet", dest="gym_quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="(--env) no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> GymConfig:
+    values = {k[len("gym_"):]: v for k, v in vars(args).items() if k.startswith("gym_")}
+    values["env"] = values.pop("env")
+    values.pop("quiet", None)
+    names = {f.name for f in fields(GymConfig)}
+    return GymConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``ntrl train --env ID ...``: validate, train (REINFORCE or SB3), print the summary."""
+    import sys
+
+    from ntrl.train import TrainingError
+
+    quiet = bool(getattr(args, "gym_quiet", False))
+    try:
+        config = config_from_args(args).validate()
+        if config.algo == "reinforce":
+            from ntrl.train import describe, train
+
+            config.prebuild()
+            result = train(config, progress=not quiet)
+            text = describe(result, config)
+        else:
+            from ntrl.sb3_train import describe_sb3, train_sb3
+
+            result = train_sb3(config, progress=not quiet)
+            text = describe_sb3(result, config)
+    except ConfigError as e:
+        print(f"ntrl: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"ntrl: training stopped: {e}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0

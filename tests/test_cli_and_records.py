@@ -1,0 +1,96 @@
+"""The command line, the record file's crash safety, and what W&B really stored."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ntrl.records import read_records
+from ntrl.wandb_sink import read_offline_run
+
+NTRL = [sys.executable, "-m", "ntrl.cli"]
+
+
+def ntrl(*args, **kw):
+    return subprocess.run([*NTRL, *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--p0", "0"], "--p0"),
+        (["--p0", "1.5"], "--p0"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "-0.1"], "--lr"),
+        (["--optimizer", "rmsprop"], "--optimizer"),
+        (["--target", "2"], "--target"),
+        (["--policy", "cnn"], "--policy"),
+        (["--steps", "0"], "--steps"),
+        (["--p0", "abc"], "--p0"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, args, flag):
+    r = ntrl("train", "bandit", "--out", str(tmp_path), "--no-wandb", *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_cli_run_prints_summary(tmp_path):
+    r = ntrl("train", "bandit", "--out", str(tmp_path), "--no-wandb", "--quiet", "--steps", "30", "--lr", "0.05",
+             "--policy", "single_logit", "--p0", "0.02", "--run-name", "r")
+    assert r.returncode == 0, r.stderr
+    assert "went from 0.02 to" in r.stdout and "R² =" in r.stdout and "records.jsonl" in r.stdout
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["updates"] == 30
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["p0"] == 0.02
+
+
+def test_killed_run_keeps_every_completed_record(tmp_path):
+    proc = subprocess.Popen([*NTRL, "train", "bandit", "--out", str(tmp_path), "--no-wandb", "--quiet",
+                             "--steps", "100000", "--run-name", "k", "--policy", "single_logit"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = tmp_path / "k" / "records.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not path.exists() or path.stat().st_size < 20_000):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    records = read_records(path)
+    assert len(records) > 10
+    assert [r["update"] for r in records] == list(range(len(records)))
+    # a line cut off mid-write is dropped, the rest stays readable
+    with open(path, "a") as f:
+        f.write('{"update": 99999, "P/va')
+    assert len(read_records(path)) == len(records)
+
+
+def test_corrupt_record_in_the_middle_is_an_error(tmp_path):
+    p = tmp_path / "records.jsonl"
+    p.write_text('{"a": 1}\n{"a": \n{"a": 2}\n')
+    with pytest.raises(ValueError, match="corrupt"):
+        read_records(p)
+
+
+def test_wandb_offline_run_matches_local_records(tmp_path):
+    r = ntrl("train", "bandit", "--out", str(tmp_path), "--quiet", "--steps", "12", "--track-every", "3",
+             "--run-name", "w", env={**os.environ, "WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    wdir = summary["wandb_dir"]
+    assert wdir and Path(wdir).exists()
+    logged = read_offline_run(wdir)
+    local = read_records(tmp_path / "w")
+    assert len(logged["history"]) == len(local) == 4
+    for h, rec in zip(logged["history"], local):
+        assert h["update"] == rec["update"]
+        for key in ("P/value", "P/pred_delta", "P/real_delta", "P/ntvar_euc", "P/ntcov_opt", "kappa", "R/value"):
+            assert h[key] == pytest.approx(rec[key], rel=1e-12)
+    assert logged["summary"]["p_end"] == pytest.approx(summary["p_end"], rel=1e-12)
+    assert logged["config"]["p0"] == 0.01 and logged["config"]["optimizer"] == "sgd"

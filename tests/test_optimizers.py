@@ -1,0 +1,65 @@
+"""Each optimizer's plan is the step it actually takes: Δθ = η · d with d = M g_eff."""
+
+import pytest
+import torch
+
+from ntrl.agents.optimizers import make_optimizer
+from ntrl.agents.policies import make_policy
+from ntrl.metrics import Diagonal, Euclidean, InverseFisher
+
+OBS = torch.ones(1, 1, dtype=torch.float64)
+
+
+def flat(pol):
+    return torch.cat([p.detach().reshape(-1) for p in pol.parameters()])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "sign", "npg"])
+def test_plan_equals_realised_step(name):
+    pol = make_policy("mlp", 1, 2, 1, 0.2, OBS, seed=0, width=6)
+    opt = make_optimizer(name, pol, lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):  # several steps, so Adam's moments and bias corrections are exercised
+        g = torch.randn(flat(pol).numel(), generator=gen, dtype=torch.float64)
+        plan = opt.plan(g, (OBS, torch.ones(1, dtype=torch.float64)))
+        before = flat(pol)
+        opt.apply(plan)
+        assert torch.allclose(flat(pol) - before, 0.05 * plan.direction, rtol=1e-10, atol=1e-14)
+
+
+def test_metrics_and_directions():
+    pol = make_policy("mlp", 1, 2, 1, 0.2, OBS, seed=0, width=4)
+    P = flat(pol).numel()
+    g = torch.linspace(-1, 1, P, dtype=torch.float64)
+    g[0] = 0.0
+    sgd = make_optimizer("sgd", pol, 0.1).plan(g)
+    assert isinstance(sgd.metric, Euclidean) and torch.equal(sgd.direction, g)
+    sign = make_optimizer("sign", pol, 0.1).plan(g)
+    assert isinstance(sign.metric, Diagonal)
+    assert torch.equal(sign.direction, torch.sign(g))
+    assert torch.allclose(sign.metric.apply(g[None])[0], torch.sign(g))
+    adam = make_optimizer("adam", pol, 0.1).plan(g)
+    # first Adam step: m̂ = g, v̂ = g², so d = g / (|g| + ε) ≈ sign(g)
+    assert torch.allclose(adam.direction, g / (g.abs() + 1e-8))
+    npg = make_optimizer("npg", pol, 0.1).plan(g, (OBS, torch.ones(1, dtype=torch.float64)))
+    assert isinstance(npg.metric, InverseFisher)
+
+
+def test_single_logit_npg_step_is_delta_in_logit():
+    # F = p(1-p), g = Δ p(1-p)  =>  Δb = η Δ, independent of p
+    for p in (1e-6, 0.01, 0.4):
+        pol = make_policy("single_logit", 1, 2, 1, p, OBS)
+        opt = make_optimizer("npg", pol, lr=0.1)
+        g = torch.tensor([2.0 * p * (1 - p)], dtype=torch.float64)
+        plan = opt.plan(g, (OBS, torch.ones(1, dtype=torch.float64)))
+        assert float(plan.direction[0]) == pytest.approx(2.0, rel=1e-9)
+
+
+def test_bad_optimizer_and_lr():
+    pol = make_policy("single_logit", 1, 2, 1, 0.3, OBS)
+    with pytest.raises(ValueError, match="optimizer"):
+        make_optimizer("lbfgs", pol, 0.1)
+    with pytest.raises(ValueError, match="learning rate"):
+        make_optimizer("sgd", pol, 0.0)
+    with pytest.raises(ValueError, match="npg needs"):
+        make_optimizer("npg", pol, 0.1).plan(torch.ones(1, dtype=torch.float64))
