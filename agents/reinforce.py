@@ -119,9 +119,9 @@ def surrogate_utility(batch: EpisodeBatch) -> Callable[[PolicyView], Tensor]:
 def exact_gradient(engine: TangentEngine, model) -> UtilityGradient:
     """U = J(π_θ) from the model's ``exact_expected_reward``; g = ∇θ J."""
     U = model.exact_expected_reward
-    value, J = engine.jacobian(U)
+    value, g = engine.value_and_gradient(U)
     obs, w = model.exact_states()
-    return UtilityGradient(float(value[0]), J[0], (obs, w), float(value[0]), U)
+    return UtilityGradient(value, g, (obs, w), value, U)
 
 
 def sampled_gradient(
@@ -135,6 +135,6 @@ def sampled_gradient(
     """Collect a batch and return the surrogate, its gradient and the visited states."""
     batch = collect_episodes(env, engine.module, n_episodes, rng, gamma=gamma, baseline=baseline)
     U = surrogate_utility(batch)
-    value, J = engine.jacobian(U)
+    value, g = engine.value_and_gradient(U)
     w = torch.full((batch.obs.shape[0],), 1.0 / batch.obs.shape[0], dtype=torch.float64)
-    return UtilityGradient(float(value[0]), J[0], (batch.obs, w), float(batch.episode_returns.mean()), U)
+    return UtilityGradient(value, g, (batch.obs, w), float(batch.episode_returns.mean()), U)

@@ -66,8 +66,14 @@ class TwoArmedBandit(gym.Env):
         return torch.ones(1, 1), torch.ones(1)
 
     def exact_expected_reward(self, view) -> Tensor:
-        """J(π) = Σ_a π(a) r_a, differentiable in the view's parameters."""
+        """J(π) = r_ref + Σ_a π(a) (r_a − r_ref), differentiable in the view's parameters.
+
+        r_ref is the reward of the currently most probable action. The value equals Σ_a π(a) r_a,
+        but its gradient ∂J/∂z_a = π_a (r_a − J) is then formed without the cancellation
+        r_a − J ≈ 0 that would swamp it in rounding error once the other action's π < 1e-13.
+        """
         obs, _ = self.exact_states()
         probs = view.probs(obs)[0]
         r = torch.tensor(self.rewards, dtype=probs.dtype)
-        return (probs * r).sum()
+        r_ref = r[int(torch.argmax(probs.detach()))]
+        return r_ref + (probs * (r - r_ref)).sum()

@@ -19,6 +19,7 @@ from ntrl.config import ConfigError, TrainConfig, flag_of
 # ``ntrl train <name>``: the config class of each environment, imported when used.
 EXPERIMENTS = {
     "bandit": ("ntrl.bandit_setup:BanditConfig", "REINFORCE on ntrl/TwoArmedBandit-v0"),
+    "juice": ("ntrl.juice_setup:JuiceConfig", "REINFORCE on ntrl/JuiceGridworld-v0"),
 }
 
 
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_env_flags(train)
     for name, (_, help_text) in EXPERIMENTS.items():
         add_config_flags(envs.add_parser(name, help=help_text), experiment_config(name))
+    from ntrl.rarity import add_rarity_parser  # ``ntrl rarity``: the rarity study
+
+    add_rarity_parser(sub)
     return parser
 
 
@@ -116,6 +120,10 @@ def config_from_args(args: argparse.Namespace, cls: type[TrainConfig]) -> TrainC
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "rarity":
+        from ntrl.rarity import run_from_args as run_rarity
+
+        return run_rarity(args)
     if args.command == "train" and (args.env is None) == (getattr(args, "gym_env", None) is None):
         print("ntrl: error: give a built-in experiment (" + ", ".join(EXPERIMENTS) + ") or --env ID, "
               "not both and not neither", file=sys.stderr)

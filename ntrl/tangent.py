@@ -205,12 +205,27 @@ class TangentEngine:
         jac, value = jacrev(f, has_aux=True)(params)
         return value.detach(), self.flatten(jac, batch_dims=1).detach()
 
+    def value_and_gradient(self, X: TangentFn, params: ParamDict | None = None) -> tuple[float, Tensor]:
+        """(X(θ), ∇θX) for a scalar property; the gradient is flat, shape (P,).
+
+        One reverse-mode pass (``torch.autograd.grad``): for the scalar utility this is several
+        times cheaper than ``jacrev`` on small networks; tests check it against :meth:`jacobian`.
+        """
+        params = self.params() if params is None else params
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        with torch.enable_grad():
+            value = X(PolicyView(self.module, leaves)).reshape(-1)
+            if value.numel() != 1:
+                raise ValueError(f"value_and_gradient() needs a scalar property, got {value.numel()} values")
+            grads = torch.autograd.grad(value[0], [leaves[n] for n in self.names], allow_unused=True)
+        flat = torch.cat([
+            (g if g is not None else torch.zeros_like(leaves[n])).reshape(-1) for n, g in zip(self.names, grads)
+        ])
+        return float(value[0].detach()), flat
+
     def gradient(self, X: TangentFn, params: ParamDict | None = None) -> Tensor:
         """∇θX for a scalar property, as a flat vector of shape (P,)."""
-        value, J = self.jacobian(X, params)
-        if J.shape[0] != 1:
-            raise ValueError(f"gradient() needs a scalar property, got {J.shape[0]} values")
-        return J[0]
+        return self.value_and_gradient(X, params)[1]
 
     # ---------------------------------------------------------------- backend dispatch
     def _per_state(self, X: TangentFn, metrics: Mapping[str, Metric]) -> PerState | None:

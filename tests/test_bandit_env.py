@@ -48,3 +48,12 @@ def test_bad_arguments():
         TwoArmedBandit(noise_std=-1)
     with pytest.raises(ValueError, match="action"):
         TwoArmedBandit().step(2)
+
+
+@pytest.mark.parametrize("p", [1e-20, 1e-14, 1 - 1e-14])
+def test_exact_gradient_stays_accurate_for_tiny_probabilities(p):
+    # ∂J/∂b = Δ p (1 − p) for the single-logit policy, even where 1 − p rounds to 1
+    env = TwoArmedBandit()
+    pol = make_policy("single_logit", 1, 2, target=DO, p0=p, reference_obs=torch.ones(1, 1))
+    g = TangentEngine(pol).gradient(env.exact_expected_reward)
+    assert float(g[0]) == pytest.approx(2.0 * p * (1 - p), rel=1e-12)

@@ -194,3 +194,14 @@ def test_cg_requires_damping():
     eng = TangentEngine(pol)
     with pytest.raises(ValueError, match="damping"):
         InverseFisher(eng, OBS1, method="cg")
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(nets)
+def test_scalar_gradient_matches_the_jacrev_reference(d):
+    _, obs, eng = random_setup(d)
+    U = Property("U", lambda v: (v.log_probs(obs)[:, 0] * torch.arange(d["n"], dtype=torch.float64)).sum())
+    value, g = eng.value_and_gradient(U)
+    ref_value, J = eng.jacobian(U)
+    assert value == pytest.approx(float(ref_value[0]), rel=1e-14)
+    assert close(g, J[0], tol=1e-12)

@@ -1,0 +1,426 @@
+"""Fits, bootstrap intervals and verdicts for a rarity study (SCIENCE.md §3–4).
+
+Everything here reads the local run files (records.jsonl, summary.json); nothing re-trains.
+
+1. Static law   NTVar(P) ≈ c · p^a (1 − p)^b, per metric (Euclidean, the optimizer's, Fisher):
+                least squares on log NTVar = log c + a log p + b log(1 − p); a is the small-p exponent.
+2. Drift law    realised ΔP/η ≈ c · p^a (1 − p)^b on rewarded runs (ΔP > 0), same fit.
+3. Escape       T(p₀) under a power law, log T = α − s log p₀, against a logarithmic law,
+                T = A + B ln(1/p₀); both are fitted to log T and compared by AIC.
+4. Extinction   punished P(t) under 1/t decay, P = 1/(A + B t), against exponential decay,
+                P = C e^{−λt}; both fitted to log P (after P fell below a quarter of its start), AIC.
+5. Price check  R² and relative errors of predicted against realised ΔP, and the slope of
+                log(relative error) against log η from the one-step probes (1 for first-order).
+6. Scale factor κ(t)/κ(0) over each run.
+
+Confidence intervals are 95% percentile bootstraps from ``scipy.stats.bootstrap``, resampling
+runs (seeds) within each p₀ stratum. A stratum with a single run (deterministic cells run one
+seed) is held fixed; a cell with no resampling freedom gets a point interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from scipy import optimize, stats
+
+from ntrl.records import read_records
+from ntrl.study import STUDY_FILE, RunSpec, StudyConfig, completed_summary, enumerate_runs
+
+Cell = tuple[str, str, str, str]
+LAW_MARGIN = 0.25  # a law is "consistent" when the exponent's whole CI lies within ±0.25 of it
+KAPPA_CONSTANT = 0.10  # κ "stays constant" when it moves by less than 10 % over a run
+
+
+@dataclass
+class RunData:
+    spec: RunSpec
+    summary: dict[str, Any]
+    records: list[dict[str, Any]]
+
+
+@dataclass
+class Estimate:
+    """A point estimate with its 95 % bootstrap interval."""
+
+    value: float
+    lo: float
+    hi: float
+    n: int = 0
+
+    def within(self, target: float, margin: float) -> bool:
+        return all(math.isfinite(x) for x in (self.lo, self.hi)) and target - margin <= self.lo and self.hi <= target + margin
+
+    def fmt(self, digits: int = 3) -> str:
+        if not math.isfinite(self.value):
+            return "n/a"
+        if self.lo == self.hi == self.value:
+            return f"{self.value:.{digits}f} (exact)"
+        return f"{self.value:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
+
+    def as_dict(self, prefix: str) -> dict[str, float]:
+        return {prefix: self.value, f"{prefix}_lo": self.lo, f"{prefix}_hi": self.hi}
+
+
+NAN = Estimate(float("nan"), float("nan"), float("nan"))
+
+
+# ---------------------------------------------------------------------------- loading
+def load_study(study_dir: str | Path) -> tuple[StudyConfig, list[RunData]]:
+    """The study config and every completed run in ``study_dir``."""
+    study_dir = Path(study_dir)
+    study = StudyConfig(**json.loads((study_dir / STUDY_FILE).read_text()))
+    runs = []
+    for spec in enumerate_runs(study):
+        run_dir = study_dir / "runs" / spec.run_id
+        summary = completed_summary(run_dir)
+        if summary is not None:
+            runs.append(RunData(spec, summary, read_records(run_dir)))
+    return study, runs
+
+
+# ---------------------------------------------------------------------------- fitting
+def fit_power_law(p: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(log c, a, b) of y ≈ c p^a (1 − p)^b by least squares in log space."""
+    X = np.column_stack([np.ones_like(p), np.log(p), np.log1p(-p)])
+    coef, *_ = np.linalg.lstsq(X, np.log(y), rcond=None)
+    return float(coef[0]), float(coef[1]), float(coef[2])
+
+
+def stratified_bootstrap(
+    strata: Sequence[Sequence[Any]],
+    statistic: Callable[[list[Any]], float],
+    n_resamples: int = 999,
+    seed: int = 0,
+) -> Estimate:
+    """95 % percentile CI of ``statistic(items)`` resampling items within each stratum (scipy).
+
+    ``strata`` is a list of lists of items (runs); strata of one item are held fixed.
+    """
+    strata = [list(s) for s in strata if len(s) > 0]
+    items = [x for s in strata for x in s]
+    if not items:
+        return NAN
+    value = statistic(items)
+    free = [i for i, s in enumerate(strata) if len(s) >= 2]
+    fixed = [x for i, s in enumerate(strata) if i not in free for x in s]
+    if not free or not math.isfinite(value):
+        return Estimate(value, value, value, len(items))
+
+    def stat(*index_arrays):
+        chosen = list(fixed)
+        for k, idx in zip(free, index_arrays):
+            chosen.extend(strata[k][int(i)] for i in idx)
+        return statistic(chosen)
+
+    data = tuple(np.arange(len(strata[k])) for k in free)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap(data, stat, vectorized=False, paired=False, n_resamples=n_resamples,
+                              method="percentile", confidence_level=0.95, random_state=np.random.default_rng(seed))
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # degenerate bootstrap distribution
+        lo = hi = value
+    return Estimate(value, min(lo, value), max(hi, value), len(items))
+
+
+def by_p0(runs: Sequence[RunData]) -> list[list[RunData]]:
+    groups: dict[float, list[RunData]] = {}
+    for r in runs:
+        groups.setdefault(r.spec.p0, []).append(r)
+    return [groups[k] for k in sorted(groups)]
+
+
+def law_points(runs: Sequence[RunData], key: str, p_max: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(p, y) pairs from tracked records with 0 < p ≤ p_max and y > 0 (y from ``key``)."""
+    ps, ys = [], []
+    for r in runs:
+        for rec in r.records:
+            p = rec.get("P/value")
+            y = rec.get(key)
+            if isinstance(p, (int, float)) and isinstance(y, (int, float)) and 0 < p <= p_max and y > 0 and math.isfinite(y):
+                ps.append(p)
+                ys.append(y)
+    return np.array(ps), np.array(ys)
+
+
+def exponent_estimate(runs: Sequence[RunData], key: str) -> Estimate:
+    """Small-p exponent a of ``key`` ≈ c p^a (1 − p)^b, with its bootstrap CI."""
+
+    def stat(items):
+        p, y = law_points(items, key)
+        if len(p) < 4 or np.ptp(np.log(p)) < 0.5:
+            return float("nan")
+        return fit_power_law(p, y)[1]
+
+    return stratified_bootstrap(by_p0(runs), stat)
+
+
+def drift_points(runs: Sequence[RunData]) -> tuple[np.ndarray, np.ndarray]:
+    ps, ys = [], []
+    for r in runs:
+        for rec in r.records:
+            p, d, lr = rec.get("P/value"), rec.get("P/real_delta"), rec.get("lr")
+            if isinstance(d, (int, float)) and d > 0 and 0 < p <= 0.5:
+                ps.append(p)
+                ys.append(d / lr)
+    return np.array(ps), np.array(ys)
+
+
+def drift_estimate(runs: Sequence[RunData]) -> Estimate:
+    def stat(items):
+        p, y = drift_points(items)
+        if len(p) < 4 or np.ptp(np.log(p)) < 0.5:
+            return float("nan")
+        return fit_power_law(p, y)[1]
+
+    return stratified_bootstrap(by_p0(runs), stat)
+
+
+def aic(rss: float, n: int, k: int) -> float:
+    """Akaike information criterion of a least-squares fit with Gaussian errors."""
+    return n * math.log(max(rss / n, 1e-300)) + 2 * k
+
+
+@dataclass
+class ModelComparison:
+    """Two models fitted to the same response; ``delta_aic`` = AIC(loser) − AIC(winner) ≥ 0."""
+
+    winner: str
+    delta_aic: float
+    params: dict[str, Any] = field(default_factory=dict)
+    n: int = 0
+
+    def fmt(self) -> str:
+        if self.n == 0:
+            return "n/a"
+        return f"{self.winner} (ΔAIC {self.delta_aic:.1f})"
+
+
+def compare_escape(p0: np.ndarray, T: np.ndarray) -> ModelComparison:
+    """Power law log T = α − s log p₀ against logarithmic law T = A + B ln(1/p₀), on log T."""
+    ok = np.isfinite(T) & (T > 0)
+    p0, T = p0[ok], T[ok]
+    if len(np.unique(p0)) < 3:
+        return ModelComparison("n/a", float("nan"), n=0)
+    logT, L = np.log(T), np.log(1 / p0)
+    slope, intercept = np.polyfit(np.log(p0), logT, 1)
+    rss_pow = float(np.sum((logT - (intercept + slope * np.log(p0))) ** 2))
+    B0, A0 = np.polyfit(L, T, 1)
+
+    def log_model(x, A, B):
+        return np.log(np.clip(A + B * x, 1e-300, None))
+
+    try:
+        (A, B), _ = optimize.curve_fit(log_model, L, logT, p0=[A0, max(B0, 1e-9)], maxfev=20_000)
+        rss_log = float(np.sum((logT - log_model(L, A, B)) ** 2))
+    except (RuntimeError, optimize.OptimizeWarning):
+        A, B, rss_log = float("nan"), float("nan"), float("inf")
+    n = len(T)
+    a_pow, a_log = aic(rss_pow, n, 2), aic(rss_log, n, 2)
+    winner = "power law" if a_pow < a_log else "logarithmic"
+    return ModelComparison(winner, abs(a_pow - a_log), {"slope": float(slope), "A": float(A), "B": float(B),
+                                                         "rss_power": rss_pow, "rss_log": rss_log}, n)
+
+
+def escape_data(runs: Sequence[RunData]) -> tuple[np.ndarray, np.ndarray]:
+    p0, T = [], []
+    for r in runs:
+        t = r.summary.get("crossed_half_at")
+        p0.append(r.spec.p0)
+        T.append(float(t) if t else float("nan"))
+    return np.array(p0), np.array(T)
+
+
+def escape_slope(runs: Sequence[RunData]) -> Estimate:
+    """Log–log slope of T(p₀) (−1 for the p² law), bootstrapped over seeds within p₀."""
+
+    def stat(items):
+        p0, T = escape_data(items)
+        ok = np.isfinite(T) & (T > 0)
+        if len(np.unique(p0[ok])) < 2:
+            return float("nan")
+        return float(np.polyfit(np.log(p0[ok]), np.log(T[ok]), 1)[0])
+
+    return stratified_bootstrap(by_p0(runs), stat)
+
+
+def extinction_curve(run: RunData, start_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """(t, P) of a punished run after P fell below ``start_fraction`` of its start value."""
+    t = np.array([rec["update"] for rec in run.records], dtype=float)
+    P = np.array([rec["P/value"] for rec in run.records], dtype=float)
+    ok = (P > 0) & np.isfinite(P) & (P <= start_fraction * P[0])
+    return t[ok], P[ok]
+
+
+def compare_extinction(t: np.ndarray, P: np.ndarray) -> ModelComparison:
+    """1/t decay P = 1/(A + B t) against exponential decay P = C e^{−λ t}, both fitted on log P."""
+    if len(t) < 5:
+        return ModelComparison("n/a", float("nan"), n=0)
+    logP = np.log(P)
+    lam, c = np.polyfit(t, logP, 1)
+    rss_exp = float(np.sum((logP - (c + lam * t)) ** 2))
+    B0, A0 = np.polyfit(t, 1 / P, 1)
+
+    def inv_model(x, A, B):
+        return -np.log(np.clip(A + B * x, 1e-300, None))
+
+    try:
+        (A, B), _ = optimize.curve_fit(inv_model, t, logP, p0=[A0, B0], maxfev=20_000)
+        rss_inv = float(np.sum((logP - inv_model(t, A, B)) ** 2))
+    except (RuntimeError, optimize.OptimizeWarning):
+        A, B, rss_inv = float("nan"), float("nan"), float("inf")
+    n = len(t)
+    a_inv, a_exp = aic(rss_inv, n, 2), aic(rss_exp, n, 2)
+    winner = "1/t" if a_inv < a_exp else "exponential"
+    return ModelComparison(winner, abs(a_inv - a_exp), {"rate": float(-lam), "A": float(A), "B": float(B)}, n)
+
+
+def extinction_verdict(runs: Sequence[RunData]) -> ModelComparison:
+    """Per-run comparisons, summarised: the majority winner and the median ΔAIC of the runs."""
+    comps = [compare_extinction(*extinction_curve(r)) for r in runs]
+    comps = [c for c in comps if c.n > 0]
+    if not comps:
+        return ModelComparison("n/a", float("nan"), n=0)
+    wins = [c.winner for c in comps]
+    winner = max(set(wins), key=wins.count)
+    share = wins.count(winner) / len(wins)
+    signed = [c.delta_aic if c.winner == winner else -c.delta_aic for c in comps]
+    return ModelComparison(winner, float(np.median(signed)), {"share": share, "runs": len(comps)}, len(comps))
+
+
+def price_stats(runs: Sequence[RunData]) -> dict[str, float]:
+    """R² of predicted vs realised ΔP, relative-error quantiles, and the error–η slope."""
+    pred, real = [], []
+    for r in runs:
+        for rec in r.records:
+            if "P/real_delta" in rec:
+                pred.append(rec["P/pred_delta"])
+                real.append(rec["P/real_delta"])
+    pred, real = np.array(pred), np.array(real)
+    out = {"n": len(real), "r2": float("nan"), "rel_err_median": float("nan"), "rel_err_p90": float("nan"),
+           "eta_slope": float("nan")}
+    if len(real) >= 2:
+        ss_tot = float(np.sum((real - real.mean()) ** 2))
+        out["r2"] = 1 - float(np.sum((real - pred) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
+        nz = real != 0
+        rel = np.abs(real[nz] - pred[nz]) / np.abs(real[nz])
+        if rel.size:
+            out["rel_err_median"] = float(np.median(rel))
+            out["rel_err_p90"] = float(np.quantile(rel, 0.9))
+    slopes = []
+    for r in runs:
+        probe = r.summary.get("price_scaling", {})
+        lr, err = np.array(probe.get("lr", [])), np.array(probe.get("rel_error", []), dtype=float)
+        ok = np.isfinite(err) & (err > 0)
+        if ok.sum() >= 2:
+            slopes.append(np.polyfit(np.log(lr[ok]), np.log(err[ok]), 1)[0])
+    if slopes:
+        out["eta_slope"] = float(np.median(slopes))
+    return out
+
+
+def kappa_drift(runs: Sequence[RunData]) -> dict[str, float]:
+    """Median over runs of max_t |κ(t)/κ(0) − 1|, and whether κ stayed constant (lazy)."""
+    drifts = []
+    for r in runs:
+        k = np.array([rec["kappa"] for rec in r.records if isinstance(rec.get("kappa"), (int, float))])
+        if len(k) >= 2 and k[0] > 0:
+            drifts.append(float(np.max(np.abs(k / k[0] - 1))))
+    if not drifts:
+        return {"median_drift": float("nan"), "constant": float("nan")}
+    med = float(np.median(drifts))
+    return {"median_drift": med, "constant": float(med < KAPPA_CONSTANT)}
+
+
+# ---------------------------------------------------------------------------- verdicts
+@dataclass
+class CellResult:
+    cell: Cell
+    static_euc: Estimate
+    static_opt: Estimate
+    static_fisher: Estimate
+    drift: Estimate
+    escape: ModelComparison
+    escape_slope: Estimate
+    extinction: ModelComparison
+    price: dict[str, float]
+    kappa: dict[str, float]
+    verdict: str
+    reason: str
+
+    def row(self) -> dict[str, Any]:
+        env, policy, opt, mode = self.cell
+        row = {"env": env, "policy": policy, "optimizer": opt, "mode": mode, "verdict": self.verdict,
+               "reason": self.reason}
+        for name, est in (("static_euc", self.static_euc), ("static_opt", self.static_opt),
+                          ("static_fisher", self.static_fisher), ("drift", self.drift),
+                          ("escape_slope", self.escape_slope)):
+            row.update(est.as_dict(name))
+        row.update({"escape_winner": self.escape.winner, "escape_delta_aic": self.escape.delta_aic,
+                    "extinction_winner": self.extinction.winner, "extinction_delta_aic": self.extinction.delta_aic})
+        row.update({f"price_{k}": v for k, v in self.price.items()})
+        row.update({f"kappa_{k}": v for k, v in self.kappa.items()})
+        return row
+
+
+def decide(drift: Estimate, escape: ModelComparison, extinction: ModelComparison) -> tuple[str, str]:
+    """The cell's verdict from its drift exponent (CI within ±LAW_MARGIN of 2 or of 1), the
+    escape-time model comparison, and the extinction model comparison. Every piece of evidence
+    that exists must agree; otherwise the verdict is "neither" and says why."""
+    votes = []
+    if drift.within(2.0, LAW_MARGIN):
+        votes.append(("p²", f"drift exponent {drift.fmt(2)} ≈ 2"))
+    elif drift.within(1.0, LAW_MARGIN):
+        votes.append(("p(1 − p)", f"drift exponent {drift.fmt(2)} ≈ 1"))
+    elif math.isfinite(drift.value):
+        votes.append(("neither", f"drift exponent {drift.fmt(2)} is within ±{LAW_MARGIN} of neither 1 nor 2"))
+    if escape.n:
+        votes.append(("p²" if escape.winner == "power law" else "p(1 − p)",
+                      f"escape time is {escape.winner} (ΔAIC {escape.delta_aic:.1f})"))
+    if extinction.n:
+        votes.append(("p²" if extinction.winner == "1/t" else "p(1 − p)",
+                      f"extinction is {extinction.winner} (median ΔAIC {extinction.delta_aic:.1f})"))
+    if not votes:
+        return "neither", "no usable evidence (runs missing or too short)"
+    laws = {v for v, _ in votes}
+    reason = "; ".join(r for _, r in votes)
+    if len(laws) == 1 and "neither" not in laws:
+        return f"consistent with {laws.pop()}", reason
+    return "neither", "evidence disagrees: " + reason
+
+
+def analyse(runs: Sequence[RunData]) -> list[CellResult]:
+    """One CellResult per (env, policy, optimizer, mode) present in ``runs``."""
+    cells: dict[Cell, list[RunData]] = {}
+    for r in runs:
+        cells.setdefault(r.spec.cell, []).append(r)
+    results = []
+    for cell, cell_runs in cells.items():
+        rewarded = [r for r in cell_runs if r.spec.direction == "rewarded"]
+        punished = [r for r in cell_runs if r.spec.direction == "punished"]
+        drift = drift_estimate(rewarded)
+        escape = compare_escape(*escape_data(rewarded)) if rewarded else ModelComparison("n/a", float("nan"))
+        extinction = extinction_verdict(punished)
+        verdict, reason = decide(drift, escape, extinction)
+        results.append(CellResult(
+            cell=cell,
+            static_euc=exponent_estimate(rewarded, "P/ntvar_euc"),
+            static_opt=exponent_estimate(rewarded, "P/ntvar_opt"),
+            static_fisher=exponent_estimate(rewarded, "P/ntvar_fisher"),
+            drift=drift,
+            escape=escape,
+            escape_slope=escape_slope(rewarded) if rewarded else NAN,
+            extinction=extinction,
+            price=price_stats(cell_runs),
+            kappa=kappa_drift(cell_runs),
+            verdict=verdict,
+            reason=reason,
+        ))
+    return results

@@ -1,0 +1,87 @@
+"""``ntrl rarity``: run the rarity study, analyse it, write the report, print the verdicts.
+
+    ntrl rarity --quick                 # the README's main job, under 3 minutes on 2 cores
+    ntrl rarity --full --workers 2      # the complete grid
+    ntrl rarity --config my_grid.toml   # a grid of your own (keys: see ntrl.study.StudyConfig)
+    ntrl rarity --analyse-only --out runs/rarity-quick   # re-analyse finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from ntrl.config import ConfigError
+
+
+def add_rarity_parser(sub) -> None:
+    p = sub.add_parser("rarity", help="the rarity study: p² or p(1 − p)? with confidence intervals")
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="small grid, under 3 minutes on 2 cores (default)")
+    preset.add_argument("--full", action="store_true", help="the complete grid")
+    preset.add_argument("--config", metavar="FILE", help="a grid of your own (.toml or .json)")
+    p.add_argument("--out", metavar="DIR", help="study directory (default: runs/<study name>)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs (default: 2)")
+    p.add_argument("--force", action="store_true", help="replace a study directory that holds a different config")
+    p.add_argument("--wandb", default="offline", metavar="MODE", help="offline (default), online or disabled")
+    p.add_argument("--no-wandb", dest="wandb", action="store_const", const="disabled", help="turn W&B logging off")
+    p.add_argument("--analyse-only", action="store_true", help="only analyse and report the runs already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from ntrl.study import StudyConfig, run_study
+    from ntrl.wandb_sink import WANDB_MODES
+
+    try:
+        if args.wandb not in WANDB_MODES:
+            raise ConfigError("--wandb", f"must be one of {', '.join(WANDB_MODES)}, got {args.wandb!r}")
+        if args.workers < 1:
+            raise ConfigError("--workers", f"must be >= 1, got {args.workers}")
+        if args.analyse_only:
+            if not args.out:
+                raise ConfigError("--out", "--analyse-only needs the study directory")
+            if not (Path(args.out) / "study.json").exists():
+                raise ConfigError("--out", f"{args.out} holds no study (no study.json)")
+        if args.config:
+            study = StudyConfig.from_file(args.config)
+        elif args.full:
+            study = StudyConfig.full()
+        else:
+            study = StudyConfig.quick()
+        out = Path(args.out or Path("runs") / study.name)
+        start = time.time()
+        if not args.analyse_only:
+            run_study(study, out, workers=args.workers, wandb_mode=args.wandb, force=args.force,
+                      progress=not args.quiet)
+    except ConfigError as e:
+        print(f"ntrl: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"ntrl: rarity study incomplete: {e}", file=sys.stderr)
+        return 1
+    paths = analyse_and_report(out, args.wandb)
+    print(paths["table"])
+    print(f"\nReport: {paths['html']} (also {paths['md']}); tables: {paths['csv']}")
+    if paths.get("wandb"):
+        print(f"W&B summary run ({args.wandb}): {paths['wandb']}  (browse: wandb leet {out}/wandb)")
+    print(f"Done in {time.time() - start:.0f} s.")
+    return 0
+
+
+def analyse_and_report(out: Path, wandb_mode: str = "offline") -> dict:
+    """Analyse the runs in ``out``, write the report, log the W&B summary run."""
+    from ntrl.analysis import analyse, load_study
+    from ntrl.report import VERDICT_COLUMNS, log_summary_run, text_table, verdict_rows, write_report
+
+    study, runs = load_study(out)
+    cells = analyse(runs)
+    paths = write_report(out, study, runs, cells)
+    short = [r[:8] for r in verdict_rows(cells)]
+    paths["table"] = text_table(VERDICT_COLUMNS[:8], short)
+    paths["wandb"] = log_summary_run(out, study, runs, cells, mode=wandb_mode)
+    paths["cells"] = cells
+    return paths
