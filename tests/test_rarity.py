@@ -1,0 +1,160 @@
+"""The rarity study on a small grid: the expected outcomes of SCIENCE.md §3 (issue 4).
+
+Single-logit policy with exact gradients: every quantity follows from the closed forms, so
+the tolerances come from the math. The escape-time slope over p₀ ∈ {1e-2, 1e-3, 1e-4} of the
+exact T(p₀) ∝ u₀ + 2 ln u₀ − 1/u₀ is −0.983 (it tends to −1 as p₀ → 0), inside −1 ± 0.05.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ntrl.analysis import analyse, load_study
+from ntrl.config import ConfigError
+from ntrl.rarity import analyse_and_report
+from ntrl.study import StudyConfig, enumerate_runs, run_study
+from ntrl.wandb_sink import read_offline_run
+
+GRID = dict(name="t", envs=["bandit"], policies=["single_logit"], optimizers=["sgd", "npg", "sign"],
+            modes=["exact"], p0s=[1e-2, 1e-3, 1e-4], seeds=5, extinction_steps=150, track_every=5)
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    study = StudyConfig(**GRID).validate()
+    run_study(study, out, workers=2, wandb_mode="disabled", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cells(study_dir):
+    _, runs = load_study(study_dir)
+    return {c.cell[2]: c for c in analyse(runs)}
+
+
+def test_deterministic_cells_run_one_seed(study_dir):
+    study, runs = load_study(study_dir)
+    assert len(runs) == len(enumerate_runs(study)) == 3 * (3 + 1)
+
+
+def test_static_law_exponents(cells):
+    sgd = cells["sgd"]
+    assert sgd.static_euc.value == pytest.approx(2.0, abs=0.05)
+    assert sgd.static_fisher.value == pytest.approx(1.0, abs=0.05)
+    assert sgd.drift.value == pytest.approx(2.0, abs=0.05)
+    for opt in ("npg", "sign"):
+        assert cells[opt].drift.value == pytest.approx(1.0, abs=0.05)
+
+
+def test_escape_time_laws(cells):
+    sgd = cells["sgd"]
+    assert sgd.escape.winner == "power law"
+    assert sgd.escape_slope.value == pytest.approx(-1.0, abs=0.05)
+    for opt in ("npg", "sign"):
+        assert cells[opt].escape.winner == "logarithmic"
+
+
+def test_extinction_laws(cells):
+    assert cells["sgd"].extinction.winner == "1/t"
+    assert cells["npg"].extinction.winner == "exponential"
+    assert cells["sign"].extinction.winner == "exponential"
+
+
+def test_verdicts(cells):
+    assert cells["sgd"].verdict == "consistent with p²"
+    assert cells["npg"].verdict == "consistent with p(1 − p)"
+    assert cells["sign"].verdict == "consistent with p(1 − p)"
+
+
+def test_price_error_scales_with_eta(cells):
+    for c in cells.values():
+        assert c.price["eta_slope"] == pytest.approx(1.0, abs=0.1)
+        assert c.price["r2"] > 0.99
+
+
+def test_report_files(study_dir):
+    paths = analyse_and_report(study_dir, wandb_mode="disabled")
+    html = (study_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5 and "src='http" not in html and 'src="http' not in html
+    md = (study_dir / "report.md").read_text()
+    assert md.index("## Verdicts") < md.index("![")  # the verdict table comes first
+    assert "consistent with p²" in md
+    for name in ("static_law", "price_check", "escape", "extinction", "kappa"):
+        assert (study_dir / f"{name}_bandit_exact.png").stat().st_size > 10_000
+    rows = (study_dir / "verdicts.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("env,policy,optimizer,mode,verdict")
+    assert "consistent with p²" in paths["table"]
+
+
+def test_resume_skips_completed_runs(study_dir):
+    study = StudyConfig(**GRID)
+    runs = study_dir / "runs"
+    victim = enumerate_runs(study)[0].run_id
+    (runs / victim / "summary.json").unlink()
+    before = {p.name: (p / "records.jsonl").stat().st_mtime_ns for p in runs.iterdir() if p.name != victim}
+    run_study(study, study_dir, workers=1, wandb_mode="disabled", progress=False)
+    after = {p.name: (p / "records.jsonl").stat().st_mtime_ns for p in runs.iterdir() if p.name != victim}
+    assert before == after
+    assert json.loads((runs / victim / "summary.json").read_text())["status"] in ("finished", "stopped_at_p")
+
+
+def test_different_config_is_refused_without_force(study_dir, tmp_path):
+    other = StudyConfig(**{**GRID, "seeds": 2})
+    snapshot = (study_dir / "study.json").read_text()
+    n_runs = len(list((study_dir / "runs").iterdir()))
+    with pytest.raises(ConfigError, match="--force"):
+        run_study(other, study_dir, workers=1, wandb_mode="disabled", progress=False)
+    assert (study_dir / "study.json").read_text() == snapshot
+    assert len(list((study_dir / "runs").iterdir())) == n_runs
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('seeds = 5\ncolour = "red"\n', "unknown key"),
+        ("p0s = [0.7]\n", "p0"),
+        ('optimizers = ["lbfgs"]\n', "optimizers"),
+        ("seeds = 0\n", "seeds"),
+        ("lrs = { mlp = { sgd = -1.0 } }\n", "lrs"),
+    ],
+)
+def test_bad_config_file_fails_before_any_run(tmp_path, text, match):
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "ntrl.cli", "rarity", "--config", str(cfg), "--out", str(out),
+                        "--no-wandb"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert match in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_wandb_summary_run_holds_the_verdict_table(tmp_path):
+    grid = {**GRID, "optimizers": ["npg"], "p0s": [1e-2, 1e-3, 1e-4], "extinction_steps": 60}
+    cfg = tmp_path / "grid.json"
+    cfg.write_text(json.dumps(grid))
+    out = tmp_path / "study"
+    r = subprocess.run([sys.executable, "-m", "ntrl.cli", "rarity", "--config", str(cfg), "--out", str(out),
+                        "--quiet", "--workers", "1"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr
+    assert "consistent with p(1 − p)" in r.stdout and "report.html" in r.stdout
+    summary_dirs = [d for d in (out / "wandb").iterdir() if d.name.startswith("offline-run")]
+    assert len(summary_dirs) == 1
+    logged = read_offline_run(summary_dirs[0])
+    item = next(h for h in logged["history"] if "verdicts._type" in h)
+    assert item["verdicts._type"] == "table-file" and item["verdicts.nrows"] == 1
+    table = json.loads(next(summary_dirs[0].glob("files/media/table/verdicts_*.table.json")).read_text())
+    assert table["columns"][:5] == ["env", "policy", "optimizer", "mode", "verdict"]
+    assert table["data"][0][:5] == ["bandit", "single_logit", "npg", "exact", "consistent with p(1 − p)"]
+    assert logged["summary"]["verdict/bandit/single_logit/npg/exact"] == "consistent with p(1 − p)"
+    # every training run is its own W&B run in the study's group
+    run_dirs = list((out / "runs").glob("*/wandb/offline-run-*"))
+    assert len(run_dirs) == 4
+    assert read_offline_run(run_dirs[0])["history"]
