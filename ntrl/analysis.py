@@ -4,7 +4,8 @@ Everything here reads the local run files (records.jsonl, summary.json); nothing
 
 1. Static law   NTVar(P) ≈ c · p^a (1 − p)^b, per metric (Euclidean, the optimizer's, Fisher):
                 least squares on log NTVar = log c + a log p + b log(1 − p); a is the small-p exponent.
-2. Drift law    realised ΔP/η ≈ c · p^a (1 − p)^b on rewarded runs (ΔP > 0), same fit.
+2. Drift law    E[ΔP]/η ≈ c · p^a (1 − p)^b on rewarded runs: realised ΔP/η averaged in bins of
+                log p (a quarter decade), then the same fit.
 3. Escape       T(p₀) under a power law, log T = α − s log p₀, against a logarithmic law,
                 T = A + B ln(1/p₀); both are fitted to log T and compared by AIC.
 4. Extinction   punished P(t) under 1/t decay, P = 1/(A + B t), against exponential decay,
@@ -162,21 +163,36 @@ def exponent_estimate(runs: Sequence[RunData], key: str) -> Estimate:
     return stratified_bootstrap(by_p0(runs), stat)
 
 
-def drift_points(runs: Sequence[RunData]) -> tuple[np.ndarray, np.ndarray]:
+def drift_points(runs: Sequence[RunData], bins_per_decade: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(p, E[ΔP]/η) on log-spaced bins of p ≤ ½: the mean realised ΔP/η of the tracked updates
+    whose pre-step p falls in each bin (negative ΔP from sampled gradients included), at the
+    bin's geometric-mean p. Bins with a non-positive mean are dropped."""
     ps, ys = [], []
     for r in runs:
         for rec in r.records:
             p, d, lr = rec.get("P/value"), rec.get("P/real_delta"), rec.get("lr")
-            if isinstance(d, (int, float)) and d > 0 and 0 < p <= 0.5:
+            if isinstance(d, (int, float)) and isinstance(p, (int, float)) and 0 < p <= 0.5 and math.isfinite(d):
                 ps.append(p)
                 ys.append(d / lr)
-    return np.array(ps), np.array(ys)
+    if not ps:
+        return np.array([]), np.array([])
+    logp, y = np.log10(ps), np.array(ys)
+    edges = np.arange(np.floor(logp.min() * bins_per_decade), np.ceil(logp.max() * bins_per_decade) + 1) / bins_per_decade
+    idx = np.clip(np.digitize(logp, edges) - 1, 0, len(edges) - 2)
+    bp, by = [], []
+    for b in np.unique(idx):
+        sel = idx == b
+        mean = y[sel].mean()
+        if mean > 0:
+            bp.append(10 ** logp[sel].mean())
+            by.append(mean)
+    return np.array(bp), np.array(by)
 
 
 def drift_estimate(runs: Sequence[RunData]) -> Estimate:
     def stat(items):
         p, y = drift_points(items)
-        if len(p) < 4 or np.ptp(np.log(p)) < 0.5:
+        if len(p) < 3 or np.ptp(np.log(p)) < 0.5:
             return float("nan")
         return fit_power_law(p, y)[1]
 
