@@ -113,7 +113,8 @@ class NTCovCallback(BaseCallback):
     :param probe_states: ``"rollout"`` (``n_probe`` states of the first rollout, frozen), an array,
         a ``.npy`` path or ``MOD:FUNC``.
     :param track_every: track every k-th rollout.
-    :param sink: an :class:`ntrl.wandb_sink.WandbSink`; records are logged with its own step metric.
+    :param sink: an :class:`ntrl.wandb_sink.WandbSink` (records are logged as in ntrl's own runs, with
+        its step metric ``update``) or a ``wandb`` Run (logged under ``PREFIX/``, step ``PREFIX/update``).
     :param use_wandb: when no sink is given, log to the active ``wandb.run`` if there is one.
     :param records_path: also append each record to this ntrl records file (JSONL).
     :param run_name: used in error messages about user properties.
@@ -166,7 +167,11 @@ class NTCovCallback(BaseCallback):
             self._set_probes(raw)
         if self.records_path is not None:
             self._writer = RecordWriter(self.records_path)
-        if self.sink is None and self.use_wandb:
+        if self.sink is not None and not hasattr(self.sink, "log_raw") and hasattr(self.sink, "define_metric"):
+            self._wandb_run, self.sink = self.sink, None  # a wandb Run was passed: log to it with our prefix
+            self._wandb_run.define_metric(f"{self.prefix}/update")
+            self._wandb_run.define_metric(f"{self.prefix}/*", step_metric=f"{self.prefix}/update")
+        elif self.sink is None and self.use_wandb:
             import sys
 
             wandb = sys.modules.get("wandb")

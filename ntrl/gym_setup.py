@@ -11,8 +11,11 @@ imported first, from the working directory too). The env is checked with gymnasi
 states; ``--property`` adds more (see :mod:`ntrl.user_properties`).
 
 The utility REINFORCE ascends is the sampled policy-gradient surrogate of a batch of episodes
-(``--mode sampled``, any env), or the exact expected return J(π) of a tabular model
-(``--mode exact``; toy-text envs exposing ``env.unwrapped.P``, through :mod:`ntrl.exact_model`).
+(``--mode sampled``, any env; rewards-to-go discounted by ``--gamma``), or the exact expected
+return J(π) = E[Σ_{t<H} r_t] of a tabular model (``--mode exact``; toy-text envs exposing
+``env.unwrapped.P``, converted by :func:`toy_text_model` to :class:`ntrl.exact_model.TabularMDP`,
+H = ``--horizon`` or the env's time limit, undiscounted). Without a model there is no exact
+return: the records hold the sampled surrogate ``U`` and the batch's mean episode return.
 ``--algo ppo|a2c`` trains with Stable-Baselines3 instead (:mod:`ntrl.sb3_train`).
 """
 
@@ -78,8 +81,9 @@ def make_env(env_id: str, env_kwargs: dict | None = None, check: bool = True) ->
     try:
         env = gym.make(env_id, **env_kwargs)
     except gym.error.Error as e:  # NameNotFound, NamespaceNotFound, VersionNotFound, ...
-        raise ConfigError("--env", f"unknown environment {env_id!r}: {str(e).rstrip('.')}. Register it with gymnasium.register, "
-                                   f"or use MODULE:ID so that ntrl imports the module that registers it") from None
+        hint = ("" if isinstance(e, (gym.error.DeprecatedEnv, gym.error.VersionNotFound)) else
+                ". Register it with gymnasium.register, or use MODULE:ID so that ntrl imports the module that registers it")
+        raise ConfigError("--env", f"unknown environment {env_id!r}: {str(e).rstrip('.')}{hint}") from None
     except TypeError as e:
         raise ConfigError("--env-kwargs", f"{env_id} does not accept these keyword arguments: {e}") from None
     except Exception as e:
@@ -87,8 +91,8 @@ def make_env(env_id: str, env_kwargs: dict | None = None, check: bool = True) ->
     space = env.action_space
     if not isinstance(space, gym.spaces.Discrete):
         env.close()
-        raise ConfigError("--env", f"{env_id} has a {type(space).__name__} action space; only Discrete action "
-                                   f"spaces are supported yet (continuous actions are not)")
+        raise ConfigError("--env", f"{env_id} has a {type(space).__name__} action space: continuous and other non-Discrete "
+                                   f"action spaces are not supported yet; use an env with a Discrete action space")
     obs_space = env.observation_space
     if not (isinstance(obs_space, gym.spaces.Discrete)
             or (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1)):
@@ -110,14 +114,96 @@ def make_env(env_id: str, env_kwargs: dict | None = None, check: bool = True) ->
     return env
 
 
-def tabular_model(env: gym.Env, gamma: float, horizon: int | None, one_hot: bool):
+class ToyTextModel:
+    """The exact model of a toy-text env, in the protocol REINFORCE's exact mode and
+    :class:`ntrl.properties.ExpectedReward` use: ``exact_expected_reward(view)`` and
+    ``exact_states()``. Wraps :class:`ntrl.exact_model.TabularMDP`; ``exact_states`` needs the
+    policy (``bind(policy)``) to weight the states by their visitation."""
+
+    def __init__(self, mdp, policy: nn.Module | None = None):
+        self.mdp = mdp
+        self.policy = policy
+
+    def bind(self, policy: nn.Module) -> "ToyTextModel":
+        self.policy = policy
+        return self
+
+    def exact_expected_reward(self, view) -> torch.Tensor:
+        return self.mdp.expected_return(view)
+
+    def exact_states(self):
+        from ntrl.tangent import PolicyView
+
+        if self.policy is None:
+            raise RuntimeError("ToyTextModel.exact_states() needs bind(policy) first")
+        params = {n: p.detach() for n, p in self.policy.named_parameters()}
+        return self.mdp.exact_states(PolicyView(self.policy, params))
+
+
+def toy_text_model(env: gym.Env, horizon: int, one_hot: bool) -> "ToyTextModel":
+    """Gymnasium's toy-text table ``env.unwrapped.P[s][a] = [(prob, s', reward, terminated), ...]``
+    as a finite-horizon :class:`ntrl.exact_model.TabularMDP`.
+
+    A transition that terminates goes to an extra absorbing state with reward 0, so
+    J = E[Σ_{t<H} r_t] is the expected (undiscounted) return of an episode cut at H steps, the
+    env's own time limit. r(s, a) = Σ prob·reward. The initial distribution is the env's
+    ``initial_state_distrib`` (FrozenLake, CliffWalking, Taxi); the absorbing state shows the
+    observation of state 0 (its actions change nothing).
+    """
+    from ntrl.exact_model import TabularMDP
+
+    u = env.unwrapped
+    table = u.P
+    S = len(table)
+    A = int(env.action_space.n)
+    done = S
+    rows, cols, probs = [], [], []
+    rewards = np.zeros((S + 1, A))
+    for s in range(S):
+        for a in range(A):
+            acc: dict[int, float] = {}
+            for prob, nxt, rew, term in table[s][a]:
+                if prob <= 0:
+                    continue
+                target = done if term else int(nxt)
+                acc[target] = acc.get(target, 0.0) + float(prob)
+                rewards[s, a] += float(prob) * float(rew)
+            total = sum(acc.values())
+            for target, prob in acc.items():
+                rows.append(s * A + a)
+                cols.append(target)
+                probs.append(prob / total)
+    for a in range(A):
+        rows.append(done * A + a)
+        cols.append(done)
+        probs.append(1.0)
+    rho = getattr(u, "initial_state_distrib", None)
+    if rho is None:
+        raise ConfigError("--mode", f"{env.spec.id if env.spec else env}: no initial_state_distrib to build "
+                                    f"the exact model from; use --mode sampled")
+    initial = np.append(np.asarray(rho, dtype=np.float64), 0.0)
+    initial = initial / initial.sum()
+    index = np.append(np.arange(S), 0)
+    observations = np.eye(S, dtype=np.float32)[index] if one_hot else index.astype(np.int64)
+    mdp = TabularMDP((np.array(rows), np.array(cols), np.array(probs)), rewards, initial, observations,
+                     horizon=horizon)
+    return ToyTextModel(mdp)
+
+
+def tabular_model(env: gym.Env, horizon: int, one_hot: bool) -> "ToyTextModel | None":
     """An exact model of a toy-text env (``env.unwrapped.P``), or None when it has none."""
     u = env.unwrapped
-    if not hasattr(u, "P") or not isinstance(getattr(u, "P"), dict):
+    if not isinstance(getattr(u, "P", None), dict) or not isinstance(env.observation_space, gym.spaces.Discrete):
         return None
-    from ntrl.toytext_model import toy_text_model
+    return toy_text_model(env, horizon, one_hot)
 
-    return toy_text_model(env, gamma=gamma, horizon=horizon, one_hot=one_hot)
+
+def episode_horizon(env: gym.Env, horizon: int) -> int:
+    """``horizon`` when given (> 0), else the env's ``max_episode_steps``, else 100."""
+    if horizon > 0:
+        return horizon
+    limit = env.spec.max_episode_steps if env.spec is not None else None
+    return int(limit) if limit else 100
 
 
 @dataclass
@@ -132,7 +218,7 @@ class GymConfig(TrainConfig):
     probe_states: str = "rollout"
     n_probe: int = 32
     gamma: float = 0.99
-    horizon: int = 100
+    horizon: int = 0
     check_env: bool = True
     n_steps: int = 128
     n_envs: int = 1
@@ -157,12 +243,21 @@ class GymConfig(TrainConfig):
         need(self.target >= 0, "target", f"must be an action index >= 0, got {self.target}")
         need(self.n_probe >= 1, "n_probe", f"must be >= 1, got {self.n_probe}")
         need(math.isfinite(self.gamma) and 0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma}")
-        need(self.horizon >= 1, "horizon", f"must be >= 1, got {self.horizon}")
+        need(self.horizon >= 0, "horizon", f"must be >= 0 (0: the env's time limit), got {self.horizon}")
         need(self.n_steps >= 2, "n_steps", f"must be >= 2, got {self.n_steps}")
         need(self.n_envs >= 1, "n_envs", f"must be >= 1, got {self.n_envs}")
         if self.algo != "reinforce":
             need(self.mode == "sampled", "mode", f"{self.algo} learns from its own rollouts; use --mode sampled")
         return self
+
+    def to_dict(self) -> dict:
+        """The config as JSON-able values (a Python callable property is recorded as MODULE:NAME)."""
+        props = [p if isinstance(p, str) else getattr(p, "name", None) or
+                 f"{getattr(p, '__module__', '?')}:{getattr(p, '__qualname__', type(p).__name__)}"
+                 for p in self.property]
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "property"}
+        out["property"] = props
+        return out
 
     def default_run_name(self) -> str:
         env = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.env)
@@ -242,8 +337,11 @@ class GymConfig(TrainConfig):
         opt_kwargs = {"damping": self.npg_damping} if self.optimizer == "npg" else {}
         optimizer = make_optimizer(self.optimizer, policy, self.lr, **opt_kwargs)
 
-        model = tabular_model(raw_env, self.gamma, self.horizon, one_hot) if self.mode == "exact" or "return" in [
-            s.split("=", 1)[-1] for s in self.property if isinstance(s, str)] else None
+        wants_return = "return" in [s.split("=", 1)[-1] for s in self.property if isinstance(s, str)]
+        model = (tabular_model(raw_env, episode_horizon(raw_env, self.horizon), one_hot)
+                 if self.mode == "exact" or wants_return else None)
+        if model is not None:
+            model.bind(policy)
         if self.mode == "exact" and model is None:
             raise ConfigError("--mode", f"exact needs a tabular model (env.unwrapped.P, as in gymnasium's toy-text "
                                         f"envs); {self.env} has none: use --mode sampled")
@@ -274,8 +372,8 @@ ENV_HELP = {
     "property": "a tracked property, repeatable: action:A, event:MOD:PRED, return, MOD:FUNC or NAME=SPEC",
     "probe_states": "rollout (the agent's initial rollouts, frozen), FILE.npy or MOD:FUNC",
     "n_probe": "number of probe states taken from the rollouts",
-    "gamma": "discount of the returns (REINFORCE, exact model, SB3)",
-    "horizon": "episode length of the exact tabular model",
+    "gamma": "discount of the sampled returns (REINFORCE --mode sampled, SB3); the exact model is undiscounted",
+    "horizon": "episode length H of the exact tabular model (0: the env's time limit)",
     "check_env": "run gymnasium's check_env on the env first",
     "n_steps": "SB3: rollout length per env (one tracked update per rollout)",
     "n_envs": "SB3: number of parallel envs",

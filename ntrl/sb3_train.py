@@ -11,7 +11,6 @@ summary.json); in the records ``pred_delta`` is ∇X·Δθ from the step SB3 too
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
@@ -51,13 +50,16 @@ def train_sb3(config: GymConfig, progress: bool = True, echo=print) -> RunResult
     config.validate()
     model = make_model(config)
     probes = load_probe_states(config.probe_states, tuple(model.observation_space.shape), None)
+    specs = [f"P=action:{config.target}"] + list(config.property)
+    exact = _exact_model(config, specs)
+    _check_properties(config, model, specs, probes, exact)  # before any run directory exists
     run_dir = prepare_run_dir(config)
     write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
     sink = WandbSink(run_dir, config.to_dict(), mode=config.wandb, name=run_dir.name, group=config.group)
-    specs = [f"P=action:{config.target}"] + list(config.property)
     callback = NTCovCallback(properties=specs, probe_states="rollout" if probes is None else probes,
                              n_probe=config.n_probe, track_every=config.track_every, sink=sink,
-                             records_path=str(run_dir / RECORDS_FILE), seed=config.seed, run_name=run_dir.name)
+                             records_path=str(run_dir / RECORDS_FILE), seed=config.seed, run_name=run_dir.name,
+                             exact_model=exact)
     status = "finished"
     total = config.steps * config.n_steps * config.n_envs
     try:
@@ -93,6 +95,36 @@ def train_sb3(config: GymConfig, progress: bool = True, echo=print) -> RunResult
         sink.finish(flat, exit_code=0 if status != "failed" else 1)
         model.get_env().close()
     return RunResult(run_dir, summary, summary["wandb_dir"], f"a={config.target}")
+
+
+def _exact_model(config: GymConfig, specs: list) -> Any:
+    """The toy-text model for a ``return`` property (SB3's policy reads raw Discrete observations)."""
+    if "return" not in [str(sp).split("=", 1)[-1] for sp in specs]:
+        return None
+    from ntrl.gym_setup import episode_horizon, tabular_model
+
+    env = config.make_env_unchecked()
+    try:
+        return tabular_model(env, episode_horizon(env, config.horizon), one_hot=False)
+    finally:
+        env.close()
+
+
+def _check_properties(config: GymConfig, model, specs: list, probes, exact) -> None:
+    """Evaluate every property once on the initial SB3 policy, at the probe states (or at a reset
+    observation when the probes will come from the first rollout)."""
+    from ntrl.agents.sb3 import SB3ActorLogits
+    from ntrl.tangent import TangentEngine
+    from ntrl.user_properties import RunContext, check_properties, parse_property
+
+    if probes is None:
+        probes = np.asarray(model.get_env().reset())[:1]
+    context = RunContext(run=config.run_name or config.default_run_name())
+    engine = TangentEngine(SB3ActorLogits(model.policy), dtype=torch.float64)
+    n_actions = int(model.action_space.n)
+    props = [parse_property(sp, torch.as_tensor(probes), n_actions, context, exact_model=exact, raw_probes=probes)
+             for sp in specs]
+    check_properties(engine, props)
 
 
 def _price_check_sgd(records: list[dict[str, Any]], name: str) -> dict[str, float]:

@@ -213,7 +213,7 @@ def check_properties(engine, properties: Sequence[Property], flag: str = "--prop
             check_value(engine.evaluate(X), X.name)
             engine.jacobian(X)
         except UserPropertyError as e:
-            raise ConfigError(flag, str(e.__cause__ and f"property {X.name!r} {e.__cause__}" or e)) from None
+            raise ConfigError(flag, str(e)) from None
         except Exception as e:
             raise ConfigError(flag, f"property {X.name!r} failed on the initial policy: {type(e).__name__}: {e}") from None
 
