@@ -90,7 +90,7 @@ class MLPPolicy(nn.Module):
         self.n_actions = n_actions
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.net(obs.to(self.net[0].weight.dtype) if obs.is_floating_point() else obs.float())
+        return self.net(obs.to(self.net[0].weight.dtype))
 
     @property
     def output_layer(self) -> nn.Linear:

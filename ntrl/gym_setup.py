@@ -46,20 +46,6 @@ from ntrl.user_properties import (
 ALGOS = ("reinforce", "ppo", "a2c")
 
 
-class OneHotObservation(gym.ObservationWrapper):
-    """Discrete(n) observations as one-hot float vectors, so an MLP can read them."""
-
-    def __init__(self, env: gym.Env):
-        super().__init__(env)
-        self.n = int(env.observation_space.n)
-        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(self.n,), dtype=np.float32)
-
-    def observation(self, obs):
-        out = np.zeros(self.n, dtype=np.float32)
-        out[int(obs)] = 1.0
-        return out
-
-
 def parse_env_kwargs(text: str | dict) -> dict:
     if isinstance(text, dict):
         return text
@@ -297,7 +283,8 @@ class GymConfig(TrainConfig):
         if self.policy == "single_logit" and n_actions != 2:
             raise ConfigError("--policy", f"single_logit needs 2 actions; {self.env} has {n_actions}")
         one_hot = discrete_obs and self.policy == "mlp"
-        env = OneHotObservation(raw_env) if one_hot else raw_env
+        # gymnasium's FlattenObservation turns Discrete(n) into its one-hot Box
+        env = gym.wrappers.FlattenObservation(raw_env) if one_hot else raw_env
         raw_shape = tuple(raw_env.observation_space.shape)
         obs_dim = int(np.prod(env.observation_space.shape)) if env.observation_space.shape else 1
         n_states = int(raw_env.observation_space.n) if discrete_obs else 1
