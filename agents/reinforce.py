@@ -117,10 +117,11 @@ def surrogate_utility(batch: EpisodeBatch) -> Callable[[PolicyView], Tensor]:
 
 
 def exact_gradient(engine: TangentEngine, model) -> UtilityGradient:
-    """U = J(π_θ) from the model's ``exact_expected_reward``; g = ∇θ J."""
+    """U = J(π_θ) from the model's ``exact_expected_reward``; g = ∇θ J; the Fisher states are the
+    model's ``exact_states(view)`` (observations and their visitation weights under π_θ)."""
     U = model.exact_expected_reward
     value, g = engine.value_and_gradient(U)
-    obs, w = model.exact_states()
+    obs, w = model.exact_states(engine.view())
     return UtilityGradient(value, g, (obs, w), value, U)
 
 

@@ -61,8 +61,8 @@ class TwoArmedBandit(gym.Env):
         return self.observation(), reward, True, False, {"action_name": ACTION_NAMES[int(action)]}
 
     # ------------------------------------------------------------------ exact model
-    def exact_states(self) -> tuple[Tensor, Tensor]:
-        """The states of the model and their weights: one state, weight 1."""
+    def exact_states(self, view=None) -> tuple[Tensor, Tensor]:
+        """The states of the model and their visitation weights: one state, weight 1."""
         return torch.ones(1, 1), torch.ones(1)
 
     def exact_expected_reward(self, view) -> Tensor:

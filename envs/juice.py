@@ -136,7 +136,7 @@ def _respawn(agent_cell: np.ndarray, size: int, rng: np.random.Generator) -> np.
 class JuiceGridworld(gym.Env):
     """``ntrl/JuiceGridworld-v0``: see the module docstring for the rules and the encoding."""
 
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(self, size: int = 5, view_radius: int = 1, horizon: int = 50, reward: float = 1.0,
                  hide_prob: float = 0.0, render_mode: str | None = None):

@@ -24,8 +24,9 @@ class Experiment:
 
     ``utility(engine, rng)`` returns the utility ascended this update and its gradient
     (exact or sampled); ``properties[0]`` is the headline property P.
-    ``extra_tracking(engine, utility_gradient) -> dict``, when given, is called before each
-    tracked step with the float64 analysis engine; its items are added to the record.
+    ``extra_tracking(engine, utility_gradient, plan) -> dict``, when given, is called before each
+    tracked step with the float64 analysis engine and the optimizer's step plan; its items are
+    added to the record.
     """
 
     env: Any
@@ -72,6 +73,7 @@ class TrainConfig:
     dtype: str = "float64"
     npg_damping: float = 0.0
     fisher: bool = True
+    threads: int = 1
     out: str = "runs"
     run_name: str | None = None
     group: str | None = None
@@ -105,6 +107,7 @@ class TrainConfig:
         need(self.width >= 1, "width", f"must be >= 1, got {self.width}")
         need(self.depth >= 0, "depth", f"must be >= 0, got {self.depth}")
         need(self.npg_damping >= 0, "npg_damping", f"must be >= 0, got {self.npg_damping}")
+        need(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         if self.stop_at_p is not None:
             need(0.0 < self.stop_at_p < 1.0, "stop_at_p", f"must be in (0, 1), got {self.stop_at_p}")
         return self

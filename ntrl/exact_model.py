@@ -22,8 +22,9 @@ Averages over a subset of states use the visitation distribution restricted to t
 
 Transitions are stored sparsely (COO over (s, a) → s'); each finite-horizon step gathers and
 scatters over the nonzeros, O(nnz), which under ``torch.func.jacrev`` is much cheaper than a
-dense P_π (whose backward forms an S×S outer product per step). The policy is evaluated once per *distinct*
-observation, which is what makes ``exact_states`` (the Fisher metric's states) small.
+dense P_π (whose backward forms an S×S outer product per step). The policy is evaluated once
+per *distinct* observation, which is what makes ``exact_states`` (the Fisher metric's states)
+small.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from ntrl.agents.optimizers import make_optimizer
 from ntrl.agents.policies import make_policy
 from ntrl.agents.reinforce import collect_episodes, exact_gradient, sampled_gradient
 from ntrl.config import ConfigError, Experiment, TrainConfig, flag_of
+from ntrl.exact_model import TabularMDP
 from ntrl.properties import ActionProbability, LogOdds
 from ntrl.user_properties import (
     RunContext, check_properties, import_user_module, load_probe_states, parse_property, sample_rows,
@@ -100,33 +101,7 @@ def make_env(env_id: str, env_kwargs: dict | None = None, check: bool = True) ->
     return env
 
 
-class ToyTextModel:
-    """The exact model of a toy-text env, in the protocol REINFORCE's exact mode and
-    :class:`ntrl.properties.ExpectedReward` use: ``exact_expected_reward(view)`` and
-    ``exact_states()``. Wraps :class:`ntrl.exact_model.TabularMDP`; ``exact_states`` needs the
-    policy (``bind(policy)``) to weight the states by their visitation."""
-
-    def __init__(self, mdp, policy: nn.Module | None = None):
-        self.mdp = mdp
-        self.policy = policy
-
-    def bind(self, policy: nn.Module) -> "ToyTextModel":
-        self.policy = policy
-        return self
-
-    def exact_expected_reward(self, view) -> torch.Tensor:
-        return self.mdp.expected_return(view)
-
-    def exact_states(self):
-        from ntrl.tangent import PolicyView
-
-        if self.policy is None:
-            raise RuntimeError("ToyTextModel.exact_states() needs bind(policy) first")
-        params = {n: p.detach() for n, p in self.policy.named_parameters()}
-        return self.mdp.exact_states(PolicyView(self.policy, params))
-
-
-def toy_text_model(env: gym.Env, horizon: int, one_hot: bool) -> "ToyTextModel":
+def toy_text_model(env: gym.Env, horizon: int, one_hot: bool) -> TabularMDP:
     """Gymnasium's toy-text table ``env.unwrapped.P[s][a] = [(prob, s', reward, terminated), ...]``
     as a finite-horizon :class:`ntrl.exact_model.TabularMDP`.
 
@@ -136,7 +111,6 @@ def toy_text_model(env: gym.Env, horizon: int, one_hot: bool) -> "ToyTextModel":
     ``initial_state_distrib`` (FrozenLake, CliffWalking, Taxi); the absorbing state shows the
     observation of state 0 (its actions change nothing).
     """
-    from ntrl.exact_model import TabularMDP
 
     u = env.unwrapped
     table = u.P
@@ -171,12 +145,11 @@ def toy_text_model(env: gym.Env, horizon: int, one_hot: bool) -> "ToyTextModel":
     initial = initial / initial.sum()
     index = np.append(np.arange(S), 0)
     observations = np.eye(S, dtype=np.float32)[index] if one_hot else index.astype(np.int64)
-    mdp = TabularMDP((np.array(rows), np.array(cols), np.array(probs)), rewards, initial, observations,
-                     horizon=horizon)
-    return ToyTextModel(mdp)
+    return TabularMDP((np.array(rows), np.array(cols), np.array(probs)), rewards, initial, observations,
+                      horizon=horizon)
 
 
-def tabular_model(env: gym.Env, horizon: int, one_hot: bool) -> "ToyTextModel | None":
+def tabular_model(env: gym.Env, horizon: int, one_hot: bool) -> TabularMDP | None:
     """An exact model of a toy-text env (``env.unwrapped.P``), or None when it has none."""
     u = env.unwrapped
     if not isinstance(getattr(u, "P", None), dict) or not isinstance(env.observation_space, gym.spaces.Discrete):
@@ -327,8 +300,6 @@ class GymConfig(TrainConfig):
         wants_return = "return" in [s.split("=", 1)[-1] for s in self.property if isinstance(s, str)]
         model = (tabular_model(raw_env, episode_horizon(raw_env, self.horizon), one_hot)
                  if self.mode == "exact" or wants_return else None)
-        if model is not None:
-            model.bind(policy)
         if self.mode == "exact" and model is None:
             raise ConfigError("--mode", f"exact needs a tabular model (env.unwrapped.P, as in gymnasium's toy-text "
                                         f"envs); {self.env} has none: use --mode sampled")

@@ -66,6 +66,7 @@ def price_check(records: list[dict[str, Any]], name: str = "P") -> dict[str, flo
 def train(config: TrainConfig, progress: bool = True, echo=print) -> RunResult:
     """Run REINFORCE with Price tracking; write records, config and summary to the run dir."""
     config.validate()
+    torch.set_num_threads(config.threads)  # tiny networks: extra threads only add contention
     run_dir = prepare_run_dir(config)
     write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
     exp = config.build()
@@ -95,7 +96,7 @@ def train(config: TrainConfig, progress: bool = True, echo=print) -> RunResult:
                 if tracker.should_track(t):
                     pending = tracker.before(t, u.gradient, plan, u.value, u.fisher_states)
                     if exp.extra_tracking is not None:
-                        pending.record.update(exp.extra_tracking(analysis_engine, u))
+                        pending.record.update(exp.extra_tracking(analysis_engine, u, plan))
                 optimizer.apply(plan)
                 steps_done = t + 1
                 if pending is not None:
