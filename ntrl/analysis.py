@@ -216,6 +216,11 @@ class ModelComparison:
     def fmt(self) -> str:
         if self.n == 0:
             return "n/a"
+        if "share" in self.params and self.params["runs"] > 1:
+            wins = round(self.params["share"] * self.params["runs"])
+            if self.winner == "mixed":
+                return f"mixed (no model wins 2/3 of {self.params['runs']} runs)"
+            return f"{self.winner} in {wins}/{self.params['runs']} runs (median ΔAIC {self.delta_aic:.1f})"
         return f"{self.winner} (ΔAIC {self.delta_aic:.1f})"
 
 
@@ -298,17 +303,21 @@ def compare_extinction(t: np.ndarray, P: np.ndarray) -> ModelComparison:
     return ModelComparison(winner, abs(a_inv - a_exp), {"rate": float(-lam), "A": float(A), "B": float(B)}, n)
 
 
-def extinction_verdict(runs: Sequence[RunData]) -> ModelComparison:
-    """Per-run comparisons, summarised: the majority winner and the median ΔAIC of the runs."""
+def extinction_verdict(runs: Sequence[RunData], majority: float = 2 / 3) -> ModelComparison:
+    """Per-run comparisons, summarised: the model that wins in at least ``majority`` of the runs
+    (else "mixed"), with the median over runs of its ΔAIC (negative where it lost)."""
     comps = [compare_extinction(*extinction_curve(r)) for r in runs]
     comps = [c for c in comps if c.n > 0]
     if not comps:
         return ModelComparison("n/a", float("nan"), n=0)
     wins = [c.winner for c in comps]
-    winner = max(set(wins), key=wins.count)
+    winner = max(sorted(set(wins)), key=wins.count)
     share = wins.count(winner) / len(wins)
     signed = [c.delta_aic if c.winner == winner else -c.delta_aic for c in comps]
-    return ModelComparison(winner, float(np.median(signed)), {"share": share, "runs": len(comps)}, len(comps))
+    params = {"share": share, "runs": len(comps)}
+    if share < majority:
+        return ModelComparison("mixed", float(np.median(signed)), params, len(comps))
+    return ModelComparison(winner, float(np.median(signed)), params, len(comps))
 
 
 def price_stats(runs: Sequence[RunData]) -> dict[str, float]:
@@ -342,11 +351,16 @@ def price_stats(runs: Sequence[RunData]) -> dict[str, float]:
     return out
 
 
+def kappa_of(record: dict[str, Any]) -> float:
+    """κ of a record: the value, or its mean over probe states when κ was tracked per state."""
+    return float(np.mean(record["kappa"]))
+
+
 def kappa_drift(runs: Sequence[RunData]) -> dict[str, float]:
     """Median over runs of max_t |κ(t)/κ(0) − 1|, and whether κ stayed constant (lazy)."""
     drifts = []
     for r in runs:
-        k = np.array([rec["kappa"] for rec in r.records if isinstance(rec.get("kappa"), (int, float))])
+        k = np.array([kappa_of(rec) for rec in r.records if "kappa" in rec])
         if len(k) >= 2 and k[0] > 0:
             drifts.append(float(np.max(np.abs(k / k[0] - 1))))
     if not drifts:
@@ -401,8 +415,8 @@ def decide(drift: Estimate, escape: ModelComparison, extinction: ModelComparison
         votes.append(("p²" if escape.winner == "power law" else "p(1 − p)",
                       f"escape time is {escape.winner} (ΔAIC {escape.delta_aic:.1f})"))
     if extinction.n:
-        votes.append(("p²" if extinction.winner == "1/t" else "p(1 − p)",
-                      f"extinction is {extinction.winner} (median ΔAIC {extinction.delta_aic:.1f})"))
+        law = {"1/t": "p²", "exponential": "p(1 − p)"}.get(extinction.winner, "neither")
+        votes.append((law, f"extinction: {extinction.fmt()}"))
     if not votes:
         return "neither", "no usable evidence (runs missing or too short)"
     laws = {v for v, _ in votes}

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ntrl.analysis import LAW_MARGIN, CellResult, RunData, escape_data, extinction_curve
+from ntrl.analysis import LAW_MARGIN, CellResult, RunData, escape_data, kappa_of
 
 OPT_COLORS = {"sgd": "#1f77b4", "npg": "#d62728", "sign": "#2ca02c", "adam": "#9467bd"}
 
@@ -165,8 +165,8 @@ def plot_kappa(path: Path, env: str, mode: str, by_policy) -> None:
         for opt, rs in sorted(by_policy[pol].items()):
             first = True
             for r in rs:
-                k = [rec["kappa"] for rec in r.records]
-                t = [rec["update"] for rec in r.records]
+                k = [kappa_of(rec) for rec in r.records if "kappa" in rec]
+                t = [rec["update"] for rec in r.records if "kappa" in rec]
                 if k and k[0] > 0:
                     ax.plot(t, np.array(k) / k[0], "-", lw=0.8, alpha=0.6, color=OPT_COLORS.get(opt),
                             label=opt if first else None)

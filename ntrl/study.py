@@ -26,16 +26,25 @@ from typing import Any, Callable
 
 from ntrl.config import ConfigError, TrainConfig
 
-ENVS = ("bandit",)
+ENVS = ("bandit", "juice")
 DIRECTIONS = ("rewarded", "punished")
 STUDY_FILE = "study.json"
 
-# Learning rates that give escape times of tens to thousands of updates for p₀ ≥ 1e-4.
-DEFAULT_LRS: dict[str, dict[str, float]] = {
-    "single_logit": {"sgd": 2.0, "npg": 0.1, "sign": 0.1, "adam": 0.1},
-    "tabular": {"sgd": 2.0, "npg": 0.1, "sign": 0.1, "adam": 0.1},
-    "mlp": {"sgd": 0.1, "npg": 0.1, "sign": 2e-4, "adam": 1e-3},
+# Learning rates (env → policy → optimizer) that give escape times of tens to thousands of
+# updates for p₀ ≥ 1e-4.
+DEFAULT_LRS: dict[str, dict[str, dict[str, float]]] = {
+    "bandit": {
+        "single_logit": {"sgd": 2.0, "npg": 0.1, "sign": 0.1, "adam": 0.1},
+        "tabular": {"sgd": 2.0, "npg": 0.1, "sign": 0.1, "adam": 0.1},
+        "mlp": {"sgd": 0.1, "npg": 0.1, "sign": 2e-4, "adam": 1e-3},
+    },
+    "juice": {
+        "tabular": {"sgd": 2.0, "npg": 0.005, "sign": 0.05, "adam": 0.05},
+        "mlp": {"sgd": 0.2, "npg": 0.01, "sign": 5e-4, "adam": 1e-3},
+    },
 }
+# Policies each environment supports (a single logit needs exactly two actions).
+ENV_POLICIES = {"bandit": ("single_logit", "tabular", "mlp"), "juice": ("tabular", "mlp")}
 
 
 @dataclass
@@ -50,7 +59,7 @@ class StudyConfig:
     p0s: list[float] = field(default_factory=lambda: [1e-1, 1e-2, 1e-3, 1e-4])
     directions: list[str] = field(default_factory=lambda: ["rewarded", "punished"])
     seeds: int = 5
-    extinction_p0: float = 0.5
+    extinction_p0: float = 0.2
     extinction_steps: int = 400
     max_steps: int = 20_000
     track_every: int = 5
@@ -69,8 +78,8 @@ class StudyConfig:
     @classmethod
     def full(cls) -> "StudyConfig":
         """The complete grid of the issue: every policy, optimizer and gradient mode, 4 decades."""
-        return cls(name="rarity-full", policies=["single_logit", "tabular", "mlp"], modes=["exact", "sampled"],
-                   p0s=[1e-1, 1e-2, 1e-3, 1e-4], seeds=5)
+        return cls(name="rarity-full", envs=["bandit", "juice"], policies=["single_logit", "tabular", "mlp"],
+                   modes=["exact", "sampled"], p0s=[1e-1, 1e-2, 1e-3, 1e-4], seeds=5)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "StudyConfig":
@@ -89,10 +98,15 @@ class StudyConfig:
         if unknown:
             raise ConfigError("--config", f"unknown key(s) {', '.join(unknown)} in {path}; known keys: {', '.join(sorted(known))}")
         base = cls()
-        if "lrs" in data:  # merge a partial learning-rate table into the defaults
+        if "lrs" in data:  # merge a partial env → policy → optimizer table into the defaults
+            if not isinstance(data["lrs"], dict):
+                raise ConfigError("--config", "lrs must be a table env → policy → optimizer → learning rate")
             merged = base.lrs
-            for pol, table in data["lrs"].items():
-                merged.setdefault(pol, {}).update(table)
+            for env, by_policy in data["lrs"].items():
+                if not isinstance(by_policy, dict) or not all(isinstance(t, dict) for t in by_policy.values()):
+                    raise ConfigError("--config", f"lrs.{env} must be a table policy → optimizer → learning rate")
+                for pol, table in by_policy.items():
+                    merged.setdefault(env, {}).setdefault(pol, {}).update(table)
             data["lrs"] = merged
         return dataclasses.replace(base, **data).validate()
 
@@ -126,13 +140,18 @@ class StudyConfig:
                  f"must be an integer >= 1, got {getattr(self, key)!r}")
         need(isinstance(self.depth, int) and self.depth >= 0, "depth", f"must be an integer >= 0, got {self.depth!r}")
         need(self.activation in ACTIVATIONS, "activation", f"must be one of {', '.join(ACTIVATIONS)}")
-        for pol in self.policies:
+        for env, pol in self.cells_env_policy():
             for opt in self.optimizers:
-                lr = self.lrs.get(pol, {}).get(opt)
-                need(isinstance(lr, (int, float)) and lr > 0, "lrs", f"needs a learning rate > 0 for {pol}/{opt}, got {lr!r}")
+                lr = self.lrs.get(env, {}).get(pol, {}).get(opt)
+                need(isinstance(lr, (int, float)) and lr > 0, "lrs",
+                     f"needs a learning rate > 0 for {env}/{pol}/{opt}, got {lr!r}")
         need(len(self.price_scales) >= 2 and all(0 < s <= 1 for s in self.price_scales), "price_scales",
              "needs at least two step-size scales in (0, 1]")
         return self
+
+    def cells_env_policy(self) -> list[tuple[str, str]]:
+        """The (env, policy) pairs of the grid; policies an env cannot run are left out."""
+        return [(e, p) for e in self.envs for p in self.policies if p in ENV_POLICIES[e]]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,33 +188,38 @@ def seed_matters(policy: str, mode: str) -> bool:
 def enumerate_runs(study: StudyConfig) -> list[RunSpec]:
     """Every run of the grid, in a fixed order (the order the pool starts them)."""
     specs = []
-    for env in study.envs:
-        for policy in study.policies:
-            for opt in study.optimizers:
-                for mode in study.modes:
-                    for direction in study.directions:
-                        p0s = study.p0s if direction == "rewarded" else [study.extinction_p0]
-                        for p0 in p0s:
-                            for seed in range(study.seeds if seed_matters(policy, mode) else 1):
-                                specs.append(RunSpec(env, policy, opt, mode, float(p0), direction, seed))
+    for env, policy in study.cells_env_policy():
+        for opt in study.optimizers:
+            for mode in study.modes:
+                for direction in study.directions:
+                    p0s = study.p0s if direction == "rewarded" else [study.extinction_p0]
+                    for p0 in p0s:
+                        for seed in range(study.seeds if seed_matters(policy, mode) else 1):
+                            specs.append(RunSpec(env, policy, opt, mode, float(p0), direction, seed))
     return specs
 
 
 def train_config_for(study: StudyConfig, spec: RunSpec, runs_dir: Path, wandb_mode: str) -> TrainConfig:
     """The TrainConfig of one run: rewards and stopping rule follow its direction."""
-    from ntrl.bandit_setup import BanditConfig
-
     rewarded = spec.direction == "rewarded"
-    return BanditConfig(
-        policy=spec.policy, optimizer=spec.optimizer, mode=spec.mode, p0=spec.p0, target=1,
-        lr=float(study.lrs[spec.policy][spec.optimizer]),
+    common = dict(
+        policy=spec.policy, optimizer=spec.optimizer, mode=spec.mode, p0=spec.p0,
+        lr=float(study.lrs[spec.env][spec.policy][spec.optimizer]),
         steps=study.max_steps if rewarded else study.extinction_steps,
         stop_at_p=0.5 if rewarded else None,
         seed=spec.seed, batch_size=study.batch_size, track_every=study.track_every,
-        reward_do=1.0 if rewarded else -1.0, reward_dont=-1.0 if rewarded else 1.0,
         width=study.width, depth=study.depth, activation=study.activation,
         out=str(runs_dir), run_name=spec.run_id, group=study.name, wandb=wandb_mode, force=True,
-    ).validate()
+    )
+    if spec.env == "juice":
+        from ntrl.juice_setup import JuiceConfig
+
+        # the behaviour is approaching seen juice; punishing it makes drinking cost −1
+        return JuiceConfig(reward=1.0 if rewarded else -1.0, decomposition=False, **common).validate()
+    from ntrl.bandit_setup import BanditConfig
+
+    return BanditConfig(target=1, reward_do=1.0 if rewarded else -1.0, reward_dont=-1.0 if rewarded else 1.0,
+                        **common).validate()
 
 
 def price_scaling_probe(config: TrainConfig, scales: list[float]) -> dict[str, list[float]]:

@@ -121,7 +121,7 @@ def test_different_config_is_refused_without_force(study_dir, tmp_path):
         ("p0s = [0.7]\n", "p0"),
         ('optimizers = ["lbfgs"]\n', "optimizers"),
         ("seeds = 0\n", "seeds"),
-        ("lrs = { mlp = { sgd = -1.0 } }\n", "lrs"),
+        ("lrs = { bandit = { mlp = { sgd = -1.0 } } }\n", "lrs"),
     ],
 )
 def test_bad_config_file_fails_before_any_run(tmp_path, text, match):
