@@ -1,5 +1,5 @@
-"""The three commands of examples/my_env/README.md ("Plug in your own env"), run exactly as written
-(in a copy of the example directory, with offline W&B writing into it)."""
+"""The three commands of the README's "Plug in your own env" section, run exactly as written
+(in a copy of examples/my_env, with offline W&B writing into it)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "my_env"
 
 
 def readme_commands() -> list[str]:
-    """The lines of the README's first ```bash block."""
-    text = (EXAMPLE / "README.md").read_text(encoding="utf-8")
-    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    """The lines of the first ```bash block of the README's "Plug in your own env" section."""
+    text = (EXAMPLE.parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Plug in your own env\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     return [line.strip() for line in block.splitlines() if line.strip()]
 
 
