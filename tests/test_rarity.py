@@ -6,7 +6,6 @@ exact T(p₀) ∝ u₀ + 2 ln u₀ − 1/u₀ is −0.983 (it tends to −1 as p
 """
 
 import json
-import math
 import os
 import subprocess
 import sys

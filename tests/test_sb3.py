@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -20,29 +17,9 @@ from stable_baselines3.common.vec_env import VecMonitor  # noqa: E402
 from ntrl.agents.sb3 import NTCovCallback, SB3ActorLogits, rollout_surrogate  # noqa: E402
 from ntrl.agents.sb3_vec import GymnasiumVecEnv  # noqa: E402
 from ntrl.tangent import TangentEngine  # noqa: E402
-from ntrl.wandb_sink import WandbSink  # noqa: E402
+from ntrl.wandb_sink import WandbSink, read_offline_run  # noqa: E402
 
 PRICE_KEYS = ("value", "ntvar_euc", "ntcov_euc", "pred_delta", "pred_delta_sgd", "real_delta", "residual")
-
-
-def read_wandb_history(run_dir: str | Path) -> list[dict]:
-    """The history rows W&B stored for an offline run, read back with ``wandb leet inspect --json``."""
-    exe = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
-    out = subprocess.run([exe, "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
-                         check=True, timeout=120).stdout
-    rows = []
-    for line in out.splitlines():
-        rec = json.loads(line)
-        if rec.get("type") == "history":
-            item = rec["history"]["item"]
-            if isinstance(item, list):  # [{"key"/"nested_key": ..., "value_json": ...}]
-                row = {}
-                for entry in item:
-                    key = entry.get("key") or "/".join(entry.get("nested_key", []))
-                    row[key] = json.loads(entry["value_json"]) if "value_json" in entry else entry.get("value")
-                item = row
-            rows.append(item)
-    return rows
 
 
 def small_model(algo, env, lr=3e-4, seed=0, **kw):
@@ -64,7 +41,7 @@ def test_callback_logs_price_keys_to_offline_wandb(algo, tmp_path):
     wandb_dir = sink.directory
     sink.finish()
     assert len(cb.records) == 4
-    rows = read_wandb_history(wandb_dir)
+    rows = read_offline_run(wandb_dir)["history"]
     assert len(rows) == 4
     for row in rows:
         assert "update" in row and "U" in row
@@ -91,7 +68,7 @@ def test_callback_uses_active_wandb_run_with_own_step_metric(tmp_path):
         run_dir = Path(run.dir).parent
     finally:
         run.finish()
-    rows = read_wandb_history(run_dir)
+    rows = read_offline_run(run_dir)["history"]
     assert [r["ntrl/update"] for r in rows] == [0, 1, 2]
     assert all("ntrl/pi_a1/pred_delta" in r and "ntrl/pi_a1/real_delta" in r for r in rows)
 
