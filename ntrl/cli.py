@@ -72,7 +72,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -80,7 +80,7 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _optional_float(text: str) -> float | None:
+def optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "") else float(text)
 
 
@@ -91,9 +91,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], sk
         if f.name in skip or f.name in ("wandb", "force"):
             continue
         default = getattr(defaults, f.name)
-        kind = {bool: _parse_bool, int: int, float: float, str: str}.get(type(default), str)
+        kind = {bool: parse_bool, int: int, float: float, str: str}.get(type(default), str)
         if f.name == "stop_at_p":
-            kind = _optional_float
+            kind = optional_float
         parser.add_argument(flag_of(f.name), dest=f.name, type=kind, default=default,
                             metavar=f.name.upper(), help=f"{HELP.get(f.name, f.name)} (default: {default})")
     parser.add_argument("--wandb", dest="wandb", default=defaults.wandb, metavar="MODE",

@@ -340,22 +340,10 @@ ENV_HELP = {
 }
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _opt_float(text: str) -> float | None:
-    return None if text.lower() in ("none", "") else float(text)
-
-
 def add_env_flags(parser: argparse.ArgumentParser) -> None:
     """The ``ntrl train --env ID ...`` flags on the ``train`` parser. Defaults are suppressed so that
     ``ntrl train bandit ...`` (a sub-command with its own flags) is unaffected."""
-    from ntrl.cli import HELP
+    from ntrl.cli import HELP, optional_float, parse_bool
 
     defaults = GymConfig()
     parser.add_argument("--env", dest="gym_env", metavar="ID", default=None,
@@ -370,9 +358,9 @@ def add_env_flags(parser: argparse.ArgumentParser) -> None:
         if f.name == "property":
             parser.add_argument("--property", action="append", **kw)
             continue
-        kind = {bool: _bool, int: int, float: float, str: str}.get(type(default), str)
+        kind = {bool: parse_bool, int: int, float: float, str: str}.get(type(default), str)
         if f.name in ("stop_at_p", "p0"):
-            kind = _opt_float
+            kind = optional_float
         parser.add_argument(flag_of(f.name), type=kind, **kw)
     parser.add_argument("--wandb", dest="gym_wandb", default=argparse.SUPPRESS, metavar="MODE",
                         help="(--env) W&B mode: offline (default), online or disabled")

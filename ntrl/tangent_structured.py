@@ -165,6 +165,12 @@ def _grad_rows(spec: PerState, z: Tensor) -> tuple[Tensor, Tensor]:
     return value, torch.zeros_like(z) if delta is None else delta
 
 
+def _augmented(L: LayerGrads) -> Tensor:
+    """Ã = [a_f for each parameter f of the layer], with a column of ones for a bias: (N, Σ in_f)."""
+    cols = [torch.ones_like(L.delta[:, :1]) if f.a is None else f.a for f in L.factors]
+    return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
+
+
 # ------------------------------------------------------------------------------ module plans
 @dataclass
 class _Linear:
@@ -325,14 +331,17 @@ class StructuredBackend:
         """NTVar_M(X_i) = Σ_l (‖a_i‖² + 1)‖δ_i‖² (M = I) or Σ_l (δ_i²)ᵀ D_W (a_i²) + (δ_i²)ᵀ d_b (M = diag(d))."""
         out = torch.zeros_like(tr.value)
         for L in tr.layers:
-            d2 = L.delta * L.delta
             if kind == "euclidean":
-                scale = sum(torch.ones_like(out) if f.a is None else (f.a * f.a).sum(1) for f in L.factors)
-                out = out + scale * d2.sum(1)
+                scale = None
+                for f in L.factors:
+                    t = 1.0 if f.a is None else torch.linalg.vector_norm(f.a, dim=1).square_()
+                    scale = t if scale is None else scale + t
+                out += torch.linalg.vector_norm(L.delta, dim=1).square_() * scale
                 continue
+            d2 = L.delta.square()
             for f in L.factors:
                 D = f.matrix(d[f.name], L.delta.shape[1])
-                out = out + (d2 @ D if f.a is None else ((d2 @ D) * (f.a * f.a)).sum(1))
+                out += d2 @ D if f.a is None else (d2 @ D).mul_(f.a.square()).sum(1)
         return out
 
     def ntcov(self, tr: Trace, v: ParamDict) -> Tensor:
@@ -341,31 +350,35 @@ class StructuredBackend:
         for L in tr.layers:
             for f in L.factors:
                 G = f.matrix(v[f.name], L.delta.shape[1])
-                out = out + (L.delta @ G if f.a is None else ((L.delta @ G) * f.a).sum(1))
+                out += L.delta @ G if f.a is None else (L.delta @ G).mul_(f.a).sum(1)
         return out
 
     def gram_block(self, r: Trace, c: Trace, kind: str, d: ParamDict | None) -> Tensor:
-        """K_rc = J_r M J_cᵀ: Σ_l (A_r A_cᵀ + 1) ∘ (Δ_r Δ_cᵀ) for M = I; for M = diag(d),
-        Σ_l Σ_jk d_jk (δ_rj a_rk)(δ_cj a_ck), by forming the rows δ ⊗ a of this block only."""
-        K = r.value.new_zeros(r.value.shape[0], c.value.shape[0])
+        """K_rc = J_r M J_cᵀ for one tile of row states r and column states c.
+
+        M = I:        K = Σ_l (Ã_r Ã_cᵀ) ∘ (Δ_r Δ_cᵀ), where Ã = [A, 1] stacks the inputs of every
+                      parameter of the layer (a column of ones for a bias), so Ã_r Ã_cᵀ = A_r A_cᵀ + 1.
+        M = diag(d):  K = Σ_l Σ_jk d_jk (δ_rj a_rk)(δ_cj a_ck), by forming the rows δ ⊗ a of this
+                      tile only (memory: tile × parameters of one layer).
+        """
+        K: Tensor | None = None
         for Lr, Lc in zip(r.layers, c.layers):
             if kind == "euclidean":
-                inner = None
-                for fr, fc in zip(Lr.factors, Lc.factors):
-                    t = 1.0 if fr.a is None else fr.a @ fc.a.T
-                    inner = t if inner is None else inner + t
-                K = K + (Lr.delta @ Lc.delta.T) * inner
+                inner = _augmented(Lr) @ _augmented(Lc).T
+                dd = Lr.delta @ Lc.delta.T
+                K = dd.mul_(inner) if K is None else K.addcmul_(dd, inner)
                 continue
             out = Lr.delta.shape[1]
             for fr, fc in zip(Lr.factors, Lc.factors):
                 D = fr.matrix(d[fr.name], out)
                 if fr.a is None:
-                    K = K + (Lr.delta * D) @ Lc.delta.T
+                    part = (Lr.delta * D) @ Lc.delta.T
                 else:
                     Rr = (Lr.delta[:, :, None] * fr.a[:, None, :]) * D
                     Rc = Lc.delta[:, :, None] * fc.a[:, None, :]
-                    K = K + Rr.flatten(1) @ Rc.flatten(1).T
-        return K
+                    part = Rr.flatten(1) @ Rc.flatten(1).T
+                K = part if K is None else K.add_(part)
+        return r.value.new_zeros(r.value.shape[0], c.value.shape[0]) if K is None else K
 
     def gram(self, rows: Trace, cols: Trace | None, kind: str, d: ParamDict | None, block: int) -> Tensor:
         """The full NTCov_M matrix in (block × block) tiles; symmetric when ``cols`` is None."""
@@ -374,6 +387,8 @@ class StructuredBackend:
         sym = cols is None
         cols = rows if sym else cols
         n, m = rows.value.shape[0], cols.value.shape[0]
+        if n <= block and m <= block:
+            return self.gram_block(rows, cols, kind, d)
         K = rows.value.new_empty(n, m)
         for i in range(0, n, block):
             ri = rows.select(slice(i, i + block))

@@ -16,15 +16,6 @@ from ntrl.juice_setup import JuiceConfig, JuiceQuantities, JuiceTabularPolicy, d
 from ntrl.tangent import PolicyView, TangentEngine
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The exact model runs thousands of tiny ops; on 2 busy cores, 2 torch threads spin against
-    each other (10× slower in measurements), so these tests run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class FixedView:
     """A view with given probabilities per distinct observation (obs = integer state index)."""

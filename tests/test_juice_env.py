@@ -5,7 +5,6 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from gymnasium.utils.env_checker import check_env
 from gymnasium.vector import AutoresetMode
 
@@ -15,15 +14,6 @@ from ntrl.envs.juice import (
     seen_observations,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The exact model runs thousands of tiny ops; on 2 busy cores, 2 torch threads spin against
-    each other (10× slower in measurements), so these tests run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"size": 2}, {"size": 4, "view_radius": 2, "hide_prob": 0.3, "horizon": 7}])

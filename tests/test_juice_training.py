@@ -20,15 +20,6 @@ from ntrl.tangent import TangentEngine
 from ntrl.train import train
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The exact model runs thousands of tiny ops; on 2 busy cores, 2 torch threads spin against
-    each other (10× slower in measurements), so these tests run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 REPO = Path(__file__).resolve().parents[1]
 
 
