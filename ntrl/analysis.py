@@ -151,16 +151,23 @@ def law_points(runs: Sequence[RunData], key: str, p_max: float = 0.5) -> tuple[n
     return np.array(ps), np.array(ys)
 
 
-def exponent_estimate(runs: Sequence[RunData], key: str) -> Estimate:
-    """Small-p exponent a of ``key`` ≈ c p^a (1 − p)^b, with its bootstrap CI."""
+def small_p_exponent(runs: Sequence[RunData], points: Callable[[Sequence[RunData]], tuple[np.ndarray, np.ndarray]],
+                     min_points: int = 3) -> Estimate:
+    """Exponent a of y ≈ c p^a (1 − p)^b fitted to ``points(runs)``, with its bootstrap CI
+    (nan when the points span less than half a decade of p)."""
 
     def stat(items):
-        p, y = law_points(items, key)
-        if len(p) < 4 or np.ptp(np.log(p)) < 0.5:
+        p, y = points(items)
+        if len(p) < min_points or np.ptp(np.log(p)) < 0.5:
             return float("nan")
         return fit_power_law(p, y)[1]
 
     return stratified_bootstrap(by_p0(runs), stat)
+
+
+def exponent_estimate(runs: Sequence[RunData], key: str) -> Estimate:
+    """Static law: the small-p exponent of the tracked ``key`` (an NTVar) against p."""
+    return small_p_exponent(runs, lambda items: law_points(items, key), min_points=4)
 
 
 def drift_points(runs: Sequence[RunData], bins_per_decade: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -190,13 +197,8 @@ def drift_points(runs: Sequence[RunData], bins_per_decade: int = 4) -> tuple[np.
 
 
 def drift_estimate(runs: Sequence[RunData]) -> Estimate:
-    def stat(items):
-        p, y = drift_points(items)
-        if len(p) < 3 or np.ptp(np.log(p)) < 0.5:
-            return float("nan")
-        return fit_power_law(p, y)[1]
-
-    return stratified_bootstrap(by_p0(runs), stat)
+    """Drift law: the small-p exponent of the binned E[ΔP]/η against p."""
+    return small_p_exponent(runs, drift_points)
 
 
 def aic(rss: float, n: int, k: int) -> float:

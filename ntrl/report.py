@@ -42,7 +42,7 @@ def _grid(plt, n_rows: int, n_cols: int, title: str):
     return fig, axes
 
 
-def plot_static_law(runs, path: Path, env: str, mode: str, by_policy) -> None:
+def plot_static_law(path: Path, env: str, mode: str, by_policy) -> None:
     """NTVar(P) against p, log–log, Euclidean and Fisher metrics, with p² and p(1 − p) guides."""
     plt = _plt()
     policies = sorted(by_policy)
@@ -72,25 +72,20 @@ def plot_static_law(runs, path: Path, env: str, mode: str, by_policy) -> None:
     plt.close(fig)
 
 
-def plot_price_check(path: Path, env: str, mode: str, by_policy) -> None:
-    """Predicted against realised ΔP (log of |ΔP|), one panel per policy, y = x for reference."""
+def policy_panels(path: Path, title: str, by_policy, draw, xlabel: str, ylabel: str,
+                  log: str = "") -> None:
+    """One panel per policy, side by side: ``draw(ax, policy, runs_by_optimizer)`` fills each;
+    ``log`` names the log axes ("x", "y" or "xy")."""
     plt = _plt()
     policies = sorted(by_policy)
-    fig, axes = _grid(plt, 1, len(policies), f"Price check: predicted vs realised ΔP ({env}, {mode})")
+    fig, axes = _grid(plt, 1, len(policies), title)
     for i, pol in enumerate(policies):
         ax = axes[0][i]
-        lo, hi = np.inf, -np.inf
-        for opt, rs in sorted(by_policy[pol].items()):
-            pred = np.array([rec["P/pred_delta"] for r in rs for rec in r.records if "P/real_delta" in rec])
-            real = np.array([rec["P/real_delta"] for r in rs for rec in r.records if "P/real_delta" in rec])
-            ok = (pred != 0) & (real != 0)
-            ax.loglog(np.abs(real[ok]), np.abs(pred[ok]), ".", ms=2.5, alpha=0.6, color=OPT_COLORS.get(opt), label=opt)
-            if ok.any():
-                lo, hi = min(lo, np.abs(real[ok]).min()), max(hi, np.abs(real[ok]).max())
-        if np.isfinite(lo):
-            ax.loglog([lo, hi], [lo, hi], "k-", lw=0.8, label="predicted = realised")
-        ax.set_xlabel("|realised ΔP|")
-        ax.set_ylabel("|predicted ΔP| = η·|NTCov_M(P, U)|")
+        draw(ax, pol, by_policy[pol])
+        ax.set_xscale("log" if "x" in log else "linear")
+        ax.set_yscale("log" if "y" in log else "linear")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.set_title(pol)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -98,87 +93,67 @@ def plot_price_check(path: Path, env: str, mode: str, by_policy) -> None:
     plt.close(fig)
 
 
-def plot_escape(path: Path, env: str, mode: str, by_policy, cells: dict) -> None:
-    """T(p₀) for each optimizer, log–log, with the fitted winning model."""
-    plt = _plt()
-    policies = sorted(by_policy)
-    fig, axes = _grid(plt, 1, len(policies), f"Escape time T(p₀) to P = ½ ({env}, {mode})")
-    for i, pol in enumerate(policies):
-        ax = axes[0][i]
-        for opt, rs in sorted(by_policy[pol].items()):
+def draw_price_check(ax, pol, by_opt) -> None:
+    """Predicted against realised |ΔP|, with predicted = realised for reference."""
+    lo, hi = np.inf, -np.inf
+    for opt, rs in sorted(by_opt.items()):
+        pred = np.array([rec["P/pred_delta"] for r in rs for rec in r.records if "P/real_delta" in rec])
+        real = np.array([rec["P/real_delta"] for r in rs for rec in r.records if "P/real_delta" in rec])
+        ok = (pred != 0) & (real != 0)
+        ax.plot(np.abs(real[ok]), np.abs(pred[ok]), ".", ms=2.5, alpha=0.6, color=OPT_COLORS.get(opt), label=opt)
+        if ok.any():
+            lo, hi = min(lo, np.abs(real[ok]).min()), max(hi, np.abs(real[ok]).max())
+    if np.isfinite(lo):
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="predicted = realised")
+
+
+def draw_escape(cells: dict, env: str, mode: str):
+    """T(p₀) per optimizer with the fitted winning model."""
+
+    def draw(ax, pol, by_opt) -> None:
+        for opt, rs in sorted(by_opt.items()):
             p0, T = escape_data([r for r in rs if r.spec.direction == "rewarded"])
             if not len(p0):
                 continue
             color = OPT_COLORS.get(opt)
-            ax.loglog(p0, T, "o", ms=4, alpha=0.7, color=color)
+            ax.plot(p0, T, "o", ms=4, alpha=0.7, color=color)
             c = cells.get((env, pol, opt, mode))
             if c is not None and c.escape.n:
                 grid = np.logspace(np.log10(p0.min()), np.log10(p0.max()), 40)
                 pr = c.escape.params
                 if c.escape.winner == "power law":
-                    fit = np.exp(np.polyfit(np.log(p0[np.isfinite(T)]), np.log(T[np.isfinite(T)]), 1)[1]) * grid ** pr["slope"]
+                    ok = np.isfinite(T)
+                    fit = np.exp(np.polyfit(np.log(p0[ok]), np.log(T[ok]), 1)[1]) * grid ** pr["slope"]
                 else:
                     fit = pr["A"] + pr["B"] * np.log(1 / grid)
-                ax.loglog(grid, fit, "-", color=color, lw=1, label=f"{opt}: {c.escape.winner}")
-        ax.set_xlabel("p₀")
-        ax.set_ylabel("updates to reach P = ½")
-        ax.set_title(pol)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+                ax.plot(grid, fit, "-", color=color, lw=1, label=f"{opt}: {c.escape.winner}")
+
+    return draw
 
 
-def plot_extinction(path: Path, env: str, mode: str, by_policy) -> None:
-    """P(t) of punished runs, log-scale P, one curve per run."""
-    plt = _plt()
-    policies = sorted(by_policy)
-    fig, axes = _grid(plt, 1, len(policies), f"Extinction: P(t) when the behaviour is punished ({env}, {mode}); "
-                                                     "exponential decay is a straight line here")
-    for i, pol in enumerate(policies):
-        ax = axes[0][i]
-        for opt, rs in sorted(by_policy[pol].items()):
-            first = True
-            for r in rs:
-                if r.spec.direction != "punished":
-                    continue
-                t = [rec["update"] for rec in r.records]
-                P = [rec["P/value"] for rec in r.records]
-                ax.semilogy(t, P, "-", lw=1, alpha=0.7, color=OPT_COLORS.get(opt), label=opt if first else None)
+def draw_extinction(ax, pol, by_opt) -> None:
+    """P(t) of every punished run."""
+    for opt, rs in sorted(by_opt.items()):
+        first = True
+        for r in rs:
+            if r.spec.direction != "punished":
+                continue
+            ax.plot([rec["update"] for rec in r.records], [rec["P/value"] for rec in r.records], "-", lw=1,
+                    alpha=0.7, color=OPT_COLORS.get(opt), label=opt if first else None)
+            first = False
+
+
+def draw_kappa(ax, pol, by_opt) -> None:
+    """κ(t)/κ(0) of every run."""
+    for opt, rs in sorted(by_opt.items()):
+        first = True
+        for r in rs:
+            k = [kappa_of(rec) for rec in r.records if "kappa" in rec]
+            t = [rec["update"] for rec in r.records if "kappa" in rec]
+            if k and k[0] > 0:
+                ax.plot(t, np.array(k) / k[0], "-", lw=0.8, alpha=0.6, color=OPT_COLORS.get(opt),
+                        label=opt if first else None)
                 first = False
-        ax.set_xlabel("update t")
-        ax.set_ylabel("P")
-        ax.set_title(pol)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_kappa(path: Path, env: str, mode: str, by_policy) -> None:
-    """κ(t)/κ(0) over training for every run."""
-    plt = _plt()
-    policies = sorted(by_policy)
-    fig, axes = _grid(plt, 1, len(policies), f"Scale factor κ(t)/κ(0) = ‖∇z‖² over training ({env}, {mode})")
-    for i, pol in enumerate(policies):
-        ax = axes[0][i]
-        for opt, rs in sorted(by_policy[pol].items()):
-            first = True
-            for r in rs:
-                k = [kappa_of(rec) for rec in r.records if "kappa" in rec]
-                t = [rec["update"] for rec in r.records if "kappa" in rec]
-                if k and k[0] > 0:
-                    ax.plot(t, np.array(k) / k[0], "-", lw=0.8, alpha=0.6, color=OPT_COLORS.get(opt),
-                            label=opt if first else None)
-                    first = False
-        ax.set_xscale("symlog", linthresh=10)
-        ax.set_xlabel("update t")
-        ax.set_ylabel("κ(t)/κ(0)")
-        ax.set_title(pol)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path) -> list[tuple[str, Path]]:
@@ -188,11 +163,21 @@ def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path) 
     for (env, mode), by_policy in sorted(_groups(runs).items()):
         tag = f"{env}_{mode}"
         items = [
-            (f"Static law ({env}, {mode})", out / f"static_law_{tag}.png", lambda p: plot_static_law(runs, p, env, mode, by_policy)),
-            (f"Price check ({env}, {mode})", out / f"price_check_{tag}.png", lambda p: plot_price_check(p, env, mode, by_policy)),
-            (f"Escape times ({env}, {mode})", out / f"escape_{tag}.png", lambda p: plot_escape(p, env, mode, by_policy, by_cell)),
-            (f"Extinction ({env}, {mode})", out / f"extinction_{tag}.png", lambda p: plot_extinction(p, env, mode, by_policy)),
-            (f"Scale factor κ(t) ({env}, {mode})", out / f"kappa_{tag}.png", lambda p: plot_kappa(p, env, mode, by_policy)),
+            (f"Static law ({env}, {mode})", out / f"static_law_{tag}.png",
+             lambda p: plot_static_law(p, env, mode, by_policy)),
+            (f"Price check ({env}, {mode})", out / f"price_check_{tag}.png",
+             lambda p: policy_panels(p, f"Price check: predicted vs realised ΔP ({env}, {mode})", by_policy,
+                                     draw_price_check, "|realised ΔP|", "|predicted ΔP| = η·|NTCov_M(P, U)|", "xy")),
+            (f"Escape times ({env}, {mode})", out / f"escape_{tag}.png",
+             lambda p: policy_panels(p, f"Escape time T(p₀) to P = ½ ({env}, {mode})", by_policy,
+                                     draw_escape(by_cell, env, mode), "p₀", "updates to reach P = ½", "xy")),
+            (f"Extinction ({env}, {mode})", out / f"extinction_{tag}.png",
+             lambda p: policy_panels(p, f"Extinction: P(t) when the behaviour is punished ({env}, {mode}); "
+                                        "exponential decay is a straight line here", by_policy,
+                                     draw_extinction, "update t", "P", "y")),
+            (f"Scale factor κ(t) ({env}, {mode})", out / f"kappa_{tag}.png",
+             lambda p: policy_panels(p, f"Scale factor κ(t)/κ(0) = ‖∇z‖² over training ({env}, {mode})",
+                                     by_policy, draw_kappa, "update t", "κ(t)/κ(0)")),
         ]
         for caption, path, draw in items:
             draw(path)
