@@ -11,8 +11,11 @@ What is timed, for a per-state property X_i = π(a | s_i) of a depth-2 tanh MLP 
 
 and, for the full Gram matrix K = J Jᵀ, the structured tiles against J Jᵀ from vmap(grad).
 Every time is the median of repeated calls; ratios are to the floor of the same (N, width,
-threads) cell. Peak memory is the growth of the process's peak RSS (ru_maxrss) during one call,
-measured in a fresh subprocess per cell so that earlier calls cannot hide it.
+threads) cell. Peak memory is measured with the torch profiler (``profile_memory=True``): the
+maximum, over one call, of the running total of bytes allocated by torch's CPU allocator since the
+call began (its "Total Allocated" counter), so it counts tensors, not Python objects or the
+allocator's cached pages. Methods whose cost would explode are skipped and say so: jacrev (the
+reference) costs O(N² P), vmap holds an N × P Jacobian and J Jᵀ costs N² P flops.
 
 Also: tracker overhead, the wall time of REINFORCE on the bandit with an MLP policy, tracking
 every 10th update against no tracking at all.
@@ -27,9 +30,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +50,12 @@ from ntrl.tangent import TangentEngine  # noqa: E402
 
 OBS_DIM, N_ACTIONS, ACTION = 8, 4, 1
 MAX_JAC_BYTES = 3 * 2**30  # skip methods that would hold an N × P Jacobian above this
+MAX_REFERENCE_N = 1024  # jacrev of N outputs runs N backward passes over all N states: O(N² P)
+MAX_GRAM_FLOPS = 2e11  # skip J Jᵀ from vmap(grad) above N² P flops
+MAX_GRAM_N = 8192  # the N × N result itself
 LOOP_SUBSET = 64
+SLOW_CALL_S = 3.0  # a method whose warm-up call takes longer is timed by that one call
+PRIMER_S = 0.1  # methods faster than this get an untimed call right before each timed call
 
 
 # ------------------------------------------------------------------------------ setup
@@ -155,44 +161,72 @@ METHODS = {
 JACOBIAN_METHODS = {"vmap_grad", "reference", "gram_vmap_JJt"}
 
 
-def median_time(fn: Callable[[], object], min_total: float, max_reps: int) -> float:
-    """Median wall time of ``fn()`` over repeats (one warm-up call first)."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_total and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def interleaved_times(fns: dict[str, Callable[[], object]], min_total: float, max_rounds: int
+                      ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall time and median process CPU time of each ``fns[m]()``, in interleaved rounds.
+
+    Every round calls every method once, so load from other processes on the machine hits all
+    methods alike. One warm-up call first; a method whose warm-up alone takes more than
+    SLOW_CALL_S is timed by that one call. A method faster than PRIMER_S gets an untimed call
+    right before each timed one: the first call after a large method (jacrev frees hundreds of
+    MiB) pays 1–3 ms of cold-allocator and cache cost, which would otherwise be charged to
+    whichever method happens to come next in the round.
+    """
+    wall: dict[str, list[float]] = {m: [] for m in fns}
+    cpu: dict[str, list[float]] = {m: [] for m in fns}
+    primed: set[str] = set()
+
+    def once(m: str) -> None:
+        if m in primed:
+            fns[m]()
+        c0, t0 = time.process_time(), time.perf_counter()
+        fns[m]()
+        wall[m].append(time.perf_counter() - t0)
+        cpu[m].append(time.process_time() - c0)
+
+    for m in fns:
+        once(m)
+    primed.update(m for m in fns if wall[m][0] < PRIMER_S)
+    slow = {m for m in fns if wall[m][0] > SLOW_CALL_S}
+    fast = [m for m in fns if m not in slow]
+    for m in fast:
+        wall[m].clear()
+        cpu[m].clear()
+    start, rounds = time.perf_counter(), 0
+    while fast and (rounds < 3 or (time.perf_counter() - start < min_total and rounds < max_rounds)):
+        for m in fast:
+            once(m)
+        rounds += 1
+    return ({m: statistics.median(v) for m, v in wall.items()},
+            {m: statistics.median(v) for m, v in cpu.items()})
 
 
 def skip_reason(method: str, c: Case, n: int) -> str | None:
     if method in JACOBIAN_METHODS and c.jac_bytes() > MAX_JAC_BYTES:
-        return f"skipped: N×P Jacobian would need {c.jac_bytes() / 2**30:.1f} GiB"
-    if method.startswith("gram") and n > 8192:
-        return "skipped: N×N Gram above 8192 states"
+        return f"skipped: the N×P Jacobian would need {c.jac_bytes() / 2**30:.1f} GiB"
+    if method == "reference" and n > MAX_REFERENCE_N:
+        return f"skipped: jacrev is O(N² P), N > {MAX_REFERENCE_N}"
+    if method == "gram_vmap_JJt" and n * n * c.n_params > MAX_GRAM_FLOPS:
+        return f"skipped: J Jᵀ needs {n * n * c.n_params:.1e} flops"
+    if method.startswith("gram") and n > MAX_GRAM_N:
+        return f"skipped: N×N Gram above {MAX_GRAM_N} states"
     return None
 
 
 # ------------------------------------------------------------------------------ memory
-def peak_rss_child(method: str, n: int, width: int, threads: int) -> float:
-    """(child entry point) MiB of peak-RSS growth during one call of ``method``."""
-    torch.set_num_threads(threads)
-    c = Case(n, width)
-    fn = METHODS[method](c)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (peak - base) / 1024.0  # ru_maxrss is in KiB on Linux
-
-
-def peak_rss(method: str, n: int, width: int) -> float | None:
-    cmd = [sys.executable, __file__, "--memory-child", method, str(n), str(width)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if res.returncode != 0:
-        return None
-    return float(res.stdout.strip().splitlines()[-1])
+def peak_memory(fn: Callable[[], object]) -> float:
+    """MiB: the peak of torch's CPU allocations during one call of ``fn`` (torch profiler)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
+    if not mem:
+        return 0.0
+    start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] - start for e in mem) / 2**20
 
 
 # ------------------------------------------------------------------------------ tracker overhead
@@ -230,41 +264,34 @@ def run(args) -> dict:
     ns = [256, 1024] if args.quick else [256, 1024, 4096, 16384]
     widths = [64] if args.quick else [64, 256]
     threads_list = [1, 2]
-    min_total, max_reps = (0.05, 5) if args.quick else (0.5, 15)
+    min_total, max_rounds = (0.3, 5) if args.quick else (4.0, 25)
+    load_start = os.getloadavg()
     rows = []
     for width in widths:
         for n in ns:
             c = Case(n, width)
             for threads in threads_list:
                 torch.set_num_threads(threads)
-                row = {"width": width, "N": n, "threads": threads, "P": c.n_params, "t": {}, "note": {}}
+                row = {"width": width, "N": n, "threads": threads, "P": c.n_params, "t": {}, "cpu": {}, "note": {}}
+                fns = {}
                 for method, make in METHODS.items():
                     why = skip_reason(method, c, n)
                     if why:
                         row["note"][method] = why
-                        continue
-                    t = median_time(make(c), min_total, max_reps)
-                    if method == "loop":
-                        k = min(LOOP_SUBSET, n)
-                        t *= n / k
-                        row["note"]["loop"] = f"timed on {k} states, scaled ×{n / k:g}"
-                    row["t"][method] = t
+                    else:
+                        fns[method] = make(c)
+                row["t"], row["cpu"] = interleaved_times(fns, min_total, max_rounds)
+                if "loop" in row["t"]:
+                    k = min(LOOP_SUBSET, n)
+                    row["t"]["loop"] *= n / k
+                    row["cpu"]["loop"] *= n / k
+                    row["note"]["loop"] = f"timed on {k} states, scaled ×{n / k:g}"
+                if threads == 1 and not args.no_memory:
+                    row["mib"] = {m: peak_memory(fn) for m, fn in fns.items()}
                 rows.append(row)
                 print(fmt_row(row), flush=True)
-    mem = []
-    if not args.no_memory:
-        for width in widths:
-            for n in ns:
-                entry = {"width": width, "N": n, "mib": {}}
-                c = Case(n, width)
-                for method in METHODS:
-                    if skip_reason(method, c, n) is None:
-                        entry["mib"][method] = peak_rss(method, n, width)
-                mem.append(entry)
-                print(f"memory width={width} N={n}: " + ", ".join(
-                    f"{k}={v:.1f}MiB" if v is not None else f"{k}=?" for k, v in entry["mib"].items()), flush=True)
     torch.set_num_threads(1)
-    steps, reps = (40, 1) if args.quick else (200, 3)
+    steps, reps = (40, 1) if args.quick else (300, 7)
     tracker = []
     for fisher in (False, True):
         for backend in ("auto", "reference"):
@@ -276,7 +303,8 @@ def run(args) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "command": " ".join(["python", "benchmarks/bench_tangent.py", *sys.argv[1:]]),
-        "rows": rows, "memory": mem, "tracker": tracker,
+        "load_average_start": load_start, "load_average_end": os.getloadavg(),
+        "rows": rows, "tracker": tracker,
     }
 
 
@@ -290,8 +318,11 @@ def fmt_row(row: dict) -> str:
     return " ".join(parts)
 
 
-def table(result: dict) -> str:
-    """A Markdown table of ratios (to the floor and to the baselines) for RESULTS.md."""
+def table(result: dict, key: str = "t") -> str:
+    """A Markdown table of ratios (to the floor and to the baselines) for RESULTS.md.
+
+    ``key="t"``: median wall times; ``key="cpu"``: median process CPU times.
+    """
     lines = ["| width | N | threads | floor (ms) | structured / floor | reference / floor | vmap / floor | "
              "loop / floor | vmap / structured | loop / structured | Gram: J Jᵀ(vmap) / structured |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -300,7 +331,7 @@ def table(result: dict) -> str:
         return f"{a / b:.2f}" if a is not None and b is not None else "—"
 
     for row in result["rows"]:
-        t = row["t"]
+        t = row[key]
         s, f = t.get("structured"), t["floor"]
         lines.append(f"| {row['width']} | {row['N']} | {row['threads']} | {1e3 * f:.2f} | {r(s, f)} | "
                      f"{r(t.get('reference'), f)} | {r(t.get('vmap_grad'), f)} | {r(t.get('loop'), f)} | "
@@ -309,21 +340,74 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def memory_table(result: dict) -> str:
+    """Peak torch CPU allocation (MiB) per method, single-thread cells."""
+    methods = list(METHODS)
+    lines = ["| width | N | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for row in result["rows"]:
+        if "mib" not in row:
+            continue
+        cells = [f"{row['mib'][m]:.1f}" if m in row["mib"] else "—" for m in methods]
+        lines.append(f"| {row['width']} | {row['N']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tracker_table(result: dict) -> str:
+    lines = ["| Fisher metric tracked | engine backend | steps | no tracking (s) | every 10th (s) | overhead |",
+             "|---|---|---|---|---|---|"]
+    for r in result["tracker"]:
+        lines.append(f"| {r['fisher']} | {r['backend']} | {r['steps']} | {r['t_none']:.2f} | "
+                     f"{r['t_every10']:.2f} | {100 * r['overhead']:.1f}% |")
+    return "\n".join(lines)
+
+
+def combine(paths: list[str]) -> dict:
+    """Several ``--json`` results as one: every time is the median over the runs, cell by cell.
+
+    On a shared machine one run's ratios can be off by ±50 %; the median of a few runs is steadier.
+    """
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = []
+    for row in runs[0]["rows"]:
+        key = (row["width"], row["N"], row["threads"])
+        same = [r for run in runs for r in run["rows"] if (r["width"], r["N"], r["threads"]) == key]
+        out = dict(row)
+        for field in ("t", "cpu"):
+            # median of per-run ratios to that run's floor, times the median floor
+            floor = statistics.median(r[field]["floor"] for r in same)
+            out[field] = {m: floor * statistics.median(r[field][m] / r[field]["floor"] for r in same if m in r[field])
+                          for m in row[field]}
+        rows.append(out)
+    tracker = []
+    for t in runs[0]["tracker"]:
+        same = [x for run in runs for x in run["tracker"] if (x["fisher"], x["backend"]) == (t["fisher"], t["backend"])]
+        tracker.append({**t, "steps": "/".join(str(x["steps"]) for x in same),
+                        "t_none": statistics.median(x["t_none"] for x in same),
+                        "t_every10": statistics.median(x["t_every10"] for x in same),
+                        "overhead": statistics.median(x["overhead"] for x in same)})
+    return {**runs[-1], "rows": rows, "tracker": tracker, "combined_from": paths}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke test: small N, width 64, short training")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--json", default=None, help="write the raw results to this JSON file")
-    p.add_argument("--memory-child", nargs=3, metavar=("METHOD", "N", "WIDTH"), help=argparse.SUPPRESS)
+    p.add_argument("--combine", nargs="+", metavar="JSON", default=None,
+                   help="no benchmark: print the tables for the cell-by-cell median of earlier --json runs")
     args = p.parse_args()
-    if args.memory_child:
-        method, n, width = args.memory_child
-        print(peak_rss_child(method, int(n), int(width), threads=1))
-        return
-    result = run(args)
+    result = combine(args.combine) if args.combine else run(args)
     print()
-    print(table(result))
-    if args.json:
+    print("Wall time ratios")
+    print(table(result, "t"))
+    print()
+    print("Process CPU time ratios")
+    print(table(result, "cpu"))
+    print()
+    print(memory_table(result))
+    print()
+    print(tracker_table(result))
+    if args.json and not args.combine:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
 
