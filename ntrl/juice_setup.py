@@ -101,15 +101,24 @@ def approach_probability(view: PolicyView, obs: Tensor, mask: Tensor) -> Tensor:
 
 
 class JuiceQuantities:
-    """P, F, R and F·P of the exact model as torch functions of a PolicyView (one visitation
-    computation per call of :meth:`all`)."""
+    """P, F, R and F·P of the exact model as torch functions of a PolicyView. One visitation
+    computation per view: properties asked of the same view (the tracker evaluates them
+    together) share it."""
 
     def __init__(self, model: TabularMDP):
         self.model = model
         self.seen = torch.as_tensor(model.seen, dtype=torch.float64)
         self.approach = torch.as_tensor(model.approach, dtype=torch.float64)
+        self._last: tuple[PolicyView, dict[str, Tensor]] | None = None
 
     def all(self, view: PolicyView) -> dict[str, Tensor]:
+        if self._last is not None and self._last[0] is view:
+            return self._last[1]
+        out = self._compute(view)
+        self._last = (view, out)
+        return out
+
+    def _compute(self, view: PolicyView) -> dict[str, Tensor]:
         m = self.model
         pi = m.policy_matrix(view)
         d = m.visitation(view, pi)

@@ -161,6 +161,14 @@ class InverseFisher(Metric):
             rr = rr_new
         return x
 
+    def low_rank(self) -> tuple[Tensor, Tensor, float] | None:
+        """(Vh, w, λ) with M = Vhᵀ diag(w) Vh + (1/λ)(I − VhᵀVh), w = 1/(S² + λ), for the exact
+        method (None for CG). Then ∇X·M∇X = Σ_k w_k (∇X·v_k)² + (‖∇X‖² − Σ_k (∇X·v_k)²)/λ, which a
+        structured backend evaluates from r directional derivatives without forming ∇X."""
+        if self.method != "exact":
+            return None
+        return self.Vh, 1.0 / (self.S**2 + self.damping), self.damping
+
     def apply(self, V: Tensor) -> Tensor:
         V = V.to(self.row_scale.dtype)
         if self.method == "cg":

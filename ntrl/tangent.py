@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
-from ntrl.metrics import Euclidean, Metric
+from ntrl.metrics import Euclidean, InverseFisher, Metric
 from ntrl.tangent_structured import (
     PerState,
     StructuredBackend,
@@ -205,23 +205,35 @@ class TangentEngine:
         jac, value = jacrev(f, has_aux=True)(params)
         return value.detach(), self.flatten(jac, batch_dims=1).detach()
 
+    def dense_jacobian(self, X: TangentFn, params: ParamDict | None = None,
+                       max_rows: int = 16) -> tuple[Tensor, Tensor]:
+        """Like :meth:`jacobian`, but an X of at most ``max_rows`` entries takes one forward pass
+        and one reverse-mode pass per entry (``torch.autograd.grad``) instead of ``jacrev``: for
+        a handful of outputs, vmap's machinery costs more than the gradients themselves."""
+        params = self.params() if params is None else params
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        inputs = [leaves[n] for n in self.names]
+        with torch.enable_grad():
+            value = X(PolicyView(self.module, leaves)).reshape(-1)
+            if value.numel() > max_rows:
+                return self.jacobian(X, params)
+            rows = []
+            for i in range(value.numel()):
+                grads = torch.autograd.grad(value[i], inputs, retain_graph=i + 1 < value.numel(), allow_unused=True)
+                rows.append(torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1)
+                                       for x, g in zip(inputs, grads)]))
+        return value.detach(), torch.stack(rows)
+
     def value_and_gradient(self, X: TangentFn, params: ParamDict | None = None) -> tuple[float, Tensor]:
         """(X(θ), ∇θX) for a scalar property; the gradient is flat, shape (P,).
 
         One reverse-mode pass (``torch.autograd.grad``): for the scalar utility this is several
         times cheaper than ``jacrev`` on small networks; tests check it against :meth:`jacobian`.
         """
-        params = self.params() if params is None else params
-        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        with torch.enable_grad():
-            value = X(PolicyView(self.module, leaves)).reshape(-1)
-            if value.numel() != 1:
-                raise ValueError(f"value_and_gradient() needs a scalar property, got {value.numel()} values")
-            grads = torch.autograd.grad(value[0], [leaves[n] for n in self.names], allow_unused=True)
-        flat = torch.cat([
-            (g if g is not None else torch.zeros_like(leaves[n])).reshape(-1) for n, g in zip(self.names, grads)
-        ])
-        return float(value[0].detach()), flat
+        value, J = self.dense_jacobian(X, params)
+        if J.shape[0] != 1:
+            raise ValueError(f"value_and_gradient() needs a scalar property, got {J.shape[0]} values")
+        return float(value[0]), J[0]
 
     def gradient(self, X: TangentFn, params: ParamDict | None = None) -> Tensor:
         """∇θX for a scalar property, as a flat vector of shape (P,)."""
@@ -277,23 +289,77 @@ class TangentEngine:
         """
         metrics = {"euc": Euclidean()} if metrics is None else metrics
         directions = {} if directions is None else directions
-        spec = self._per_state(X, metrics)
+        # exact inverse-Fisher metrics are low rank: the structured backend gets them from
+        # directional derivatives (see InverseFisher.low_rank)
+        low_rank = {k: m.low_rank() for k, m in metrics.items() if isinstance(m, InverseFisher)}
+        low_rank = {k: lr for k, lr in low_rank.items() if lr is not None}
+        spec = self._per_state(X, {k: m for k, m in metrics.items() if k not in low_rank})
         if spec is not None:
             tr = self._trace(spec, params)
             out = TangentStats(value=tr.value, backend="structured")
+            dtype = tr.value.dtype
             for name, metric in metrics.items():
-                out.ntvar[name] = self.structured.ntvar(tr, *self._metric_blocks(metric, tr.value.dtype))
+                if name not in low_rank:
+                    out.ntvar[name] = self.structured.ntvar(tr, *self._metric_blocks(metric, dtype))
+            for name, (Vh, w, lam) in low_rank.items():
+                cols = [self.structured.ntcov(tr, self._blocks(v, dtype)) for v in Vh]
+                C = torch.stack(cols, dim=-1) if cols else tr.value.new_zeros(tr.value.shape[0], 0)
+                ntvar = (C**2 * w.to(dtype)).sum(dim=-1)
+                if lam > 0:
+                    euc = self.structured.ntvar(tr, *self._metric_blocks(Euclidean(), dtype))
+                    ntvar = ntvar + (euc - (C**2).sum(dim=-1)) / lam
+                out.ntvar[name] = ntvar
             for name, v in directions.items():
-                out.ntcov[name] = self.structured.ntcov(tr, self._blocks(v, tr.value.dtype))
+                out.ntcov[name] = self.structured.ntcov(tr, self._blocks(v, dtype))
             log.debug("tangent engine: structured backend for %r", getattr(X, "name", X))
             return out
-        value, J = self.jacobian(X, params)
+        value, J = self.dense_jacobian(X, params)
         out = TangentStats(value=value, backend="reference")
         for name, metric in metrics.items():
             out.ntvar[name] = (J * metric.apply(J)).sum(dim=-1)
         for name, v in directions.items():
             out.ntcov[name] = J @ v.to(J.dtype)
         return out
+
+    def stats_many(
+        self,
+        props: Sequence[TangentFn],
+        metrics: Mapping[str, Metric] | None = None,
+        directions: Mapping[str, Tensor] | None = None,
+        params: ParamDict | None = None,
+    ) -> list[TangentStats]:
+        """:meth:`stats` for several properties at once. Properties the structured backend takes
+        go one by one; the others share one forward pass and one stacked ``jacrev``."""
+        metrics = {"euc": Euclidean()} if metrics is None else metrics
+        directions = {} if directions is None else directions
+        params = self.params() if params is None else params
+        out: list[TangentStats | None] = [None] * len(props)
+        dense = []
+        for i, X in enumerate(props):
+            structured = self.structured is not None and self._per_state(X, {
+                k: m for k, m in metrics.items() if not (isinstance(m, InverseFisher) and m.low_rank() is not None)
+            }) is not None
+            if structured or len(props) == 1:
+                out[i] = self.stats(X, metrics, directions, params)
+            else:
+                dense.append(i)
+        if dense:
+            sizes: list[int] = []
+
+            def stacked(view: PolicyView) -> Tensor:
+                parts = [props[i](view).reshape(-1) for i in dense]
+                sizes[:] = [int(x.numel()) for x in parts]
+                return torch.cat(parts)
+
+            value, J = self.dense_jacobian(stacked, params)
+            for i, v, Ji in zip(dense, value.split(sizes), J.split(sizes)):
+                st = TangentStats(value=v, backend="reference")
+                for name, metric in metrics.items():
+                    st.ntvar[name] = (Ji * metric.apply(Ji)).sum(dim=-1)
+                for name, d in directions.items():
+                    st.ntcov[name] = Ji @ d.to(Ji.dtype)
+                out[i] = st
+        return out  # type: ignore[return-value]
 
     def ntcov(self, X: TangentFn, Y: TangentFn, metric: Metric | None = None) -> Tensor:
         """NTCov_M(X, Y) = ∂X/∂θ · M · (∂Y/∂θ)ᵀ, shape (n_X, n_Y)."""

@@ -85,8 +85,8 @@ class Tracker:
             metrics["fisher"] = InverseFisher(self.engine, *fisher_states, damping=self.fisher_damping)
         record: dict[str, Any] = {"update": update, "lr": plan.lr, "U": utility_value}
         before, predicted = {}, {}
-        for X in self.properties:
-            s = self.engine.stats(X, metrics, directions={"g": gradient, "d": plan.direction})
+        all_stats = self.engine.stats_many(self.properties, metrics, directions={"g": gradient, "d": plan.direction})
+        for X, s in zip(self.properties, all_stats):
             pred = plan.lr * s.ntcov["d"]
             before[X.name], predicted[X.name] = s.value, pred
             record[f"{X.name}/value"] = to_json(s.value)
@@ -97,15 +97,16 @@ class Tracker:
             record[f"{X.name}/pred_delta"] = to_json(pred)
         if self.kappa is not None:
             record["kappa"] = to_json(self.engine.ntvar(self.kappa))
-        record["backend"] = s.backend
+        record["backend"] = "+".join(sorted({s.backend for s in all_stats}))
         return PendingUpdate(update, record, before, predicted)
 
     def after(self, pending: PendingUpdate) -> dict[str, Any]:
         """Add the realised change X(θ + Δθ) − X(θ) and the residual; return the full record."""
         record = dict(pending.record)
-        params = self.engine.params()
+        view = self.engine.view()  # one view: properties of one model can share its forward pass
         for X in self.properties:
-            real = self.engine.evaluate(X, params) - pending.before[X.name]
+            with torch.no_grad():
+                real = X(view).reshape(-1) - pending.before[X.name]
             record[f"{X.name}/real_delta"] = to_json(real)
             record[f"{X.name}/residual"] = to_json(real - pending.predicted[X.name])
         return record

@@ -204,3 +204,13 @@ def test_scalar_gradient_matches_the_jacrev_reference(d):
     ref_value, J = eng.jacobian(U)
     assert value == pytest.approx(float(ref_value[0]), rel=1e-14)
     assert close(g, J[0], tol=1e-12)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(nets)
+def test_dense_jacobian_matches_the_jacrev_reference(d):
+    _, obs, eng = random_setup(d)
+    X = ActionProbability(obs, 0)
+    v1, J1 = eng.dense_jacobian(X)
+    v2, J2 = eng.jacobian(X)
+    assert close(v1, v2, tol=1e-14) and close(J1, J2, tol=1e-12)

@@ -179,19 +179,23 @@ def test_non_per_state_property_falls_back(caplog):
         TangentEngine(policy, backend="structured").stats(X)
 
 
-def test_inverse_fisher_falls_back():
+def test_inverse_fisher_is_structured_when_exact_and_falls_back_for_cg():
     policy, obs = small_mlp()
     X = ActionProbability(obs, 1)
     auto = TangentEngine(policy)
-    fisher = InverseFisher(auto, obs)
+    ref = TangentEngine(policy, backend="reference")
     g = torch.randn(auto.n_params, dtype=torch.float64)
-    s = auto.stats(X, {"euc": Euclidean(), "fisher": fisher}, {"g": g})
-    r = TangentEngine(policy, backend="reference").stats(X, {"euc": Euclidean(), "fisher": fisher}, {"g": g})
+    exact = InverseFisher(auto, obs)
+    s = auto.stats(X, {"euc": Euclidean(), "fisher": exact}, {"g": g})
+    r = ref.stats(X, {"euc": Euclidean(), "fisher": exact}, {"g": g})
+    assert s.backend == "structured"  # the exact solve is low rank
+    assert torch.allclose(s.ntvar["fisher"], r.ntvar["fisher"], rtol=1e-10)
+    cg = InverseFisher(auto, obs, damping=1e-3, method="cg")  # CG has no factorisation: reference
+    s = auto.stats(X, {"euc": Euclidean(), "fisher": cg}, {"g": g})
     assert s.backend == "reference"
-    assert torch.allclose(s.ntvar["fisher"], r.ntvar["fisher"], rtol=1e-12)
-    assert auto.stats(X, {"euc": Euclidean()}).backend == "structured"
+    assert torch.allclose(s.ntvar["fisher"], ref.stats(X, {"fisher": cg}).ntvar["fisher"], rtol=1e-12)
     with pytest.raises(StructuredUnsupported, match="neither Euclidean nor diagonal"):
-        TangentEngine(policy, backend="structured").stats(X, {"fisher": fisher})
+        TangentEngine(policy, backend="structured").stats(X, {"fisher": cg})
 
 
 def test_unsupported_module_falls_back():
@@ -227,3 +231,21 @@ def test_per_state_tuple_protocol():
     assert s.backend == "structured"
     assert_ntvar_close(s.ntvar["euc"], r.ntvar["euc"])
     assert isinstance(ActionProbability(obs, 0).per_state, PerState)
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3])
+def test_low_rank_inverse_fisher_matches_reference(damping):
+    """The exact inverse-Fisher NTVar from r directional derivatives equals the Jacobian route."""
+    from ntrl.metrics import InverseFisher
+
+    torch.manual_seed(3)
+    pol = MLPPolicy(3, 4, 16, 2, "tanh", dtype=torch.float64)
+    obs = torch.randn(7, 3, dtype=torch.float64)
+    X = ActionProbability(obs, 2)
+    ref = TangentEngine(pol, dtype=torch.float64, backend="reference")
+    fast = TangentEngine(pol, dtype=torch.float64, backend="structured")
+    M = InverseFisher(ref, obs[:3], damping=damping)
+    a = ref.stats(X, metrics={"f": M})
+    b = fast.stats(X, metrics={"f": M})
+    assert b.backend == "structured" and a.backend == "reference"
+    assert torch.allclose(b.ntvar["f"], a.ntvar["f"], rtol=1e-10, atol=0)
