@@ -36,6 +36,7 @@ class StepPlan:
     metric: Metric
     direction: Tensor
     lr: float
+    gradient: Tensor  # the utility gradient g the plan was made for
 
 
 class PolicyOptimizer(ABC):
@@ -72,7 +73,7 @@ class _TorchOptimizer(PolicyOptimizer):
     torch_opt: torch.optim.Optimizer
 
     def apply(self, plan: StepPlan) -> None:
-        grads = -self._pending_g
+        grads = -plan.gradient
         offset = 0
         for p in self.params:
             k = p.numel()
@@ -90,8 +91,7 @@ class SGD(_TorchOptimizer):
         self.torch_opt = torch.optim.SGD(self.params, lr=self.lr)
 
     def plan(self, g, fisher_states=None):
-        self._pending_g = g.detach()
-        return StepPlan(Euclidean(), g.detach(), self.lr)
+        return StepPlan(Euclidean(), g.detach(), self.lr, g.detach())
 
 
 class Adam(_TorchOptimizer):
@@ -104,7 +104,6 @@ class Adam(_TorchOptimizer):
 
     def plan(self, g, fisher_states=None):
         """Reproduce torch's Adam update for loss gradient −g without mutating its state."""
-        self._pending_g = g.detach()
         b1, b2 = self.betas
         ms, vs, offset = [], [], 0
         t = None
@@ -123,7 +122,7 @@ class Adam(_TorchOptimizer):
         denom = v.sqrt() / (1 - b2**t) ** 0.5 + self.eps
         d = 1.0 / denom
         # loss-gradient moments are of −g, so the ascent direction is −m̂ / (√v̂ + ε)
-        return StepPlan(Diagonal(d), -m_hat * d, self.lr)
+        return StepPlan(Diagonal(d), -m_hat * d, self.lr, g.detach())
 
 
 class SignDescent(PolicyOptimizer):
@@ -133,18 +132,19 @@ class SignDescent(PolicyOptimizer):
         g = g.detach()
         a = g.abs()
         d = torch.where(a > 0, 1.0 / a.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(a))
-        return StepPlan(Diagonal(d), torch.sign(g), self.lr)
+        return StepPlan(Diagonal(d), torch.sign(g), self.lr, g)
 
 
 class NaturalPolicyGradient(PolicyOptimizer):
-    """Δθ = η F⁺ g, with F the policy's Fisher over the given states (exact or damped CG)."""
+    """Δθ = η F⁺ g, with F the policy's Fisher over the given states (exact or damped CG),
+    factored in float64 whatever the policy's dtype (a float32 SVD would lose directions)."""
 
     name = "npg"
 
     def __init__(self, policy: nn.Module, lr: float, damping: float = 0.0, method: str = "auto"):
         super().__init__(policy, lr)
         self.damping, self.method = damping, method
-        self.engine = TangentEngine(policy)
+        self.engine = TangentEngine(policy, dtype=torch.float64)
 
     def plan(self, g, fisher_states=None):
         if fisher_states is None:
@@ -152,7 +152,7 @@ class NaturalPolicyGradient(PolicyOptimizer):
         obs, weights = fisher_states
         metric = InverseFisher(self.engine, obs, weights, damping=self.damping, method=self.method)
         direction = metric.apply(g.detach()[None].to(metric.row_scale.dtype))[0]
-        return StepPlan(metric, direction, self.lr)
+        return StepPlan(metric, direction, self.lr, g.detach())
 
 
 def make_optimizer(name: str, policy: nn.Module, lr: float, **kwargs) -> PolicyOptimizer:

@@ -250,7 +250,7 @@ def tracker_overhead(steps: int, reps: int, fisher: bool, backend: str) -> dict:
                                        track_every=every, fisher=fisher, wandb="disabled", out=tmp,
                                        run_name=f"{label}-{r}-{fisher}-{backend}", force=True)
                     t0 = time.perf_counter()
-                    train_mod.train(cfg, progress=False, echo=lambda *a, **k: None)
+                    train_mod.train(cfg, progress=False)
                     times[label].append(time.perf_counter() - t0)
     finally:
         train_mod.TangentEngine = original

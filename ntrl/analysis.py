@@ -32,10 +32,12 @@ import numpy as np
 from scipy import optimize, stats
 
 from ntrl.records import read_records
+from ntrl.tracker import price_agreement
 from ntrl.study import STUDY_FILE, RunSpec, StudyConfig, completed_summary, enumerate_runs
 
 Cell = tuple[str, str, str, str]
 LAW_MARGIN = 0.25  # a law is "consistent" when the exponent's whole CI lies within ±0.25 of it
+MIN_DELTA_AIC = 2.0  # an AIC difference below 2 is no evidence either way (Burnham & Anderson)
 KAPPA_CONSTANT = 0.10  # κ "stays constant" when it moves by less than 10 % over a run
 
 
@@ -89,8 +91,7 @@ def load_study(study_dir: str | Path) -> tuple[StudyConfig, list[RunData]]:
 # ---------------------------------------------------------------------------- fitting
 def fit_power_law(p: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """(log c, a, b) of y ≈ c p^a (1 − p)^b by least squares in log space."""
-    X = np.column_stack([np.ones_like(p), np.log(p), np.log1p(-p)])
-    coef, *_ = np.linalg.lstsq(X, np.log(y), rcond=None)
+    coef, *_ = np.linalg.lstsq(power_law_design(p), np.log(y), rcond=None)
     return float(coef[0]), float(coef[1]), float(coef[2])
 
 
@@ -151,10 +152,37 @@ def law_points(runs: Sequence[RunData], key: str, p_max: float = 0.5) -> tuple[n
     return np.array(ps), np.array(ys)
 
 
+def regression_ci(X: np.ndarray, y: np.ndarray, k: int) -> tuple[float, float, float]:
+    """Coefficient k of the least-squares fit y ≈ X β with its 95 % t interval, from the
+    residual variance: the uncertainty of a fit to one deterministic run, where there is
+    nothing to bootstrap."""
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    dof = len(y) - X.shape[1]
+    if dof <= 0:
+        return float(beta[k]), float("nan"), float("nan")
+    s2 = float(np.sum((y - X @ beta) ** 2)) / dof
+    se = math.sqrt(max(s2 * float(np.linalg.pinv(X.T @ X)[k, k]), 0.0))
+    half = float(stats.t.ppf(0.975, dof)) * se
+    return float(beta[k]), float(beta[k]) - half, float(beta[k]) + half
+
+
+def with_fit_ci(est: Estimate, X: np.ndarray, y: np.ndarray, k: int) -> Estimate:
+    """A bootstrap estimate, or where the bootstrap had nothing to resample (one run per p₀),
+    the same coefficient with its regression interval."""
+    if not (est.lo == est.hi == est.value) or not math.isfinite(est.value):
+        return est
+    value, lo, hi = regression_ci(X, y, k)
+    return Estimate(value, lo, hi, est.n)
+
+
+def power_law_design(p: np.ndarray) -> np.ndarray:
+    return np.column_stack([np.ones_like(p), np.log(p), np.log1p(-p)])
+
+
 def small_p_exponent(runs: Sequence[RunData], points: Callable[[Sequence[RunData]], tuple[np.ndarray, np.ndarray]],
                      min_points: int = 3) -> Estimate:
     """Exponent a of y ≈ c p^a (1 − p)^b fitted to ``points(runs)``, with its bootstrap CI
-    (nan when the points span less than half a decade of p)."""
+    (regression CI for deterministic cells; nan when the points span less than half a decade)."""
 
     def stat(items):
         p, y = points(items)
@@ -162,7 +190,9 @@ def small_p_exponent(runs: Sequence[RunData], points: Callable[[Sequence[RunData
             return float("nan")
         return fit_power_law(p, y)[1]
 
-    return stratified_bootstrap(by_p0(runs), stat)
+    est = stratified_bootstrap(by_p0(runs), stat)
+    p, y = points(runs)
+    return with_fit_ci(est, power_law_design(p), np.log(y), 1) if len(p) >= min_points else est
 
 
 def exponent_estimate(runs: Sequence[RunData], key: str) -> Estimate:
@@ -271,7 +301,11 @@ def escape_slope(runs: Sequence[RunData]) -> Estimate:
             return float("nan")
         return float(np.polyfit(np.log(p0[ok]), np.log(T[ok]), 1)[0])
 
-    return stratified_bootstrap(by_p0(runs), stat)
+    est = stratified_bootstrap(by_p0(runs), stat)
+    p0, T = escape_data(runs)
+    ok = np.isfinite(T) & (T > 0)
+    X = np.column_stack([np.ones(ok.sum()), np.log(p0[ok])])
+    return with_fit_ci(est, X, np.log(T[ok]), 1) if ok.sum() >= 3 else est
 
 
 def extinction_curve(run: RunData, start_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
@@ -324,23 +358,11 @@ def extinction_verdict(runs: Sequence[RunData], majority: float = 2 / 3) -> Mode
 
 def price_stats(runs: Sequence[RunData]) -> dict[str, float]:
     """R² of predicted vs realised ΔP, relative-error quantiles, and the error–η slope."""
-    pred, real = [], []
-    for r in runs:
-        for rec in r.records:
-            if "P/real_delta" in rec:
-                pred.append(rec["P/pred_delta"])
-                real.append(rec["P/real_delta"])
-    pred, real = np.array(pred), np.array(real)
-    out = {"n": len(real), "r2": float("nan"), "rel_err_median": float("nan"), "rel_err_p90": float("nan"),
-           "eta_slope": float("nan")}
-    if len(real) >= 2:
-        ss_tot = float(np.sum((real - real.mean()) ** 2))
-        out["r2"] = 1 - float(np.sum((real - pred) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
-        nz = real != 0
-        rel = np.abs(real[nz] - pred[nz]) / np.abs(real[nz])
-        if rel.size:
-            out["rel_err_median"] = float(np.median(rel))
-            out["rel_err_p90"] = float(np.quantile(rel, 0.9))
+    rows = [rec for r in runs for rec in r.records if "P/real_delta" in rec]
+    agree = price_agreement(np.array([rec["P/pred_delta"] for rec in rows], dtype=float),
+                            np.array([rec["P/real_delta"] for rec in rows], dtype=float))
+    out = {"n": agree["n"], "r2": agree["r2"], "rel_err_median": agree["median_rel_error"],
+           "rel_err_p90": agree["p90_rel_error"], "eta_slope": float("nan")}
     slopes = []
     for r in runs:
         probe = r.summary.get("price_scaling", {})
@@ -402,27 +424,42 @@ class CellResult:
         return row
 
 
-def decide(drift: Estimate, escape: ModelComparison, extinction: ModelComparison) -> tuple[str, str]:
+def decide(drift: Estimate, escape: ModelComparison, extinction: ModelComparison,
+           slope: Estimate = NAN, censored: int = 0, n_escape: int = 0) -> tuple[str, str]:
     """The cell's verdict from its drift exponent (CI within ±LAW_MARGIN of 2 or of 1), the
     escape-time model comparison, and the extinction model comparison. Every piece of evidence
-    that exists must agree; otherwise the verdict is "neither" and says why."""
-    votes = []
+    that exists must agree; otherwise the verdict is "neither" and says why.
+
+    Escape evidence counts only with ΔAIC ≥ MIN_DELTA_AIC; a power-law win supports p² only when
+    the slope's CI lies within −1 ± LAW_MARGIN; rewarded runs that never reached ½ (censored)
+    make the escape evidence "neither", since their T is only known to exceed the run length."""
+    votes: list[tuple[str, str]] = []
+    notes: list[str] = []
     if drift.within(2.0, LAW_MARGIN):
         votes.append(("p²", f"drift exponent {drift.fmt(2)} ≈ 2"))
     elif drift.within(1.0, LAW_MARGIN):
         votes.append(("p(1 − p)", f"drift exponent {drift.fmt(2)} ≈ 1"))
     elif math.isfinite(drift.value):
         votes.append(("neither", f"drift exponent {drift.fmt(2)} is within ±{LAW_MARGIN} of neither 1 nor 2"))
-    if escape.n:
-        votes.append(("p²" if escape.winner == "power law" else "p(1 − p)",
-                      f"escape time is {escape.winner} (ΔAIC {escape.delta_aic:.1f})"))
+    if censored:
+        votes.append(("neither", f"{censored} of {n_escape} rewarded runs never reached ½ (escape time censored)"))
+    elif escape.n and escape.delta_aic < MIN_DELTA_AIC:
+        notes.append(f"escape time inconclusive (ΔAIC {escape.delta_aic:.1f} < {MIN_DELTA_AIC:g})")
+    elif escape.n and escape.winner == "power law":
+        if slope.within(-1.0, LAW_MARGIN):
+            votes.append(("p²", f"escape time is a power law (ΔAIC {escape.delta_aic:.1f}) of slope {slope.fmt(2)}"))
+        else:
+            votes.append(("neither", f"escape time is a power law (ΔAIC {escape.delta_aic:.1f}) but of slope "
+                                     f"{slope.fmt(2)}, not −1 ± {LAW_MARGIN}"))
+    elif escape.n:
+        votes.append(("p(1 − p)", f"escape time is logarithmic (ΔAIC {escape.delta_aic:.1f})"))
     if extinction.n:
         law = {"1/t": "p²", "exponential": "p(1 − p)"}.get(extinction.winner, "neither")
         votes.append((law, f"extinction: {extinction.fmt()}"))
     if not votes:
-        return "neither", "no usable evidence (runs missing or too short)"
+        return "neither", "; ".join(["no usable evidence (runs missing or too short)", *notes])
     laws = {v for v, _ in votes}
-    reason = "; ".join(r for _, r in votes)
+    reason = "; ".join([*(r for _, r in votes), *notes])
     if len(laws) == 1 and "neither" not in laws:
         return f"consistent with {laws.pop()}", reason
     return "neither", "evidence disagrees: " + reason
@@ -439,8 +476,10 @@ def analyse(runs: Sequence[RunData]) -> list[CellResult]:
         punished = [r for r in cell_runs if r.spec.direction == "punished"]
         drift = drift_estimate(rewarded)
         escape = compare_escape(*escape_data(rewarded)) if rewarded else ModelComparison("n/a", float("nan"))
+        slope = escape_slope(rewarded) if rewarded else NAN
+        censored = sum(1 for r in rewarded if not r.summary.get("crossed_half_at"))
         extinction = extinction_verdict(punished)
-        verdict, reason = decide(drift, escape, extinction)
+        verdict, reason = decide(drift, escape, extinction, slope, censored, len(rewarded))
         results.append(CellResult(
             cell=cell,
             static_euc=exponent_estimate(rewarded, "P/ntvar_euc"),
@@ -448,7 +487,7 @@ def analyse(runs: Sequence[RunData]) -> list[CellResult]:
             static_fisher=exponent_estimate(rewarded, "P/ntvar_fisher"),
             drift=drift,
             escape=escape,
-            escape_slope=escape_slope(rewarded) if rewarded else NAN,
+            escape_slope=slope,
             extinction=extinction,
             price=price_stats(cell_runs),
             kappa=kappa_drift(cell_runs),

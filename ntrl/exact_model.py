@@ -170,11 +170,6 @@ class TabularMDP:
         """Alias of :meth:`expected_return` (the ``ntrl.properties.ExpectedReward`` protocol)."""
         return self.expected_return(view)
 
-    def state_frequency(self, view: PolicyView, mask) -> Tensor:
-        """Σ_{s∈mask} d(s): how often the visited states lie in ``mask`` (a bool array (S,))."""
-        m = torch.as_tensor(np.asarray(mask), dtype=torch.float64)
-        return (self.visitation(view) * m).sum()
-
     def state_mean(self, view: PolicyView, f: Callable[[Tensor], Tensor] | Tensor, mask=None) -> Tensor:
         """Σ_{s∈mask} d(s) f(s) / Σ_{s∈mask} d(s), with f(s) given as a (S,) tensor or as a
         function of the policy matrix π (S, A) -> (S,)."""

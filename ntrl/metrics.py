@@ -46,9 +46,6 @@ class Euclidean(Metric):
     def apply(self, V: Tensor) -> Tensor:
         return V
 
-    @property
-    def diagonal(self) -> Tensor | None:
-        return None
 
 
 class Diagonal(Metric):
@@ -81,7 +78,8 @@ class InverseFisher(Metric):
     (1/λ)(I − VVᵀ) when λ > 0. Singular values below ``rtol``·S_max are treated as zero
     (the softmax's shift direction is always one). ``method="cg"`` never forms A: it runs
     conjugate gradient on (F + λI) x = v with Fisher-vector products from ``torch.func`` jvp/vjp,
-    and needs λ > 0. ``method="auto"`` is exact while A has at most ``max_exact_elements``.
+    and needs λ > 0. ``method="auto"`` is exact while A has at most ``max_exact_elements``, CG
+    beyond that when λ > 0, and an error that says so when λ = 0.
     """
 
     name = "inverse_fisher"
@@ -117,6 +115,10 @@ class InverseFisher(Metric):
         m = n_states * n_actions
         if method == "auto":
             method = "exact" if m * engine.n_params <= max_exact_elements else "cg"
+            if method == "cg" and self.damping <= 0:
+                raise ValueError(f"the Fisher over {n_states} states × {n_actions} actions × {engine.n_params} "
+                                 f"parameters is too large for the exact solve (limit {max_exact_elements} "
+                                 "elements); give a damping > 0 to use conjugate gradient")
         if method == "cg" and self.damping <= 0:
             raise ValueError("InverseFisher with method='cg' needs damping > 0")
         self.method = method
@@ -127,7 +129,9 @@ class InverseFisher(Metric):
             A = J * self.row_scale[:, None]
             _, S, Vh = torch.linalg.svd(A, full_matrices=False)
             eps = torch.finfo(dtype).eps
-            rtol = rtol if rtol is not None else max(A.shape) * eps * 1e3
+            # numpy's matrix_rank cutoff, with a floor for tiny A (the softmax's null direction
+            # shows up as a singular value of a few eps·S_max)
+            rtol = rtol if rtol is not None else max(*A.shape, 100) * eps
             keep = S > rtol * S.max().clamp_min(torch.finfo(dtype).tiny)
             self.S, self.Vh = S[keep], Vh[keep]
 

@@ -8,6 +8,7 @@ so the same seed and config give byte-identical files.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,7 +27,8 @@ class RecordWriter:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        """Append one record; NaN and ±inf become null, so every line is standard JSON."""
+        self._f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -64,8 +66,22 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temporary file and rename it into place (never half-written)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _finite_or_null(obj: Any) -> Any:
+    """A copy of a JSON-able object with NaN and ±inf floats replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def scalar_items(record: dict[str, Any]) -> Iterable[tuple[str, float]]:

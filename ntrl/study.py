@@ -225,15 +225,15 @@ def train_config_for(study: StudyConfig, spec: RunSpec, runs_dir: Path, wandb_mo
 def price_scaling_probe(config: TrainConfig, scales: list[float]) -> dict[str, list[float]]:
     """Relative Price error |ΔP_real − ΔP_pred| / |ΔP_real| of one step from the initial state,
     for step sizes η·s. A first-order prediction has error O(η): slope 1 in log–log."""
-    import numpy as np
     import torch
 
     from ntrl.tangent import TangentEngine
+    from ntrl.train import split_seed
 
     exp = config.build()
     engine = TangentEngine(exp.policy, dtype=torch.float64)
-    rng = np.random.default_rng(config.seed)
-    exp.env.reset(seed=config.seed)
+    env_seed, rng = split_seed(config.seed)
+    exp.env.reset(seed=env_seed)
     u = exp.utility(TangentEngine(exp.policy), rng)
     plan = exp.optimizer.plan(u.gradient, u.fisher_states)
     P = exp.properties[0]
@@ -289,7 +289,10 @@ def prepare_study_dir(study: StudyConfig, out: Path, force: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / STUDY_FILE
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise ConfigError("--out", f"{path} is not valid JSON; pass --force to replace that study") from None
         if old != study.to_dict():
             if not force:
                 changed = sorted(k for k in set(old) | set(study.to_dict()) if old.get(k) != study.to_dict().get(k))
@@ -339,7 +342,8 @@ def run_study(
     failures = []
     if todo:
         ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool:
+        pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx)
+        try:
             futures = {
                 pool.submit(run_one, study.to_dict(), asdict(spec), str(runs_dir), wandb_mode): spec
                 for spec in todo
@@ -357,6 +361,8 @@ def run_study(
                             on_error(spec, e)
                     if bar is not None:
                         bar.update(1)
+        finally:  # on Ctrl-C, drop the queued runs instead of waiting for them
+            pool.shutdown(wait=True, cancel_futures=True)
     if bar is not None:
         bar.close()
     if failures:

@@ -205,7 +205,7 @@ def _flatten_sequential(seq: nn.Sequential, prefix: str) -> Iterator[_Linear | _
 
 
 class StructuredBackend:
-    """Layer-structured NTVar / NTCov / Gram for one module (built by :meth:`for_module`).
+    """Layer-structured NTVar / NTCov / Gram for one module (built by the engine).
 
     ``kind`` is "sequential", "single_logit" or "tabular". Raises :class:`StructuredUnsupported`
     with the reason when the module is of none of these forms.
@@ -235,10 +235,6 @@ class StructuredBackend:
             return "tabular", [], ""
         raise StructuredUnsupported(f"module {t.__name__} is not a Sequential of Linear + elementwise layers "
                                     "nor an ntrl MLP / single-logit / tabular policy")
-
-    @classmethod
-    def for_module(cls, module: nn.Module, names: Sequence[str]) -> "StructuredBackend":
-        return cls(module, names)
 
     # -------------------------------------------------------------- checks
     def check(self, X: object, metrics: Mapping[str, Metric] = (), n_params: int | None = None) -> PerState:

@@ -23,6 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import warnings
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,6 +37,24 @@ FIELDS = (
     "value", "ntvar_euc", "ntvar_opt", "ntvar_fisher", "ntcov_euc", "ntcov_opt",
     "pred_delta", "real_delta", "residual",
 )
+
+
+def price_agreement(pred: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    """How well predicted ΔX matches realised ΔX over many updates:
+    R² = 1 − Σ(real − pred)² / Σ(real − mean real)², and the median and 90th percentile of the
+    relative error |real − pred| / |real| (updates with real = 0 left out)."""
+    pred, real = np.asarray(pred, dtype=float), np.asarray(real, dtype=float)
+    out = {"n": int(len(real)), "r2": float("nan"), "median_rel_error": float("nan"), "p90_rel_error": float("nan")}
+    if len(real) >= 2:
+        ss_tot = float(np.sum((real - real.mean()) ** 2))
+        if ss_tot > 0:
+            out["r2"] = 1.0 - float(np.sum((real - pred) ** 2)) / ss_tot
+    nz = real != 0
+    if nz.any():
+        rel = np.abs(real[nz] - pred[nz]) / np.abs(real[nz])
+        out["median_rel_error"] = float(np.median(rel))
+        out["p90_rel_error"] = float(np.quantile(rel, 0.9))
+    return out
 
 
 def to_json(t: Tensor) -> float | list[float]:
@@ -74,6 +95,19 @@ class Tracker:
         self.fisher = fisher
         self.fisher_damping = fisher_damping
 
+    def _fisher(self, plan, fisher_states: tuple[Tensor, Tensor]) -> Metric:
+        """The Fisher metric over the update's states: NPG's own when it is the same metric;
+        tracking it is switched off, with a warning, when it is too large to factor."""
+        m = plan.metric
+        if isinstance(m, InverseFisher) and m.damping == self.fisher_damping:
+            return m
+        try:
+            return InverseFisher(self.engine, *fisher_states, damping=self.fisher_damping)
+        except ValueError as e:
+            warnings.warn(f"NTVar in the Fisher metric is not tracked: {e}", stacklevel=3)
+            self.fisher = False
+            return Euclidean()
+
     def should_track(self, update: int) -> bool:
         return update % self.every == 0
 
@@ -82,7 +116,9 @@ class Tracker:
         """Everything that is known before the step: X, NTVar, NTCov and the prediction."""
         metrics: dict[str, Metric] = {"euc": Euclidean(), "opt": plan.metric}
         if self.fisher and fisher_states is not None:
-            metrics["fisher"] = InverseFisher(self.engine, *fisher_states, damping=self.fisher_damping)
+            metrics["fisher"] = self._fisher(plan, fisher_states)
+            if not self.fisher:
+                del metrics["fisher"]
         record: dict[str, Any] = {"update": update, "lr": plan.lr, "U": utility_value}
         before, predicted = {}, {}
         all_stats = self.engine.stats_many(self.properties, metrics, directions={"g": gradient, "d": plan.direction})

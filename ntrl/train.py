@@ -19,7 +19,7 @@ import torch
 from ntrl.config import ConfigError, TrainConfig
 from ntrl.records import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, RecordWriter, read_records, write_json_atomic
 from ntrl.tangent import TangentEngine
-from ntrl.tracker import Tracker
+from ntrl.tracker import Tracker, price_agreement
 from ntrl.wandb_sink import WandbSink
 
 
@@ -47,32 +47,33 @@ def prepare_run_dir(config: TrainConfig) -> Path:
 
 
 def price_check(records: list[dict[str, Any]], name: str = "P") -> dict[str, float]:
-    """How well predicted ΔX matched realised ΔX: R² and the median relative error."""
-    pred = np.array([np.mean(r[f"{name}/pred_delta"]) for r in records if f"{name}/real_delta" in r])
-    real = np.array([np.mean(r[f"{name}/real_delta"]) for r in records if f"{name}/real_delta" in r])
-    if len(real) == 0:
-        return {"n": 0, "r2": float("nan"), "median_rel_error": float("nan")}
-    ss_res = float(np.sum((real - pred) ** 2))
-    ss_tot = float(np.sum((real - real.mean()) ** 2))
-    nz = np.abs(real) > 0
-    rel = np.abs(real[nz] - pred[nz]) / np.abs(real[nz])
-    return {
-        "n": int(len(real)),
-        "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
-        "median_rel_error": float(np.median(rel)) if rel.size else float("nan"),
-    }
+    """How well predicted ΔX matched realised ΔX over a run's records (see price_agreement)."""
+    rows = [r for r in records if f"{name}/real_delta" in r]
+    return price_agreement(np.array([np.mean(r[f"{name}/pred_delta"]) for r in rows]),
+                           np.array([np.mean(r[f"{name}/real_delta"]) for r in rows]))
 
 
-def train(config: TrainConfig, progress: bool = True, echo=print) -> RunResult:
+def split_seed(seed: int) -> tuple[int, np.random.Generator]:
+    """Independent streams from one seed: the environment's seed and the action sampler.
+    (Seeding both with ``seed`` itself would make them draw the very same numbers.)"""
+    env_ss, action_ss = np.random.SeedSequence(seed).spawn(2)
+    return int(env_ss.generate_state(1)[0]), np.random.default_rng(action_ss)
+
+
+def train(config: TrainConfig, progress: bool = True) -> RunResult:
     """Run REINFORCE with Price tracking; write records, config and summary to the run dir."""
     config.validate()
     torch.set_num_threads(config.threads)  # tiny networks: extra threads only add contention
-    run_dir = prepare_run_dir(config)
+    exp = config.build()  # bad input fails here, before anything is written
+    try:
+        run_dir = prepare_run_dir(config)
+    except BaseException:
+        exp.env.close()
+        raise
     write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
-    exp = config.build()
     env, policy, optimizer, properties = exp.env, exp.policy, exp.optimizer, exp.properties
-    env.reset(seed=config.seed)
-    rng = np.random.default_rng(config.seed)
+    env_seed, rng = split_seed(config.seed)
+    env.reset(seed=env_seed)
     train_engine = TangentEngine(policy)  # gradients in the policy's own dtype
     analysis_engine = TangentEngine(policy, dtype=torch.float64)  # tracking always in float64
     tracker = Tracker(analysis_engine, properties, kappa=exp.kappa, every=config.track_every, fisher=config.fisher)
@@ -121,23 +122,27 @@ def train(config: TrainConfig, progress: bool = True, echo=print) -> RunResult:
     finally:
         if bar is not None:
             bar.close()
-        p_end = float(analysis_engine.evaluate(P)[0])
-        records = read_records(run_dir / RECORDS_FILE)
-        summary = {
-            "status": status,
-            "updates": steps_done,
-            "p_start": p_start,
-            "p_end": p_end,
-            "crossed_half_at": crossed,
-            "price_check_P": price_check(records, "P"),
-            "records": str(run_dir / RECORDS_FILE),
-            "wandb_dir": sink.directory,
-        }
-        write_json_atomic(run_dir / SUMMARY_FILE, summary)
-        flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
-        flat.update({f"price_check_P/{k}": v for k, v in summary["price_check_P"].items()})
-        sink.finish(flat, exit_code=0 if status != "failed" else 1)
-        env.close()
+        try:
+            summary = {
+                "status": status,
+                "updates": steps_done,
+                "p_start": p_start,
+                "p_end": float(analysis_engine.evaluate(P)[0]),
+                "crossed_half_at": crossed,
+                "price_check_P": price_check(read_records(run_dir / RECORDS_FILE), "P"),
+                "records": str(run_dir / RECORDS_FILE),
+                "wandb_dir": sink.directory,
+            }
+            write_json_atomic(run_dir / SUMMARY_FILE, summary)
+            flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+            flat.update({f"price_check_P/{k}": v for k, v in summary["price_check_P"].items()})
+            sink.finish(flat, exit_code=0 if status != "failed" else 1)
+        except Exception as e:  # never let the summary hide the error that ended the run
+            if status != "failed":
+                raise
+            print(f"ntrl: could not write the summary of {run_dir} after the failure: {e}", file=sys.stderr)
+        finally:
+            env.close()
     return RunResult(run_dir, summary, summary["wandb_dir"], exp.target_label)
 
 

@@ -55,6 +55,25 @@ def test_single_logit_npg_step_is_delta_in_logit():
         assert float(plan.direction[0]) == pytest.approx(2.0, rel=1e-9)
 
 
+def test_npg_step_of_a_float32_policy_matches_float64():
+    """The Fisher is factored in float64 whatever the policy dtype: no direction is lost."""
+    obs = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(6, 2)
+    w = torch.full((6,), 1 / 6, dtype=torch.float64)
+    steps = {}
+    pol64 = make_policy("mlp", 2, 5, 0, 0.2, obs, seed=0, width=32, dtype=torch.float64)
+    pol32 = make_policy("mlp", 2, 5, 0, 0.2, obs, seed=0, width=32, dtype=torch.float32)
+    pol32.load_state_dict({k: v.to(torch.float32).to(torch.float64).to(torch.float32) for k, v in pol64.state_dict().items()})
+    with torch.no_grad():  # the same weights in both: the float64 copy holds float32-representable values
+        for p64, p32 in zip(pol64.parameters(), pol32.parameters()):
+            p64.copy_(p32.to(torch.float64))
+    for dtype, pol in ((torch.float32, pol32), (torch.float64, pol64)):
+        opt = make_optimizer("npg", pol, lr=0.1, damping=1e-3)
+        g = torch.linspace(-1, 1, flat(pol).numel(), dtype=torch.float64)
+        steps[dtype] = opt.plan(g, (obs, w)).direction.to(torch.float64)
+    rel = (steps[torch.float32] - steps[torch.float64]).norm() / steps[torch.float64].norm()
+    assert rel < 1e-9  # both factor the same float64 Fisher
+
+
 def test_bad_optimizer_and_lr():
     pol = make_policy("single_logit", 1, 2, 1, 0.3, OBS)
     with pytest.raises(ValueError, match="optimizer"):
