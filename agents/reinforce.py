@@ -48,11 +48,39 @@ class UtilityGradient:
     utility_fn: Callable[[PolicyView], Tensor]
 
 
+def sample_actions(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One draw per row of a probability matrix (N, K), by inverse CDF with one uniform per row."""
+    c = np.cumsum(probs, axis=1)
+    u = rng.random(probs.shape[0])[:, None] * c[:, -1:]
+    return np.minimum((u >= c).sum(axis=1), probs.shape[1] - 1)
+
+
+def rewards_to_go(rewards: np.ndarray, gamma: float = 1.0) -> np.ndarray:
+    """G_t = r_t + γ G_{t+1} along the last axis (rewards zero-padded after an episode ends)."""
+    G = np.zeros_like(rewards, dtype=np.float64)
+    acc = np.zeros(rewards.shape[:-1])
+    for t in range(rewards.shape[-1] - 1, -1, -1):
+        acc = rewards[..., t] + gamma * acc
+        G[..., t] = acc
+    return G
+
+
+def baseline_for(G: np.ndarray, baseline: str) -> np.ndarray:
+    """b for returns G of shape (B, T): the leave-one-out mean b_{i,t} = mean_{j≠i} G_{j,t}
+    (independent of episode i, so E[(G − b) ∇log π] is unchanged) or zero."""
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+    B = G.shape[0]
+    if baseline == "loo" and B > 1:
+        return (G.sum(axis=0, keepdims=True) - G) / (B - 1)
+    return np.zeros_like(G)
+
+
 def _sample_action(policy: nn.Module, obs: np.ndarray, rng: np.random.Generator) -> int:
     with torch.no_grad():
         x = torch.as_tensor(obs)[None]
-        probs = torch.softmax(policy(x).to(torch.float64), dim=-1)[0].numpy()
-    return int(rng.choice(len(probs), p=probs / probs.sum()))
+        probs = torch.softmax(policy(x).to(torch.float64), dim=-1).numpy()
+    return int(sample_actions(probs, rng)[0])
 
 
 def collect_episodes(
@@ -65,9 +93,7 @@ def collect_episodes(
     max_steps: int = 100_000,
 ) -> EpisodeBatch:
     """Run ``n_episodes`` episodes with actions drawn from π by ``rng``; rewards-to-go G_t."""
-    if baseline not in BASELINES:
-        raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
-    all_obs, all_act, all_ret = [], [], []
+    all_obs, all_act, all_rew = [], [], []
     for _ in range(n_episodes):
         obs, _ = env.reset()
         ep_obs, ep_act, ep_rew = [], [], []
@@ -80,28 +106,21 @@ def collect_episodes(
             obs = nxt
             if terminated or truncated:
                 break
-        G = np.zeros(len(ep_rew))
-        acc = 0.0
-        for t in range(len(ep_rew) - 1, -1, -1):
-            acc = ep_rew[t] + gamma * acc
-            G[t] = acc
         all_obs.append(ep_obs)
         all_act.append(ep_act)
-        all_ret.append(G)
-    T = max(len(g) for g in all_ret)
-    G_pad = np.zeros((n_episodes, T))
-    for i, g in enumerate(all_ret):
-        G_pad[i, : len(g)] = g
-    if baseline == "loo" and n_episodes > 1:
-        b_pad = (G_pad.sum(axis=0, keepdims=True) - G_pad) / (n_episodes - 1)
-    else:
-        b_pad = np.zeros_like(G_pad)
-    adv = np.concatenate([G_pad[i, : len(g)] - b_pad[i, : len(g)] for i, g in enumerate(all_ret)])
+        all_rew.append(ep_rew)
+    lengths = [len(r) for r in all_rew]
+    R_pad = np.zeros((n_episodes, max(lengths)))
+    for i, r in enumerate(all_rew):
+        R_pad[i, : len(r)] = r
+    G_pad = rewards_to_go(R_pad, gamma)
+    A_pad = G_pad - baseline_for(G_pad, baseline)
+    adv = np.concatenate([A_pad[i, :n] for i, n in enumerate(lengths)])
     return EpisodeBatch(
         obs=torch.as_tensor(np.stack([o for ep in all_obs for o in ep])),
         actions=torch.as_tensor(np.concatenate(all_act), dtype=torch.long),
         advantages=torch.as_tensor(adv, dtype=torch.float64),
-        episode_returns=np.array([g[0] for g in all_ret]),
+        episode_returns=G_pad[:, 0].copy(),
         n_episodes=n_episodes,
     )
 

@@ -408,6 +408,7 @@ class CellResult:
     kappa: dict[str, float]
     verdict: str
     reason: str
+    censored: int = 0
 
     def row(self) -> dict[str, Any]:
         env, policy, opt, mode = self.cell
@@ -417,7 +418,8 @@ class CellResult:
                           ("static_fisher", self.static_fisher), ("drift", self.drift),
                           ("escape_slope", self.escape_slope)):
             row.update(est.as_dict(name))
-        row.update({"escape_winner": self.escape.winner, "escape_delta_aic": self.escape.delta_aic,
+        row.update({"escape_censored_runs": self.censored,
+                    "escape_winner": self.escape.winner, "escape_delta_aic": self.escape.delta_aic,
                     "extinction_winner": self.extinction.winner, "extinction_delta_aic": self.extinction.delta_aic})
         row.update({f"price_{k}": v for k, v in self.price.items()})
         row.update({f"kappa_{k}": v for k, v in self.kappa.items()})
@@ -493,5 +495,6 @@ def analyse(runs: Sequence[RunData]) -> list[CellResult]:
             kappa=kappa_drift(cell_runs),
             verdict=verdict,
             reason=reason,
+            censored=censored,
         ))
     return results

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ntrl.agents.reinforce import sample_actions
 from ntrl.tangent import PolicyView
 
 
@@ -201,14 +202,7 @@ class TabularMDP:
         r = self.rewards.numpy()
         for _ in range(self.horizon):
             counts[np.arange(n_episodes), s] += 1
-            a = _inverse_cdf(policy_probs[s], rng)
+            a = sample_actions(policy_probs[s], rng)
             returns += r[s, a]
-            s = _inverse_cdf(Tdense[s * A + a], rng)
+            s = sample_actions(Tdense[s * A + a], rng)
         return {"returns": returns, "counts": counts}
-
-
-def _inverse_cdf(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One draw per row of the probability matrix p (rows sum to 1)."""
-    c = np.cumsum(p, axis=1)
-    u = rng.random(p.shape[0])[:, None] * c[:, -1:]
-    return np.minimum((u >= c).sum(axis=1), p.shape[1] - 1)

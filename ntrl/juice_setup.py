@@ -50,7 +50,7 @@ from torch import Tensor, nn
 import ntrl.envs  # noqa: F401  (registers ntrl/JuiceGridworld-v0)
 from ntrl.agents.optimizers import make_optimizer
 from ntrl.agents.policies import make_policy
-from ntrl.agents.reinforce import UtilityGradient, exact_gradient
+from ntrl.agents.reinforce import UtilityGradient, baseline_for, exact_gradient, rewards_to_go, sample_actions
 from ntrl.config import ConfigError, Experiment, TrainConfig
 from ntrl.envs.juice import (
     MAX_TABULAR_STATES, N_ACTIONS, OBS_DIM, STAY, approach_mask, n_observation_indices,
@@ -159,12 +159,6 @@ def decomposition(engine: TangentEngine, quantities: JuiceQuantities) -> dict[st
 
 
 # ---------------------------------------------------------------------- sampled rollouts
-def _draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    c = np.cumsum(probs, axis=1)
-    u = rng.random(probs.shape[0])[:, None] * c[:, -1:]
-    return np.minimum((u >= c).sum(axis=1), probs.shape[1] - 1)
-
-
 def collect_vector_batch(venv, policy: nn.Module, rng: np.random.Generator, radius: int,
                          baseline: str = "loo") -> dict[str, Any]:
     """One episode in each of the vector env's B sub-environments (all share the horizon H).
@@ -184,16 +178,12 @@ def collect_vector_batch(venv, policy: nn.Module, rng: np.random.Generator, radi
     for t in range(H):
         with torch.no_grad():
             probs = torch.softmax(policy(torch.as_tensor(obs)).to(torch.float64), dim=-1).numpy()
-        a = _draw(probs, rng)
+        a = sample_actions(probs, rng)
         O[t], A[t] = obs, a
         obs, r, _, _, info = venv.step(a)
         Rw[t], seen[t], appr[t] = r, info["juice_seen"], info["approached"]
-    G = np.flip(np.cumsum(np.flip(Rw, 0), 0), 0)  # (H, B)
-    if baseline == "loo" and B > 1:
-        b = (G.sum(axis=1, keepdims=True) - G) / (B - 1)
-    else:
-        b = np.zeros_like(G)
-    adv = (G - b).reshape(-1)
+    G = rewards_to_go(Rw.T).T  # (H, B)
+    adv = (G - baseline_for(G.T, baseline).T).reshape(-1)
     flatO, flatA = O.reshape(-1, OBS_DIM), A.reshape(-1)
     keys = observation_index(flatO, radius)
     uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
