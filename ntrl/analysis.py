@@ -256,6 +256,21 @@ class ModelComparison:
         return f"{self.winner} (ΔAIC {self.delta_aic:.1f})"
 
 
+def fit_log_of_line(x: np.ndarray, log_y: np.ndarray, sign: int, start: tuple[float, float]) -> tuple[float, float, float]:
+    """(A, B, RSS) of log y ≈ sign · log(A + B x) by nonlinear least squares (``curve_fit``);
+    sign = +1 is the logarithmic escape law T = A + B ln(1/p₀) with x = ln(1/p₀), sign = −1 the
+    1/t extinction law P = 1/(A + B t). A fit that fails has RSS = inf."""
+
+    def model(x, A, B):
+        return sign * np.log(np.clip(A + B * x, 1e-300, None))
+
+    try:
+        (A, B), _ = optimize.curve_fit(model, x, log_y, p0=list(start), maxfev=20_000)
+    except (RuntimeError, optimize.OptimizeWarning):
+        return float("nan"), float("nan"), float("inf")
+    return float(A), float(B), float(np.sum((log_y - model(x, A, B)) ** 2))
+
+
 def compare_escape(p0: np.ndarray, T: np.ndarray) -> ModelComparison:
     """Power law log T = α − s log p₀ against logarithmic law T = A + B ln(1/p₀), on log T."""
     ok = np.isfinite(T) & (T > 0)
@@ -267,14 +282,7 @@ def compare_escape(p0: np.ndarray, T: np.ndarray) -> ModelComparison:
     rss_pow = float(np.sum((logT - (intercept + slope * np.log(p0))) ** 2))
     B0, A0 = np.polyfit(L, T, 1)
 
-    def log_model(x, A, B):
-        return np.log(np.clip(A + B * x, 1e-300, None))
-
-    try:
-        (A, B), _ = optimize.curve_fit(log_model, L, logT, p0=[A0, max(B0, 1e-9)], maxfev=20_000)
-        rss_log = float(np.sum((logT - log_model(L, A, B)) ** 2))
-    except (RuntimeError, optimize.OptimizeWarning):
-        A, B, rss_log = float("nan"), float("nan"), float("inf")
+    A, B, rss_log = fit_log_of_line(L, logT, +1, (A0, max(B0, 1e-9)))
     n = len(T)
     a_pow, a_log = aic(rss_pow, n, 2), aic(rss_log, n, 2)
     winner = "power law" if a_pow < a_log else "logarithmic"
@@ -325,14 +333,7 @@ def compare_extinction(t: np.ndarray, P: np.ndarray) -> ModelComparison:
     rss_exp = float(np.sum((logP - (c + lam * t)) ** 2))
     B0, A0 = np.polyfit(t, 1 / P, 1)
 
-    def inv_model(x, A, B):
-        return -np.log(np.clip(A + B * x, 1e-300, None))
-
-    try:
-        (A, B), _ = optimize.curve_fit(inv_model, t, logP, p0=[A0, B0], maxfev=20_000)
-        rss_inv = float(np.sum((logP - inv_model(t, A, B)) ** 2))
-    except (RuntimeError, optimize.OptimizeWarning):
-        A, B, rss_inv = float("nan"), float("nan"), float("inf")
+    A, B, rss_inv = fit_log_of_line(t, logP, -1, (A0, B0))
     n = len(t)
     a_inv, a_exp = aic(rss_inv, n, 2), aic(rss_exp, n, 2)
     winner = "1/t" if a_inv < a_exp else "exponential"

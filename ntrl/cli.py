@@ -141,18 +141,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_from_args(args)
     if args.command == "train":
-        from ntrl.train import TrainingError, describe, train
+        from ntrl.train import describe, train
 
-        try:
+        def run() -> str:
             config = config_from_args(args, experiment_config(args.env)).validate()
-            result = train(config, progress=not args.quiet)
-        except ConfigError as e:
-            print(f"ntrl: error: {e}", file=sys.stderr)
-            return 2
-        except TrainingError as e:
-            print(f"ntrl: training stopped: {e}", file=sys.stderr)
-            return 1
-        print(describe(result, config))
+            return describe(train(config, progress=not args.quiet), config)
+
+        return report_errors(run)
+    return 0
+
+
+def report_errors(run) -> int:
+    """Run ``run()`` and print what it returns (exit 0); bad input is one line and exit 2, a
+    training run that had to stop is one line and exit 1."""
+    from ntrl.train import TrainingError
+
+    try:
+        text = run()
+    except ConfigError as e:
+        print(f"ntrl: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"ntrl: training stopped: {e}", file=sys.stderr)
+        return 1
+    print(text)
     return 0
 
 

@@ -382,29 +382,19 @@ def config_from_args(args: argparse.Namespace) -> GymConfig:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """``ntrl train --env ID ...``: validate, train (REINFORCE or SB3), print the summary."""
-    import sys
-
-    from ntrl.train import TrainingError
+    from ntrl.cli import report_errors
 
     quiet = bool(getattr(args, "gym_quiet", False))
-    try:
+
+    def run() -> str:
         config = config_from_args(args).validate()
         if config.algo == "reinforce":
             from ntrl.train import describe, train
 
             config.prebuild()
-            result = train(config, progress=not quiet)
-            text = describe(result, config)
-        else:
-            from ntrl.sb3_train import describe_sb3, train_sb3
+            return describe(train(config, progress=not quiet), config)
+        from ntrl.sb3_train import describe_sb3, train_sb3
 
-            result = train_sb3(config, progress=not quiet)
-            text = describe_sb3(result, config)
-    except ConfigError as e:
-        print(f"ntrl: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"ntrl: training stopped: {e}", file=sys.stderr)
-        return 1
-    print(text)
-    return 0
+        return describe_sb3(train_sb3(config, progress=not quiet), config)
+
+    return report_errors(run)
