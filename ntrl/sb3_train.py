@@ -42,7 +42,7 @@ def make_model(config: GymConfig, verbose: int = 0):
     return A2C("MlpPolicy", venv, **common)
 
 
-def train_sb3(config: GymConfig, progress: bool = True, echo=print) -> RunResult:
+def train_sb3(config: GymConfig, progress: bool = True) -> RunResult:
     """Train PPO or A2C with Price tracking at every ``track_every``-th rollout."""
     from ntrl.agents.sb3 import NTCovCallback
     from ntrl.user_properties import load_probe_states
