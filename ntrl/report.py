@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ntrl.analysis import LAW_MARGIN, CellResult, RunData, escape_data, kappa_of
+from ntrl.analysis import LAW_MARGIN, MIN_DELTA_AIC, CellResult, RunData, escape_data, kappa_of
 
 OPT_COLORS = {"sgd": "#1f77b4", "npg": "#d62728", "sign": "#2ca02c", "adam": "#9467bd"}
 
@@ -226,13 +226,17 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 EXPLANATION = f"""\
 **How to read the verdicts.** A cell is *consistent with p²* when every available piece of
-evidence points to the Euclidean law dP/dt ∝ p²(1 − p)²·κ: the 95 % bootstrap interval of the
-drift exponent (realised ΔP/η against p) lies within ±{LAW_MARGIN} of 2, the escape time T(p₀)
-is better described by a power law than by a logarithm (AIC), and a punished behaviour fades
-like 1/t rather than exponentially (AIC). It is *consistent with p(1 − p)* when the exponent is
-within ±{LAW_MARGIN} of 1, T(p₀) is logarithmic and extinction is exponential. Anything else is
-*neither*, and the reason column says which pieces of evidence disagree: such a finding is a
-result, not a bug. Static exponents are the small-p exponent a of NTVar(P) ≈ c·p^a(1 − p)^b in
+evidence points to the Euclidean law dP/dt ∝ p²(1 − p)²·κ: the 95 % interval of the drift
+exponent (E[ΔP]/η against p) lies within ±{LAW_MARGIN} of 2; the escape time T(p₀) is better
+described by a power law than by a logarithm, by ΔAIC ≥ {MIN_DELTA_AIC:g}, with a log–log slope
+whose interval lies within −1 ± {LAW_MARGIN}; and a punished behaviour fades like 1/t rather
+than exponentially (AIC, in at least 2/3 of the runs). It is *consistent with p(1 − p)* when the
+exponent is within ±{LAW_MARGIN} of 1, T(p₀) is logarithmic and extinction is exponential. A
+ΔAIC below {MIN_DELTA_AIC:g} is no evidence either way; rewarded runs that never reached ½ within
+the run length make the escape evidence "neither". Anything else is *neither*, and the evidence
+table says which pieces disagree: such a finding is a result, not a bug. Intervals are
+bootstraps over seeds within each p₀; a deterministic cell (one seed) gets the regression's
+t-interval instead. Static exponents are the small-p exponent a of NTVar(P) ≈ c·p^a(1 − p)^b in
 the Euclidean and the Fisher metric (theory: 2 and 1 for every network, since
 NTVar(p) = p²(1 − p)²·κ and NTVar_F⁻¹(p) = p(1 − p)). "Price R²" is the fraction of the variance
 of the realised ΔP explained by the predicted η·NTCov_M(P, U); "κ drift" is the median over runs
