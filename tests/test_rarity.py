@@ -158,3 +158,12 @@ def test_wandb_summary_run_holds_the_verdict_table(tmp_path):
     run_dirs = list((out / "runs").glob("*/wandb/offline-run-*"))
     assert len(run_dirs) == 4
     assert read_offline_run(run_dirs[0])["history"]
+
+
+def test_example_grid_file_is_valid():
+    from pathlib import Path
+
+    study = StudyConfig.from_file(Path(__file__).resolve().parents[1] / "examples" / "rarity_grid.toml")
+    assert study.envs == ["bandit", "juice"] and study.lrs["juice"]["tabular"]["sgd"] == 2.0
+    assert study.lrs["bandit"]["mlp"]["sgd"] > 0  # defaults merged in
+    assert all(s.env in ("bandit", "juice") for s in enumerate_runs(study))
