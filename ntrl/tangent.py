@@ -287,39 +287,7 @@ class TangentEngine:
         NTVar_M(X)_i = ∇X_i · M ∇X_i;   ntcov[name]_i = ∇X_i · v_name.
         To get NTCov_M(X, U) pass v = M ∇U (the optimizer's actual step direction).
         """
-        metrics = {"euc": Euclidean()} if metrics is None else metrics
-        directions = {} if directions is None else directions
-        # exact inverse-Fisher metrics are low rank: the structured backend gets them from
-        # directional derivatives (see InverseFisher.low_rank)
-        low_rank = {k: m.low_rank() for k, m in metrics.items() if isinstance(m, InverseFisher)}
-        low_rank = {k: lr for k, lr in low_rank.items() if lr is not None}
-        spec = self._per_state(X, {k: m for k, m in metrics.items() if k not in low_rank})
-        if spec is not None:
-            tr = self._trace(spec, params)
-            out = TangentStats(value=tr.value, backend="structured")
-            dtype = tr.value.dtype
-            for name, metric in metrics.items():
-                if name not in low_rank:
-                    out.ntvar[name] = self.structured.ntvar(tr, *self._metric_blocks(metric, dtype))
-            for name, (Vh, w, lam) in low_rank.items():
-                cols = [self.structured.ntcov(tr, self._blocks(v, dtype)) for v in Vh]
-                C = torch.stack(cols, dim=-1) if cols else tr.value.new_zeros(tr.value.shape[0], 0)
-                ntvar = (C**2 * w.to(dtype)).sum(dim=-1)
-                if lam > 0:
-                    euc = self.structured.ntvar(tr, *self._metric_blocks(Euclidean(), dtype))
-                    ntvar = ntvar + (euc - (C**2).sum(dim=-1)) / lam
-                out.ntvar[name] = ntvar
-            for name, v in directions.items():
-                out.ntcov[name] = self.structured.ntcov(tr, self._blocks(v, dtype))
-            log.debug("tangent engine: structured backend for %r", getattr(X, "name", X))
-            return out
-        value, J = self.dense_jacobian(X, params)
-        out = TangentStats(value=value, backend="reference")
-        for name, metric in metrics.items():
-            out.ntvar[name] = (J * metric.apply(J)).sum(dim=-1)
-        for name, v in directions.items():
-            out.ntcov[name] = J @ v.to(J.dtype)
-        return out
+        return self.stats_many([X], metrics, directions, params)[0]
 
     def stats_many(
         self,
@@ -328,21 +296,24 @@ class TangentEngine:
         directions: Mapping[str, Tensor] | None = None,
         params: ParamDict | None = None,
     ) -> list[TangentStats]:
-        """:meth:`stats` for several properties at once. Properties the structured backend takes
-        go one by one; the others share one forward pass and one stacked ``jacrev``."""
+        """:meth:`stats` for several properties. Those the structured backend takes go one by
+        one; the others share one forward pass and one dense Jacobian."""
         metrics = {"euc": Euclidean()} if metrics is None else metrics
         directions = {} if directions is None else directions
-        params = self.params() if params is None else params
+        # exact inverse-Fisher metrics are low rank: the structured backend gets them from
+        # directional derivatives (see InverseFisher.low_rank)
+        low_rank = {k: m.low_rank() for k, m in metrics.items() if isinstance(m, InverseFisher)}
+        low_rank = {k: lr for k, lr in low_rank.items() if lr is not None}
+        plain = {k: m for k, m in metrics.items() if k not in low_rank}
         out: list[TangentStats | None] = [None] * len(props)
         dense = []
         for i, X in enumerate(props):
-            structured = self.structured is not None and self._per_state(X, {
-                k: m for k, m in metrics.items() if not (isinstance(m, InverseFisher) and m.low_rank() is not None)
-            }) is not None
-            if structured or len(props) == 1:
-                out[i] = self.stats(X, metrics, directions, params)
-            else:
+            spec = self._per_state(X, plain)
+            if spec is None:
                 dense.append(i)
+            else:
+                out[i] = self._structured_stats(spec, plain, low_rank, directions, params)
+                log.debug("tangent engine: structured backend for %r", getattr(X, "name", X))
         if dense:
             sizes: list[int] = []
 
@@ -360,6 +331,27 @@ class TangentEngine:
                     st.ntcov[name] = Ji @ d.to(Ji.dtype)
                 out[i] = st
         return out  # type: ignore[return-value]
+
+    def _structured_stats(self, spec: PerState, metrics: Mapping[str, Metric], low_rank: Mapping[str, tuple],
+                          directions: Mapping[str, Tensor], params: ParamDict | None) -> TangentStats:
+        """Per-layer NTVar and NTCov; a low-rank metric Vhᵀ diag(w) Vh + (I − VhᵀVh)/λ from the
+        directional derivatives C_k = ∇X·v_k: Σ_k w_k C_k² + (‖∇X‖² − Σ_k C_k²)/λ."""
+        tr = self._trace(spec, params)
+        dtype = tr.value.dtype
+        out = TangentStats(value=tr.value, backend="structured")
+        for name, metric in metrics.items():
+            out.ntvar[name] = self.structured.ntvar(tr, *self._metric_blocks(metric, dtype))
+        for name, (Vh, w, lam) in low_rank.items():
+            cols = [self.structured.ntcov(tr, self._blocks(v, dtype)) for v in Vh]
+            C = torch.stack(cols, dim=-1) if cols else tr.value.new_zeros(tr.value.shape[0], 0)
+            ntvar = (C**2 * w.to(dtype)).sum(dim=-1)
+            if lam > 0:
+                euc = self.structured.ntvar(tr, *self._metric_blocks(Euclidean(), dtype))
+                ntvar = ntvar + (euc - (C**2).sum(dim=-1)) / lam
+            out.ntvar[name] = ntvar
+        for name, v in directions.items():
+            out.ntcov[name] = self.structured.ntcov(tr, self._blocks(v, dtype))
+        return out
 
     def ntcov(self, X: TangentFn, Y: TangentFn, metric: Metric | None = None) -> Tensor:
         """NTCov_M(X, Y) = ∂X/∂θ · M · (∂Y/∂θ)ᵀ, shape (n_X, n_Y)."""
