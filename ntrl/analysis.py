@@ -265,8 +265,10 @@ def fit_log_of_line(x: np.ndarray, log_y: np.ndarray, sign: int, start: tuple[fl
         return sign * np.log(np.clip(A + B * x, 1e-300, None))
 
     try:
-        (A, B), _ = optimize.curve_fit(model, x, log_y, p0=list(start), maxfev=20_000)
-    except (RuntimeError, optimize.OptimizeWarning):
+        with warnings.catch_warnings(), np.errstate(all="ignore"):  # a diverging trial step is no news
+            warnings.simplefilter("ignore")
+            (A, B), _ = optimize.curve_fit(model, x, log_y, p0=list(start), maxfev=20_000)
+    except (RuntimeError, ValueError, optimize.OptimizeWarning):
         return float("nan"), float("nan"), float("inf")
     return float(A), float(B), float(np.sum((log_y - model(x, A, B)) ** 2))
 
