@@ -75,8 +75,8 @@ class InverseFisher(Metric):
         A = rows √(w_s π(a|s)) ∇log π(a|s)   (π in the weights is held constant).
 
     ``method="exact"`` factors A = U S Vᵀ (thin SVD) and applies V diag(1/(S² + λ)) Vᵀ, plus
-    (1/λ)(I − VVᵀ) when λ > 0. Singular values below ``rtol``·S_max are treated as zero
-    (the softmax's shift direction is always one). ``method="cg"`` never forms A: it runs
+    (1/λ)(I − VVᵀ) when λ > 0. Singular values below ``rtol``·S_max (default 100·√eps) are treated
+    as zero: the softmax's shift direction is always one, and near-zero ones only amplify noise. ``method="cg"`` never forms A: it runs
     conjugate gradient on (F + λI) x = v with Fisher-vector products from ``torch.func`` jvp/vjp,
     and needs λ > 0. ``method="auto"`` is exact while A has at most ``max_exact_elements``, CG
     beyond that when λ > 0, and an error that says so when λ = 0.
@@ -129,9 +129,11 @@ class InverseFisher(Metric):
             A = J * self.row_scale[:, None]
             _, S, Vh = torch.linalg.svd(A, full_matrices=False)
             eps = torch.finfo(dtype).eps
-            # numpy's matrix_rank cutoff, with a floor for tiny A (the softmax's null direction
-            # shows up as a singular value of a few eps·S_max)
-            rtol = rtol if rtol is not None else max(*A.shape, 100) * eps
+            # S below 100·√eps·S_max are dropped: F⁺ amplifies a component along a singular
+            # direction by 1/S², so rounding noise of relative size eps in g (autograd's, in every
+            # direction) stays below 1e-4 of the step. Keeping smaller S let NPG take a
+            # catastrophic step on the juice MLP (P from 0.3 to 1e-166 in one update).
+            rtol = rtol if rtol is not None else 100 * eps**0.5
             keep = S > rtol * S.max().clamp_min(torch.finfo(dtype).tiny)
             self.S, self.Vh = S[keep], Vh[keep]
 

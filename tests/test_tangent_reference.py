@@ -214,3 +214,24 @@ def test_dense_jacobian_matches_the_jacrev_reference(d):
     v1, J1 = eng.dense_jacobian(X)
     v2, J2 = eng.jacobian(X)
     assert close(v1, v2, tol=1e-14) and close(J1, J2, tol=1e-12)
+
+
+def test_inverse_fisher_does_not_amplify_rounding_noise():
+    """F⁺ (g + δ) ≈ F⁺ g for δ of relative size 1e-15, even where some states are visited with
+    weight down to 1e-24 and some actions are nearly impossible (singular values of A over many
+    decades): a natural-gradient step must not blow up on rounding noise."""
+    torch.manual_seed(0)
+    pol = MLPPolicy(3, 5, 32, 2, "tanh", dtype=torch.float64)
+    with torch.no_grad():
+        pol.net[-1].weight.mul_(8.0)  # sharp softmax: probabilities down to ~1e-20 in places
+    obs = torch.randn(12, 3, dtype=torch.float64)
+    eng = TangentEngine(pol, dtype=torch.float64)
+    w = torch.logspace(0, -24, 12, dtype=torch.float64)
+    M = InverseFisher(eng, obs, w / w.sum())
+    _, J = eng.jacobian(lambda v: v.log_probs(obs))
+    A = J * M.row_scale[:, None]
+    g = A.T @ torch.randn(A.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(g.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    step = M.apply(g[None])[0]
+    noisy = M.apply((g + 1e-15 * g.norm() * noise / noise.norm())[None])[0]
+    assert (noisy - step).norm() < 1e-6 * step.norm()
