@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ntrl.analysis import LAW_MARGIN, MIN_DELTA_AIC, CellResult, RunData, escape_data, kappa_of
+from ntrl.analysis import LAW_MARGIN, MIN_DELTA_AIC, SMALL_P0, CellResult, RunData, escape_data, kappa_of
 
 OPT_COLORS = {"sgd": "#1f77b4", "npg": "#d62728", "sign": "#2ca02c", "adam": "#9467bd"}
 
@@ -229,7 +229,8 @@ EXPLANATION = f"""\
 evidence points to the Euclidean law dP/dt ∝ p²(1 − p)²·κ: the 95 % interval of the drift
 exponent (E[ΔP]/η against p) lies within ±{LAW_MARGIN} of 2; the escape time T(p₀) is better
 described by a power law than by a logarithm, by ΔAIC ≥ {MIN_DELTA_AIC:g}, with a log–log slope
-whose interval lies within −1 ± {LAW_MARGIN}; and a punished behaviour fades like 1/t rather
+whose interval lies within −1 ± {LAW_MARGIN} (both fitted on p₀ ≤ {SMALL_P0:g} when the grid has
+three such values, since both laws are asymptotic in p₀ → 0); and a punished behaviour fades like 1/t rather
 than exponentially (AIC, in at least 2/3 of the runs). It is *consistent with p(1 − p)* when the
 exponent is within ±{LAW_MARGIN} of 1, T(p₀) is logarithmic and extinction is exponential. A
 ΔAIC below {MIN_DELTA_AIC:g} is no evidence either way; rewarded runs that never reached ½ within
