@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv in the repo (once) and install ntrl into it, with torch from the CPU wheel.
 #   bash scripts/setup.sh          the package and its runtime dependencies
-#   bash scripts/setup.sh --dev    also the test tools (pytest, hypothesis, stable-baselines3)
+#   bash scripts/setup.sh --dev    also the test tools (pytest, hypothesis, pytest-xdist)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
