@@ -61,11 +61,6 @@ class PolicyOptimizer(ABC):
         with torch.no_grad():
             vector_to_parameters(self.flat_params() + plan.lr * plan.direction.to(self.params[0].dtype), self.params)
 
-    def step(self, g: Tensor, fisher_states: tuple[Tensor, Tensor] | None = None) -> StepPlan:
-        plan = self.plan(g, fisher_states)
-        self.apply(plan)
-        return plan
-
 
 class _TorchOptimizer(PolicyOptimizer):
     """Steps through a torch.optim optimizer on the loss −U (so that it ascends U)."""

@@ -45,7 +45,6 @@ class UtilityGradient:
     gradient: Tensor
     fisher_states: tuple[Tensor, Tensor]
     mean_return: float
-    utility_fn: Callable[[PolicyView], Tensor]
 
 
 def sample_actions(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -141,7 +140,7 @@ def exact_gradient(engine: TangentEngine, model) -> UtilityGradient:
     U = model.exact_expected_reward
     value, g = engine.value_and_gradient(U)
     obs, w = model.exact_states(engine.view())
-    return UtilityGradient(value, g, (obs, w), value, U)
+    return UtilityGradient(value, g, (obs, w), value)
 
 
 def sampled_gradient(
@@ -157,4 +156,4 @@ def sampled_gradient(
     U = surrogate_utility(batch)
     value, g = engine.value_and_gradient(U)
     w = torch.full((batch.obs.shape[0],), 1.0 / batch.obs.shape[0], dtype=torch.float64)
-    return UtilityGradient(value, g, (batch.obs, w), float(batch.episode_returns.mean()), U)
+    return UtilityGradient(value, g, (batch.obs, w), float(batch.episode_returns.mean()))

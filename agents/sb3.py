@@ -55,6 +55,7 @@ from ntrl.properties import Property
 from ntrl.records import RecordWriter
 from ntrl.tangent import PolicyView, TangentEngine
 from ntrl.tracker import to_json
+from ntrl.wandb_sink import WandbSink
 
 __all__ = ["SB3ActorLogits", "NTCovCallback", "rollout_surrogate"]
 
@@ -167,7 +168,7 @@ class NTCovCallback(BaseCallback):
             self._set_probes(raw)
         if self.records_path is not None:
             self._writer = RecordWriter(self.records_path)
-        if self.sink is not None and not hasattr(self.sink, "log_raw") and hasattr(self.sink, "define_metric"):
+        if self.sink is not None and not isinstance(self.sink, WandbSink):
             self._wandb_run, self.sink = self.sink, None  # a wandb Run was passed: log to it with our prefix
             self._wandb_run.define_metric(f"{self.prefix}/update")
             self._wandb_run.define_metric(f"{self.prefix}/*", step_metric=f"{self.prefix}/update")
@@ -189,9 +190,6 @@ class NTCovCallback(BaseCallback):
                                           exact_model=self.exact_model, raw_probes=raw, flag="properties")
                            for s in self.property_specs]
         check_properties(self.engine, self.properties, flag="properties")
-
-    def _flat_params(self) -> Tensor:
-        return self.engine.flatten(self.engine.params())
 
     # ------------------------------------------------------------------ events
     def _on_step(self) -> bool:

@@ -7,7 +7,7 @@ value raises :class:`ConfigError` naming the flag and the allowed range.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from ntrl.agents.optimizers import OPTIMIZERS
@@ -121,7 +121,3 @@ class TrainConfig:
     def build(self) -> "Experiment":
         """The environment, policy, optimizer, properties and utility of this run."""
         raise NotImplementedError(f"{type(self).__name__} does not build an experiment")
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]

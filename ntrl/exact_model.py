@@ -17,9 +17,6 @@ quantity below is a torch expression in θ (so ``engine.jacobian`` differentiate
     (I − γ P_πᵀ) x = ρ,   P_π(s, s') = Σ_a π(a|s) T(s'|s, a)
     d = (1 − γ) x,        R̄ = Σ_s d(s) r_π(s),        J = R̄ / (1 − γ) = E[Σ_t γᵗ r_t]
 
-Averages over a subset of states use the visitation distribution restricted to that subset:
-``state_mean(view, f, mask) = Σ_{s∈mask} d(s) f(s) / Σ_{s∈mask} d(s)``.
-
 Transitions are stored sparsely (COO over (s, a) → s'); each finite-horizon step gathers and
 scatters over the nonzeros, O(nnz), which under ``torch.func.jacrev`` is much cheaper than a
 dense P_π (whose backward forms an S×S outer product per step). The policy is evaluated once
@@ -28,8 +25,6 @@ small.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import numpy as np
 import torch
@@ -170,15 +165,6 @@ class TabularMDP:
     def exact_expected_reward(self, view: PolicyView) -> Tensor:
         """Alias of :meth:`expected_return` (the ``ntrl.properties.ExpectedReward`` protocol)."""
         return self.expected_return(view)
-
-    def state_mean(self, view: PolicyView, f: Callable[[Tensor], Tensor] | Tensor, mask=None) -> Tensor:
-        """Σ_{s∈mask} d(s) f(s) / Σ_{s∈mask} d(s), with f(s) given as a (S,) tensor or as a
-        function of the policy matrix π (S, A) -> (S,)."""
-        pi = self.policy_matrix(view)
-        d = self.visitation(view, pi)
-        values = f(pi) if callable(f) else torch.as_tensor(f, dtype=torch.float64)
-        m = torch.ones(self.n_states, dtype=torch.float64) if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.float64)
-        return (d * m * values).sum() / (d * m).sum()
 
     def exact_states(self, view: PolicyView) -> tuple[Tensor, Tensor]:
         """(distinct observations, their visitation weights), detached: the states for the

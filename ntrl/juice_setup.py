@@ -311,7 +311,7 @@ class JuiceConfig(TrainConfig):
 
                 value, g = engine.value_and_gradient(U)
                 return UtilityGradient(value, g, (obs, batch["weights"]),
-                                       float(batch["returns"].mean()), U)
+                                       float(batch["returns"].mean()))
 
         extra = None
         if q is not None and self.decomposition:

@@ -33,10 +33,6 @@ from ntrl.metrics import Euclidean, InverseFisher, Metric
 from ntrl.properties import Property
 from ntrl.tangent import TangentEngine
 
-FIELDS = (
-    "value", "ntvar_euc", "ntvar_opt", "ntvar_fisher", "ntcov_euc", "ntcov_opt",
-    "pred_delta", "real_delta", "residual",
-)
 
 
 def price_agreement(pred: np.ndarray, real: np.ndarray) -> dict[str, float]:

@@ -63,10 +63,6 @@ class WandbSink:
 
         self.run.log(dict(scalar_items(record)))
 
-    def log_raw(self, data: dict[str, Any]) -> None:
-        if self.run is not None:
-            self.run.log(data)
-
     def finish(self, summary: dict[str, Any] | None = None, exit_code: int = 0) -> None:
         if self.run is None:
             return
