@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -33,10 +32,11 @@ def add_rarity_parser(sub) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    from ntrl.cli import report_errors
     from ntrl.study import StudyConfig, run_study
     from ntrl.wandb_sink import WANDB_MODES
 
-    try:
+    def run() -> str:
         if args.wandb not in WANDB_MODES:
             raise ConfigError("--wandb", f"must be one of {', '.join(WANDB_MODES)}, got {args.wandb!r}")
         if args.workers < 1:
@@ -57,19 +57,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         if not args.analyse_only:
             run_study(study, out, workers=args.workers, wandb_mode=args.wandb, force=args.force,
                       progress=not args.quiet)
-    except ConfigError as e:
-        print(f"ntrl: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"ntrl: rarity study incomplete: {e}", file=sys.stderr)
-        return 1
-    paths = analyse_and_report(out, args.wandb)
-    print(paths["table"])
-    print(f"\nReport: {paths['html']} (also {paths['md']}); tables: {paths['csv']}")
-    if paths.get("wandb"):
-        print(f"W&B summary run ({args.wandb}): {paths['wandb']}  (browse: wandb leet {out}/wandb)")
-    print(f"Done in {time.time() - start:.0f} s.")
-    return 0
+        paths = analyse_and_report(out, args.wandb)
+        lines = [paths["table"], f"\nReport: {paths['html']} (also {paths['md']}); tables: {paths['csv']}"]
+        if paths.get("wandb"):
+            lines.append(f"W&B summary run ({args.wandb}): {paths['wandb']}  (browse: wandb leet {out}/wandb)")
+        lines.append(f"Done in {time.time() - start:.0f} s.")
+        return "\n".join(lines)
+
+    return report_errors(run)
 
 
 def analyse_and_report(out: Path, wandb_mode: str = "offline") -> dict:

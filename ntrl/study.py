@@ -25,10 +25,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ntrl.config import ConfigError, TrainConfig
+from ntrl.train import TrainingError
 
 ENVS = ("bandit", "juice")
 DIRECTIONS = ("rewarded", "punished")
 STUDY_FILE = "study.json"
+
+
+class StudyIncomplete(TrainingError):
+    """Some runs of a study failed; the completed ones are kept and a re-run retries the rest."""
 
 # Learning rates (env → policy → optimizer) that give escape times of tens to thousands of
 # updates for p₀ ≥ 1e-4.
@@ -367,7 +372,7 @@ def run_study(
         bar.close()
     if failures:
         spec, e = failures[0]
-        raise RuntimeError(f"{len(failures)} run(s) failed, first {spec.run_id}: {e}; "
-                           "completed runs are kept, re-run the same command to retry the rest")
+        raise StudyIncomplete(f"{len(failures)} run(s) failed, first {spec.run_id}: {e}; "
+                              "completed runs are kept, re-run the same command to retry the rest")
     return [(spec, done[spec]) for spec in specs if spec in done]
 
