@@ -14,14 +14,14 @@ sampled mode it is the REINFORCE surrogate of a batch of episodes from the nativ
 When the configuration is small enough for the exact model, P, F and R are tracked exactly in both
 modes (P is the headline property); otherwise (sampled mode only) the headline P is P_probe.
 
-At each tracked update ``extra_tracking`` adds, from the analysis engine's Jacobian of
-[P, F, R, F·P] (Euclidean metric):
+At each tracked update ``extra_tracking`` adds, from the Jacobian rows of P, F and R that the
+tracker has just formed (Euclidean metric):
 
     juice/ntcov_P_R          NTCov(P, R)
     juice/F_ntvar_P          F·NTVar(P)
-    juice/P_ntcov_P_F        P·NTCov(P, F)
-    juice/ntcov_P_FP         NTCov(P, F·P)            (autograd through the product)
-    juice/product_residual   NTCov(P, F·P) − F·NTVar(P) − P·NTCov(P, F)     (product rule: ~1e-16)
+    juice/P_ntcov_P_F        P·NTCov(P, F)             (their sum is NTCov(P, F·P) by the
+                                                       product rule, which tests check through
+                                                       autograd of F·P)
     juice/identity_residual  NTCov(P, R) − F·NTVar(P) − P·NTCov(P, F)       (0 iff ∇R = ∇(F·P))
     juice/identity_rel       identity_residual / |NTCov(P, R)|
     juice/c                  R / (F·P)
@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import gymnasium as gym
 import numpy as np
@@ -58,7 +58,8 @@ from ntrl.envs.juice import (
 )
 from ntrl.exact_model import ModelTooLargeError, TabularMDP
 from ntrl.properties import Property
-from ntrl.tangent import PolicyView, TangentEngine
+from ntrl.tangent import PolicyView, TangentEngine, TangentStats
+from ntrl.tangent_structured import PerState
 
 
 # ---------------------------------------------------------------------- policies
@@ -100,6 +101,16 @@ def approach_probability(view: PolicyView, obs: Tensor, mask: Tensor) -> Tensor:
     return (view.probs(obs) * mask).sum(-1)
 
 
+def approach_log_odds(logits: Tensor, mask: Tensor) -> Tensor:
+    """z = log π(approach|o) − log π(not approach|o) per row, in log space (logsumexp over the
+    approach actions and over the others), from logits of shape (N, K) and a 0/1 mask (N, K)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    m = mask.bool()
+    inside = torch.logsumexp(logp.masked_fill(~m, float("-inf")), dim=-1)
+    outside = torch.logsumexp(logp.masked_fill(m, float("-inf")), dim=-1)
+    return inside - outside
+
+
 class JuiceQuantities:
     """P, F, R and F·P of the exact model as torch functions of a PolicyView. One visitation
     computation per view: properties asked of the same view (the tracker evaluates them
@@ -132,15 +143,24 @@ class JuiceQuantities:
         return torch.stack([q["P"], q["F"], q["R"], q["FP"]])
 
 
-def decomposition(engine: TangentEngine, quantities: JuiceQuantities) -> dict[str, float]:
-    """The F·P decomposition of dP/dt at the engine's current parameters (Euclidean metric)."""
-    values, J = engine.jacobian(quantities.stacked)
-    P, F, R, FP = (float(v) for v in values)
-    jP, jF, jR, jFP = J
+def decomposition(engine: TangentEngine, quantities: JuiceQuantities,
+                  stats: Mapping[str, TangentStats] | None = None) -> dict[str, float]:
+    """The F·P decomposition of dP/dt at the engine's current parameters (Euclidean metric).
+
+    ``stats``: the tracker's stats of P, F and R at these parameters; when they carry Jacobian
+    rows, the decomposition reuses them instead of differentiating the exact model again.
+    """
+    have = stats is not None and all(k in stats and stats[k].gradient is not None for k in "PFR")
+    if have:
+        P, F, R = (float(stats[k].value[0]) for k in "PFR")
+        jP, jF, jR = (stats[k].gradient[0] for k in "PFR")
+    else:
+        values, J = engine.dense_jacobian(lambda v: quantities.stacked(v)[:3])
+        (P, F, R), (jP, jF, jR) = (float(v) for v in values), J
+    FP = F * P
     ntcov_P_R = float(jP @ jR)
     ntvar_P = float(jP @ jP)
     ntcov_P_F = float(jP @ jF)
-    ntcov_P_FP = float(jP @ jFP)
     F_ntvar_P, P_ntcov_P_F = F * ntvar_P, P * ntcov_P_F
     ident = ntcov_P_R - (F_ntvar_P + P_ntcov_P_F)
     return {
@@ -151,8 +171,6 @@ def decomposition(engine: TangentEngine, quantities: JuiceQuantities) -> dict[st
         "juice/ntcov_P_F": ntcov_P_F,
         "juice/F_ntvar_P": F_ntvar_P,
         "juice/P_ntcov_P_F": P_ntcov_P_F,
-        "juice/ntcov_P_FP": ntcov_P_FP,
-        "juice/product_residual": ntcov_P_FP - (F_ntvar_P + P_ntcov_P_F),
         "juice/identity_residual": ident,
         "juice/identity_rel": abs(ident) / abs(ntcov_P_R) if ntcov_P_R != 0 else float("nan"),
     }
@@ -283,14 +301,8 @@ class JuiceConfig(TrainConfig):
             q = None
             properties = [Property("P", p_probe.fn)]
 
-        def approach_log_odds(v: PolicyView) -> Tensor:
-            logp = v.log_probs(probe_obs)
-            m = probe_mask.bool()
-            inside = torch.logsumexp(logp.masked_fill(~m, float("-inf")), dim=-1)
-            outside = torch.logsumexp(logp.masked_fill(m, float("-inf")), dim=-1)
-            return inside - outside
-
-        kappa = Property("z", approach_log_odds)
+        kappa = Property("z", lambda v: approach_log_odds(v.logits(probe_obs), probe_mask))
+        kappa.per_state = PerState(probe_obs, lambda z: approach_log_odds(z, probe_mask))  # structured backend
 
         # -- environment and utility
         if exact:
@@ -315,8 +327,8 @@ class JuiceConfig(TrainConfig):
 
         extra = None
         if q is not None and self.decomposition:
-            def extra(engine: TangentEngine, u: UtilityGradient, plan=None) -> dict:
-                out = decomposition(engine, q)
+            def extra(engine: TangentEngine, u: UtilityGradient, plan=None, stats=None) -> dict:
+                out = decomposition(engine, q, stats)
                 out["juice/hide_prob"] = hide_prob
                 return out
 

@@ -68,6 +68,27 @@ class Diagonal(Metric):
         return self.d
 
 
+class AllLogProbs:
+    """X = log π(·|o) for every state and action, flattened (entry i·K + a = log π(a|o_i)).
+
+    It is per-state on the states repeated K times (row i·K + a reads its own action a), so the
+    structured backend forms its Jacobian, the Fisher's rows, from one forward and one backward
+    pass (``per_state`` is the (obs, fn of logits) pair the engine looks for)."""
+
+    def __init__(self, obs: Tensor, n_actions: int):
+        self.obs = obs
+        self.name = "log_probs"
+        n = obs.shape[0]
+        self.actions = torch.arange(n_actions).repeat(n)[:, None]
+        self.per_state = (obs.repeat_interleave(n_actions, dim=0), self.of_logits)
+
+    def of_logits(self, logits: Tensor) -> Tensor:
+        return torch.log_softmax(logits, dim=-1).gather(-1, self.actions)[:, 0]
+
+    def __call__(self, view) -> Tensor:
+        return view.log_probs(self.obs).reshape(-1)
+
+
 class InverseFisher(Metric):
     """M = (F + λI)⁻¹, or the pseudo-inverse F⁺ when λ = 0, for the policy's Fisher information
 
@@ -125,7 +146,7 @@ class InverseFisher(Metric):
         self.cg_tol, self.cg_max_iter = cg_tol, cg_max_iter
         self._params = params
         if method == "exact":
-            _, J = engine.jacobian(lambda v: v.log_probs(self.obs), params)
+            _, J = engine.dense_jacobian(AllLogProbs(self.obs, n_actions), params)
             A = J * self.row_scale[:, None]
             _, S, Vh = torch.linalg.svd(A, full_matrices=False)
             eps = torch.finfo(dtype).eps

@@ -115,12 +115,15 @@ class TangentStats:
     ntvar:  metric name -> NTVar_M(X), shape (n,)
     ntcov:  direction name -> ∇X · M v (M already folded into v by the caller), shape (n,)
     backend: which implementation produced the numbers
+    gradient: the Jacobian ∂X/∂θ, shape (n, P), when the backend formed it (the reverse-mode
+        path does; the structured backend never forms it), else None
     """
 
     value: Tensor
     ntvar: dict[str, Tensor] = field(default_factory=dict)
     ntcov: dict[str, Tensor] = field(default_factory=dict)
     backend: str = "reference"
+    gradient: Tensor | None = None
 
 
 class TangentEngine:
@@ -207,22 +210,54 @@ class TangentEngine:
 
     def dense_jacobian(self, X: TangentFn, params: ParamDict | None = None,
                        max_rows: int = 16) -> tuple[Tensor, Tensor]:
-        """Like :meth:`jacobian`, but an X of at most ``max_rows`` entries takes one forward pass
-        and one reverse-mode pass per entry (``torch.autograd.grad``) instead of ``jacrev``: for
-        a handful of outputs, vmap's machinery costs more than the gradients themselves."""
+        """Like :meth:`jacobian` (same values, same (n, P) Jacobian), by the cheapest route:
+
+        * a per-state X on the structured backend: one forward and one backward pass, and the
+          rows ∇_W X_i = δ_i a_iᵀ, ∇_b X_i = δ_i assembled layer by layer;
+        * an X of at most ``max_rows`` entries: one forward pass and one reverse-mode pass per
+          entry (``torch.autograd.grad``), because for a handful of outputs vmap's machinery
+          costs more than the gradients themselves;
+        * otherwise the ``jacrev`` reference.
+        """
+        spec = None
+        if self.structured is not None and self.backend != "reference":
+            try:
+                spec = self.structured.check(X, {}, self.n_params)
+            except StructuredUnsupported:
+                spec = None
+        if spec is not None:
+            tr = self._trace(spec, params)
+            return tr.value, self.flatten(self.structured.jacobian(tr, self.shapes), batch_dims=1)
         params = self.params() if params is None else params
+        values, rows = self._reverse_rows([X], params, max_rows)
+        if values is None:
+            return self.jacobian(X, params)
+        return values[0], rows[0]
+
+    def _reverse_rows(self, fns: Sequence[TangentFn], params: ParamDict,
+                      max_rows: int | None = None) -> tuple[list[Tensor] | None, list[Tensor]]:
+        """One shared forward pass of several properties, then one reverse-mode pass per entry,
+        taken from each property's own output (so a pass never walks another property's graph).
+        Returns (values, Jacobians) per property, or (None, []) when there are more than
+        ``max_rows`` entries in all."""
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         inputs = [leaves[n] for n in self.names]
+        view = PolicyView(self.module, leaves)
         with torch.enable_grad():
-            value = X(PolicyView(self.module, leaves)).reshape(-1)
-            if value.numel() > max_rows:
-                return self.jacobian(X, params)
-            rows = []
-            for i in range(value.numel()):
-                grads = torch.autograd.grad(value[i], inputs, retain_graph=i + 1 < value.numel(), allow_unused=True)
-                rows.append(torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1)
-                                       for x, g in zip(inputs, grads)]))
-        return value.detach(), torch.stack(rows)
+            outs = [X(view).reshape(-1) for X in fns]
+            if max_rows is not None and sum(o.numel() for o in outs) > max_rows:
+                return None, []
+            values, jacobians = [], []
+            for out in outs:
+                rows = []
+                for i in range(out.numel()):
+                    grads = (torch.autograd.grad(out[i], inputs, retain_graph=True, allow_unused=True)
+                             if out.requires_grad else [None] * len(inputs))
+                    rows.append(torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1)
+                                           for x, g in zip(inputs, grads)]))
+                values.append(out.detach())
+                jacobians.append(torch.stack(rows) if rows else out.new_zeros(0, self.n_params))
+        return values, jacobians
 
     def value_and_gradient(self, X: TangentFn, params: ParamDict | None = None) -> tuple[float, Tensor]:
         """(X(θ), ∇θX) for a scalar property; the gradient is flat, shape (P,).
@@ -297,7 +332,8 @@ class TangentEngine:
         params: ParamDict | None = None,
     ) -> list[TangentStats]:
         """:meth:`stats` for several properties. Those the structured backend takes go one by
-        one; the others share one forward pass and one dense Jacobian."""
+        one; the others share one forward pass, take one reverse-mode pass per entry, and return
+        their Jacobian rows in ``TangentStats.gradient``."""
         metrics = {"euc": Euclidean()} if metrics is None else metrics
         directions = {} if directions is None else directions
         # exact inverse-Fisher metrics are low rank: the structured backend gets them from
@@ -315,16 +351,20 @@ class TangentEngine:
                 out[i] = self._structured_stats(spec, plain, low_rank, directions, params)
                 log.debug("tangent engine: structured backend for %r", getattr(X, "name", X))
         if dense:
-            sizes: list[int] = []
+            params = self.params() if params is None else params
+            values, jacobians = self._reverse_rows([props[i] for i in dense], params, max_rows=16)
+            if values is None:  # many entries: one jacrev of them all
+                sizes: list[int] = []
 
-            def stacked(view: PolicyView) -> Tensor:
-                parts = [props[i](view).reshape(-1) for i in dense]
-                sizes[:] = [int(x.numel()) for x in parts]
-                return torch.cat(parts)
+                def stacked(view: PolicyView) -> Tensor:
+                    parts = [props[i](view).reshape(-1) for i in dense]
+                    sizes[:] = [int(x.numel()) for x in parts]
+                    return torch.cat(parts)
 
-            value, J = self.dense_jacobian(stacked, params)
-            for i, v, Ji in zip(dense, value.split(sizes), J.split(sizes)):
-                st = TangentStats(value=v, backend="reference")
+                value, J = self.jacobian(stacked, params)
+                values, jacobians = list(value.split(sizes)), list(J.split(sizes))
+            for i, v, Ji in zip(dense, values, jacobians):
+                st = TangentStats(value=v, backend="reference", gradient=Ji)
                 for name, metric in metrics.items():
                     st.ntvar[name] = (Ji * metric.apply(Ji)).sum(dim=-1)
                 for name, d in directions.items():

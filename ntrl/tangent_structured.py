@@ -349,6 +349,26 @@ class StructuredBackend:
                 out += L.delta @ G if f.a is None else (L.delta @ G).mul_(f.a).sum(1)
         return out
 
+    def jacobian(self, tr: Trace, shapes: Mapping[str, torch.Size]) -> ParamDict:
+        """The per-state gradients themselves, batched per parameter with shape (n, *shape):
+        ∇_W X_i = δ_i a_iᵀ (a_i δ_iᵀ for a transposed layout), ∇_b X_i = δ_i, and zeros for a
+        parameter the trace does not reach. Memory n × P: meant for few states (a Fisher's rows)."""
+        n = tr.value.shape[0]
+        out: ParamDict = {}
+        for L in tr.layers:
+            for f in L.factors:
+                if f.a is None:
+                    g = L.delta
+                elif f.layout == "transposed":
+                    g = f.a[:, :, None] * L.delta[:, None, :]
+                else:
+                    g = L.delta[:, :, None] * f.a[:, None, :]
+                out[f.name] = g.reshape(n, *shapes[f.name])
+        for name, shape in shapes.items():
+            if name not in out:
+                out[name] = tr.value.new_zeros(n, *shape)
+        return out
+
     def gram_block(self, r: Trace, c: Trace, kind: str, d: ParamDict | None) -> Tensor:
         """K_rc = J_r M J_cᵀ for one tile of row states r and column states c.
 

@@ -20,7 +20,7 @@ plus ``kappa`` = ‖∇z‖² for the log-odds z of the target action, and the u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import warnings
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ntrl.metrics import Euclidean, InverseFisher, Metric
 from ntrl.properties import Property
-from ntrl.tangent import TangentEngine
+from ntrl.tangent import TangentEngine, TangentStats
 
 
 
@@ -61,10 +61,15 @@ def to_json(t: Tensor) -> float | list[float]:
 
 @dataclass
 class PendingUpdate:
+    """A tracked update between ``before`` and ``after``: the record so far, X(θ), the predicted
+    ΔX and the engine's stats per property; ``after`` fills in X(θ + Δθ)."""
+
     update: int
     record: dict[str, Any]
     before: dict[str, Tensor]
     predicted: dict[str, Tensor]
+    stats: dict[str, TangentStats] = field(default_factory=dict)
+    after: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Tracker:
@@ -130,15 +135,18 @@ class Tracker:
         if self.kappa is not None:
             record["kappa"] = to_json(self.engine.ntvar(self.kappa))
         record["backend"] = "+".join(sorted({s.backend for s in all_stats}))
-        return PendingUpdate(update, record, before, predicted)
+        return PendingUpdate(update, record, before, predicted,
+                             stats={X.name: s for X, s in zip(self.properties, all_stats)})
 
     def after(self, pending: PendingUpdate) -> dict[str, Any]:
-        """Add the realised change X(θ + Δθ) − X(θ) and the residual; return the full record."""
+        """Add the realised change X(θ + Δθ) − X(θ) and the residual; return the full record
+        (X(θ + Δθ) itself is kept in ``pending.after``)."""
         record = dict(pending.record)
         view = self.engine.view()  # one view: properties of one model can share its forward pass
         for X in self.properties:
             with torch.no_grad():
-                real = X(view).reshape(-1) - pending.before[X.name]
+                pending.after[X.name] = value = X(view).reshape(-1)
+            real = value - pending.before[X.name]
             record[f"{X.name}/real_delta"] = to_json(real)
             record[f"{X.name}/residual"] = to_json(real - pending.predicted[X.name])
         return record

@@ -97,7 +97,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                 if tracker.should_track(t):
                     pending = tracker.before(t, u.gradient, plan, u.value, u.fisher_states)
                     if exp.extra_tracking is not None:
-                        pending.record.update(exp.extra_tracking(analysis_engine, u, plan))
+                        pending.record.update(exp.extra_tracking(analysis_engine, u, plan, pending.stats))
                 optimizer.apply(plan)
                 steps_done = t + 1
                 if pending is not None:
@@ -105,7 +105,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                     record["return"] = u.mean_return
                     writer.write(record)
                     sink.log(record)
-                p = float(analysis_engine.evaluate(P)[0])
+                # P after the step: the tracker has just evaluated it on tracked updates
+                p = float(pending.after[P.name][0] if pending is not None else analysis_engine.evaluate(P)[0])
                 if not math.isfinite(p):
                     raise TrainingError(f"P became non-finite at update {t}")
                 if crossed is None and p >= 0.5:

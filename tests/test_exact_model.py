@@ -180,7 +180,7 @@ def test_radius_one_reward_is_F_times_P_and_identity_closes(policy, hide):
     assert abs(float(vals["R"]) - float(vals["F"]) * float(vals["P"])) < 1e-9
     out = decomposition(eng, q)
     scale = abs(out["juice/F_ntvar_P"]) + abs(out["juice/P_ntcov_P_F"])
-    assert abs(out["juice/product_residual"]) <= 1e-12 * scale
+    assert product_rule_residual(eng, q) <= 1e-12 * scale
     assert abs(out["juice/identity_residual"]) <= 1e-12 * scale
     assert out["juice/c"] == pytest.approx(1.0, abs=1e-12)
 
@@ -193,11 +193,68 @@ def test_larger_radius_reward_is_only_proportional_and_tracker_reports_the_gap()
     out = decomposition(eng, q)
     assert 0.0 < out["juice/c"] < 1.0  # approaches from distance 2 pay nothing directly
     scale = abs(out["juice/F_ntvar_P"]) + abs(out["juice/P_ntcov_P_F"])
-    assert abs(out["juice/product_residual"]) <= 1e-12 * scale  # the product rule always holds
+    assert product_rule_residual(eng, q) <= 1e-12 * scale  # the product rule always holds
     assert abs(out["juice/identity_residual"]) > 1e-3 * scale  # but dP/dt ≠ NTCov(P, F·P)
     assert out["juice/identity_rel"] > 1e-3
     records = exp.extra_tracking(eng, exp.utility(eng, np.random.default_rng(0)))
     assert records["juice/identity_residual"] == pytest.approx(out["juice/identity_residual"], rel=1e-12)
+
+
+def product_rule_residual(eng: TangentEngine, q: JuiceQuantities) -> float:
+    """|NTCov(P, F·P) − F·NTVar(P) − P·NTCov(P, F)| with ∇(F·P) from jacrev through the product
+    (SCIENCE.md's product rule, which the tracked decomposition relies on)."""
+    (P, F, _, _), (jP, jF, _, jFP) = eng.jacobian(q.stacked)
+    return abs(float(jP @ jFP) - float(F * (jP @ jP) + P * (jP @ jF)))
+
+
+@pytest.mark.parametrize("policy", ["tabular", "mlp"])
+def test_decomposition_reuses_the_trackers_jacobians(policy):
+    """With the tracker's stats (Jacobian rows of P, F, R) the decomposition differentiates
+    nothing again, and gives the numbers it computes on its own."""
+    from ntrl.metrics import Euclidean
+    from ntrl.tangent import TangentStats
+
+    cfg = JuiceConfig(policy=policy, p0=0.05, view_radius=2, size=4, hide_prob=0.2, width=8)
+    exp = cfg.build()
+    eng = TangentEngine(exp.policy, dtype=torch.float64)
+    q = JuiceQuantities(tabular_model(**cfg.env_kwargs()))
+    stats = dict(zip("PFR", eng.stats_many(exp.properties[:3], {"euc": Euclidean()})))
+    assert all(s.gradient is not None for s in stats.values())
+    reused = decomposition(eng, q, stats)
+    alone = decomposition(eng, q)
+    assert reused.keys() == alone.keys()
+    for k in alone:
+        assert reused[k] == pytest.approx(alone[k], rel=1e-12, abs=1e-300), k
+    poisoned = {k: TangentStats(value=s.value, gradient=2 * s.gradient) for k, s in stats.items()}
+    assert decomposition(eng, q, poisoned)["juice/ntvar_P"] == pytest.approx(4 * alone["juice/ntvar_P"], rel=1e-12)
+
+
+@pytest.mark.parametrize("horizon", [2, 7])
+def test_adjoint_visitation_matches_the_torch_recursion(horizon):
+    """The one-node adjoint visitation (compiled sparse products) equals the torch recursion in
+    value and in gradient (float64), and jacrev (which cannot trace it) gets the torch recursion."""
+    m = tabular_model(size=4, view_radius=2, horizon=horizon, hide_prob=0.3)
+    gen = torch.Generator().manual_seed(horizon)
+    pi = torch.softmax(torch.randn(m.n_states, m.n_actions, generator=gen, dtype=torch.float64), -1)
+    c = torch.randn(m.n_states, generator=gen, dtype=torch.float64)
+    pi1, pi2 = pi.clone().requires_grad_(True), pi.clone().requires_grad_(True)
+    d1 = m.visitation(None, pi1)
+    d2 = m.visitation_torch(pi2)
+    assert d1.grad_fn is not None and "FiniteHorizonVisitation" in type(d1.grad_fn).__name__
+    assert torch.allclose(d1, d2, rtol=1e-13, atol=1e-16)
+    g1, = torch.autograd.grad(d1 @ c, pi1)
+    g2, = torch.autograd.grad(d2 @ c, pi2)
+    assert torch.allclose(g1, g2, rtol=1e-12, atol=1e-14 * float(g2.abs().max()))
+    Jref = torch.func.jacrev(lambda p: m.visitation(None, p) @ c)(pi)
+    assert torch.allclose(Jref, g2, rtol=1e-12, atol=1e-14 * float(g2.abs().max()))
+
+
+def test_adjoint_visitation_with_horizon_one_is_the_initial_distribution():
+    m = tabular_model(size=3, horizon=1)
+    pi = torch.full((m.n_states, m.n_actions), 1.0 / m.n_actions, dtype=torch.float64, requires_grad=True)
+    d = m.visitation(None, pi)
+    assert torch.equal(d.detach(), m.initial)
+    assert torch.equal(torch.autograd.grad(d.sum(), pi)[0], torch.zeros_like(pi))
 
 
 @settings(max_examples=15, deadline=None)

@@ -101,9 +101,10 @@ def test_every_optimizer_and_mode_runs_and_tracks(optimizer, mode, tmp_path):
     assert len(recs) == 3
     for r in recs:
         for key in ("P/pred_delta", "P/real_delta", "F/value", "R/value", "juice/ntcov_P_R",
-                    "juice/F_ntvar_P", "juice/P_ntcov_P_F", "juice/product_residual", "juice/identity_residual"):
+                    "juice/F_ntvar_P", "juice/P_ntcov_P_F", "juice/identity_residual"):
             assert np.isfinite(r[key]), key
         assert abs(r["juice/identity_residual"]) <= 1e-10 * (abs(r["juice/F_ntvar_P"]) + abs(r["juice/P_ntcov_P_F"]))
+        assert r["juice/ntvar_P"] == pytest.approx(r["P/ntvar_euc"], rel=1e-12)  # the same Jacobian rows
 
 
 def test_mlp_learns_to_approach_from_p_001(tmp_path):

@@ -250,3 +250,78 @@ def test_low_rank_inverse_fisher_matches_reference(damping):
     b = fast.stats(X, metrics={"f": M})
     assert b.backend == "structured" and a.backend == "reference"
     assert torch.allclose(b.ntvar["f"], a.ntvar["f"], rtol=1e-10, atol=0)
+
+
+def assert_rows_close(Js: torch.Tensor, Jr: torch.Tensor) -> None:
+    """Jacobian rows agree entry by entry relative to each row's norm."""
+    assert Js.shape == Jr.shape
+    scale = Jr.norm(dim=1, keepdim=True)
+    assert ((Js - Jr).abs() <= TOL * scale + 1e-300).all()
+
+
+@SETTINGS
+@given(data=st.data(), kind=st.sampled_from(["mlp", "sequential"]))
+def test_structured_jacobian_rows_match_jacrev(data, kind):
+    """dense_jacobian of a per-state property assembles ∇X_i = δ_i a_iᵀ layer by layer; the rows,
+    frozen parameters included (zeros), equal jacrev's."""
+    module, obs_dim = build(data, kind)
+    n = data.draw(st.integers(1, 20), label="n_states")
+    obs = torch.randn(n, obs_dim, dtype=torch.float64)
+    n_actions = (module.n_actions if kind == "mlp" else module[-1].out_features)
+    X = draw_property(data, obs, n_actions)
+    s_eng, r_eng = engines(module)
+    vs, Js = s_eng.dense_jacobian(X)
+    vr, Jr = r_eng.jacobian(X)
+    assert torch.allclose(vs, vr, rtol=1e-14, atol=0)
+    assert_rows_close(Js, Jr)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_structured_jacobian_rows_tabular_and_single_logit(seed):
+    torch.manual_seed(seed)
+    tab = TabularSoftmaxPolicy(4, 3)
+    with torch.no_grad():
+        tab.logits.normal_()
+    single = SingleLogitPolicy(target=seed % 2)
+    with torch.no_grad():
+        single.bias.fill_(0.3 * seed - 0.2)
+    for module, obs, k in [(tab, torch.randint(0, 4, (7, 1)).to(torch.float64), 3),
+                           (single, torch.zeros(5, 1, dtype=torch.float64), 2)]:
+        X = LogOdds(obs, seed % k)
+        s_eng, r_eng = engines(module)
+        _, Js = s_eng.dense_jacobian(X)
+        _, Jr = r_eng.jacobian(X)
+        assert_rows_close(Js, Jr)
+
+
+def test_all_log_probs_rows_are_the_fisher_jacobian():
+    """InverseFisher's rows (every log π(a|o)) come from one structured trace and equal jacrev's."""
+    from ntrl.metrics import AllLogProbs
+
+    torch.manual_seed(3)
+    policy = MLPPolicy(3, 4, width=6, depth=2, activation="tanh", dtype=torch.float64)
+    obs = torch.randn(5, 3, dtype=torch.float64)
+    s_eng, r_eng = engines(policy)
+    X = AllLogProbs(obs, 4)
+    vs, Js = s_eng.dense_jacobian(X)
+    vr, Jr = r_eng.jacobian(lambda v: v.log_probs(obs))
+    assert torch.allclose(vs, vr, rtol=1e-14, atol=0)
+    assert_rows_close(Js, Jr)
+
+
+def test_stats_many_returns_reverse_mode_rows_that_match_jacrev():
+    """Properties that are not per-state take one reverse-mode pass per entry from a shared
+    forward pass; their Jacobian rows come back in TangentStats.gradient."""
+    torch.manual_seed(4)
+    policy = MLPPolicy(2, 3, width=5, depth=1, activation="tanh", dtype=torch.float64)
+    obs = torch.randn(4, 2, dtype=torch.float64)
+    A = Property("A", lambda v: v.probs(obs)[:, 0].mean())
+    B = Property("B", lambda v: v.log_probs(obs)[:2, 1])
+    eng = TangentEngine(policy)
+    sa, sb = eng.stats_many([A, B])
+    assert sa.backend == sb.backend == "reference"
+    for X, st_ in ((A, sa), (B, sb)):
+        v, J = eng.jacobian(X)
+        assert torch.allclose(st_.value, v, rtol=1e-14, atol=0)
+        assert_rows_close(st_.gradient, J)
+        assert torch.allclose(st_.ntvar["euc"], (J * J).sum(1), rtol=1e-12, atol=0)
