@@ -68,6 +68,18 @@ class Diagonal(Metric):
         return self.d
 
 
+def right_singular(A: Tensor) -> tuple[Tensor, Tensor]:
+    """Singular values S (descending) and right singular vectors Vh of A (m × n), A = U S Vh.
+
+    Through the QR factorisation Aᵀ = Q R and the small SVD R = U_R S V_Rᵀ: then
+    A = V_R S (Q U_R)ᵀ, so Vh = (Q U_R)ᵀ. Householder QR is backward stable, so this is as
+    accurate as a direct SVD, and for the Fisher's short, wide A (m = states × actions rows,
+    n = parameters) it is about twice as fast."""
+    Q, R = torch.linalg.qr(A.T)
+    U_R, S, _ = torch.linalg.svd(R, full_matrices=False)
+    return S, (Q @ U_R).T
+
+
 class AllLogProbs:
     """X = log π(·|o) for every state and action, flattened (entry i·K + a = log π(a|o_i)).
 
@@ -147,8 +159,7 @@ class InverseFisher(Metric):
         self._params = params
         if method == "exact":
             _, J = engine.dense_jacobian(AllLogProbs(self.obs, n_actions), params)
-            A = J * self.row_scale[:, None]
-            _, S, Vh = torch.linalg.svd(A, full_matrices=False)
+            S, Vh = right_singular(J * self.row_scale[:, None])
             eps = torch.finfo(dtype).eps
             # S below 100·√eps·S_max are dropped: F⁺ amplifies a component along a singular
             # direction by 1/S², so rounding noise of relative size eps in g (autograd's, in every
