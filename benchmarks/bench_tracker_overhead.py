@@ -16,8 +16,11 @@ repeated ``--reps`` times, interleaved, and the table gives the median of the pe
 tracked / untracked − 1, with their range. "in tracker" is the time spent inside the tracking
 calls themselves (``Tracker.before``/``after`` and the extra quantities), timed in the tracked
 runs minus that in the untracked run (both track update 0), divided by the untracked run's time:
-the same overhead measured from the inside, which other load on the machine disturbs less. Each
-setup starts with an untimed warm-up run. The issue's target: at most 10 % on the juice gridworld.
+the same overhead measured from the inside, which other load on the machine disturbs less.
+"in-run paired" compares, within each tracked run, the tracked updates with the untracked ones
+(median durations; see ``paired_overhead``), so it includes any cost tracking leaves behind in
+the update, and slow spells on a shared machine cancel. Each setup starts with an untimed
+warm-up run. The issue's target: at most 10 % on the juice gridworld.
 """
 
 from __future__ import annotations
@@ -47,10 +50,21 @@ SETUPS = {
 
 class TrackerClock:
     """Accumulates the wall time spent in Tracker.before / Tracker.after and in the experiment's
-    extra tracking (wrapped while active)."""
+    extra tracking (wrapped while active), and stamps the start of every update (the utility is
+    the first thing an update computes)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.starts: list[float] = []
+
+    def stamp(self, fn):
+        def stamped(*args, **kwargs):
+            self.starts.append(time.perf_counter())
+            return fn(*args, **kwargs)
+        return stamped
+
+    def update_durations(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, self.starts[1:])]
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
@@ -68,6 +82,7 @@ class TrackerClock:
 
         def build_timed(cfg):
             exp = build(cfg)
+            exp.utility = clock.stamp(exp.utility)
             if exp.extra_tracking is not None:
                 exp.extra_tracking = clock.wrap(exp.extra_tracking)
             return exp
@@ -80,13 +95,23 @@ class TrackerClock:
             Tracker.before, Tracker.after, type(config).build = before, after, build
 
 
-def timed_run(config) -> tuple[float, float, float]:
-    """(wall s, process CPU s, wall s inside tracking) of one training run."""
+def timed_run(config) -> tuple[float, float, float, list[float]]:
+    """(wall s, process CPU s, wall s inside tracking, wall s of each update but the last)."""
     clock = TrackerClock()
     with clock.active(config):
         w0, c0 = time.perf_counter(), time.process_time()
         train(config, progress=False)
-        return time.perf_counter() - w0, time.process_time() - c0, clock.seconds
+        return time.perf_counter() - w0, time.process_time() - c0, clock.seconds, clock.update_durations()
+
+
+def paired_overhead(durations: list[float], every: int) -> float:
+    """Within one run tracked every ``every``-th update: (median tracked update − median
+    untracked update) / (every × median untracked update). Neighbouring updates share the
+    machine's state, so slow spells elsewhere cancel."""
+    tracked = [d for t, d in enumerate(durations) if t % every == 0 and t > 0]
+    plain = [d for t, d in enumerate(durations) if t % every != 0]
+    base = statistics.median(plain)
+    return (statistics.median(tracked) - base) / (every * base)
 
 
 def pct(x: float) -> str:
@@ -104,8 +129,8 @@ def main() -> None:
           f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}, {reps} interleaved repeats")
     print()
     print("| setup | Fisher tracked | updates | untracked (s) | ms / update | wall overhead [range] "
-          "| CPU overhead | in tracker | ms / tracked update |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| CPU overhead | in tracker | in-run paired | ms / tracked update |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (make, steps) in SETUPS.items():
             steps = steps // 5 if args.quick else steps
@@ -113,16 +138,19 @@ def main() -> None:
                 wall = {"off": [], "on": []}
                 cpu = {"off": [], "on": []}
                 inside = {"off": [], "on": []}
+                paired = []
                 timed_run(make(steps=min(steps, 20), track_every=5, fisher=fisher, wandb="disabled", out=tmp,
                                run_name="warm-up", force=True))  # imports, allocator, first-call costs
                 for r in range(reps):
                     for label, every in (("off", steps + 1), ("on", 10)):
                         cfg = make(steps=steps, track_every=every, fisher=fisher, wandb="disabled", out=tmp,
                                    run_name=f"{label}{r}", force=True)
-                        w, c, t_in = timed_run(cfg)
+                        w, c, t_in, durations = timed_run(cfg)
                         wall[label].append(w)
                         cpu[label].append(c)
                         inside[label].append(t_in)
+                        if label == "on":
+                            paired.append(paired_overhead(durations, every))
                 ratios = [on / off - 1 for on, off in zip(wall["on"], wall["off"])]
                 cpu_ratio = statistics.median(on / off - 1 for on, off in zip(cpu["on"], cpu["off"]))
                 off = statistics.median(wall["off"])
@@ -131,7 +159,8 @@ def main() -> None:
                 t_in = statistics.median(on - off for on, off in zip(inside["on"], inside["off"]))
                 print(f"| {name} | {'yes' if fisher else 'no'} | {steps} | {off:.2f} | {1e3 * off / steps:.1f} | "
                       f"{pct(statistics.median(ratios))} [{pct(min(ratios))}, {pct(max(ratios))}] | "
-                      f"{pct(cpu_ratio)} | {pct(t_in / off)} | {1e3 * t_in / (n_tracked - 1):.1f} |", flush=True)
+                      f"{pct(cpu_ratio)} | {pct(t_in / off)} | {pct(statistics.median(paired))} | "
+                      f"{1e3 * t_in / (n_tracked - 1):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,17 @@ class TangentEngine:
             i += k
         return out
 
+    def unflatten_many(self, flat: Tensor) -> ParamDict:
+        """:meth:`unflatten` for r flat vectors at once: blocks of shape (r, *shape)."""
+        if flat.shape[-1] != self.n_params:
+            raise ValueError(f"vectors have {flat.shape[-1]} entries, expected {self.n_params}")
+        out, i = {}, 0
+        for n in self.names:
+            k = int(torch.Size(self.shapes[n]).numel())
+            out[n] = flat[:, i : i + k].reshape(flat.shape[0], *self.shapes[n])
+            i += k
+        return out
+
     # ---------------------------------------------------------------- gradients
     def evaluate(self, X: TangentFn, params: ParamDict | None = None) -> Tensor:
         """X(θ) as a 1-D tensor."""
@@ -382,8 +393,8 @@ class TangentEngine:
         for name, metric in metrics.items():
             out.ntvar[name] = self.structured.ntvar(tr, *self._metric_blocks(metric, dtype))
         for name, (Vh, w, lam) in low_rank.items():
-            cols = [self.structured.ntcov(tr, self._blocks(v, dtype)) for v in Vh]
-            C = torch.stack(cols, dim=-1) if cols else tr.value.new_zeros(tr.value.shape[0], 0)
+            C = (self.structured.ntcov_many(tr, self.unflatten_many(Vh.to(dtype))) if Vh.shape[0]
+                 else tr.value.new_zeros(tr.value.shape[0], 0))
             ntvar = (C**2 * w.to(dtype)).sum(dim=-1)
             if lam > 0:
                 euc = self.structured.ntvar(tr, *self._metric_blocks(Euclidean(), dtype))

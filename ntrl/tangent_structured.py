@@ -349,6 +349,24 @@ class StructuredBackend:
                 out += L.delta @ G if f.a is None else (L.delta @ G).mul_(f.a).sum(1)
         return out
 
+    def ntcov_many(self, tr: Trace, V: ParamDict) -> Tensor:
+        """∇X_i · v_k for r directions at once, shape (N, r): as :meth:`ntcov`, with the blocks
+        of V holding the r directions stacked, (r, *shape) per parameter."""
+        out = tr.value.new_zeros(tr.value.shape[0], next(iter(V.values())).shape[0])
+        for L in tr.layers:
+            n_out = L.delta.shape[1]
+            for f in L.factors:
+                G = V[f.name]
+                if f.a is None:
+                    out += L.delta @ G.reshape(-1, n_out).T
+                    continue
+                r = G.shape[0]
+                Gm = G.reshape(r, -1, n_out).transpose(1, 2) if f.layout == "transposed" else G.reshape(r, n_out, -1)
+                # Σ_jk δ_ij G_kjl a_il = Σ_j δ_ij (a_i G_kᵀ)_j: one matmul for all r directions
+                aG = f.a @ Gm.reshape(r * n_out, -1).T  # (N, r·out)
+                out += (aG.reshape(-1, r, n_out) * L.delta[:, None, :]).sum(-1)
+        return out
+
     def jacobian(self, tr: Trace, shapes: Mapping[str, torch.Size]) -> ParamDict:
         """The per-state gradients themselves, batched per parameter with shape (n, *shape):
         ∇_W X_i = δ_i a_iᵀ (a_i δ_iᵀ for a transposed layout), ∇_b X_i = δ_i, and zeros for a
