@@ -17,8 +17,7 @@ call began (its "Total Allocated" counter), so it counts tensors, not Python obj
 allocator's cached pages. Methods whose cost would explode are skipped and say so: jacrev (the
 reference) costs O(N² P), vmap holds an N × P Jacobian and J Jᵀ costs N² P flops.
 
-Also: tracker overhead, the wall time of REINFORCE on the bandit with an MLP policy, tracking
-every 10th update against no tracking at all.
+The tracker's overhead on training has its own harness, ``bench_tracker_overhead.py``.
 
     python benchmarks/bench_tangent.py            # full run, several minutes
     python benchmarks/bench_tangent.py --quick    # smoke test, under a minute
@@ -229,36 +228,6 @@ def peak_memory(fn: Callable[[], object]) -> float:
     return max(e["args"]["Total Allocated"] - start for e in mem) / 2**20
 
 
-# ------------------------------------------------------------------------------ tracker overhead
-def tracker_overhead(steps: int, reps: int, fisher: bool, backend: str) -> dict:
-    """Wall time of bandit REINFORCE (MLP policy) tracking every 10th update vs no tracking."""
-    import ntrl.train as train_mod
-    from ntrl.bandit_setup import BanditConfig
-
-    original = train_mod.TangentEngine
-
-    def engine(module, dtype=None, **kw):
-        return original(module, dtype=dtype, backend=backend, **kw)
-
-    train_mod.TangentEngine = engine
-    try:
-        times: dict[str, list[float]] = {"none": [], "every10": []}
-        with tempfile.TemporaryDirectory() as tmp:
-            for r in range(reps):
-                for label, every in (("none", steps + 1), ("every10", 10)):
-                    cfg = BanditConfig(policy="mlp", optimizer="sgd", mode="exact", steps=steps, lr=0.1,
-                                       track_every=every, fisher=fisher, wandb="disabled", out=tmp,
-                                       run_name=f"{label}-{r}-{fisher}-{backend}", force=True)
-                    t0 = time.perf_counter()
-                    train_mod.train(cfg, progress=False)
-                    times[label].append(time.perf_counter() - t0)
-    finally:
-        train_mod.TangentEngine = original
-    base, tracked = statistics.median(times["none"]), statistics.median(times["every10"])
-    return {"fisher": fisher, "backend": backend, "steps": steps, "t_none": base, "t_every10": tracked,
-            "overhead": tracked / base - 1.0}
-
-
 # ------------------------------------------------------------------------------ main
 def run(args) -> dict:
     ns = [256, 1024] if args.quick else [256, 1024, 4096, 16384]
@@ -291,20 +260,12 @@ def run(args) -> dict:
                 rows.append(row)
                 print(fmt_row(row), flush=True)
     torch.set_num_threads(1)
-    steps, reps = (40, 1) if args.quick else (300, 7)
-    tracker = []
-    for fisher in (False, True):
-        for backend in ("auto", "reference"):
-            r = tracker_overhead(steps, reps, fisher, backend)
-            tracker.append(r)
-            print(f"tracker fisher={fisher} backend={backend}: none {r['t_none']:.2f}s, every10 "
-                  f"{r['t_every10']:.2f}s, overhead {100 * r['overhead']:.1f}%", flush=True)
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "command": " ".join(["python", "benchmarks/bench_tangent.py", *sys.argv[1:]]),
         "load_average_start": load_start, "load_average_end": os.getloadavg(),
-        "rows": rows, "tracker": tracker,
+        "rows": rows,
     }
 
 
@@ -352,15 +313,6 @@ def memory_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def tracker_table(result: dict) -> str:
-    lines = ["| Fisher metric tracked | engine backend | steps | no tracking (s) | every 10th (s) | overhead |",
-             "|---|---|---|---|---|---|"]
-    for r in result["tracker"]:
-        lines.append(f"| {r['fisher']} | {r['backend']} | {r['steps']} | {r['t_none']:.2f} | "
-                     f"{r['t_every10']:.2f} | {100 * r['overhead']:.1f}% |")
-    return "\n".join(lines)
-
-
 def combine(paths: list[str]) -> dict:
     """Several ``--json`` results as one: every time is the median over the runs, cell by cell.
 
@@ -378,19 +330,12 @@ def combine(paths: list[str]) -> dict:
             out[field] = {m: floor * statistics.median(r[field][m] / r[field]["floor"] for r in same if m in r[field])
                           for m in row[field]}
         rows.append(out)
-    tracker = []
-    for t in runs[0]["tracker"]:
-        same = [x for run in runs for x in run["tracker"] if (x["fisher"], x["backend"]) == (t["fisher"], t["backend"])]
-        tracker.append({**t, "steps": "/".join(str(x["steps"]) for x in same),
-                        "t_none": statistics.median(x["t_none"] for x in same),
-                        "t_every10": statistics.median(x["t_every10"] for x in same),
-                        "overhead": statistics.median(x["overhead"] for x in same)})
-    return {**runs[-1], "rows": rows, "tracker": tracker, "combined_from": paths}
+    return {**runs[-1], "rows": rows, "combined_from": paths}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke test: small N, width 64, short training")
+    p.add_argument("--quick", action="store_true", help="smoke test: small N, width 64")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--json", default=None, help="write the raw results to this JSON file")
     p.add_argument("--combine", nargs="+", metavar="JSON", default=None,
@@ -405,8 +350,6 @@ def main() -> None:
     print(table(result, "cpu"))
     print()
     print(memory_table(result))
-    print()
-    print(tracker_table(result))
     if args.json and not args.combine:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -143,8 +143,11 @@ class TangentEngine:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.module = module
         self.dtype = dtype
-        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
-        self.shapes = {n: p.shape for n, p in module.named_parameters() if p.requires_grad}
+        # the module's own parameter tensors, held as torch.optim holds them: in-place updates
+        # (optimizer steps, load_state_dict) are seen, and no module traversal is paid per query
+        self._tracked = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in self._tracked]
+        self.shapes = {n: p.shape for n, p in self._tracked}
         self.n_params = sum(int(torch.Size(s).numel()) for s in self.shapes.values())
         self.backend = backend
         self.gram_block = int(gram_block)
@@ -162,10 +165,9 @@ class TangentEngine:
     def params(self) -> ParamDict:
         """Detached copies of the current parameters, cast to the engine's dtype."""
         out = {}
-        for n, p in self.module.named_parameters():
-            if n in self.shapes:
-                q = p.detach()
-                out[n] = q.to(self.dtype) if self.dtype is not None else q
+        for n, p in self._tracked:
+            q = p.detach()
+            out[n] = q.to(self.dtype) if self.dtype is not None else q
         return out
 
     def view(self, params: ParamDict | None = None) -> PolicyView:
