@@ -51,6 +51,7 @@ from stable_baselines3.common.distributions import CategoricalDistribution
 from stable_baselines3.common.preprocessing import preprocess_obs
 from torch import Tensor, nn
 
+from ntrl.metrics import Euclidean
 from ntrl.properties import Property
 from ntrl.records import RecordWriter
 from ntrl.tangent import PolicyView, TangentEngine
@@ -212,18 +213,16 @@ class NTCovCallback(BaseCallback):
         adv = torch.as_tensor(buf.advantages.reshape(-1))
         U = rollout_surrogate(obs, actions, adv, normalize=bool(getattr(self.model, "normalize_advantage", False)),
                               ent_coef=float(getattr(self.model, "ent_coef", 0.0) or 0.0))
-        params = self.engine.params()
-        u_value, JU = self.engine.jacobian(U, params)
-        g = JU[0]
-        before: dict[str, Any] = {}
-        record: dict[str, Any] = {"update": update, "timesteps": int(self.num_timesteps), "U": float(u_value[0])}
-        for X in self.properties:
-            value, J = self.engine.jacobian(X, params)
-            before[X.name] = (value, J)
-            record[f"{X.name}/value"] = to_json(value)
-            record[f"{X.name}/ntvar_euc"] = to_json((J * J).sum(-1))
-            record[f"{X.name}/ntcov_euc"] = to_json(J @ g)
-        self._pending = {"record": record, "before": before, "theta": self.engine.flatten(params)}
+        params = {k: v.clone() for k, v in self.engine.params().items()}  # θ before PPO's epochs
+        u_value, g = self.engine.value_and_gradient(U, params)
+        record: dict[str, Any] = {"update": update, "timesteps": int(self.num_timesteps), "U": u_value}
+        stats = self.engine.stats_many(self.properties, {"euc": Euclidean()}, {"g": g}, params)
+        for X, st in zip(self.properties, stats):
+            record[f"{X.name}/value"] = to_json(st.value)
+            record[f"{X.name}/ntvar_euc"] = to_json(st.ntvar["euc"])
+            record[f"{X.name}/ntcov_euc"] = to_json(st.ntcov["g"])
+        record["backend"] = "+".join(sorted({st.backend for st in stats}))
+        self._pending = {"record": record, "params": params, "values": [st.value for st in stats]}
 
     def _on_rollout_start(self) -> None:
         self._finish_pending()
@@ -246,14 +245,15 @@ class NTCovCallback(BaseCallback):
             return
         pending, self._pending = self._pending, None
         record = dict(pending["record"])
-        params = self.engine.params()
-        dtheta = self.engine.flatten(params) - pending["theta"]
+        params, old = self.engine.params(), pending["params"]
+        dtheta = self.engine.flatten(params) - self.engine.flatten(old)
         lr = float(self.model.policy.optimizer.param_groups[0]["lr"])
         record.update({"lr": lr, "step_norm": float(dtheta.norm()), "n_grad_steps": self._n_grad_steps()})
-        for X in self.properties:
-            value, J = pending["before"][X.name]
+        # ∇X(θ_old)·Δθ: the first-order prediction of the change the epochs made
+        first_order = self.engine.stats_many(self.properties, {}, {"dtheta": dtheta}, old)
+        for X, value, st in zip(self.properties, pending["values"], first_order):
             real = self.engine.evaluate(X, params) - value
-            pred = J @ dtheta
+            pred = st.ntcov["dtheta"]
             pred_sgd = lr * torch.as_tensor(record[f"{X.name}/ntcov_euc"], dtype=torch.float64).reshape(-1)
             record[f"{X.name}/pred_delta"] = to_json(pred)
             record[f"{X.name}/pred_delta_sgd"] = to_json(pred_sgd)
