@@ -102,6 +102,19 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], sk
                         help="turn W&B logging off")
     parser.add_argument("--force", action="store_true", help=HELP["force"])
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="say on stderr which tangent backend answers each property, and why")
+
+
+def enable_verbose() -> None:
+    """Show ntrl's INFO log lines (for example which tangent backend each property uses) on stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ntrl: %(message)s"))
+    logger = logging.getLogger("ntrl")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_from_args(args)
     if args.command == "train":
         from ntrl.train import describe, train
+
+        if args.verbose or getattr(args, "gym_verbose", False):
+            enable_verbose()
 
         def run() -> str:
             config = config_from_args(args, experiment_config(args.env)).validate()

@@ -370,12 +370,15 @@ def add_env_flags(parser: argparse.ArgumentParser) -> None:
                         help="(--env) replace an existing run directory")
     parser.add_argument("--quiet", dest="gym_quiet", action="store_true", default=argparse.SUPPRESS,
                         help="(--env) no progress bar")
+    parser.add_argument("--verbose", "-v", dest="gym_verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="(--env) say on stderr which tangent backend answers each property, and why")
 
 
 def config_from_args(args: argparse.Namespace) -> GymConfig:
     values = {k[len("gym_"):]: v for k, v in vars(args).items() if k.startswith("gym_")}
     values["env"] = values.pop("env")
     values.pop("quiet", None)
+    values.pop("verbose", None)
     names = {f.name for f in fields(GymConfig)}
     return GymConfig(**{k: v for k, v in values.items() if k in names})
 
@@ -385,6 +388,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     from ntrl.cli import report_errors
 
     quiet = bool(getattr(args, "gym_quiet", False))
+    if getattr(args, "gym_verbose", False):
+        from ntrl.cli import enable_verbose
+
+        enable_verbose()
 
     def run() -> str:
         config = config_from_args(args).validate()

@@ -20,7 +20,8 @@ policy) and every metric is Euclidean or diagonal; otherwise it falls back, enti
 reference (an InverseFisher metric needs the Jacobian, so a query that includes one runs on
 the reference). ``backend="reference"`` always uses jacrev; ``backend="structured"`` raises
 :class:`StructuredUnsupported` where the structured backend cannot apply. ``TangentStats.backend``
-and a DEBUG log line on the ``ntrl.tangent`` logger say which backend answered.
+and the ``ntrl.tangent`` logger say which backend answered: once per property and backend at
+INFO (what ``ntrl train --verbose`` prints), and for every query at DEBUG.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class TangentEngine:
         self.backend = backend
         self.gram_block = int(gram_block)
         self.structured: StructuredBackend | None = None
+        self._announced: set[tuple[str, str]] = set()
         self._unsupported = "backend='reference' was requested"
         if backend != "reference":
             try:
@@ -288,18 +290,31 @@ class TangentEngine:
         return self.value_and_gradient(X, params)[1]
 
     # ---------------------------------------------------------------- backend dispatch
+    def _announce(self, X: object, backend: str, reason: str = "") -> None:
+        """Say once per (property, backend) at INFO which backend answers (``ntrl train
+        --verbose`` shows it); every query is logged at DEBUG."""
+        name = getattr(X, "name", None) or repr(X)
+        log.debug("tangent engine: %s backend for %r", backend, name)
+        if (name, backend) not in self._announced:
+            self._announced.add((name, backend))
+            log.info("tangent engine: %s backend for %r%s", backend, name, f" ({reason})" if reason else "")
+
     def _per_state(self, X: TangentFn, metrics: Mapping[str, Metric]) -> PerState | None:
         """X's per-state spec when the structured backend applies to (X, metrics), else None."""
+        return self._dispatch(X, metrics)[0]
+
+    def _dispatch(self, X: TangentFn, metrics: Mapping[str, Metric]) -> tuple[PerState | None, str]:
+        """(X's per-state spec, "") when the structured backend applies to (X, metrics), else
+        (None, why not); with ``backend="structured"`` the reason is raised instead."""
         reason = self._unsupported
         if self.structured is not None:
             try:
-                return self.structured.check(X, metrics, self.n_params)
+                return self.structured.check(X, metrics, self.n_params), ""
             except StructuredUnsupported as e:
                 reason = str(e)
         if self.backend == "structured":
             raise StructuredUnsupported(f"backend='structured' cannot apply: {reason}")
-        log.debug("tangent engine: reference backend for %r (%s)", getattr(X, "name", X), reason)
-        return None
+        return None, reason
 
     def _trace(self, spec: PerState, params: ParamDict | None = None) -> Trace:
         assert self.structured is not None
@@ -355,14 +370,14 @@ class TangentEngine:
         low_rank = {k: lr for k, lr in low_rank.items() if lr is not None}
         plain = {k: m for k, m in metrics.items() if k not in low_rank}
         out: list[TangentStats | None] = [None] * len(props)
-        dense = []
+        dense, why = [], {}
         for i, X in enumerate(props):
-            spec = self._per_state(X, plain)
+            spec, why[i] = self._dispatch(X, plain)
             if spec is None:
                 dense.append(i)
             else:
                 out[i] = self._structured_stats(spec, plain, low_rank, directions, params)
-                log.debug("tangent engine: structured backend for %r", getattr(X, "name", X))
+                self._announce(X, "structured")
         if dense:
             params = self.params() if params is None else params
             values, jacobians = self._reverse_rows([props[i] for i in dense], params, max_rows=16)
@@ -377,6 +392,7 @@ class TangentEngine:
                 value, J = self.jacobian(stacked, params)
                 values, jacobians = list(value.split(sizes)), list(J.split(sizes))
             for i, v, Ji in zip(dense, values, jacobians):
+                self._announce(props[i], "reference", why[i])
                 st = TangentStats(value=v, backend="reference", gradient=Ji)
                 for name, metric in metrics.items():
                     st.ntvar[name] = (Ji * metric.apply(Ji)).sum(dim=-1)

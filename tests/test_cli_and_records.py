@@ -52,6 +52,23 @@ def test_cli_run_prints_summary(tmp_path):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["p0"] == 0.02
 
 
+def test_verbose_says_which_tangent_backend_answers_each_property(tmp_path):
+    """Juice with an MLP: the per-state log-odds z behind κ runs on the structured backend, the
+    exact-model P, F and R on the reference (with the reason); each is said once, however many
+    updates are tracked, and nothing is said without --verbose."""
+    r = ntrl("train", "juice", "--out", str(tmp_path), "--no-wandb", "--quiet", "--steps", "4", "--track-every", "1",
+             "--width", "8", "--size", "3", "--horizon", "6", "--p0", "0.05", "--verbose")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if "tangent engine" in line]
+    assert "ntrl: tangent engine: structured backend for 'z'" in lines
+    for name in ("P", "F", "R"):
+        said = [line for line in lines if line.startswith(f"ntrl: tangent engine: reference backend for '{name}' (")]
+        assert len(said) == 1 and "per_state" in said[0], lines
+    quiet = ntrl("train", "juice", "--out", str(tmp_path), "--no-wandb", "--quiet", "--steps", "2", "--width", "8",
+                 "--size", "3", "--horizon", "6", "--p0", "0.05", "--run-name", "q")
+    assert quiet.returncode == 0 and "tangent engine" not in quiet.stderr
+
+
 def test_killed_run_keeps_every_completed_record(tmp_path):
     proc = subprocess.Popen([*NTRL, "train", "bandit", "--out", str(tmp_path), "--no-wandb", "--quiet",
                              "--steps", "100000", "--run-name", "k", "--policy", "single_logit"],

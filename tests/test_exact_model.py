@@ -268,3 +268,22 @@ def test_reward_is_c_times_F_times_P_with_c_at_most_one(size, radius, hide, hori
     assert R <= FP + 1e-12
     if radius == 1:
         assert abs(R - FP) < 1e-12
+
+
+def test_sparse_pattern_public_fallback_gives_the_same_products(monkeypatch):
+    """Without scipy's private compiled kernel the public csr_matrix product is used, with the
+    same result (the pattern keeps duplicate entries, which both sum)."""
+    import ntrl.exact_model as em
+
+    rng = np.random.default_rng(0)
+    rows, cols = rng.integers(0, 7, 40), rng.integers(0, 5, 40)  # duplicates on purpose
+    pat = em.SparsePattern(rows, cols, (7, 5))
+    data = rng.normal(size=40)
+    x = rng.normal(size=5)
+    dense = np.zeros((7, 5))
+    np.add.at(dense, (rows, cols), data)
+    fast = pat.matvec(pat.sorted_data(data), x)
+    monkeypatch.setattr(em, "_csr_matvec", None)
+    public = pat.matvec(pat.sorted_data(data), x)
+    assert np.allclose(fast, dense @ x, rtol=1e-13, atol=1e-13)
+    assert np.allclose(public, dense @ x, rtol=1e-13, atol=1e-13)
