@@ -31,8 +31,9 @@ matrix-vector products in compiled code. Its backward is the adjoint (reverse) r
     ∂L/∂π(a|s) = Σ_{t<H−1} μ_t(s) Σ_{s'} T(s'|s, a) ν_{t+1}(s')
 
 for L with ∂L/∂d = ḡ. A step of the torch recursion is half a dozen small tensor ops forward and
-as many backward, so on small models the per-op cost dominated; the adjoint node is about ten
-times cheaper. Under ``torch.func`` transforms (the engine's ``jacrev`` reference), which cannot
+as many backward, so on small models the per-op cost dominated; on the juice model the adjoint
+node is 6× faster forward and 4–5× faster forward and backward (``benchmarks/bench_exact_model.py``,
+results in ``benchmarks/RESULTS.md``). Under ``torch.func`` transforms (the engine's ``jacrev`` reference), which cannot
 trace compiled code, the torch recursion runs instead; tests check the two agree in float64.
 """
 
