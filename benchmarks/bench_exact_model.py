@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_exact_model.py            # about a minute
     .venv/bin/python benchmarks/bench_exact_model.py --quick    # a few seconds
 
-For the juice gridworld's tabular model (5×5: 600 states, and 8×8: 4,096 states; horizon 50;
+For the juice gridworld's tabular model (5×5: 600 states, and 8×8: 4,032 states; horizon 50;
 float64; single thread) it times, as medians of interleaved calls, with a random policy matrix π:
 
 * forward:            d = visitation(π)

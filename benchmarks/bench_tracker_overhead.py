@@ -122,6 +122,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one repeat of shortened runs (a smoke test)")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--only", default="", metavar="TEXT", help="run only the setups whose name contains TEXT")
+    ap.add_argument("--fisher", choices=("both", "yes", "no"), default="both",
+                    help="with the Fisher metric tracked, without, or both (default)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     reps = 1 if args.quick else args.reps
@@ -133,8 +136,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (make, steps) in SETUPS.items():
+            if args.only not in name:
+                continue
             steps = steps // 5 if args.quick else steps
-            for fisher in (False, True):
+            for fisher in {"both": (False, True), "yes": (True,), "no": (False,)}[args.fisher]:
                 wall = {"off": [], "on": []}
                 cpu = {"off": [], "on": []}
                 inside = {"off": [], "on": []}

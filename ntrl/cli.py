@@ -107,13 +107,22 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], sk
 
 
 def enable_verbose() -> None:
-    """Show ntrl's INFO log lines (for example which tangent backend each property uses) on stderr."""
+    """Show ntrl's INFO log lines (for example which tangent backend each property uses) on
+    stderr, written through tqdm so that they do not break the progress bar. Idempotent."""
     import logging
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("ntrl: %(message)s"))
+    class TqdmHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+
     logger = logging.getLogger("ntrl")
-    logger.addHandler(handler)
+    if not any(getattr(h, "ntrl_verbose", False) for h in logger.handlers):
+        handler = TqdmHandler()
+        handler.ntrl_verbose = True
+        handler.setFormatter(logging.Formatter("ntrl: %(message)s"))
+        logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 
 

@@ -31,10 +31,13 @@ matrix-vector products in compiled code. Its backward is the adjoint (reverse) r
     ∂L/∂π(a|s) = Σ_{t<H−1} μ_t(s) Σ_{s'} T(s'|s, a) ν_{t+1}(s')
 
 for L with ∂L/∂d = ḡ. A step of the torch recursion is half a dozen small tensor ops forward and
-as many backward, so on small models the per-op cost dominated; on the juice model the adjoint
-node is 6× faster forward and 4–5× faster forward and backward (``benchmarks/bench_exact_model.py``,
-results in ``benchmarks/RESULTS.md``). Under ``torch.func`` transforms (the engine's ``jacrev`` reference), which cannot
-trace compiled code, the torch recursion runs instead; tests check the two agree in float64.
+as many backward, so on small models the per-op cost dominated. On the juice model the adjoint
+node is 6× faster forward and 4–5× faster forward and backward, and a training update's utility
+gradient 3–4× faster (``benchmarks/bench_exact_model.py``, results in ``benchmarks/RESULTS.md``).
+Under ``torch.func`` transforms (the engine's ``jacrev`` reference), which cannot trace compiled
+code, the torch recursion runs instead; tests check the two agree in float64. The node is first
+order: asking it for a second derivative or a batched cotangent is an error that says to use
+torch.func.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 try:  # the compiled kernel behind scipy's ``csr_matrix @ vector``, without ~10 µs of checks per call
     from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
@@ -92,6 +94,12 @@ class SparsePattern:
         return y
 
 
+FIRST_ORDER_ONLY = (
+    "the exact model's adjoint visitation node supports first-order, unbatched reverse mode "
+    "(torch.autograd.grad / backward); for second derivatives, batched cotangents or forward mode, "
+    "differentiate under torch.func (jacrev, hessian, jvp, vmap), where the model runs its torch recursion")
+
+
 class FiniteHorizonVisitation(torch.autograd.Function):
     """d = (1/H) Σ_{t<H} μ_t with μ_{t+1} = P_πᵀ μ_t, as one autograd node (see the module
     docstring for the adjoint backward). Inputs: π of shape (S, A) in float64 and the model."""
@@ -111,11 +119,15 @@ class FiniteHorizonVisitation(torch.autograd.Function):
         return torch.from_numpy(mus.sum(0) / H)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_d: Tensor) -> tuple[Tensor, None]:
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative was asked for
+            raise RuntimeError(FIRST_ORDER_ONLY)
         model, mus, w = ctx.model, ctx.mus, ctx.w
         H = model.horizon
-        g = grad_d.detach().to(torch.float64).numpy() / H
+        try:
+            g = grad_d.detach().to(torch.float64).numpy() / H
+        except RuntimeError as e:  # a batched cotangent (is_grads_batched, vectorize=True)
+            raise RuntimeError(FIRST_ORDER_ONLY) from e
         nus = np.empty_like(mus)  # nus[t] = ν_t
         nus[H - 1] = g
         for t in range(H - 2, -1, -1):

@@ -74,7 +74,7 @@ def right_singular(A: Tensor) -> tuple[Tensor, Tensor]:
     Through the QR factorisation Aᵀ = Q R and the small SVD R = U_R S V_Rᵀ: then
     A = V_R S (Q U_R)ᵀ, so Vh = (Q U_R)ᵀ. Householder QR is backward stable, so this is as
     accurate as a direct SVD, and for the Fisher's short, wide A (m = states × actions rows,
-    n = parameters) it is about twice as fast."""
+    n = parameters) it is faster: 1.4–1.7× on the juice Fisher (25 × 4741)."""
     Q, R = torch.linalg.qr(A.T)
     U_R, S, _ = torch.linalg.svd(R, full_matrices=False)
     return S, (Q @ U_R).T
@@ -91,7 +91,7 @@ class AllLogProbs:
         self.obs = obs
         self.name = "log_probs"
         n = obs.shape[0]
-        self.actions = torch.arange(n_actions).repeat(n)[:, None]
+        self.actions = torch.arange(n_actions, device=obs.device).repeat(n)[:, None]
         self.per_state = (obs.repeat_interleave(n_actions, dim=0), self.of_logits)
 
     def of_logits(self, logits: Tensor) -> Tensor:

@@ -153,7 +153,7 @@ class TangentEngine:
         self.backend = backend
         self.gram_block = int(gram_block)
         self.structured: StructuredBackend | None = None
-        self._announced: set[tuple[str, str]] = set()
+        self._announced: set[tuple[str, str, str]] = set()
         self._unsupported = "backend='reference' was requested"
         if backend != "reference":
             try:
@@ -165,7 +165,8 @@ class TangentEngine:
 
     # ---------------------------------------------------------------- parameters
     def params(self) -> ParamDict:
-        """Detached copies of the current parameters, cast to the engine's dtype."""
+        """The current parameters, detached and cast to the engine's dtype. Without a cast they
+        share storage with the module's (an optimizer step changes them): clone to keep θ."""
         out = {}
         for n, p in self._tracked:
             q = p.detach()
@@ -233,6 +234,10 @@ class TangentEngine:
           entry (``torch.autograd.grad``), because for a handful of outputs vmap's machinery
           costs more than the gradients themselves;
         * otherwise the ``jacrev`` reference.
+
+        Whatever the ``backend`` option (bar "reference", which never uses the structured
+        backend), a property without a per-state form takes the reverse-mode route: a Jacobian
+        always exists, and the utility gradient needs one.
         """
         spec = None
         if self.structured is not None and self.backend != "reference":
@@ -270,7 +275,7 @@ class TangentEngine:
                              if out.requires_grad else [None] * len(inputs))
                     rows.append(torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(-1)
                                            for x, g in zip(inputs, grads)]))
-                values.append(out.detach())
+                values.append(out.detach().clone())  # X may be a view of a parameter, which a step overwrites
                 jacobians.append(torch.stack(rows) if rows else out.new_zeros(0, self.n_params))
         return values, jacobians
 
@@ -291,12 +296,12 @@ class TangentEngine:
 
     # ---------------------------------------------------------------- backend dispatch
     def _announce(self, X: object, backend: str, reason: str = "") -> None:
-        """Say once per (property, backend) at INFO which backend answers (``ntrl train
+        """Say once per (property, backend, reason) at INFO which backend answers (``ntrl train
         --verbose`` shows it); every query is logged at DEBUG."""
         name = getattr(X, "name", None) or repr(X)
         log.debug("tangent engine: %s backend for %r", backend, name)
-        if (name, backend) not in self._announced:
-            self._announced.add((name, backend))
+        if (name, backend, reason) not in self._announced:
+            self._announced.add((name, backend, reason))
             log.info("tangent engine: %s backend for %r%s", backend, name, f" ({reason})" if reason else "")
 
     def _per_state(self, X: TangentFn, metrics: Mapping[str, Metric]) -> PerState | None:

@@ -267,7 +267,7 @@ class StructuredBackend:
             return self._trace_table(spec, params, obs, dtype)
 
     def _trace_sequential(self, spec: PerState, params: ParamDict, obs: Tensor, dtype) -> Trace:
-        x = obs if (obs.is_floating_point() or self.prefix != "mlp") else obs.float()
+        x = obs if (obs.is_floating_point() or self.prefix != "mlp") else obs.to(dtype)  # as MLPPolicy.forward
         outputs, records = [], []
         for step in self.steps:
             if isinstance(step, _Act):

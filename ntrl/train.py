@@ -6,6 +6,7 @@ Readable top to bottom; ``scripts/train_bandit.py`` and ``ntrl train <env>`` bot
 
 from __future__ import annotations
 
+import inspect
 import math
 import shutil
 import sys
@@ -53,6 +54,16 @@ def price_check(records: list[dict[str, Any]], name: str = "P") -> dict[str, flo
                            np.array([np.mean(r[f"{name}/real_delta"]) for r in rows]))
 
 
+def extra_tracking(exp, engine: TangentEngine, u, plan, stats: dict) -> dict[str, Any]:
+    """``exp.extra_tracking(engine, u, plan, stats=...)``; an extra-tracking function written
+    for the older three-argument form (no ``stats``) is called without them."""
+    fn = exp.extra_tracking
+    params = inspect.signature(fn).parameters.values()
+    if any(p.name == "stats" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return fn(engine, u, plan, stats=stats)
+    return fn(engine, u, plan)
+
+
 def split_seed(seed: int) -> tuple[int, np.random.Generator]:
     """Independent streams from one seed: the environment's seed and the action sampler.
     (Seeding both with ``seed`` itself would make them draw the very same numbers.)"""
@@ -97,7 +108,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                 if tracker.should_track(t):
                     pending = tracker.before(t, u.gradient, plan, u.value, u.fisher_states)
                     if exp.extra_tracking is not None:
-                        pending.record.update(exp.extra_tracking(analysis_engine, u, plan, pending.stats))
+                        pending.record.update(extra_tracking(exp, analysis_engine, u, plan, pending.stats))
                 optimizer.apply(plan)
                 steps_done = t + 1
                 if pending is not None:

@@ -287,3 +287,21 @@ def test_sparse_pattern_public_fallback_gives_the_same_products(monkeypatch):
     public = pat.matvec(pat.sorted_data(data), x)
     assert np.allclose(fast, dense @ x, rtol=1e-13, atol=1e-13)
     assert np.allclose(public, dense @ x, rtol=1e-13, atol=1e-13)
+
+
+def test_adjoint_visitation_refuses_second_order_and_batched_cotangents_clearly():
+    """The node is first order: a Hessian through plain autograd or a batched cotangent is an
+    error naming torch.func (not a silent zero), and torch.func.hessian, which runs the torch
+    recursion, gives the same Hessian as the torch recursion itself."""
+    m = tabular_model(size=3, horizon=4, hide_prob=0.2)
+    gen = torch.Generator().manual_seed(0)
+    pi = torch.softmax(torch.randn(m.n_states, m.n_actions, generator=gen, dtype=torch.float64), -1)
+    c = torch.randn(m.n_states, generator=gen, dtype=torch.float64)
+    f = lambda p: (m.visitation(None, p) @ c) ** 2  # noqa: E731
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.autograd.functional.hessian(f, pi)
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.autograd.functional.jacobian(lambda p: m.visitation(None, p), pi, vectorize=True)
+    H = torch.func.hessian(f)(pi)
+    H_ref = torch.autograd.functional.hessian(lambda p: (m.visitation_torch(p) @ c) ** 2, pi)
+    assert torch.allclose(H, H_ref, rtol=1e-12, atol=1e-15)

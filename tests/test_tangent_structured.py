@@ -7,6 +7,7 @@ K_ij against √(K_ii K_jj) (the Cauchy–Schwarz bounds of an inner product).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -252,6 +253,23 @@ def test_low_rank_inverse_fisher_matches_reference(damping):
     assert torch.allclose(b.ntvar["f"], a.ntvar["f"], rtol=1e-10, atol=0)
 
 
+@contextlib.contextmanager
+def count_calls(obj, method: str):
+    """Count the calls of obj.method while active: yields a one-element list."""
+    calls = [0]
+    original = getattr(obj, method)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    setattr(obj, method, counted)
+    try:
+        yield calls
+    finally:
+        setattr(obj, method, original)
+
+
 def assert_rows_close(Js: torch.Tensor, Jr: torch.Tensor) -> None:
     """Jacobian rows agree entry by entry relative to each row's norm."""
     assert Js.shape == Jr.shape
@@ -262,15 +280,17 @@ def assert_rows_close(Js: torch.Tensor, Jr: torch.Tensor) -> None:
 @SETTINGS
 @given(data=st.data(), kind=st.sampled_from(["mlp", "sequential"]))
 def test_structured_jacobian_rows_match_jacrev(data, kind):
-    """dense_jacobian of a per-state property assembles ∇X_i = δ_i a_iᵀ layer by layer; the rows,
-    frozen parameters included (zeros), equal jacrev's."""
+    """dense_jacobian of a per-state property assembles ∇X_i = δ_i a_iᵀ layer by layer (on the
+    structured backend: checked), and the rows equal jacrev's."""
     module, obs_dim = build(data, kind)
     n = data.draw(st.integers(1, 20), label="n_states")
     obs = torch.randn(n, obs_dim, dtype=torch.float64)
     n_actions = (module.n_actions if kind == "mlp" else module[-1].out_features)
     X = draw_property(data, obs, n_actions)
     s_eng, r_eng = engines(module)
-    vs, Js = s_eng.dense_jacobian(X)
+    with count_calls(s_eng.structured, "jacobian") as calls:
+        vs, Js = s_eng.dense_jacobian(X)
+    assert calls == [1]
     vr, Jr = r_eng.jacobian(X)
     assert torch.allclose(vs, vr, rtol=1e-14, atol=0)
     assert_rows_close(Js, Jr)
@@ -289,8 +309,10 @@ def test_structured_jacobian_rows_tabular_and_single_logit(seed):
                            (single, torch.zeros(5, 1, dtype=torch.float64), 2)]:
         X = LogOdds(obs, seed % k)
         s_eng, r_eng = engines(module)
-        _, Js = s_eng.dense_jacobian(X)
+        with count_calls(s_eng.structured, "jacobian") as calls:
+            _, Js = s_eng.dense_jacobian(X)
         _, Jr = r_eng.jacobian(X)
+        assert calls == [1]
         assert_rows_close(Js, Jr)
 
 
@@ -303,7 +325,9 @@ def test_all_log_probs_rows_are_the_fisher_jacobian():
     obs = torch.randn(5, 3, dtype=torch.float64)
     s_eng, r_eng = engines(policy)
     X = AllLogProbs(obs, 4)
-    vs, Js = s_eng.dense_jacobian(X)
+    with count_calls(s_eng.structured, "jacobian") as calls:
+        vs, Js = s_eng.dense_jacobian(X)
+    assert calls == [1]
     vr, Jr = r_eng.jacobian(lambda v: v.log_probs(obs))
     assert torch.allclose(vs, vr, rtol=1e-14, atol=0)
     assert_rows_close(Js, Jr)
@@ -356,3 +380,47 @@ def test_ntcov_many_equals_ntcov_direction_by_direction(data, kind):
     one = torch.stack([eng.structured.ntcov(tr, eng.unflatten(v)) for v in V], dim=-1)
     scale = eng.ntvar(X).sqrt()[:, None] * V.norm(dim=1)[None, :]
     assert_cov_close(many, one, scale)
+
+
+def test_structured_jacobian_fills_zeros_for_parameters_the_network_does_not_use():
+    """An MLP policy with an extra parameter outside its net: the structured rows hold zeros there,
+    as jacrev's do."""
+    torch.manual_seed(5)
+    policy = MLPPolicy(2, 3, width=4, depth=1, activation="tanh", dtype=torch.float64)
+    policy.unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    obs = torch.randn(6, 2, dtype=torch.float64)
+    s_eng, r_eng = engines(policy)
+    X = ActionProbability(obs, 1)
+    with count_calls(s_eng.structured, "jacobian") as calls:
+        _, Js = s_eng.dense_jacobian(X)
+    _, Jr = r_eng.jacobian(X)
+    assert calls == [1] and "unused" in s_eng.names
+    assert_rows_close(Js, Jr)
+    assert torch.equal(s_eng.unflatten(Js[0])["unused"], torch.zeros(3, dtype=torch.float64))
+
+
+def test_integer_observations_reach_the_fisher_rows_of_an_mlp():
+    """Integer observations (a discrete env's state ids) are cast to the MLP's dtype on the
+    structured path too, so the exact Fisher of an MLP on them works and matches the reference."""
+    from ntrl.metrics import InverseFisher
+
+    torch.manual_seed(6)
+    policy = MLPPolicy(1, 3, width=5, depth=1, activation="tanh", dtype=torch.float64)
+    obs = torch.arange(4).reshape(4, 1)
+    fast = InverseFisher(TangentEngine(policy), obs)
+    ref = InverseFisher(TangentEngine(policy, backend="reference"), obs)
+    V = torch.randn(2, fast.engine.n_params, dtype=torch.float64)
+    assert torch.allclose(fast.apply(V), ref.apply(V), rtol=1e-9, atol=1e-9 * float(ref.apply(V).abs().max()))
+
+
+def test_values_do_not_alias_parameters_that_a_step_overwrites():
+    """A property that is a view of a parameter: the value stats return is X(θ) at query time,
+    not a window onto the parameter that the optimizer's in-place step then changes."""
+    policy = TabularSoftmaxPolicy(1, 2)
+    X = Property("z1", lambda v: v.params["logits"][:, 1])
+    eng = TangentEngine(policy)
+    st_ = eng.stats(X, {"euc": Euclidean()})
+    before = st_.value.clone()
+    with torch.no_grad():
+        policy.logits.add_(1.0)
+    assert torch.equal(st_.value, before)

@@ -155,3 +155,35 @@ def test_existing_run_dir_needs_force(tmp_path):
     with pytest.raises(ConfigError, match="--force"):
         run(tmp_path, policy="single_logit", steps=2)
     run(tmp_path, policy="single_logit", steps=3, force=True)
+
+
+@pytest.mark.parametrize("form", ["three_args", "stats_keyword"])
+def test_extra_tracking_in_either_form_reaches_the_records(tmp_path, form):
+    """An Experiment's extra tracking written for (engine, u, plan) keeps working; one that takes
+    ``stats`` gets the tracker's stats of this update (P's value among them)."""
+    from dataclasses import dataclass
+
+    seen = []
+
+    def three_args(engine, u, plan):
+        return {"extra/lr": plan.lr}
+
+    def with_stats(engine, u, plan, stats=None):
+        seen.append(float(stats["P"].value[0]))
+        return {"extra/P": float(stats["P"].value[0])}
+
+    @dataclass
+    class WithExtra(BanditConfig):
+        def build(self):
+            exp = super().build()
+            exp.extra_tracking = three_args if form == "three_args" else with_stats
+            return exp
+
+    cfg = WithExtra(policy="single_logit", p0=0.1, lr=0.5, steps=4, track_every=2, wandb="disabled",
+                    out=str(tmp_path))
+    recs = read_records(train(cfg, progress=False).run_dir / "records.jsonl")
+    assert len(recs) == 2
+    if form == "three_args":
+        assert all(r["extra/lr"] == 0.5 for r in recs)
+    else:
+        assert [r["extra/P"] for r in recs] == [r["P/value"] for r in recs] == seen
