@@ -186,21 +186,14 @@ class TangentEngine:
         return torch.cat(parts, dim=-1)
 
     def unflatten(self, flat: Tensor) -> ParamDict:
-        out, i = {}, 0
-        for n in self.names:
-            k = int(torch.Size(self.shapes[n]).numel())
-            out[n] = flat[i : i + k].reshape(self.shapes[n])
-            i += k
-        return out
-
-    def unflatten_many(self, flat: Tensor) -> ParamDict:
-        """:meth:`unflatten` for r flat vectors at once: blocks of shape (r, *shape)."""
+        """Split flat vectors (shape (..., P)) into per-parameter blocks of shape (..., *shape)."""
         if flat.shape[-1] != self.n_params:
             raise ValueError(f"vectors have {flat.shape[-1]} entries, expected {self.n_params}")
         out, i = {}, 0
+        lead = flat.shape[:-1]
         for n in self.names:
             k = int(torch.Size(self.shapes[n]).numel())
-            out[n] = flat[:, i : i + k].reshape(flat.shape[0], *self.shapes[n])
+            out[n] = flat[..., i : i + k].reshape(tuple(lead) + tuple(self.shapes[n]))
             i += k
         return out
 
@@ -416,7 +409,7 @@ class TangentEngine:
         for name, metric in metrics.items():
             out.ntvar[name] = self.structured.ntvar(tr, *self._metric_blocks(metric, dtype))
         for name, (Vh, w, lam) in low_rank.items():
-            C = (self.structured.ntcov_many(tr, self.unflatten_many(Vh.to(dtype))) if Vh.shape[0]
+            C = (self.structured.ntcov_many(tr, self.unflatten(Vh.to(dtype))) if Vh.shape[0]
                  else tr.value.new_zeros(tr.value.shape[0], 0))
             ntvar = (C**2 * w.to(dtype)).sum(dim=-1)
             if lam > 0:

@@ -376,7 +376,7 @@ def test_ntcov_many_equals_ntcov_direction_by_direction(data, kind):
     r = data.draw(st.integers(1, 5), label="r")
     V = torch.randn(r, eng.n_params, dtype=torch.float64)
     tr = eng._trace(eng._per_state(X, {}))
-    many = eng.structured.ntcov_many(tr, eng.unflatten_many(V))
+    many = eng.structured.ntcov_many(tr, eng.unflatten(V))
     one = torch.stack([eng.structured.ntcov(tr, eng.unflatten(v)) for v in V], dim=-1)
     scale = eng.ntvar(X).sqrt()[:, None] * V.norm(dim=1)[None, :]
     assert_cov_close(many, one, scale)
