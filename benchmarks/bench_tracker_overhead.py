@@ -17,6 +17,8 @@ tracked / untracked − 1, with their range. "in tracker" is the time spent insi
 calls themselves (``Tracker.before``/``after`` and the extra quantities), timed in the tracked
 runs minus that in the untracked run (both track update 0), divided by the untracked run's time:
 the same overhead measured from the inside, which other load on the machine disturbs less.
+"fastest runs" is the fastest tracked run over the fastest untracked run, minus one: slow spells
+only ever add time, so the minimum is the least disturbed run of each kind.
 "in-run paired" compares, within each tracked run, the tracked updates with the untracked ones
 (median durations; see ``paired_overhead``), so it includes any cost tracking leaves behind in
 the update, and slow spells on a shared machine cancel. Each setup starts with an untimed
@@ -125,6 +127,9 @@ def main() -> None:
     ap.add_argument("--only", default="", metavar="TEXT", help="run only the setups whose name contains TEXT")
     ap.add_argument("--fisher", choices=("both", "yes", "no"), default="both",
                     help="with the Fisher metric tracked, without, or both (default)")
+    ap.add_argument("--positions", action="store_true",
+                    help="also print, per setup, the mean update duration by position in each block of 10 "
+                         "(position 0 is the tracked update) over the tracked runs")
     args = ap.parse_args()
     torch.set_num_threads(1)
     reps = 1 if args.quick else args.reps
@@ -132,8 +137,9 @@ def main() -> None:
           f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}, {reps} interleaved repeats")
     print()
     print("| setup | Fisher tracked | updates | untracked (s) | ms / update | wall overhead [range] "
-          "| CPU overhead | in tracker | in-run paired | ms / tracked update |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| CPU overhead | in tracker | in-run paired | fastest runs | ms / tracked update |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    every_n, by_pos = 10, []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (make, steps) in SETUPS.items():
             if args.only not in name:
@@ -143,11 +149,11 @@ def main() -> None:
                 wall = {"off": [], "on": []}
                 cpu = {"off": [], "on": []}
                 inside = {"off": [], "on": []}
-                paired = []
+                paired, positions = [], [[] for _ in range(every_n)]
                 timed_run(make(steps=min(steps, 20), track_every=5, fisher=fisher, wandb="disabled", out=tmp,
                                run_name="warm-up", force=True))  # imports, allocator, first-call costs
                 for r in range(reps):
-                    for label, every in (("off", steps + 1), ("on", 10)):
+                    for label, every in (("off", steps + 1), ("on", every_n)):
                         cfg = make(steps=steps, track_every=every, fisher=fisher, wandb="disabled", out=tmp,
                                    run_name=f"{label}{r}", force=True)
                         w, c, t_in, durations = timed_run(cfg)
@@ -156,16 +162,32 @@ def main() -> None:
                         inside[label].append(t_in)
                         if label == "on":
                             paired.append(paired_overhead(durations, every))
+                            for t, d in enumerate(durations):
+                                if t > 0:
+                                    positions[t % every].append(d)
                 ratios = [on / off - 1 for on, off in zip(wall["on"], wall["off"])]
                 cpu_ratio = statistics.median(on / off - 1 for on, off in zip(cpu["on"], cpu["off"]))
                 off = statistics.median(wall["off"])
-                n_tracked = len(range(0, steps, 10))
+                n_tracked = len(range(0, steps, every_n))
                 # both runs track update 0: the difference is the cost of the other tracked updates
                 t_in = statistics.median(on - off for on, off in zip(inside["on"], inside["off"]))
                 print(f"| {name} | {'yes' if fisher else 'no'} | {steps} | {off:.2f} | {1e3 * off / steps:.1f} | "
                       f"{pct(statistics.median(ratios))} [{pct(min(ratios))}, {pct(max(ratios))}] | "
                       f"{pct(cpu_ratio)} | {pct(t_in / off)} | {pct(statistics.median(paired))} | "
-                      f"{1e3 * t_in / (n_tracked - 1):.1f} |", flush=True)
+                      f"{pct(min(wall['on']) / min(wall['off']) - 1)} | {1e3 * t_in / (n_tracked - 1):.1f} |",
+                      flush=True)
+                if args.positions:
+                    by_pos.append(f"{name}, Fisher {'yes' if fisher else 'no'}: " + " ".join(
+                        f"{1e3 * statistics.mean(p):.1f}" for p in positions) + " ms")
+    print_positions(by_pos)
+
+
+def print_positions(lines: list[str]) -> None:
+    if lines:
+        print()
+        print("Mean update duration by position in each block of 10 (position 0 is tracked), tracked runs:")
+        for line in lines:
+            print(f"* {line}")
 
 
 if __name__ == "__main__":

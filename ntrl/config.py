@@ -24,11 +24,11 @@ class Experiment:
 
     ``utility(engine, rng)`` returns the utility ascended this update and its gradient
     (exact or sampled); ``properties[0]`` is the headline property P.
-    ``extra_tracking(engine, utility_gradient, plan, stats=None) -> dict``, when given, is called
-    before each tracked step with the float64 analysis engine, the optimizer's step plan and, as
-    the keyword ``stats`` if it takes one, the tracker's :class:`ntrl.tangent.TangentStats` per
-    property name (values, and the Jacobian rows where the engine formed them, so extra
-    quantities need not differentiate again); its items are added to the record.
+    ``extra_tracking(engine, utility_gradient, plan, stats) -> dict``, when given, is called
+    before each tracked step with the float64 analysis engine, the optimizer's step plan and, if
+    it takes a fourth argument, the tracker's :class:`ntrl.tangent.TangentStats` per property
+    name (values, and the Jacobian rows where the engine formed them, so extra quantities need
+    not differentiate again); its items are added to the record.
     """
 
     env: Any

@@ -201,7 +201,7 @@ class TangentEngine:
     def evaluate(self, X: TangentFn, params: ParamDict | None = None) -> Tensor:
         """X(θ) as a 1-D tensor."""
         with torch.no_grad():
-            return X(self.view(params)).reshape(-1)
+            return X(self.view(params)).reshape(-1).clone()  # never a view of a parameter
 
     def jacobian(self, X: TangentFn, params: ParamDict | None = None) -> tuple[Tensor, Tensor]:
         """(X(θ), ∂X/∂θ): values of shape (n,) and the flat Jacobian of shape (n, P).
@@ -215,7 +215,7 @@ class TangentEngine:
             return v, v
 
         jac, value = jacrev(f, has_aux=True)(params)
-        return value.detach(), self.flatten(jac, batch_dims=1).detach()
+        return value.detach().clone(), self.flatten(jac, batch_dims=1).detach()
 
     def dense_jacobian(self, X: TangentFn, params: ParamDict | None = None,
                        max_rows: int = 16) -> tuple[Tensor, Tensor]:

@@ -55,13 +55,16 @@ def price_check(records: list[dict[str, Any]], name: str = "P") -> dict[str, flo
 
 
 def extra_tracking(exp, engine: TangentEngine, u, plan, stats: dict) -> dict[str, Any]:
-    """``exp.extra_tracking(engine, u, plan, stats=...)``; an extra-tracking function written
-    for the older three-argument form (no ``stats``) is called without them."""
+    """``exp.extra_tracking(engine, u, plan, stats)``; a function that takes only three
+    arguments (the older form, without the tracker's stats) is called with three."""
     fn = exp.extra_tracking
-    params = inspect.signature(fn).parameters.values()
-    if any(p.name == "stats" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return fn(engine, u, plan, stats=stats)
-    return fn(engine, u, plan)
+    try:
+        inspect.signature(fn).bind(engine, u, plan, stats)
+    except TypeError:
+        return fn(engine, u, plan)
+    except ValueError:  # no signature to inspect (some builtins): the documented form
+        pass
+    return fn(engine, u, plan, stats)
 
 
 def split_seed(seed: int) -> tuple[int, np.random.Generator]:

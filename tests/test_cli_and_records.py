@@ -69,6 +69,24 @@ def test_verbose_says_which_tangent_backend_answers_each_property(tmp_path):
     assert quiet.returncode == 0 and "tangent engine" not in quiet.stderr
 
 
+def test_enable_verbose_is_idempotent_and_writes_through_tqdm(capsys):
+    import logging
+
+    from ntrl.cli import enable_verbose
+
+    logger = logging.getLogger("ntrl")
+    old_handlers, old_level = list(logger.handlers), logger.level
+    try:
+        enable_verbose()
+        enable_verbose()
+        assert sum(getattr(h, "ntrl_verbose", False) for h in logger.handlers) == 1
+        logging.getLogger("ntrl.tangent").info("hello %s", "there")
+        assert capsys.readouterr().err.splitlines().count("ntrl: hello there") == 1
+    finally:
+        logger.handlers[:] = old_handlers
+        logger.setLevel(old_level)
+
+
 def test_killed_run_keeps_every_completed_record(tmp_path):
     proc = subprocess.Popen([*NTRL, "train", "bandit", "--out", str(tmp_path), "--no-wandb", "--quiet",
                              "--steps", "100000", "--run-name", "k", "--policy", "single_logit"],

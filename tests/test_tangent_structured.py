@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ntrl.agents.policies import ACTIVATIONS, MLPPolicy, SingleLogitPolicy, TabularSoftmaxPolicy
-from ntrl.metrics import Diagonal, Euclidean, InverseFisher
+from ntrl.metrics import Diagonal, Euclidean, InverseFisher, Metric
 from ntrl.properties import ActionProbability, LogOdds, Property
 from ntrl.tangent import TangentEngine
 from ntrl.tangent_structured import PerState, StructuredUnsupported
@@ -419,8 +419,39 @@ def test_values_do_not_alias_parameters_that_a_step_overwrites():
     policy = TabularSoftmaxPolicy(1, 2)
     X = Property("z1", lambda v: v.params["logits"][:, 1])
     eng = TangentEngine(policy)
-    st_ = eng.stats(X, {"euc": Euclidean()})
-    before = st_.value.clone()
+    values = [eng.stats(X, {"euc": Euclidean()}).value, eng.evaluate(X), eng.jacobian(X)[0],
+              eng.dense_jacobian(X)[0]]
+    before = [v.clone() for v in values]
     with torch.no_grad():
         policy.logits.add_(1.0)
-    assert torch.equal(st_.value, before)
+    for v, b in zip(values, before):
+        assert torch.equal(v, b)
+
+
+def test_verbose_announcements_once_per_property_backend_and_reason(caplog):
+    """INFO lines say which backend answers: once per (property, backend, reason), again when
+    the reason changes; every query is at DEBUG."""
+    torch.manual_seed(7)
+    policy = MLPPolicy(2, 3, width=4, depth=1, activation="tanh", dtype=torch.float64)
+    obs = torch.randn(3, 2, dtype=torch.float64)
+    eng = TangentEngine(policy)
+    P = ActionProbability(obs, 0)
+    Q = Property("Q", lambda v: v.probs(obs)[:, 1].mean())
+    with caplog.at_level(logging.INFO, logger="ntrl.tangent"):
+        for _ in range(3):
+            eng.stats_many([P, Q])
+        for _ in range(2):  # two different reasons for the same property and backend
+            eng.stats(P, {"m": InverseFisher(eng, obs, method="cg", damping=1e-3)})  # CG: no low-rank form
+            eng.stats(P, {"m": Doubled()})
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert info.count("tangent engine: structured backend for 'P'") == 1
+    assert sum(m.startswith("tangent engine: reference backend for 'Q' (") for m in info) == 1
+    for metric in ("InverseFisher", "Doubled"):
+        assert sum(m.startswith("tangent engine: reference backend for 'P' (") and metric in m for m in info) == 1
+
+
+class Doubled(Metric):
+    """M = 2I, declared as a general (not diagonal) metric."""
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        return 2 * V

@@ -157,7 +157,7 @@ def test_existing_run_dir_needs_force(tmp_path):
     run(tmp_path, policy="single_logit", steps=3, force=True)
 
 
-@pytest.mark.parametrize("form", ["three_args", "stats_keyword"])
+@pytest.mark.parametrize("form", ["three_args", "stats_keyword", "fourth_positional", "var_args"])
 def test_extra_tracking_in_either_form_reaches_the_records(tmp_path, form):
     """An Experiment's extra tracking written for (engine, u, plan) keeps working; one that takes
     ``stats`` gets the tracker's stats of this update (P's value among them)."""
@@ -172,11 +172,18 @@ def test_extra_tracking_in_either_form_reaches_the_records(tmp_path, form):
         seen.append(float(stats["P"].value[0]))
         return {"extra/P": float(stats["P"].value[0])}
 
+    def fourth_positional(engine, u, plan, st):
+        return with_stats(engine, u, plan, st)
+
+    def var_args(*args):
+        return with_stats(*args)
+
     @dataclass
     class WithExtra(BanditConfig):
         def build(self):
             exp = super().build()
-            exp.extra_tracking = three_args if form == "three_args" else with_stats
+            exp.extra_tracking = {"three_args": three_args, "stats_keyword": with_stats,
+                                  "fourth_positional": fourth_positional, "var_args": var_args}[form]
             return exp
 
     cfg = WithExtra(policy="single_logit", p0=0.1, lr=0.5, steps=4, track_every=2, wandb="disabled",
