@@ -1,0 +1,65 @@
+"""The exact inverse-Fisher factorisation: ``ntrl.metrics.right_singular`` (QR of Aᵀ, then the
+SVD of the small triangular factor) against ``torch.linalg.svd`` of A, on the Fisher rows the
+tracker factors.
+
+    .venv/bin/python benchmarks/bench_fisher.py            # about 10 s
+
+A holds the rows √(w_o π(a|o)) ∇log π(a|o) of the juice gridworld's 2×64 tanh MLP at its distinct
+observations (5 observations × 5 actions = 25 rows, 4741 parameters, float64), and of the same
+MLP at 64 random observations (320 rows). Median of interleaved calls, single thread.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+from ntrl.juice_setup import JuiceConfig
+from ntrl.metrics import AllLogProbs, right_singular
+from ntrl.tangent import TangentEngine
+
+
+def fisher_rows(engine: TangentEngine, obs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    values, J = engine.dense_jacobian(AllLogProbs(obs, 5))
+    scale = (weights.repeat_interleave(5) * values.exp()).sqrt()
+    return J * scale[:, None]
+
+
+def median_ms(fns: dict, rounds: int = 200) -> dict[str, float]:
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    exp = JuiceConfig(policy="mlp", optimizer="sgd", p0=0.01, wandb="disabled").build()
+    engine = TangentEngine(exp.policy, dtype=torch.float64)
+    obs, w = exp.utility(TangentEngine(exp.policy), None).fisher_states
+    cases = {
+        "juice distinct observations": fisher_rows(engine, obs.to(torch.float64), w.to(torch.float64)),
+        "64 random observations": fisher_rows(engine, torch.randn(64, 3, dtype=torch.float64,
+                                                                  generator=torch.Generator().manual_seed(0)),
+                                              torch.full((64,), 1 / 64, dtype=torch.float64)),
+    }
+    print(f"# inverse-Fisher factorisation, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}")
+    print()
+    print("| rows of A | A | torch.linalg.svd (ms) | right_singular (ms) | svd / right_singular |")
+    print("|---|---|---|---|---|")
+    for name, A in cases.items():
+        t = median_ms({"svd": lambda: torch.linalg.svd(A, full_matrices=False), "qr": lambda: right_singular(A)})
+        print(f"| {name} | {A.shape[0]} × {A.shape[1]} | {t['svd']:.2f} | {t['qr']:.2f} | {t['svd'] / t['qr']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
