@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 from contextlib import contextmanager
 
@@ -31,6 +30,7 @@ from ntrl.agents.policies import make_policy
 from ntrl.envs.juice import OBS_DIM, N_ACTIONS, STAY, seen_observations, tabular_model
 from ntrl.exact_model import TabularMDP
 from ntrl.tangent import TangentEngine
+from timing import interleaved_medians
 
 
 @contextmanager
@@ -46,19 +46,6 @@ def torch_recursion():
         yield
     finally:
         TabularMDP.visitation = original
-
-
-def interleaved(fns: dict[str, callable], rounds: int) -> dict[str, float]:
-    """Median seconds per call; every round calls each function once, in turn."""
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def cases(model: TabularMDP):
@@ -105,7 +92,7 @@ def main() -> None:
                 with torch_recursion():
                     return f()
 
-            t = interleaved({"torch": torch_f, "adjoint": adjoint_f}, rounds)
+            t = interleaved_medians({"torch": torch_f, "adjoint": adjoint_f}, rounds)
             print(f"| {size}×{size} | {model.n_states} | {what} | {1e3 * t['torch']:.2f} | {1e3 * t['adjoint']:.2f} | "
                   f"{t['torch'] / t['adjoint']:.1f} |", flush=True)
 

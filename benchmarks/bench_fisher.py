@@ -12,7 +12,6 @@ MLP at 64 random observations (320 rows). Median of interleaved calls, single th
 from __future__ import annotations
 
 import os
-import statistics
 import time
 
 import torch
@@ -20,24 +19,13 @@ import torch
 from ntrl.juice_setup import JuiceConfig
 from ntrl.metrics import AllLogProbs, right_singular
 from ntrl.tangent import TangentEngine
+from timing import interleaved_medians
 
 
 def fisher_rows(engine: TangentEngine, obs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     values, J = engine.dense_jacobian(AllLogProbs(obs, 5))
     scale = (weights.repeat_interleave(5) * values.exp()).sqrt()
     return J * scale[:, None]
-
-
-def median_ms(fns: dict, rounds: int = 200) -> dict[str, float]:
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -57,7 +45,8 @@ def main() -> None:
     print("| rows of A | A | torch.linalg.svd (ms) | right_singular (ms) | svd / right_singular |")
     print("|---|---|---|---|---|")
     for name, A in cases.items():
-        t = median_ms({"svd": lambda: torch.linalg.svd(A, full_matrices=False), "qr": lambda: right_singular(A)})
+        t = {k: 1e3 * v for k, v in interleaved_medians(
+            {"svd": lambda: torch.linalg.svd(A, full_matrices=False), "qr": lambda: right_singular(A)}, 200).items()}
         print(f"| {name} | {A.shape[0]} × {A.shape[1]} | {t['svd']:.2f} | {t['qr']:.2f} | {t['svd'] / t['qr']:.2f} |")
 
 
