@@ -47,7 +47,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-try:  # the compiled kernel behind scipy's ``csr_matrix @ vector``, without ~10 µs of checks per call
+try:  # the compiled kernel behind scipy's ``csr_matrix @ vector``, without the operator's checks
     from scipy.sparse._sparsetools import csr_matvec as _csr_matvec
 except ImportError:  # pragma: no cover - a scipy that moved it: the public operator does the same
     _csr_matvec = None
@@ -108,21 +108,25 @@ class FiniteHorizonVisitation(torch.autograd.Function):
     def forward(ctx, pi: Tensor, model: "TabularMDP") -> Tensor:
         # P_π(s, s') = Σ_a π(a|s) T(s'|s, a): one entry per nonzero of T
         w = pi.detach().numpy().reshape(-1)[model.rows_np] * model.probs_np
-        fwd, bwd = model.flow_pattern_T, model.flow_pattern
+        fwd = model.flow_pattern_T
         w_T = fwd.sorted_data(w)
         H = model.horizon
         mus = np.empty((H, model.n_states))
         mus[0] = model.initial_np
         for t in range(1, H):
             mus[t] = fwd.matvec(w_T, mus[t - 1])  # μ_{t+1} = P_πᵀ μ_t
-        ctx.mus, ctx.w, ctx.model = mus, bwd.sorted_data(w), model
+        ctx.mus, ctx.w, ctx.model = mus, w, model  # P_π's entries in COO order
+        ctx.w_sorted = None  # in P_π's CSR order: sorted by the first backward pass that needs it
         return torch.from_numpy(mus.sum(0) / H)
 
     @staticmethod
     def backward(ctx, grad_d: Tensor) -> tuple[Tensor, None]:
         if torch.is_grad_enabled():  # create_graph=True: a second derivative was asked for
             raise RuntimeError(FIRST_ORDER_ONLY)
-        model, mus, w = ctx.model, ctx.mus, ctx.w
+        model, mus = ctx.model, ctx.mus
+        if ctx.w_sorted is None:
+            ctx.w_sorted = model.flow_pattern.sorted_data(ctx.w)
+        w = ctx.w_sorted
         H = model.horizon
         try:
             g = grad_d.detach().to(torch.float64).numpy() / H

@@ -62,8 +62,6 @@ def extra_tracking(exp, engine: TangentEngine, u, plan, stats: dict) -> dict[str
         inspect.signature(fn).bind(engine, u, plan, stats)
     except TypeError:
         return fn(engine, u, plan)
-    except ValueError:  # no signature to inspect (some builtins): the documented form
-        pass
     return fn(engine, u, plan, stats)
 
 

@@ -69,6 +69,18 @@ def test_verbose_says_which_tangent_backend_answers_each_property(tmp_path):
     assert quiet.returncode == 0 and "tangent engine" not in quiet.stderr
 
 
+@pytest.mark.parametrize("where", ["env", "before_subcommand"])
+def test_verbose_with_env_and_before_the_subcommand(tmp_path, where):
+    """--verbose also works for ``ntrl train --env ID`` and when given before ``bandit``."""
+    if where == "env":
+        args = ["train", "--env", "ntrl/TwoArmedBandit-v0", "--steps", "2", "--verbose"]
+    else:
+        args = ["train", "--verbose", "bandit", "--steps", "2", "--policy", "mlp"]
+    r = ntrl(*args, "--out", str(tmp_path), "--no-wandb", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "ntrl: tangent engine: " in r.stderr
+
+
 def test_enable_verbose_is_idempotent_and_writes_through_tqdm(capsys):
     import logging
 
