@@ -131,6 +131,8 @@ def main() -> None:
                     help="also print, per setup, the mean update duration by position in each block of 10 "
                          "(position 0 is the tracked update) over the tracked runs")
     args = ap.parse_args()
+    if not any(args.only in name for name in SETUPS):
+        ap.error(f"--only {args.only!r} matches no setup; the setups are: {', '.join(SETUPS)}")
     torch.set_num_threads(1)
     reps = 1 if args.quick else args.reps
     print(f"# tracker overhead, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
