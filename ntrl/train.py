@@ -12,7 +12,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -54,15 +54,15 @@ def price_check(records: list[dict[str, Any]], name: str = "P") -> dict[str, flo
                            np.array([np.mean(r[f"{name}/real_delta"]) for r in rows]))
 
 
-def extra_tracking(exp, engine: TangentEngine, u, plan, stats: dict) -> dict[str, Any]:
-    """``exp.extra_tracking(engine, u, plan, stats)``; a function that takes only three
-    arguments (the older form, without the tracker's stats) is called with three."""
-    fn = exp.extra_tracking
+def extra_tracking_caller(fn: Callable[..., dict]) -> Callable[..., dict]:
+    """``call(engine, u, plan, stats)`` for an Experiment's extra tracking: a function that takes
+    only three arguments (the older form, without the tracker's stats) is called with three.
+    The signature is read once, not at every tracked update."""
     try:
-        inspect.signature(fn).bind(engine, u, plan, stats)
+        inspect.signature(fn).bind(None, None, None, None)
     except TypeError:
-        return fn(engine, u, plan)
-    return fn(engine, u, plan, stats)
+        return lambda engine, u, plan, stats: fn(engine, u, plan)
+    return fn
 
 
 def split_seed(seed: int) -> tuple[int, np.random.Generator]:
@@ -90,6 +90,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
     analysis_engine = TangentEngine(policy, dtype=torch.float64)  # tracking always in float64
     tracker = Tracker(analysis_engine, properties, kappa=exp.kappa, every=config.track_every, fisher=config.fisher)
     P = properties[0]
+    extra = None if exp.extra_tracking is None else extra_tracking_caller(exp.extra_tracking)
     p_start = float(analysis_engine.evaluate(P)[0])
     sink = WandbSink(run_dir, config.to_dict(), mode=config.wandb, name=run_dir.name, group=config.group)
     steps_done, crossed, status = 0, None, "finished"
@@ -108,8 +109,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                 pending = None
                 if tracker.should_track(t):
                     pending = tracker.before(t, u.gradient, plan, u.value, u.fisher_states)
-                    if exp.extra_tracking is not None:
-                        pending.record.update(extra_tracking(exp, analysis_engine, u, plan, pending.stats))
+                    if extra is not None:
+                        pending.record.update(extra(analysis_engine, u, plan, pending.stats))
                 optimizer.apply(plan)
                 steps_done = t + 1
                 if pending is not None:
