@@ -52,6 +52,17 @@ class PolicyOptimizer(ABC):
     def flat_params(self) -> Tensor:
         return parameters_to_vector(self.params).detach()
 
+    def state_tensors(self) -> dict[str, list[Tensor]]:
+        """The tensors this optimizer carries from update to update, by name (for checks)."""
+        return {"parameters": list(self.params)}
+
+    def nonfinite_state(self) -> str | None:
+        """The name of the first state tensor holding a NaN or ±inf, or None when all are finite."""
+        for name, tensors in self.state_tensors().items():
+            if any(not bool(torch.isfinite(t).all()) for t in tensors):
+                return name
+        return None
+
     @abstractmethod
     def plan(self, g: Tensor, fisher_states: tuple[Tensor, Tensor] | None = None) -> StepPlan:
         """The metric and direction of the step for utility gradient g (flat, shape (P,))."""
@@ -76,6 +87,14 @@ class _TorchOptimizer(PolicyOptimizer):
             offset += k
         self.torch_opt.step()
         self.torch_opt.zero_grad(set_to_none=True)
+
+    def state_tensors(self) -> dict[str, list[Tensor]]:
+        out = super().state_tensors()
+        for st in self.torch_opt.state.values():
+            for key, value in st.items():
+                if isinstance(value, Tensor) and value.is_floating_point() and key != "step":
+                    out.setdefault(key, []).append(value)
+        return out
 
 
 class SGD(_TorchOptimizer):

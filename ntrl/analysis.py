@@ -22,7 +22,6 @@ seed) is held fixed; a cell with no resampling freedom gets a point interval.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from scipy import optimize, stats
 
 from ntrl.records import read_records
 from ntrl.tracker import price_agreement
-from ntrl.study import STUDY_FILE, RunSpec, StudyConfig, completed_summary, enumerate_runs
+from ntrl.study import RunSpec, StudyConfig, completed_summary, enumerate_runs, read_study_file
 
 Cell = tuple[str, str, str, str]
 LAW_MARGIN = 0.25  # a law is "consistent" when the exponent's whole CI lies within ±0.25 of it
@@ -79,7 +78,7 @@ NAN = Estimate(float("nan"), float("nan"), float("nan"))
 def load_study(study_dir: str | Path) -> tuple[StudyConfig, list[RunData]]:
     """The study config and every completed run in ``study_dir``."""
     study_dir = Path(study_dir)
-    study = StudyConfig(**json.loads((study_dir / STUDY_FILE).read_text()))
+    study = read_study_file(study_dir)
     runs = []
     for spec in enumerate_runs(study):
         run_dir = study_dir / "runs" / spec.run_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from typing import Sequence
 
@@ -96,8 +97,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], sk
             kind = optional_float
         parser.add_argument(flag_of(f.name), dest=f.name, type=kind, default=default,
                             metavar=f.name.upper(), help=f"{HELP.get(f.name, f.name)} (default: {default})")
-    parser.add_argument("--wandb", dest="wandb", default=defaults.wandb, metavar="MODE",
-                        help="W&B mode: offline (default), online (upload) or disabled")
+    parser.add_argument("--wandb", dest="wandb", default=None, choices=("offline", "online", "disabled"),
+                        help="W&B mode (default: WANDB_MODE from the environment, else offline)")
     parser.add_argument("--no-wandb", dest="wandb", action="store_const", const="disabled",
                         help="turn W&B logging off")
     parser.add_argument("--force", action="store_true", help=HELP["force"])
@@ -143,13 +144,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, cls: type[TrainConfig]) -> TrainConfig:
+    from ntrl.wandb_sink import mode_from_environment
+
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["wandb"] = mode_from_environment(values.get("wandb"))
+    return cls(**values)
+
+
+# A flag value such as ``-1e3`` is a number, not an option; argparse only knows ``-1`` and ``-1.5``.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+def join_negative_numbers(argv: Sequence[str]) -> list[str]:
+    """``--flag -1e3`` → ``--flag=-1e3`` for long flags followed by a negative number."""
+    out: list[str] = []
+    for token in argv:
+        prev = out[-1] if out else ""
+        if (NEGATIVE_NUMBER.match(token) and prev.startswith("--") and "=" not in prev and prev != "--"):
+            out[-1] = f"{prev}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (records kept, one line), with exit status 143."""
+
+
+_TERMINATED = []
+
+
+def _raise_terminated(signum, frame) -> None:
+    _TERMINATED.append(signum)
+    raise Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_numbers(sys.argv[1:] if argv is None else argv))
     if args.command == "rarity":
         from ntrl.rarity import run_from_args as run_rarity
 
@@ -183,6 +221,9 @@ def report_errors(run) -> int:
 
     try:
         text = run()
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the run said what it kept
+        print(f"ntrl: {getattr(e, 'message', None) or 'interrupted'}", file=sys.stderr)
+        return 143 if _TERMINATED else 130
     except ConfigError as e:
         print(f"ntrl: error: {e}", file=sys.stderr)
         return 2

@@ -112,6 +112,11 @@ class TrainConfig:
         need(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         if self.stop_at_p is not None:
             need(0.0 < self.stop_at_p < 1.0, "stop_at_p", f"must be in (0, 1), got {self.stop_at_p}")
+        from ntrl.run_dirs import check_name, check_out_dir
+
+        if self.run_name is not None:
+            check_name(self.run_name, "--run-name")
+        check_out_dir(self.out)
         return self
 
     def default_run_name(self) -> str:

@@ -362,8 +362,9 @@ def add_env_flags(parser: argparse.ArgumentParser) -> None:
         if f.name in ("stop_at_p", "p0"):
             kind = optional_float
         parser.add_argument(flag_of(f.name), type=kind, **kw)
-    parser.add_argument("--wandb", dest="gym_wandb", default=argparse.SUPPRESS, metavar="MODE",
-                        help="(--env) W&B mode: offline (default), online or disabled")
+    parser.add_argument("--wandb", dest="gym_wandb", default=argparse.SUPPRESS,
+                        choices=("offline", "online", "disabled"),
+                        help="(--env) W&B mode (default: WANDB_MODE from the environment, else offline)")
     parser.add_argument("--no-wandb", dest="gym_wandb", action="store_const", const="disabled",
                         default=argparse.SUPPRESS, help="(--env) turn W&B logging off")
     parser.add_argument("--force", dest="gym_force", action="store_true", default=argparse.SUPPRESS,
@@ -376,7 +377,10 @@ def add_env_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> GymConfig:
     values = {k[len("gym_"):]: v for k, v in vars(args).items() if k.startswith("gym_")}
+    from ntrl.wandb_sink import mode_from_environment
+
     values["env"] = values.pop("env")
+    values["wandb"] = mode_from_environment(values.get("wandb"))
     values.pop("quiet", None)
     values.pop("verbose", None)
     names = {f.name for f in fields(GymConfig)}

@@ -382,8 +382,10 @@ def solve_hide_prob(config: JuiceConfig, policy: nn.Module, f0: float) -> float:
         return float(JuiceQuantities(tabular_model(**config.env_kwargs(h)))
                      .all(engine.view())["F"])
 
-    f_max = F_of(0.0)
-    if f0 >= f_max:
-        raise ConfigError("--f0", f"the initial policy sees juice with frequency {f_max:.3g} at hide_prob 0; "
-                                  f"f0 must be below that, got {f0}")
-    return float(brentq(lambda h: F_of(h) - f0, 0.0, 1.0 - 1e-9, xtol=1e-12))
+    h_max = 1.0 - 1e-9
+    f_max, f_min = F_of(0.0), F_of(h_max)
+    if not f_min < f0 < f_max:
+        raise ConfigError("--f0", f"cannot be reached: with this grid and initial policy, hiding the juice gives "
+                                  f"frequencies F between {f_min:.3g} (almost always hidden) and {f_max:.3g} "
+                                  f"(never hidden); choose f0 in that range, got {f0:g}")
+    return float(brentq(lambda h: F_of(h) - f0, 0.0, h_max, xtol=1e-12))

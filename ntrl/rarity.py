@@ -25,7 +25,8 @@ def add_rarity_parser(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="study directory (default: runs/<study name>)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs (default: 2)")
     p.add_argument("--force", action="store_true", help="replace a study directory that holds a different config")
-    p.add_argument("--wandb", default="offline", metavar="MODE", help="offline (default), online or disabled")
+    p.add_argument("--wandb", default=None, choices=("offline", "online", "disabled"),
+                   help="W&B mode (default: WANDB_MODE from the environment, else offline)")
     p.add_argument("--no-wandb", dest="wandb", action="store_const", const="disabled", help="turn W&B logging off")
     p.add_argument("--analyse-only", action="store_true", help="only analyse and report the runs already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -34,18 +35,20 @@ def add_rarity_parser(sub) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     from ntrl.cli import report_errors
     from ntrl.study import StudyConfig, run_study
-    from ntrl.wandb_sink import WANDB_MODES
 
     def run() -> str:
-        if args.wandb not in WANDB_MODES:
-            raise ConfigError("--wandb", f"must be one of {', '.join(WANDB_MODES)}, got {args.wandb!r}")
+        from ntrl.study_lock import study_lock
+        from ntrl.wandb_sink import mode_from_environment
+
+        wandb_mode = mode_from_environment(args.wandb)
         if args.workers < 1:
             raise ConfigError("--workers", f"must be >= 1, got {args.workers}")
         if args.analyse_only:
+            from ntrl.study import read_study_file
+
             if not args.out:
                 raise ConfigError("--out", "--analyse-only needs the study directory")
-            if not (Path(args.out) / "study.json").exists():
-                raise ConfigError("--out", f"{args.out} holds no study (no study.json)")
+            read_study_file(Path(args.out))
         if args.config:
             study = StudyConfig.from_file(args.config)
         elif args.full:
@@ -55,12 +58,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         out = Path(args.out or Path("runs") / study.name)
         start = time.time()
         if not args.analyse_only:
-            run_study(study, out, workers=args.workers, wandb_mode=args.wandb, force=args.force,
+            run_study(study, out, workers=args.workers, wandb_mode=wandb_mode, force=args.force,
                       progress=not args.quiet)
-        paths = analyse_and_report(out, args.wandb)
+        with study_lock(out):
+            paths = analyse_and_report(out, wandb_mode)
         lines = [paths["table"], f"\nReport: {paths['html']} (also {paths['md']}); tables: {paths['csv']}"]
         if paths.get("wandb"):
-            lines.append(f"W&B summary run ({args.wandb}): {paths['wandb']}  (browse: wandb leet {out}/wandb)")
+            lines.append(f"W&B summary run ({wandb_mode}): {paths['wandb']}  (browse: wandb leet {out}/wandb)")
         lines.append(f"Done in {time.time() - start:.0f} s.")
         return "\n".join(lines)
 

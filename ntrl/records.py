@@ -25,11 +25,13 @@ class RecordWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
+        self.count = 0  # records written by this writer
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record; NaN and ±inf become null, so every line is standard JSON."""
         self._f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
         self._f.flush()
+        self.count += 1
 
     def close(self) -> None:
         if not self._f.closed:
@@ -82,6 +84,15 @@ def _finite_or_null(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite_or_null(v) for v in obj]
     return obj
+
+
+def nonfinite_field(record: dict[str, Any]) -> str | None:
+    """The first key of ``record`` whose number (or any entry of whose list) is NaN or ±inf."""
+    for k, v in record.items():
+        values = v if isinstance(v, (list, tuple)) else [v]
+        if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+            return k
+    return None
 
 
 def scalar_items(record: dict[str, Any]) -> Iterable[tuple[str, float]]:

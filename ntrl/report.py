@@ -287,6 +287,10 @@ td:nth-child(5){{font-weight:bold}}</style></head><body>
 <h2>Evidence behind each verdict</h2>{h_table(["cell", "verdict", "evidence"], reasons)}
 {imgs}</body></html>"""
     (study_dir / "report.html").write_text(page, encoding="utf-8")
+    from ntrl.run_dirs import record_written_files
+
+    record_written_files(study_dir, [study_dir / n for n in ("verdicts.csv", "runs.csv", "report.md", "report.html")]
+                         + [p for _, p in plots])
     return {"md": study_dir / "report.md", "html": study_dir / "report.html", "csv": study_dir / "verdicts.csv",
             **{p.stem: p for _, p in plots}}
 
@@ -299,11 +303,23 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
         return None
     import wandb
 
+    from ntrl.run_dirs import WANDB_KIND, marker_kind, write_marker
     from ntrl.wandb_sink import WandbSink
 
+    wandb_dir = study_dir / "wandb"  # marked as ntrl's, so that --force may remove it
+    if not wandb_dir.exists():
+        wandb_dir.mkdir()
+        write_marker(wandb_dir, WANDB_KIND)
+    elif marker_kind(wandb_dir) != WANDB_KIND:
+        from ntrl.wandb_sink import warn
+
+        warn(f"{wandb_dir} was not made by ntrl; the W&B summary run is not logged")
+        return None
     sink = WandbSink(study_dir, study.to_dict(), mode=mode, name=f"{study.name}-summary", group=study.name,
                      job_type="summary")
     run = sink.run
+    if run is None:  # W&B could not start; it has said why
+        return None
     table = wandb.Table(columns=VERDICT_COLUMNS, data=verdict_rows(cells))
     data: dict[str, Any] = {"verdicts": table}
     for (env, gmode), by_policy in sorted(_groups(runs).items()):
@@ -328,9 +344,13 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
                     t, "realised", "predicted", title=f"predicted vs realised ΔP, {env} {gmode} {pol}")
     for png in sorted(study_dir.glob("*.png")):
         data[f"plots/{png.stem}"] = wandb.Image(str(png))
-    run.log(data)
-    for c in cells:
-        run.summary[f"verdict/{'/'.join(c.cell)}"] = c.verdict
     directory = sink.directory
+    try:
+        run.log(data)
+        for c in cells:
+            run.summary[f"verdict/{'/'.join(c.cell)}"] = c.verdict
+    except Exception as e:
+        sink._lost("logging the summary run", e)
+        return None
     sink.finish()
     return directory

@@ -11,15 +11,15 @@ summary.json); in the records ``pred_delta`` is ∇X·Δθ from the step SB3 too
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
-from ntrl.config import ConfigError
 from ntrl.gym_setup import GymConfig
 from ntrl.records import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, read_records, write_json_atomic
-from ntrl.train import RunResult, prepare_run_dir, price_check
+from ntrl.train import RunInterrupted, RunResult, prepare_run_dir, price_check, price_check_text
 from ntrl.wandb_sink import WandbSink
 
 
@@ -64,9 +64,8 @@ def train_sb3(config: GymConfig, progress: bool = True) -> RunResult:
     total = config.steps * config.n_steps * config.n_envs
     try:
         model.learn(total_timesteps=total, callback=callback, progress_bar=False)
-    except ConfigError:
-        status = "failed"
-        raise
+    except KeyboardInterrupt:
+        status = "interrupted"
     except BaseException:
         status = "failed"
         raise
@@ -87,6 +86,7 @@ def train_sb3(config: GymConfig, progress: bool = True) -> RunResult:
             "price_check_P_sgd": _price_check_sgd(records, "P"),
             "records": str(run_dir / RECORDS_FILE),
             "wandb_dir": sink.directory,
+            "wandb_mode": sink.mode,
         }
         write_json_atomic(run_dir / SUMMARY_FILE, summary)
         flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
@@ -94,6 +94,8 @@ def train_sb3(config: GymConfig, progress: bool = True) -> RunResult:
             flat.update({f"{key}/{k}": v for k, v in summary[key].items()})
         sink.finish(flat, exit_code=0 if status != "failed" else 1)
         model.get_env().close()
+    if status == "interrupted":
+        raise RunInterrupted(f"interrupted at update {len(records)}; {len(records)} records kept in {run_dir}")
     return RunResult(run_dir, summary, summary["wandb_dir"], f"a={config.target}")
 
 
@@ -136,14 +138,15 @@ def _price_check_sgd(records: list[dict[str, Any]], name: str) -> dict[str, floa
 def describe_sb3(result: RunResult, config: GymConfig) -> str:
     s = result.summary
     pc, sgd = s["price_check_P"], s["price_check_P_sgd"]
+    r2_sgd = (f"gives R² = {sgd['r2']:.4f}" if isinstance(sgd.get("r2"), float) and math.isfinite(sgd["r2"])
+              else "has no R² (the realised ΔP did not vary)")
     text = (
         f"{config.algo.upper()} on {config.env}: P = π(a={config.target}) over the probe states went from "
         f"{s['p_start']:.4g} to {s['p_end']:.4g} in {s['updates']} rollouts ({s['timesteps']} steps, lr {config.lr:g}). "
-        f"Price check over {pc['n']} updates: the first-order prediction ∇P·Δθ explains R² = {pc['r2']:.4f} of the "
-        f"realised ΔP (median relative error {pc['median_rel_error']:.2%}); the plain-SGD prediction η·NTCov(P, U) "
-        f"gives R² = {sgd['r2']:.4f} (SB3 steps with Adam/RMSprop, several epochs and clipping, so it is only "
+        f"{price_check_text(pc, 'first-order ∇P·Δθ')} The plain-SGD prediction η·NTCov(P, U) "
+        f"{r2_sgd} (SB3 steps with Adam/RMSprop, several epochs and clipping, so it is only "
         f"approximate). Records: {s['records']}."
     )
     if result.wandb_dir:
-        text += f" W&B ({config.wandb}): {result.wandb_dir} (browse: wandb leet {result.wandb_dir})."
+        text += f" W&B ({s.get('wandb_mode', config.wandb)}): {result.wandb_dir} (browse: wandb leet {result.wandb_dir})."
     return text

@@ -88,28 +88,40 @@ class StudyConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "StudyConfig":
-        """Read a .toml or .json grid; unknown keys and impossible values are errors."""
+        """Read a .toml or .json grid; unknown keys, wrong types and impossible values are errors."""
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError("--config", f"{path} is a directory; give a .toml or .json grid file")
         if not path.exists():
             raise ConfigError("--config", f"file {path} does not exist")
         try:
-            data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            text = path.read_text(encoding="utf-8")
+            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError("--config", f"{path} is not valid {path.suffix[1:] or 'JSON'}: {e}") from None
+        except OSError as e:
+            raise ConfigError("--config", f"cannot read {path}: {e.strerror or e}") from None
+        return cls.from_dict(data, f"{path}", "--config")
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str, flag: str) -> "StudyConfig":
+        """A grid from a table of settings (a grid file, or a study.json): every key known and of
+        its type; a partial ``lrs`` table is merged into the defaults."""
         if not isinstance(data, dict):
-            raise ConfigError("--config", f"{path} must hold a table of settings")
+            raise ConfigError(flag, f"{source} must hold a table of settings")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError("--config", f"unknown key(s) {', '.join(unknown)} in {path}; known keys: {', '.join(sorted(known))}")
+            raise ConfigError(flag, f"unknown key(s) {', '.join(unknown)} in {source}; known keys: {', '.join(sorted(known))}")
         base = cls()
+        for key, value in data.items():
+            check_type(key, value, getattr(base, key))
+        data = dict(data)
         if "lrs" in data:  # merge a partial env → policy → optimizer table into the defaults
-            if not isinstance(data["lrs"], dict):
-                raise ConfigError("--config", "lrs must be a table env → policy → optimizer → learning rate")
             merged = base.lrs
             for env, by_policy in data["lrs"].items():
                 if not isinstance(by_policy, dict) or not all(isinstance(t, dict) for t in by_policy.values()):
-                    raise ConfigError("--config", f"lrs.{env} must be a table policy → optimizer → learning rate")
+                    raise ConfigError("config key 'lrs'", f"lrs.{env} must be a table policy → optimizer → learning rate")
                 for pol, table in by_policy.items():
                     merged.setdefault(env, {}).setdefault(pol, {}).update(table)
             data["lrs"] = merged
@@ -130,6 +142,9 @@ class StudyConfig:
             bad = [v for v in values if v not in allowed]
             need(not bad, key, f"unknown value(s) {bad}; allowed: {', '.join(map(str, allowed))}")
 
+        from ntrl.run_dirs import check_name
+
+        check_name(self.name, "config key 'name'")
         subset("envs", ENVS)
         subset("policies", POLICY_KINDS)
         subset("optimizers", OPTIMIZERS)
@@ -152,6 +167,10 @@ class StudyConfig:
                      f"needs a learning rate > 0 for {env}/{pol}/{opt}, got {lr!r}")
         need(len(self.price_scales) >= 2 and all(0 < s <= 1 for s in self.price_scales), "price_scales",
              "needs at least two step-size scales in (0, 1]")
+        if not self.cells_env_policy():
+            supported = "; ".join(f"{e}: {', '.join(ENV_POLICIES[e])}" for e in self.envs)
+            raise ConfigError("config key 'policies'", f"the grid has no runs: no policy in {self.policies} runs on "
+                                                       f"{', '.join(self.envs)} (policies each env supports: {supported})")
         return self
 
     def cells_env_policy(self) -> list[tuple[str, str]]:
@@ -160,6 +179,54 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def describe_value(value: Any) -> str:
+    """A TOML/JSON value as a person reads it: "the string '3'", "a table", "the number 5"."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return f"the list {value!r}"
+    return f"a {type(value).__name__}"
+
+
+def check_type(key: str, value: Any, default: Any) -> None:
+    """A grid key's value must have its default's type (a float key also takes an integer; a
+    list key a list of that element type); otherwise a ConfigError naming the key."""
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = number(value), "a number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "a string"
+    elif isinstance(default, dict):
+        ok, want = isinstance(value, dict), "a table env → policy → optimizer → learning rate"
+        if ok:
+            leaves = [lr for by_p in value.values() if isinstance(by_p, dict)
+                      for t in by_p.values() if isinstance(t, dict) for lr in t.values()]
+            bad = [lr for lr in leaves if not number(lr)]
+            if bad:
+                raise ConfigError(f"config key '{key}'", f"learning rates must be numbers, got {describe_value(bad[0])}")
+    elif isinstance(default, list):
+        if default and isinstance(default[0], str):
+            ok, want = isinstance(value, list) and all(isinstance(x, str) for x in value), "a list of strings"
+        else:
+            ok, want = isinstance(value, list) and all(number(x) for x in value), "a list of numbers"
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"config key '{key}'", f"must be {want}, got {describe_value(value)}")
 
 
 @dataclass(frozen=True)
@@ -256,11 +323,24 @@ def price_scaling_probe(config: TrainConfig, scales: list[float]) -> dict[str, l
     return {"lr": [config.lr * s for s in scales], "rel_error": errors}
 
 
-def run_one(study_dict: dict[str, Any], spec_dict: dict[str, Any], runs_dir: str, wandb_mode: str) -> dict[str, Any]:
-    """Worker: one training run plus its Price-scaling probe. Returns the run's summary."""
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a study: completed runs are kept and a re-run resumes."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def run_one(study_dict: dict[str, Any], spec_dict: dict[str, Any], runs_dir: str, wandb_mode: str,
+            parent_pid: int | None = None) -> dict[str, Any]:
+    """Worker: one training run plus its Price-scaling probe. Returns the run's summary.
+
+    The run counts as complete only once its final summary (with the probe) is written; a
+    worker whose parent has died writes nothing more."""
     import torch
 
     from ntrl.records import SUMMARY_FILE, write_json_atomic
+    from ntrl.study_lock import parent_alive
     from ntrl.train import train
 
     torch.set_num_threads(1)
@@ -272,6 +352,8 @@ def run_one(study_dict: dict[str, Any], spec_dict: dict[str, Any], runs_dir: str
     summary = dict(result.summary)
     summary["price_scaling"] = probe
     summary["spec"] = spec_dict
+    if parent_pid is not None and not parent_alive(parent_pid):
+        os._exit(1)
     write_json_atomic(result.run_dir / SUMMARY_FILE, summary)
     return summary
 
@@ -283,34 +365,110 @@ def completed_summary(run_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         summary = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         return None
-    ok = summary.get("status") in ("finished", "stopped_at_p") and "price_scaling" in summary
+    ok = isinstance(summary, dict) and summary.get("status") in ("finished", "stopped_at_p") and "price_scaling" in summary
     return summary if ok else None
 
 
+def read_study_file(study_dir: Path, flag: str = "--out") -> StudyConfig:
+    """The StudyConfig in ``study_dir/study.json``; a missing, malformed or foreign file is a
+    ConfigError that says which."""
+    path = study_dir / STUDY_FILE
+    if not study_dir.is_dir():
+        raise ConfigError(flag, f"{study_dir} is not a directory, so it holds no study")
+    if not path.is_file():
+        raise ConfigError(flag, f"{study_dir} holds no study (no {STUDY_FILE}); give the directory a study wrote")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(flag, f"{path} is not valid JSON ({e}); it was not written by ntrl, or was damaged") from None
+    if not isinstance(data, dict) or set(data) != {f.name for f in dataclasses.fields(StudyConfig)}:
+        raise ConfigError(flag, f"{path} is not an ntrl study file (its keys are not a study's)")
+    try:
+        return StudyConfig.from_dict(data, str(path), flag)
+    except ConfigError as e:
+        raise ConfigError(flag, f"{path} is not a valid ntrl study file: {e}") from None
+
+
+def is_study_dir(study_dir: Path) -> bool:
+    """Whether ``study_dir`` was made by a study: it has the study marker, or (studies made
+    before the marker existed) a study.json that reads as a study."""
+    from ntrl.run_dirs import STUDY_KIND, marker_kind
+
+    if marker_kind(study_dir) == STUDY_KIND:
+        return True
+    try:
+        read_study_file(study_dir)
+        return True
+    except ConfigError:
+        return False
+
+
+def remove_study_outputs(out: Path) -> None:
+    """What ``--force`` removes: the study file, the run directories ntrl made under runs/ (and
+    runs/ itself once empty), the report files the study recorded in its marker, and its W&B
+    directory. Nothing else in ``out`` is touched."""
+    import shutil
+
+    from ntrl.run_dirs import MARKER, RUN_KIND, WANDB_KIND, marker_kind, marker_files
+
+    runs = out / "runs"
+    if runs.is_dir() and not runs.is_symlink():
+        for child in runs.iterdir():
+            if child.is_dir() and not child.is_symlink() and marker_kind(child) == RUN_KIND:
+                shutil.rmtree(child)
+        if not any(runs.iterdir()):
+            runs.rmdir()
+    for name in marker_files(out):
+        target = out / name
+        if target.is_file() and not target.is_symlink():
+            target.unlink()
+    wandb_dir = out / "wandb"
+    if wandb_dir.is_dir() and not wandb_dir.is_symlink() and marker_kind(wandb_dir) == WANDB_KIND:
+        shutil.rmtree(wandb_dir)
+    for name in (STUDY_FILE, MARKER):
+        if (out / name).is_file():
+            (out / name).unlink()
+
+
+def refuse_foreign_dir(out: Path) -> None:
+    """A ConfigError unless ``out`` is absent, empty (but for ntrl's own lock and marker) or a study."""
+    from ntrl.run_dirs import MARKER
+    from ntrl.study_lock import LOCK_FILE
+
+    if not out.is_dir():
+        return
+    if any(c.name not in (MARKER, LOCK_FILE) for c in out.iterdir()) and not is_study_dir(out):
+        raise ConfigError("--out", f"{out} is not empty and holds no ntrl study, so ntrl will not write into it "
+                                   f"(not even with --force); choose a new or empty directory")
+
+
 def prepare_study_dir(study: StudyConfig, out: Path, force: bool) -> Path:
-    """Create or reopen a study directory; a directory of a different study is refused."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Create or reopen a study directory, under its lock (taken by the caller).
+
+    An empty or new directory becomes a study; a study of the same config is resumed; a study of
+    a different config is replaced only with ``force`` (and only what it wrote is removed); a
+    non-empty directory that is not a study is refused, with or without ``force``."""
+    from ntrl.records import write_json_atomic
+    from ntrl.run_dirs import MARKER, STUDY_KIND, inside, write_marker
+
     path = out / STUDY_FILE
+    refuse_foreign_dir(out)
     if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise ConfigError("--out", f"{path} is not valid JSON; pass --force to replace that study") from None
+        old = json.loads(path.read_text())
         if old != study.to_dict():
             if not force:
                 changed = sorted(k for k in set(old) | set(study.to_dict()) if old.get(k) != study.to_dict().get(k))
                 raise ConfigError("--out", f"{out} holds a study with a different config (differs in: {', '.join(changed)}); "
                                   "pass --force to replace it, or choose another --out")
-            import shutil
-
-            for child in out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-    from ntrl.records import write_json_atomic
-
+            remove_study_outputs(out)
+    inside(path, out)
+    if not (out / MARKER).exists():
+        write_marker(out, STUDY_KIND)
     write_json_atomic(path, study.to_dict())
     (out / "runs").mkdir(exist_ok=True)
+    inside(out / "runs", out)
     return out
 
 
@@ -323,11 +481,30 @@ def run_study(
     progress: bool = True,
     on_error: Callable[[RunSpec, BaseException], None] | None = None,
 ) -> list[tuple[RunSpec, dict[str, Any]]]:
-    """Run (or resume) every run of the grid; return (spec, summary) for each completed run."""
-    import multiprocessing as mp
+    """Run (or resume) every run of the grid; return (spec, summary) for each completed run.
+
+    Holds the study directory's lock throughout. Workers end with this process (however it
+    ends); on Ctrl-C or SIGTERM the running runs are stopped and :class:`StudyInterrupted` says
+    how many are complete."""
+    from ntrl.run_dirs import check_out_dir, made_dirs
+    from ntrl.study_lock import study_lock
 
     study.validate()
-    out = prepare_study_dir(study, Path(out), force)
+    out = Path(out)
+    check_out_dir(out)
+    refuse_foreign_dir(out)  # before the lock file is made in it
+    with made_dirs(out.absolute()):
+        with study_lock(out):
+            prepare_study_dir(study, out, force)
+    with study_lock(out):
+        return _run_grid(study, out, workers, wandb_mode, progress, on_error)
+
+
+def _run_grid(study, out, workers, wandb_mode, progress, on_error):
+    import multiprocessing as mp
+
+    from ntrl.study_lock import worker_init
+
     runs_dir = out / "runs"
     specs = enumerate_runs(study)
     done: dict[RunSpec, dict[str, Any]] = {}
@@ -347,10 +524,12 @@ def run_study(
     failures = []
     if todo:
         ctx = mp.get_context("spawn")
-        pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx)
+        pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=worker_init,
+                                   initargs=(os.getpid(),))
+        interrupted = False
         try:
             futures = {
-                pool.submit(run_one, study.to_dict(), asdict(spec), str(runs_dir), wandb_mode): spec
+                pool.submit(run_one, study.to_dict(), asdict(spec), str(runs_dir), wandb_mode, os.getpid()): spec
                 for spec in todo
             }
             pending = set(futures)
@@ -366,8 +545,19 @@ def run_study(
                             on_error(spec, e)
                     if bar is not None:
                         bar.update(1)
-        finally:  # on Ctrl-C, drop the queued runs instead of waiting for them
-            pool.shutdown(wait=True, cancel_futures=True)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if interrupted or sys.exc_info()[0] is not None:  # stop the running runs, drop the queued ones
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.kill()
+                pool.shutdown(wait=False, cancel_futures=True)
+            else:
+                pool.shutdown(wait=True)
+            if bar is not None and (interrupted or sys.exc_info()[0] is not None):
+                bar.close()
+        if interrupted:
+            raise StudyInterrupted(f"{len(done)} of {len(specs)} runs complete; re-run the same command to resume")
     if bar is not None:
         bar.close()
     if failures:
@@ -375,4 +565,3 @@ def run_study(
         raise StudyIncomplete(f"{len(failures)} run(s) failed, first {spec.run_id}: {e}; "
                               "completed runs are kept, re-run the same command to retry the rest")
     return [(spec, done[spec]) for spec in specs if spec in done]
-

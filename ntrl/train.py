@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ntrl.config import ConfigError, TrainConfig
-from ntrl.records import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, RecordWriter, read_records, write_json_atomic
+from ntrl.config import TrainConfig
+from ntrl.records import (
+    CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, RecordWriter, nonfinite_field, read_records, write_json_atomic,
+)
+from ntrl.run_dirs import RUN_KIND, check_name, check_out_dir, inside, made_dirs, replace_run_dir, write_marker
 from ntrl.tangent import TangentEngine
 from ntrl.tracker import Tracker, price_agreement
 from ntrl.wandb_sink import WandbSink
@@ -26,6 +28,14 @@ from ntrl.wandb_sink import WandbSink
 
 class TrainingError(RuntimeError):
     """Training could not go on (for example a non-finite gradient); records so far are kept."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a run; the records so far and a summary are kept."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
 
 
 @dataclass
@@ -37,13 +47,18 @@ class RunResult:
 
 
 def prepare_run_dir(config: TrainConfig) -> Path:
-    """The run directory; an existing non-empty one is refused unless ``force`` is set."""
-    run_dir = Path(config.out) / (config.run_name or config.default_run_name())
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not config.force:
-            raise ConfigError("--run-name", f"run directory {run_dir} already holds a run; pass --force to replace it or choose another --run-name")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """``--out``/``--run-name``, made and marked as ntrl's (see :mod:`ntrl.run_dirs`).
+
+    An existing run of ntrl's is replaced only with ``force``; a directory holding anything ntrl
+    did not write, a symbolic link, or a name that is not a plain name is refused."""
+    out = check_out_dir(config.out)
+    name = check_name(config.run_name or config.default_run_name(), "--run-name")
+    run_dir = Path(config.out) / name
+    with made_dirs(out):
+        replace_run_dir(out / name, config.force)
+        (out / name).mkdir(exist_ok=True)
+        inside(out / name, out)
+        write_marker(out / name, RUN_KIND)
     return run_dir
 
 
@@ -99,6 +114,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, desc=run_dir.name, unit="upd", file=sys.stderr, dynamic_ncols=True)
+    interrupted = False
     try:
         with RecordWriter(run_dir / RECORDS_FILE) as writer:
             for t in range(config.steps):
@@ -116,13 +132,22 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                 if pending is not None:
                     record = tracker.after(pending)
                     record["return"] = u.mean_return
+                    bad = nonfinite_field(record)
+                    if bad is not None:
+                        raise TrainingError(f"{bad} became non-finite at update {t}; stopped, "
+                                            f"the {writer.count} records before it are kept")
+                    bad = optimizer.nonfinite_state()
+                    if bad is not None:
+                        raise TrainingError(f"the {config.optimizer} optimizer's {bad} became non-finite at update {t} "
+                                            f"(reward or learning rate too large?); stopped, the {writer.count} "
+                                            f"records before it are kept")
                     writer.write(record)
                     sink.log(record)
                 # P after the step: the tracker has just evaluated it on tracked updates
                 p = float(pending.after[P.name][0] if pending is not None else analysis_engine.evaluate(P)[0])
                 if not math.isfinite(p):
                     raise TrainingError(f"P became non-finite at update {t}")
-                if crossed is None and p >= 0.5:
+                if crossed is None and p >= 0.5 and p_start < 0.5:
                     crossed = t + 1
                 if bar is not None:
                     bar.update(1)
@@ -130,6 +155,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                 if config.stop_at_p is not None and p >= config.stop_at_p:
                     status = "stopped_at_p"
                     break
+    except KeyboardInterrupt:
+        status, interrupted = "interrupted", True
     except BaseException:
         status = "failed"
         raise
@@ -137,43 +164,79 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         if bar is not None:
             bar.close()
         try:
+            p_end = float(analysis_engine.evaluate(P)[0])
             summary = {
                 "status": status,
                 "updates": steps_done,
                 "p_start": p_start,
-                "p_end": float(analysis_engine.evaluate(P)[0]),
+                "p_end": p_end,
                 "crossed_half_at": crossed,
+                "started_above_half": p_start >= 0.5,
                 "price_check_P": price_check(read_records(run_dir / RECORDS_FILE), "P"),
                 "records": str(run_dir / RECORDS_FILE),
                 "wandb_dir": sink.directory,
+                "wandb_mode": sink.mode,
             }
             write_json_atomic(run_dir / SUMMARY_FILE, summary)
             flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
             flat.update({f"price_check_P/{k}": v for k, v in summary["price_check_P"].items()})
-            sink.finish(flat, exit_code=0 if status != "failed" else 1)
+            sink.finish(flat, exit_code=0 if status in ("finished", "stopped_at_p") else 1)
         except Exception as e:  # never let the summary hide the error that ended the run
-            if status != "failed":
+            if status != "failed" and not interrupted:
                 raise
-            print(f"ntrl: could not write the summary of {run_dir} after the failure: {e}", file=sys.stderr)
+            print(f"ntrl: could not write the summary of {run_dir} after the run stopped: {e}", file=sys.stderr)
         finally:
             env.close()
+    if interrupted:
+        n = len(read_records(run_dir / RECORDS_FILE))
+        raise RunInterrupted(f"interrupted at update {steps_done}; {n} records kept in {run_dir}")
     return RunResult(run_dir, summary, summary["wandb_dir"], exp.target_label)
+
+
+def crossing_text(summary: dict[str, Any]) -> str:
+    """How P relates to 1/2: the update it crossed, that it never did, or that it started above."""
+    if summary.get("started_above_half", summary["p_start"] >= 0.5):
+        return ", having started above 1/2"
+    if summary["crossed_half_at"]:
+        return f", crossing 1/2 at update {summary['crossed_half_at']}"
+    return ", without reaching 1/2"
+
+
+def format_percent(x: float) -> str:
+    """A relative error as a percentage; very large ones in scientific notation."""
+    return f"{x:.2%}" if abs(x) < 100 else f"{x * 100:.3g}%"
+
+
+def price_check_text(pc: dict[str, Any], name: str = "ΔP = η·NTCov_M(P, U)") -> str:
+    """The Price-check sentence of a summary; never prints a NaN or infinite R² or percentage."""
+    n = pc.get("n", 0)
+    if not n:
+        return "Price check: no update was tracked."
+    head = f"Price check over {n} tracked updates: "
+    r2, rel = pc.get("r2"), pc.get("median_rel_error")
+    good = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+    if good(r2):
+        text = f"the predicted {name} explains R² = {r2:.6f} of the realised ΔP"
+    elif n < 2:
+        text = f"one update is too few for an R² of the predicted {name}"
+    else:
+        text = f"no R²: the realised ΔP was the same at every update, so there is no variance for the predicted {name} to explain"
+    if good(rel):
+        text += f", with median relative error {format_percent(rel)}"
+    else:
+        text += "; no relative error: the realised ΔP was 0 at every update"
+    return head + text + "."
 
 
 def describe(result: RunResult, config: TrainConfig) -> str:
     """The one-paragraph summary the CLI prints at the end of a run."""
     s = result.summary
-    pc = s["price_check_P"]
     action = result.target_label
-    crossed = (f", crossing 1/2 at update {s['crossed_half_at']}" if s["crossed_half_at"]
-               else ", without reaching 1/2")
     text = (
         f"P = π({action}) went from {s['p_start']:.4g} to {s['p_end']:.4g} in {s['updates']} updates"
-        f"{crossed} ({config.optimizer}, {config.mode} gradients, {config.policy} policy, lr {config.lr:g}). "
-        f"Price check over {pc['n']} tracked updates: the predicted ΔP = η·NTCov_M(P, U) explains "
-        f"R² = {pc['r2']:.6f} of the realised ΔP, with median relative error {pc['median_rel_error']:.2%}. "
-        f"Records: {s['records']}."
+        f"{crossing_text(s)} ({config.optimizer}, {config.mode} gradients, {config.policy} policy, lr {config.lr:g}). "
+        f"{price_check_text(s['price_check_P'])} Records: {s['records']}."
     )
     if result.wandb_dir:
-        text += f" W&B ({config.wandb}): {result.wandb_dir} (browse: wandb leet {result.wandb_dir})."
+        text += f" W&B ({s.get('wandb_mode', config.wandb)}): {result.wandb_dir} (browse: wandb leet {result.wandb_dir})."
     return text

@@ -45,12 +45,17 @@ class UserPropertyError(TrainingError):
 
 # ---------------------------------------------------------------------- importing user code
 def import_user_module(module: str, flag: str) -> Any:
-    """Import ``module`` with the working directory on ``sys.path`` (the ``ntrl`` script lacks it)."""
+    """Import ``module``, looking in the working directory too, but only *after* the installed
+    packages: the working directory goes to the end of ``sys.path``, so a ``numpy.py`` or
+    ``wandb.py`` lying there never replaces the installed package. A user module whose name is
+    taken by an installed module is an error that says so."""
     cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    top = module.split(".", 1)[0]
+    local = [Path(cwd) / f"{top}.py", Path(cwd) / top / "__init__.py"]
     try:
-        return importlib.import_module(module)
+        mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name and (module == e.name or module.startswith(e.name + ".")):
             raise ConfigError(flag, f"no module named {module!r}: put {module.replace('.', '/')}.py in the "
@@ -58,6 +63,13 @@ def import_user_module(module: str, flag: str) -> Any:
         raise ConfigError(flag, f"importing {module!r} failed: {e}") from None
     except Exception as e:  # the user's module itself raised
         raise ConfigError(flag, f"importing {module!r} raised {type(e).__name__}: {e}") from None
+    found = Path(getattr(sys.modules.get(top), "__file__", None) or "")
+    for path in local:
+        if path.exists() and found.resolve() != path.resolve():
+            raise ConfigError(flag, f"{path.name} in the working directory has the name of the installed module "
+                                    f"{top!r} ({found.parent if found.name else 'built in'}), which ntrl uses instead; "
+                                    f"rename your file")
+    return mod
 
 
 def load_object(spec: str, flag: str) -> Any:
@@ -248,8 +260,15 @@ def load_probe_states(spec: str | np.ndarray | Callable, obs_shape: tuple, env: 
         fn, source = spec, repr(spec)
     elif isinstance(spec, str) and spec.endswith(".npy"):
         path = Path(spec)
+        if path.is_dir():
+            raise ConfigError(flag, f"{spec} is a directory, not a .npy file")
         if not path.is_file():
             raise ConfigError(flag, f"probe-state file {spec} does not exist")
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            raise ConfigError(flag, f"{spec} is not a .npy file (it does not start with numpy's .npy header); "
+                                    f"write it with numpy.save")
         try:
             return check_probe_shape(np.load(path, allow_pickle=False), obs_shape, spec, flag)
         except ConfigError:

@@ -11,17 +11,63 @@ from pathlib import Path
 from typing import Any
 
 WANDB_MODES = ("offline", "online", "disabled")
+# W&B's own spellings of the same modes, as WANDB_MODE may hold them.
+WANDB_ALIASES = {"dryrun": "offline", "run": "online"}
+DEFAULT_PROJECT = "ntrl"
+# How long wandb.init may wait: online it contacts the server, offline only its local service.
+INIT_TIMEOUT_S = {"online": 5.0, "offline": 60.0}
+
+
+def warn(message: str) -> None:
+    """One line on stderr; W&B trouble never stops a run."""
+    import sys
+
+    print(f"ntrl: warning: {message}", file=sys.stderr)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+def mode_from_environment(flag: str | None) -> str:
+    """The W&B mode of a run: the ``--wandb`` flag when given; else ``WANDB_MODE`` from the
+    environment when it names a mode (offline, online, disabled, or W&B's dryrun/run); else
+    offline. A ``WANDB_MODE`` that names no mode is reported in one line and ignored."""
+    if flag is not None:
+        return flag
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not env:
+        return "offline"
+    env = WANDB_ALIASES.get(env, env)
+    if env in WANDB_MODES:
+        return env
+    warn(f"WANDB_MODE={os.environ['WANDB_MODE']!r} is not one of {', '.join(WANDB_MODES)}; ignoring it and "
+         f"logging offline (set --wandb to choose)")
+    return "offline"
+
+
+def project_from_environment(project: str | None = None) -> str:
+    """The W&B project: ``project`` when given, else ``WANDB_PROJECT``, else "ntrl"."""
+    return project or os.environ.get("WANDB_PROJECT", "").strip() or DEFAULT_PROJECT
 
 
 class WandbSink:
-    """One W&B run. ``mode="disabled"`` makes every call a no-op without importing wandb."""
+    """One W&B run. ``mode="disabled"`` makes every call a no-op without importing wandb.
+
+    W&B never costs a run: if it cannot start online (no login, no network: the wait is
+    bounded by :data:`INIT_TIMEOUT_S`), the sink says so in one line and logs offline; if it
+    cannot start offline either (for example an unwritable directory), it turns itself off.
+    An error while logging or finishing (W&B's service process died) also turns it off, with
+    one line; the local records never depend on it.
+    """
 
     def __init__(
         self,
         run_dir: str | os.PathLike,
         config: dict[str, Any],
         mode: str = "offline",
-        project: str = "ntrl",
+        project: str | None = None,
         name: str | None = None,
         group: str | None = None,
         job_type: str = "train",
@@ -29,27 +75,49 @@ class WandbSink:
     ):
         if mode not in WANDB_MODES:
             raise ValueError(f"wandb mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
+        self.requested_mode = mode
         self.mode = mode
         self.run = None
         self.step_metric = step_metric
         if mode == "disabled":
             return
-        import wandb
-
+        kwargs = dict(project=project_from_environment(project), dir=str(run_dir), name=name, group=group,
+                      job_type=job_type, config=config)
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            project=project,
-            dir=str(run_dir),
-            name=name,
-            group=group,
-            job_type=job_type,
-            config=config,
-            mode=mode,
-            reinit="create_new",
-            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True),
-        )
+        for attempt in (("online", "offline") if mode == "online" else ("offline",)):
+            try:
+                self.run = self._start(attempt, kwargs)
+                self.mode = attempt
+                break
+            except Exception as e:
+                then = "logging offline instead" if attempt == "online" else "W&B is off for this run; local records are kept"
+                warn(f"W&B could not start {attempt} ({type(e).__name__}: {_first_line(e)}); {then}")
+        else:
+            self.mode = "disabled"
+            return
         self.run.define_metric(step_metric)
         self.run.define_metric("*", step_metric=step_metric)
+
+    @staticmethod
+    def _start(mode: str, kwargs: dict[str, Any]):
+        import wandb
+
+        # W&B reads WANDB_MODE itself and rejects a value it does not know even when the mode
+        # is given here; the flag (or mode_from_environment) has already decided.
+        os.environ["WANDB_MODE"] = mode
+        return wandb.init(
+            mode=mode,
+            reinit="create_new",
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True,
+                                    init_timeout=INIT_TIMEOUT_S[mode]),
+            **kwargs,
+        )
+
+    def _lost(self, what: str, e: BaseException) -> None:
+        warn(f"W&B failed while {what} ({type(e).__name__}: {_first_line(e)}); W&B is off for the rest of this "
+             f"run, local records are kept")
+        self.run = None
+        self.mode = "disabled"
 
     @property
     def directory(self) -> str | None:
@@ -61,15 +129,21 @@ class WandbSink:
             return
         from ntrl.records import scalar_items
 
-        self.run.log(dict(scalar_items(record)))
+        try:
+            self.run.log(dict(scalar_items(record)))
+        except Exception as e:
+            self._lost("logging", e)
 
     def finish(self, summary: dict[str, Any] | None = None, exit_code: int = 0) -> None:
         if self.run is None:
             return
-        for k, v in (summary or {}).items():
-            if isinstance(v, (int, float, str, bool)) or v is None:
-                self.run.summary[k] = v
-        self.run.finish(exit_code=exit_code)
+        try:
+            for k, v in (summary or {}).items():
+                if isinstance(v, (int, float, str, bool)) or v is None:
+                    self.run.summary[k] = v
+            self.run.finish(exit_code=exit_code)
+        except Exception as e:
+            self._lost("finishing", e)
         self.run = None
 
 

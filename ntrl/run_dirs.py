@@ -1,0 +1,200 @@
+"""Where ntrl writes, and the rules that keep it from touching anything it did not write.
+
+* A *name* that becomes a path (``--run-name``, a study's ``name``) is one path component: not
+  empty, not ``.`` or ``..``, no path separator, not absolute (:func:`check_name`).
+* ``--out`` must be a directory ntrl can write, or a path where one can be made; it is checked
+  before anything is created (:func:`check_out_dir`), and a directory ntrl creates for it and
+  then fails to use is removed again (:func:`made_dirs`).
+* Every directory ntrl creates to hold a run or a study carries a marker file
+  (:data:`MARKER`, JSON with the kind and ntrl's version), written first. ``--force`` replaces
+  only a directory that has the marker (:func:`replace_run_dir`); a non-empty directory without
+  it is refused even with ``--force``.
+* Every path ntrl writes resolves, after symlinks, to a path under ``--out``
+  (:func:`inside`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from ntrl.config import ConfigError
+
+MARKER = ".ntrl-run"
+RUN_KIND = "run"
+STUDY_KIND = "study"
+WANDB_KIND = "wandb"
+# Pseudo-filesystems where nothing of ntrl's belongs.
+SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
+
+
+def ntrl_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ntrl")
+    except Exception:  # not installed (running from a source tree)
+        return "unknown"
+
+
+def check_name(name: object, flag: str) -> str:
+    """``name`` as a single path component, or a ConfigError naming ``flag``."""
+    if not isinstance(name, str):
+        raise ConfigError(flag, f"must be a string, got {type(name).__name__} {name!r}")
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if name in ("", ".", ".."):
+        raise ConfigError(flag, f"must be a name, not {name!r}: choose a directory name such as my-run")
+    if "\0" in name or any(s in name for s in seps) or os.path.isabs(name):
+        raise ConfigError(flag, f"must be a plain name without path separators, got {name!r}; "
+                                f"to write elsewhere, change --out instead")
+    return name
+
+
+def _under_system_root(path: Path) -> str | None:
+    text = str(path)
+    for root in SYSTEM_ROOTS:
+        if text == root or text.startswith(root + "/"):
+            return root
+    return None
+
+
+def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> Path:
+    """``out`` made absolute, after checking that ntrl could make and write it.
+
+    Refused: a path that is a file or lies under a file, one under /proc, /sys or /dev, and one
+    whose nearest existing ancestor is not a writable directory. Nothing is created here.
+    """
+    text = str(out)
+    if not text.strip():
+        raise ConfigError(flag, "must name a directory, got an empty path")
+    path = Path(os.path.abspath(os.path.expanduser(text)))
+    resolved = path.resolve()
+    root = _under_system_root(resolved) or _under_system_root(path)
+    if root is not None:
+        raise ConfigError(flag, f"{out} is under {root}, a system pseudo-filesystem; choose a directory of your own")
+    probe = path
+    while True:
+        if probe.exists() or probe.is_symlink():
+            if not probe.is_dir():
+                what = "is a file" if probe == path else f"lies under {probe}, which is a file"
+                raise ConfigError(flag, f"{out} {what}; choose a directory")
+            break
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(flag, f"{probe} is not writable, so {out} cannot be written; choose a directory you can write")
+    return path
+
+
+@contextlib.contextmanager
+def made_dirs(path: Path, flag: str = "--out") -> Iterator[Path]:
+    """Create ``path`` (and its missing parents); if the body raises, remove again the
+    directories this call created, as long as they are still empty. OSErrors from creating
+    become a ConfigError naming ``flag``."""
+    created = []
+    probe = path
+    while not probe.exists():
+        created.append(probe)
+        probe = probe.parent
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_empty(created)
+        raise ConfigError(flag, f"cannot create {path}: {e.strerror or e}") from None
+    try:
+        yield path
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:  # innermost first
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def inside(path: Path, root: Path, flag: str = "--out") -> Path:
+    """``path``, after checking that it resolves (symlinks followed) to a path under ``root``."""
+    real, real_root = path.resolve(), root.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise ConfigError(flag, f"{path} resolves to {real}, outside {root}; ntrl writes only under --out "
+                                f"(remove the symbolic link or choose another --out)")
+    return path
+
+
+def write_marker(directory: Path, kind: str) -> None:
+    """Mark ``directory`` as made by ntrl (kind "run" or "study")."""
+    (directory / MARKER).write_text(json.dumps({"kind": kind, "ntrl": ntrl_version()}) + "\n", encoding="utf-8")
+
+
+def _marker(directory: Path) -> dict:
+    path = directory / MARKER
+    if path.is_symlink() or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def marker_kind(directory: Path) -> str | None:
+    """The kind in ``directory``'s marker, or None when it has no (readable) marker."""
+    kind = _marker(directory).get("kind")
+    return kind if isinstance(kind, str) else None
+
+
+def marker_files(directory: Path) -> list[str]:
+    """The plain file names ntrl recorded in ``directory``'s marker as written by it."""
+    files = _marker(directory).get("files", [])
+    if not isinstance(files, list):
+        return []
+    out = []
+    for name in files:
+        try:
+            out.append(check_name(name, "marker"))
+        except ConfigError:
+            continue
+    return out
+
+
+def record_written_files(directory: Path, paths: list[Path]) -> None:
+    """Add the files ``paths`` (directly inside ``directory``) to its marker's list of files ntrl
+    wrote, so that ``--force`` may later remove exactly those."""
+    from ntrl.records import write_json_atomic
+
+    data = _marker(directory)
+    names = set(data.get("files", []) if isinstance(data.get("files"), list) else [])
+    names |= {p.name for p in paths if p.parent.resolve() == directory.resolve()}
+    data["files"] = sorted(names)
+    data.setdefault("ntrl", ntrl_version())
+    write_json_atomic(directory / MARKER, data)
+
+
+def is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def replace_run_dir(run_dir: Path, force: bool, flag: str = "--run-name", kind: str = RUN_KIND) -> None:
+    """Make ``run_dir`` ready for a new run: absent or empty is fine; a directory that holds a run
+    is removed with ``force``; anything else is refused with a ConfigError that says why."""
+    if run_dir.is_symlink():
+        raise ConfigError(flag, f"{run_dir} is a symbolic link; ntrl does not write through it. Remove it or choose another name")
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(flag, f"{run_dir} is a file, not a run directory; move it away or choose another name")
+    if is_empty_dir(run_dir):
+        return
+    if marker_kind(run_dir) != kind:
+        raise ConfigError(flag, f"{run_dir} holds files that ntrl did not write (no {MARKER} marker), so it is not "
+                                f"replaced even with --force; move them away or choose another name")
+    if not force:
+        raise ConfigError(flag, f"run directory {run_dir} already holds a run; pass --force to replace it or choose another name")
+    shutil.rmtree(run_dir)
