@@ -70,7 +70,15 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but an error is one line on stderr and exit status 2 (no usage dump)."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        """``ntrl: error: --flag: what is wrong`` (argparse says ``argument --flag: ...``)."""
+        match = re.match(r"argument ([^:]+): (.*)", message, re.DOTALL)
+        if match:
+            flag = match.group(1).split("/")[-1]
+            message = f"{flag}: {match.group(2)}"
+        where = self.prog.split()[1:]
+        if where and not match:
+            message = f"{' '.join(where)}: {message}"
+        self.exit(2, f"ntrl: error: {' '.join(message.split())}\n")
 
 
 def parse_bool(text: str) -> bool:
@@ -187,7 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
     parser = build_parser()
-    args = parser.parse_args(join_negative_numbers(sys.argv[1:] if argv is None else argv))
+    try:
+        args = parser.parse_args(join_negative_numbers(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # --help (0) or a one-line usage error (2)
+        return int(e.code or 0)
     if args.command == "rarity":
         from ntrl.rarity import run_from_args as run_rarity
 

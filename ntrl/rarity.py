@@ -36,7 +36,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     from ntrl.cli import report_errors
     from ntrl.study import StudyConfig, run_study
 
+    state: dict = {}
+
     def run() -> str:
+        try:
+            return run_and_report()
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM anywhere: say how far the study got
+            from ntrl.study import StudyInterrupted
+
+            if isinstance(e, StudyInterrupted) or "study" not in state:
+                raise
+            raise StudyInterrupted(progress_line(state["study"], state["out"])) from None
+
+    def run_and_report() -> str:
         from ntrl.study_lock import study_lock
         from ntrl.wandb_sink import mode_from_environment
 
@@ -56,6 +68,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         else:
             study = StudyConfig.quick()
         out = Path(args.out or Path("runs") / study.name)
+        state.update(study=study, out=out)
         start = time.time()
         if not args.analyse_only:
             run_study(study, out, workers=args.workers, wandb_mode=wandb_mode, force=args.force,
@@ -69,6 +82,15 @@ def run_from_args(args: argparse.Namespace) -> int:
         return "\n".join(lines)
 
     return report_errors(run)
+
+
+def progress_line(study, out: Path) -> str:
+    """"K of M runs complete; re-run the same command to resume"."""
+    from ntrl.study import completed_summary, enumerate_runs
+
+    specs = enumerate_runs(study)
+    k = sum(completed_summary(out / "runs" / s.run_id) is not None for s in specs)
+    return f"{k} of {len(specs)} runs complete; re-run the same command to resume"
 
 
 def analyse_and_report(out: Path, wandb_mode: str = "offline") -> dict:

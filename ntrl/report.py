@@ -87,7 +87,8 @@ def policy_panels(path: Path, title: str, by_policy, draw, xlabel: str, ylabel: 
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(pol)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

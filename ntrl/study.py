@@ -557,7 +557,8 @@ def _run_grid(study, out, workers, wandb_mode, progress, on_error):
             if bar is not None and (interrupted or sys.exc_info()[0] is not None):
                 bar.close()
         if interrupted:
-            raise StudyInterrupted(f"{len(done)} of {len(specs)} runs complete; re-run the same command to resume")
+            k = sum(completed_summary(runs_dir / spec.run_id) is not None for spec in specs)  # on disk, as a resume sees it
+            raise StudyInterrupted(f"{k} of {len(specs)} runs complete; re-run the same command to resume")
     if bar is not None:
         bar.close()
     if failures:

@@ -41,13 +41,14 @@ def price_agreement(pred: np.ndarray, real: np.ndarray) -> dict[str, float]:
     relative error |real − pred| / |real| (updates with real = 0 left out)."""
     pred, real = np.asarray(pred, dtype=float), np.asarray(real, dtype=float)
     out = {"n": int(len(real)), "r2": float("nan"), "median_rel_error": float("nan"), "p90_rel_error": float("nan")}
-    if len(real) >= 2:
-        ss_tot = float(np.sum((real - real.mean()) ** 2))
-        if ss_tot > 0:
-            out["r2"] = 1.0 - float(np.sum((real - pred) ** 2)) / ss_tot
-    nz = real != 0
-    if nz.any():
+    with np.errstate(over="ignore", invalid="ignore"):  # a huge misprediction overflows to R² = −inf
+        if len(real) >= 2:
+            ss_tot = float(np.sum((real - real.mean()) ** 2))
+            if ss_tot > 0:
+                out["r2"] = 1.0 - float(np.sum((real - pred) ** 2)) / ss_tot
+        nz = real != 0
         rel = np.abs(real[nz] - pred[nz]) / np.abs(real[nz])
+    if nz.any():
         out["median_rel_error"] = float(np.median(rel))
         out["p90_rel_error"] = float(np.quantile(rel, 0.9))
     return out

@@ -217,6 +217,8 @@ def price_check_text(pc: dict[str, Any], name: str = "ΔP = η·NTCov_M(P, U)") 
     good = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
     if good(r2):
         text = f"the predicted {name} explains R² = {r2:.6f} of the realised ΔP"
+    elif r2 == -math.inf:
+        text = f"the predicted {name} misses the realised ΔP by so much that R² overflows (below −1e308)"
     elif n < 2:
         text = f"one update is too few for an R² of the predicted {name}"
     else:

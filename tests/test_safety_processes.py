@@ -1,0 +1,228 @@
+"""Safety (issue 10): processes end with the command, one live study per directory, Ctrl-C keeps
+what was done, and a study killed at random points resumes to the same verdicts.
+
+The kill points are drawn from fixed seeds. A study here is a tiny grid (bandit MLP, exact
+gradients) whose runs take a fraction of a second each, so kills land between and inside runs.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ntrl.records import read_records
+
+NTRL = str(Path(sys.executable).with_name("ntrl"))
+GRID = """name = "kill"
+policies = ["mlp"]
+optimizers = ["sgd", "sign"]
+p0s = [0.01, 0.001]
+seeds = 3
+extinction_steps = 60
+max_steps = 3000
+track_every = 10
+price_scales = [1.0, 0.5]
+"""
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    e["WANDB_MODE"] = "disabled"
+    return e
+
+
+def session_processes(sid: int) -> list[int]:
+    """PIDs of live (not zombie) processes in session ``sid``."""
+    pids = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            text = Path(stat).read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:  # state, ppid, pgrp, session
+            pids.append(int(stat.split("/")[2]))
+    return pids
+
+
+def wait_gone(sid: int, limit_s: float = 5.0) -> list[int]:
+    end = time.time() + limit_s
+    while time.time() < end:
+        left = session_processes(sid)
+        if not left:
+            return []
+        time.sleep(0.05)
+    return session_processes(sid)
+
+
+def completed(study: Path) -> dict[str, float]:
+    """run id → mtime of its final summary (one with the Price-scaling probe)."""
+    out = {}
+    for path in study.glob("runs/*/summary.json"):
+        try:
+            s = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if "price_scaling" in s:
+            out[path.parent.name] = path.stat().st_mtime
+    return out
+
+
+def start_study(grid: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([NTRL, "rarity", "--config", str(grid), "--out", str(out), "--quiet", *extra],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, cwd=out.parent)
+
+
+def finish_study(grid: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([NTRL, "rarity", "--config", str(grid), "--out", str(out), "--quiet"], env=env(),
+                          capture_output=True, text=True, timeout=600, cwd=out.parent)
+
+
+def wait_for(predicate, limit_s: float = 120.0, step: float = 0.02) -> bool:
+    end = time.time() + limit_s
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of the grid: its verdict table."""
+    root = tmp_path_factory.mktemp("reference")
+    grid = root / "grid.toml"
+    grid.write_text(GRID)
+    proc = finish_study(grid, root / "study")
+    assert proc.returncode == 0, proc.stderr
+    return (root / "study" / "verdicts.csv").read_text()
+
+
+def test_sigkill_of_a_study_ends_its_workers_and_it_resumes_to_the_same_verdicts(tmp_path, reference):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID)
+    out = tmp_path / "study"
+    proc = start_study(grid, out)
+    assert wait_for(lambda: len(completed(out)) >= 2), proc.communicate(timeout=5)
+    before = completed(out)
+    os.kill(proc.pid, signal.SIGKILL)
+    killed_at = time.time()
+    proc.wait()
+    assert wait_gone(proc.pid) == []  # workers and the resource tracker end within seconds
+    time.sleep(0.5)
+    after = completed(out)
+    # nothing completed after the kill (a run that finished in the instant of the kill may count)
+    late = {k for k, t in after.items() if t > killed_at + 0.25}
+    assert not late and set(after) >= set(before)
+    for path in out.glob("runs/*/records.jsonl"):
+        read_records(path)  # every record parses
+    done = finish_study(grid, out)
+    assert done.returncode == 0, done.stderr
+    assert (out / "verdicts.csv").read_text() == reference
+
+
+def test_fault_injection_kills_at_seeded_random_points_then_resumes(tmp_path, reference):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID)
+    out = tmp_path / "study"
+    rng = np.random.default_rng(20261201)
+    for delay in rng.uniform(1.0, 6.0, size=3):
+        proc = start_study(grid, out)
+        time.sleep(float(delay))
+        sig = signal.SIGKILL if rng.random() < 0.5 else signal.SIGTERM
+        os.kill(proc.pid, sig)
+        killed_at = time.time()
+        proc.wait(timeout=30)
+        assert wait_gone(proc.pid) == []
+        assert not {k for k, t in completed(out).items() if t > killed_at + 0.25}
+        if sig == signal.SIGTERM and proc.returncode == 143:  # (-15: killed before ntrl had started)
+            err = proc.stderr.read().strip().splitlines()
+            assert proc.returncode == 143 and len(err) == 1 and "re-run the same command to resume" in err[0], err
+        for path in out.glob("runs/*/records.jsonl"):
+            read_records(path)
+    done = finish_study(grid, out)
+    assert done.returncode == 0, done.stderr
+    assert (out / "verdicts.csv").read_text() == reference
+
+
+def test_fault_injection_kills_a_training_run_at_seeded_random_points(tmp_path):
+    rng = np.random.default_rng(7)
+    for i, delay in enumerate(rng.uniform(2.0, 5.0, size=2)):
+        proc = subprocess.Popen([NTRL, "train", "bandit", "--steps", "100000", "--quiet", "--out", str(tmp_path),
+                                 "--run-name", f"r{i}"], env=env(), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(float(delay))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert wait_gone(proc.pid) == []
+        rec = read_records(tmp_path / f"r{i}")
+        assert rec and [r["update"] for r in rec] == list(range(len(rec)))
+        size = (tmp_path / f"r{i}" / "records.jsonl").stat().st_size
+        time.sleep(0.3)
+        assert (tmp_path / f"r{i}" / "records.jsonl").stat().st_size == size  # nothing written after the kill
+
+
+def test_ctrl_c_of_train_prints_one_line_and_keeps_the_records(tmp_path):
+    proc = subprocess.Popen([NTRL, "train", "bandit", "--steps", "100000", "--quiet", "--out", str(tmp_path),
+                             "--run-name", "r"], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    records = tmp_path / "r" / "records.jsonl"
+    assert wait_for(lambda: records.exists() and records.stat().st_size > 10_000)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    n = len(read_records(records))
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert lines[0] == f"ntrl: interrupted at update {summary['updates']}; {n} records kept in {tmp_path / 'r'}"
+
+
+def test_ctrl_c_of_a_study_prints_one_line_and_stops_its_workers(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID)
+    out = tmp_path / "study"
+    proc = start_study(grid, out)
+    assert wait_for(lambda: len(completed(out)) >= 1)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    k = len(completed(out))
+    assert lines[0] == f"ntrl: {k} of 18 runs complete; re-run the same command to resume"
+    assert wait_gone(proc.pid) == []
+
+
+def test_second_live_study_is_refused_with_the_holders_pid_and_a_stale_lock_does_not_block(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID.replace("seeds = 3", "seeds = 1").replace('"sign"', '"npg"'))
+    out = tmp_path / "study"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from ntrl.study_lock import study_lock\n"
+         "with study_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = finish_study(grid, out)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"PID {holder.pid}" in lines[0] and lines[0].startswith("ntrl: error: --out: ")
+        assert not (out / "study.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / ".ntrl-lock").exists()  # the killed holder's lock file is left behind ...
+    proc = finish_study(grid, out)  # ... and does not block
+    assert proc.returncode == 0, proc.stderr
