@@ -9,7 +9,7 @@ that step. The tracker predicts ΔX = η ∇X · d and compares it with the real
 | sgd   | g                            | I                         | torch.optim.SGD       |
 | adam  | m̂ / (√v̂ + ε)                 | diag(1/(√v̂ + ε))          | torch.optim.Adam      |
 | sign  | sign(g)                      | diag(1/|g|), 0 where g=0  | Δθ = η sign(g)        |
-| npg   | F⁺ g  (or (F + λI)⁻¹ g)      | inverse Fisher            | ntrl.metrics          |
+| npg   | F⁺ g  (or (F + λI)⁻¹ g)      | inverse Fisher            | ntrl.engine.metrics          |
 
 For Adam, m̂ and v̂ are the moments *after* this step's update, exactly as torch computes them.
 """
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from ntrl.metrics import Diagonal, Euclidean, InverseFisher, Metric
-from ntrl.tangent import TangentEngine
+from ntrl.engine.metrics import Diagonal, Euclidean, InverseFisher, Metric
+from ntrl.engine.tangent import TangentEngine
 
 OPTIMIZERS = ("sgd", "adam", "npg", "sign")
 

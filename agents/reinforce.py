@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ntrl.tangent import PolicyView, TangentEngine
+from ntrl.engine.tangent import PolicyView, TangentEngine
 
 GRADIENT_MODES = ("exact", "sampled")
 BASELINES = ("none", "loo")

@@ -6,7 +6,7 @@ computes, for every tracked property X and the policy-gradient surrogate of that
     U(θ) = mean_t [ Â_t log π_θ(a_t | s_t) ] + c_ent · mean_t H(π_θ(· | s_t))
 
 (Â normalised over the rollout when the algorithm normalises advantages), with ntrl's
-:class:`~ntrl.tangent.TangentEngine` on the SB3 policy's actor (obs → logits, float64):
+:class:`~ntrl.engine.tangent.TangentEngine` on the SB3 policy's actor (obs → logits, float64):
 
     value         X(θ)
     ntvar_euc     NTVar(X) = ‖∇X‖²
@@ -51,10 +51,10 @@ from stable_baselines3.common.distributions import CategoricalDistribution
 from stable_baselines3.common.preprocessing import preprocess_obs
 from torch import Tensor, nn
 
-from ntrl.metrics import Euclidean
+from ntrl.engine.metrics import Euclidean
 from ntrl.properties import Property
 from ntrl.records import RecordWriter
-from ntrl.tangent import PolicyView, TangentEngine
+from ntrl.engine.tangent import PolicyView, TangentEngine
 from ntrl.tracker import to_json
 from ntrl.wandb_sink import WandbSink
 
@@ -111,7 +111,7 @@ class NTCovCallback(BaseCallback):
 
     :param properties: property specs or :class:`ntrl.properties.Property` objects
         (``action:A``, ``event:MOD:PRED``, ``MOD:FUNC``, ``NAME=SPEC``; see
-        :mod:`ntrl.user_properties`). Default: the probability of action 0.
+        :mod:`ntrl.experiments.user_properties`). Default: the probability of action 0.
     :param probe_states: ``"rollout"`` (``n_probe`` states of the first rollout, frozen), an array,
         a ``.npy`` path or ``MOD:FUNC``.
     :param track_every: track every k-th rollout.
@@ -157,7 +157,7 @@ class NTCovCallback(BaseCallback):
 
     # ------------------------------------------------------------------ setup
     def _init_callback(self) -> None:
-        from ntrl.user_properties import RunContext, load_probe_states
+        from ntrl.experiments.user_properties import RunContext, load_probe_states
 
         self.actor = SB3ActorLogits(self.model.policy)
         self.engine = TangentEngine(self.actor, dtype=torch.float64)
@@ -183,7 +183,7 @@ class NTCovCallback(BaseCallback):
                 self._wandb_run.define_metric(f"{self.prefix}/*", step_metric=f"{self.prefix}/update")
 
     def _set_probes(self, raw: np.ndarray) -> None:
-        from ntrl.user_properties import check_properties, parse_property
+        from ntrl.experiments.user_properties import check_properties, parse_property
 
         self.raw_probes = raw
         self.probes = torch.as_tensor(raw)
@@ -201,7 +201,7 @@ class NTCovCallback(BaseCallback):
         self.n_rollouts += 1
         update = self.n_rollouts - 1
         if self.probes is None:
-            from ntrl.user_properties import sample_rows
+            from ntrl.experiments.user_properties import sample_rows
 
             flat = buf.observations.reshape(-1, *self.obs_space.shape)
             self._set_probes(sample_rows(flat, self.n_probe, self.seed))

@@ -28,8 +28,8 @@ import torch
 
 from ntrl.agents.policies import make_policy
 from ntrl.envs.juice import OBS_DIM, N_ACTIONS, STAY, seen_observations, tabular_model
-from ntrl.exact_model import TabularMDP
-from ntrl.tangent import TangentEngine
+from ntrl.engine.exact_model import TabularMDP
+from ntrl.engine.tangent import TangentEngine
 from timing import interleaved_medians
 
 

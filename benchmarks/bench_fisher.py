@@ -1,4 +1,4 @@
-"""The exact inverse-Fisher factorisation: ``ntrl.metrics.right_singular`` (QR of Aᵀ, then the
+"""The exact inverse-Fisher factorisation: ``ntrl.engine.metrics.right_singular`` (QR of Aᵀ, then the
 SVD of the small triangular factor) against ``torch.linalg.svd`` of A, on the Fisher rows the
 tracker factors.
 
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from ntrl.juice_setup import JuiceConfig
-from ntrl.metrics import AllLogProbs, right_singular
-from ntrl.tangent import TangentEngine
+from ntrl.experiments.juice import JuiceConfig
+from ntrl.engine.metrics import AllLogProbs, right_singular
+from ntrl.engine.tangent import TangentEngine
 from timing import interleaved_medians
 
 

@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ntrl.agents.policies import MLPPolicy  # noqa: E402
-from ntrl.metrics import Euclidean  # noqa: E402
+from ntrl.engine.metrics import Euclidean  # noqa: E402
 from ntrl.properties import ActionProbability  # noqa: E402
-from ntrl.tangent import TangentEngine  # noqa: E402
+from ntrl.engine.tangent import TangentEngine  # noqa: E402
 
 OBS_DIM, N_ACTIONS, ACTION = 8, 4, 1
 MAX_JAC_BYTES = 3 * 2**30  # skip methods that would hold an N × P Jacobian above this

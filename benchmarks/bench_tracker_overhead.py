@@ -36,8 +36,8 @@ from contextlib import contextmanager
 
 import torch
 
-from ntrl.bandit_setup import BanditConfig
-from ntrl.juice_setup import JuiceConfig
+from ntrl.experiments.bandit import BanditConfig
+from ntrl.experiments.juice import JuiceConfig
 from ntrl.tracker import Tracker
 from ntrl.train import train
 

@@ -35,7 +35,7 @@ reset: ``juice_seen``.
 
 ``JuiceGridworldVector`` is the native vector form (numpy, next-step autoreset), made by
 ``gym.make_vec("ntrl/JuiceGridworld-v0", num_envs=n, vectorization_mode="vector_entry_point")``.
-``tabular_model()`` gives the exact :class:`ntrl.exact_model.TabularMDP` of a configuration
+``tabular_model()`` gives the exact :class:`ntrl.engine.exact_model.TabularMDP` of a configuration
 with at most ``MAX_TABULAR_STATES`` states.
 """
 
@@ -197,7 +197,7 @@ class JuiceGridworld(gym.Env):
 
     # ------------------------------------------------------------------ exact model
     def tabular_model(self, max_states: int = MAX_TABULAR_STATES):
-        """The exact :class:`~ntrl.exact_model.TabularMDP` of this configuration."""
+        """The exact :class:`~ntrl.engine.exact_model.TabularMDP` of this configuration."""
         return tabular_model(self.size, self.view_radius, self.horizon, self.reward, self.hide_prob, max_states)
 
 
@@ -208,9 +208,9 @@ def tabular_model(size: int = 5, view_radius: int = 1, horizon: int = 50, reward
     States are (agent cell, juice cell ≠ agent cell, visible) — S = N²(N² − 1)·(2 if
     hide_prob > 0 else 1). The model carries extra arrays: ``seen`` (S,) bool,
     ``approach`` (S, A) bool, ``dist`` (S,) Manhattan distance, ``agent``/``juice`` (S, 2).
-    Raises :class:`~ntrl.exact_model.ModelTooLargeError` above ``max_states`` states.
+    Raises :class:`~ntrl.engine.exact_model.ModelTooLargeError` above ``max_states`` states.
     """
-    from ntrl.exact_model import TabularMDP, check_model_size
+    from ntrl.engine.exact_model import TabularMDP, check_model_size
 
     validate_juice_args(size, view_radius, horizon, reward, hide_prob)
     n, C = int(size), int(size) ** 2

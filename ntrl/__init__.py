@@ -2,7 +2,7 @@
 
     dX/dt = ∇X · ∇U = NTCov(X, U)
 
-The engine (:mod:`ntrl.tangent`) computes every tangent quantity; the tracker
+The engine (:mod:`ntrl.engine.tangent`) computes every tangent quantity; the tracker
 (:mod:`ntrl.tracker`) checks predicted against realised changes during training.
 """
 

@@ -1,166 +1,225 @@
-"""The ``ntrl`` command line.
+"""The ``ntrl`` command line: a thin layer that turns config dataclasses into flags with tyro.
 
     ntrl train bandit --optimizer sgd --p0 0.01 --lr 0.1 --steps 300
+    ntrl train juice --p0 0.01 --f0 0.01
+    ntrl train --env CartPole-v1 --steps 50 --property action:1
+    ntrl rarity --quick
 
-Bad input gets one line on stderr naming the flag and what is allowed, and exit status 2.
+Each flag comes from its config field (:class:`ntrl.config.TrainConfig` and the experiment
+configs): the field's type gives the flag's type and, for a ``Literal``, its allowed values; its
+default is the flag's default; its ``option(help=...)`` is the flag's help. tyro builds the
+parser (``--flag/--no-flag`` booleans, choices, repeatable list flags), as CleanRL uses it.
+
+The error contract is ntrl's own: bad input gets one line ``ntrl: error: --flag: what is wrong``
+on stderr and exit status 2. tyro's boxed error messages are folded into that line, and a flag
+that the chosen command does not use is an error, never dropped.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
+import io
+import os
 import re
 import sys
-from typing import Sequence
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Callable, Literal, Sequence
 
-import importlib
+from ntrl.config import ConfigError, TrainConfig
 
-from ntrl.config import ConfigError, TrainConfig, flag_of
-
-# ``ntrl train <name>``: the config class of each environment, imported when used.
+# ``ntrl train <name>``: the config class of each experiment, imported when used.
 EXPERIMENTS = {
-    "bandit": ("ntrl.bandit_setup:BanditConfig", "REINFORCE on ntrl/TwoArmedBandit-v0"),
-    "juice": ("ntrl.juice_setup:JuiceConfig", "REINFORCE on ntrl/JuiceGridworld-v0"),
+    "bandit": ("ntrl.experiments.bandit:BanditConfig", "REINFORCE on ntrl/TwoArmedBandit-v0"),
+    "juice": ("ntrl.experiments.juice:JuiceConfig", "REINFORCE on ntrl/JuiceGridworld-v0"),
 }
+GYM_CONFIG = "ntrl.experiments.gym_env:GymConfig"
+HELP_FLAGS = ("-h", "--help")
+
+TOP_HELP = """usage: ntrl {train,rarity} ...
+
+Price's equation for neural networks, measured in RL training.
+
+commands:
+  train bandit [FLAGS]     REINFORCE on ntrl/TwoArmedBandit-v0, with Price tracking
+  train juice [FLAGS]      REINFORCE on ntrl/JuiceGridworld-v0, with Price tracking
+  train --env ID [FLAGS]   any Gymnasium env with Discrete actions (REINFORCE, or SB3 PPO/A2C)
+  rarity [FLAGS]           the rarity study: p² or p(1 − p)? with confidence intervals
+
+Each command's --help lists its flags, their allowed values and its own defaults.
+"""
+
+TRAIN_HELP = """usage: ntrl train {bandit,juice} [FLAGS]
+       ntrl train --env ID [FLAGS]
+
+  bandit         REINFORCE on ntrl/TwoArmedBandit-v0      (ntrl train bandit --help)
+  juice          REINFORCE on ntrl/JuiceGridworld-v0      (ntrl train juice --help)
+  --env ID       any Gymnasium id, or MODULE:ID           (ntrl train --env ID --help)
+
+Flags go after the experiment: ntrl train bandit --p0 0.01. The three differ in some defaults
+(for example --width, --batch-size, --mode, --fisher and --target); each --help gives its own.
+"""
+
+
+class UsageError(Exception):
+    """A command line that cannot be read; ``flag`` names the culprit."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}" if flag else message)
+
+
+def load_class(path: str) -> type:
+    import importlib
+
+    module, cls = path.split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def experiment_config(name: str) -> type[TrainConfig]:
-    module, cls = EXPERIMENTS[name][0].split(":")
-    return getattr(importlib.import_module(module), cls)
-
-HELP = {
-    "policy": "policy kind: single_logit (p = σ(b)), tabular (softmax over K logits) or mlp",
-    "optimizer": "sgd, adam, npg (natural policy gradient) or sign (sign descent)",
-    "mode": "exact (analytic ∇J) or sampled (REINFORCE on a batch of episodes)",
-    "p0": "initial probability of the target action, in (0, 1)",
-    "target": "the tracked action: 1 = do, 0 = dont",
-    "lr": "learning rate η > 0",
-    "steps": "number of updates",
-    "seed": "seed for initialisation, sampling and reward noise",
-    "batch_size": "episodes per update in sampled mode",
-    "baseline": "sampled-mode baseline: loo (leave-one-out mean) or none",
-    "track_every": "track every k-th update",
-    "stop_at_p": "stop once P reaches this value",
-    "reward_do": "reward for do",
-    "reward_dont": "reward for dont",
-    "noise_std": "standard deviation of Gaussian reward noise",
-    "width": "MLP hidden width",
-    "depth": "MLP hidden layers",
-    "activation": "MLP activation",
-    "dtype": "policy dtype (tracking always runs in float64)",
-    "npg_damping": "λ in (F + λI)⁻¹ for npg (0: pseudo-inverse)",
-    "fisher": "also record NTVar in the Fisher metric",
-    "threads": "torch threads (1 is fastest for these small networks)",
-    "size": "grid side N (>= 2)",
-    "view_radius": "Manhattan view radius (>= 1)",
-    "horizon": "episode length H",
-    "reward": "reward for drinking visible juice",
-    "hide_prob": "probability that the juice is hidden on a step",
-    "f0": "solve hide_prob so that the initial F equals f0 (0: off)",
-    "decomposition": "track the F·P decomposition",
-    "out": "directory that holds run directories",
-    "run_name": "name of the run directory (default: from the config)",
-    "group": "W&B group",
-    "wandb": "offline (default), online or disabled",
-    "force": "replace an existing run directory",
-}
+    return load_class(EXPERIMENTS[name][0])
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but an error is one line on stderr and exit status 2 (no usage dump)."""
+# ---------------------------------------------------------------------- the rarity command's flags
+@dataclass
+class RarityArgs:
+    """``ntrl rarity``: run (or resume) the rarity study, analyse it, write the report."""
 
-    def error(self, message: str):  # type: ignore[override]
-        """``ntrl: error: --flag: what is wrong`` (argparse says ``argument --flag: ...``)."""
-        match = re.match(r"argument ([^:]+): (.*)", message, re.DOTALL)
-        if match:
-            flag = match.group(1).split("/")[-1]
-            message = f"{flag}: {match.group(2)}"
-        where = self.prog.split()[1:]
-        if where and not match:
-            message = f"{' '.join(where)}: {message}"
-        self.exit(2, f"ntrl: error: {' '.join(message.split())}\n")
-
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def optional_float(text: str) -> float | None:
-    return None if text.lower() in ("none", "") else float(text)
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], skip: Sequence[str] = ("env",)) -> None:
-    """One flag per config field, typed from the dataclass defaults."""
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        if f.name in skip or f.name in ("wandb", "force"):
-            continue
-        default = getattr(defaults, f.name)
-        kind = {bool: parse_bool, int: int, float: float, str: str}.get(type(default), str)
-        if f.name == "stop_at_p":
-            kind = optional_float
-        parser.add_argument(flag_of(f.name), dest=f.name, type=kind, default=default,
-                            metavar=f.name.upper(), help=f"{HELP.get(f.name, f.name)} (default: {default})")
-    parser.add_argument("--wandb", dest="wandb", default=None, choices=("offline", "online", "disabled"),
-                        help="W&B mode (default: WANDB_MODE from the environment, else offline)")
-    parser.add_argument("--no-wandb", dest="wandb", action="store_const", const="disabled",
-                        help="turn W&B logging off")
-    parser.add_argument("--force", action="store_true", help=HELP["force"])
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--verbose", "-v", action="store_true",
-                        help="say on stderr which tangent backend answers each property, and why")
+    quick: bool = field(default=False, metadata={"help": "the small grid: bandit, exact gradients, 3 decades "
+                                                         "(the default)"})
+    full: bool = field(default=False, metadata={"help": "the complete grid (760 runs)"})
+    config: str | None = field(default=None, metadata={"help": "a grid of your own (.toml or .json; keys: "
+                                                               "examples/rarity_grid.toml)"})
+    out: str = field(default="runs", metadata={"help": "parent directory of the study directory: the study "
+                                                       "writes OUT/<study name>"})
+    study_dir: str | None = field(default=None, metadata={"help": "with --analyse-only: analyse this study "
+                                                                   "directory, wherever it is"})
+    seed: int | None = field(default=None, metadata={"help": "the grid's base seed: runs use seeds SEED … "
+                                                             "SEED + seeds − 1 (None: the grid's own, 0)"})
+    workers: int = field(default=min(2, os.cpu_count() or 1), metadata={"help": "parallel runs"})
+    force: bool = field(default=False, metadata={"help": "replace a study of a different config in the study "
+                                                         "directory (only what the study wrote is removed)"})
+    wandb: Literal["offline", "online", "disabled"] | None = field(
+        default=None, metadata={"help": "W&B mode (None: WANDB_MODE from the environment, else offline)"})
+    analyse_only: bool = field(default=False, metadata={"help": "only analyse and report the runs already there"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
+    verbose: bool = field(default=False, metadata={"help": "say on stderr which tangent backend answers each "
+                                                           "property, and why"})
 
 
-def enable_verbose() -> None:
-    """Show ntrl's INFO log lines (for example which tangent backend each property uses) on
-    stderr, written through tqdm so that they do not break the progress bar. Idempotent."""
-    import logging
-
-    class TqdmHandler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            from tqdm.auto import tqdm
-
-            tqdm.write(self.format(record), file=sys.stderr)
-
-    logger = logging.getLogger("ntrl")
-    if not any(getattr(h, "ntrl_verbose", False) for h in logger.handlers):
-        handler = TqdmHandler()
-        handler.ntrl_verbose = True
-        handler.setFormatter(logging.Formatter("ntrl: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+# Flags that every ``train`` command has besides its config's fields.
+RUN_FLAGS: list[tuple[str, type, Any, str]] = [
+    ("quiet", bool, False, "no progress bar"),
+    ("verbose", bool, False, "say on stderr which tangent backend answers each property, and why"),
+]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="ntrl", description="Price's equation for neural networks, measured in RL training.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    train = sub.add_parser("train", help="train an agent with Price tracking")
-    envs = train.add_subparsers(dest="env", required=False, parser_class=OneLineParser)
-    from ntrl.gym_setup import add_env_flags  # ``ntrl train --env ID``: any Gymnasium env
-
-    add_env_flags(train)
-    for name, (_, help_text) in EXPERIMENTS.items():
-        add_config_flags(envs.add_parser(name, help=help_text), experiment_config(name))
-    from ntrl.rarity import add_rarity_parser  # ``ntrl rarity``: the rarity study
-
-    add_rarity_parser(sub)
-    return parser
+# ---------------------------------------------------------------------- dataclass → tyro
+def flag_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("flag", True)]
 
 
-def config_from_args(args: argparse.Namespace, cls: type[TrainConfig]) -> TrainConfig:
-    from ntrl.wandb_sink import mode_from_environment
+def flag_dataclass(cls: type, prog: str, extra: Sequence[tuple[str, type, Any, str]] = ()) -> type:
+    """A dataclass for tyro with one field per flag of ``cls`` (its type, default and help), plus
+    ``extra`` CLI-only flags. ``--wandb`` defaults to None, read as "from the environment"."""
+    import tyro
 
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    values["wandb"] = mode_from_environment(values.get("wandb"))
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in flag_fields(cls):
+        kind, help_text = hints[f.name], f.metadata.get("help", "")
+        if f.name == "wandb":
+            kind = typing.Optional[kind]
+            default: Any = None
+            help_text = "W&B mode (None: WANDB_MODE from the environment, else offline)"
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        markers: list[Any] = [tyro.conf.arg(help=help_text, aliases=("-v",) if f.name == "verbose" else None)]
+        if typing.get_origin(kind) is list:
+            markers.append(tyro.conf.UseAppendAction)
+        spec = (field(default_factory=lambda d=default: list(d)) if isinstance(default, list)
+                else field(default=default))
+        out.append((f.name, Annotated[(kind, *markers)], spec))
+    for name, kind, default, help_text in extra:
+        alias = ("-v",) if name == "verbose" else None
+        out.append((name, Annotated[kind, tyro.conf.arg(help=help_text, aliases=alias)], field(default=default)))
+    made = dataclasses.make_dataclass(cls.__name__ + "Flags", out)
+    made.__doc__ = (cls.__doc__ or "").strip().split("\n\n")[0].replace("``", "")
+    return made
 
 
-# A flag value such as ``-1e3`` is a number, not an option; argparse only knows ``-1`` and ``-1.5``.
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+BOX = "╭╮╰╯│─┃━┏┓┗┛"
+
+
+def one_line(boxed: str, prog: str) -> str:
+    """tyro's boxed error message as ``--flag: what is wrong`` (one line)."""
+    text = ANSI.sub("", boxed)
+    title, sections = "", [[]]
+    for ln in (ln.strip().strip("│┃").strip() for ln in text.splitlines()):
+        if ln.startswith(("╭", "┏")):
+            title = ln.strip(BOX + " ")
+        elif ln and set(ln) <= set(BOX + " "):
+            sections.append([])  # a rule: the next section (suggestions, help)
+        elif ln and not ln.startswith(("╰", "┗")):
+            sections[-1].append(ln)
+    message = " ".join(" ".join(sections[0]).split())
+    hint = ""
+    for sec in sections[1:]:
+        if sec and sec[0].startswith("Perhaps you meant"):
+            near = re.findall(r"(--[\w-]+)", " ".join(sec[1:]))
+            hint = f"; did you mean {near[0]}?" if near else ""
+    m = re.match(r"Error parsing (--[\w-]+): (.*)", message)
+    if m:
+        return f"{m.group(1)}: {m.group(2)}"
+    m = re.match(r"invalid choice (.*) for argument '(--[\w-]+)'\. Expected one of \((.*)\)\.?", message)
+    if m:
+        choices = ", ".join(c.strip().strip("'\"") for c in m.group(3).split(",") if c.strip())
+        return f"{m.group(2)}: invalid choice {m.group(1)}; choose one of {choices}"
+    m = re.match(r"Unrecognized(?: or misplaced)? options?: (.*)", message)
+    if m:
+        first = re.split(r",\s*|\s+\(applied to[^)]*\)\s*", m.group(1).strip())[0].split("=", 1)[0]
+        if first.startswith("-"):
+            return f"{first}: `{prog}` has no such flag{hint} (see `{prog} --help`)"
+        return f"{first}: unexpected argument to `{prog}`; values follow their flag (see `{prog} --help`)"
+    m = re.match(r"Missing value for argument '(--[\w-]+)'", message)
+    if m:
+        return f"{m.group(1)}: needs a value"
+    m = re.search(r"'?(--[\w-]+)'?", message)
+    if m:
+        return f"{m.group(1)}: {message}"
+    return f"{title.lower() or 'error'}: {message}" if message else title
+
+
+def parse_flags(cls: type, args: list[str], prog: str, extra=()) -> Any:
+    """``args`` parsed into an instance of ``flag_dataclass(cls)``; ``--help`` prints and exits 0;
+    an error raises UsageError with one line."""
+    import tyro
+
+    flags_cls = flag_dataclass(cls, prog, extra)
+    if any(a in HELP_FLAGS for a in args):
+        tyro.cli(flags_cls, args=["--help"], prog=prog)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(flags_cls, args=args, prog=prog)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        raise UsageError("", one_line(captured.getvalue(), prog)) from None
+
+
+def given_flags(args: Sequence[str]) -> list[str]:
+    """The config field names of the flags on a command line (``--no-fisher`` → ``fisher``)."""
+    names = []
+    for a in args:
+        if a.startswith("--") and len(a) > 2:
+            name = a[2:].split("=", 1)[0].replace("-", "_")
+            names.append(name[3:] if name.startswith("no_") else name)
+    return names
+
+
+# ---------------------------------------------------------------------- command lines
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 
@@ -169,23 +228,164 @@ def join_negative_numbers(argv: Sequence[str]) -> list[str]:
     out: list[str] = []
     for token in argv:
         prev = out[-1] if out else ""
-        if (NEGATIVE_NUMBER.match(token) and prev.startswith("--") and "=" not in prev and prev != "--"):
+        if NEGATIVE_NUMBER.match(token) and prev.startswith("--") and "=" not in prev and prev != "--":
             out[-1] = f"{prev}={token}"
         else:
             out.append(token)
     return out
 
 
+def normalise(argv: Sequence[str]) -> list[str]:
+    """``--no-wandb`` is ``--wandb disabled``; ``--flag -1e3`` keeps its number."""
+    out = []
+    for a in join_negative_numbers(argv):
+        out.extend(["--wandb", "disabled"] if a == "--no-wandb" else [a])
+    return out
+
+
+def env_flag_given(args: Sequence[str]) -> bool:
+    return any(a == "--env" or a.startswith("--env=") for a in args)
+
+
+def dispatch(argv: list[str]) -> tuple[str, type, list[str], str]:
+    """(command, config class, its flags, prog) of a command line; UsageError if there is none."""
+    if not argv:
+        raise UsageError("", "give a command: train or rarity (see ntrl --help)")
+    command, rest = argv[0], argv[1:]
+    if command == "rarity":
+        return "rarity", RarityArgs, rest, "ntrl rarity"
+    if command != "train":
+        raise UsageError("", f"unknown command {command!r}; choose train or rarity (see ntrl --help)")
+    names = [a for a in rest if a in EXPERIMENTS]
+    if rest and rest[0] in EXPERIMENTS:
+        if env_flag_given(rest):
+            raise UsageError("--env", f"give a built-in experiment ({rest[0]}) or --env ID, not both")
+        return "train", experiment_config(rest[0]), rest[1:], f"ntrl train {rest[0]}"
+    if env_flag_given(rest):
+        if names:
+            raise UsageError("--env", f"give a built-in experiment ({names[0]}) or --env ID, not both")
+        return "train", load_class(GYM_CONFIG), rest, "ntrl train --env ID"
+    if names:
+        first = next(a for a in rest if a.startswith("-"))
+        raise UsageError(first.split("=", 1)[0], f"flags go after the experiment (ntrl train {names[0]} "
+                                                 f"{first} ...); a flag before it would not be read")
+    if rest and not rest[0].startswith("-"):
+        raise UsageError("", f"unknown experiment {rest[0]!r}; choose {', '.join(EXPERIMENTS)} or --env ID")
+    raise UsageError("", f"give a built-in experiment ({', '.join(EXPERIMENTS)}) or --env ID (see ntrl train --help)")
+
+
+def to_config(cls: type, flags: Any) -> Any:
+    """The config of a parsed command line: its flag values, and W&B's mode from the environment
+    when ``--wandb`` was not given."""
+    from ntrl.wandb_sink import mode_from_environment
+
+    values = {f.name: getattr(flags, f.name) for f in flag_fields(cls)}
+    values["wandb"] = mode_from_environment(values.get("wandb"))
+    return cls(**values)
+
+
+def reject_unused_for_algo(config: Any, args: Sequence[str]) -> None:
+    """With ``--algo ppo|a2c``, the flags of ntrl's REINFORCE loop are errors, never ignored."""
+    from ntrl.experiments.gym_env import REINFORCE_ONLY
+
+    if getattr(config, "algo", "reinforce") == "reinforce":
+        return
+    unused = [n for n in given_flags(args) if n in REINFORCE_ONLY]
+    if unused:
+        used = ["--lr", "--steps", "--seed", "--n-steps", "--n-envs", "--gamma", "--width", "--depth",
+                "--activation", "--track-every", "--target", "--property", "--probe-states", "--n-probe"]
+        raise UsageError("--" + unused[0].replace("_", "-"),
+                         f"applies to --algo reinforce only; --algo {config.algo} uses {', '.join(used)}")
+
+
+# ---------------------------------------------------------------------- running
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C (records kept, one line), with exit status 143."""
 
 
-_TERMINATED = []
+_TERMINATED: list[int] = []
 
 
 def _raise_terminated(signum, frame) -> None:
     _TERMINATED.append(signum)
     raise Terminated()
+
+
+def report_errors(run: Callable[[], str]) -> int:
+    """Run ``run()`` and print what it returns (exit 0); bad input is one line and exit 2, a
+    training run that had to stop is one line and exit 1, Ctrl-C is one line and exit 130."""
+    from ntrl.train import TrainingError
+
+    try:
+        text = run()
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the run said what it kept
+        print(f"ntrl: {getattr(e, 'message', None) or 'interrupted'}", file=sys.stderr)
+        return 143 if _TERMINATED else 130
+    except (ConfigError, UsageError) as e:
+        print(f"ntrl: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"ntrl: training stopped: {e}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
+def run_train(cls: type, flags: Any, args: list[str]) -> str:
+    config = to_config(cls, flags).validate()
+    if flags.verbose:
+        from ntrl.verbose import enable_verbose
+
+        enable_verbose()
+    progress = not flags.quiet
+    if hasattr(config, "algo"):  # any Gymnasium env
+        reject_unused_for_algo(config, args)
+        if config.algo != "reinforce":
+            from ntrl.experiments.sb3_train import describe_sb3, train_sb3
+
+            return describe_sb3(train_sb3(config, progress=progress), config)
+        config.prebuild()
+    from ntrl.train import describe, train
+
+    return describe(train(config, progress=progress), config)
+
+
+def run_rarity(flags: RarityArgs) -> str:
+    from pathlib import Path
+
+    from ntrl.study.grid import StudyConfig
+    from ntrl.study.rarity import rarity
+    from ntrl.wandb_sink import mode_from_environment
+
+    presets = [name for name in ("quick", "full", "config") if getattr(flags, name)]
+    if len(presets) > 1:
+        raise UsageError(f"--{presets[1]}", f"give one of --quick, --full or --config, not {' and '.join('--' + p for p in presets)}")
+    if flags.workers < 1:
+        raise ConfigError("--workers", f"must be >= 1, got {flags.workers}")
+    if flags.study_dir is not None and not flags.analyse_only:
+        raise UsageError("--study-dir", "is for --analyse-only; to run a study, give --out (its parent directory)")
+    wandb_mode = mode_from_environment(flags.wandb)
+    if flags.verbose:
+        from ntrl.verbose import enable_verbose
+
+        enable_verbose()
+    if flags.study_dir is not None:
+        from ntrl.study.executor import read_study_file
+
+        study_dir = Path(flags.study_dir)
+        study = read_study_file(study_dir, "--study-dir")
+    else:
+        study = (StudyConfig.from_file(flags.config) if flags.config else
+                 StudyConfig.full() if flags.full else StudyConfig.quick())
+        if flags.seed is not None:
+            study = dataclasses.replace(study, seed=flags.seed).validate()
+        study_dir = Path(flags.out) / study.name
+        if flags.analyse_only:
+            from ntrl.study.executor import read_study_file
+
+            read_study_file(study_dir, "--out")
+    return rarity(study, study_dir, workers=flags.workers, wandb_mode=wandb_mode, force=flags.force,
+                  progress=not flags.quiet, analyse_only=flags.analyse_only, verbose=flags.verbose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,55 +394,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
-    parser = build_parser()
+    argv = normalise(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in HELP_FLAGS:
+        print(TOP_HELP, end="")
+        return 0 if argv else 2
+    if argv[0] == "train" and (len(argv) == 1 or argv[1] in HELP_FLAGS):
+        print(TRAIN_HELP, end="")
+        return 0 if len(argv) > 1 else 2
+
+    def run() -> str:
+        command, cls, args, prog = dispatch(argv)
+        flags = parse_flags(cls, args, prog, extra=() if command == "rarity" else RUN_FLAGS)
+        return run_rarity(flags) if command == "rarity" else run_train(cls, flags, args)
+
     try:
-        args = parser.parse_args(join_negative_numbers(sys.argv[1:] if argv is None else argv))
-    except SystemExit as e:  # --help (0) or a one-line usage error (2)
-        return int(e.code or 0)
-    if args.command == "rarity":
-        from ntrl.rarity import run_from_args as run_rarity
-
-        return run_rarity(args)
-    if args.command == "train" and (args.env is None) == (getattr(args, "gym_env", None) is None):
-        print("ntrl: error: give a built-in experiment (" + ", ".join(EXPERIMENTS) + ") or --env ID, "
-              "not both and not neither", file=sys.stderr)
-        return 2
-    if args.command == "train" and args.env is None:
-        from ntrl.gym_setup import run_from_args
-
-        return run_from_args(args)
-    if args.command == "train":
-        from ntrl.train import describe, train
-
-        if args.verbose or getattr(args, "gym_verbose", False):
-            enable_verbose()
-
-        def run() -> str:
-            config = config_from_args(args, experiment_config(args.env)).validate()
-            return describe(train(config, progress=not args.quiet), config)
-
         return report_errors(run)
-    return 0
-
-
-def report_errors(run) -> int:
-    """Run ``run()`` and print what it returns (exit 0); bad input is one line and exit 2, a
-    training run that had to stop is one line and exit 1."""
-    from ntrl.train import TrainingError
-
-    try:
-        text = run()
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the run said what it kept
-        print(f"ntrl: {getattr(e, 'message', None) or 'interrupted'}", file=sys.stderr)
-        return 143 if _TERMINATED else 130
-    except ConfigError as e:
-        print(f"ntrl: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"ntrl: training stopped: {e}", file=sys.stderr)
-        return 1
-    print(text)
-    return 0
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ value raises :class:`ConfigError` naming the flag and the allowed range.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal
 
 from ntrl.agents.optimizers import OPTIMIZERS
 from ntrl.agents.policies import ACTIVATIONS, POLICY_KINDS
@@ -26,7 +27,7 @@ class Experiment:
     (exact or sampled); ``properties[0]`` is the headline property P.
     ``extra_tracking(engine, utility_gradient, plan, stats) -> dict``, when given, is called
     before each tracked step with the float64 analysis engine, the optimizer's step plan and, if
-    it takes a fourth argument, the tracker's :class:`ntrl.tangent.TangentStats` per property
+    it takes a fourth argument, the tracker's :class:`ntrl.engine.tangent.TangentStats` per property
     name (values, and the Jacobian rows where the engine formed them, so extra quantities need
     not differentiate again); its items are added to the record.
     """
@@ -53,34 +54,51 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+PolicyKind = Literal[POLICY_KINDS]
+OptimizerName = Literal[OPTIMIZERS]
+GradientMode = Literal[GRADIENT_MODES]
+Baseline = Literal[BASELINES]
+Activation = Literal[tuple(ACTIVATIONS)]
+DType = Literal[DTYPES]
+WandbMode = Literal[WANDB_MODES]
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: bool = True,
+           default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its help text (the one source of the CLI flag's help); ``flag=False``
+    keeps a field off the command line."""
+    kw = {"default": default} if default_factory is dataclasses.MISSING else {"default_factory": default_factory}
+    return field(metadata={"help": help, "flag": flag}, **kw)
+
+
 @dataclass
 class TrainConfig:
     """What every training run shares. Environment configs subclass it and add ``build()``."""
 
-    env: str = "base"
-    policy: str = "mlp"
-    optimizer: str = "sgd"
-    mode: str = "exact"
-    p0: float = 0.01
-    lr: float = 0.01
-    steps: int = 400
-    seed: int = 0
-    batch_size: int = 64
-    baseline: str = "loo"
-    track_every: int = 1
-    stop_at_p: float | None = None
-    width: int = 64
-    depth: int = 2
-    activation: str = "tanh"
-    dtype: str = "float64"
-    npg_damping: float = 0.0
-    fisher: bool = True
-    threads: int = 1
-    out: str = "runs"
-    run_name: str | None = None
-    group: str | None = None
-    wandb: str = "offline"
-    force: bool = False
+    env: str = option("base", "the environment", flag=False)
+    policy: PolicyKind = option("mlp", "policy kind: single_logit (p = σ(b)), tabular (softmax over K logits) or mlp")
+    optimizer: OptimizerName = option("sgd", "sgd, adam, npg (natural policy gradient) or sign (sign descent)")
+    mode: GradientMode = option("exact", "exact (analytic ∇J) or sampled (REINFORCE on a batch of episodes)")
+    p0: float = option(0.01, "initial probability of the target action, in (0, 1)")
+    lr: float = option(0.01, "learning rate η > 0")
+    steps: int = option(400, "number of updates")
+    seed: int = option(0, "seed for initialisation, sampling and reward noise")
+    batch_size: int = option(64, "episodes per update in sampled mode")
+    baseline: Baseline = option("loo", "sampled-mode baseline: loo (leave-one-out mean) or none")
+    track_every: int = option(1, "track every k-th update")
+    stop_at_p: float | None = option(None, "stop once P reaches this value")
+    width: int = option(64, "MLP hidden width")
+    depth: int = option(2, "MLP hidden layers")
+    activation: Activation = option("tanh", "MLP activation")
+    dtype: DType = option("float64", "policy dtype (tracking always runs in float64)")
+    npg_damping: float = option(0.0, "λ in (F + λI)⁻¹ for npg (0: pseudo-inverse)")
+    fisher: bool = option(True, "also record NTVar in the Fisher metric")
+    threads: int = option(1, "torch threads (1 is fastest for these small networks)")
+    out: str = option("runs", "parent directory of the run directory")
+    run_name: str | None = option(None, "name of the run directory under --out (default: from the config)")
+    group: str | None = option(None, "W&B group")
+    wandb: WandbMode = option("offline", "W&B mode (default: WANDB_MODE from the environment, else offline)")
+    force: bool = option(False, "replace an existing run directory that ntrl made")
 
     def need(self, ok: bool, name: str, message: str) -> None:
         """Raise a ConfigError for field ``name`` unless ``ok``."""

@@ -1,7 +1,7 @@
 """Properties: named scalar (or batched) functions X(θ) of a policy, tracked by the engine.
 
 Every property, built-in or a user's, has one interface: ``prop(view) -> Tensor`` where
-``view`` is a :class:`ntrl.tangent.PolicyView`, plus a ``name`` used in records.
+``view`` is a :class:`ntrl.engine.tangent.PolicyView`, plus a ``name`` used in records.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from ntrl.tangent import PolicyView, log_odds, log_odds_of_logits
-from ntrl.tangent_structured import PerState
+from ntrl.engine.tangent import PolicyView, log_odds, log_odds_of_logits
+from ntrl.engine.structured import PerState
 
 
 class Property:

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntrl.metrics import Euclidean, InverseFisher, Metric
+from ntrl.engine.metrics import Euclidean, InverseFisher, Metric
 from ntrl.properties import Property
-from ntrl.tangent import TangentEngine, TangentStats
+from ntrl.engine.tangent import TangentEngine, TangentStats
 
 
 

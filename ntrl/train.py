@@ -6,6 +6,7 @@ Readable top to bottom; ``scripts/train_bandit.py`` and ``ntrl train <env>`` bot
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import sys
@@ -21,7 +22,7 @@ from ntrl.records import (
     CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, RecordWriter, nonfinite_field, read_records, write_json_atomic,
 )
 from ntrl.run_dirs import RUN_KIND, check_name, check_out_dir, inside, made_dirs, replace_run_dir, write_marker
-from ntrl.tangent import TangentEngine
+from ntrl.engine.tangent import TangentEngine
 from ntrl.tracker import Tracker, price_agreement
 from ntrl.wandb_sink import WandbSink
 
@@ -230,6 +231,25 @@ def price_check_text(pc: dict[str, Any], name: str = "ΔP = η·NTCov_M(P, U)") 
     return head + text + "."
 
 
+# Settings that say where a run is written and logged rather than how it trains.
+NOT_SETTINGS = ("env", "out", "run_name", "group", "wandb", "force")
+
+
+def non_default_settings(config: TrainConfig) -> str:
+    """The settings of ``config`` that differ from the generic defaults of :class:`TrainConfig`
+    (the experiments have some defaults of their own), as ``--flag value`` items."""
+    generic = TrainConfig()
+    items = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in NOT_SETTINGS or not hasattr(config, f.name):
+            continue
+        value = getattr(config, f.name)
+        if value != getattr(generic, f.name):
+            items.append(f"--{f.name.replace('_', '-')} {value:g}" if isinstance(value, float) and not
+                         isinstance(value, bool) else f"--{f.name.replace('_', '-')} {value}")
+    return ", ".join(items)
+
+
 def describe(result: RunResult, config: TrainConfig) -> str:
     """The one-paragraph summary the CLI prints at the end of a run."""
     s = result.summary
@@ -241,4 +261,7 @@ def describe(result: RunResult, config: TrainConfig) -> str:
     )
     if result.wandb_dir:
         text += f" W&B ({s.get('wandb_mode', config.wandb)}): {result.wandb_dir} (browse: wandb leet {result.wandb_dir})."
+    differ = non_default_settings(config)
+    if differ:
+        text += f" Settings other than the generic defaults: {differ}."
     return text

@@ -11,7 +11,7 @@ It does exactly what `ntrl train bandit` does: the policy starts with a rare "do
 offline W&B run.
 """
 
-from ntrl.bandit_setup import BanditConfig
+from ntrl.experiments.bandit import BanditConfig
 from ntrl.train import describe, train
 
 config = BanditConfig(

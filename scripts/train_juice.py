@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import sys
 
-from ntrl.juice_setup import JuiceConfig
+from ntrl.experiments.juice import JuiceConfig
 from ntrl.train import describe, train
 
 # ---------------------------------------------------------------- 1. the configuration

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ntrl.analysis import (
+from ntrl.study.analysis import (
     NAN, Estimate, ModelComparison, RunData, compare_escape, compare_extinction, decide, exponent_estimate,
 )
 from ntrl.study import RunSpec

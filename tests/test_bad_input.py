@@ -78,12 +78,14 @@ def test_config_that_is_a_directory(cwd, capsys):
     ("[1, 2]", ["not an ntrl study file"]),
 ])
 def test_analyse_only_on_missing_malformed_or_foreign_study_file(cwd, capsys, content, words):
-    (cwd / "st").mkdir()
+    (cwd / "st" / "rarity-quick").mkdir(parents=True)
     if content is not None:
-        (cwd / "st" / "study.json").write_text(content)
+        (cwd / "st" / "rarity-quick" / "study.json").write_text(content)
     before = sorted(cwd.rglob("*"))
     code, err, _ = run_cli(["rarity", "--analyse-only", "--out", "st", "--no-wandb"], capsys)
     assert_one_error(code, err, "--out", *words)
+    code, err, _ = run_cli(["rarity", "--analyse-only", "--study-dir", "st/rarity-quick", "--no-wandb"], capsys)
+    assert_one_error(code, err, "--study-dir", *words)
     assert sorted(cwd.rglob("*")) == before
 
 

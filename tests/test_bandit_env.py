@@ -7,7 +7,7 @@ from gymnasium.utils.env_checker import check_env
 import ntrl.envs  # noqa: F401
 from ntrl.agents.policies import make_policy
 from ntrl.envs.bandit import DO, DONT, TwoArmedBandit
-from ntrl.tangent import TangentEngine
+from ntrl.engine.tangent import TangentEngine
 
 
 def test_registered_and_passes_check_env():

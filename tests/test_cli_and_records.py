@@ -69,22 +69,28 @@ def test_verbose_says_which_tangent_backend_answers_each_property(tmp_path):
     assert quiet.returncode == 0 and "tangent engine" not in quiet.stderr
 
 
-@pytest.mark.parametrize("where", ["env", "before_subcommand"])
-def test_verbose_with_env_and_before_the_subcommand(tmp_path, where):
-    """--verbose also works for ``ntrl train --env ID`` and when given before ``bandit``."""
-    if where == "env":
-        args = ["train", "--env", "ntrl/TwoArmedBandit-v0", "--steps", "2", "--verbose"]
-    else:
-        args = ["train", "--verbose", "bandit", "--steps", "2", "--policy", "mlp"]
-    r = ntrl(*args, "--out", str(tmp_path), "--no-wandb", "--quiet")
+def test_verbose_with_env(tmp_path):
+    """--verbose also works for ``ntrl train --env ID``."""
+    r = ntrl("train", "--env", "ntrl/TwoArmedBandit-v0", "--steps", "2", "--verbose", "--out", str(tmp_path),
+             "--no-wandb", "--quiet")
     assert r.returncode == 0, r.stderr
     assert "ntrl: tangent engine: " in r.stderr
+
+
+def test_flag_before_the_experiment_is_refused_not_dropped(tmp_path):
+    """``ntrl train --p0 0.3 bandit`` used to train with the default p0; now it is one line, exit 2."""
+    for flag in (["--verbose"], ["--p0", "0.3"], ["--lr", "0.5"]):
+        r = ntrl("train", *flag, "bandit", "--steps", "1", "--out", str(tmp_path), "--no-wandb", "--quiet")
+        assert r.returncode == 2
+        assert r.stderr.strip() == (f"ntrl: error: {flag[0]}: flags go after the experiment (ntrl train bandit "
+                                    f"{flag[0]} ...); a flag before it would not be read")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_enable_verbose_is_idempotent_and_writes_through_tqdm(capsys):
     import logging
 
-    from ntrl.cli import enable_verbose
+    from ntrl.verbose import enable_verbose
 
     logger = logging.getLogger("ntrl")
     old_handlers, old_level = list(logger.handlers), logger.level
@@ -92,7 +98,7 @@ def test_enable_verbose_is_idempotent_and_writes_through_tqdm(capsys):
         enable_verbose()
         enable_verbose()
         assert sum(getattr(h, "ntrl_verbose", False) for h in logger.handlers) == 1
-        logging.getLogger("ntrl.tangent").info("hello %s", "there")
+        logging.getLogger("ntrl.engine.tangent").info("hello %s", "there")
         assert capsys.readouterr().err.splitlines().count("ntrl: hello there") == 1
     finally:
         logger.handlers[:] = old_handlers

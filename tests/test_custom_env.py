@@ -13,11 +13,11 @@ import torch
 
 from ntrl.cli import main
 from ntrl.config import ConfigError
-from ntrl.gym_setup import GymConfig, toy_text_model
+from ntrl.experiments.gym_env import GymConfig, toy_text_model
 from ntrl.records import read_records
-from ntrl.tangent import PolicyView, TangentEngine
+from ntrl.engine.tangent import PolicyView, TangentEngine
 from ntrl.train import train
-from ntrl.user_properties import EventProbability, UserPropertyError
+from ntrl.experiments.user_properties import EventProbability, UserPropertyError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "my_env"
 

@@ -11,9 +11,9 @@ from hypothesis import given, settings, strategies as st
 import torch
 
 from ntrl.envs.juice import JuiceGridworld, JuiceGridworldVector, MAX_TABULAR_STATES, tabular_model
-from ntrl.exact_model import ModelTooLargeError, TabularMDP
-from ntrl.juice_setup import JuiceConfig, JuiceQuantities, JuiceTabularPolicy, decomposition
-from ntrl.tangent import PolicyView, TangentEngine
+from ntrl.engine.exact_model import ModelTooLargeError, TabularMDP
+from ntrl.experiments.juice import JuiceConfig, JuiceQuantities, JuiceTabularPolicy, decomposition
+from ntrl.engine.tangent import PolicyView, TangentEngine
 
 
 
@@ -211,8 +211,8 @@ def product_rule_residual(eng: TangentEngine, q: JuiceQuantities) -> float:
 def test_decomposition_reuses_the_trackers_jacobians(policy):
     """With the tracker's stats (Jacobian rows of P, F, R) the decomposition differentiates
     nothing again, and gives the numbers it computes on its own."""
-    from ntrl.metrics import Euclidean
-    from ntrl.tangent import TangentStats
+    from ntrl.engine.metrics import Euclidean
+    from ntrl.engine.tangent import TangentStats
 
     cfg = JuiceConfig(policy=policy, p0=0.05, view_radius=2, size=4, hide_prob=0.2, width=8)
     exp = cfg.build()
@@ -273,7 +273,7 @@ def test_reward_is_c_times_F_times_P_with_c_at_most_one(size, radius, hide, hori
 def test_sparse_pattern_public_fallback_gives_the_same_products(monkeypatch):
     """Without scipy's private compiled kernel the public csr_matrix product is used, with the
     same result (the pattern keeps duplicate entries, which both sum)."""
-    import ntrl.exact_model as em
+    import ntrl.engine.exact_model as em
 
     rng = np.random.default_rng(0)
     rows, cols = rng.integers(0, 7, 40), rng.integers(0, 5, 40)  # duplicates on purpose

@@ -15,8 +15,8 @@ import torch
 from ntrl.cli import EXPERIMENTS, main
 from ntrl.config import ConfigError
 from ntrl.envs.juice import JuiceGridworldVector, tabular_model
-from ntrl.juice_setup import JuiceConfig
-from ntrl.tangent import TangentEngine
+from ntrl.experiments.juice import JuiceConfig
+from ntrl.engine.tangent import TangentEngine
 from ntrl.train import train
 
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_registered_in_cli():
-    assert EXPERIMENTS["juice"][0] == "ntrl.juice_setup:JuiceConfig"
+    assert EXPERIMENTS["juice"][0] == "ntrl.experiments.juice:JuiceConfig"
 
 
 @pytest.mark.parametrize("argv, flag", [

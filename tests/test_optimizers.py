@@ -5,7 +5,7 @@ import torch
 
 from ntrl.agents.optimizers import make_optimizer
 from ntrl.agents.policies import make_policy
-from ntrl.metrics import Diagonal, Euclidean, InverseFisher
+from ntrl.engine.metrics import Diagonal, Euclidean, InverseFisher
 
 OBS = torch.ones(1, 1, dtype=torch.float64)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ntrl.agents.policies import make_policy
-from ntrl.tangent import TangentEngine
+from ntrl.engine.tangent import TangentEngine
 
 OBS = torch.ones(1, 1)
 

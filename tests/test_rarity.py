@@ -13,9 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from ntrl.analysis import analyse, load_study
+from ntrl.study.analysis import analyse, load_study
 from ntrl.config import ConfigError
-from ntrl.rarity import analyse_and_report
+from ntrl.study.rarity import analyse_and_report
 from ntrl.study import StudyConfig, enumerate_runs, run_study
 from ntrl.wandb_sink import read_offline_run
 
@@ -145,6 +145,7 @@ def test_wandb_summary_run_holds_the_verdict_table(tmp_path):
                        env={**os.environ, "WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr
     assert "consistent with p(1 − p)" in r.stdout and "report.html" in r.stdout
+    out = out / "t"  # --out is the parent: the study directory is OUT/<study name>
     summary_dirs = [d for d in (out / "wandb").iterdir() if d.name.startswith("offline-run")]
     assert len(summary_dirs) == 1
     logged = read_offline_run(summary_dirs[0])

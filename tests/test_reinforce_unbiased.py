@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from ntrl.gym_setup import GymConfig
-from ntrl.juice_setup import JuiceConfig
-from ntrl.tangent import TangentEngine
+from ntrl.experiments.gym_env import GymConfig
+from ntrl.experiments.juice import JuiceConfig
+from ntrl.engine.tangent import TangentEngine
 
 
 def projected(exp_exact, exp_sampled, S, seed=0):

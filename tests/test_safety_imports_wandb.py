@@ -115,7 +115,7 @@ def test_unwritable_wandb_directory_turns_wandb_off_and_trains(tmp_path, monkeyp
                  "--wandb", "offline"]) == 2  # a user file in the directory: refused, untouched
     (out / "r" / "wandb").unlink()
     capsys.readouterr()
-    from ntrl.bandit_setup import BanditConfig
+    from ntrl.experiments.bandit import BanditConfig
     from ntrl.train import train
 
     config = BanditConfig(steps=3, out=str(out), run_name="r", wandb="offline").validate()
@@ -135,7 +135,7 @@ def test_unwritable_wandb_directory_turns_wandb_off_and_trains(tmp_path, monkeyp
 
 
 def test_wandb_dying_mid_run_leaves_the_run_and_its_records(tmp_path, monkeypatch, capsys):
-    from ntrl.bandit_setup import BanditConfig
+    from ntrl.experiments.bandit import BanditConfig
     from ntrl.train import train
 
     calls = []

@@ -143,8 +143,8 @@ def write_grid(path: Path, name: str = "tiny") -> Path:
 def test_study_into_a_non_empty_folder_that_is_not_a_study_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     grid = write_grid(tmp_path / "grid.toml")
-    (tmp_path / "papers").mkdir()
-    (tmp_path / "papers" / "draft.tex").write_text("mine")
+    (tmp_path / "papers" / "tiny").mkdir(parents=True)  # OUT/<study name> is the user's folder
+    (tmp_path / "papers" / "tiny" / "draft.tex").write_text("mine")
     before = user_files(tmp_path)
     for extra in ([], ["--force"]):
         assert main(["rarity", "--config", str(grid), "--out", "papers", "--no-wandb", "--quiet", *extra]) == 2
@@ -157,7 +157,7 @@ def test_study_force_removes_only_what_the_study_wrote(tmp_path, monkeypatch, ca
     grid = write_grid(tmp_path / "grid.toml")
     args = ["rarity", "--config", str(grid), "--out", "st", "--quiet"]
     assert main([*args, "--wandb", "offline"]) == 0
-    st = tmp_path / "st"
+    st = tmp_path / "st" / "tiny"
     wrote = {"study.json", "report.html", "report.md", "verdicts.csv", "runs.csv"}
     assert wrote <= {p.name for p in st.iterdir()} and (st / "wandb").is_dir()
     # the user keeps notes in the study folder, in runs/, and a user file named like a report plot
@@ -166,7 +166,7 @@ def test_study_force_removes_only_what_the_study_wrote(tmp_path, monkeypatch, ca
     (st / "runs" / "my_run_notes" / "n.txt").write_text("mine")
     (st / "escape_mine.png").write_bytes(b"mine")
     capsys.readouterr()
-    write_grid(grid, name="tiny2")  # a different config: refused without --force
+    grid.write_text(grid.read_text().replace("seeds = 1", "seeds = 2"))  # a different config: refused without --force
     assert main([*args, "--no-wandb"]) == 2
     assert "--force" in one_error_line(capsys, "--out")
     assert main([*args, "--no-wandb", "--force"]) == 0
@@ -174,7 +174,7 @@ def test_study_force_removes_only_what_the_study_wrote(tmp_path, monkeypatch, ca
     assert (st / "runs" / "my_run_notes" / "n.txt").read_text() == "mine"
     assert (st / "escape_mine.png").read_bytes() == b"mine"
     assert not (st / "wandb").exists()  # the old study's W&B summary run went with it
-    assert json.loads((st / "study.json").read_text())["name"] == "tiny2"
+    assert json.loads((st / "study.json").read_text())["seeds"] == 2
 
 
 def test_grid_name_that_is_not_a_name_is_refused(tmp_path, monkeypatch, capsys):

@@ -78,13 +78,15 @@ def completed(study: Path) -> dict[str, float]:
 
 
 def start_study(grid: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([NTRL, "rarity", "--config", str(grid), "--out", str(out), "--quiet", *extra],
+    """``ntrl rarity`` writing the study directory ``out`` (its --out is the parent, the grid's
+    name is out.name)."""
+    return subprocess.Popen([NTRL, "rarity", "--config", str(grid), "--out", str(out.parent), "--quiet", *extra],
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, cwd=out.parent)
 
 
 def finish_study(grid: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([NTRL, "rarity", "--config", str(grid), "--out", str(out), "--quiet"], env=env(),
+    return subprocess.run([NTRL, "rarity", "--config", str(grid), "--out", str(out.parent), "--quiet"], env=env(),
                           capture_output=True, text=True, timeout=600, cwd=out.parent)
 
 
@@ -103,15 +105,15 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     grid = root / "grid.toml"
     grid.write_text(GRID)
-    proc = finish_study(grid, root / "study")
+    proc = finish_study(grid, root / "kill")
     assert proc.returncode == 0, proc.stderr
-    return (root / "study" / "verdicts.csv").read_text()
+    return (root / "kill" / "verdicts.csv").read_text()
 
 
 def test_sigkill_of_a_study_ends_its_workers_and_it_resumes_to_the_same_verdicts(tmp_path, reference):
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID)
-    out = tmp_path / "study"
+    out = tmp_path / "kill"
     proc = start_study(grid, out)
     assert wait_for(lambda: len(completed(out)) >= 2), proc.communicate(timeout=5)
     before = completed(out)
@@ -134,7 +136,7 @@ def test_sigkill_of_a_study_ends_its_workers_and_it_resumes_to_the_same_verdicts
 def test_fault_injection_kills_at_seeded_random_points_then_resumes(tmp_path, reference):
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID)
-    out = tmp_path / "study"
+    out = tmp_path / "kill"
     rng = np.random.default_rng(20261201)
     for delay in rng.uniform(1.0, 6.0, size=3):
         proc = start_study(grid, out)
@@ -191,7 +193,7 @@ def test_ctrl_c_of_train_prints_one_line_and_keeps_the_records(tmp_path):
 def test_ctrl_c_of_a_study_prints_one_line_and_stops_its_workers(tmp_path):
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID)
-    out = tmp_path / "study"
+    out = tmp_path / "kill"
     proc = start_study(grid, out)
     assert wait_for(lambda: len(completed(out)) >= 1)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
@@ -207,10 +209,10 @@ def test_ctrl_c_of_a_study_prints_one_line_and_stops_its_workers(tmp_path):
 def test_second_live_study_is_refused_with_the_holders_pid_and_a_stale_lock_does_not_block(tmp_path):
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID.replace("seeds = 3", "seeds = 1").replace('"sign"', '"npg"'))
-    out = tmp_path / "study"
+    out = tmp_path / "kill"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from ntrl.study_lock import study_lock\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from ntrl.study.lock import study_lock\n"
          "with study_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)", str(out)],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -16,7 +16,7 @@ from stable_baselines3.common.vec_env import VecMonitor  # noqa: E402
 
 from ntrl.agents.sb3 import NTCovCallback, SB3ActorLogits, rollout_surrogate  # noqa: E402
 from ntrl.agents.sb3_vec import GymnasiumVecEnv  # noqa: E402
-from ntrl.tangent import TangentEngine  # noqa: E402
+from ntrl.engine.tangent import TangentEngine  # noqa: E402
 from ntrl.wandb_sink import WandbSink, read_offline_run  # noqa: E402
 
 PRICE_KEYS = ("value", "ntvar_euc", "ntcov_euc", "pred_delta", "pred_delta_sgd", "real_delta", "residual")
@@ -191,7 +191,7 @@ def test_vec_adapter_runs_native_juice_vector_env():
 
 
 def test_user_property_failing_midway_in_sb3_keeps_records(tmp_path):
-    from ntrl.user_properties import UserPropertyError
+    from ntrl.experiments.user_properties import UserPropertyError
 
     calls = {"n": 0}
 

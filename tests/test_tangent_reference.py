@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ntrl.agents.policies import MLPPolicy, make_policy
-from ntrl.metrics import Diagonal, Euclidean, InverseFisher
+from ntrl.engine.metrics import Diagonal, Euclidean, InverseFisher
 from ntrl.properties import ActionProbability, LogOdds, Property
-from ntrl.tangent import TangentEngine
+from ntrl.engine.tangent import TangentEngine
 
 OBS1 = torch.ones(1, 1, dtype=torch.float64)
 PS = [1e-6, 1e-4, 1e-2, 0.1, 0.3, 0.5, 0.7, 0.99, 1 - 1e-4, 1 - 1e-6]
@@ -241,7 +241,7 @@ def test_inverse_fisher_does_not_amplify_rounding_noise():
 def test_right_singular_matches_a_direct_svd(shape):
     """The QR route gives the singular values and the projector onto the row space that
     torch.linalg.svd gives, on a matrix with singular values over 14 decades."""
-    from ntrl.metrics import right_singular
+    from ntrl.engine.metrics import right_singular
 
     g = torch.Generator().manual_seed(sum(shape))
     m, n = shape

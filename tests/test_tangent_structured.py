@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ntrl.agents.policies import ACTIVATIONS, MLPPolicy, SingleLogitPolicy, TabularSoftmaxPolicy
-from ntrl.metrics import Diagonal, Euclidean, InverseFisher, Metric
+from ntrl.engine.metrics import Diagonal, Euclidean, InverseFisher, Metric
 from ntrl.properties import ActionProbability, LogOdds, Property
-from ntrl.tangent import TangentEngine
-from ntrl.tangent_structured import PerState, StructuredUnsupported
+from ntrl.engine.tangent import TangentEngine
+from ntrl.engine.structured import PerState, StructuredUnsupported
 
 TOL = 1e-10
 SETTINGS = settings(max_examples=30, derandomize=True, deadline=None,
@@ -172,7 +172,7 @@ def test_non_per_state_property_falls_back(caplog):
     policy, obs = small_mlp()
     X = Property("mean_p", lambda v: v.probs(obs)[:, 1].mean())
     auto = TangentEngine(policy)
-    with caplog.at_level(logging.DEBUG, logger="ntrl.tangent"):
+    with caplog.at_level(logging.DEBUG, logger="ntrl.engine.tangent"):
         s = auto.stats(X, {"euc": Euclidean()})
     assert s.backend == "reference"
     assert any("reference backend" in r.getMessage() and "per_state" in r.getMessage() for r in caplog.records)
@@ -238,7 +238,7 @@ def test_per_state_tuple_protocol():
 @pytest.mark.parametrize("damping", [0.0, 1e-3])
 def test_low_rank_inverse_fisher_matches_reference(damping):
     """The exact inverse-Fisher NTVar from r directional derivatives equals the Jacobian route."""
-    from ntrl.metrics import InverseFisher
+    from ntrl.engine.metrics import InverseFisher
 
     torch.manual_seed(3)
     pol = MLPPolicy(3, 4, 16, 2, "tanh", dtype=torch.float64)
@@ -318,7 +318,7 @@ def test_structured_jacobian_rows_tabular_and_single_logit(seed):
 
 def test_all_log_probs_rows_are_the_fisher_jacobian():
     """InverseFisher's rows (every log π(a|o)) come from one structured trace and equal jacrev's."""
-    from ntrl.metrics import AllLogProbs
+    from ntrl.engine.metrics import AllLogProbs
 
     torch.manual_seed(3)
     policy = MLPPolicy(3, 4, width=6, depth=2, activation="tanh", dtype=torch.float64)
@@ -402,7 +402,7 @@ def test_structured_jacobian_fills_zeros_for_parameters_the_network_does_not_use
 def test_integer_observations_reach_the_fisher_rows_of_an_mlp():
     """Integer observations (a discrete env's state ids) are cast to the MLP's dtype on the
     structured path too, so the exact Fisher of an MLP on them works and matches the reference."""
-    from ntrl.metrics import InverseFisher
+    from ntrl.engine.metrics import InverseFisher
 
     torch.manual_seed(6)
     policy = MLPPolicy(1, 3, width=5, depth=1, activation="tanh", dtype=torch.float64)
@@ -437,7 +437,7 @@ def test_verbose_announcements_once_per_property_backend_and_reason(caplog):
     eng = TangentEngine(policy)
     P = ActionProbability(obs, 0)
     Q = Property("Q", lambda v: v.probs(obs)[:, 1].mean())
-    with caplog.at_level(logging.INFO, logger="ntrl.tangent"):
+    with caplog.at_level(logging.INFO, logger="ntrl.engine.tangent"):
         for _ in range(3):
             eng.stats_many([P, Q])
         for _ in range(2):  # two different reasons for the same property and backend

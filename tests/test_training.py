@@ -9,11 +9,11 @@ import torch
 from ntrl.agents.optimizers import make_optimizer
 from ntrl.agents.policies import make_policy
 from ntrl.agents.reinforce import exact_gradient, sampled_gradient
-from ntrl.bandit_setup import BanditConfig
+from ntrl.experiments.bandit import BanditConfig
 from ntrl.envs.bandit import TwoArmedBandit
 from ntrl.properties import ActionProbability
 from ntrl.records import read_records
-from ntrl.tangent import TangentEngine
+from ntrl.engine.tangent import TangentEngine
 from ntrl.train import train
 
 OBS = torch.ones(1, 1, dtype=torch.float64)

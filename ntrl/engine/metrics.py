@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.func import functional_call, jvp, vjp
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ntrl.tangent import TangentEngine
+    from ntrl.engine.tangent import TangentEngine
 
 
 class Metric(ABC):

@@ -9,7 +9,7 @@ REINFORCE on ``ntrl/JuiceGridworld-v0`` with the juice example's properties trac
                                                       observations (every offset within the radius)
 
 d is the exact state-visitation distribution of the finite-horizon model
-(:mod:`ntrl.exact_model`). In exact mode the utility is J = H·R and its gradient is exact; in
+(:mod:`ntrl.engine.exact_model`). In exact mode the utility is J = H·R and its gradient is exact; in
 sampled mode it is the REINFORCE surrogate of a batch of episodes from the native vector env.
 When the configuration is small enough for the exact model, P, F and R are tracked exactly in both
 modes (P is the headline property); otherwise (sampled mode only) the headline P is P_probe.
@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -51,15 +51,15 @@ import ntrl.envs  # noqa: F401  (registers ntrl/JuiceGridworld-v0)
 from ntrl.agents.optimizers import make_optimizer
 from ntrl.agents.policies import make_policy
 from ntrl.agents.reinforce import UtilityGradient, baseline_for, exact_gradient, rewards_to_go, sample_actions
-from ntrl.config import ConfigError, Experiment, TrainConfig
+from ntrl.config import ConfigError, Experiment, TrainConfig, OptimizerName, option
 from ntrl.envs.juice import (
     MAX_TABULAR_STATES, N_ACTIONS, OBS_DIM, STAY, approach_mask, n_observation_indices,
     observation_index, seen_observations, tabular_model,
 )
-from ntrl.exact_model import ModelTooLargeError, TabularMDP
+from ntrl.engine.exact_model import ModelTooLargeError, TabularMDP
 from ntrl.properties import Property
-from ntrl.tangent import PolicyView, TangentEngine, TangentStats
-from ntrl.tangent_structured import PerState
+from ntrl.engine.tangent import PolicyView, TangentEngine, TangentStats
+from ntrl.engine.structured import PerState
 
 
 # ---------------------------------------------------------------------- policies
@@ -221,19 +221,19 @@ class JuiceConfig(TrainConfig):
     """REINFORCE on ``ntrl/JuiceGridworld-v0``, tracking P (approach | seen), F, R and the
     decomposition NTCov(P, F·P) = F·NTVar(P) + P·NTCov(P, F)."""
 
-    env: str = "juice"
-    policy: str = "mlp"
-    optimizer: str = "adam"
-    lr: float = 0.01
-    steps: int = 150
-    track_every: int = 5
-    size: int = 5
-    view_radius: int = 1
-    horizon: int = 50
-    reward: float = 1.0
-    hide_prob: float = 0.0
-    f0: float = 0.0
-    decomposition: bool = True
+    env: str = option("juice", "the environment", flag=False)
+    policy: Literal["tabular", "mlp"] = option("mlp", "policy kind: tabular (softmax per state) or mlp")
+    optimizer: OptimizerName = option("adam", "sgd, adam, npg (natural policy gradient) or sign (sign descent)")
+    lr: float = option(0.01, "learning rate η > 0")
+    steps: int = option(150, "number of updates")
+    track_every: int = option(5, "track every k-th update")
+    size: int = option(5, "grid side N (>= 2)")
+    view_radius: int = option(1, "Manhattan view radius (>= 1)")
+    horizon: int = option(50, "episode length H")
+    reward: float = option(1.0, "reward for drinking visible juice")
+    hide_prob: float = option(0.0, "probability that the juice is hidden on a step")
+    f0: float = option(0.0, "solve hide_prob so that the initial F equals f0 (0: off)")
+    decomposition: bool = option(True, "track the F·P decomposition")
 
     def validate(self) -> "JuiceConfig":
         super().validate()

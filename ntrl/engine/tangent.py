@@ -14,13 +14,13 @@ materialises the Jacobian ∂X/∂θ with ``torch.func.jacrev``; faster backends
 in float64 (see tests/test_tangent_*.py).
 
 Backends: ``TangentEngine(module, backend="auto")`` uses the layer-structured backend of
-:mod:`ntrl.tangent_structured` (no per-state gradients, no Jacobian) whenever the property
+:mod:`ntrl.engine.structured` (no per-state gradients, no Jacobian) whenever the property
 declares ``per_state``, the module is a Sequential of Linear + elementwise layers (or an ntrl
 policy) and every metric is Euclidean or diagonal; otherwise it falls back, entirely, to the
 reference (an InverseFisher metric needs the Jacobian, so a query that includes one runs on
 the reference). ``backend="reference"`` always uses jacrev; ``backend="structured"`` raises
 :class:`StructuredUnsupported` where the structured backend cannot apply. ``TangentStats.backend``
-and the ``ntrl.tangent`` logger say which backend answered: once per property and backend at
+and the ``ntrl.engine.tangent`` logger say which backend answered: once per property and backend at
 INFO (what ``ntrl train --verbose`` prints), and for every query at DEBUG.
 """
 
@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
-from ntrl.metrics import Euclidean, InverseFisher, Metric
-from ntrl.tangent_structured import (
+from ntrl.engine.metrics import Euclidean, InverseFisher, Metric
+from ntrl.engine.structured import (
     PerState,
     StructuredBackend,
     StructuredUnsupported,

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ntrl.gym_setup import GymConfig
+from ntrl.experiments.gym_env import GymConfig
 from ntrl.records import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, read_records, write_json_atomic
-from ntrl.train import RunInterrupted, RunResult, prepare_run_dir, price_check, price_check_text
+from ntrl.train import RunInterrupted, RunResult, non_default_settings, prepare_run_dir, price_check, price_check_text
 from ntrl.wandb_sink import WandbSink
 
 
@@ -45,7 +45,7 @@ def make_model(config: GymConfig, verbose: int = 0):
 def train_sb3(config: GymConfig, progress: bool = True) -> RunResult:
     """Train PPO or A2C with Price tracking at every ``track_every``-th rollout."""
     from ntrl.agents.sb3 import NTCovCallback
-    from ntrl.user_properties import load_probe_states
+    from ntrl.experiments.user_properties import load_probe_states
 
     config.validate()
     model = make_model(config)
@@ -103,7 +103,7 @@ def _exact_model(config: GymConfig, specs: list) -> Any:
     """The toy-text model for a ``return`` property (SB3's policy reads raw Discrete observations)."""
     if "return" not in [str(sp).split("=", 1)[-1] for sp in specs]:
         return None
-    from ntrl.gym_setup import episode_horizon, tabular_model
+    from ntrl.experiments.gym_env import episode_horizon, tabular_model
 
     env = config.make_env_unchecked()
     try:
@@ -116,8 +116,8 @@ def _check_properties(config: GymConfig, model, specs: list, probes, exact) -> N
     """Evaluate every property once on the initial SB3 policy, at the probe states (or at a reset
     observation when the probes will come from the first rollout)."""
     from ntrl.agents.sb3 import SB3ActorLogits
-    from ntrl.tangent import TangentEngine
-    from ntrl.user_properties import RunContext, check_properties, parse_property
+    from ntrl.engine.tangent import TangentEngine
+    from ntrl.experiments.user_properties import RunContext, check_properties, parse_property
 
     if probes is None:
         probes = np.asarray(model.get_env().reset())[:1]
@@ -149,4 +149,10 @@ def describe_sb3(result: RunResult, config: GymConfig) -> str:
     )
     if result.wandb_dir:
         text += f" W&B ({s.get('wandb_mode', config.wandb)}): {result.wandb_dir} (browse: wandb leet {result.wandb_dir})."
+    from ntrl.experiments.gym_env import REINFORCE_ONLY
+
+    differ = [item for item in non_default_settings(config).split(", ")
+              if item and item.split()[0][2:].replace("-", "_") not in REINFORCE_ONLY]
+    if differ:
+        text += f" Settings other than the generic defaults: {', '.join(differ)}."
     return text

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ntrl.metrics import Euclidean, Metric
+from ntrl.engine.metrics import Euclidean, Metric
 
 ParamDict = dict[str, Tensor]
 

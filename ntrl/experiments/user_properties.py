@@ -1,7 +1,7 @@
 """Properties a user defines, probe states, and the guard that turns their failures into clear errors.
 
 A property is any callable ``X(view) -> Tensor`` (scalar or 1-D batch) where ``view`` is a
-:class:`ntrl.tangent.PolicyView`; a callable that takes a second argument is called as
+:class:`ntrl.engine.tangent.PolicyView`; a callable that takes a second argument is called as
 ``X(view, probe_states)``. The engine differentiates it, so it must be computed from the view
 (``view.logits``, ``view.log_probs``, ``view.probs``), not from numpy.
 
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ntrl.config import ConfigError
 from ntrl.properties import ActionProbability, ExpectedReward, Property
-from ntrl.tangent import PolicyView
+from ntrl.engine.tangent import PolicyView
 from ntrl.train import TrainingError
 
 

@@ -2,7 +2,7 @@
 
 A :class:`TabularMDP` holds the transition kernel T(s'|s, a), the expected reward r(s, a), the
 initial distribution ρ(s) and the observation o(s) that the policy sees in each state. A policy
-π_θ(a|o) given as a :class:`ntrl.tangent.PolicyView` induces π(a|s) = π_θ(a|o(s)), and every
+π_θ(a|o) given as a :class:`ntrl.engine.tangent.PolicyView` induces π(a|s) = π_θ(a|o(s)), and every
 quantity below is a torch expression in θ (so ``engine.jacobian`` differentiates it exactly):
 
 *finite horizon H* (``horizon=H``):
@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - a scipy that moved it: the public oper
     _csr_matvec = None
 
 from ntrl.agents.reinforce import sample_actions
-from ntrl.tangent import PolicyView
+from ntrl.engine.tangent import PolicyView
 
 
 class ModelTooLargeError(ValueError):

@@ -8,43 +8,49 @@
 ``ID`` is any registered id, including gymnasium's ``module:EnvName-v0`` form (the module is
 imported first, from the working directory too). The env is checked with gymnasium's
 ``check_env`` before training. The headline property ``P`` is π(target | s) over the probe
-states; ``--property`` adds more (see :mod:`ntrl.user_properties`).
+states; ``--property`` adds more (see :mod:`ntrl.experiments.user_properties`).
 
 The utility REINFORCE ascends is the sampled policy-gradient surrogate of a batch of episodes
 (``--mode sampled``, any env; rewards-to-go discounted by ``--gamma``), or the exact expected
 return J(π) = E[Σ_{t<H} r_t] of a tabular model (``--mode exact``; toy-text envs exposing
-``env.unwrapped.P``, converted by :func:`toy_text_model` to :class:`ntrl.exact_model.TabularMDP`,
+``env.unwrapped.P``, converted by :func:`toy_text_model` to :class:`ntrl.engine.exact_model.TabularMDP`,
 H = ``--horizon`` or the env's time limit, undiscounted). Without a model there is no exact
 return: the records hold the sampled surrogate ``U`` and the batch's mean episode return.
-``--algo ppo|a2c`` trains with Stable-Baselines3 instead (:mod:`ntrl.sb3_train`).
+``--algo ppo|a2c`` trains with Stable-Baselines3 instead (:mod:`ntrl.experiments.sb3_train`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
 import warnings
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 
+import ntrl.envs  # noqa: F401  (registers ntrl/TwoArmedBandit-v0 and ntrl/JuiceGridworld-v0 for --env)
 from ntrl.agents.optimizers import make_optimizer
 from ntrl.agents.policies import make_policy
 from ntrl.agents.reinforce import collect_episodes, exact_gradient, sampled_gradient
-from ntrl.config import ConfigError, Experiment, TrainConfig, flag_of
-from ntrl.exact_model import TabularMDP
+from ntrl.config import ConfigError, Experiment, GradientMode, TrainConfig, option
+from ntrl.engine.exact_model import TabularMDP
 from ntrl.properties import ActionProbability, LogOdds
-from ntrl.user_properties import (
+from ntrl.experiments.user_properties import (
     RunContext, check_properties, import_user_module, load_probe_states, parse_property, sample_rows,
 )
 
 ALGOS = ("reinforce", "ppo", "a2c")
+Algo = Literal[ALGOS]
+# Learning rates when --lr is not given: ntrl's for REINFORCE, SB3's own defaults for PPO and A2C.
+DEFAULT_LR = {"reinforce": 0.01, "ppo": 3e-4, "a2c": 7e-4}
+# Flags of ntrl's REINFORCE loop that SB3's algorithms do not use.
+REINFORCE_ONLY = ("optimizer", "p0", "baseline", "batch_size", "policy", "npg_damping", "fisher", "dtype", "mode",
+                  "stop_at_p")
 
 
 def parse_env_kwargs(text: str | dict) -> dict:
@@ -103,7 +109,7 @@ def make_env(env_id: str, env_kwargs: dict | None = None, check: bool = True) ->
 
 def toy_text_model(env: gym.Env, horizon: int, one_hot: bool) -> TabularMDP:
     """Gymnasium's toy-text table ``env.unwrapped.P[s][a] = [(prob, s', reward, terminated), ...]``
-    as a finite-horizon :class:`ntrl.exact_model.TabularMDP`.
+    as a finite-horizon :class:`ntrl.engine.exact_model.TabularMDP`.
 
     A transition that terminates goes to an extra absorbing state with reward 0, so
     J = E[Σ_{t<H} r_t] is the expected (undiscounted) return of an episode cut at H steps, the
@@ -169,25 +175,32 @@ def episode_horizon(env: gym.Env, horizon: int) -> int:
 class GymConfig(TrainConfig):
     """REINFORCE (or SB3 PPO/A2C) on any Gymnasium env with Discrete actions."""
 
-    env: str = "CartPole-v1"
-    env_kwargs: str = "{}"
-    algo: str = "reinforce"
-    target: int = 0
-    property: list = field(default_factory=list)
-    probe_states: str = "rollout"
-    n_probe: int = 32
-    gamma: float = 0.99
-    horizon: int = 0
-    check_env: bool = True
-    n_steps: int = 128
-    n_envs: int = 1
-    p0: float | None = None
-    mode: str = "sampled"
-    batch_size: int = 8
-    width: int = 32
-    fisher: bool = False
+    env: str = option("CartPole-v1", "any Gymnasium id, or MODULE:ID to import the module that registers it")
+    env_kwargs: str = option("{}", "JSON object of keyword arguments for gym.make, e.g. '{\"is_slippery\": false}'")
+    algo: Algo = option("reinforce", "reinforce (ntrl's own loop), ppo or a2c (Stable-Baselines3 with NTCovCallback)")
+    target: int = option(0, "action whose probability over the probe states is the headline property P")
+    property: list[str] = option(help="a tracked property, repeatable: action:A, event:MOD:PRED, return, MOD:FUNC "
+                                      "or NAME=SPEC", default_factory=list)
+    probe_states: str = option("rollout", "rollout (the agent's initial rollouts, frozen), FILE.npy or MOD:FUNC")
+    n_probe: int = option(32, "number of probe states taken from the rollouts")
+    gamma: float = option(0.99, "discount of the sampled returns (REINFORCE --mode sampled, SB3); the exact "
+                                "model is undiscounted")
+    horizon: int = option(0, "episode length H of the exact tabular model (0: the env's time limit)")
+    check_env: bool = option(True, "run gymnasium's check_env on the env first")
+    n_steps: int = option(128, "SB3: rollout length per env (one tracked update per rollout)")
+    n_envs: int = option(1, "SB3: number of parallel envs")
+    p0: float | None = option(None, "initial probability of the target action (None: uniform over actions)")
+    lr: float | None = option(None, "learning rate η > 0 (None: 0.01 for reinforce; SB3's own 3e-4 for ppo, "
+                                    "7e-4 for a2c)")
+    mode: GradientMode = option("sampled", "sampled (REINFORCE surrogate of a batch) or exact (tabular envs: "
+                                           "exact J and ∇J)")
+    batch_size: int = option(8, "episodes per update in sampled mode")
+    width: int = option(32, "MLP hidden width")
+    fisher: bool = option(False, "also record NTVar in the Fisher metric")
 
     def validate(self) -> "GymConfig":
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.algo, DEFAULT_LR["reinforce"])
         p0 = self.p0
         if p0 is None:
             self.p0 = 0.5  # placeholder for the base range check: None means uniform
@@ -306,7 +319,7 @@ class GymConfig(TrainConfig):
         properties = [ActionProbability(probes, self.target, "P")]
         properties += [parse_property(s, probes, n_actions, context, exact_model=model, raw_probes=raw_probes)
                        for s in self.property]
-        from ntrl.tangent import TangentEngine
+        from ntrl.engine.tangent import TangentEngine
 
         check_properties(TangentEngine(policy, dtype=torch.float64), properties)
 
@@ -320,92 +333,3 @@ class GymConfig(TrainConfig):
             env=env, policy=policy, optimizer=optimizer, properties=properties,
             kappa=LogOdds(probes, self.target, "z"), utility=utility, target_label=f"a={self.target}",
         )
-
-
-# ---------------------------------------------------------------------- CLI
-ENV_HELP = {
-    "env_kwargs": "JSON object of keyword arguments for gym.make, e.g. '{\"is_slippery\": false}'",
-    "algo": "reinforce (ntrl's own loop), ppo or a2c (Stable-Baselines3 with NTCovCallback)",
-    "target": "action whose probability over the probe states is the headline property P",
-    "property": "a tracked property, repeatable: action:A, event:MOD:PRED, return, MOD:FUNC or NAME=SPEC",
-    "probe_states": "rollout (the agent's initial rollouts, frozen), FILE.npy or MOD:FUNC",
-    "n_probe": "number of probe states taken from the rollouts",
-    "gamma": "discount of the sampled returns (REINFORCE --mode sampled, SB3); the exact model is undiscounted",
-    "horizon": "episode length H of the exact tabular model (0: the env's time limit)",
-    "check_env": "run gymnasium's check_env on the env first",
-    "n_steps": "SB3: rollout length per env (one tracked update per rollout)",
-    "n_envs": "SB3: number of parallel envs",
-    "p0": "initial probability of the target action (default: uniform over actions)",
-    "mode": "sampled (REINFORCE surrogate of a batch) or exact (tabular envs: exact J and ∇J)",
-}
-
-
-def add_env_flags(parser: argparse.ArgumentParser) -> None:
-    """The ``ntrl train --env ID ...`` flags on the ``train`` parser. Defaults are suppressed so that
-    ``ntrl train bandit ...`` (a sub-command with its own flags) is unaffected."""
-    from ntrl.cli import HELP, optional_float, parse_bool
-
-    defaults = GymConfig()
-    parser.add_argument("--env", dest="gym_env", metavar="ID", default=None,
-                        help="any Gymnasium id (or MODULE:ID) to train on instead of a built-in experiment")
-    for f in fields(GymConfig):
-        if f.name in ("env", "wandb", "force"):
-            continue
-        default = getattr(defaults, f.name)
-        help_text = ENV_HELP.get(f.name, HELP.get(f.name, f.name))
-        kw: dict[str, Any] = dict(dest=f"gym_{f.name}", default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                  help=f"(--env) {help_text} (default: {default})")
-        if f.name == "property":
-            parser.add_argument("--property", action="append", **kw)
-            continue
-        kind = {bool: parse_bool, int: int, float: float, str: str}.get(type(default), str)
-        if f.name in ("stop_at_p", "p0"):
-            kind = optional_float
-        parser.add_argument(flag_of(f.name), type=kind, **kw)
-    parser.add_argument("--wandb", dest="gym_wandb", default=argparse.SUPPRESS,
-                        choices=("offline", "online", "disabled"),
-                        help="(--env) W&B mode (default: WANDB_MODE from the environment, else offline)")
-    parser.add_argument("--no-wandb", dest="gym_wandb", action="store_const", const="disabled",
-                        default=argparse.SUPPRESS, help="(--env) turn W&B logging off")
-    parser.add_argument("--force", dest="gym_force", action="store_true", default=argparse.SUPPRESS,
-                        help="(--env) replace an existing run directory")
-    parser.add_argument("--quiet", dest="gym_quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="(--env) no progress bar")
-    parser.add_argument("--verbose", "-v", dest="gym_verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="(--env) say on stderr which tangent backend answers each property, and why")
-
-
-def config_from_args(args: argparse.Namespace) -> GymConfig:
-    values = {k[len("gym_"):]: v for k, v in vars(args).items() if k.startswith("gym_")}
-    from ntrl.wandb_sink import mode_from_environment
-
-    values["env"] = values.pop("env")
-    values["wandb"] = mode_from_environment(values.get("wandb"))
-    values.pop("quiet", None)
-    values.pop("verbose", None)
-    names = {f.name for f in fields(GymConfig)}
-    return GymConfig(**{k: v for k, v in values.items() if k in names})
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """``ntrl train --env ID ...``: validate, train (REINFORCE or SB3), print the summary."""
-    from ntrl.cli import report_errors
-
-    quiet = bool(getattr(args, "gym_quiet", False))
-    if getattr(args, "gym_verbose", False):
-        from ntrl.cli import enable_verbose
-
-        enable_verbose()
-
-    def run() -> str:
-        config = config_from_args(args).validate()
-        if config.algo == "reinforce":
-            from ntrl.train import describe, train
-
-            config.prebuild()
-            return describe(train(config, progress=not quiet), config)
-        from ntrl.sb3_train import describe_sb3, train_sb3
-
-        return describe_sb3(train_sb3(config, progress=not quiet), config)
-
-    return report_errors(run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import gymnasium as gym
 import torch
@@ -12,7 +13,7 @@ import ntrl.envs  # noqa: F401  (registers ntrl/TwoArmedBandit-v0)
 from ntrl.agents.optimizers import make_optimizer
 from ntrl.agents.policies import make_policy
 from ntrl.agents.reinforce import exact_gradient, sampled_gradient
-from ntrl.config import Experiment, TrainConfig
+from ntrl.config import Experiment, TrainConfig, option
 from ntrl.properties import ActionProbability, ExpectedReward, LogOdds
 
 
@@ -20,11 +21,11 @@ from ntrl.properties import ActionProbability, ExpectedReward, LogOdds
 class BanditConfig(TrainConfig):
     """REINFORCE on ``ntrl/TwoArmedBandit-v0`` with the target action's probability tracked."""
 
-    env: str = "bandit"
-    target: int = 1
-    reward_do: float = 1.0
-    reward_dont: float = -1.0
-    noise_std: float = 0.0
+    env: str = option("bandit", "the environment", flag=False)
+    target: Literal[0, 1] = option(1, "the tracked action: 1 = do, 0 = dont")
+    reward_do: float = option(1.0, "reward for do")
+    reward_dont: float = option(-1.0, "reward for dont")
+    noise_std: float = option(0.0, "standard deviation of Gaussian reward noise")
 
     def validate(self) -> "BanditConfig":
         super().validate()

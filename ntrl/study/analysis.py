@@ -33,7 +33,8 @@ from scipy import optimize, stats
 
 from ntrl.records import read_records
 from ntrl.tracker import price_agreement
-from ntrl.study import RunSpec, StudyConfig, completed_summary, enumerate_runs, read_study_file
+from ntrl.study.executor import completed_summary, read_study_file
+from ntrl.study.grid import RunSpec, StudyConfig, enumerate_runs
 
 Cell = tuple[str, str, str, str]
 LAW_MARGIN = 0.25  # a law is "consistent" when the exponent's whole CI lies within ±0.25 of it

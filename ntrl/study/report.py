@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ntrl.analysis import LAW_MARGIN, MIN_DELTA_AIC, SMALL_P0, CellResult, RunData, escape_data, kappa_of
+from ntrl.study.analysis import LAW_MARGIN, MIN_DELTA_AIC, SMALL_P0, CellResult, RunData, escape_data, kappa_of
 
 OPT_COLORS = {"sgd": "#1f77b4", "npg": "#d62728", "sign": "#2ca02c", "adam": "#9467bd"}
 

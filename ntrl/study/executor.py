@@ -1,0 +1,307 @@
+"""The rarity study, run: a process pool over the grid's runs, resumable, one study per directory.
+
+Every run writes its own run directory (records, config, summary, W&B run grouped by study)
+under ``STUDY_DIR/runs/``; a run whose final summary is already there is skipped, so a study
+that was killed resumes where it stopped. The directory's lock (:mod:`ntrl.study.lock`) keeps a
+second live study out, and the workers end with the process that started them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from ntrl.config import ConfigError, TrainConfig
+from ntrl.study.grid import STUDY_FILE, RunSpec, StudyConfig, enumerate_runs, train_config_for
+from ntrl.train import TrainingError
+
+
+class StudyIncomplete(TrainingError):
+    """Some runs of a study failed; the completed ones are kept and a re-run retries the rest."""
+
+
+def price_scaling_probe(config: TrainConfig, scales: list[float]) -> dict[str, list[float]]:
+    """Relative Price error |ΔP_real − ΔP_pred| / |ΔP_real| of one step from the initial state,
+    for step sizes η·s. A first-order prediction has error O(η): slope 1 in log–log."""
+    import torch
+
+    from ntrl.engine.tangent import TangentEngine
+    from ntrl.train import split_seed
+
+    exp = config.build()
+    engine = TangentEngine(exp.policy, dtype=torch.float64)
+    env_seed, rng = split_seed(config.seed)
+    exp.env.reset(seed=env_seed)
+    u = exp.utility(TangentEngine(exp.policy), rng)
+    plan = exp.optimizer.plan(u.gradient, u.fisher_states)
+    P = exp.properties[0]
+    theta = engine.flatten(engine.params())
+    d = plan.direction.to(torch.float64)
+    base = engine.evaluate(P)
+    ntcov = float(engine.stats(P, directions={"d": d}).ntcov["d"][0])
+    errors = []
+    for s in scales:
+        eta = config.lr * s
+        real = float((engine.evaluate(P, engine.unflatten(theta + eta * d)) - base)[0])
+        pred = eta * ntcov
+        errors.append(abs(real - pred) / abs(real) if real != 0 else float("nan"))
+    exp.env.close()
+    return {"lr": [config.lr * s for s in scales], "rel_error": errors}
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a study: completed runs are kept and a re-run resumes."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def run_one(study_dict: dict[str, Any], spec_dict: dict[str, Any], runs_dir: str, wandb_mode: str,
+            parent_pid: int | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Worker: one training run plus its Price-scaling probe. Returns the run's summary.
+
+    The run counts as complete only once its final summary (with the probe) is written; a
+    worker whose parent has died writes nothing more."""
+    import torch
+
+    from ntrl.records import SUMMARY_FILE, write_json_atomic
+    from ntrl.study.lock import parent_alive
+    from ntrl.train import train
+
+    torch.set_num_threads(1)
+    if verbose:
+        from ntrl.verbose import enable_verbose
+
+        enable_verbose()
+    study = StudyConfig(**study_dict)
+    spec = RunSpec(**spec_dict)
+    config = train_config_for(study, spec, Path(runs_dir), wandb_mode)
+    probe = price_scaling_probe(config, study.price_scales)
+    result = train(config, progress=False)
+    summary = dict(result.summary)
+    summary["price_scaling"] = probe
+    summary["spec"] = spec_dict
+    if parent_pid is not None and not parent_alive(parent_pid):
+        os._exit(1)
+    write_json_atomic(result.run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def completed_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a finished run, or None if the run is missing, failed or incomplete."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return None
+    ok = isinstance(summary, dict) and summary.get("status") in ("finished", "stopped_at_p") and "price_scaling" in summary
+    return summary if ok else None
+
+
+def read_study_file(study_dir: Path, flag: str = "--out") -> StudyConfig:
+    """The StudyConfig in ``study_dir/study.json``; a missing, malformed or foreign file is a
+    ConfigError that says which."""
+    path = study_dir / STUDY_FILE
+    if not study_dir.is_dir():
+        raise ConfigError(flag, f"{study_dir} is not a directory, so it holds no study")
+    if not path.is_file():
+        raise ConfigError(flag, f"{study_dir} holds no study (no {STUDY_FILE}); give the directory a study wrote")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(flag, f"{path} is not valid JSON ({e}); it was not written by ntrl, or was damaged") from None
+    keys = {f.name for f in dataclasses.fields(StudyConfig)}
+    # a study file holds every key; one written before a key was added lacks only the newer ones
+    if not isinstance(data, dict) or not set(data) <= keys or not {"name", "envs", "p0s", "lrs"} <= set(data):
+        raise ConfigError(flag, f"{path} is not an ntrl study file (its keys are not a study's)")
+    try:
+        return StudyConfig.from_dict(data, str(path), flag)
+    except ConfigError as e:
+        raise ConfigError(flag, f"{path} is not a valid ntrl study file: {e}") from None
+
+
+def is_study_dir(study_dir: Path) -> bool:
+    """Whether ``study_dir`` was made by a study: it has the study marker, or (studies made
+    before the marker existed) a study.json that reads as a study."""
+    from ntrl.run_dirs import STUDY_KIND, marker_kind
+
+    if marker_kind(study_dir) == STUDY_KIND:
+        return True
+    try:
+        read_study_file(study_dir)
+        return True
+    except ConfigError:
+        return False
+
+
+def remove_study_outputs(out: Path) -> None:
+    """What ``--force`` removes: the study file, the run directories ntrl made under runs/ (and
+    runs/ itself once empty), the report files the study recorded in its marker, and its W&B
+    directory. Nothing else in ``out`` is touched."""
+    import shutil
+
+    from ntrl.run_dirs import MARKER, RUN_KIND, WANDB_KIND, marker_kind, marker_files
+
+    runs = out / "runs"
+    if runs.is_dir() and not runs.is_symlink():
+        for child in runs.iterdir():
+            if child.is_dir() and not child.is_symlink() and marker_kind(child) == RUN_KIND:
+                shutil.rmtree(child)
+        if not any(runs.iterdir()):
+            runs.rmdir()
+    for name in marker_files(out):
+        target = out / name
+        if target.is_file() and not target.is_symlink():
+            target.unlink()
+    wandb_dir = out / "wandb"
+    if wandb_dir.is_dir() and not wandb_dir.is_symlink() and marker_kind(wandb_dir) == WANDB_KIND:
+        shutil.rmtree(wandb_dir)
+    for name in (STUDY_FILE, MARKER):
+        if (out / name).is_file():
+            (out / name).unlink()
+
+
+def refuse_foreign_dir(out: Path) -> None:
+    """A ConfigError unless ``out`` is absent, empty (but for ntrl's own lock and marker) or a study."""
+    from ntrl.run_dirs import MARKER
+    from ntrl.study.lock import LOCK_FILE
+
+    if not out.is_dir():
+        return
+    if any(c.name not in (MARKER, LOCK_FILE) for c in out.iterdir()) and not is_study_dir(out):
+        raise ConfigError("--out", f"{out} is not empty and holds no ntrl study, so ntrl will not write into it "
+                                   f"(not even with --force); choose a new or empty directory")
+
+
+def prepare_study_dir(study: StudyConfig, out: Path, force: bool) -> Path:
+    """Create or reopen a study directory, under its lock (taken by the caller).
+
+    An empty or new directory becomes a study; a study of the same config is resumed; a study of
+    a different config is replaced only with ``force`` (and only what it wrote is removed); a
+    non-empty directory that is not a study is refused, with or without ``force``."""
+    from ntrl.records import write_json_atomic
+    from ntrl.run_dirs import MARKER, STUDY_KIND, inside, write_marker
+
+    path = out / STUDY_FILE
+    refuse_foreign_dir(out)
+    if path.exists():
+        old = read_study_file(out).to_dict()
+        if old != study.to_dict():
+            if not force:
+                changed = sorted(k for k in set(old) | set(study.to_dict()) if old.get(k) != study.to_dict().get(k))
+                raise ConfigError("--out", f"{out} holds a study with a different config (differs in: {', '.join(changed)}); "
+                                  "pass --force to replace it, or choose another --out")
+            remove_study_outputs(out)
+    inside(path, out)
+    if not (out / MARKER).exists():
+        write_marker(out, STUDY_KIND)
+    write_json_atomic(path, study.to_dict())
+    (out / "runs").mkdir(exist_ok=True)
+    inside(out / "runs", out)
+    return out
+
+
+def run_study(
+    study: StudyConfig,
+    out: str | os.PathLike,
+    workers: int = 2,
+    wandb_mode: str = "offline",
+    force: bool = False,
+    progress: bool = True,
+    on_error: Callable[[RunSpec, BaseException], None] | None = None,
+    verbose: bool = False,
+) -> list[tuple[RunSpec, dict[str, Any]]]:
+    """Run (or resume) every run of the grid; return (spec, summary) for each completed run.
+
+    Holds the study directory's lock throughout. Workers end with this process (however it
+    ends); on Ctrl-C or SIGTERM the running runs are stopped and :class:`StudyInterrupted` says
+    how many are complete."""
+    from ntrl.run_dirs import check_out_dir, made_dirs
+    from ntrl.study.lock import study_lock
+
+    study.validate()
+    out = Path(out)
+    check_out_dir(out)
+    refuse_foreign_dir(out)  # before the lock file is made in it
+    with made_dirs(out.absolute()):
+        with study_lock(out):
+            prepare_study_dir(study, out, force)
+    with study_lock(out):
+        return _run_grid(study, out, workers, wandb_mode, progress, on_error, verbose)
+
+
+def _run_grid(study, out, workers, wandb_mode, progress, on_error, verbose):
+    import multiprocessing as mp
+
+    from ntrl.study.lock import worker_init
+
+    runs_dir = out / "runs"
+    specs = enumerate_runs(study)
+    done: dict[RunSpec, dict[str, Any]] = {}
+    todo = []
+    for spec in specs:
+        s = completed_summary(runs_dir / spec.run_id)
+        if s is not None:
+            done[spec] = s
+        else:
+            todo.append(spec)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(specs), initial=len(done), desc=f"{study.name} runs", unit="run", file=sys.stderr,
+                   dynamic_ncols=True)
+    failures = []
+    if todo:
+        ctx = mp.get_context("spawn")
+        pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=worker_init,
+                                   initargs=(os.getpid(),))
+        interrupted = False
+        try:
+            futures = {
+                pool.submit(run_one, study.to_dict(), asdict(spec), str(runs_dir), wandb_mode, os.getpid(), verbose): spec
+                for spec in todo
+            }
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    spec = futures[fut]
+                    try:
+                        done[spec] = fut.result()
+                    except Exception as e:  # a failed run is reported; the others go on
+                        failures.append((spec, e))
+                        if on_error is not None:
+                            on_error(spec, e)
+                    if bar is not None:
+                        bar.update(1)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if interrupted or sys.exc_info()[0] is not None:  # stop the running runs, drop the queued ones
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.kill()
+                pool.shutdown(wait=False, cancel_futures=True)
+            else:
+                pool.shutdown(wait=True)
+            if bar is not None and (interrupted or sys.exc_info()[0] is not None):
+                bar.close()
+        if interrupted:
+            k = sum(completed_summary(runs_dir / spec.run_id) is not None for spec in specs)  # on disk, as a resume sees it
+            raise StudyInterrupted(f"{k} of {len(specs)} runs complete; re-run the same command to resume")
+    if bar is not None:
+        bar.close()
+    if failures:
+        spec, e = failures[0]
+        raise StudyIncomplete(f"{len(failures)} run(s) failed, first {spec.run_id}: {e}; "
+                              "completed runs are kept, re-run the same command to retry the rest")
+    return [(spec, done[spec]) for spec in specs if spec in done]

@@ -1,0 +1,64 @@
+"""The rarity study end to end: run (or resume) the grid, analyse it, write the report, and
+return the text ``ntrl rarity`` prints.
+
+    ntrl rarity --quick                 # the README's main job, under 3 minutes on 2 cores
+    ntrl rarity --full --workers 2      # the complete grid
+    ntrl rarity --config my_grid.toml   # a grid of your own (keys: see ntrl.study.StudyConfig)
+    ntrl rarity --analyse-only          # re-analyse the finished runs of runs/rarity-quick
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ntrl.study.executor import StudyInterrupted, completed_summary, read_study_file, run_study
+from ntrl.study.grid import StudyConfig, enumerate_runs
+from ntrl.study.lock import study_lock
+
+
+def progress_line(study: StudyConfig, study_dir: Path) -> str:
+    """"K of M runs complete; re-run the same command to resume"."""
+    specs = enumerate_runs(study)
+    k = sum(completed_summary(study_dir / "runs" / s.run_id) is not None for s in specs)
+    return f"{k} of {len(specs)} runs complete; re-run the same command to resume"
+
+
+def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode: str = "offline",
+           force: bool = False, progress: bool = True, analyse_only: bool = False, verbose: bool = False) -> str:
+    """Run or resume ``study`` in ``study_dir`` (unless ``analyse_only``), analyse and report it.
+
+    Ctrl-C or SIGTERM anywhere raises :class:`StudyInterrupted` saying how many runs are complete."""
+    start = time.time()
+    try:
+        if analyse_only:
+            read_study_file(study_dir)
+        else:
+            run_study(study, study_dir, workers=workers, wandb_mode=wandb_mode, force=force, progress=progress,
+                      verbose=verbose)
+        with study_lock(study_dir):
+            paths = analyse_and_report(study_dir, wandb_mode)
+    except KeyboardInterrupt as e:
+        if isinstance(e, StudyInterrupted):
+            raise
+        raise StudyInterrupted(progress_line(study, study_dir)) from None
+    lines = [paths["table"], f"\nReport: {paths['html']} (also {paths['md']}); tables: {paths['csv']}"]
+    if paths.get("wandb"):
+        lines.append(f"W&B summary run ({wandb_mode}): {paths['wandb']}  (browse: wandb leet {study_dir}/wandb)")
+    lines.append(f"Done in {time.time() - start:.0f} s.")
+    return "\n".join(lines)
+
+
+def analyse_and_report(out: Path, wandb_mode: str = "offline") -> dict:
+    """Analyse the runs in ``out``, write the report, log the W&B summary run."""
+    from ntrl.study.analysis import analyse, load_study
+    from ntrl.study.report import VERDICT_COLUMNS, log_summary_run, text_table, verdict_rows, write_report
+
+    study, runs = load_study(out)
+    cells = analyse(runs)
+    paths = write_report(out, study, runs, cells)
+    short = [r[:8] for r in verdict_rows(cells)]
+    paths["table"] = text_table(VERDICT_COLUMNS[:8], short)
+    paths["wandb"] = log_summary_run(out, study, runs, cells, mode=wandb_mode)
+    paths["cells"] = cells
+    return paths
