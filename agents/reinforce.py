@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ntrl.engine.exact_model import sample_actions  # noqa: F401  (re-exported: one sampler for both)
 from ntrl.engine.tangent import PolicyView, TangentEngine
 
 GRADIENT_MODES = ("exact", "sampled")
@@ -45,13 +46,6 @@ class UtilityGradient:
     gradient: Tensor
     fisher_states: tuple[Tensor, Tensor]
     mean_return: float
-
-
-def sample_actions(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One draw per row of a probability matrix (N, K), by inverse CDF with one uniform per row."""
-    c = np.cumsum(probs, axis=1)
-    u = rng.random(probs.shape[0])[:, None] * c[:, -1:]
-    return np.minimum((u >= c).sum(axis=1), probs.shape[1] - 1)
 
 
 def rewards_to_go(rewards: np.ndarray, gamma: float = 1.0) -> np.ndarray:

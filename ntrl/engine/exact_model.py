@@ -52,8 +52,15 @@ try:  # the compiled kernel behind scipy's ``csr_matrix @ vector``, without the 
 except ImportError:  # pragma: no cover - a scipy that moved it: the public operator does the same
     _csr_matvec = None
 
-from ntrl.agents.reinforce import sample_actions
 from ntrl.engine.tangent import PolicyView
+
+
+def sample_actions(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One draw per row of a probability matrix (N, K), by inverse CDF with one uniform per row."""
+    c = np.cumsum(probs, axis=1)
+    u = rng.random(probs.shape[0])[:, None] * c[:, -1:]
+    return np.minimum((u >= c).sum(axis=1), probs.shape[1] - 1)
+
 
 
 class ModelTooLargeError(ValueError):
