@@ -159,8 +159,11 @@ def one_line(boxed: str, prog: str) -> str:
     for ln in (ln.strip().strip("│┃").strip() for ln in text.splitlines()):
         if ln.startswith(("╭", "┏")):
             title = ln.strip(BOX + " ")
-        elif ln and set(ln) <= set(BOX + " "):
-            sections.append([])  # a rule: the next section (suggestions, help)
+        elif ln and set(ln) <= set(BOX + " -"):  # a rule (UTF-8 or, without a UTF-8 stdout, ASCII)
+            if not title and len(sections) == 1 and len(sections[0]) == 1:
+                title = sections[0].pop()  # the ASCII box: its title stands above the first rule
+            else:
+                sections.append([])  # the next section: suggestions, help
         elif ln and not ln.startswith(("╰", "┗")):
             sections[-1].append(ln)
     message = " ".join(" ".join(sections[0]).split())

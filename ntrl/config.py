@@ -95,7 +95,7 @@ class TrainConfig:
     fisher: bool = option(True, "also record NTVar in the Fisher metric")
     threads: int = option(1, "torch threads (1 is fastest for these small networks)")
     out: str = option("runs", "parent directory of the run directory")
-    run_name: str | None = option(None, "name of the run directory under --out (default: from the config)")
+    run_name: str | None = option(None, "name of the run directory under --out (None: from the config)")
     group: str | None = option(None, "W&B group")
     wandb: WandbMode = option("offline", "W&B mode (default: WANDB_MODE from the environment, else offline)")
     force: bool = option(False, "replace an existing run directory that ntrl made")

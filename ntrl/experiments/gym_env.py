@@ -179,7 +179,7 @@ class GymConfig(TrainConfig):
     env_kwargs: str = option("{}", "JSON object of keyword arguments for gym.make, e.g. '{\"is_slippery\": false}'")
     algo: Algo = option("reinforce", "reinforce (ntrl's own loop), ppo or a2c (Stable-Baselines3 with NTCovCallback)")
     target: int = option(0, "action whose probability over the probe states is the headline property P")
-    property: list[str] = option(help="a tracked property, repeatable: action:A, event:MOD:PRED, return, MOD:FUNC "
+    property: list[str] = option(help="a tracked property: action:A, event:MOD:PRED, return, MOD:FUNC "
                                       "or NAME=SPEC", default_factory=list)
     probe_states: str = option("rollout", "rollout (the agent's initial rollouts, frozen), FILE.npy or MOD:FUNC")
     n_probe: int = option(32, "number of probe states taken from the rollouts")
