@@ -27,8 +27,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal, Sequence
 
-from ntrl.config import ConfigError, TrainConfig
-
 # ``ntrl train <name>``: the config class of each experiment, imported when used.
 EXPERIMENTS = {
     "bandit": ("ntrl.experiments.bandit:BanditConfig", "REINFORCE on ntrl/TwoArmedBandit-v0"),
@@ -76,7 +74,7 @@ def load_class(path: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def experiment_config(name: str) -> type[TrainConfig]:
+def experiment_config(name: str) -> type:
     return load_class(EXPERIMENTS[name][0])
 
 
@@ -302,6 +300,14 @@ def reject_unused_for_algo(config: Any, args: Sequence[str]) -> None:
 
 
 # ---------------------------------------------------------------------- running
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C with the line to print."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C (records kept, one line), with exit status 143."""
 
@@ -317,19 +323,26 @@ def _raise_terminated(signum, frame) -> None:
 def report_errors(run: Callable[[], str]) -> int:
     """Run ``run()`` and print what it returns (exit 0); bad input is one line and exit 2, a
     training run that had to stop is one line and exit 1, Ctrl-C is one line and exit 130."""
-    from ntrl.train import TrainingError
-
     try:
         text = run()
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the run said what it kept
         print(f"ntrl: {getattr(e, 'message', None) or 'interrupted'}", file=sys.stderr)
-        return 143 if _TERMINATED else 130
-    except (ConfigError, UsageError) as e:
-        print(f"ntrl: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"ntrl: training stopped: {e}", file=sys.stderr)
-        return 1
+        return 128 + _TERMINATED[-1] if _TERMINATED else 130
+    except Exception as e:
+        from ntrl.config import ConfigError  # imported here: a Ctrl-C during start-up meets no import
+        from ntrl.train import TrainingError
+
+        if isinstance(e, (UsageError, ConfigError)):
+            print(f"ntrl: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, TrainingError):
+            print(f"ntrl: training stopped: {e}", file=sys.stderr)
+            return 1
+        if isinstance(e, OSError):  # the disk, the filesystem or permissions: one line, not a traceback
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            print(f"ntrl: stopped: {e.strerror or e}{where}; the records written so far are kept", file=sys.stderr)
+            return 1
+        raise
     print(text)
     return 0
 
@@ -364,7 +377,7 @@ def run_rarity(flags: RarityArgs) -> str:
     if len(presets) > 1:
         raise UsageError(f"--{presets[1]}", f"give one of --quick, --full or --config, not {' and '.join('--' + p for p in presets)}")
     if flags.workers < 1:
-        raise ConfigError("--workers", f"must be >= 1, got {flags.workers}")
+        raise UsageError("--workers", f"must be >= 1, got {flags.workers}")
     if flags.study_dir is not None and not flags.analyse_only:
         raise UsageError("--study-dir", "is for --analyse-only; to run a study, give --out (its parent directory)")
     wandb_mode = mode_from_environment(flags.wandb)
@@ -396,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # like Ctrl-C: records kept, one line
+            signal.signal(sig, _raise_terminated)
     argv = normalise(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in HELP_FLAGS:
         print(TOP_HELP, end="")
@@ -406,9 +420,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if len(argv) > 1 else 2
 
     def run() -> str:
-        command, cls, args, prog = dispatch(argv)
-        flags = parse_flags(cls, args, prog, extra=() if command == "rarity" else RUN_FLAGS)
-        return run_rarity(flags) if command == "rarity" else run_train(cls, flags, args)
+        try:
+            command, cls, args, prog = dispatch(argv)
+            flags = parse_flags(cls, args, prog, extra=() if command == "rarity" else RUN_FLAGS)
+            return run_rarity(flags) if command == "rarity" else run_train(cls, flags, args)
+        except KeyboardInterrupt as e:
+            if getattr(e, "message", None):  # the run or the study said what it kept
+                raise
+            # still starting up (imports, checks, building): nothing is written before that ends
+            what = "study" if argv[0] == "rarity" else "run"
+            raise Interrupted(f"interrupted before the {what} started; nothing was written, re-run the same "
+                              f"command to start it") from None
 
     try:
         return report_errors(run)

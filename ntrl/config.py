@@ -47,7 +47,11 @@ class ConfigError(ValueError):
 
     def __init__(self, flag: str, message: str):
         self.flag = flag
+        self.message = message
         super().__init__(f"{flag}: {message}")
+
+    def __reduce__(self):  # a study's worker sends it back to the parent
+        return (type(self), (self.flag, self.message))
 
 
 def flag_of(name: str) -> str:
@@ -120,7 +124,10 @@ class TrainConfig:
         choice("dtype", DTYPES)
         choice("wandb", WANDB_MODES)
         need(0.0 < self.p0 < 1.0, "p0", f"must be in (0, 1), got {self.p0}")
-        need(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        need(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be a finite number > 0, got {self.lr}")
+        if self.dtype == "float32":
+            need(self.lr < 1e30, "lr", f"must be below 1e30 with --dtype float32 (whose largest number is 3.4e38), "
+                                       f"got {self.lr:g}")
         need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         need(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         need(self.track_every >= 1, "track_every", f"must be >= 1, got {self.track_every}")

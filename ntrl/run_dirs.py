@@ -48,6 +48,9 @@ def check_name(name: object, flag: str) -> str:
     seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
     if name in ("", ".", ".."):
         raise ConfigError(flag, f"must be a name, not {name!r}: choose a directory name such as my-run")
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise ConfigError(flag, f"is {len(name.encode('utf-8', 'surrogateescape'))} bytes long; a file name can have "
+                                f"at most 255")
     if "\0" in name or any(s in name for s in seps) or os.path.isabs(name):
         raise ConfigError(flag, f"must be a plain name without path separators, got {name!r}; "
                                 f"to write elsewhere, change --out instead")
@@ -71,19 +74,22 @@ def check_out_dir(out: str | os.PathLike, flag: str = "--out") -> Path:
     text = str(out)
     if not text.strip():
         raise ConfigError(flag, "must name a directory, got an empty path")
-    path = Path(os.path.abspath(os.path.expanduser(text)))
-    resolved = path.resolve()
-    root = _under_system_root(resolved) or _under_system_root(path)
-    if root is not None:
-        raise ConfigError(flag, f"{out} is under {root}, a system pseudo-filesystem; choose a directory of your own")
-    probe = path
-    while True:
-        if probe.exists() or probe.is_symlink():
-            if not probe.is_dir():
-                what = "is a file" if probe == path else f"lies under {probe}, which is a file"
-                raise ConfigError(flag, f"{out} {what}; choose a directory")
-            break
-        probe = probe.parent
+    path = Path(os.path.abspath(text))  # a literal "~" is a name, as it is for every other path ntrl writes
+    try:
+        resolved = path.resolve()
+        root = _under_system_root(resolved) or _under_system_root(path)
+        if root is not None:
+            raise ConfigError(flag, f"{out} is under {root}, a system pseudo-filesystem; choose a directory of your own")
+        probe = path
+        while True:
+            if probe.exists() or probe.is_symlink():
+                if not probe.is_dir():
+                    what = "is a file" if probe == path else f"lies under {probe}, which is a file"
+                    raise ConfigError(flag, f"{out} {what}; choose a directory")
+                break
+            probe = probe.parent
+    except OSError as e:
+        raise ConfigError(flag, f"cannot look at {out}: {e.strerror or e}") from None
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(flag, f"{probe} is not writable, so {out} cannot be written; choose a directory you can write")
     return path
@@ -128,9 +134,27 @@ def inside(path: Path, root: Path, flag: str = "--out") -> Path:
     return path
 
 
+def refuse_foreign_targets(directory: Path, patterns: list[str], flag: str = "--out") -> None:
+    """Before ntrl (over)writes the files of ``directory`` matching ``patterns`` (names or globs):
+    a ConfigError if one of them is a symbolic link, has another name elsewhere (a hard link), or
+    is not among the files ntrl recorded in the directory's marker as its own."""
+    ours = set(marker_files(directory))
+    for pattern in patterns:
+        for path in directory.glob(pattern):
+            if path.is_symlink():
+                raise ConfigError(flag, f"{path} is a symbolic link; ntrl does not write through links "
+                                        f"(remove it, or choose another directory)")
+            if path.name not in ours:
+                raise ConfigError(flag, f"{path} was not written by ntrl, so ntrl will not overwrite it; move it away")
+            if path.is_file() and path.stat().st_nlink > 1:
+                raise ConfigError(flag, f"{path} is also linked elsewhere; ntrl will not overwrite it; remove it")
+
+
 def write_marker(directory: Path, kind: str) -> None:
     """Mark ``directory`` as made by ntrl (kind "run" or "study")."""
-    (directory / MARKER).write_text(json.dumps({"kind": kind, "ntrl": ntrl_version()}) + "\n", encoding="utf-8")
+    from ntrl.records import write_json_atomic
+
+    write_json_atomic(directory / MARKER, {"kind": kind, "ntrl": ntrl_version()})
 
 
 def _marker(directory: Path) -> dict:
@@ -177,8 +201,18 @@ def record_written_files(directory: Path, paths: list[Path]) -> None:
     write_json_atomic(directory / MARKER, data)
 
 
+def is_marker_leftover(name: str) -> bool:
+    """A temporary file of :func:`write_marker` (``.ntrl-run.XXXX.tmp``), left by a kill."""
+    return name.startswith(MARKER + ".") and name.endswith(".tmp")
+
+
 def is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
+    """Empty, or holding no more than what a kill between making and marking it left behind."""
+    if not path.is_dir():
+        return False
+    children = list(path.iterdir())
+    return all(not c.is_symlink() and c.is_file() and
+               (is_marker_leftover(c.name) or (c.name == MARKER and marker_kind(path) is None)) for c in children)
 
 
 def replace_run_dir(run_dir: Path, force: bool, flag: str = "--run-name", kind: str = RUN_KIND) -> None:
@@ -191,10 +225,33 @@ def replace_run_dir(run_dir: Path, force: bool, flag: str = "--run-name", kind: 
     if not run_dir.is_dir():
         raise ConfigError(flag, f"{run_dir} is a file, not a run directory; move it away or choose another name")
     if is_empty_dir(run_dir):
+        for child in run_dir.iterdir():  # only ntrl's own leftovers (see is_empty_dir)
+            if not child.is_symlink():
+                child.unlink()
         return
     if marker_kind(run_dir) != kind:
         raise ConfigError(flag, f"{run_dir} holds files that ntrl did not write (no {MARKER} marker), so it is not "
                                 f"replaced even with --force; move them away or choose another name")
     if not force:
         raise ConfigError(flag, f"run directory {run_dir} already holds a run; pass --force to replace it or choose another name")
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        raise ConfigError(flag, f"{run_dir} is a run of ntrl's but also holds {', '.join(foreign[:3])}"
+                                f"{' ...' if len(foreign) > 3 else ''}, which ntrl did not write, so it is not "
+                                f"replaced even with --force; move them away")
     shutil.rmtree(run_dir)
+
+
+# What a run directory holds when ntrl alone wrote it (W&B writes inside wandb/).
+RUN_FILES = ("config.json", "records.jsonl", "summary.json", "wandb", MARKER)
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """The entries of a run directory that ntrl does not write there (temporary files of its
+    atomic writes are its own)."""
+    out = []
+    for child in sorted(run_dir.iterdir()):
+        ours = child.name in RUN_FILES or (child.name.startswith(".") and child.name.endswith(".tmp"))
+        if not ours or child.is_symlink() or (child.name == "wandb" and not child.is_dir()):
+            out.append(child.name)
+    return out

@@ -98,17 +98,22 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
     except BaseException:
         exp.env.close()
         raise
-    write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
-    env, policy, optimizer, properties = exp.env, exp.policy, exp.optimizer, exp.properties
-    env_seed, rng = split_seed(config.seed)
-    env.reset(seed=env_seed)
-    train_engine = TangentEngine(policy)  # gradients in the policy's own dtype
-    analysis_engine = TangentEngine(policy, dtype=torch.float64)  # tracking always in float64
-    tracker = Tracker(analysis_engine, properties, kappa=exp.kappa, every=config.track_every, fisher=config.fisher)
-    P = properties[0]
-    extra = None if exp.extra_tracking is None else extra_tracking_caller(exp.extra_tracking)
-    p_start = float(analysis_engine.evaluate(P)[0])
-    sink = WandbSink(run_dir, config.to_dict(), mode=config.wandb, name=run_dir.name, group=config.group)
+    try:
+        write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
+        env, policy, optimizer, properties = exp.env, exp.policy, exp.optimizer, exp.properties
+        env_seed, rng = split_seed(config.seed)
+        env.reset(seed=env_seed)
+        train_engine = TangentEngine(policy)  # gradients in the policy's own dtype
+        analysis_engine = TangentEngine(policy, dtype=torch.float64)  # tracking always in float64
+        tracker = Tracker(analysis_engine, properties, kappa=exp.kappa, every=config.track_every,
+                          fisher=config.fisher)
+        P = properties[0]
+        extra = None if exp.extra_tracking is None else extra_tracking_caller(exp.extra_tracking)
+        p_start = float(analysis_engine.evaluate(P)[0])
+        sink = WandbSink(run_dir, config.to_dict(), mode=config.wandb, name=run_dir.name, group=config.group)
+    except KeyboardInterrupt:
+        exp.env.close()
+        raise RunInterrupted(f"interrupted before the first update; {run_dir} holds the run's config only") from None
     steps_done, crossed, status = 0, None, "finished"
     bar = None
     if progress:
@@ -217,7 +222,8 @@ def price_check_text(pc: dict[str, Any], name: str = "ΔP = η·NTCov_M(P, U)") 
     r2, rel = pc.get("r2"), pc.get("median_rel_error")
     good = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
     if good(r2):
-        text = f"the predicted {name} explains R² = {r2:.6f} of the realised ΔP"
+        shown = f"{r2:.6f}" if abs(r2) < 1e6 else f"{r2:.3g}"
+        text = f"the predicted {name} explains R² = {shown} of the realised ΔP"
     elif r2 == -math.inf:
         text = f"the predicted {name} misses the realised ΔP by so much that R² overflows (below −1e308)"
     elif n < 2:

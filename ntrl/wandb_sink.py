@@ -52,6 +52,20 @@ def project_from_environment(project: str | None = None) -> str:
     return project or os.environ.get("WANDB_PROJECT", "").strip() or DEFAULT_PROJECT
 
 
+def online_login_or_offline() -> str:
+    """"online" when W&B has a login (key or netrc), else one line and "offline" (never a prompt)."""
+    try:
+        import wandb
+
+        if wandb.login(prompt=False, verify=False):
+            return "online"
+        reason = "no W&B login; run `wandb login` or set WANDB_API_KEY"
+    except Exception as e:
+        reason = f"{type(e).__name__}: {_first_line(e)}"
+    warn(f"W&B cannot log online ({reason}); logging offline instead")
+    return "offline"
+
+
 class WandbSink:
     """One W&B run. ``mode="disabled"`` makes every call a no-op without importing wandb.
 
@@ -105,11 +119,15 @@ class WandbSink:
         # W&B reads WANDB_MODE itself and rejects a value it does not know even when the mode
         # is given here; the flag (or mode_from_environment) has already decided.
         os.environ["WANDB_MODE"] = mode
+        if mode == "online" and not wandb.login(prompt=False, verify=False):
+            # without this check W&B asks at its login prompt on a terminal, and waits there
+            raise RuntimeError("no W&B login; run `wandb login` or set WANDB_API_KEY")
         return wandb.init(
             mode=mode,
             reinit="create_new",
+            # login_timeout: on a terminal without a login W&B would otherwise wait at its prompt forever
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True,
-                                    init_timeout=INIT_TIMEOUT_S[mode]),
+                                    init_timeout=INIT_TIMEOUT_S[mode], login_timeout=INIT_TIMEOUT_S["online"]),
             **kwargs,
         )
 

@@ -138,7 +138,7 @@ def test_wandb_dying_mid_run_leaves_the_run_and_its_records(tmp_path, monkeypatc
     from ntrl.experiments.bandit import BanditConfig
     from ntrl.train import train
 
-    calls = []
+    calls, kept = [], {}
     real_log = WandbSink.log
 
     def log_then_die(self, record):
@@ -146,6 +146,7 @@ def test_wandb_dying_mid_run_leaves_the_run_and_its_records(tmp_path, monkeypatc
         if len(calls) == 2 and self.run is not None:  # the service process goes away
             def broken(*a, **k):
                 raise BrokenPipeError("wandb-core is gone")
+            kept.update(run=self.run, finish=self.run.finish)
             self.run.log = broken
             self.run.finish = broken
         real_log(self, record)
@@ -157,6 +158,7 @@ def test_wandb_dying_mid_run_leaves_the_run_and_its_records(tmp_path, monkeypatc
     assert len(records(tmp_path)) == 5
     err = capsys.readouterr().err
     assert err.count("W&B failed while logging") == 1
+    kept["finish"]()  # end the real run, so that no later test finds it active
 
 
 @pytest.mark.parametrize("mode", ["offline", "disabled"])

@@ -32,7 +32,7 @@ class BanditConfig(TrainConfig):
         self.need(self.target in (0, 1), "target", f"must be in [0, 1] for the bandit (0 = dont, 1 = do), got {self.target}")
         for name in ("reward_do", "reward_dont"):
             self.need(math.isfinite(getattr(self, name)), name, f"must be finite, got {getattr(self, name)}")
-        self.need(self.noise_std >= 0, "noise_std", f"must be >= 0, got {self.noise_std}")
+        self.need(math.isfinite(self.noise_std) and self.noise_std >= 0, "noise_std", f"must be a finite number >= 0, got {self.noise_std}")
         return self
 
     def build(self) -> Experiment:

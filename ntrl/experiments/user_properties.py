@@ -46,14 +46,16 @@ class UserPropertyError(TrainingError):
 # ---------------------------------------------------------------------- importing user code
 def import_user_module(module: str, flag: str) -> Any:
     """Import ``module``, looking in the working directory too, but only *after* the installed
-    packages: the working directory goes to the end of ``sys.path``, so a ``numpy.py`` or
-    ``wandb.py`` lying there never replaces the installed package. A user module whose name is
-    taken by an installed module is an error that says so."""
+    packages and only while ``module`` itself is imported: the working directory goes to the end
+    of ``sys.path`` and comes off it again, so a ``numpy.py`` or ``wandb.py`` lying there never
+    replaces the installed package. A user module whose name is taken by an installed module is
+    an error that says so."""
     cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)
     top = module.split(".", 1)[0]
     local = [Path(cwd) / f"{top}.py", Path(cwd) / top / "__init__.py"]
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
@@ -63,6 +65,9 @@ def import_user_module(module: str, flag: str) -> Any:
         raise ConfigError(flag, f"importing {module!r} failed: {e}") from None
     except Exception as e:  # the user's module itself raised
         raise ConfigError(flag, f"importing {module!r} raised {type(e).__name__}: {e}") from None
+    finally:  # only while the named module is imported: a library's later lazy import of, say,
+        if added:  # tabulate or gmpy2 must not find a file of that name in the working directory
+            sys.path.remove(cwd)
     found = Path(getattr(sys.modules.get(top), "__file__", None) or "")
     for path in local:
         if path.exists() and found.resolve() != path.resolve():
@@ -234,8 +239,9 @@ def check_properties(engine, properties: Sequence[Property], flag: str = "--prop
 def check_probe_shape(arr: np.ndarray, obs_shape: tuple, source: str, flag: str = "--probe-states") -> np.ndarray:
     """(N, *obs_shape), or a single state of obs_shape (made a batch of one)."""
     arr = np.asarray(arr)
-    if arr.dtype == object:
-        raise ConfigError(flag, f"probe states from {source} are not a numeric array")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+            or np.issubdtype(arr.dtype, np.bool_)):
+        raise ConfigError(flag, f"probe states from {source} are not a real-valued numeric array (dtype {arr.dtype})")
     if tuple(arr.shape) == tuple(obs_shape) and (len(obs_shape) > 0 or arr.ndim == 0):
         arr = arr[None]
     if arr.ndim != len(obs_shape) + 1 or tuple(arr.shape[1:]) != tuple(obs_shape):

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy import optimize, stats
 
+from ntrl.config import ConfigError
 from ntrl.records import read_records
 from ntrl.tracker import price_agreement
 from ntrl.study.executor import completed_summary, read_study_file
@@ -85,7 +86,12 @@ def load_study(study_dir: str | Path) -> tuple[StudyConfig, list[RunData]]:
         run_dir = study_dir / "runs" / spec.run_id
         summary = completed_summary(run_dir)
         if summary is not None:
-            runs.append(RunData(spec, summary, read_records(run_dir)))
+            try:
+                records = read_records(run_dir)
+            except (OSError, ValueError) as e:
+                raise ConfigError("--out", f"run {run_dir} is complete but its records cannot be read ({e}); "
+                                           f"remove that run directory and re-run the study to redo it") from None
+            runs.append(RunData(spec, summary, records))
     return study, runs
 
 

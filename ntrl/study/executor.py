@@ -8,6 +8,7 @@ second live study out, and the workers end with the process that started them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -130,84 +131,124 @@ def read_study_file(study_dir: Path, flag: str = "--out") -> StudyConfig:
 
 
 def is_study_dir(study_dir: Path) -> bool:
-    """Whether ``study_dir`` was made by a study: it has the study marker, or (studies made
-    before the marker existed) a study.json that reads as a study."""
+    """Whether ``study_dir`` was made by a study: it carries the study marker (a study.json
+    alone does not make a folder a study)."""
     from ntrl.run_dirs import STUDY_KIND, marker_kind
 
-    if marker_kind(study_dir) == STUDY_KIND:
-        return True
-    try:
-        read_study_file(study_dir)
-        return True
-    except ConfigError:
-        return False
+    return marker_kind(study_dir) == STUDY_KIND
 
 
-def remove_study_outputs(out: Path) -> None:
-    """What ``--force`` removes: the study file, the run directories ntrl made under runs/ (and
-    runs/ itself once empty), the report files the study recorded in its marker, and its W&B
-    directory. Nothing else in ``out`` is touched."""
-    import shutil
+def removal_plan(out: Path) -> list[Path]:
+    """What ``--force`` removes from the study in ``out``: the study file, the run directories
+    ntrl made under runs/, the report files the study recorded in its marker, its W&B directory
+    and the marker. Refuses (ConfigError), before anything is removed, when a run directory holds
+    files ntrl did not write; nothing else in ``out`` is ever touched."""
+    from ntrl.run_dirs import MARKER, RUN_KIND, WANDB_KIND, foreign_entries, marker_files, marker_kind
 
-    from ntrl.run_dirs import MARKER, RUN_KIND, WANDB_KIND, marker_kind, marker_files
-
+    plan: list[Path] = []
     runs = out / "runs"
     if runs.is_dir() and not runs.is_symlink():
-        for child in runs.iterdir():
+        for child in sorted(runs.iterdir()):
             if child.is_dir() and not child.is_symlink() and marker_kind(child) == RUN_KIND:
-                shutil.rmtree(child)
-        if not any(runs.iterdir()):
-            runs.rmdir()
+                foreign = foreign_entries(child)
+                if foreign:
+                    raise ConfigError("--force", f"{child} holds {', '.join(foreign[:3])}, which ntrl did not write; "
+                                                 f"move it away first (nothing was removed)")
+                plan.append(child)
     for name in marker_files(out):
         target = out / name
-        if target.is_file() and not target.is_symlink():
-            target.unlink()
+        if target.is_file() and not target.is_symlink() and target.stat().st_nlink == 1:
+            plan.append(target)
     wandb_dir = out / "wandb"
     if wandb_dir.is_dir() and not wandb_dir.is_symlink() and marker_kind(wandb_dir) == WANDB_KIND:
-        shutil.rmtree(wandb_dir)
-    for name in (STUDY_FILE, MARKER):
-        if (out / name).is_file():
-            (out / name).unlink()
+        plan.append(wandb_dir)
+    plan += [out / n for n in (STUDY_FILE, MARKER) if (out / n).is_file() and not (out / n).is_symlink()]
+    return plan
+
+
+def remove_study_outputs(plan: list[Path], out: Path) -> None:
+    """Remove what :func:`removal_plan` listed (and runs/ once it is empty)."""
+    import shutil
+
+    for path in plan:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    runs = out / "runs"
+    if runs.is_dir() and not runs.is_symlink() and not any(runs.iterdir()):
+        runs.rmdir()
 
 
 def refuse_foreign_dir(out: Path) -> None:
-    """A ConfigError unless ``out`` is absent, empty (but for ntrl's own lock and marker) or a study."""
+    """A ConfigError unless ``out`` is absent, empty (but for ntrl's own lock and marker) or a
+    study; its marker, lock or runs/ must not be symbolic links."""
     from ntrl.run_dirs import MARKER
     from ntrl.study.lock import LOCK_FILE
 
+    if out.is_symlink() and not out.exists():
+        raise ConfigError("--out", f"{out} is a dangling symbolic link; remove it or choose another directory")
     if not out.is_dir():
         return
-    if any(c.name not in (MARKER, LOCK_FILE) for c in out.iterdir()) and not is_study_dir(out):
-        raise ConfigError("--out", f"{out} is not empty and holds no ntrl study, so ntrl will not write into it "
-                                   f"(not even with --force); choose a new or empty directory")
+    for name in (MARKER, LOCK_FILE, "runs", STUDY_FILE):
+        if (out / name).is_symlink():
+            raise ConfigError("--out", f"{out / name} is a symbolic link; ntrl does not write through links "
+                                       f"(remove it, or choose another directory)")
+    from ntrl.run_dirs import is_marker_leftover
+
+    if (any(c.name not in (MARKER, LOCK_FILE) and not is_marker_leftover(c.name) for c in out.iterdir())
+            and not is_study_dir(out)):
+        raise ConfigError("--out", f"{out} is not empty and holds no ntrl study (no {MARKER} marker), so ntrl "
+                                   f"will not write into it (not even with --force); choose a new or empty directory")
 
 
 def prepare_study_dir(study: StudyConfig, out: Path, force: bool) -> Path:
     """Create or reopen a study directory, under its lock (taken by the caller).
 
     An empty or new directory becomes a study; a study of the same config is resumed; a study of
-    a different config is replaced only with ``force`` (and only what it wrote is removed); a
-    non-empty directory that is not a study is refused, with or without ``force``."""
+    a different config (or a damaged study file) is replaced only with ``force``, and only what
+    it wrote is removed; a non-empty directory that is not a study is refused, with or without
+    ``force``. Every check runs before anything is removed."""
     from ntrl.records import write_json_atomic
     from ntrl.run_dirs import MARKER, STUDY_KIND, inside, write_marker
 
     path = out / STUDY_FILE
     refuse_foreign_dir(out)
-    if path.exists():
-        old = read_study_file(out).to_dict()
+    inside(out / "runs", out)
+    if path.exists() or path.is_symlink():
+        try:
+            old = read_study_file(out).to_dict()
+        except ConfigError as e:
+            if not force:
+                raise ConfigError("--out", f"{e.message}; pass --force to replace that study") from None
+            old = None
         if old != study.to_dict():
             if not force:
                 changed = sorted(k for k in set(old) | set(study.to_dict()) if old.get(k) != study.to_dict().get(k))
                 raise ConfigError("--out", f"{out} holds a study with a different config (differs in: {', '.join(changed)}); "
                                   "pass --force to replace it, or choose another --out")
-            remove_study_outputs(out)
-    inside(path, out)
+            remove_study_outputs(removal_plan(out), out)
     if not (out / MARKER).exists():
         write_marker(out, STUDY_KIND)
     write_json_atomic(path, study.to_dict())
     (out / "runs").mkdir(exist_ok=True)
-    inside(out / "runs", out)
     return out
+
+
+def open_study_dir(study: StudyConfig, out: Path, force: bool) -> contextlib.AbstractContextManager:
+    """Check ``out``, create it, take its lock and prepare it; the lock is held until the returned
+    context exits. A directory this call created is removed again if preparing it fails."""
+    from ntrl.run_dirs import check_out_dir, made_dirs
+    from ntrl.study.lock import study_lock
+
+    check_out_dir(out)
+    refuse_foreign_dir(out)  # before the lock file is made in it
+    stack = contextlib.ExitStack()
+    with made_dirs(out.absolute()):
+        stack.enter_context(study_lock(out))
+        try:
+            prepare_study_dir(study, out, force)
+        except BaseException:
+            stack.close()
+            raise
+    return stack
 
 
 def run_study(
@@ -225,18 +266,27 @@ def run_study(
     Holds the study directory's lock throughout. Workers end with this process (however it
     ends); on Ctrl-C or SIGTERM the running runs are stopped and :class:`StudyInterrupted` says
     how many are complete."""
-    from ntrl.run_dirs import check_out_dir, made_dirs
-    from ntrl.study.lock import study_lock
-
     study.validate()
     out = Path(out)
-    check_out_dir(out)
-    refuse_foreign_dir(out)  # before the lock file is made in it
-    with made_dirs(out.absolute()):
-        with study_lock(out):
-            prepare_study_dir(study, out, force)
-    with study_lock(out):
+    with open_study_dir(study, out, force):
         return _run_grid(study, out, workers, wandb_mode, progress, on_error, verbose)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT, SIGTERM and SIGHUP back for the body (they are delivered when it ends)."""
+    import signal
+    import threading
+
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _run_grid(study, out, workers, wandb_mode, progress, on_error, verbose):
@@ -267,14 +317,27 @@ def _run_grid(study, out, workers, wandb_mode, progress, on_error, verbose):
                                    initargs=(os.getpid(),))
         interrupted = False
         try:
-            futures = {
-                pool.submit(run_one, study.to_dict(), asdict(spec), str(runs_dir), wandb_mode, os.getpid(), verbose): spec
-                for spec in todo
-            }
+            study_dict, queue, futures = study.to_dict(), iter(todo), {}
+
+            def submit_next() -> None:  # a few runs in flight at a time: a huge grid starts (and stops) at once
+                spec = next(queue, None)
+                if spec is None:
+                    return
+                # no Ctrl-C or SIGTERM halfway through starting a worker (one started but not yet
+                # known to the pool would not be stopped); they arrive once the worker is known
+                with signals_held():
+                    futures[pool.submit(run_one, study_dict, asdict(spec), str(runs_dir), wandb_mode, os.getpid(),
+                                        verbose)] = spec
+
+            for _ in range(2 * max(1, workers)):
+                submit_next()
             pending = set(futures)
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
+                    before = set(futures)
+                    submit_next()
+                    pending |= set(futures) - before
                     spec = futures[fut]
                     try:
                         done[spec] = fut.result()

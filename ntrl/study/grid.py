@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -158,8 +159,10 @@ class StudyConfig:
         for env, pol in self.cells_env_policy():
             for opt in self.optimizers:
                 lr = self.lrs.get(env, {}).get(pol, {}).get(opt)
-                need(isinstance(lr, (int, float)) and lr > 0, "lrs",
-                     f"needs a learning rate > 0 for {env}/{pol}/{opt}, got {lr!r}")
+                need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "lrs",
+                     f"needs a finite learning rate > 0 for {env}/{pol}/{opt}, got {lr!r}")
+        unknown = sorted(set(self.lrs) - set(ENVS))
+        need(not unknown, "lrs", f"names unknown environment(s) {', '.join(unknown)}; known: {', '.join(ENVS)}")
         need(len(self.price_scales) >= 2 and all(0 < s <= 1 for s in self.price_scales), "price_scales",
              "needs at least two step-size scales in (0, 1]")
         if not self.cells_env_policy():

@@ -32,7 +32,10 @@ def study_lock(study_dir: Path, flag: str = "--out") -> Iterator[None]:
     """Hold the study directory's lock for the body; a second holder is refused (ConfigError)."""
     import fcntl
 
-    key = str((study_dir / LOCK_FILE).resolve())
+    import stat
+
+    path = study_dir / LOCK_FILE
+    key = str(path.absolute())
     if key in _held:
         _held[key][1] += 1
         try:
@@ -40,7 +43,15 @@ def study_lock(study_dir: Path, flag: str = "--out") -> Iterator[None]:
         finally:
             _held[key][1] -= 1
         return
-    fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # never through a symbolic link, and never a file that has another name elsewhere
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise ConfigError(flag, f"cannot open the study lock {path}: {e.strerror or e} (a symbolic link there is "
+                                f"refused; remove it)") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise ConfigError(flag, f"{path} is not a lock file ntrl made (it is linked elsewhere); remove it")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -80,6 +91,8 @@ def _set_parent_death_signal() -> None:
 def worker_init(parent_pid: int) -> None:
     """Initializer of a study worker: ignore Ctrl-C, and die with the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the parent holds these back while it starts a worker, and a new process inherits that mask
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
     _set_parent_death_signal()
     if not parent_alive(parent_pid):
         os._exit(1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ntrl.study.executor import StudyInterrupted, completed_summary, read_study_file, run_study
+from ntrl.study.executor import StudyInterrupted, completed_summary, open_study_dir, read_study_file, run_study
 from ntrl.study.grid import StudyConfig, enumerate_runs
 from ntrl.study.lock import study_lock
 
@@ -30,21 +30,29 @@ def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode:
 
     Ctrl-C or SIGTERM anywhere raises :class:`StudyInterrupted` saying how many runs are complete."""
     start = time.time()
+    if wandb_mode == "online":
+        from ntrl.wandb_sink import online_login_or_offline
+
+        wandb_mode = online_login_or_offline()  # decided once, not by every run's W&B start-up
     try:
         if analyse_only:
             read_study_file(study_dir)
+            with study_lock(study_dir):
+                paths = analyse_and_report(study_dir, wandb_mode)
         else:
-            run_study(study, study_dir, workers=workers, wandb_mode=wandb_mode, force=force, progress=progress,
-                      verbose=verbose)
-        with study_lock(study_dir):
-            paths = analyse_and_report(study_dir, wandb_mode)
+            study.validate()
+            with open_study_dir(study, study_dir, force):  # one lock from the first run to the report
+                run_study(study, study_dir, workers=workers, wandb_mode=wandb_mode, force=force,
+                          progress=progress, verbose=verbose)
+                paths = analyse_and_report(study_dir, wandb_mode)
     except KeyboardInterrupt as e:
         if isinstance(e, StudyInterrupted):
             raise
         raise StudyInterrupted(progress_line(study, study_dir)) from None
     lines = [paths["table"], f"\nReport: {paths['html']} (also {paths['md']}); tables: {paths['csv']}"]
     if paths.get("wandb"):
-        lines.append(f"W&B summary run ({wandb_mode}): {paths['wandb']}  (browse: wandb leet {study_dir}/wandb)")
+        mode = "offline" if "offline-run" in str(paths["wandb"]) else wandb_mode
+        lines.append(f"W&B summary run ({mode}): {paths['wandb']}  (browse: wandb leet {study_dir}/wandb)")
     lines.append(f"Done in {time.time() - start:.0f} s.")
     return "\n".join(lines)
 

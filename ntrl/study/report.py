@@ -181,6 +181,10 @@ def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path) 
                                      by_policy, draw_kappa, "update t", "κ(t)/κ(0)")),
         ]
         for caption, path, draw in items:
+            from ntrl.run_dirs import record_written_files, refuse_foreign_targets
+
+            refuse_foreign_targets(out, [path.name])
+            record_written_files(out, [path])  # recorded before it is written (see write_report)
             draw(path)
             plots.append((caption, path))
     return plots
@@ -246,8 +250,16 @@ of the largest relative change of κ = ‖∇z‖² (below 10 %: the network sta
 """
 
 
+REPORT_FILES = ("verdicts.csv", "runs.csv", "report.md", "report.html")
+
+
 def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequence[CellResult]) -> dict[str, Path]:
     """Write plots, CSVs, report.md and report.html into ``study_dir``; return their paths."""
+    from ntrl.run_dirs import record_written_files, refuse_foreign_targets
+
+    refuse_foreign_targets(study_dir, list(REPORT_FILES))  # and each plot, before it is drawn (make_plots)
+    record_written_files(study_dir, [study_dir / n for n in REPORT_FILES])  # before writing: a report cut
+    # short by Ctrl-C leaves only files the marker names
     plots = make_plots(runs, cells, study_dir)
     write_csv(study_dir / "verdicts.csv", [c.row() for c in sorted(cells, key=lambda c: c.cell)])
     write_csv(study_dir / "runs.csv", [
@@ -290,8 +302,6 @@ td:nth-child(5){{font-weight:bold}}</style></head><body>
     (study_dir / "report.html").write_text(page, encoding="utf-8")
     from ntrl.run_dirs import record_written_files
 
-    record_written_files(study_dir, [study_dir / n for n in ("verdicts.csv", "runs.csv", "report.md", "report.html")]
-                         + [p for _, p in plots])
     return {"md": study_dir / "report.md", "html": study_dir / "report.html", "csv": study_dir / "verdicts.csv",
             **{p.stem: p for _, p in plots}}
 
@@ -308,6 +318,11 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
     from ntrl.wandb_sink import WandbSink
 
     wandb_dir = study_dir / "wandb"  # marked as ntrl's, so that --force may remove it
+    if wandb_dir.is_symlink():
+        from ntrl.wandb_sink import warn
+
+        warn(f"{wandb_dir} is a symbolic link; the W&B summary run is not logged")
+        return None
     if not wandb_dir.exists():
         wandb_dir.mkdir()
         write_marker(wandb_dir, WANDB_KIND)
