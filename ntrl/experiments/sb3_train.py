@@ -38,8 +38,14 @@ def make_model(config: GymConfig, verbose: int = 0):
                   policy_kwargs=policy_kwargs, verbose=verbose, device="cpu")
     if config.algo == "ppo":
         n = config.n_steps * config.n_envs
-        return PPO("MlpPolicy", venv, batch_size=min(64, n), n_epochs=4, **common)
-    return A2C("MlpPolicy", venv, **common)
+        model = PPO("MlpPolicy", venv, batch_size=min(64, n), n_epochs=4, **common)
+    else:
+        model = A2C("MlpPolicy", venv, **common)
+    # a logger of its own: SB3's default one makes an empty /tmp/SB3-<date> folder at every learn()
+    from stable_baselines3.common.logger import Logger
+
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
 
 
 def train_sb3(config: GymConfig, progress: bool = True) -> RunResult:
