@@ -266,3 +266,14 @@ def test_working_directory_leaves_sys_path_after_the_user_module_is_imported(tmp
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert import_user_module("mymod", "--env").X == 1
     assert str(tmp_path) not in sys.path
+
+
+def test_degenerate_grid_reports_without_a_traceback(work, capfd):
+    """max_steps = 1: nothing escapes, so the escape plot has nothing for its log axis; the plot is
+    left out with one line and the report is written."""
+    (work / "g.toml").write_text(GRID.replace("max_steps = 200", "max_steps = 1").replace("extinction_steps = 20",
+                                                                                         "extinction_steps = 1"))
+    assert study() == 0
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert err and all(line.startswith("ntrl: warning: the plot ") for line in err), err
+    assert (work / "out" / "s" / "report.html").exists()

@@ -8,6 +8,7 @@ import base64
 import csv
 import html
 import math
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -185,7 +186,14 @@ def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path) 
 
             refuse_foreign_targets(out, [path.name])
             record_written_files(out, [path])  # recorded before it is written (see write_report)
-            draw(path)
+            try:
+                draw(path)
+            except ValueError as e:  # e.g. nothing positive to put on a log axis in a degenerate grid
+                import matplotlib.pyplot as plt
+
+                plt.close("all")
+                print(f"ntrl: warning: the plot {path.name} was left out: {e}", file=sys.stderr)
+                continue
             plots.append((caption, path))
     return plots
 
