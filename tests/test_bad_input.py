@@ -4,7 +4,6 @@ and no new directory; numbers that go wrong stop the run instead of writing null
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
