@@ -36,6 +36,7 @@ class EpisodeBatch:
     advantages: Tensor  # (T,), G − b
     episode_returns: np.ndarray  # (B,)
     n_episodes: int
+    n_cut: int = 0  # episodes cut at max_steps (neither terminated nor truncated by the env)
 
 
 @dataclass
@@ -46,6 +47,8 @@ class UtilityGradient:
     gradient: Tensor
     fisher_states: tuple[Tensor, Tensor]
     mean_return: float
+    episodes: int = 0  # sampled episodes behind this update (0: exact)
+    episodes_cut: int = 0  # of which were cut at the rollout horizon
 
 
 def rewards_to_go(rewards: np.ndarray, gamma: float = 1.0) -> np.ndarray:
@@ -85,11 +88,17 @@ def collect_episodes(
     baseline: str = "loo",
     max_steps: int = 100_000,
 ) -> EpisodeBatch:
-    """Run ``n_episodes`` episodes with actions drawn from π by ``rng``; rewards-to-go G_t."""
+    """Run ``n_episodes`` episodes with actions drawn from π by ``rng``; rewards-to-go G_t.
+
+    An episode still running after ``max_steps`` steps is cut there (counted in ``n_cut``); its
+    rewards-to-go are those of the first ``max_steps`` steps, so the batch estimates the gradient
+    of the return over that horizon, J_H = E[Σ_{t<H} γᵗ r_t], which is what REINFORCE then ascends."""
     all_obs, all_act, all_rew = [], [], []
+    n_cut = 0
     for _ in range(n_episodes):
         obs, _ = env.reset()
         ep_obs, ep_act, ep_rew = [], [], []
+        ended = False
         for _ in range(max_steps):
             a = _sample_action(policy, obs, rng)
             nxt, r, terminated, truncated, _ = env.step(a)
@@ -98,7 +107,9 @@ def collect_episodes(
             ep_rew.append(float(r))
             obs = nxt
             if terminated or truncated:
+                ended = True
                 break
+        n_cut += not ended
         all_obs.append(ep_obs)
         all_act.append(ep_act)
         all_rew.append(ep_rew)
@@ -115,6 +126,7 @@ def collect_episodes(
         advantages=torch.as_tensor(adv, dtype=torch.float64),
         episode_returns=G_pad[:, 0].copy(),
         n_episodes=n_episodes,
+        n_cut=n_cut,
     )
 
 
@@ -144,10 +156,13 @@ def sampled_gradient(
     rng: np.random.Generator,
     baseline: str = "loo",
     gamma: float = 1.0,
+    max_steps: int = 100_000,
 ) -> UtilityGradient:
-    """Collect a batch and return the surrogate, its gradient and the visited states."""
-    batch = collect_episodes(env, engine.module, n_episodes, rng, gamma=gamma, baseline=baseline)
+    """Collect a batch (episodes cut at ``max_steps``) and return the surrogate, its gradient and
+    the visited states."""
+    batch = collect_episodes(env, engine.module, n_episodes, rng, gamma=gamma, baseline=baseline, max_steps=max_steps)
     U = surrogate_utility(batch)
     value, g = engine.value_and_gradient(U)
     w = torch.full((batch.obs.shape[0],), 1.0 / batch.obs.shape[0], dtype=torch.float64)
-    return UtilityGradient(value, g, (batch.obs, w), float(batch.episode_returns.mean()))
+    return UtilityGradient(value, g, (batch.obs, w), float(batch.episode_returns.mean()),
+                           episodes=batch.n_episodes, episodes_cut=batch.n_cut)

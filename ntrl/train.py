@@ -81,6 +81,12 @@ def extra_tracking_caller(fn: Callable[..., dict]) -> Callable[..., dict]:
     return fn
 
 
+def headline(values: torch.Tensor) -> float:
+    """The headline P of a run: the property's value, or its mean over the probe states when it
+    has one value per state (``--env``: P = (1/N) Σ_s π(target | s))."""
+    return float(values.reshape(-1).to(torch.float64).mean())
+
+
 def split_seed(seed: int) -> tuple[int, np.random.Generator]:
     """Independent streams from one seed: the environment's seed and the action sampler.
     (Seeding both with ``seed`` itself would make them draw the very same numbers.)"""
@@ -109,12 +115,14 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                           fisher=config.fisher)
         P = properties[0]
         extra = None if exp.extra_tracking is None else extra_tracking_caller(exp.extra_tracking)
-        p_start = float(analysis_engine.evaluate(P)[0])
+        p_start = headline(analysis_engine.evaluate(P))
+        n_probe = int(analysis_engine.evaluate(P).numel())
         sink = WandbSink(run_dir, config.to_dict(), mode=config.wandb, name=run_dir.name, group=config.group)
     except KeyboardInterrupt:
         exp.env.close()
         raise RunInterrupted(f"interrupted before the first update; {run_dir} holds the run's config only") from None
     steps_done, crossed, status = 0, None, "finished"
+    episodes, episodes_cut = 0, 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -125,6 +133,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         with RecordWriter(run_dir / RECORDS_FILE) as writer:
             for t in range(config.steps):
                 u = exp.utility(train_engine, rng)
+                episodes, episodes_cut = episodes + u.episodes, episodes_cut + u.episodes_cut
                 if not torch.isfinite(u.gradient).all():
                     raise TrainingError(f"non-finite utility gradient at update {t}")
                 plan = optimizer.plan(u.gradient, u.fisher_states)
@@ -150,7 +159,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                     writer.write(record)
                     sink.log(record)
                 # P after the step: the tracker has just evaluated it on tracked updates
-                p = float(pending.after[P.name][0] if pending is not None else analysis_engine.evaluate(P)[0])
+                p = headline(pending.after[P.name] if pending is not None else analysis_engine.evaluate(P))
                 if not math.isfinite(p):
                     raise TrainingError(f"P became non-finite at update {t}")
                 if crossed is None and p >= 0.5 and p_start < 0.5:
@@ -170,7 +179,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         if bar is not None:
             bar.close()
         try:
-            p_end = float(analysis_engine.evaluate(P)[0])
+            p_end = headline(analysis_engine.evaluate(P))
             summary = {
                 "status": status,
                 "updates": steps_done,
@@ -178,6 +187,10 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                 "p_end": p_end,
                 "crossed_half_at": crossed,
                 "started_above_half": p_start >= 0.5,
+                "n_probe": n_probe,
+                "episodes": episodes,
+                "episodes_cut": episodes_cut,
+                "rollout_horizon": getattr(config, "rollout_horizon", None),
                 "price_check_P": price_check(read_records(run_dir / RECORDS_FILE), "P"),
                 "records": str(run_dir / RECORDS_FILE),
                 "wandb_dir": sink.directory,
@@ -202,7 +215,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
 def crossing_text(summary: dict[str, Any]) -> str:
     """How P relates to 1/2: the update it crossed, that it never did, or that it started above."""
     if summary.get("started_above_half", summary["p_start"] >= 0.5):
-        return ", having started above 1/2"
+        return ", having started at or above 1/2"
     if summary["crossed_half_at"]:
         return f", crossing 1/2 at update {summary['crossed_half_at']}"
     return ", without reaching 1/2"
@@ -260,13 +273,18 @@ def describe(result: RunResult, config: TrainConfig) -> str:
     """The one-paragraph summary the CLI prints at the end of a run."""
     s = result.summary
     action = result.target_label
+    over = f", the mean over {s['n_probe']} probe states," if s.get("n_probe", 1) > 1 else ""
     text = (
-        f"P = π({action}) went from {s['p_start']:.4g} to {s['p_end']:.4g} in {s['updates']} updates"
+        f"P = π({action}){over} went from {s['p_start']:.4g} to {s['p_end']:.4g} in {s['updates']} updates"
         f"{crossing_text(s)} ({config.optimizer}, {config.mode} gradients, {config.policy} policy, lr {config.lr:g}). "
         f"{price_check_text(s['price_check_P'])} Records: {s['records']}."
     )
     if result.wandb_dir:
         text += f" W&B ({s.get('wandb_mode', config.wandb)}): {result.wandb_dir} (browse: wandb leet {result.wandb_dir})."
+    if s.get("episodes_cut"):
+        text += (f" {s['episodes_cut']} of {s['episodes']} sampled episodes were cut at the horizon of "
+                 f"{s['rollout_horizon']} steps (--horizon): REINFORCE ascended the return of their first "
+                 f"{s['rollout_horizon']} steps.")
     differ = non_default_settings(config)
     if differ:
         text += f" Settings other than the generic defaults: {differ}."

@@ -118,7 +118,7 @@ def test_npy_messages_say_what_is_wrong(cwd, capsys):
 
 def test_crossing_is_not_claimed_when_p_started_above_half():
     s = {"p_start": 0.7, "crossed_half_at": None, "started_above_half": True}
-    assert crossing_text(s) == ", having started above 1/2"
+    assert crossing_text(s) == ", having started at or above 1/2"
     assert crossing_text({"p_start": 0.1, "crossed_half_at": 12}) == ", crossing 1/2 at update 12"
     assert crossing_text({"p_start": 0.1, "crossed_half_at": None}) == ", without reaching 1/2"
 
@@ -126,7 +126,7 @@ def test_crossing_is_not_claimed_when_p_started_above_half():
 def test_p0_above_half_is_reported_as_started_above(cwd, capsys):
     code, err, out = run_cli(["train", "bandit", "--p0", "0.7", *FAST], capsys)
     assert code == 0, err
-    assert "having started above 1/2" in out and "crossing" not in out
+    assert "having started at or above 1/2" in out and "crossing" not in out
 
 
 # ---------------------------------------------------------------------- numbers that go wrong

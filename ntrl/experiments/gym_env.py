@@ -163,12 +163,17 @@ def tabular_model(env: gym.Env, horizon: int, one_hot: bool) -> TabularMDP | Non
     return toy_text_model(env, horizon, one_hot)
 
 
-def episode_horizon(env: gym.Env, horizon: int) -> int:
-    """``horizon`` when given (> 0), else the env's ``max_episode_steps``, else 100."""
+# Episode lengths when neither --horizon nor the env's own time limit gives one.
+EXACT_HORIZON = 100  # the exact tabular model's H
+ROLLOUT_HORIZON = 1000  # where sampled episodes are cut
+
+
+def episode_horizon(env: gym.Env, horizon: int, default: int = EXACT_HORIZON) -> int:
+    """``horizon`` when given (> 0), else the env's ``max_episode_steps``, else ``default``."""
     if horizon > 0:
         return horizon
     limit = env.spec.max_episode_steps if env.spec is not None else None
-    return int(limit) if limit else 100
+    return int(limit) if limit else default
 
 
 @dataclass
@@ -185,7 +190,9 @@ class GymConfig(TrainConfig):
     n_probe: int = option(32, "number of probe states taken from the rollouts")
     gamma: float = option(0.99, "discount of the sampled returns (REINFORCE --mode sampled, SB3); the exact "
                                 "model is undiscounted")
-    horizon: int = option(0, "episode length H of the exact tabular model (0: the env's time limit)")
+    horizon: int = option(0, f"episode length H: sampled episodes are cut there, and the exact tabular model "
+                             f"runs H steps (0: the env's time limit, else {ROLLOUT_HORIZON} sampled and "
+                             f"{EXACT_HORIZON} exact)")
     check_env: bool = option(True, "run gymnasium's check_env on the env first")
     n_steps: int = option(128, "SB3: rollout length per env (one tracked update per rollout)")
     n_envs: int = option(1, "SB3: number of parallel envs")
@@ -291,12 +298,14 @@ class GymConfig(TrainConfig):
                                depth=self.depth, activation=self.activation, dtype=dtype)
 
         # probe states: a file, a callable, or the agent's own initial rollouts (frozen now)
+        rollout_horizon = episode_horizon(raw_env, self.horizon, default=ROLLOUT_HORIZON)
+        self.__dict__["rollout_horizon"] = rollout_horizon  # for the summary (not a config field)
         raw_probes = load_probe_states(self.probe_states, raw_shape, raw_env)
         if raw_probes is None:
             obs0, _ = raw_env.reset(seed=self.seed)
             policy = policy_for(to_policy_obs(np.asarray(obs0)[None]))
             batch = collect_episodes(env, policy, max(1, self.batch_size), np.random.default_rng(self.seed + 1),
-                                     baseline="none", max_steps=10_000)
+                                     baseline="none", max_steps=rollout_horizon)
             visited = batch.obs.numpy()
             if one_hot:
                 visited = visited.argmax(axis=-1)
@@ -327,7 +336,8 @@ class GymConfig(TrainConfig):
             context.step = 0 if context.step is None else context.step + 1
             if self.mode == "exact":
                 return exact_gradient(engine, model)
-            return sampled_gradient(engine, env, self.batch_size, rng, baseline=self.baseline, gamma=self.gamma)
+            return sampled_gradient(engine, env, self.batch_size, rng, baseline=self.baseline, gamma=self.gamma,
+                                    max_steps=rollout_horizon)
 
         return Experiment(
             env=env, policy=policy, optimizer=optimizer, properties=properties,
