@@ -117,7 +117,7 @@ def flag_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("flag", True)]
 
 
-def flag_dataclass(cls: type, prog: str, extra: Sequence[tuple[str, type, Any, str]] = ()) -> type:
+def flag_dataclass(cls: type, extra: Sequence[tuple[str, type, Any, str]] = ()) -> type:
     """A dataclass for tyro with one field per flag of ``cls`` (its type, default and help), plus
     ``extra`` CLI-only flags. ``--wandb`` defaults to None, read as "from the environment"."""
     import tyro
@@ -197,7 +197,7 @@ def parse_flags(cls: type, args: list[str], prog: str, extra=()) -> Any:
     an error raises UsageError with one line."""
     import tyro
 
-    flags_cls = flag_dataclass(cls, prog, extra)
+    flags_cls = flag_dataclass(cls, extra)
     if any(a in HELP_FLAGS for a in args):
         tyro.cli(flags_cls, args=["--help"], prog=prog)
     captured = io.StringIO()
