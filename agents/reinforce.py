@@ -37,6 +37,7 @@ class EpisodeBatch:
     episode_returns: np.ndarray  # (B,)
     n_episodes: int
     n_cut: int = 0  # episodes cut at max_steps (neither terminated nor truncated by the env)
+    undiscounted_returns: np.ndarray | None = None  # (B,) Σ_t r_t of each episode
 
 
 @dataclass
@@ -49,6 +50,7 @@ class UtilityGradient:
     mean_return: float
     episodes: int = 0  # sampled episodes behind this update (0: exact)
     episodes_cut: int = 0  # of which were cut at the rollout horizon
+    mean_undiscounted_return: float | None = None  # mean Σ_t r_t of the sampled episodes
 
 
 def rewards_to_go(rewards: np.ndarray, gamma: float = 1.0) -> np.ndarray:
@@ -127,6 +129,7 @@ def collect_episodes(
         episode_returns=G_pad[:, 0].copy(),
         n_episodes=n_episodes,
         n_cut=n_cut,
+        undiscounted_returns=R_pad.sum(axis=1),
     )
 
 
@@ -165,4 +168,5 @@ def sampled_gradient(
     value, g = engine.value_and_gradient(U)
     w = torch.full((batch.obs.shape[0],), 1.0 / batch.obs.shape[0], dtype=torch.float64)
     return UtilityGradient(value, g, (batch.obs, w), float(batch.episode_returns.mean()),
-                           episodes=batch.n_episodes, episodes_cut=batch.n_cut)
+                           episodes=batch.n_episodes, episodes_cut=batch.n_cut,
+                           mean_undiscounted_return=float(batch.undiscounted_returns.mean()))

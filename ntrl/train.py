@@ -123,6 +123,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         raise RunInterrupted(f"interrupted before the first update; {run_dir} holds the run's config only") from None
     steps_done, crossed, status = 0, None, "finished"
     episodes, episodes_cut = 0, 0
+    returns: list[float] = []  # the mean episode return of each update (undiscounted when sampled)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -134,6 +135,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
             for t in range(config.steps):
                 u = exp.utility(train_engine, rng)
                 episodes, episodes_cut = episodes + u.episodes, episodes_cut + u.episodes_cut
+                returns.append(u.mean_return if u.mean_undiscounted_return is None else u.mean_undiscounted_return)
                 if not torch.isfinite(u.gradient).all():
                     raise TrainingError(f"non-finite utility gradient at update {t}")
                 plan = optimizer.plan(u.gradient, u.fisher_states)
@@ -147,6 +149,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                 if pending is not None:
                     record = tracker.after(pending)
                     record["return"] = u.mean_return
+                    if u.mean_undiscounted_return is not None:  # sampled episodes: Σ_t r_t as well
+                        record["return_undiscounted"] = u.mean_undiscounted_return
                     bad = nonfinite_field(record)
                     if bad is not None:
                         raise TrainingError(f"{bad} became non-finite at update {t}; stopped, "
@@ -191,6 +195,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                 "episodes": episodes,
                 "episodes_cut": episodes_cut,
                 "rollout_horizon": getattr(config, "rollout_horizon", None),
+                "return_first": returns[0] if returns else None,
+                "return_last": returns[-1] if returns else None,
                 "price_check_P": price_check(read_records(run_dir / RECORDS_FILE), "P"),
                 "records": str(run_dir / RECORDS_FILE),
                 "wandb_dir": sink.directory,
@@ -281,6 +287,9 @@ def describe(result: RunResult, config: TrainConfig) -> str:
     )
     if result.wandb_dir:
         text += f" W&B ({s.get('wandb_mode', config.wandb)}): {result.wandb_dir} (browse: wandb leet {result.wandb_dir})."
+    if s.get("return_first") is not None and math.isfinite(s["return_first"]) and math.isfinite(s["return_last"]):
+        kind = "the mean episode return" if s.get("episodes") else "the expected return J"
+        text += f" Over the run {kind} went from {s['return_first']:.4g} to {s['return_last']:.4g}."
     if s.get("episodes_cut"):
         text += (f" {s['episodes_cut']} of {s['episodes']} sampled episodes were cut at the horizon of "
                  f"{s['rollout_horizon']} steps (--horizon): REINFORCE ascended the return of their first "

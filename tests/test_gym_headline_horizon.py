@@ -74,3 +74,22 @@ def test_cut_episodes_are_counted_by_the_rollout():
 
     batch = collect_episodes(env, Float(), 3, np.random.default_rng(0), baseline="none", max_steps=5)
     assert batch.n_cut == 3 and batch.obs.shape[0] == 15
+
+
+def test_summary_gives_the_mean_episode_return_and_records_the_undiscounted_one(tmp_path, monkeypatch, capsys):
+    """CartPole pays 1 per step: the undiscounted return of an episode is its length, an integer,
+    and at least its discounted return (γ = 0.99)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--env", "CartPole-v1", "--steps", "3", "--run-name", "g", *FAST]) == 0
+    out = capsys.readouterr().out
+    records = [json.loads(x) for x in (tmp_path / "runs" / "g" / "records.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "runs" / "g" / "summary.json").read_text())
+    for r in records:
+        total = r["return_undiscounted"] * 8  # 8 episodes per update
+        assert abs(total - round(total)) < 1e-9 and r["return_undiscounted"] >= r["return"]
+    assert summary["return_first"] == records[0]["return_undiscounted"]
+    assert summary["return_last"] == records[-1]["return_undiscounted"]
+    assert (f"the mean episode return went from {summary['return_first']:.4g} to "
+            f"{summary['return_last']:.4g}") in out
+    assert main(["train", "bandit", "--steps", "2", "--run-name", "b", *FAST]) == 0
+    assert "the expected return J went from" in capsys.readouterr().out

@@ -323,7 +323,7 @@ class JuiceConfig(TrainConfig):
 
                 value, g = engine.value_and_gradient(U)
                 return UtilityGradient(value, g, (obs, batch["weights"]),
-                                       float(batch["returns"].mean()))
+                                       float(batch["returns"].mean()), episodes=int(B))  # undiscounted: γ = 1
 
         extra = None
         if q is not None and self.decomposition:
