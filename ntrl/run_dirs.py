@@ -20,9 +20,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from ntrl.config import ConfigError
+from ntrl.records import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, write_json_atomic
 
 MARKER = ".ntrl-run"
 RUN_KIND = "run"
@@ -152,8 +153,6 @@ def refuse_foreign_targets(directory: Path, patterns: list[str], flag: str = "--
 
 def write_marker(directory: Path, kind: str) -> None:
     """Mark ``directory`` as made by ntrl (kind "run" or "study")."""
-    from ntrl.records import write_json_atomic
-
     write_json_atomic(directory / MARKER, {"kind": kind, "ntrl": ntrl_version()})
 
 
@@ -191,8 +190,6 @@ def marker_files(directory: Path) -> list[str]:
 def record_written_files(directory: Path, paths: list[Path]) -> None:
     """Add the files ``paths`` (directly inside ``directory``) to its marker's list of files ntrl
     wrote, so that ``--force`` may later remove exactly those."""
-    from ntrl.records import write_json_atomic
-
     data = _marker(directory)
     names = set(data.get("files", []) if isinstance(data.get("files"), list) else [])
     names |= {p.name for p in paths if p.parent.resolve() == directory.resolve()}
@@ -201,9 +198,15 @@ def record_written_files(directory: Path, paths: list[Path]) -> None:
     write_json_atomic(directory / MARKER, data)
 
 
+def is_leftover_of(name: str, targets: Sequence[str]) -> bool:
+    """A temporary file that :func:`ntrl.records.write_json_atomic` makes for one of ``targets``
+    (``.NAME.XXXX.tmp``, before it is renamed into place), left behind by a kill."""
+    return name.endswith(".tmp") and any(name.startswith(f".{t}.") for t in targets)
+
+
 def is_marker_leftover(name: str) -> bool:
-    """A temporary file of :func:`write_marker` (``.ntrl-run.XXXX.tmp``), left by a kill."""
-    return name.startswith(MARKER + ".") and name.endswith(".tmp")
+    """A temporary file of :func:`write_marker`, left by a kill between making and marking."""
+    return is_leftover_of(name, [MARKER])
 
 
 def is_empty_dir(path: Path) -> bool:
@@ -243,7 +246,7 @@ def replace_run_dir(run_dir: Path, force: bool, flag: str = "--run-name", kind: 
 
 
 # What a run directory holds when ntrl alone wrote it (W&B writes inside wandb/).
-RUN_FILES = ("config.json", "records.jsonl", "summary.json", "wandb", MARKER)
+RUN_FILES = (CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, "wandb", MARKER)
 
 
 def foreign_entries(run_dir: Path) -> list[str]:
@@ -251,7 +254,7 @@ def foreign_entries(run_dir: Path) -> list[str]:
     atomic writes are its own)."""
     out = []
     for child in sorted(run_dir.iterdir()):
-        ours = child.name in RUN_FILES or (child.name.startswith(".") and child.name.endswith(".tmp"))
+        ours = child.name in RUN_FILES or is_leftover_of(child.name, RUN_FILES)
         if not ours or child.is_symlink() or (child.name == "wandb" and not child.is_dir()):
             out.append(child.name)
     return out

@@ -191,3 +191,20 @@ def test_grid_name_that_is_not_a_name_is_refused(tmp_path, monkeypatch, capsys):
         assert main(["rarity", "--config", str(grid), "--no-wandb", "--quiet"]) == 2
         assert "name" in one_error_line(capsys, "config key 'name'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.toml", "keep.txt"]
+
+
+def test_a_run_directory_killed_between_making_and_marking_is_reused(sandbox):
+    """A kill inside write_marker leaves only its temporary file (mkstemp's ``..ntrl-run.XXXX.tmp``):
+    that directory is ntrl's and empty, so the next run uses it without --force."""
+    import tempfile
+
+    run = sandbox / "A" / "out" / "killed"
+    run.mkdir()
+    fd, tmp = tempfile.mkstemp(prefix=f".{MARKER}.", suffix=".tmp", dir=run)
+    os.close(fd)
+    assert main(["train", "bandit", "--out", "A/out", "--run-name", "killed", *FAST]) == 0
+    assert not Path(tmp).exists() and (run / MARKER).exists()
+    (sandbox / "A" / "out" / "other").mkdir()
+    (sandbox / "A" / "out" / "other" / ".ntrl-runaway.tmp").write_text("the user's")
+    assert main(["train", "bandit", "--out", "A/out", "--run-name", "other", "--force", *FAST]) == 2
+    assert (sandbox / "A" / "out" / "other" / ".ntrl-runaway.tmp").read_text() == "the user's"
