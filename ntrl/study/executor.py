@@ -269,7 +269,7 @@ def run_study(
     study.validate()
     out = Path(out)
     with open_study_dir(study, out, force):
-        return _run_grid(study, out, workers, wandb_mode, progress, on_error, verbose)
+        return run_grid(study, out, workers, wandb_mode, progress, on_error, verbose)
 
 
 @contextlib.contextmanager
@@ -289,7 +289,19 @@ def signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _run_grid(study, out, workers, wandb_mode, progress, on_error, verbose):
+def progress_line(study: StudyConfig, study_dir: Path) -> str:
+    """"K of M runs complete; re-run the same command to resume", counted on disk as a resume
+    would count them."""
+    specs = enumerate_runs(study)
+    k = sum(completed_summary(study_dir / "runs" / s.run_id) is not None for s in specs)
+    return f"{k} of {len(specs)} runs complete; re-run the same command to resume"
+
+
+def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = "offline", progress: bool = True,
+             on_error: Callable[[RunSpec, BaseException], None] | None = None,
+             verbose: bool = False) -> list[tuple[RunSpec, dict[str, Any]]]:
+    """The pool over the grid's runs, in a study directory already opened (and locked) by
+    :func:`open_study_dir`; see :func:`run_study`."""
     import multiprocessing as mp
 
     from ntrl.study.lock import worker_init
@@ -321,24 +333,23 @@ def _run_grid(study, out, workers, wandb_mode, progress, on_error, verbose):
 
             def submit_next() -> None:  # a few runs in flight at a time: a huge grid starts (and stops) at once
                 spec = next(queue, None)
-                if spec is None:
-                    return
-                # no Ctrl-C or SIGTERM halfway through starting a worker (one started but not yet
-                # known to the pool would not be stopped); they arrive once the worker is known
-                with signals_held():
-                    futures[pool.submit(run_one, study_dict, asdict(spec), str(runs_dir), wandb_mode, os.getpid(),
-                                        verbose)] = spec
+                if spec is not None:
+                    # no Ctrl-C or SIGTERM halfway through starting a worker (one started but not yet
+                    # known to the pool would not be stopped); they arrive once the worker is known
+                    with signals_held():
+                        fut = pool.submit(run_one, study_dict, asdict(spec), str(runs_dir), wandb_mode, os.getpid(),
+                                          verbose)
+                    futures[fut] = spec
+                    pending.add(fut)
 
+            pending: set = set()
             for _ in range(2 * max(1, workers)):
                 submit_next()
-            pending = set(futures)
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    before = set(futures)
                     submit_next()
-                    pending |= set(futures) - before
-                    spec = futures[fut]
+                    spec = futures.pop(fut)
                     try:
                         done[spec] = fut.result()
                     except Exception as e:  # a failed run is reported; the others go on
@@ -356,11 +367,10 @@ def _run_grid(study, out, workers, wandb_mode, progress, on_error, verbose):
                 pool.shutdown(wait=False, cancel_futures=True)
             else:
                 pool.shutdown(wait=True)
-            if bar is not None and (interrupted or sys.exc_info()[0] is not None):
-                bar.close()
         if interrupted:
-            k = sum(completed_summary(runs_dir / spec.run_id) is not None for spec in specs)  # on disk, as a resume sees it
-            raise StudyInterrupted(f"{k} of {len(specs)} runs complete; re-run the same command to resume")
+            if bar is not None:
+                bar.close()
+            raise StudyInterrupted(progress_line(study, out))
     if bar is not None:
         bar.close()
     if failures:

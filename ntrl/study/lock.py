@@ -24,7 +24,6 @@ from ntrl.config import ConfigError
 
 LOCK_FILE = ".ntrl-lock"
 WATCHDOG_INTERVAL_S = 0.1
-_held: dict[str, list[int]] = {}  # lock path -> [fd, depth]: re-entrant within one process
 
 
 @contextlib.contextmanager
@@ -35,14 +34,6 @@ def study_lock(study_dir: Path, flag: str = "--out") -> Iterator[None]:
     import stat
 
     path = study_dir / LOCK_FILE
-    key = str(path.absolute())
-    if key in _held:
-        _held[key][1] += 1
-        try:
-            yield
-        finally:
-            _held[key][1] -= 1
-        return
     try:  # never through a symbolic link, and never a file that has another name elsewhere
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
@@ -61,11 +52,9 @@ def study_lock(study_dir: Path, flag: str = "--out") -> Iterator[None]:
                                 f"wait for it to end or stop it, or choose another directory") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _held[key] = [fd, 1]
     try:
         yield
     finally:
-        del _held[key]
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 

@@ -12,16 +12,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ntrl.study.executor import StudyInterrupted, completed_summary, open_study_dir, read_study_file, run_study
-from ntrl.study.grid import StudyConfig, enumerate_runs
+from ntrl.study.executor import StudyInterrupted, open_study_dir, progress_line, read_study_file, run_grid
+from ntrl.study.grid import StudyConfig
 from ntrl.study.lock import study_lock
-
-
-def progress_line(study: StudyConfig, study_dir: Path) -> str:
-    """"K of M runs complete; re-run the same command to resume"."""
-    specs = enumerate_runs(study)
-    k = sum(completed_summary(study_dir / "runs" / s.run_id) is not None for s in specs)
-    return f"{k} of {len(specs)} runs complete; re-run the same command to resume"
 
 
 def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode: str = "offline",
@@ -42,8 +35,8 @@ def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode:
         else:
             study.validate()
             with open_study_dir(study, study_dir, force):  # one lock from the first run to the report
-                run_study(study, study_dir, workers=workers, wandb_mode=wandb_mode, force=force,
-                          progress=progress, verbose=verbose)
+                run_grid(study, study_dir, workers=workers, wandb_mode=wandb_mode, progress=progress,
+                         verbose=verbose)
                 paths = analyse_and_report(study_dir, wandb_mode)
     except KeyboardInterrupt as e:
         if isinstance(e, StudyInterrupted):
