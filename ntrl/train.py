@@ -12,7 +12,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -115,8 +115,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                           fisher=config.fisher)
         P = properties[0]
         extra = None if exp.extra_tracking is None else extra_tracking_caller(exp.extra_tracking)
-        p_start = headline(analysis_engine.evaluate(P))
-        n_probe = int(analysis_engine.evaluate(P).numel())
+        p_values = analysis_engine.evaluate(P)
+        p_start, n_probe = headline(p_values), int(p_values.numel())
         sink = WandbSink(run_dir, config.to_dict(), mode=config.wandb, name=run_dir.name, group=config.group)
     except KeyboardInterrupt:
         exp.env.close()
@@ -260,18 +260,19 @@ def price_check_text(pc: dict[str, Any], name: str = "ΔP = η·NTCov_M(P, U)") 
 NOT_SETTINGS = ("env", "out", "run_name", "group", "wandb", "force")
 
 
-def non_default_settings(config: TrainConfig) -> str:
+def non_default_settings(config: TrainConfig, skip: Sequence[str] = ()) -> str:
     """The settings of ``config`` that differ from the generic defaults of :class:`TrainConfig`
-    (the experiments have some defaults of their own), as ``--flag value`` items."""
+    (the experiments have some defaults of their own), as ``--flag value`` items; fields named in
+    ``skip`` (settings the run does not use) are left out."""
     generic = TrainConfig()
     items = []
     for f in dataclasses.fields(TrainConfig):
-        if f.name in NOT_SETTINGS or not hasattr(config, f.name):
+        if f.name in NOT_SETTINGS or f.name in skip:
             continue
         value = getattr(config, f.name)
         if value != getattr(generic, f.name):
-            items.append(f"--{f.name.replace('_', '-')} {value:g}" if isinstance(value, float) and not
-                         isinstance(value, bool) else f"--{f.name.replace('_', '-')} {value}")
+            shown = f"{value:g}" if isinstance(value, float) else value
+            items.append(f"--{f.name.replace('_', '-')} {shown}")
     return ", ".join(items)
 
 

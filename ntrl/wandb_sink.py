@@ -131,7 +131,8 @@ class WandbSink:
             **kwargs,
         )
 
-    def _lost(self, what: str, e: BaseException) -> None:
+    def lost(self, what: str, e: BaseException) -> None:
+        """W&B failed while ``what``: say so in one line and turn the sink off."""
         warn(f"W&B failed while {what} ({type(e).__name__}: {_first_line(e)}); W&B is off for the rest of this "
              f"run, local records are kept")
         self.run = None
@@ -150,7 +151,7 @@ class WandbSink:
         try:
             self.run.log(dict(scalar_items(record)))
         except Exception as e:
-            self._lost("logging", e)
+            self.lost("logging", e)
 
     def finish(self, summary: dict[str, Any] | None = None, exit_code: int = 0) -> None:
         if self.run is None:
@@ -161,7 +162,7 @@ class WandbSink:
                     self.run.summary[k] = v
             self.run.finish(exit_code=exit_code)
         except Exception as e:
-            self._lost("finishing", e)
+            self.lost("finishing", e)
         self.run = None
 
 

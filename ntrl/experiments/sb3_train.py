@@ -157,8 +157,7 @@ def describe_sb3(result: RunResult, config: GymConfig) -> str:
         text += f" W&B ({s.get('wandb_mode', config.wandb)}): {result.wandb_dir} (browse: wandb leet {result.wandb_dir})."
     from ntrl.experiments.gym_env import REINFORCE_ONLY
 
-    differ = [item for item in non_default_settings(config).split(", ")
-              if item and item.split()[0][2:].replace("-", "_") not in REINFORCE_ONLY]
+    differ = non_default_settings(config, skip=REINFORCE_ONLY)
     if differ:
-        text += f" Settings other than the generic defaults: {', '.join(differ)}."
+        text += f" Settings other than the generic defaults: {differ}."
     return text

@@ -181,11 +181,11 @@ def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path) 
              lambda p: policy_panels(p, f"Scale factor κ(t)/κ(0) = ‖∇z‖² over training ({env}, {mode})",
                                      by_policy, draw_kappa, "update t", "κ(t)/κ(0)")),
         ]
-        for caption, path, draw in items:
-            from ntrl.run_dirs import record_written_files, refuse_foreign_targets
+        from ntrl.run_dirs import record_written_files, refuse_foreign_targets
 
-            refuse_foreign_targets(out, [path.name])
-            record_written_files(out, [path])  # recorded before it is written (see write_report)
+        refuse_foreign_targets(out, [path.name for _, path, _ in items])
+        record_written_files(out, [path for _, path, _ in items])  # recorded before written (see write_report)
+        for caption, path, draw in items:
             try:
                 draw(path)
             except ValueError as e:  # e.g. nothing positive to put on a log axis in a degenerate grid
@@ -374,7 +374,7 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
         for c in cells:
             run.summary[f"verdict/{'/'.join(c.cell)}"] = c.verdict
     except Exception as e:
-        sink._lost("logging the summary run", e)
+        sink.lost("logging the summary run", e)
         return None
     sink.finish()
     return directory
