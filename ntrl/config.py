@@ -104,6 +104,13 @@ class TrainConfig:
     wandb: WandbMode = option("offline", "W&B mode (default: WANDB_MODE from the environment, else offline)")
     force: bool = option(False, "replace an existing run directory that ntrl made")
 
+    @classmethod
+    def redefault(cls, name: str, default: Any) -> Any:
+        """The field ``name`` of this config with another default and the same help, for a
+        subclass whose experiment has a default of its own (``lr: float = TrainConfig.redefault("lr", 0.5)``)."""
+        base = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return field(default=default, metadata=base.metadata)
+
     def need(self, ok: bool, name: str, message: str) -> None:
         """Raise a ConfigError for field ``name`` unless ``ok``."""
         if not ok:

@@ -18,16 +18,10 @@ import pytest
 from ntrl.cli import main
 from ntrl.config import ConfigError
 
+from grids import tiny_grid
+
 NTRL = str(Path(sys.executable).with_name("ntrl"))
-GRID = """name = "s"
-policies = ["single_logit"]
-optimizers = ["sgd"]
-p0s = [0.01]
-seeds = 1
-extinction_steps = 20
-max_steps = 200
-price_scales = [1.0, 0.5]
-"""
+GRID = tiny_grid("s")
 
 
 def files(root: Path) -> dict[str, bytes]:

@@ -15,6 +15,8 @@ import pytest
 from ntrl.cli import main
 from ntrl.run_dirs import MARKER
 
+from grids import tiny_grid
+
 FAST = ["--steps", "2", "--no-wandb", "--quiet"]
 
 
@@ -129,20 +131,10 @@ def test_every_file_of_a_run_resolves_under_out(sandbox):
 
 
 # ---------------------------------------------------------------------- studies
-TINY = """name = "{name}"
-policies = ["single_logit"]
-optimizers = ["sgd"]
-p0s = [0.01]
-seeds = 1
-extinction_steps = 20
-max_steps = 200
-track_every = 5
-price_scales = [1.0, 0.5]
-"""
 
 
 def write_grid(path: Path, name: str = "tiny") -> Path:
-    path.write_text(TINY.format(name=name))
+    path.write_text(tiny_grid(name))
     return path
 
 

@@ -201,9 +201,9 @@ class GymConfig(TrainConfig):
                                     "7e-4 for a2c)")
     mode: GradientMode = option("sampled", "sampled (REINFORCE surrogate of a batch) or exact (tabular envs: "
                                            "exact J and ∇J)")
-    batch_size: int = option(8, "episodes per update in sampled mode")
-    width: int = option(32, "MLP hidden width")
-    fisher: bool = option(False, "also record NTVar in the Fisher metric")
+    batch_size: int = TrainConfig.redefault("batch_size", 8)
+    width: int = TrainConfig.redefault("width", 32)
+    fisher: bool = TrainConfig.redefault("fisher", False)
 
     def validate(self) -> "GymConfig":
         if self.lr is None:

@@ -223,10 +223,9 @@ class JuiceConfig(TrainConfig):
 
     env: str = option("juice", "the environment", flag=False)
     policy: Literal["tabular", "mlp"] = option("mlp", "policy kind: tabular (softmax per state) or mlp")
-    optimizer: OptimizerName = option("adam", "sgd, adam, npg (natural policy gradient) or sign (sign descent)")
-    lr: float = option(0.01, "learning rate η > 0")
-    steps: int = option(150, "number of updates")
-    track_every: int = option(5, "track every k-th update")
+    optimizer: OptimizerName = TrainConfig.redefault("optimizer", "adam")
+    steps: int = TrainConfig.redefault("steps", 150)
+    track_every: int = TrainConfig.redefault("track_every", 5)
     size: int = option(5, "grid side N (>= 2)")
     view_radius: int = option(1, "Manhattan view radius (>= 1)")
     horizon: int = option(50, "episode length H")
