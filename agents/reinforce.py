@@ -74,6 +74,13 @@ def baseline_for(G: np.ndarray, baseline: str) -> np.ndarray:
     return np.zeros_like(G)
 
 
+def identical_episodes(obs: list, actions: list) -> bool:
+    """Whether every episode of a batch took the same actions from the same observations."""
+    first_obs, first_act = obs[0], actions[0]
+    return all(a == first_act and len(o) == len(first_obs) and all(np.array_equal(x, y) for x, y in zip(o, first_obs))
+               for o, a in zip(obs[1:], actions[1:]))
+
+
 def _sample_action(policy: nn.Module, obs: np.ndarray, rng: np.random.Generator) -> int:
     with torch.no_grad():
         x = torch.as_tensor(obs)[None]
@@ -121,6 +128,11 @@ def collect_episodes(
         R_pad[i, : len(r)] = r
     G_pad = rewards_to_go(R_pad, gamma)
     A_pad = G_pad - baseline_for(G_pad, baseline)
+    if baseline == "loo" and identical_episodes(all_obs, all_act):
+        # Σ_i (G_i − b_i) = 0 exactly under the leave-one-out baseline, so a batch of identical
+        # episodes has gradient (1/B) Σ_i A_i ∇log π(τ) = 0; computed, it is rounding noise that
+        # sign descent and Adam would blow up into a full step
+        A_pad = np.zeros_like(A_pad)
     adv = np.concatenate([A_pad[i, :n] for i, n in enumerate(lengths)])
     return EpisodeBatch(
         obs=torch.as_tensor(np.stack([o for ep in all_obs for o in ep])),

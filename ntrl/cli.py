@@ -100,6 +100,11 @@ class RarityArgs:
     wandb: Literal["offline", "online", "disabled"] | None = field(
         default=None, metadata={"help": "W&B mode (None: WANDB_MODE from the environment, else offline)"})
     analyse_only: bool = field(default=False, metadata={"help": "only analyse and report the runs already there"})
+    population: bool = field(default=True, metadata={"help": "train the cells populations support (bandit) as "
+                                                            "batched population chunks; --no-population runs "
+                                                            "every run on its own"})
+    device: Literal["cpu", "cuda", "auto"] = field(default="cpu", metadata={"help": "where populations train "
+                                                                                 "(auto: cuda when present)"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
     verbose: bool = field(default=False, metadata={"help": "say on stderr which tangent backend answers each "
                                                            "property, and why"})
@@ -400,8 +405,13 @@ def run_rarity(flags: RarityArgs) -> str:
             from ntrl.study.executor import read_study_file
 
             read_study_file(study_dir, "--out")
+    if flags.population and not flags.analyse_only:
+        from ntrl.population.trainer import resolve_device
+
+        resolve_device(flags.device)  # --device cuda without a GPU: one line now, not from every worker
     return rarity(study, study_dir, workers=flags.workers, wandb_mode=wandb_mode, force=flags.force,
-                  progress=not flags.quiet, analyse_only=flags.analyse_only, verbose=flags.verbose)
+                  progress=not flags.quiet, analyse_only=flags.analyse_only, verbose=flags.verbose,
+                  population=flags.population, device=flags.device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

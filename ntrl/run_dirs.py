@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -33,7 +34,9 @@ WANDB_KIND = "wandb"
 SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
 
 
+@functools.lru_cache(maxsize=1)
 def ntrl_version() -> str:
+    """The installed ntrl's version (read once: a population marks a thousand run directories)."""
     try:
         from importlib.metadata import version
 
@@ -149,6 +152,24 @@ def refuse_foreign_targets(directory: Path, patterns: list[str], flag: str = "--
                 raise ConfigError(flag, f"{path} was not written by ntrl, so ntrl will not overwrite it; move it away")
             if path.is_file() and path.stat().st_nlink > 1:
                 raise ConfigError(flag, f"{path} is also linked elsewhere; ntrl will not overwrite it; remove it")
+
+
+def ntrl_wandb_dir(parent: Path) -> Path | None:
+    """``parent/wandb``, made and marked as ntrl's when absent (so that --force may remove it);
+    None, with one line, when it is a symbolic link or a directory ntrl did not make."""
+    from ntrl.wandb_sink import warn
+
+    wandb_dir = parent / "wandb"
+    if wandb_dir.is_symlink():
+        warn(f"{wandb_dir} is a symbolic link; W&B runs are not logged there")
+        return None
+    if not wandb_dir.exists():
+        wandb_dir.mkdir()
+        write_marker(wandb_dir, WANDB_KIND)
+    elif marker_kind(wandb_dir) != WANDB_KIND:
+        warn(f"{wandb_dir} was not made by ntrl; W&B runs are not logged there")
+        return None
+    return wandb_dir
 
 
 def write_marker(directory: Path, kind: str) -> None:

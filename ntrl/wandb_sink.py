@@ -153,6 +153,17 @@ class WandbSink:
         except Exception as e:
             self.lost("logging", e)
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """Log a wandb.Table (for example a population's members and their summaries)."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+        except Exception as e:
+            self.lost(f"logging the table {key}", e)
+
     def finish(self, summary: dict[str, Any] | None = None, exit_code: int = 0) -> None:
         if self.run is None:
             return

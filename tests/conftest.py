@@ -18,3 +18,16 @@ def _one_torch_thread():
     # the networks here are tiny: with pytest-xdist's workers, extra threads only add contention
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _quiet_ntrl_logger():
+    """A test that calls ``main([... "--verbose"])`` in-process turns ntrl's INFO lines on for the
+    whole worker; turn them off again so that later tests see the stderr a user sees."""
+    import logging
+
+    yield
+    logger = logging.getLogger("ntrl")
+    for h in [h for h in logger.handlers if getattr(h, "ntrl_verbose", False)]:
+        logger.removeHandler(h)
+    logger.setLevel(logging.NOTSET)

@@ -146,19 +146,24 @@ def test_wandb_summary_run_holds_the_verdict_table(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "consistent with p(1 − p)" in r.stdout and "report.html" in r.stdout
     out = out / "t"  # --out is the parent: the study directory is OUT/<study name>
-    summary_dirs = [d for d in (out / "wandb").iterdir() if d.name.startswith("offline-run")]
+    w_runs = {d: read_offline_run(d) for d in (out / "wandb").iterdir() if d.name.startswith("offline-run")}
+    summary_dirs = [d for d, r in w_runs.items() if "members" not in r["config"]]
     assert len(summary_dirs) == 1
-    logged = read_offline_run(summary_dirs[0])
+    logged = w_runs[summary_dirs[0]]
     item = next(h for h in logged["history"] if "verdicts._type" in h)
     assert item["verdicts._type"] == "table-file" and item["verdicts.nrows"] == 1
     table = json.loads(next(summary_dirs[0].glob("files/media/table/verdicts_*.table.json")).read_text())
     assert table["columns"][:5] == ["env", "policy", "optimizer", "mode", "verdict"]
     assert table["data"][0][:5] == ["bandit", "single_logit", "npg", "exact", "consistent with p(1 − p)"]
     assert logged["summary"]["verdict/bandit/single_logit/npg/exact"] == "consistent with p(1 − p)"
-    # every training run is its own W&B run in the study's group
-    run_dirs = list((out / "runs").glob("*/wandb/offline-run-*"))
-    assert len(run_dirs) == 4
-    assert read_offline_run(run_dirs[0])["history"]
+    # the cell's four runs trained as one population chunk: one W&B run, with the cell in its config,
+    # the members' median P along the updates and the members' summaries as a table
+    chunks = [r for r in w_runs.values() if "members" in r["config"]]
+    assert len(chunks) == 1 and chunks[0]["config"]["members"] == 4
+    assert chunks[0]["config"]["optimizer"] == "npg" and len(chunks[0]["config"]["runs"]) == 4
+    assert any("P/median" in h for h in chunks[0]["history"])
+    assert any(h.get("members._type") == "table-file" and h.get("members.nrows") == 4 for h in chunks[0]["history"])
+    assert not list((out / "runs").glob("*/wandb"))  # no W&B run per member
 
 
 def test_example_grid_file_is_valid():

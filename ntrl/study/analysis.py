@@ -48,6 +48,8 @@ class RunData:
     spec: RunSpec
     summary: dict[str, Any]
     records: list[dict[str, Any]]
+    # per-run point arrays, read from the records once (the bootstrap asks for them ~1000 times)
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -148,15 +150,24 @@ def by_p0(runs: Sequence[RunData]) -> list[list[RunData]]:
 
 def law_points(runs: Sequence[RunData], key: str, p_max: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """(p, y) pairs from tracked records with 0 < p ≤ p_max and y > 0 (y from ``key``)."""
-    ps, ys = [], []
-    for r in runs:
-        for rec in r.records:
-            p = rec.get("P/value")
-            y = rec.get(key)
-            if isinstance(p, (int, float)) and isinstance(y, (int, float)) and 0 < p <= p_max and y > 0 and math.isfinite(y):
-                ps.append(p)
-                ys.append(y)
-    return np.array(ps), np.array(ys)
+    def one(r: RunData) -> tuple[np.ndarray, np.ndarray]:
+        ck = f"law:{key}:{p_max}"
+        if ck not in r.cache:
+            ps, ys = [], []
+            for rec in r.records:
+                p = rec.get("P/value")
+                y = rec.get(key)
+                if (isinstance(p, (int, float)) and isinstance(y, (int, float)) and 0 < p <= p_max and y > 0
+                        and math.isfinite(y)):
+                    ps.append(p)
+                    ys.append(y)
+            r.cache[ck] = (np.array(ps, dtype=float), np.array(ys, dtype=float))
+        return r.cache[ck]
+
+    pairs = [one(r) for r in runs]
+    if not pairs:
+        return np.array([]), np.array([])
+    return np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs])
 
 
 def regression_ci(X: np.ndarray, y: np.ndarray, k: int) -> tuple[float, float, float]:
@@ -211,16 +222,21 @@ def drift_points(runs: Sequence[RunData], bins_per_decade: int = 4) -> tuple[np.
     """(p, E[ΔP]/η) on log-spaced bins of p ≤ ½: the mean realised ΔP/η of the tracked updates
     whose pre-step p falls in each bin (negative ΔP from sampled gradients included), at the
     bin's geometric-mean p. Bins with a non-positive mean are dropped."""
-    ps, ys = [], []
-    for r in runs:
-        for rec in r.records:
-            p, d, lr = rec.get("P/value"), rec.get("P/real_delta"), rec.get("lr")
-            if isinstance(d, (int, float)) and isinstance(p, (int, float)) and 0 < p <= 0.5 and math.isfinite(d):
-                ps.append(p)
-                ys.append(d / lr)
-    if not ps:
+    def one(r: RunData) -> tuple[np.ndarray, np.ndarray]:
+        if "drift" not in r.cache:
+            ps, ys = [], []
+            for rec in r.records:
+                p, d, lr = rec.get("P/value"), rec.get("P/real_delta"), rec.get("lr")
+                if isinstance(d, (int, float)) and isinstance(p, (int, float)) and 0 < p <= 0.5 and math.isfinite(d):
+                    ps.append(p)
+                    ys.append(d / lr)
+            r.cache["drift"] = (np.array(ps, dtype=float), np.array(ys, dtype=float))
+        return r.cache["drift"]
+
+    pairs = [one(r) for r in runs]
+    if not pairs or not sum(len(a) for a, _ in pairs):
         return np.array([]), np.array([])
-    logp, y = np.log10(ps), np.array(ys)
+    logp, y = np.log10(np.concatenate([a for a, _ in pairs])), np.concatenate([b for _, b in pairs])
     edges = np.arange(np.floor(logp.min() * bins_per_decade), np.ceil(logp.max() * bins_per_decade) + 1) / bins_per_decade
     idx = np.clip(np.digitize(logp, edges) - 1, 0, len(edges) - 2)
     bp, by = [], []

@@ -95,6 +95,77 @@ def run_one(study_dict: dict[str, Any], spec_dict: dict[str, Any], runs_dir: str
     return summary
 
 
+def run_chunk(study_dict: dict[str, Any], spec_dicts: list[dict[str, Any]], runs_dir: str, wandb_mode: str,
+              parent_pid: int | None = None, verbose: bool = False, device: str = "cpu",
+              wandb_parent: str | None = None) -> list[tuple[dict[str, Any], dict[str, Any] | None, str | None]]:
+    """Worker: one population chunk, the runs of one cell trained as one batched computation
+    (:mod:`ntrl.population`), with each member's Price-scaling probe. Returns (spec, summary,
+    error) per member; a member that failed has summary None and its error."""
+    import torch
+
+    from ntrl.population import train_population
+    from ntrl.records import SUMMARY_FILE, write_json_atomic
+    from ntrl.study.lock import parent_alive
+
+    torch.set_num_threads(1)
+    if verbose:
+        from ntrl.verbose import enable_verbose
+
+        enable_verbose()
+    study = StudyConfig(**study_dict)
+    specs = [RunSpec(**d) for d in spec_dicts]
+    configs = [train_config_for(study, spec, Path(runs_dir), wandb_mode) for spec in specs]
+    cell = specs[0].cell
+    name = f"{study.name}-{'-'.join(cell)}-pop{abs(hash(tuple(s.run_id for s in specs))) % 10**6:06d}"
+    result = train_population(configs, progress=False, probe_scales=study.price_scales, device=device,
+                              wandb_parent=wandb_parent, wandb_name=name,
+                              wandb_config={"study": study.name, "env": cell[0], "policy": cell[1], "optimizer": cell[2],
+                                            "mode": cell[3], "members": len(specs),
+                                            "runs": [s.run_id for s in specs]})
+    if parent_pid is not None and not parent_alive(parent_pid):
+        os._exit(1)
+    errors = {i: e for i, _, e in result.failures}
+    out = []
+    for i, (spec, d, res) in enumerate(zip(specs, spec_dicts, result.results)):
+        if i in errors:
+            out.append((d, None, errors[i]))
+            continue
+        summary = dict(res.summary)
+        summary["spec"] = d
+        write_json_atomic(res.run_dir / SUMMARY_FILE, summary)
+        out.append((d, summary, None))
+    return out
+
+
+def work_units(study: StudyConfig, todo: list[RunSpec], runs_dir: Path, workers: int, population: bool,
+               max_members: int = 256) -> list[tuple[str, list[RunSpec]]]:
+    """What the pool schedules: population chunks (the runs of one cell the population path
+    supports, at most ``max_members`` each, and split so that every worker has one), as
+    ("population", runs), and single runs, as ("run", [run]), for the cells it does not support."""
+    from ntrl.population import unsupported_reason
+
+    if not population:
+        return [("run", [s]) for s in todo]
+    cells: dict[tuple, list[RunSpec]] = {}
+    singles = []
+    for spec in todo:
+        if unsupported_reason(train_config_for(study, spec, runs_dir, "disabled")) is None:
+            cells.setdefault(spec.cell, []).append(spec)
+        else:
+            singles.append(("run", [spec]))
+    chunks = []
+    n_chunks = {c: max(1, -(-len(rs) // max_members)) for c, rs in cells.items()}
+    while cells and sum(n_chunks.values()) < workers:  # one chunk per worker at least, where there are runs enough
+        c = max(cells, key=lambda k: len(cells[k]) / n_chunks[k])
+        if len(cells[c]) <= n_chunks[c]:
+            break
+        n_chunks[c] += 1
+    for c, rs in cells.items():
+        k = n_chunks[c]
+        chunks += [("population", rs[i::k]) for i in range(k)]
+    return chunks + singles
+
+
 def completed_summary(run_dir: Path) -> dict[str, Any] | None:
     """The summary of a finished run, or None if the run is missing, failed or incomplete."""
     path = run_dir / "summary.json"
@@ -260,6 +331,8 @@ def run_study(
     progress: bool = True,
     on_error: Callable[[RunSpec, BaseException], None] | None = None,
     verbose: bool = False,
+    population: bool = True,
+    device: str = "cpu",
 ) -> list[tuple[RunSpec, dict[str, Any]]]:
     """Run (or resume) every run of the grid; return (spec, summary) for each completed run.
 
@@ -269,7 +342,7 @@ def run_study(
     study.validate()
     out = Path(out)
     with open_study_dir(study, out, force):
-        return run_grid(study, out, workers, wandb_mode, progress, on_error, verbose)
+        return run_grid(study, out, workers, wandb_mode, progress, on_error, verbose, population, device)
 
 
 @contextlib.contextmanager
@@ -299,8 +372,9 @@ def progress_line(study: StudyConfig, study_dir: Path) -> str:
 
 def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = "offline", progress: bool = True,
              on_error: Callable[[RunSpec, BaseException], None] | None = None,
-             verbose: bool = False) -> list[tuple[RunSpec, dict[str, Any]]]:
-    """The pool over the grid's runs, in a study directory already opened (and locked) by
+             verbose: bool = False, population: bool = True, device: str = "cpu") -> list[tuple[RunSpec, dict[str, Any]]]:
+    """The pool over the grid's work units (population chunks and single runs, see
+    :func:`work_units`), in a study directory already opened (and locked) by
     :func:`open_study_dir`; see :func:`run_study`."""
     import multiprocessing as mp
 
@@ -323,23 +397,33 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
         bar = tqdm(total=len(specs), initial=len(done), desc=f"{study.name} runs", unit="run", file=sys.stderr,
                    dynamic_ncols=True)
     failures = []
-    if todo:
+    units = work_units(study, todo, runs_dir, workers, population)
+    wandb_parent = None
+    if wandb_mode != "disabled" and any(kind == "population" for kind, _ in units):
+        from ntrl.run_dirs import ntrl_wandb_dir
+
+        wandb_parent = str(out) if ntrl_wandb_dir(out) is not None else None
+    if units:
         ctx = mp.get_context("spawn")
         pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=worker_init,
                                    initargs=(os.getpid(),))
         interrupted = False
         try:
-            study_dict, queue, futures = study.to_dict(), iter(todo), {}
+            study_dict, queue, futures = study.to_dict(), iter(units), {}
 
-            def submit_next() -> None:  # a few runs in flight at a time: a huge grid starts (and stops) at once
-                spec = next(queue, None)
-                if spec is not None:
+            def submit_next() -> None:  # a few units in flight at a time: a huge grid starts (and stops) at once
+                kind, unit = next(queue, (None, None))
+                if unit is not None:
                     # no Ctrl-C or SIGTERM halfway through starting a worker (one started but not yet
                     # known to the pool would not be stopped); they arrive once the worker is known
                     with signals_held():
-                        fut = pool.submit(run_one, study_dict, asdict(spec), str(runs_dir), wandb_mode, os.getpid(),
-                                          verbose)
-                    futures[fut] = spec
+                        if kind == "population":
+                            fut = pool.submit(run_chunk, study_dict, [asdict(s) for s in unit], str(runs_dir),
+                                              wandb_mode, os.getpid(), verbose, device, wandb_parent)
+                        else:
+                            fut = pool.submit(run_one, study_dict, asdict(unit[0]), str(runs_dir), wandb_mode,
+                                              os.getpid(), verbose)
+                    futures[fut] = unit
                     pending.add(fut)
 
             pending: set = set()
@@ -349,15 +433,23 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     submit_next()
-                    spec = futures.pop(fut)
+                    unit = futures.pop(fut)
                     try:
-                        done[spec] = fut.result()
-                    except Exception as e:  # a failed run is reported; the others go on
-                        failures.append((spec, e))
-                        if on_error is not None:
-                            on_error(spec, e)
+                        result = fut.result()
+                    except Exception as e:  # a failed unit is reported; the others go on
+                        result = [(asdict(s), None, e) for s in unit]
+                    if isinstance(result, dict):  # a single run's summary
+                        result = [(asdict(unit[0]), result, None)]
+                    for spec, (_, summary, error) in zip(unit, result):
+                        if summary is not None:
+                            done[spec] = summary
+                        else:
+                            e = error if isinstance(error, BaseException) else TrainingError(error)
+                            failures.append((spec, e))
+                            if on_error is not None:
+                                on_error(spec, e)
                     if bar is not None:
-                        bar.update(1)
+                        bar.update(len(unit))
         except KeyboardInterrupt:
             interrupted = True
         finally:

@@ -18,10 +18,14 @@ from ntrl.study.lock import study_lock
 
 
 def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode: str = "offline",
-           force: bool = False, progress: bool = True, analyse_only: bool = False, verbose: bool = False) -> str:
+           force: bool = False, progress: bool = True, analyse_only: bool = False, verbose: bool = False,
+           population: bool = True, device: str = "cpu") -> str:
     """Run or resume ``study`` in ``study_dir`` (unless ``analyse_only``), analyse and report it.
 
-    Ctrl-C or SIGTERM anywhere raises :class:`StudyInterrupted` saying how many runs are complete."""
+    ``population``: train the cells the population path supports as batched population chunks
+    (:mod:`ntrl.population`, on ``device``), the others run by run; without it every run is trained
+    on its own. Ctrl-C or SIGTERM anywhere raises :class:`StudyInterrupted` saying how many runs
+    are complete."""
     start = time.time()
     if wandb_mode == "online":
         from ntrl.wandb_sink import online_login_or_offline
@@ -36,7 +40,7 @@ def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode:
             study.validate()
             with open_study_dir(study, study_dir, force):  # one lock from the first run to the report
                 run_grid(study, study_dir, workers=workers, wandb_mode=wandb_mode, progress=progress,
-                         verbose=verbose)
+                         verbose=verbose, population=population, device=device)
                 paths = analyse_and_report(study_dir, wandb_mode)
     except KeyboardInterrupt as e:
         if isinstance(e, StudyInterrupted):

@@ -322,22 +322,10 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
         return None
     import wandb
 
-    from ntrl.run_dirs import WANDB_KIND, marker_kind, write_marker
+    from ntrl.run_dirs import ntrl_wandb_dir
     from ntrl.wandb_sink import WandbSink
 
-    wandb_dir = study_dir / "wandb"  # marked as ntrl's, so that --force may remove it
-    if wandb_dir.is_symlink():
-        from ntrl.wandb_sink import warn
-
-        warn(f"{wandb_dir} is a symbolic link; the W&B summary run is not logged")
-        return None
-    if not wandb_dir.exists():
-        wandb_dir.mkdir()
-        write_marker(wandb_dir, WANDB_KIND)
-    elif marker_kind(wandb_dir) != WANDB_KIND:
-        from ntrl.wandb_sink import warn
-
-        warn(f"{wandb_dir} was not made by ntrl; the W&B summary run is not logged")
+    if ntrl_wandb_dir(study_dir) is None:  # it has said why
         return None
     sink = WandbSink(study_dir, study.to_dict(), mode=mode, name=f"{study.name}-summary", group=study.name,
                      job_type="summary")

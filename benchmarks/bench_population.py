@@ -1,0 +1,143 @@
+"""Populations (issue 12): what one member-update costs inside a population, against one update of
+a single run, with the other speed and memory numbers of the issue, as ratios measured in one run.
+
+    .venv/bin/python benchmarks/bench_population.py            # ~3 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_population.py --quick    # ~40 s smoke run (no study)
+
+1. **Cost per member-update.** A population of ``--members`` (1024) bandit MLP members (2×64
+   tanh, exact SGD, tracked every 10th update) trains ``--updates`` updates; its update loop's wall
+   time (``PopulationResult.train_seconds``: without building the members and writing their run
+   directories, reported separately) over members × updates, against one single run's update
+   cost, (T(N) − T(10)) / (N − 10) of ``ntrl.train.train`` with the same config (which takes the
+   setup out). Target: at most 1/100.
+2. **Tracker overhead in a population**: the same population of 256 members tracked every 10th
+   update against tracked at update 0 only, loop time. Target: at most 10 %.
+3. **Peak memory** of the 1024-member population: the peak resident set of a fresh process that
+   trains it, minus that of a process that only imports ntrl and torch. Target: under 2 GiB.
+4. **`ntrl rarity --quick`**, end to end in fresh processes (W&B offline, 2 workers), with
+   populations (the default) and with ``--no-population`` (today's per-run pool). Target: 10×.
+5. **GPU**: with CUDA present, the 1024-member population on the GPU and a 16384-member one;
+   without, the line says so and the rest runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def configs(out: str, members: int, updates: int, track_every: int = 10, width: int = 64):
+    from ntrl.experiments.bandit import BanditConfig
+
+    return [BanditConfig(policy="mlp", optimizer="sgd", p0=0.01, lr=0.1, steps=updates, seed=i, width=width,
+                         track_every=track_every, wandb="disabled", out=out, run_name=f"m{i}")
+            for i in range(members)]
+
+
+def population_seconds(members: int, updates: int, device: str = "cpu", **kw) -> tuple[float, float]:
+    """(loop seconds, total seconds) of one population."""
+    from ntrl.population import train_population
+
+    with tempfile.TemporaryDirectory() as d:
+        r = train_population(configs(d, members, updates), progress=False, device=device, **kw)
+    return r.train_seconds, r.seconds
+
+
+def single_update_seconds(updates: int) -> float:
+    from ntrl.train import train
+
+    def run(n: int) -> float:
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            train(configs(d, 1, n)[0], progress=False)
+            return time.perf_counter() - t
+
+    run(10)  # warm-up
+    return min((run(updates) - run(10)) / (updates - 10) for _ in range(3))
+
+
+def peak_rss_gib(code: str) -> float:
+    """Peak resident memory of a fresh process running ``code``: VmHWM of /proc/self/status (which
+    an exec resets; getrusage's ru_maxrss would carry over this benchmark's own peak through fork)."""
+    probe = "\nprint([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    out = subprocess.run([sys.executable, "-c", code + probe], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"VmHWM:\s+(\d+) kB", out).group(1)) / 2**20
+
+
+def rarity_seconds(population: bool) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [str(Path(sys.executable).with_name("ntrl")), "rarity", "--quick", "--out", d, "--quiet", "--wandb",
+               "offline"] + ([] if population else ["--no-population"])
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, cwd=d)
+        return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--members", type=int, default=1024)
+    ap.add_argument("--updates", type=int, default=100)
+    ap.add_argument("--quick", action="store_true", help="256 members, 50 updates, no study")
+    ap.add_argument("--json", help="also write the numbers to this file")
+    args = ap.parse_args()
+    import torch
+
+    from ntrl.population import TrackSchedule
+
+    torch.set_num_threads(1)
+    members, updates = (256, 50) if args.quick else (args.members, args.updates)
+    res: dict[str, object] = {"members": members, "updates": updates, "nproc": os.cpu_count(),
+                              "load": os.getloadavg()[0], "torch": torch.__version__}
+
+    single = single_update_seconds(updates)
+    loop, total = population_seconds(members, updates)
+    per_member = loop / (members * updates)
+    res.update(single_update_ms=single * 1e3, population_loop_s=loop, population_total_s=total,
+               member_update_us=per_member * 1e6, member_over_single=per_member / single)
+    print(f"1. cost per member-update: {per_member * 1e6:.1f} µs in a population of {members} ({updates} updates, "
+          f"loop {loop:.1f} s, {total:.1f} s with building and writing the run dirs); one single-run update "
+          f"{single * 1e3:.2f} ms; ratio {per_member / single:.4f} (target ≤ 0.01)")
+
+    n = 256
+    tracked, _ = population_seconds(n, updates)
+    untracked, _ = population_seconds(n, updates, schedule=TrackSchedule(every=10**9))
+    res.update(tracker_overhead=tracked / untracked - 1)
+    print(f"2. tracker overhead, {n} members tracked every 10th update vs update 0 only: "
+          f"{100 * (tracked / untracked - 1):.1f} % (target ≤ 10 %)")
+
+    base = peak_rss_gib("import torch, ntrl.population")
+    code = (f"import tempfile, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import bench_population as b\n"
+            f"b.population_seconds({members}, 20)")
+    peak = peak_rss_gib(code)
+    res.update(peak_rss_gib=peak, baseline_rss_gib=base)
+    print(f"3. peak memory of the {members}-member population: {peak:.2f} GiB resident ({peak - base:.2f} GiB above "
+          f"importing torch and ntrl; target < 2 GiB)")
+
+    if not args.quick:
+        with_pop, without = rarity_seconds(True), rarity_seconds(False)
+        res.update(rarity_quick_population_s=with_pop, rarity_quick_per_run_s=without, rarity_speedup=without / with_pop)
+        print(f"4. ntrl rarity --quick end to end: {with_pop:.1f} s with populations, {without:.1f} s per run: "
+              f"{without / with_pop:.2f}× (target ≥ 10×)")
+
+    if torch.cuda.is_available():
+        gl, _ = population_seconds(members, updates, device="cuda")
+        res.update(gpu=torch.cuda.get_device_name(), gpu_member_update_us=gl / (members * updates) * 1e6)
+        print(f"5. GPU ({torch.cuda.get_device_name()}): {gl / (members * updates) * 1e6:.2f} µs per member-update "
+              f"at {members} members")
+    else:
+        print("5. GPU: no CUDA device here; skipped")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

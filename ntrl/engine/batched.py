@@ -1,0 +1,157 @@
+"""Batched tangent quantities for a population: M members of one architecture, parameters stacked.
+
+Member m has flat parameters θ_m (row m of a (M, P) tensor) and logits Z_m = f(θ_m; O) at a fixed
+set of observations O (N rows, K actions), computed for all members at once by
+``torch.func.vmap`` over ``functional_call``. Every property of a population member is a function
+of its logits, X_m = X(Z_m), so by the chain rule
+
+    ∇θ X_m = J_mᵀ ∂X_m/∂vec(Z_m),        J_m = ∂vec(Z_m)/∂θ_m,
+
+and because members share no parameters, one reverse-mode pass of Σ_m X_m gives every member's
+gradient at once (row m of ∂(Σ_m X_m)/∂θ is ∇θ_m X_m). From the gradients:
+
+    NTVar_M(X)_m = ∇X_m · M_m ∇X_m            (M = I, diag(D_m), or the inverse Fisher)
+    NTCov(X, v)_m = ∇X_m · v_m
+
+and the Fisher of member m over states s with weights w_s,
+
+    F_m = A_mᵀ A_m,   rows of A_m: √(w_s π(a|s)) ∇log π(a|s),  ∇log π(a|s) = ∇z_{s,a} − Σ_b π(b|s) ∇z_{s,b},
+
+whose pseudo-inverse (or damped inverse) is formed exactly as :class:`ntrl.engine.metrics.InverseFisher`
+forms it (QR of Aᵀ, SVD of the small factor, singular values below 100·√eps·S_max dropped), batched.
+``tests/test_population.py`` checks all of it against the per-run engine and its torch.func reference
+in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from ntrl.engine.metrics import right_singular  # noqa: F401  (the unbatched counterpart)
+
+
+class StackedPolicy:
+    """One policy architecture, evaluated at M stacked parameter vectors (rows of θ, shape (M, P))."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.shapes = {n: p.shape for n, p in module.named_parameters() if p.requires_grad}
+        self.sizes = [int(torch.Size(self.shapes[n]).numel()) for n in self.names]
+        self.n_params = sum(self.sizes)
+
+    def flatten(self, module: nn.Module, dtype: torch.dtype = torch.float64) -> Tensor:
+        """θ of one module of this architecture, flat (P,), in ``named_parameters`` order."""
+        params = dict(module.named_parameters())
+        return torch.cat([params[n].detach().reshape(-1).to(dtype) for n in self.names])
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Per-parameter blocks of flat vectors (..., P) → {name: (..., *shape)}."""
+        out, i = {}, 0
+        lead = tuple(theta.shape[:-1])
+        for n, k in zip(self.names, self.sizes):
+            out[n] = theta[..., i : i + k].reshape(lead + tuple(self.shapes[n]))
+            i += k
+        return out
+
+    def leaves(self, theta: Tensor) -> list[Tensor]:
+        """Per-parameter blocks of θ (M, P) as leaves that require grad and share θ's storage.
+        Differentiating the blocks, not θ itself, spares the backward of the slicing, which
+        would write a zero (M, P) tensor per block."""
+        return [b.detach().requires_grad_(True) for b in self.unflatten(theta.detach()).values()]
+
+    def logits(self, params: Tensor | list[Tensor], obs: Tensor) -> Tensor:
+        """Z[m] = f(θ_m; obs), shape (M, N, K): one vmap of ``functional_call`` over the members,
+        from flat θ (M, P) or from its :meth:`leaves` (then differentiable in them)."""
+        blocks = self.unflatten(params) if isinstance(params, Tensor) else dict(zip(self.names, params))
+        return vmap(lambda p: functional_call(self.module, p, (obs,)))(blocks)
+
+
+def member_gradients(outputs: list[Tensor], leaves: list[Tensor], retain_last: bool = False) -> list[Tensor]:
+    """∇θ_m of each output, per member: for an output X of shape (M,) the rows of ∂(Σ_m X_m)/∂θ,
+    shape (M, P), from the parameter blocks ``leaves`` (:meth:`StackedPolicy.leaves`); for one of
+    shape (M, n), one such pass per entry, shape (M, n, P)."""
+    flat: list[tuple[int, int, Tensor]] = []
+    for i, X in enumerate(outputs):
+        if X.ndim == 1:
+            flat.append((i, -1, X))
+        else:
+            flat += [(i, j, X[:, j]) for j in range(X.shape[1])]
+    grads: list[Tensor] = []
+    for k, (_, _, x) in enumerate(flat):
+        retain = retain_last or k < len(flat) - 1
+        M = x.shape[0]
+        parts = (torch.autograd.grad(x.sum(), leaves, retain_graph=retain, allow_unused=True)
+                 if x.requires_grad else [None] * len(leaves))
+        grads.append(torch.cat([(p if p is not None else torch.zeros_like(leaf)).reshape(M, -1)
+                                for p, leaf in zip(parts, leaves)], dim=1))
+    out: list[list[Tensor]] = [[] for _ in outputs]
+    for (i, j, _), gr in zip(flat, grads):
+        out[i].append(gr)
+    return [rows[0] if outputs[i].ndim == 1 else torch.stack(rows, dim=1) for i, rows in enumerate(out)]
+
+
+@dataclass
+class BatchedInverseFisher:
+    """M_m = (F_m + λ_m I)⁻¹, or F_m⁺ where λ_m = 0, for every member (see the module docstring).
+
+    ``Vh`` (M, r, P) holds the right singular vectors of A_m, ``inv`` (M, r) the weights
+    1/(S² + λ) of the kept singular values and 0 for the dropped ones, ``keep`` (M, r) which are
+    kept, ``damping`` (M,) λ."""
+
+    Vh: Tensor
+    inv: Tensor
+    keep: Tensor
+    damping: Tensor
+
+    @classmethod
+    def from_log_prob_rows(cls, rows: Tensor, weights: Tensor, probs: Tensor, damping: Tensor,
+                           rtol: float | None = None) -> "BatchedInverseFisher":
+        """From ∇log π(a|s) for every member, state and action (``rows``, shape (M, N, K, P)),
+        the states' weights (M, N) and π(a|s) (M, N, K)."""
+        M, N, K, P = rows.shape
+        scale = (weights[:, :, None] * probs).clamp_min(0).sqrt()
+        A = (rows * scale[..., None]).reshape(M, N * K, P)
+        Q, R = torch.linalg.qr(A.transpose(1, 2))
+        U_R, S, _ = torch.linalg.svd(R, full_matrices=False)
+        Vh = (Q @ U_R).transpose(1, 2)
+        eps = torch.finfo(A.dtype).eps
+        rtol = rtol if rtol is not None else 100 * eps**0.5
+        keep = S > rtol * S.max(dim=-1, keepdim=True).values.clamp_min(torch.finfo(A.dtype).tiny)
+        damping = damping.to(A.dtype)
+        inv = torch.where(keep, 1.0 / (S**2 + damping[:, None]), torch.zeros_like(S))
+        return cls(Vh, inv, keep, damping)
+
+    def apply(self, v: Tensor) -> Tensor:
+        """M_m v_m for vectors v of shape (M, P)."""
+        coef = torch.einsum("mrp,mp->mr", self.Vh, v)
+        out = torch.einsum("mr,mrp->mp", coef * self.inv, self.Vh)
+        damped = self.damping > 0
+        if bool(damped.any()):
+            kept = torch.einsum("mr,mrp->mp", coef * self.keep, self.Vh)
+            lam = torch.where(damped, self.damping, torch.ones_like(self.damping))
+            out = out + torch.where(damped[:, None], (v - kept) / lam[:, None], torch.zeros_like(v))
+        return out
+
+    def ntvar(self, grad: Tensor) -> Tensor:
+        """∇X_m · M_m ∇X_m for gradients of shape (M, P) (or (M, n, P): shape (M, n)), from the
+        directional derivatives C_k = ∇X·v_k: Σ_k w_k C_k² + (‖∇X‖² − Σ_{k kept} C_k²)/λ."""
+        squeeze = grad.ndim == 2
+        g = grad[:, None] if squeeze else grad
+        C = torch.einsum("mnp,mrp->mnr", g, self.Vh)
+        out = (C**2 * self.inv[:, None]).sum(-1)
+        damped = self.damping > 0
+        if bool(damped.any()):
+            rest = (g**2).sum(-1) - (C**2 * self.keep[:, None]).sum(-1)
+            lam = torch.where(damped, self.damping, torch.ones_like(self.damping))
+            out = out + torch.where(damped[:, None], rest / lam[:, None], torch.zeros_like(out))
+        return out[:, 0] if squeeze else out
+
+
+def log_prob_rows(jacobian_rows: Tensor, probs: Tensor) -> Tensor:
+    """∇log π(a|s) = ∇z_{s,a} − Σ_b π(b|s) ∇z_{s,b} from logit gradients (M, N, K, P) and π (M, N, K)."""
+    return jacobian_rows - (probs[..., None] * jacobian_rows).sum(dim=2, keepdim=True)

@@ -1,0 +1,105 @@
+"""The four optimizers of :mod:`ntrl.agents.optimizers`, for M members at once.
+
+Members share the optimizer kind; learning rate, Adam's β₁, β₂, ε and NPG's damping λ are per
+member (tensors of shape (M,)). The step ascends the utility, Δθ_m = η_m d_m with d_m = M_m g_m:
+
+| name  | d                      | M (the tracked metric)       |
+| ----- | ---------------------- | ---------------------------- |
+| sgd   | g                      | I                            |
+| adam  | −m̂ / (√v̂ + ε)          | diag(1/(√v̂ + ε))             |
+| sign  | sign(g)                | diag(1/|g|), 0 where g = 0   |
+| npg   | (F + λI)⁻¹ g or F⁺ g   | the member's inverse Fisher  |
+
+Adam's moments are those of the loss gradient −g, updated as ``torch.optim.Adam`` (foreach=False)
+updates them, and the parameter step is taken in torch's own order
+(θ ← θ − (η/(1 − β₁ᵗ))·m/(√v/√(1 − β₂ᵗ) + ε)), so that a member follows the per-run trajectory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ntrl.engine.batched import BatchedInverseFisher
+
+OPTIMIZERS = ("sgd", "adam", "npg", "sign")
+
+
+@dataclass
+class BatchedPlan:
+    """The step about to be taken: Δθ = lr · direction; ``diagonal`` is M's diagonal for Adam and
+    sign descent, ``fisher`` the metric for NPG (None otherwise: M = I)."""
+
+    direction: Tensor
+    diagonal: Tensor | None = None
+    fisher: BatchedInverseFisher | None = None
+    adam_state: tuple[Tensor, Tensor, Tensor] | None = None  # (m, v, denom) after this step
+
+
+class BatchedOptimizer:
+    def __init__(self, name: str, lr: Tensor, betas: tuple[Tensor, Tensor] | None = None, eps: Tensor | None = None,
+                 damping: Tensor | None = None):
+        if name not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+        self.name = name
+        self.lr = lr
+        M = lr.shape[0]
+        self.beta1, self.beta2 = betas if betas is not None else (torch.full_like(lr, 0.9), torch.full_like(lr, 0.999))
+        self.eps = eps if eps is not None else torch.full_like(lr, 1e-8)
+        self.damping = damping if damping is not None else torch.zeros(M, dtype=lr.dtype, device=lr.device)
+        self.m: Tensor | None = None
+        self.v: Tensor | None = None
+        self.t = 0  # Adam's step count (every active member steps at every update)
+
+    def select(self, keep: Tensor) -> None:
+        """Keep only the members ``keep`` (an index tensor), in that order."""
+        for name in ("lr", "beta1", "beta2", "eps", "damping", "m", "v"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[keep])
+
+    def plan(self, g: Tensor, fisher: BatchedInverseFisher | None = None) -> BatchedPlan:
+        if self.name == "sgd":
+            return BatchedPlan(g)
+        if self.name == "sign":
+            a = g.abs()
+            d = torch.where(a > 0, 1.0 / a.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(a))
+            return BatchedPlan(torch.sign(g), diagonal=d)
+        if self.name == "npg":
+            if fisher is None:
+                raise ValueError("npg needs the Fisher metric of each member")
+            return BatchedPlan(fisher.apply(g), fisher=fisher)
+        gp = -g
+        m = torch.zeros_like(gp) if self.m is None else self.m
+        v = torch.zeros_like(gp) if self.v is None else self.v
+        t = self.t + 1
+        b1, b2 = self.beta1[:, None], self.beta2[:, None]
+        m = torch.lerp(m, gp, 1 - b1)
+        v = v * b2 + (1 - b2) * gp * gp
+        m_hat = m / (1 - b1**t)
+        denom = v.sqrt() / (1 - b2**t) ** 0.5 + self.eps[:, None]
+        d = 1.0 / denom
+        return BatchedPlan(-m_hat * d, diagonal=d, adam_state=(m, v, denom))
+
+    def apply(self, theta: Tensor, plan: BatchedPlan) -> Tensor:
+        """θ + η·d, for every member (Adam: torch's step from the moments the plan formed)."""
+        lr = self.lr[:, None]
+        if self.name != "adam":
+            return theta + lr * plan.direction
+        m, v, _ = plan.adam_state
+        self.m, self.v = m, v
+        self.t += 1
+        b1, b2 = self.beta1[:, None], self.beta2[:, None]
+        step_size = lr / (1 - b1**self.t)
+        denom = v.sqrt() / (1 - b2**self.t) ** 0.5 + self.eps[:, None]
+        return theta - step_size * (m / denom)
+
+    def nonfinite(self) -> Tensor:
+        """Which members' optimizer state holds a NaN or ±inf, shape (M,)."""
+        bad = torch.zeros(self.lr.shape[0], dtype=torch.bool, device=self.lr.device)
+        for state in (self.m, self.v):
+            if state is not None:
+                bad |= ~torch.isfinite(state).all(dim=1)
+        return bad

@@ -1,0 +1,190 @@
+"""Populations (issue 12): a member's records are the per-run path's, every policy × optimizer,
+exact and sampled; members stop on their own; a bad member is stopped and reported while the
+others go on; a population too large for memory is refused up front; the study's verdicts are the
+same with and without populations.
+
+Tolerances: both paths compute the same float64 expressions in a different order (batched
+matmuls, the chain rule through the logits), so each value differs by a few ulps, 1e-16 relative,
+and the trajectories by the sum of those over the updates: 1e-12 relative leaves three orders of
+magnitude. ``real_delta`` and ``residual`` are differences of values of size |X|, so their
+rounding is relative to |X|, not to themselves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ntrl.config import ConfigError
+from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients
+from ntrl.engine.metrics import InverseFisher
+from ntrl.engine.tangent import TangentEngine
+from ntrl.experiments.bandit import BanditConfig
+from ntrl.population import TrackSchedule, train_population
+from ntrl.records import read_records
+from ntrl.train import train
+
+LRS = {"single_logit": {"sgd": 2.0, "npg": 0.1, "sign": 0.1, "adam": 0.1},
+       "tabular": {"sgd": 2.0, "npg": 0.1, "sign": 0.1, "adam": 0.1},
+       "mlp": {"sgd": 0.1, "npg": 0.1, "sign": 2e-4, "adam": 1e-3}}
+# (p0, seed, reward of "do"): two rewarded members that stop at P = 1/2, one punished
+MEMBERS = [(0.01, 0, 1.0), (0.2, 1, -1.0), (1e-4, 2, 1.0)]
+
+
+def member_configs(out, policy, optimizer, mode, steps=45, width=16, **kw):
+    return [BanditConfig(policy=policy, optimizer=optimizer, mode=mode, p0=p0, lr=LRS[policy][optimizer] * (4 if rd > 0 else 1),
+                         steps=steps, seed=seed, reward_do=rd, reward_dont=-rd, track_every=3, batch_size=8,
+                         width=width, wandb="disabled", stop_at_p=0.5 if rd > 0 else None,
+                         noise_std=0.3 if mode == "sampled" else 0.0, out=str(out), run_name=f"m{i}", **kw)
+                         for i, (p0, seed, rd) in enumerate(MEMBERS)]
+
+
+def assert_records_equal(a: list[dict], b: list[dict], rtol: float = 1e-12) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb)
+        assert rb["backend"] == "population"
+        for k, x in ra.items():
+            y = rb[k]
+            if k == "backend":
+                continue
+            if not isinstance(x, float):
+                assert x == y, (k, x, y)
+                continue
+            scale = abs(ra[k.split("/")[0] + "/value"]) if k.endswith(("real_delta", "residual")) else max(abs(x), abs(y))
+            assert abs(x - y) <= rtol * scale, (ra["update"], k, x, y)
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+@pytest.mark.parametrize("optimizer", ["sgd", "npg", "sign", "adam"])
+@pytest.mark.parametrize("policy", ["single_logit", "tabular", "mlp"])
+def test_member_records_equal_the_per_run_records(tmp_path, policy, optimizer, mode):
+    per = [train(c, progress=False) for c in member_configs(tmp_path / "per", policy, optimizer, mode)]
+    pop = train_population(member_configs(tmp_path / "pop", policy, optimizer, mode), progress=False)
+    assert not pop.failures
+    for i, (r1, r2) in enumerate(zip(per, pop.results)):
+        assert_records_equal(read_records(r1.run_dir), read_records(r2.run_dir))
+        for key in ("status", "updates", "crossed_half_at", "episodes", "n_probe", "started_above_half"):
+            assert r1.summary[key] == r2.summary[key], (i, key)
+        for key in ("p_start", "p_end", "return_first", "return_last"):
+            assert r2.summary[key] == pytest.approx(r1.summary[key], rel=1e-12, abs=1e-300), (i, key)
+    statuses = {r.summary["status"] for r in pop.results}
+    assert "finished" in statuses  # the punished member ran all its updates
+
+
+def test_members_stop_on_their_own_and_escape_times_match(tmp_path):
+    """Rewarded single-logit SGD members of three p₀ escape at three different updates, each the
+    update its own run escapes at; the population ends when the last one has."""
+    def configs(out):
+        return [BanditConfig(policy="single_logit", optimizer="sgd", p0=p0, lr=2.0, steps=2000, stop_at_p=0.5,
+                             track_every=50, wandb="disabled", out=str(out), run_name=f"p{p0:g}")
+                for p0 in (1e-1, 1e-2, 1e-3)]
+    per = [train(c, progress=False).summary["updates"] for c in configs(tmp_path / "per")]
+    pop = train_population(configs(tmp_path / "pop"), progress=False)
+    got = [r.summary["updates"] for r in pop.results]
+    assert got == per and len(set(got)) == 3
+    assert pop.updates == max(per)
+    assert all(r.summary["status"] == "stopped_at_p" for r in pop.results)
+
+
+def test_a_member_that_goes_non_finite_is_stopped_and_the_rest_continue(tmp_path):
+    """An SGD step of lr 1e308 on a reward of 1e10 overflows the logit of member 1 at its first
+    update; it is reported by index and run name, and the other members finish."""
+    cfgs = [BanditConfig(policy="single_logit", optimizer="sgd", p0=0.01, lr=lr, steps=20, track_every=1,
+                         reward_do=r, wandb="disabled", out=str(tmp_path), run_name=f"m{i}")
+            for i, (lr, r) in enumerate([(1.0, 1.0), (1e308, 1e10), (1.0, 1.0)])]
+    with pytest.raises(Exception, match="non-finite"):  # the per-run path stops the same run
+        train(cfgs[1].__class__(**{**cfgs[1].to_dict(), "run_name": "alone"}), progress=False)
+    pop = train_population(cfgs, progress=False)
+    assert [i for i, _, _ in pop.failures] == [1]
+    index, name, error = pop.failures[0]
+    assert name == "m1" and "non-finite" in error
+    assert pop.results[1].summary["status"] == "failed" and pop.results[1].summary["error"] == error
+    assert [pop.results[i].summary["status"] for i in (0, 2)] == ["finished", "finished"]
+    assert len(read_records(pop.results[0].run_dir)) == 20
+
+
+def test_a_population_too_large_for_memory_is_refused_before_anything_is_written(tmp_path):
+    cfgs = member_configs(tmp_path / "pop", "mlp", "sgd", "exact", width=64)
+    with pytest.raises(ConfigError, match=r"needs about .* GiB, above the limit of .* GiB; use at most \d+ members"):
+        train_population(cfgs, progress=False, max_memory=10_000)
+    assert not (tmp_path / "pop").exists()
+
+
+def test_members_must_share_the_architecture(tmp_path):
+    a, b = member_configs(tmp_path, "mlp", "sgd", "exact")[:2]
+    b.width = 8
+    with pytest.raises(ConfigError, match="--width: members of one population must share it"):
+        train_population([a, b], progress=False)
+
+
+def test_log_spaced_tracking_schedule(tmp_path):
+    cfg = BanditConfig(policy="single_logit", optimizer="sgd", p0=0.2, lr=0.5, steps=1000, reward_do=-1.0,
+                       reward_dont=1.0, wandb="disabled", out=str(tmp_path), run_name="x")
+    pop = train_population([cfg], schedule=TrackSchedule(per_decade=4), progress=False)
+    updates = [r["update"] for r in read_records(pop.results[0].run_dir)]
+    want = sorted({0} | {round(10 ** (i / 4)) for i in range(13)} - {1000})
+    assert updates == want  # 0, 1, 2, 3, 6, 10, 18, 32, 56, 100, 178, 316, 562
+
+
+def test_p_down_to_1e_minus_12_stays_finite(tmp_path):
+    cfg = BanditConfig(policy="mlp", optimizer="npg", p0=1e-12, lr=0.1, steps=5, width=8, track_every=1,
+                       wandb="disabled", out=str(tmp_path), run_name="x")
+    pop = train_population([cfg], progress=False)
+    recs = read_records(pop.results[0].run_dir)
+    assert not pop.failures and len(recs) == 5
+    assert recs[0]["P/value"] == pytest.approx(1e-12, rel=1e-9)
+    # NTVar in the Fisher geometry is p(1 − p) (SCIENCE.md §1), also at p = 1e-12
+    assert recs[0]["P/ntvar_fisher"] == pytest.approx(1e-12 * (1 - 1e-12), rel=1e-6)
+
+
+def test_batched_engine_agrees_with_the_torch_func_reference():
+    """∇P per member (chain rule through the logits, one reverse pass for all members) and the
+    batched inverse Fisher against the per-run engine's jacrev reference, in float64."""
+    from ntrl.agents.policies import make_policy
+    from ntrl.properties import ActionProbability
+
+    obs = torch.ones(1, 1, dtype=torch.float64)
+    policies = [make_policy("mlp", 1, 2, 1, p0, obs, seed=s, width=8) for s, p0 in enumerate([0.3, 1e-3, 1e-8])]
+    sp = StackedPolicy(policies[0])
+    theta = torch.stack([sp.flatten(p) for p in policies])
+    leaves = sp.leaves(theta)
+    Z = sp.logits(leaves, obs)
+    P = torch.log_softmax(Z[:, 0], -1)[:, 1].exp()
+    gP, z0, z1 = member_gradients([P, Z[:, 0, 0], Z[:, 0, 1]], leaves)
+    probs = torch.softmax(Z.detach(), -1)
+    fisher = BatchedInverseFisher.from_log_prob_rows(log_prob_rows(torch.stack([z0, z1], 1)[:, None], probs),
+                                                     torch.ones(3, 1, dtype=torch.float64), probs,
+                                                     torch.zeros(3, dtype=torch.float64))
+    for m, policy in enumerate(policies):
+        engine = TangentEngine(policy, dtype=torch.float64, backend="reference")
+        X = ActionProbability(obs, 1)
+        _, J = engine.jacobian(X)
+        assert torch.allclose(gP[m], J[0], rtol=1e-12, atol=0)
+        ref = InverseFisher(engine, obs, torch.ones(1, dtype=torch.float64))
+        want = (J * ref.apply(J)).sum()
+        assert float(fisher.ntvar(gP)[m]) == pytest.approx(float(want), rel=1e-10)
+
+
+def test_study_verdicts_are_the_same_with_and_without_populations(tmp_path):
+    """A four-cell grid: the verdict table ntrl rarity prints, by population chunks and by single
+    runs."""
+    from ntrl.study.grid import StudyConfig
+    from ntrl.study.executor import run_study
+    from ntrl.study.rarity import analyse_and_report
+    from ntrl.study.report import verdict_rows
+
+    study = StudyConfig(name="v", policies=["single_logit", "mlp"], optimizers=["sgd", "npg"], p0s=[1e-2, 1e-3],
+                        seeds=2, extinction_steps=40, max_steps=3000, track_every=5, width=8,
+                        price_scales=[1.0, 0.5]).validate()
+    tables = []
+    for population in (True, False):
+        out = tmp_path / str(population)
+        run_study(study, out, workers=2, wandb_mode="disabled", progress=False, population=population)
+        cells = analyse_and_report(out, "disabled")["cells"]
+        tables.append([row[:8] for row in verdict_rows(cells)])  # the table ntrl rarity prints
+    assert tables[0] == tables[1]
+    assert len(tables[0]) == 4
