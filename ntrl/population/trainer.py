@@ -277,8 +277,9 @@ def train_population(
     dev = resolve_device(device)
     torch.set_num_threads(first.threads)
     schedule = schedule or TrackSchedule(every=first.track_every)
-    probe = first.build().policy
-    n_params = sum(p.numel() for p in probe.parameters() if p.requires_grad)
+    sample = first.build()
+    sample.env.close()
+    n_params = sum(p.numel() for p in sample.policy.parameters() if p.requires_grad)
     need = len(configs) * member_bytes(n_params, 1, 2, first.batch_size, first.mode == "sampled")
     limit = memory_limit(dev, max_memory)
     if need > limit:
