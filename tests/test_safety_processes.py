@@ -163,6 +163,10 @@ def test_fault_injection_kills_a_training_run_at_seeded_random_points(tmp_path):
         proc = subprocess.Popen([NTRL, "train", "bandit", "--steps", "100000", "--quiet", "--out", str(tmp_path),
                                  "--run-name", f"r{i}"], env=env(), start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # the kill point is counted from the first record: a cold start (a fresh clone compiling
+        # its .pyc files) can take longer than the delay itself
+        assert wait_for(lambda: (tmp_path / f"r{i}" / "records.jsonl").is_file()
+                        and (tmp_path / f"r{i}" / "records.jsonl").stat().st_size > 0)
         time.sleep(float(delay))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
