@@ -29,6 +29,23 @@ from ntrl.engine.tangent import TangentEngine
 OPTIMIZERS = ("sgd", "adam", "npg", "sign")
 
 
+def sign_metric(g: Tensor) -> Tensor:
+    """Sign descent's diagonal metric: M = diag(1/|g|), 0 where g = 0, so that M g = sign g."""
+    a = g.abs()
+    return torch.where(a > 0, 1.0 / a.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(a))
+
+
+def adam_metric_and_direction(m: Tensor, v: Tensor, beta1, beta2, t: float, eps) -> tuple[Tensor, Tensor, Tensor]:
+    """Adam's metric diag(1/(√v̂ + ε)), ascent direction −m̂/(√v̂ + ε) and denominator √v̂ + ε
+    (the one torch's step divides by) from the moments m, v of
+    the loss gradient −g after step t: m̂ = m/(1 − β₁ᵗ), √v̂ = √v/√(1 − β₂ᵗ), as torch computes them
+    (β and ε may be tensors that broadcast against m, one per population member)."""
+    m_hat = m / (1 - beta1**t)
+    denom = v.sqrt() / (1 - beta2**t) ** 0.5 + eps  # torch.optim.Adam's order of operations
+    d = 1.0 / denom
+    return d, -m_hat * d, denom
+
+
 @dataclass
 class StepPlan:
     """The step an optimizer is about to take: Δθ = lr · direction, direction = M g_eff."""
@@ -132,11 +149,8 @@ class Adam(_TorchOptimizer):
             ms.append(torch.lerp(m, gp, 1 - b1))
             vs.append(v * b2 + (1 - b2) * gp * gp)
         m, v = torch.cat(ms), torch.cat(vs)
-        m_hat = m / (1 - b1**t)
-        denom = v.sqrt() / (1 - b2**t) ** 0.5 + self.eps
-        d = 1.0 / denom
-        # loss-gradient moments are of −g, so the ascent direction is −m̂ / (√v̂ + ε)
-        return StepPlan(Diagonal(d), -m_hat * d, self.lr, g.detach())
+        d, direction, _ = adam_metric_and_direction(m, v, b1, b2, t, self.eps)
+        return StepPlan(Diagonal(d), direction, self.lr, g.detach())
 
 
 class SignDescent(PolicyOptimizer):
@@ -144,9 +158,7 @@ class SignDescent(PolicyOptimizer):
 
     def plan(self, g, fisher_states=None):
         g = g.detach()
-        a = g.abs()
-        d = torch.where(a > 0, 1.0 / a.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(a))
-        return StepPlan(Diagonal(d), torch.sign(g), self.lr, g)
+        return StepPlan(Diagonal(sign_metric(g)), torch.sign(g), self.lr, g)
 
 
 class NaturalPolicyGradient(PolicyOptimizer):

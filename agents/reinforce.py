@@ -74,6 +74,20 @@ def baseline_for(G: np.ndarray, baseline: str) -> np.ndarray:
     return np.zeros_like(G)
 
 
+def advantages(G: np.ndarray, baseline: str, identical: bool | np.ndarray = False) -> np.ndarray:
+    """A = G − b for returns G with episodes along axis 0 (see :func:`baseline_for`).
+
+    Under the leave-one-out baseline Σ_i (G_i − b_i) = 0 exactly, so a batch of ``identical``
+    episodes (the same actions from the same observations) has gradient (1/B) Σ_i A_i ∇log π(τ) = 0;
+    computed, it is rounding noise, which sign descent and Adam would blow up into a full step, so
+    A is 0 there. ``identical`` may be an array over G's trailing axes (one flag per population
+    member, with G of shape (B, M))."""
+    A = G - baseline_for(G, baseline)
+    if baseline == "loo":
+        A = np.where(identical, 0.0, A)
+    return A
+
+
 def identical_episodes(obs: list, actions: list) -> bool:
     """Whether every episode of a batch took the same actions from the same observations."""
     first_obs, first_act = obs[0], actions[0]
@@ -127,12 +141,7 @@ def collect_episodes(
     for i, r in enumerate(all_rew):
         R_pad[i, : len(r)] = r
     G_pad = rewards_to_go(R_pad, gamma)
-    A_pad = G_pad - baseline_for(G_pad, baseline)
-    if baseline == "loo" and identical_episodes(all_obs, all_act):
-        # Σ_i (G_i − b_i) = 0 exactly under the leave-one-out baseline, so a batch of identical
-        # episodes has gradient (1/B) Σ_i A_i ∇log π(τ) = 0; computed, it is rounding noise that
-        # sign descent and Adam would blow up into a full step
-        A_pad = np.zeros_like(A_pad)
+    A_pad = advantages(G_pad, baseline, identical_episodes(all_obs, all_act))
     adv = np.concatenate([A_pad[i, :n] for i, n in enumerate(lengths)])
     return EpisodeBatch(
         obs=torch.as_tensor(np.stack([o for ep in all_obs for o in ep])),

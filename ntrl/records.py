@@ -29,8 +29,8 @@ class RecordWriter:
         self.count = 0  # records written by this writer
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record; NaN and ±inf become null, so every line is standard JSON."""
-        self._f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
+        """Append one record (see :func:`record_line`)."""
+        self._f.write(record_line(record) + "\n")
         self._f.flush()
         self.count += 1
 
@@ -44,6 +44,12 @@ class RecordWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def record_line(record: dict[str, Any]) -> str:
+    """One record as its line of records.jsonl: NaN and ±inf become null, so every line is
+    standard JSON, and floats keep ``repr`` precision."""
+    return json.dumps(_finite_or_null(record), allow_nan=False)
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:

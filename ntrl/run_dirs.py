@@ -239,20 +239,18 @@ def is_empty_dir(path: Path) -> bool:
                (is_marker_leftover(c.name) or (c.name == MARKER and marker_kind(path) is None)) for c in children)
 
 
-def replace_run_dir(run_dir: Path, force: bool, flag: str = "--run-name", kind: str = RUN_KIND) -> None:
-    """Make ``run_dir`` ready for a new run: absent or empty is fine; a directory that holds a run
-    is removed with ``force``; anything else is refused with a ConfigError that says why."""
+def check_run_dir(run_dir: Path, force: bool, flag: str = "--run-name", kind: str = RUN_KIND) -> str:
+    """Whether ``run_dir`` may take a new run, touching nothing: "absent", "empty" (or holding
+    only ntrl's own leftovers) or "replace" (a run of ntrl's, with ``force``); anything else is
+    a ConfigError that says why."""
     if run_dir.is_symlink():
         raise ConfigError(flag, f"{run_dir} is a symbolic link; ntrl does not write through it. Remove it or choose another name")
     if not run_dir.exists():
-        return
+        return "absent"
     if not run_dir.is_dir():
         raise ConfigError(flag, f"{run_dir} is a file, not a run directory; move it away or choose another name")
     if is_empty_dir(run_dir):
-        for child in run_dir.iterdir():  # only ntrl's own leftovers (see is_empty_dir)
-            if not child.is_symlink():
-                child.unlink()
-        return
+        return "empty"
     if marker_kind(run_dir) != kind:
         raise ConfigError(flag, f"{run_dir} holds files that ntrl did not write (no {MARKER} marker), so it is not "
                                 f"replaced even with --force; move them away or choose another name")
@@ -263,7 +261,20 @@ def replace_run_dir(run_dir: Path, force: bool, flag: str = "--run-name", kind: 
         raise ConfigError(flag, f"{run_dir} is a run of ntrl's but also holds {', '.join(foreign[:3])}"
                                 f"{' ...' if len(foreign) > 3 else ''}, which ntrl did not write, so it is not "
                                 f"replaced even with --force; move them away")
-    shutil.rmtree(run_dir)
+    return "replace"
+
+
+def replace_run_dir(run_dir: Path, force: bool, flag: str = "--run-name", kind: str = RUN_KIND) -> None:
+    """Make ``run_dir`` ready for a new run: absent or empty is fine; a directory that holds a run
+    is removed with ``force``; anything else is refused with a ConfigError that says why
+    (:func:`check_run_dir`)."""
+    state = check_run_dir(run_dir, force, flag, kind)
+    if state == "empty":
+        for child in run_dir.iterdir():  # only ntrl's own leftovers (see is_empty_dir)
+            if not child.is_symlink():
+                child.unlink()
+    elif state == "replace":
+        shutil.rmtree(run_dir)
 
 
 # What a run directory holds when ntrl alone wrote it (W&B writes inside wandb/).

@@ -94,6 +94,32 @@ def split_seed(seed: int) -> tuple[int, np.random.Generator]:
     return int(env_ss.generate_state(1)[0]), np.random.default_rng(action_ss)
 
 
+def run_summary(config: TrainConfig, run_dir: Path, sink: WandbSink, *, status: str, updates: int, p_start: float,
+                p_end: float, crossed: int | None, n_probe: int, episodes: int, episodes_cut: int,
+                returns: Sequence[float], price: dict[str, float]) -> dict[str, Any]:
+    """A run's summary.json (the single-run path's and a population member's): how it ended, P at
+    both ends and where it crossed ½, the episodes behind it, the mean return of its first and
+    last update, and the Price check of its records (``price``, see :func:`price_check`)."""
+    return {
+        "status": status,
+        "updates": updates,
+        "p_start": p_start,
+        "p_end": p_end,
+        "crossed_half_at": crossed,
+        "started_above_half": p_start >= 0.5,
+        "n_probe": n_probe,
+        "episodes": episodes,
+        "episodes_cut": episodes_cut,
+        "rollout_horizon": getattr(config, "rollout_horizon", None),
+        "return_first": returns[0] if returns else None,
+        "return_last": returns[-1] if returns else None,
+        "price_check_P": price,
+        "records": str(run_dir / RECORDS_FILE),
+        "wandb_dir": sink.directory,
+        "wandb_mode": sink.mode,
+    }
+
+
 def train(config: TrainConfig, progress: bool = True) -> RunResult:
     """Run REINFORCE with Price tracking; write records, config and summary to the run dir."""
     config.validate()
@@ -183,25 +209,10 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         if bar is not None:
             bar.close()
         try:
-            p_end = headline(analysis_engine.evaluate(P))
-            summary = {
-                "status": status,
-                "updates": steps_done,
-                "p_start": p_start,
-                "p_end": p_end,
-                "crossed_half_at": crossed,
-                "started_above_half": p_start >= 0.5,
-                "n_probe": n_probe,
-                "episodes": episodes,
-                "episodes_cut": episodes_cut,
-                "rollout_horizon": getattr(config, "rollout_horizon", None),
-                "return_first": returns[0] if returns else None,
-                "return_last": returns[-1] if returns else None,
-                "price_check_P": price_check(read_records(run_dir / RECORDS_FILE), "P"),
-                "records": str(run_dir / RECORDS_FILE),
-                "wandb_dir": sink.directory,
-                "wandb_mode": sink.mode,
-            }
+            summary = run_summary(config, run_dir, sink, status=status, updates=steps_done, p_start=p_start,
+                                  p_end=headline(analysis_engine.evaluate(P)), crossed=crossed, n_probe=n_probe,
+                                  episodes=episodes, episodes_cut=episodes_cut, returns=returns,
+                                  price=price_check(read_records(run_dir / RECORDS_FILE), "P"))
             write_json_atomic(run_dir / SUMMARY_FILE, summary)
             flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
             flat.update({f"price_check_P/{k}": v for k, v in summary["price_check_P"].items()})

@@ -75,10 +75,20 @@ def right_singular(A: Tensor) -> tuple[Tensor, Tensor]:
     A = V_R S (Q U_R)ᵀ, so Vh = (Q U_R)ᵀ. Householder QR is backward stable, so this is as
     accurate as a direct SVD, and for the Fisher's short, wide A (m = states × actions rows,
     n = parameters) it is faster: 1.6× on the juice Fisher (25 × 4741) and 2.8× at 320 rows
-    (``benchmarks/bench_fisher.py``)."""
-    Q, R = torch.linalg.qr(A.T)
+    (``benchmarks/bench_fisher.py``). Leading axes of A are batch axes (a population's members)."""
+    Q, R = torch.linalg.qr(A.mT)
     U_R, S, _ = torch.linalg.svd(R, full_matrices=False)
-    return S, (Q @ U_R).T
+    return S, (Q @ U_R).mT
+
+
+def kept_singular(S: Tensor, rtol: float | None = None) -> Tensor:
+    """Which singular values (descending along the last axis) the inverse Fisher keeps: those above
+    ``rtol``·S_max, ``rtol`` = 100·√eps by default. F⁺ amplifies a component along a singular
+    direction by 1/S², so rounding noise of relative size eps in g (autograd's, in every
+    direction) stays below 1e-4 of the step. Keeping smaller S let NPG take a catastrophic step on
+    the juice MLP (P from 0.3 to 1e-166 in one update)."""
+    rtol = rtol if rtol is not None else 100 * torch.finfo(S.dtype).eps ** 0.5
+    return S > rtol * S.max(dim=-1, keepdim=True).values.clamp_min(torch.finfo(S.dtype).tiny)
 
 
 class AllLogProbs:
@@ -161,13 +171,7 @@ class InverseFisher(Metric):
         if method == "exact":
             _, J = engine.dense_jacobian(AllLogProbs(self.obs, n_actions), params)
             S, Vh = right_singular(J * self.row_scale[:, None])
-            eps = torch.finfo(dtype).eps
-            # S below 100·√eps·S_max are dropped: F⁺ amplifies a component along a singular
-            # direction by 1/S², so rounding noise of relative size eps in g (autograd's, in every
-            # direction) stays below 1e-4 of the step. Keeping smaller S let NPG take a
-            # catastrophic step on the juice MLP (P from 0.3 to 1e-166 in one update).
-            rtol = rtol if rtol is not None else 100 * eps**0.5
-            keep = S > rtol * S.max().clamp_min(torch.finfo(dtype).tiny)
+            keep = kept_singular(S, rtol)
             self.S, self.Vh = S[keep], Vh[keep]
 
     def _scaled_logp(self, flat: Tensor) -> Tensor:
