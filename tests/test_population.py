@@ -12,9 +12,6 @@ rounding is relative to |X|, not to themselves.
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ntrl.engine.metrics import right_singular  # noqa: F401  (the unbatched counterpart)
+from ntrl.engine.metrics import kept_singular, right_singular
 
 
 class StackedPolicy:
@@ -115,14 +115,9 @@ class BatchedInverseFisher:
         the states' weights (M, N) and π(a|s) (M, N, K)."""
         M, N, K, P = rows.shape
         scale = (weights[:, :, None] * probs).clamp_min(0).sqrt()
-        A = (rows * scale[..., None]).reshape(M, N * K, P)
-        Q, R = torch.linalg.qr(A.transpose(1, 2))
-        U_R, S, _ = torch.linalg.svd(R, full_matrices=False)
-        Vh = (Q @ U_R).transpose(1, 2)
-        eps = torch.finfo(A.dtype).eps
-        rtol = rtol if rtol is not None else 100 * eps**0.5
-        keep = S > rtol * S.max(dim=-1, keepdim=True).values.clamp_min(torch.finfo(A.dtype).tiny)
-        damping = damping.to(A.dtype)
+        S, Vh = right_singular((rows * scale[..., None]).reshape(M, N * K, P))
+        keep = kept_singular(S, rtol)
+        damping = damping.to(S.dtype)
         inv = torch.where(keep, 1.0 / (S**2 + damping[:, None]), torch.zeros_like(S))
         return cls(Vh, inv, keep, damping)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntrl.agents.reinforce import baseline_for, sample_actions
+from ntrl.agents.reinforce import advantages, sample_actions
 
 
 @dataclass
@@ -83,9 +83,9 @@ class BanditModel:
             G[m] = r[m, a]
             if self.noise_std[m] > 0:
                 G[m] += noise_rngs[m].normal(0.0, self.noise_std[m], size=batch_size)
-        adv = np.stack([(G[m] - baseline_for(G[m][:, None], baseline)[:, 0]) for m in range(M)]) if M else G
-        if baseline == "loo":  # one action for all episodes: the gradient is exactly 0 (as in collect_episodes)
-            adv[(actions == actions[:, :1]).all(axis=1)] = 0.0
+        # episodes along axis 0, members along axis 1; a member whose episodes all took one action
+        # has identical episodes (one step from the one state)
+        adv = advantages(G.T, baseline, (actions == actions[:, :1]).all(axis=1)).T
         dev = self.rewards.device
         return SampledBatch(torch.as_tensor(actions, device=dev), torch.as_tensor(adv, device=dev), G.mean(axis=1))
 

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ntrl.agents.optimizers import OPTIMIZERS, adam_metric_and_direction, sign_metric
 from ntrl.engine.batched import BatchedInverseFisher
-
-OPTIMIZERS = ("sgd", "adam", "npg", "sign")
 
 
 @dataclass
@@ -35,7 +34,7 @@ class BatchedPlan:
     direction: Tensor
     diagonal: Tensor | None = None
     fisher: BatchedInverseFisher | None = None
-    adam_state: tuple[Tensor, Tensor, Tensor] | None = None  # (m, v, denom) after this step
+    adam_state: tuple[Tensor, Tensor, Tensor] | None = None  # (m, v, √v̂ + ε) after this step
 
 
 class BatchedOptimizer:
@@ -64,9 +63,7 @@ class BatchedOptimizer:
         if self.name == "sgd":
             return BatchedPlan(g)
         if self.name == "sign":
-            a = g.abs()
-            d = torch.where(a > 0, 1.0 / a.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(a))
-            return BatchedPlan(torch.sign(g), diagonal=d)
+            return BatchedPlan(torch.sign(g), diagonal=sign_metric(g))
         if self.name == "npg":
             if fisher is None:
                 raise ValueError("npg needs the Fisher metric of each member")
@@ -74,27 +71,22 @@ class BatchedOptimizer:
         gp = -g
         m = torch.zeros_like(gp) if self.m is None else self.m
         v = torch.zeros_like(gp) if self.v is None else self.v
-        t = self.t + 1
         b1, b2 = self.beta1[:, None], self.beta2[:, None]
         m = torch.lerp(m, gp, 1 - b1)
         v = v * b2 + (1 - b2) * gp * gp
-        m_hat = m / (1 - b1**t)
-        denom = v.sqrt() / (1 - b2**t) ** 0.5 + self.eps[:, None]
-        d = 1.0 / denom
-        return BatchedPlan(-m_hat * d, diagonal=d, adam_state=(m, v, denom))
+        d, direction, denom = adam_metric_and_direction(m, v, b1, b2, self.t + 1, self.eps[:, None])
+        return BatchedPlan(direction, diagonal=d, adam_state=(m, v, denom))
 
     def apply(self, theta: Tensor, plan: BatchedPlan) -> Tensor:
-        """θ + η·d, for every member (Adam: torch's step from the moments the plan formed)."""
+        """θ + η·d, for every member (Adam: torch's step, θ − η/(1 − β₁ᵗ)·m/(√v̂ + ε), from the
+        moments and denominator the plan formed)."""
         lr = self.lr[:, None]
         if self.name != "adam":
             return theta + lr * plan.direction
-        m, v, _ = plan.adam_state
-        self.m, self.v = m, v
+        self.m, self.v, denom = plan.adam_state
         self.t += 1
-        b1, b2 = self.beta1[:, None], self.beta2[:, None]
-        step_size = lr / (1 - b1**self.t)
-        denom = v.sqrt() / (1 - b2**self.t) ** 0.5 + self.eps[:, None]
-        return theta - step_size * (m / denom)
+        step_size = lr / (1 - self.beta1[:, None] ** self.t)
+        return theta - step_size * (self.m / denom)
 
     def nonfinite(self) -> Tensor:
         """Which members' optimizer state holds a NaN or ±inf, shape (M,)."""

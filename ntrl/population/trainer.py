@@ -29,7 +29,6 @@ log-spaced, ``per_decade`` updates per decade of t (long extinction runs keep fe
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -47,12 +46,13 @@ from ntrl.config import ConfigError, TrainConfig
 from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients
 from ntrl.population.models import BanditModel
 from ntrl.population.optimizers import BatchedOptimizer
-from ntrl.records import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, write_json_atomic
+from ntrl.records import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, nonfinite_field, record_line, write_json_atomic
+from ntrl.run_dirs import check_run_dir, ntrl_wandb_dir
 from ntrl.tracker import price_agreement
-from ntrl.train import RunInterrupted, RunResult, prepare_run_dir, split_seed
+from ntrl.train import RunInterrupted, RunResult, prepare_run_dir, run_summary, split_seed
 from ntrl.wandb_sink import WandbSink
 
-log = logging.getLogger("ntrl.engine.batched")
+log = logging.getLogger(__name__)
 
 # Config fields in which members of one population may differ.
 MEMBER_FIELDS = ("p0", "lr", "seed", "steps", "stop_at_p", "reward_do", "reward_dont", "noise_std", "npg_damping",
@@ -96,12 +96,14 @@ class TrackSchedule:
         if self.per_decade is not None and self.per_decade < 1:
             raise ConfigError("--track-per-decade", f"must be >= 1, got {self.per_decade}")
 
-    def tracked_updates(self, steps: int) -> set[int] | None:
-        """The tracked updates below ``steps`` for a log schedule (None: every k-th)."""
+    def tracks(self, t: int) -> bool:
+        """Whether update t is tracked."""
         if self.per_decade is None:
-            return None
-        n = int(math.ceil(self.per_decade * math.log10(max(steps, 1)))) + 1
-        return {0} | {int(round(10 ** (i / self.per_decade))) for i in range(n + 1)}
+            return t % self.every == 0
+        if t == 0:
+            return True
+        i = round(self.per_decade * math.log10(t))  # the only i whose round(10^(i/n)) can be t
+        return any(int(round(10 ** (j / self.per_decade))) == t for j in (i - 1, i, i + 1) if j >= 0)
 
 
 def member_bytes(n_params: int, n_obs: int, n_actions: int, batch_size: int, sampled: bool) -> int:
@@ -113,16 +115,34 @@ def member_bytes(n_params: int, n_obs: int, n_actions: int, batch_size: int, sam
 
 
 def memory_limit(device: torch.device, max_memory: int | None) -> int:
-    """Bytes a population may use: ``max_memory``, else half the device's free memory."""
+    """Bytes a population may use: ``max_memory``, else half the device's available memory
+    (CUDA's free memory; on the host MemAvailable, which counts the page cache the kernel would
+    give back, unlike the free pages)."""
     if max_memory is not None:
         return int(max_memory)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free // 2)
     try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2)
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
+        with open("/proc/meminfo", encoding="ascii") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024 // 2
+    except (OSError, StopIteration, ValueError):  # pragma: no cover - not Linux
         return 2**31
+
+
+def check_memory(config: TrainConfig, members: int, device: torch.device, max_memory: int | None) -> None:
+    """Refuse, with the estimate and the limit, a population of ``members`` like ``config`` that
+    would not fit (:func:`member_bytes`, :func:`memory_limit`)."""
+    sample = config.build()
+    sample.env.close()
+    n_params = sum(p.numel() for p in sample.policy.parameters() if p.requires_grad)
+    per = member_bytes(n_params, 1, 2, config.batch_size, config.mode == "sampled")
+    limit = memory_limit(device, max_memory)
+    if members * per > limit:
+        raise ConfigError("--population", f"a population of {members} members of {n_params} parameters needs about "
+                                          f"{members * per / 2**30:.2f} GiB, above the limit of {limit / 2**30:.2f} GiB; "
+                                          f"use at most {max(1, limit // per)} members per population")
 
 
 def check_compatible(configs: Sequence[TrainConfig]) -> None:
@@ -157,11 +177,8 @@ class MemberState:
     crossed: int | None = None
     returns: list[float] = field(default_factory=list)
     episodes: int = 0
-    lines: list[str] = field(default_factory=list)
-    n_records: int = 0
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (update, P) of each tracked update
-    pred: list[float] = field(default_factory=list)
-    real: list[float] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)  # records not yet appended to records.jsonl
+    curve: list[tuple[int, float, float, float]] = field(default_factory=list)  # (update, P, ΔP pred, ΔP real)
     probe: dict[str, list[float]] | None = None
     summary: dict[str, Any] | None = None
     error: str | None = None
@@ -182,9 +199,9 @@ class PopulationResult:
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed blocks of up to 1 GiB instead of returning them to the system.
     A population allocates (M, P) tensors of tens of MB at every update; with glibc's default
-    (blocks above 32 MB go back to the system when freed) each one costs fresh page faults, which
-    measured 5–10× slower than reusing the memory (benchmarks/bench_population.py). No-op
-    elsewhere."""
+    (blocks above 32 MB go back to the system when freed) each one costs fresh page faults: on the
+    benchmark VM a 36 MB ``x * 2`` took 20 ms, and 8 ms with the memory kept (benchmarks/RESULTS.md).
+    Process-wide: the memory stays with the process. No-op elsewhere."""
     import ctypes
     import ctypes.util
 
@@ -193,8 +210,8 @@ def keep_freed_memory() -> None:
         return
     try:
         libc = ctypes.CDLL(name)
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 31 - 1)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks below 1 GiB come from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: and stay there when freed
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         pass
 
@@ -207,18 +224,16 @@ class _Population:
     """The state of the members still training, kept in stacked tensors (row i ↔ ``alive[i]``)."""
 
     def __init__(self, configs: Sequence[TrainConfig], device: torch.device):
-        self.configs = list(configs)
         first = configs[0]
         self.device = device
         self.sampled = first.mode == "sampled"
-        self.optimizer_name = first.optimizer
-        self.policies = []
-        for c in configs:
+        policies = []
+        for c in configs:  # each member's own build: its initialisation is the single run's
             exp = c.build()
             exp.env.close()
-            self.policies.append(exp.policy)
-        self.stacked = StackedPolicy(self.policies[0].to(device))
-        self.theta = torch.stack([self.stacked.flatten(p) for p in self.policies]).to(device)
+            policies.append(exp.policy)
+        self.stacked = StackedPolicy(policies[0].to(device))
+        self.theta = torch.stack([self.stacked.flatten(p) for p in policies]).to(device)
         rewards = np.array([[c.reward_dont, c.reward_do] for c in configs])
         self.model = BanditModel(rewards, np.array([c.noise_std for c in configs]), first.target, device)
         f64 = dict(dtype=torch.float64, device=device)
@@ -240,6 +255,31 @@ class _Population:
             q: dict[str, Any] = self.model.quantities(Z)
         q["Z"], q["leaves"] = Z, leaves
         return q
+
+    def utility(self, q: dict[str, Any], batch_size: int, baseline: str) -> tuple[Tensor, list[float] | None]:
+        """The utility each member ascends at this update, and its mean sampled episode return
+        (None when exact: the return is then U itself). Sampled: a batch from each member's own
+        streams, with π = softmax(z) as the per-run sampler computes it."""
+        if not self.sampled:
+            return q["R"], None
+        probs = torch.softmax(q["Z"].detach()[:, 0], dim=-1).cpu().numpy()
+        batch = self.model.sample(probs, batch_size, baseline, self.action_rngs, self.noise_rngs)
+        return self.model.surrogate(q["logp"], batch), batch.mean_return.tolist()
+
+    def fishers(self, q: dict[str, Any], logit_grads: list[Tensor], npg: bool,
+                track: bool) -> tuple[BatchedInverseFisher | None, BatchedInverseFisher | None]:
+        """(NPG's metric (F + λI)⁻¹ with each member's λ, the tracked F⁺), from the gradients of
+        the K logits at the model's state; the second is the first where every λ is 0."""
+        probs = q["logp"].detach().exp()[:, None, :]  # (M, 1, K)
+        rows = log_prob_rows(torch.stack(logit_grads, dim=1)[:, None], probs)  # (M, 1, K, P)
+        w = self.model.fisher_weights.expand(len(self.alive), -1)
+        damping = self.optimizer.damping
+        fisher = BatchedInverseFisher.from_log_prob_rows(rows, w, probs, damping) if npg else None
+        if not track:
+            return fisher, None
+        if fisher is not None and not bool((damping > 0).any()):
+            return fisher, fisher
+        return fisher, BatchedInverseFisher.from_log_prob_rows(rows, w, probs, torch.zeros_like(damping))
 
     def select(self, keep_rows: list[int]) -> None:
         idx = torch.as_tensor(keep_rows, dtype=torch.long, device=self.device)
@@ -268,25 +308,21 @@ def train_population(
 
     ``probe_scales``: also measure, per member, the relative Price error of one step of size η·s
     from the initial state for each scale s (the study's η-scaling probe), into its summary's
-    ``price_scaling``. ``wandb_parent``: a directory of ntrl's that holds the population's one W&B
-    run (none without it). ``max_memory``: bytes the population may use (default: half the free
-    memory); a population above it is refused before anything is built."""
+    ``price_scaling``. ``wandb_parent``: the directory whose ``wandb/`` (made and marked as ntrl's,
+    or already ntrl's) holds the population's one W&B run, in the configs' W&B mode; without it the
+    population logs no W&B run. ``max_memory``: bytes the population may use (default: half the
+    available memory). Every check (configs, memory, the members' run directories) runs before
+    anything is written. A member's summary.json is written when it stops; records are appended at
+    most ``flush_seconds`` apart."""
     configs = [c.validate() for c in configs]
     check_compatible(configs)
     first = configs[0]
     dev = resolve_device(device)
     torch.set_num_threads(first.threads)
     schedule = schedule or TrackSchedule(every=first.track_every)
-    sample = first.build()
-    sample.env.close()
-    n_params = sum(p.numel() for p in sample.policy.parameters() if p.requires_grad)
-    need = len(configs) * member_bytes(n_params, 1, 2, first.batch_size, first.mode == "sampled")
-    limit = memory_limit(dev, max_memory)
-    if need > limit:
-        per = need // len(configs)
-        raise ConfigError("--population", f"a population of {len(configs)} members of {n_params} parameters needs about "
-                                          f"{need / 2**30:.2f} GiB, above the limit of {limit / 2**30:.2f} GiB; use at "
-                                          f"most {max(1, limit // per)} members per population")
+    check_memory(first, len(configs), dev, max_memory)
+    for c in configs:
+        check_run_dir(Path(c.out) / (c.run_name or c.default_run_name()), c.force)
     log.info("tangent engine: population backend (ntrl.engine.batched, %d members on %s) for 'P', 'R' and "
              "'kappa': the chain rule through the logits, one reverse pass for all members", len(configs), dev)
     start = time.time()
@@ -299,153 +335,70 @@ def train_population(
         write_json_atomic(run_dir / CONFIG_FILE, c.to_dict())
         (run_dir / RECORDS_FILE).touch()
         members.append(MemberState(c, run_dir))
-    sink = WandbSink(wandb_parent, wandb_config or {}, mode=first.wandb, name=wandb_name, group=first.group,
-                     job_type="population") if wandb_parent is not None else WandbSink(".", {}, mode="disabled")
-    log_set = schedule.tracked_updates(max(c.steps for c in configs))
-    fisher_on, npg = first.fisher, first.optimizer == "npg"
+    sink = population_sink(wandb_parent, first, wandb_name, wandb_config)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max(c.steps for c in configs), desc=wandb_name or "population", unit="upd", file=sys.stderr,
                    dynamic_ncols=True)
-    last_flush = time.time()
+    last_flush = loop_start = time.time()
     t = 0
     interrupted = False
-
-    loop_start = time.time()
     try:
         q = pop.forward()
         for row, p in enumerate(_floats(q["P"])):
             members[pop.alive[row]].p_start = p
         while pop.alive:
-            tracked = (t in log_set) if log_set is not None else (t % schedule.every == 0)
-            need_fisher = npg or (tracked and fisher_on)
-            if pop.sampled:
-                batch = pop.model.sample(torch.softmax(q["Z"].detach()[:, 0], dim=-1).cpu().numpy(), first.batch_size, first.baseline,
-                                         pop.action_rngs, pop.noise_rngs)
-                U = pop.model.surrogate(q["logp"], batch)
-                mean_return = batch.mean_return
-            else:
-                U = q["R"]
-                mean_return = None
-            outputs = [U] + ([q["P"], q["R"], q["z"]] if tracked else [])
+            tracked = schedule.tracks(t)
+            U, returns = pop.utility(q, first.batch_size, first.baseline)
             K = pop.model.n_actions
-            if need_fisher:
-                outputs += [q["Z"][:, 0, a] for a in range(K)]
+            need_fisher = first.optimizer == "npg" or (tracked and first.fisher)
+            outputs = [U] + ([q["P"], q["R"], q["z"]] if tracked else []) + \
+                ([q["Z"][:, 0, a] for a in range(K)] if need_fisher else [])
             grads = member_gradients(outputs, q["leaves"])
             g = grads[0]
             U_val = _floats(U)
-            ret = U_val if mean_return is None else mean_return.tolist()
-            for row, r in enumerate(ret):
+            returns = U_val if returns is None else returns
+            for row, r in enumerate(returns):
                 st = members[pop.alive[row]]
                 st.returns.append(r)
                 st.episodes += first.batch_size if pop.sampled else 0
             bad_g = ~torch.isfinite(g.sum(dim=1))  # one NaN or ±inf entry makes the row's sum non-finite
             any_bad = bool(bad_g.any())
-            fisher = fisher0 = None
-            if need_fisher:
-                probs = q["logp"].detach().exp()[:, None, :]  # (M, 1, K)
-                J = torch.stack(grads[-K:], dim=1)[:, None]  # (M, 1, K, P)
-                rows = log_prob_rows(J, probs)
-                w = pop.model.fisher_weights.expand(len(pop.alive), -1)
-                if npg:
-                    fisher = BatchedInverseFisher.from_log_prob_rows(rows, w, probs, pop.optimizer.damping)
-                if tracked and fisher_on:
-                    zero = torch.zeros_like(pop.optimizer.damping)
-                    fisher0 = (fisher if npg and not bool((pop.optimizer.damping > 0).any())
-                               else BatchedInverseFisher.from_log_prob_rows(rows, w, probs, zero))
+            fisher, fisher0 = pop.fishers(q, grads[-K:], first.optimizer == "npg", tracked and first.fisher) \
+                if need_fisher else (None, None)
             plan = pop.optimizer.plan(torch.where(bad_g[:, None], torch.zeros_like(g), g) if any_bad else g, fisher)
-            d = plan.direction
-            lr = pop.optimizer.lr
-            before: dict[str, Any] = {}
-            if tracked:
-                G = {"P": grads[1], "R": grads[2]}
-                for name, Gx in G.items():
-                    euc = (Gx**2).sum(1)
-                    if plan.fisher is not None:
-                        opt = plan.fisher.ntvar(Gx)
-                    elif plan.diagonal is not None:
-                        opt = (Gx**2 * plan.diagonal).sum(1)
-                    else:
-                        opt = euc
-                    ntcov_opt = (Gx * d).sum(1)
-                    before[name] = {
-                        "value": q[name].detach(), "ntvar_euc": euc, "ntvar_opt": opt,
-                        "ntvar_fisher": fisher0.ntvar(Gx) if fisher0 is not None else None,
-                        "ntcov_euc": (Gx * g).sum(1), "ntcov_opt": ntcov_opt, "pred_delta": lr * ntcov_opt,
-                    }
-                before["kappa"] = (grads[3] ** 2).sum(1)
-                if t == 0 and probe_scales:
-                    with torch.no_grad():
-                        base = q["P"].detach()
-                        errs = []
-                        for s in probe_scales:
-                            eta = lr * s
-                            Zs = pop.stacked.logits(pop.theta + eta[:, None] * d, pop.model.obs)
-                            real = pop.model.quantities(Zs)["P"] - base
-                            pred = eta * before["P"]["ntcov_opt"]
-                            errs.append(torch.where(real != 0, (real - pred).abs() / real.abs(),
-                                                    torch.full_like(real, math.nan)))
-                        err_rows = torch.stack(errs, 1).tolist()
-                        for row, e in enumerate(err_rows):
-                            cfg = members[pop.alive[row]].config
-                            members[pop.alive[row]].probe = {"lr": [cfg.lr * s for s in probe_scales], "rel_error": e}
+            before = tracked_stats(q, grads, g, plan, pop.optimizer.lr, fisher0) if tracked else None
+            if t == 0 and probe_scales:  # update 0 is tracked on every schedule
+                for row, probe in enumerate(price_scaling(pop, q, plan, before["P"]["ntcov_opt"], probe_scales)):
+                    members[pop.alive[row]].probe = probe
             stepped = pop.optimizer.apply(pop.theta.detach(), plan)
             pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
-            p_now = q["P"].detach()
+            p_before = q["P"].detach()
             q = pop.forward()
-            p_after = q["P"].detach()
-            p_list = _floats(p_after)
+            p_after = _floats(q["P"])
             done: dict[int, tuple[str, str | None, float, int]] = {}  # row → (status, error, p_end, updates)
             for row in torch.nonzero(bad_g).flatten().tolist():
-                done[row] = ("failed", f"non-finite utility gradient at update {t}", float(p_now[row]), t)
+                done[row] = ("failed", f"non-finite utility gradient at update {t}", float(p_before[row]), t)
             if tracked:
-                rec_fields = _record_fields(before, q, U_val, lr, ret, mean_return is not None)
-                opt_bad = pop.optimizer.nonfinite().tolist()
-                for row in range(len(pop.alive)):
-                    if row in done:
-                        continue
-                    st = members[pop.alive[row]]
-                    record = {k: (v[row] if isinstance(v, list) else v) for k, v in rec_fields.items()}
-                    record["update"] = t
-                    bad = next((k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)), None)
-                    if bad is not None:
-                        done[row] = ("failed", f"{bad} became non-finite at update {t}; stopped, the {st.n_records} "
-                                               f"records before it are kept", p_list[row], t + 1)
-                        continue
-                    if opt_bad[row]:
-                        done[row] = ("failed", f"the {first.optimizer} optimizer's state became non-finite at update "
-                                               f"{t} (reward or learning rate too large?); stopped, the {st.n_records} "
-                                               f"records before it are kept", p_list[row], t + 1)
-                        continue
-                    st.lines.append(json.dumps(_ordered(record), allow_nan=False))
-                    st.n_records += 1
-                    st.curve.append((t, record["P/value"]))
-                    st.pred.append(record["P/pred_delta"])
-                    st.real.append(record["P/real_delta"])
-                sink.log({"update": t, "P/median": float(p_after.median()), "members/active": len(pop.alive)})
-            for row, p in enumerate(p_list):
-                if row in done:
-                    continue
-                st = members[pop.alive[row]]
-                c = st.config
-                if not math.isfinite(p):
-                    done[row] = ("failed", f"P became non-finite at update {t}", p, t + 1)
-                    continue
-                if st.crossed is None and p >= 0.5 and st.p_start < 0.5:
-                    st.crossed = t + 1
-                if c.stop_at_p is not None and p >= c.stop_at_p:
-                    done[row] = ("stopped_at_p", None, p, t + 1)
-                elif t + 1 >= c.steps:
-                    done[row] = ("finished", None, p, t + 1)
+                fields = record_fields(t, before, q, U_val, pop.optimizer.lr, returns, pop.sampled)
+                append_records(members, pop, fields, t, done, p_after, first.optimizer)
+                sink.log({"update": t, "P/median": float(q["P"].detach().median()), "members/active": len(pop.alive)})
+            for row, p in enumerate(p_after):
+                if row not in done:
+                    stop = stopping(members[pop.alive[row]], p, t)
+                    if stop is not None:
+                        done[row] = stop
             t += 1
             if done:
+                finished = []
                 for row, (status, message, p_end, updates) in sorted(done.items()):
                     st = members[pop.alive[row]]
                     st.error = message
-                    st.summary = member_summary(st, status, updates, p_end, sink)
-                flush(members, force=True)
+                    finish_member(st, status, updates, p_end, sink)
+                    finished.append(st)
+                flush(finished, force=True)
                 pop.select([r for r in range(len(pop.alive)) if r not in done])
                 if pop.alive:
                     q = pop.forward()
@@ -462,91 +415,148 @@ def train_population(
         loop_seconds = time.time() - loop_start
         if bar is not None:
             bar.close()
-        for row in range(len(pop.alive)):  # still training: interrupted, or failed with the population
-            st = members[pop.alive[row]]
-            if st.summary is None:
-                status = "interrupted" if interrupted else "failed"
-                st.summary = member_summary(st, status, t, math.nan, sink)
+        for i in pop.alive:  # still training: interrupted, or stopped with the population by an error
+            finish_member(members[i], "interrupted" if interrupted else "failed", t, math.nan, sink)
         flush(members, force=True)
         sink.log_table("members", *members_table(members))
         sink.log_table("curves", *curves_table(members))
         sink.finish({"members": len(members), "updates": t})
     if interrupted:
-        raise RunInterrupted(f"population interrupted at update {t}; the records so far are kept")
-    results, failures = [], []
-    for i, st in enumerate(members):
-        if st.probe is not None:
-            st.summary["price_scaling"] = st.probe
-        write_json_atomic(st.run_dir / SUMMARY_FILE, st.summary)
-        results.append(RunResult(st.run_dir, st.summary, st.summary["wandb_dir"],
-                                 "do" if getattr(st.config, "target", 1) == 1 else "dont"))
-        if st.error:
-            failures.append((i, st.run_dir.name, st.error))
-    return PopulationResult(results, failures, sink.directory if sink.run is not None else None, t,
-                            time.time() - start, loop_seconds)
+        raise RunInterrupted(f"population interrupted at update {t}; the records so far and each member's "
+                             f"summary are kept")
+    results = [RunResult(st.run_dir, st.summary, st.summary["wandb_dir"],
+                         "do" if getattr(st.config, "target", 1) == 1 else "dont") for st in members]
+    failures = [(i, st.run_dir.name, st.error) for i, st in enumerate(members) if st.error]
+    return PopulationResult(results, failures, sink.directory, t, time.time() - start, loop_seconds)
 
 
-RECORD_ORDER = ("update", "lr", "U")
+def population_sink(wandb_parent: str | os.PathLike | None, config: TrainConfig, name: str | None,
+                    wandb_config: dict[str, Any] | None) -> WandbSink:
+    """The population's one W&B run, in ``wandb_parent/wandb`` (ntrl's own, see
+    :func:`ntrl.run_dirs.ntrl_wandb_dir`); a sink that logs nothing without a parent, with W&B
+    disabled, or when that directory is not ntrl's."""
+    if wandb_parent is None or config.wandb == "disabled" or ntrl_wandb_dir(Path(wandb_parent)) is None:
+        return WandbSink(".", {}, mode="disabled")
+    return WandbSink(wandb_parent, wandb_config or {}, mode=config.wandb, name=name, group=config.group,
+                     job_type="population")
 
 
-def _ordered(record: dict[str, Any]) -> dict[str, Any]:
-    """A record in the per-run path's key order (update, lr, U, the properties' fields, ...)."""
-    out = {k: record[k] for k in RECORD_ORDER}
-    out.update({k: v for k, v in record.items() if k not in out})
-    return out
+def tracked_stats(q: dict[str, Any], grads: list[Tensor], g: Tensor, plan, lr: Tensor,
+                  fisher0: BatchedInverseFisher | None) -> dict[str, Any]:
+    """What the tracker records before the step (see :mod:`ntrl.tracker`), per member, for P and R
+    (gradients ``grads[1]``, ``grads[2]``) and κ = ‖∇z‖² (``grads[3]``):
+    X, NTVar in the Euclidean, optimizer and Fisher metrics, NTCov with g and with d, and η·NTCov_M."""
+    before: dict[str, Any] = {}
+    for name, Gx in (("P", grads[1]), ("R", grads[2])):
+        euc = (Gx**2).sum(1)
+        if plan.fisher is not None:
+            opt = plan.fisher.ntvar(Gx)
+        elif plan.diagonal is not None:
+            opt = (Gx**2 * plan.diagonal).sum(1)
+        else:
+            opt = euc
+        ntcov_opt = (Gx * plan.direction).sum(1)
+        before[name] = {"value": q[name].detach(), "ntvar_euc": euc, "ntvar_opt": opt,
+                        "ntvar_fisher": None if fisher0 is None else fisher0.ntvar(Gx),
+                        "ntcov_euc": (Gx * g).sum(1), "ntcov_opt": ntcov_opt, "pred_delta": lr * ntcov_opt}
+    before["kappa"] = (grads[3] ** 2).sum(1)
+    return before
 
 
-def _record_fields(before: dict[str, Any], q: dict[str, Tensor], U: list[float], lr: Tensor, ret: list[float],
-                   sampled: bool) -> dict[str, Any]:
-    """Every field of this update's records, as a list over members (or one value for all)."""
-    fields: dict[str, Any] = {"lr": _floats(lr), "U": U}
+def price_scaling(pop: "_Population", q: dict[str, Any], plan, ntcov: Tensor,
+                  scales: Sequence[float]) -> list[dict[str, list[float]]]:
+    """The study's η-scaling probe (:func:`ntrl.study.executor.price_scaling_probe`) for every
+    member: |ΔP_real − ΔP_pred| / |ΔP_real| of one step of size η·s from θ, per scale s, with
+    ΔP_pred = η·s·NTCov_M(P, U) (``ntcov``, from :func:`tracked_stats`)."""
+    lr, d = pop.optimizer.lr, plan.direction
+    with torch.no_grad():
+        base = q["P"].detach()
+        errs = []
+        for s in scales:
+            eta = lr * s
+            real = pop.model.quantities(pop.stacked.logits(pop.theta + eta[:, None] * d, pop.model.obs))["P"] - base
+            pred = eta * ntcov
+            errs.append(torch.where(real != 0, (real - pred).abs() / real.abs(), torch.full_like(real, math.nan)))
+    lrs = _floats(lr)
+    return [{"lr": [lr_m * s for s in scales], "rel_error": e} for lr_m, e in zip(lrs, torch.stack(errs, 1).tolist())]
+
+
+def record_fields(t: int, before: dict[str, Any], q: dict[str, Tensor], U: list[float], lr: Tensor,
+                  returns: list[float], sampled: bool) -> dict[str, Any]:
+    """Every field of this update's records, in the per-run path's order, as a list over members
+    (or one value for all): X(θ + Δθ) from ``q``, the rest from :func:`tracked_stats`."""
+    fields: dict[str, Any] = {"update": t, "lr": _floats(lr), "U": U}
     for name in ("P", "R"):
-        b = before[name]
-        for key in ("value", "ntvar_euc", "ntvar_opt", "ntvar_fisher", "ntcov_euc", "ntcov_opt", "pred_delta"):
-            if key == "ntvar_fisher" and b[key] is None:
-                continue
-            fields[f"{name}/{key}"] = _floats(b[key])
+        for key, value in before[name].items():
+            if value is not None:
+                fields[f"{name}/{key}"] = _floats(value)
     fields["kappa"] = _floats(before["kappa"])
     fields["backend"] = "population"
     for name in ("P", "R"):
         real = q[name].detach() - before[name]["value"]
         fields[f"{name}/real_delta"] = _floats(real)
         fields[f"{name}/residual"] = _floats(real - before[name]["pred_delta"])
-    fields["return"] = ret
+    fields["return"] = returns
     if sampled:
-        fields["return_undiscounted"] = ret
+        fields["return_undiscounted"] = returns
     return fields
 
 
-def member_summary(st: MemberState, status: str, updates: int, p_end: float, sink: WandbSink) -> dict[str, Any]:
-    """The summary.json of a member: the per-run path's keys (see :func:`ntrl.train.train`)."""
-    c = st.config
-    summary = {
-        "status": status,
-        "updates": updates,
-        "p_start": st.p_start,
-        "p_end": p_end,
-        "crossed_half_at": st.crossed,
-        "started_above_half": st.p_start >= 0.5,
-        "n_probe": 1,
-        "episodes": st.episodes,
-        "episodes_cut": 0,
-        "rollout_horizon": getattr(c, "rollout_horizon", None),
-        "return_first": st.returns[0] if st.returns else None,
-        "return_last": st.returns[-1] if st.returns else None,
-        "price_check_P": price_agreement(np.array(st.pred), np.array(st.real)),
-        "records": str(st.run_dir / RECORDS_FILE),
-        "wandb_dir": sink.directory,
-        "wandb_mode": sink.mode,
-        "population": True,
-    }
+def append_records(members: list[MemberState], pop: "_Population", fields: dict[str, Any], t: int,
+                   done: dict[int, tuple], p_after: list[float], optimizer: str) -> None:
+    """Each training member's record of update t, queued for its records.jsonl; a member whose
+    record or optimizer state went non-finite is stopped instead (into ``done``), as the per-run
+    path stops (:func:`ntrl.train.train`)."""
+    opt_bad = pop.optimizer.nonfinite().tolist()
+    for row in range(len(pop.alive)):
+        if row in done:
+            continue
+        st = members[pop.alive[row]]
+        record = {k: (v[row] if isinstance(v, list) else v) for k, v in fields.items()}
+        bad = nonfinite_field(record)
+        kept = f"stopped, the {len(st.curve)} records before it are kept"
+        if bad is not None:
+            done[row] = ("failed", f"{bad} became non-finite at update {t}; {kept}", p_after[row], t + 1)
+        elif opt_bad[row]:
+            done[row] = ("failed", f"the {optimizer} optimizer's state became non-finite at update {t} (reward or "
+                                   f"learning rate too large?); {kept}", p_after[row], t + 1)
+        else:
+            st.lines.append(record_line(record))
+            st.curve.append((t, record["P/value"], record["P/pred_delta"], record["P/real_delta"]))
+
+
+def stopping(st: MemberState, p: float, t: int) -> tuple[str, str | None, float, int] | None:
+    """After update t, with P = p: how the member ends (status, error, p_end, updates), or None
+    while it goes on. Notes the update at which P first reached ½."""
+    if not math.isfinite(p):
+        return "failed", f"P became non-finite at update {t}", p, t + 1
+    if st.crossed is None and p >= 0.5 and st.p_start < 0.5:
+        st.crossed = t + 1
+    if st.config.stop_at_p is not None and p >= st.config.stop_at_p:
+        return "stopped_at_p", None, p, t + 1
+    if t + 1 >= st.config.steps:
+        return "finished", None, p, t + 1
+    return None
+
+
+def finish_member(st: MemberState, status: str, updates: int, p_end: float, sink: WandbSink) -> None:
+    """Write the member's summary.json: the per-run path's (:func:`ntrl.train.run_summary`), plus
+    ``population``, its ``error`` if it failed and its ``price_scaling`` if the probe ran."""
+    pred = np.array([c[2] for c in st.curve])
+    real = np.array([c[3] for c in st.curve])
+    st.summary = run_summary(st.config, st.run_dir, sink, status=status, updates=updates, p_start=st.p_start,
+                             p_end=p_end, crossed=st.crossed, n_probe=1, episodes=st.episodes, episodes_cut=0,
+                             returns=st.returns, price=price_agreement(pred, real))
+    st.summary["population"] = True
     if st.error:
-        summary["error"] = st.error
-    return summary
+        st.summary["error"] = st.error
+    if st.probe is not None:
+        st.summary["price_scaling"] = st.probe
+    write_json_atomic(st.run_dir / SUMMARY_FILE, st.summary)
 
 
 def flush(members: Sequence[MemberState], force: bool = False) -> None:
-    """Append the members' pending record lines to their records.jsonl."""
+    """Append the members' queued record lines to their records.jsonl (``force``: and fsync)."""
     for st in members:
         if st.lines:
             with open(st.run_dir / RECORDS_FILE, "a", encoding="utf-8") as f:
@@ -559,13 +569,13 @@ def flush(members: Sequence[MemberState], force: bool = False) -> None:
 
 def curves_table(members: Sequence[MemberState], max_rows: int = 200_000) -> tuple[list[str], list[list[Any]]]:
     """The members' P curves in long form (run, update, P): every tracked update, or when there are
-    more than ``max_rows`` in all, every k-th of each member's (its first and last kept)."""
+    more than ``max_rows`` in all, every k-th of each member's (its last always kept)."""
     total = sum(len(st.curve) for st in members)
     stride = max(1, -(-total // max_rows))
     rows = []
     for st in members:
         pts = st.curve[::stride] + (st.curve[-1:] if st.curve and (len(st.curve) - 1) % stride else [])
-        rows += [[st.run_dir.name, u, p] for u, p in pts]
+        rows += [[st.run_dir.name, c[0], c[1]] for c in pts]
     return ["run", "update", "P"], rows
 
 

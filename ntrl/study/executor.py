@@ -101,6 +101,8 @@ def run_chunk(study_dict: dict[str, Any], spec_dicts: list[dict[str, Any]], runs
     """Worker: one population chunk, the runs of one cell trained as one batched computation
     (:mod:`ntrl.population`), with each member's Price-scaling probe. Returns (spec, summary,
     error) per member; a member that failed has summary None and its error."""
+    import hashlib
+
     import torch
 
     from ntrl.population import train_population
@@ -116,7 +118,8 @@ def run_chunk(study_dict: dict[str, Any], spec_dicts: list[dict[str, Any]], runs
     specs = [RunSpec(**d) for d in spec_dicts]
     configs = [train_config_for(study, spec, Path(runs_dir), wandb_mode) for spec in specs]
     cell = specs[0].cell
-    name = f"{study.name}-{'-'.join(cell)}-pop{abs(hash(tuple(s.run_id for s in specs))) % 10**6:06d}"
+    digest = hashlib.sha1("\n".join(s.run_id for s in specs).encode()).hexdigest()[:8]  # the same chunk, the same name
+    name = f"{study.name}-{'-'.join(cell)}-pop-{digest}"
     result = train_population(configs, progress=False, probe_scales=study.price_scales, device=device,
                               wandb_parent=wandb_parent, wandb_name=name,
                               wandb_config={"study": study.name, "env": cell[0], "policy": cell[1], "optimizer": cell[2],
@@ -148,8 +151,11 @@ def work_units(study: StudyConfig, todo: list[RunSpec], runs_dir: Path, workers:
         return [("run", [s]) for s in todo]
     cells: dict[tuple, list[RunSpec]] = {}
     singles = []
+    supported: dict[tuple, bool] = {}  # what the population path covers depends on the cell alone
     for spec in todo:
-        if unsupported_reason(train_config_for(study, spec, runs_dir, "disabled")) is None:
+        if spec.cell not in supported:
+            supported[spec.cell] = unsupported_reason(train_config_for(study, spec, runs_dir, "disabled")) is None
+        if supported[spec.cell]:
             cells.setdefault(spec.cell, []).append(spec)
         else:
             singles.append(("run", [spec]))
