@@ -12,6 +12,10 @@ rounding is relative to |X|, not to themselves.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +189,76 @@ def test_study_verdicts_are_the_same_with_and_without_populations(tmp_path):
         tables.append([row[:8] for row in verdict_rows(cells)])  # the table ntrl rarity prints
     assert tables[0] == tables[1]
     assert len(tables[0]) == 4
+
+
+def test_a_batch_of_identical_episodes_gives_no_step(tmp_path):
+    """At p₀ = 1e-6 every one of the 8 sampled episodes takes the common action: the leave-one-out
+    gradient is exactly 0, so sign descent (which would turn rounding noise into a step of η)
+    does not move, per run and in a population. (P(some episode samples the rare action in 10
+    updates) = 8e-5.)"""
+    from ntrl.agents.reinforce import advantages
+
+    G = np.array([[1.0, 0.3], [1.2, 0.1], [0.9, 0.7]])  # 3 episodes × 2 members
+    A = advantages(G, "loo", np.array([True, False]))
+    assert (A[:, 0] == 0).all() and (A[:, 1] == G[:, 1] - (G[:, 1].sum() - G[:, 1]) / 2).all()
+
+    def cfg(out):
+        return BanditConfig(policy="single_logit", optimizer="sign", mode="sampled", p0=1e-6, lr=0.1, steps=10,
+                            batch_size=8, noise_std=0.3, track_every=1, wandb="disabled", out=str(out), run_name="r")
+    for records in (read_records(train(cfg(tmp_path / "per"), progress=False).run_dir),
+                    read_records(train_population([cfg(tmp_path / "pop")], progress=False).results[0].run_dir)):
+        assert len(records) == 10
+        assert all(r["P/real_delta"] == 0.0 and r["P/ntcov_euc"] == 0.0 for r in records)
+
+
+def test_a_foreign_run_directory_refuses_the_population_before_anything_is_written(tmp_path):
+    cfgs = member_configs(tmp_path, "single_logit", "sgd", "exact")
+    (tmp_path / "m2").mkdir()
+    (tmp_path / "m2" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="m2 holds files that ntrl did not write"):
+        train_population(cfgs, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m2"]
+    assert [p.name for p in (tmp_path / "m2").iterdir()] == ["notes.txt"]
+
+
+class _InterruptAt(TrackSchedule):
+    def tracks(self, t: int) -> bool:
+        if t == 5:
+            raise KeyboardInterrupt
+        return True
+
+
+def test_an_interrupted_population_keeps_every_members_records_and_summary(tmp_path):
+    from ntrl.train import RunInterrupted
+
+    cfgs = member_configs(tmp_path, "single_logit", "sgd", "exact", steps=100)
+    with pytest.raises(RunInterrupted, match="interrupted at update 5"):
+        train_population(cfgs, schedule=_InterruptAt(), progress=False)
+    for c in cfgs:
+        run_dir = tmp_path / c.run_name
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and summary["updates"] == 5
+        assert [r["update"] for r in read_records(run_dir)] == [0, 1, 2, 3, 4]
+
+
+def test_wandb_goes_only_into_a_wandb_directory_of_ntrls(tmp_path, capfd):
+    cfg = BanditConfig(policy="single_logit", optimizer="sgd", p0=0.2, lr=0.5, steps=3, wandb="offline",
+                       out=str(tmp_path / "runs"), run_name="x")
+    (tmp_path / "theirs" / "wandb").mkdir(parents=True)
+    pop = train_population([cfg], wandb_parent=tmp_path / "theirs", progress=False)
+    assert pop.wandb_dir is None and list((tmp_path / "theirs" / "wandb").iterdir()) == []
+    assert "was not made by ntrl; W&B runs are not logged there" in capfd.readouterr().err
+    cfg.force = True
+    pop = train_population([cfg], wandb_parent=tmp_path / "ours", progress=False)
+    assert pop.wandb_dir is not None and Path(pop.wandb_dir).parent == tmp_path / "ours" / "wandb"
+    assert (tmp_path / "ours" / "wandb" / ".ntrl-run").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_rarity_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    from ntrl.cli import main
+
+    assert main(["rarity", "--quick", "--device", "cuda", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("ntrl: error: --device: cuda was asked for, but torch sees no CUDA")
+    assert not (tmp_path / "s").exists()

@@ -163,6 +163,7 @@ def test_wandb_summary_run_holds_the_verdict_table(tmp_path):
     assert chunks[0]["config"]["optimizer"] == "npg" and len(chunks[0]["config"]["runs"]) == 4
     assert any("P/median" in h for h in chunks[0]["history"])
     assert any(h.get("members._type") == "table-file" and h.get("members.nrows") == 4 for h in chunks[0]["history"])
+    assert any(h.get("curves._type") == "table-file" and h.get("curves.nrows", 0) >= 4 for h in chunks[0]["history"])
     assert not list((out / "runs").glob("*/wandb"))  # no W&B run per member
 
 

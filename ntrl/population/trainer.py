@@ -47,7 +47,7 @@ from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_ro
 from ntrl.population.models import BanditModel
 from ntrl.population.optimizers import BatchedOptimizer
 from ntrl.records import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, nonfinite_field, record_line, write_json_atomic
-from ntrl.run_dirs import check_run_dir, ntrl_wandb_dir
+from ntrl.run_dirs import check_out_dir, check_run_dir, ntrl_wandb_dir
 from ntrl.tracker import price_agreement
 from ntrl.train import RunInterrupted, RunResult, prepare_run_dir, run_summary, split_seed
 from ntrl.wandb_sink import WandbSink
@@ -323,6 +323,8 @@ def train_population(
     check_memory(first, len(configs), dev, max_memory)
     for c in configs:
         check_run_dir(Path(c.out) / (c.run_name or c.default_run_name()), c.force)
+    if wandb_parent is not None:
+        check_out_dir(wandb_parent, "wandb_parent")
     log.info("tangent engine: population backend (ntrl.engine.batched, %d members on %s) for 'P', 'R' and "
              "'kappa': the chain rule through the logits, one reverse pass for all members", len(configs), dev)
     start = time.time()
@@ -420,6 +422,7 @@ def train_population(
         flush(members, force=True)
         sink.log_table("members", *members_table(members))
         sink.log_table("curves", *curves_table(members))
+        wandb_dir = sink.directory  # None once finished
         sink.finish({"members": len(members), "updates": t})
     if interrupted:
         raise RunInterrupted(f"population interrupted at update {t}; the records so far and each member's "
@@ -427,7 +430,7 @@ def train_population(
     results = [RunResult(st.run_dir, st.summary, st.summary["wandb_dir"],
                          "do" if getattr(st.config, "target", 1) == 1 else "dont") for st in members]
     failures = [(i, st.run_dir.name, st.error) for i, st in enumerate(members) if st.error]
-    return PopulationResult(results, failures, sink.directory, t, time.time() - start, loop_seconds)
+    return PopulationResult(results, failures, wandb_dir, t, time.time() - start, loop_seconds)
 
 
 def population_sink(wandb_parent: str | os.PathLike | None, config: TrainConfig, name: str | None,
@@ -435,7 +438,10 @@ def population_sink(wandb_parent: str | os.PathLike | None, config: TrainConfig,
     """The population's one W&B run, in ``wandb_parent/wandb`` (ntrl's own, see
     :func:`ntrl.run_dirs.ntrl_wandb_dir`); a sink that logs nothing without a parent, with W&B
     disabled, or when that directory is not ntrl's."""
-    if wandb_parent is None or config.wandb == "disabled" or ntrl_wandb_dir(Path(wandb_parent)) is None:
+    if wandb_parent is None or config.wandb == "disabled":
+        return WandbSink(".", {}, mode="disabled")
+    Path(wandb_parent).mkdir(parents=True, exist_ok=True)  # checked with the rest, before anything was written
+    if ntrl_wandb_dir(Path(wandb_parent)) is None:  # it has said why
         return WandbSink(".", {}, mode="disabled")
     return WandbSink(wandb_parent, wandb_config or {}, mode=config.wandb, name=name, group=config.group,
                      job_type="population")
