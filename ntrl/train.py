@@ -96,7 +96,7 @@ def split_seed(seed: int) -> tuple[int, np.random.Generator]:
 
 def run_summary(config: TrainConfig, run_dir: Path, sink: WandbSink, *, status: str, updates: int, p_start: float,
                 p_end: float, crossed: int | None, n_probe: int, episodes: int, episodes_cut: int,
-                returns: Sequence[float], price: dict[str, float]) -> dict[str, Any]:
+                return_first: float | None, return_last: float | None, price: dict[str, float]) -> dict[str, Any]:
     """A run's summary.json (the single-run path's and a population member's): how it ended, P at
     both ends and where it crossed ½, the episodes behind it, the mean return of its first and
     last update, and the Price check of its records (``price``, see :func:`price_check`)."""
@@ -111,8 +111,8 @@ def run_summary(config: TrainConfig, run_dir: Path, sink: WandbSink, *, status: 
         "episodes": episodes,
         "episodes_cut": episodes_cut,
         "rollout_horizon": getattr(config, "rollout_horizon", None),
-        "return_first": returns[0] if returns else None,
-        "return_last": returns[-1] if returns else None,
+        "return_first": return_first,
+        "return_last": return_last,
         "price_check_P": price,
         "records": str(run_dir / RECORDS_FILE),
         "wandb_dir": sink.directory,
@@ -149,7 +149,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         raise RunInterrupted(f"interrupted before the first update; {run_dir} holds the run's config only") from None
     steps_done, crossed, status = 0, None, "finished"
     episodes, episodes_cut = 0, 0
-    returns: list[float] = []  # the mean episode return of each update (undiscounted when sampled)
+    return_first = return_last = None  # the mean episode return of an update (undiscounted when sampled)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -161,7 +161,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
             for t in range(config.steps):
                 u = exp.utility(train_engine, rng)
                 episodes, episodes_cut = episodes + u.episodes, episodes_cut + u.episodes_cut
-                returns.append(u.mean_return if u.mean_undiscounted_return is None else u.mean_undiscounted_return)
+                return_last = u.mean_return if u.mean_undiscounted_return is None else u.mean_undiscounted_return
+                return_first = return_last if return_first is None else return_first
                 if not torch.isfinite(u.gradient).all():
                     raise TrainingError(f"non-finite utility gradient at update {t}")
                 plan = optimizer.plan(u.gradient, u.fisher_states)
@@ -211,7 +212,8 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         try:
             summary = run_summary(config, run_dir, sink, status=status, updates=steps_done, p_start=p_start,
                                   p_end=headline(analysis_engine.evaluate(P)), crossed=crossed, n_probe=n_probe,
-                                  episodes=episodes, episodes_cut=episodes_cut, returns=returns,
+                                  episodes=episodes, episodes_cut=episodes_cut, return_first=return_first,
+                                  return_last=return_last,
                                   price=price_check(read_records(run_dir / RECORDS_FILE), "P"))
             write_json_atomic(run_dir / SUMMARY_FILE, summary)
             flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}

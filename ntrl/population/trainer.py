@@ -46,10 +46,11 @@ from ntrl.config import ConfigError, TrainConfig
 from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients
 from ntrl.population.models import BanditModel
 from ntrl.population.optimizers import BatchedOptimizer
-from ntrl.records import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, nonfinite_field, record_line, write_json_atomic
+from ntrl.records import (
+    CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, nonfinite_field, read_records, record_line, write_json_atomic,
+)
 from ntrl.run_dirs import check_out_dir, check_run_dir, ntrl_wandb_dir
-from ntrl.tracker import price_agreement
-from ntrl.train import RunInterrupted, RunResult, prepare_run_dir, run_summary, split_seed
+from ntrl.train import RunInterrupted, RunResult, prepare_run_dir, price_check, run_summary, split_seed
 from ntrl.wandb_sink import WandbSink
 
 log = logging.getLogger(__name__)
@@ -175,10 +176,12 @@ class MemberState:
     run_dir: Path
     p_start: float = math.nan
     crossed: int | None = None
-    returns: list[float] = field(default_factory=list)
+    return_first: float | None = None  # the mean return of its first update and of its latest
+    return_last: float | None = None
     episodes: int = 0
     lines: list[str] = field(default_factory=list)  # records not yet appended to records.jsonl
-    curve: list[tuple[int, float, float, float]] = field(default_factory=list)  # (update, P, ΔP pred, ΔP real)
+    n_records: int = 0
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (update, P), thinned, once it stopped
     probe: dict[str, list[float]] | None = None
     summary: dict[str, Any] | None = None
     error: str | None = None
@@ -344,6 +347,7 @@ def train_population(
 
         bar = tqdm(total=max(c.steps for c in configs), desc=wandb_name or "population", unit="upd", file=sys.stderr,
                    dynamic_ncols=True)
+    curve_points = max(2, CURVE_ROWS // len(configs))  # per member, in the W&B curves table
     last_flush = loop_start = time.time()
     t = 0
     interrupted = False
@@ -364,7 +368,8 @@ def train_population(
             returns = U_val if returns is None else returns
             for row, r in enumerate(returns):
                 st = members[pop.alive[row]]
-                st.returns.append(r)
+                st.return_first = r if st.return_first is None else st.return_first
+                st.return_last = r
                 st.episodes += first.batch_size if pop.sampled else 0
             bad_g = ~torch.isfinite(g.sum(dim=1))  # one NaN or ±inf entry makes the row's sum non-finite
             any_bad = bool(bad_g.any())
@@ -394,13 +399,10 @@ def train_population(
                         done[row] = stop
             t += 1
             if done:
-                finished = []
                 for row, (status, message, p_end, updates) in sorted(done.items()):
                     st = members[pop.alive[row]]
                     st.error = message
-                    finish_member(st, status, updates, p_end, sink)
-                    finished.append(st)
-                flush(finished, force=True)
+                    finish_member(st, status, updates, p_end, sink, curve_points)
                 pop.select([r for r in range(len(pop.alive)) if r not in done])
                 if pop.alive:
                     q = pop.forward()
@@ -418,8 +420,7 @@ def train_population(
         if bar is not None:
             bar.close()
         for i in pop.alive:  # still training: interrupted, or stopped with the population by an error
-            finish_member(members[i], "interrupted" if interrupted else "failed", t, math.nan, sink)
-        flush(members, force=True)
+            finish_member(members[i], "interrupted" if interrupted else "failed", t, math.nan, sink, curve_points)
         sink.log_table("members", *members_table(members))
         sink.log_table("curves", *curves_table(members))
         wandb_dir = sink.directory  # None once finished
@@ -520,7 +521,7 @@ def append_records(members: list[MemberState], pop: "_Population", fields: dict[
         st = members[pop.alive[row]]
         record = {k: (v[row] if isinstance(v, list) else v) for k, v in fields.items()}
         bad = nonfinite_field(record)
-        kept = f"stopped, the {len(st.curve)} records before it are kept"
+        kept = f"stopped, the {st.n_records} records before it are kept"
         if bad is not None:
             done[row] = ("failed", f"{bad} became non-finite at update {t}; {kept}", p_after[row], t + 1)
         elif opt_bad[row]:
@@ -528,7 +529,7 @@ def append_records(members: list[MemberState], pop: "_Population", fields: dict[
                                    f"learning rate too large?); {kept}", p_after[row], t + 1)
         else:
             st.lines.append(record_line(record))
-            st.curve.append((t, record["P/value"], record["P/pred_delta"], record["P/real_delta"]))
+            st.n_records += 1
 
 
 def stopping(st: MemberState, p: float, t: int) -> tuple[str, str | None, float, int] | None:
@@ -545,20 +546,26 @@ def stopping(st: MemberState, p: float, t: int) -> tuple[str, str | None, float,
     return None
 
 
-def finish_member(st: MemberState, status: str, updates: int, p_end: float, sink: WandbSink) -> None:
-    """Write the member's summary.json: the per-run path's (:func:`ntrl.train.run_summary`), plus
-    ``population``, its ``error`` if it failed and its ``price_scaling`` if the probe ran."""
-    pred = np.array([c[2] for c in st.curve])
-    real = np.array([c[3] for c in st.curve])
+def finish_member(st: MemberState, status: str, updates: int, p_end: float, sink: WandbSink, curve_points: int) -> None:
+    """The member has stopped: append its last records (fsynced), write its summary.json (the
+    per-run path's, :func:`ntrl.train.run_summary`, with the Price check read back from its records
+    as that path reads it, plus ``population``, its ``error`` if it failed and its
+    ``price_scaling`` if the probe ran), and keep at most ``curve_points`` of its P curve for W&B."""
+    flush([st], force=True)
+    records = read_records(st.run_dir)
     st.summary = run_summary(st.config, st.run_dir, sink, status=status, updates=updates, p_start=st.p_start,
                              p_end=p_end, crossed=st.crossed, n_probe=1, episodes=st.episodes, episodes_cut=0,
-                             returns=st.returns, price=price_agreement(pred, real))
+                             return_first=st.return_first, return_last=st.return_last,
+                             price=price_check(records, "P"))
     st.summary["population"] = True
     if st.error:
         st.summary["error"] = st.error
     if st.probe is not None:
         st.summary["price_scaling"] = st.probe
     write_json_atomic(st.run_dir / SUMMARY_FILE, st.summary)
+    stride = max(1, -(-len(records) // curve_points))
+    kept = records[::stride] + (records[-1:] if records and (len(records) - 1) % stride else [])
+    st.curve = [(r["update"], r["P/value"]) for r in kept]
 
 
 def flush(members: Sequence[MemberState], force: bool = False) -> None:
@@ -573,16 +580,13 @@ def flush(members: Sequence[MemberState], force: bool = False) -> None:
             st.lines.clear()
 
 
-def curves_table(members: Sequence[MemberState], max_rows: int = 200_000) -> tuple[list[str], list[list[Any]]]:
-    """The members' P curves in long form (run, update, P): every tracked update, or when there are
-    more than ``max_rows`` in all, every k-th of each member's (its last always kept)."""
-    total = sum(len(st.curve) for st in members)
-    stride = max(1, -(-total // max_rows))
-    rows = []
-    for st in members:
-        pts = st.curve[::stride] + (st.curve[-1:] if st.curve and (len(st.curve) - 1) % stride else [])
-        rows += [[st.run_dir.name, c[0], c[1]] for c in pts]
-    return ["run", "update", "P"], rows
+CURVE_ROWS = 200_000  # rows of a population's W&B curves table, at most
+
+
+def curves_table(members: Sequence[MemberState]) -> tuple[list[str], list[list[Any]]]:
+    """The members' P curves in long form (run, update, P): every tracked update, or, beyond
+    :data:`CURVE_ROWS` in all, every k-th of each member's (its last always kept)."""
+    return ["run", "update", "P"], [[st.run_dir.name, u, p] for st in members for u, p in st.curve]
 
 
 def members_table(members: Sequence[MemberState]) -> tuple[list[str], list[list[Any]]]:
