@@ -185,6 +185,7 @@ class MemberState:
     probe: dict[str, list[float]] | None = None
     summary: dict[str, Any] | None = None
     error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # added to its summary
 
 
 @dataclass
@@ -306,6 +307,7 @@ def train_population(
     wandb_config: dict[str, Any] | None = None,
     max_memory: int | None = None,
     flush_seconds: float = 1.0,
+    summary_extra: Sequence[dict[str, Any]] | None = None,
 ) -> PopulationResult:
     """Train every config of ``configs`` as one population; write each member's run directory.
 
@@ -315,8 +317,9 @@ def train_population(
     or already ntrl's) holds the population's one W&B run, in the configs' W&B mode; without it the
     population logs no W&B run. ``max_memory``: bytes the population may use (default: half the
     available memory). Every check (configs, memory, the members' run directories) runs before
-    anything is written. A member's summary.json is written when it stops; records are appended at
-    most ``flush_seconds`` apart."""
+    anything is written. A member's summary.json is written when it stops, with the items of its
+    entry of ``summary_extra`` added (the study adds its run spec); records are appended at most
+    ``flush_seconds`` apart."""
     configs = [c.validate() for c in configs]
     check_compatible(configs)
     first = configs[0]
@@ -335,11 +338,11 @@ def train_population(
         keep_freed_memory()
     pop = _Population(configs, dev)
     members = []
-    for c in configs:
+    for i, c in enumerate(configs):
         run_dir = prepare_run_dir(c)
         write_json_atomic(run_dir / CONFIG_FILE, c.to_dict())
         (run_dir / RECORDS_FILE).touch()
-        members.append(MemberState(c, run_dir))
+        members.append(MemberState(c, run_dir, extra=dict(summary_extra[i]) if summary_extra else {}))
     sink = population_sink(wandb_parent, first, wandb_name, wandb_config)
     bar = None
     if progress:
@@ -562,6 +565,7 @@ def finish_member(st: MemberState, status: str, updates: int, p_end: float, sink
         st.summary["error"] = st.error
     if st.probe is not None:
         st.summary["price_scaling"] = st.probe
+    st.summary.update(st.extra)
     write_json_atomic(st.run_dir / SUMMARY_FILE, st.summary)
     stride = max(1, -(-len(records) // curve_points))
     kept = records[::stride] + (records[-1:] if records and (len(records) - 1) % stride else [])

@@ -96,18 +96,18 @@ def run_one(study_dict: dict[str, Any], spec_dict: dict[str, Any], runs_dir: str
 
 
 def run_chunk(study_dict: dict[str, Any], spec_dicts: list[dict[str, Any]], runs_dir: str, wandb_mode: str,
-              parent_pid: int | None = None, verbose: bool = False, device: str = "cpu",
+              verbose: bool = False, device: str = "cpu",
               wandb_parent: str | None = None) -> list[tuple[dict[str, Any], dict[str, Any] | None, str | None]]:
     """Worker: one population chunk, the runs of one cell trained as one batched computation
     (:mod:`ntrl.population`), with each member's Price-scaling probe. Returns (spec, summary,
-    error) per member; a member that failed has summary None and its error."""
+    error) per member; a member that failed has summary None and its error. Each member's summary
+    is written when it stops; a worker whose parent died is ended by its watchdog
+    (:func:`ntrl.study.lock.worker_init`)."""
     import hashlib
 
     import torch
 
     from ntrl.population import train_population
-    from ntrl.records import SUMMARY_FILE, write_json_atomic
-    from ntrl.study.lock import parent_alive
 
     torch.set_num_threads(1)
     if verbose:
@@ -124,20 +124,11 @@ def run_chunk(study_dict: dict[str, Any], spec_dicts: list[dict[str, Any]], runs
                               wandb_parent=wandb_parent, wandb_name=name,
                               wandb_config={"study": study.name, "env": cell[0], "policy": cell[1], "optimizer": cell[2],
                                             "mode": cell[3], "members": len(specs),
-                                            "runs": [s.run_id for s in specs]})
-    if parent_pid is not None and not parent_alive(parent_pid):
-        os._exit(1)
+                                            "runs": [s.run_id for s in specs]},
+                              summary_extra=[{"spec": d} for d in spec_dicts])
     errors = {i: e for i, _, e in result.failures}
-    out = []
-    for i, (spec, d, res) in enumerate(zip(specs, spec_dicts, result.results)):
-        if i in errors:
-            out.append((d, None, errors[i]))
-            continue
-        summary = dict(res.summary)
-        summary["spec"] = d
-        write_json_atomic(res.run_dir / SUMMARY_FILE, summary)
-        out.append((d, summary, None))
-    return out
+    return [(d, None, errors[i]) if i in errors else (d, res.summary, None)
+            for i, (d, res) in enumerate(zip(spec_dicts, result.results))]
 
 
 def work_units(study: StudyConfig, todo: list[RunSpec], runs_dir: Path, workers: int, population: bool,
@@ -425,7 +416,7 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
                     with signals_held():
                         if kind == "population":
                             fut = pool.submit(run_chunk, study_dict, [asdict(s) for s in unit], str(runs_dir),
-                                              wandb_mode, os.getpid(), verbose, device, wandb_parent)
+                                              wandb_mode, verbose, device, wandb_parent)
                         else:
                             fut = pool.submit(run_one, study_dict, asdict(unit[0]), str(runs_dir), wandb_mode,
                                               os.getpid(), verbose)
