@@ -71,28 +71,16 @@ class StackedPolicy:
         return vmap(lambda p: functional_call(self.module, p, (obs,)))(blocks)
 
 
-def member_gradients(outputs: list[Tensor], leaves: list[Tensor], retain_last: bool = False) -> list[Tensor]:
-    """∇θ_m of each output, per member: for an output X of shape (M,) the rows of ∂(Σ_m X_m)/∂θ,
-    shape (M, P), from the parameter blocks ``leaves`` (:meth:`StackedPolicy.leaves`); for one of
-    shape (M, n), one such pass per entry, shape (M, n, P)."""
-    flat: list[tuple[int, int, Tensor]] = []
-    for i, X in enumerate(outputs):
-        if X.ndim == 1:
-            flat.append((i, -1, X))
-        else:
-            flat += [(i, j, X[:, j]) for j in range(X.shape[1])]
-    grads: list[Tensor] = []
-    for k, (_, _, x) in enumerate(flat):
-        retain = retain_last or k < len(flat) - 1
-        M = x.shape[0]
-        parts = (torch.autograd.grad(x.sum(), leaves, retain_graph=retain, allow_unused=True)
+def member_gradients(outputs: list[Tensor], leaves: list[Tensor]) -> list[Tensor]:
+    """∇θ_m of each output X of shape (M,), per member: the rows of ∂(Σ_m X_m)/∂θ, shape (M, P),
+    one reverse pass per output, from the parameter blocks ``leaves`` (:meth:`StackedPolicy.leaves`)."""
+    grads = []
+    for k, x in enumerate(outputs):
+        parts = (torch.autograd.grad(x.sum(), leaves, retain_graph=k < len(outputs) - 1, allow_unused=True)
                  if x.requires_grad else [None] * len(leaves))
-        grads.append(torch.cat([(p if p is not None else torch.zeros_like(leaf)).reshape(M, -1)
+        grads.append(torch.cat([(p if p is not None else torch.zeros_like(leaf)).reshape(x.shape[0], -1)
                                 for p, leaf in zip(parts, leaves)], dim=1))
-    out: list[list[Tensor]] = [[] for _ in outputs]
-    for (i, j, _), gr in zip(flat, grads):
-        out[i].append(gr)
-    return [rows[0] if outputs[i].ndim == 1 else torch.stack(rows, dim=1) for i, rows in enumerate(out)]
+    return grads
 
 
 @dataclass
@@ -133,18 +121,16 @@ class BatchedInverseFisher:
         return out
 
     def ntvar(self, grad: Tensor) -> Tensor:
-        """∇X_m · M_m ∇X_m for gradients of shape (M, P) (or (M, n, P): shape (M, n)), from the
-        directional derivatives C_k = ∇X·v_k: Σ_k w_k C_k² + (‖∇X‖² − Σ_{k kept} C_k²)/λ."""
-        squeeze = grad.ndim == 2
-        g = grad[:, None] if squeeze else grad
-        C = torch.einsum("mnp,mrp->mnr", g, self.Vh)
-        out = (C**2 * self.inv[:, None]).sum(-1)
+        """∇X_m · M_m ∇X_m for gradients of shape (M, P), from the directional derivatives
+        C_k = ∇X·v_k: Σ_k w_k C_k² + (‖∇X‖² − Σ_{k kept} C_k²)/λ."""
+        C = torch.einsum("mp,mrp->mr", grad, self.Vh)
+        out = (C**2 * self.inv).sum(-1)
         damped = self.damping > 0
         if bool(damped.any()):
-            rest = (g**2).sum(-1) - (C**2 * self.keep[:, None]).sum(-1)
+            rest = (grad**2).sum(-1) - (C**2 * self.keep).sum(-1)
             lam = torch.where(damped, self.damping, torch.ones_like(self.damping))
-            out = out + torch.where(damped[:, None], rest / lam[:, None], torch.zeros_like(out))
-        return out[:, 0] if squeeze else out
+            out = out + torch.where(damped, rest / lam, torch.zeros_like(out))
+        return out
 
 
 def log_prob_rows(jacobian_rows: Tensor, probs: Tensor) -> Tensor:

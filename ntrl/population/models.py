@@ -45,7 +45,8 @@ class BanditModel:
     n_actions = 2
 
     def __init__(self, rewards: np.ndarray, noise_std: np.ndarray, target: int, device: torch.device):
-        self.rewards = torch.as_tensor(np.asarray(rewards, dtype=np.float64), device=device)
+        self.rewards_np = np.asarray(rewards, dtype=np.float64)  # the sampler's copy, on the host
+        self.rewards = torch.as_tensor(self.rewards_np, device=device)
         self.noise_std = np.asarray(noise_std, dtype=np.float64)
         self.target = int(target)
         self.obs = torch.ones(1, 1, dtype=torch.float64, device=device)
@@ -53,8 +54,9 @@ class BanditModel:
 
     def select(self, keep: Tensor) -> None:
         """Keep only the members ``keep`` (an index tensor), in that order."""
-        self.rewards = self.rewards[keep]
-        self.noise_std = self.noise_std[keep.cpu().numpy()]
+        rows = keep.cpu().numpy()
+        self.rewards, self.rewards_np = self.rewards[keep], self.rewards_np[rows]
+        self.noise_std = self.noise_std[rows]
 
     def quantities(self, Z: Tensor) -> dict[str, Tensor]:
         """P, R and the log-odds z of the target, each of shape (M,), from logits (M, 1, 2)."""
@@ -75,7 +77,7 @@ class BanditModel:
         M = probs.shape[0]
         actions = np.empty((M, batch_size), dtype=np.int64)
         G = np.empty((M, batch_size))
-        r = self.rewards.cpu().numpy()
+        r = self.rewards_np
         for m in range(M):
             u_probs = np.broadcast_to(probs[m], (batch_size, probs.shape[1]))
             a = sample_actions(u_probs, action_rngs[m])

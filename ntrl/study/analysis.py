@@ -148,26 +148,29 @@ def by_p0(runs: Sequence[RunData]) -> list[list[RunData]]:
     return [groups[k] for k in sorted(groups)]
 
 
+def run_points(runs: Sequence[RunData], name: str,
+               point: Callable[[dict[str, Any]], tuple[float, float] | None]) -> tuple[np.ndarray, np.ndarray]:
+    """The (p, y) pairs ``point(record)`` gives (None: no pair) over every run's records,
+    concatenated. Each run's pairs are read from its records once and kept in its ``cache`` under
+    ``name``: the bootstrap asks for them about a thousand times."""
+    for r in runs:
+        if name not in r.cache:
+            pairs = [xy for xy in map(point, r.records) if xy is not None]
+            r.cache[name] = (np.array([p for p, _ in pairs], dtype=float), np.array([y for _, y in pairs], dtype=float))
+    if not runs:
+        return np.array([]), np.array([])
+    return np.concatenate([r.cache[name][0] for r in runs]), np.concatenate([r.cache[name][1] for r in runs])
+
+
 def law_points(runs: Sequence[RunData], key: str, p_max: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """(p, y) pairs from tracked records with 0 < p ≤ p_max and y > 0 (y from ``key``)."""
-    def one(r: RunData) -> tuple[np.ndarray, np.ndarray]:
-        ck = f"law:{key}:{p_max}"
-        if ck not in r.cache:
-            ps, ys = [], []
-            for rec in r.records:
-                p = rec.get("P/value")
-                y = rec.get(key)
-                if (isinstance(p, (int, float)) and isinstance(y, (int, float)) and 0 < p <= p_max and y > 0
-                        and math.isfinite(y)):
-                    ps.append(p)
-                    ys.append(y)
-            r.cache[ck] = (np.array(ps, dtype=float), np.array(ys, dtype=float))
-        return r.cache[ck]
+    def point(rec: dict[str, Any]) -> tuple[float, float] | None:
+        p, y = rec.get("P/value"), rec.get(key)
+        ok = (isinstance(p, (int, float)) and isinstance(y, (int, float)) and 0 < p <= p_max and y > 0
+              and math.isfinite(y))
+        return (p, y) if ok else None
 
-    pairs = [one(r) for r in runs]
-    if not pairs:
-        return np.array([]), np.array([])
-    return np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs])
+    return run_points(runs, f"law:{key}:{p_max}", point)
 
 
 def regression_ci(X: np.ndarray, y: np.ndarray, k: int) -> tuple[float, float, float]:
@@ -222,21 +225,15 @@ def drift_points(runs: Sequence[RunData], bins_per_decade: int = 4) -> tuple[np.
     """(p, E[ΔP]/η) on log-spaced bins of p ≤ ½: the mean realised ΔP/η of the tracked updates
     whose pre-step p falls in each bin (negative ΔP from sampled gradients included), at the
     bin's geometric-mean p. Bins with a non-positive mean are dropped."""
-    def one(r: RunData) -> tuple[np.ndarray, np.ndarray]:
-        if "drift" not in r.cache:
-            ps, ys = [], []
-            for rec in r.records:
-                p, d, lr = rec.get("P/value"), rec.get("P/real_delta"), rec.get("lr")
-                if isinstance(d, (int, float)) and isinstance(p, (int, float)) and 0 < p <= 0.5 and math.isfinite(d):
-                    ps.append(p)
-                    ys.append(d / lr)
-            r.cache["drift"] = (np.array(ps, dtype=float), np.array(ys, dtype=float))
-        return r.cache["drift"]
+    def point(rec: dict[str, Any]) -> tuple[float, float] | None:
+        p, d, lr = rec.get("P/value"), rec.get("P/real_delta"), rec.get("lr")
+        ok = isinstance(d, (int, float)) and isinstance(p, (int, float)) and 0 < p <= 0.5 and math.isfinite(d)
+        return (p, d / lr) if ok else None
 
-    pairs = [one(r) for r in runs]
-    if not pairs or not sum(len(a) for a, _ in pairs):
+    ps, ys = run_points(runs, "drift", point)
+    if not len(ps):
         return np.array([]), np.array([])
-    logp, y = np.log10(np.concatenate([a for a, _ in pairs])), np.concatenate([b for _, b in pairs])
+    logp, y = np.log10(ps), ys
     edges = np.arange(np.floor(logp.min() * bins_per_decade), np.ceil(logp.max() * bins_per_decade) + 1) / bins_per_decade
     idx = np.clip(np.digitize(logp, edges) - 1, 0, len(edges) - 2)
     bp, by = [], []
