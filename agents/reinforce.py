@@ -38,6 +38,7 @@ class EpisodeBatch:
     n_episodes: int
     n_cut: int = 0  # episodes cut at max_steps (neither terminated nor truncated by the env)
     undiscounted_returns: np.ndarray | None = None  # (B,) Σ_t r_t of each episode
+    episode: Tensor | None = None  # (T,) the episode each transition belongs to
 
 
 @dataclass
@@ -51,6 +52,9 @@ class UtilityGradient:
     episodes: int = 0  # sampled episodes behind this update (0: exact)
     episodes_cut: int = 0  # of which were cut at the rollout horizon
     mean_undiscounted_return: float | None = None  # mean Σ_t r_t of the sampled episodes
+    # sampled: the per-episode terms (U_1, …, U_B) of the surrogate U = (1/B) Σ_i U_i, as a
+    # property of the policy (their Jacobian rows are the per-episode gradient contributions)
+    episode_utilities: Callable[[PolicyView], Tensor] | None = None
 
 
 def rewards_to_go(rewards: np.ndarray, gamma: float = 1.0) -> np.ndarray:
@@ -151,6 +155,7 @@ def collect_episodes(
         n_episodes=n_episodes,
         n_cut=n_cut,
         undiscounted_returns=R_pad.sum(axis=1),
+        episode=torch.as_tensor(np.repeat(np.arange(n_episodes), lengths)),
     )
 
 
@@ -160,6 +165,19 @@ def surrogate_utility(batch: EpisodeBatch) -> Callable[[PolicyView], Tensor]:
     def U(view: PolicyView) -> Tensor:
         logp = view.log_probs(batch.obs).gather(-1, batch.actions[:, None])[:, 0]
         return (batch.advantages.to(logp.dtype) * logp).sum() / batch.n_episodes
+
+    return U
+
+
+def episode_utilities(batch: EpisodeBatch) -> Callable[[PolicyView], Tensor]:
+    """U_i(view) = Σ_{t in episode i} (G − b) log π(a|s) for every episode i, shape (B,): the terms
+    of the surrogate, U_s = (1/B) Σ_i U_i, whose gradients are the per-episode contributions."""
+
+    def U(view: PolicyView) -> Tensor:
+        logp = view.log_probs(batch.obs).gather(-1, batch.actions[:, None])[:, 0]
+        terms = batch.advantages.to(logp.dtype) * logp
+        return torch.zeros(batch.n_episodes, dtype=logp.dtype, device=logp.device).index_add(
+            0, batch.episode.to(logp.device), terms)
 
     return U
 
@@ -190,4 +208,5 @@ def sampled_gradient(
     w = torch.full((batch.obs.shape[0],), 1.0 / batch.obs.shape[0], dtype=torch.float64)
     return UtilityGradient(value, g, (batch.obs, w), float(batch.episode_returns.mean()),
                            episodes=batch.n_episodes, episodes_cut=batch.n_cut,
-                           mean_undiscounted_return=float(batch.undiscounted_returns.mean()))
+                           mean_undiscounted_return=float(batch.undiscounted_returns.mean()),
+                           episode_utilities=episode_utilities(batch))

@@ -17,6 +17,8 @@ from ntrl.agents.reinforce import BASELINES, GRADIENT_MODES
 from ntrl.wandb_sink import WANDB_MODES
 
 DTYPES = ("float64", "float32")
+ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8}  # torch.optim.Adam's
+ADAM_FIELDS = tuple(ADAM_DEFAULTS)
 
 
 @dataclass
@@ -29,7 +31,9 @@ class Experiment:
     before each tracked step with the float64 analysis engine, the optimizer's step plan and, if
     it takes a fourth argument, the tracker's :class:`ntrl.engine.tangent.TangentStats` per property
     name (values, and the Jacobian rows where the engine formed them, so extra quantities need
-    not differentiate again); its items are added to the record.
+    not differentiate again); its items are added to the record. ``exact_utility``, where the
+    environment has an exact model, is J(π) as a property: in sampled mode the tracker records
+    the expected change η·∇X·M∇J beside the sampled one.
     """
 
     env: Any
@@ -40,6 +44,7 @@ class Experiment:
     utility: Callable[..., Any]
     target_label: str = "target"
     extra_tracking: Callable[..., dict] | None = None
+    exact_utility: Any = None  # J(π) as a property, where the env has an exact model (E[ΔX] in sampled mode)
 
 
 class ConfigError(ValueError):
@@ -90,13 +95,24 @@ class TrainConfig:
     batch_size: int = option(64, "episodes per update in sampled mode")
     baseline: Baseline = option("loo", "sampled-mode baseline: loo (leave-one-out mean) or none")
     track_every: int = option(1, "track every k-th update")
+    track_per_decade: int | None = option(None, "track log-spaced instead: update 0 and round(10^(i/n)) for "
+                                                "i = 0, 1, ..., n per decade of t (long extinction runs)")
     stop_at_p: float | None = option(None, "stop once P reaches this value")
+    stop_below_p: float | None = option(None, "stop once P falls to this value (extinction runs)")
     width: int = option(64, "MLP hidden width")
     depth: int = option(2, "MLP hidden layers")
     activation: Activation = option("tanh", "MLP activation")
     dtype: DType = option("float64", "policy dtype (tracking always runs in float64)")
     npg_damping: float = option(0.0, "λ in (F + λI)⁻¹ for npg (0: pseudo-inverse)")
+    adam_beta1: float = option(0.9, "Adam's β₁, the first-moment memory (--optimizer adam)")
+    adam_beta2: float = option(0.999, "Adam's β₂, the second-moment memory (--optimizer adam)")
+    adam_eps: float = option(1e-8, "Adam's ε (--optimizer adam)")
     fisher: bool = option(True, "also record NTVar in the Fisher metric")
+    price_scales: list[float] = option(default_factory=list, help="at every tracked update, also replay the step "
+                                       "at η·s for each scale s (repeat the flag): how the Price error scales "
+                                       "with η, and the largest η that stays first-order")
+    noise: bool = option(True, "sampled mode: record the predicted spread of ΔX from the batch's per-episode "
+                               "gradients (and the isotropic model's)")
     threads: int = option(1, "torch threads (1 is fastest for these small networks)")
     out: str = option("runs", "parent directory of the run directory")
     run_name: str | None = option(None, "name of the run directory under --out (None: from the config)")
@@ -141,15 +157,46 @@ class TrainConfig:
         need(self.width >= 1, "width", f"must be >= 1, got {self.width}")
         need(self.depth >= 0, "depth", f"must be >= 0, got {self.depth}")
         need(self.npg_damping >= 0, "npg_damping", f"must be >= 0, got {self.npg_damping}")
+        need(self.optimizer == "npg" or self.npg_damping == 0, "npg_damping",
+             f"applies to --optimizer npg only, not {self.optimizer}")
+        for name, lo, hi in (("adam_beta1", 0.0, 1.0), ("adam_beta2", 0.0, 1.0)):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and lo <= value < hi, name, f"must be in [0, 1), got {value}")
+        need(isinstance(self.adam_eps, (int, float)) and math.isfinite(self.adam_eps) and self.adam_eps >= 0,
+             "adam_eps", f"must be a finite number >= 0, got {self.adam_eps}")
+        if self.optimizer != "adam":
+            for name in ADAM_FIELDS:
+                need(getattr(self, name) == ADAM_DEFAULTS[name], name,
+                     f"applies to --optimizer adam only, not {self.optimizer}")
+        if self.track_per_decade is not None:
+            need(self.track_per_decade >= 1, "track_per_decade", f"must be >= 1, got {self.track_per_decade}")
+        need(all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in self.price_scales),
+             "price_scales", f"must be finite numbers > 0, got {self.price_scales}")
         need(self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         if self.stop_at_p is not None:
             need(0.0 < self.stop_at_p < 1.0, "stop_at_p", f"must be in (0, 1), got {self.stop_at_p}")
+        if self.stop_below_p is not None:
+            need(0.0 < self.stop_below_p < 1.0, "stop_below_p", f"must be in (0, 1), got {self.stop_below_p}")
         from ntrl.run_dirs import check_name, check_out_dir
 
         if self.run_name is not None:
             check_name(self.run_name, "--run-name")
         check_out_dir(self.out)
         return self
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """The settings of this run's optimizer beyond its learning rate (``make_optimizer``'s kwargs)."""
+        if self.optimizer == "npg":
+            return {"damping": self.npg_damping}
+        if self.optimizer == "adam":
+            return {"betas": (self.adam_beta1, self.adam_beta2), "eps": self.adam_eps}
+        return {}
+
+    def track_schedule(self) -> "TrackSchedule":
+        """Which updates this run tracks (--track-every, or log-spaced with --track-per-decade)."""
+        from ntrl.tracker import TrackSchedule
+
+        return TrackSchedule(every=self.track_every, per_decade=self.track_per_decade)
 
     def default_run_name(self) -> str:
         return f"{self.env}-{self.policy}-{self.optimizer}-{self.mode}-p0={self.p0:g}-seed{self.seed}"

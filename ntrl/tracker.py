@@ -15,15 +15,42 @@ and after the step
     real_delta     X(θ + Δθ) − X(θ)
     residual       real_delta − pred_delta     (O(η²) from curvature)
 
-plus ``kappa`` = ‖∇z‖² for the log-odds z of the target action, and the utility ``U``.
+plus ``kappa`` = ‖∇z‖² for the log-odds z of the target action, the utility ``U``, and
+
+    first_order    |residual| ≤ ½·|pred_delta|  (the update was in the first-order regime)
+
+With ``price_scales`` (the η-probe), for the headline property P (its mean over entries), at
+every tracked update: the step replayed from θ at η·s for each scale s,
+
+    probe_lr       η·s
+    probe_real     P(θ + η s d) − P(θ)
+    probe_pred     η s NTCov_M(P, U)
+
+so that the relative error |real − pred| / |real| can be fitted against η along the whole
+trajectory (slope 1 for a first-order prediction, SCIENCE.md §1), and the largest η that keeps
+the update first-order read off.
+
+In sampled mode (SCIENCE.md §4), from the batch's per-episode gradient contributions
+h_i = ∇U_i (U = (1/B) Σ_i U_i; the rows of the engine's Jacobian of (U_1, …, U_B)),
+Σ = Cov_i(h_i)/B, and for each property X (its mean over entries), with v_X = M ∇X:
+
+    noise_sd       η·sqrt(∇Xᵀ M Σ M ∇X) = η·sqrt(Var_i(h_i · v_X) / B)     the predicted spread of ΔX
+    noise_sd_iso   η·sqrt(tr Σ / P)·‖v_X‖                                 the isotropic model's
+    expected_delta η·∇X · M ∇J     (the exact gradient of J, where the environment has a model)
+
+and, for the first two properties X, Y: ``noise/cov_X_Y`` = η²·Cov_i(h_i·v_X, h_i·v_Y)/B and
+``noise/cov_X_Y_iso`` = η²·(tr Σ / P)·v_X·v_Y, with ``noise/trace_sigma`` = tr Σ. For SGD this is
+the spread of ΔX to first order; for sign descent, Adam and a sampled-Fisher NPG, M itself
+depends on the batch (and Adam steps along m̂, not ĝ), so these are the spreads of M·ĝ at the
+step's M.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
-
+import math
 import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,12 +62,49 @@ from ntrl.engine.tangent import TangentEngine, TangentStats
 
 
 
+@dataclass(frozen=True)
+class TrackSchedule:
+    """Which updates are tracked: every ``every``-th, or (``per_decade``) log-spaced,
+    t ∈ {0} ∪ {round(10^(i/per_decade)) : i ≥ 0}."""
+
+    every: int = 1
+    per_decade: int | None = None
+
+    def __post_init__(self):
+        from ntrl.config import ConfigError
+
+        if self.every < 1:
+            raise ConfigError("--track-every", f"must be >= 1, got {self.every}")
+        if self.per_decade is not None and self.per_decade < 1:
+            raise ConfigError("--track-per-decade", f"must be >= 1, got {self.per_decade}")
+
+    def tracks(self, t: int) -> bool:
+        """Whether update t is tracked."""
+        if self.per_decade is None:
+            return t % self.every == 0
+        if t == 0:
+            return True
+        i = round(self.per_decade * math.log10(t))  # the only i whose round(10^(i/n)) can be t
+        return any(int(round(10 ** (j / self.per_decade))) == t for j in (i - 1, i, i + 1) if j >= 0)
+
+
+FIRST_ORDER_TOLERANCE = 0.5  # an update is first-order when |realised − predicted| ≤ ½·|predicted|
+
+
+def first_order(real: Any, pred: Any) -> Any:
+    """Whether the realised change is within FIRST_ORDER_TOLERANCE·|predicted| of the prediction
+    (elementwise, for tensors or arrays): |real − pred| ≤ ½·|pred|."""
+    return abs(real - pred) <= FIRST_ORDER_TOLERANCE * abs(pred)
+
+
 def price_agreement(pred: np.ndarray, real: np.ndarray) -> dict[str, float]:
     """How well predicted ΔX matches realised ΔX over many updates:
     R² = 1 − Σ(real − pred)² / Σ(real − mean real)², and the median and 90th percentile of the
-    relative error |real − pred| / |real| (updates with real = 0 left out)."""
+    relative error |real − pred| / |real| (updates with real = 0 left out), and the share of the
+    updates outside the first-order regime (:func:`first_order`)."""
     pred, real = np.asarray(pred, dtype=float), np.asarray(real, dtype=float)
-    out = {"n": int(len(real)), "r2": float("nan"), "median_rel_error": float("nan"), "p90_rel_error": float("nan")}
+    out = {"n": int(len(real)), "r2": float("nan"), "median_rel_error": float("nan"), "p90_rel_error": float("nan"),
+           "outside_first_order": float(np.mean(~first_order(real, pred))) if len(real) else float("nan")}
     with np.errstate(over="ignore", invalid="ignore"):  # a huge misprediction overflows to R² = −inf
         if len(real) >= 2:
             ss_tot = float(np.sum((real - real.mean()) ** 2))
@@ -74,7 +138,7 @@ class PendingUpdate:
 
 
 class Tracker:
-    """Computes, at every ``every``-th update, the Price prediction and the realised change."""
+    """Computes, at every tracked update (``schedule``), the Price prediction and the realised change."""
 
     def __init__(
         self,
@@ -84,6 +148,11 @@ class Tracker:
         every: int = 1,
         fisher: bool = True,
         fisher_damping: float = 0.0,
+        *,
+        schedule: TrackSchedule | None = None,
+        price_scales: Sequence[float] = (),
+        noise: bool = True,
+        exact_utility: Callable[[Any], Tensor] | None = None,
     ):
         if every < 1:
             raise ValueError(f"track interval must be >= 1, got {every}")
@@ -93,9 +162,12 @@ class Tracker:
         self.engine = engine
         self.properties = list(properties)
         self.kappa = kappa
-        self.every = every
+        self.schedule = schedule if schedule is not None else TrackSchedule(every=every)
         self.fisher = fisher
         self.fisher_damping = fisher_damping
+        self.price_scales = [float(s) for s in price_scales]
+        self.noise = noise
+        self.exact_utility = exact_utility
 
     def _fisher(self, plan, fisher_states: tuple[Tensor, Tensor]) -> Metric:
         """The Fisher metric over the update's states: NPG's own when it is the same metric;
@@ -111,19 +183,27 @@ class Tracker:
             return Euclidean()
 
     def should_track(self, update: int) -> bool:
-        return update % self.every == 0
+        return self.schedule.tracks(update)
 
     def before(self, update: int, gradient: Tensor, plan, utility_value: float,
-               fisher_states: tuple[Tensor, Tensor] | None = None) -> PendingUpdate:
-        """Everything that is known before the step: X, NTVar, NTCov and the prediction."""
+               fisher_states: tuple[Tensor, Tensor] | None = None,
+               episode_utilities: Callable[[Any], Tensor] | None = None) -> PendingUpdate:
+        """Everything that is known before the step: X, NTVar, NTCov and the prediction; the
+        η-probe; in sampled mode (``episode_utilities``: the per-episode terms U_i of the
+        surrogate, U = (1/B) Σ_i U_i) the predicted spread of ΔX."""
         metrics: dict[str, Metric] = {"euc": Euclidean(), "opt": plan.metric}
         if self.fisher and fisher_states is not None:
             metrics["fisher"] = self._fisher(plan, fisher_states)
             if not self.fisher:
                 del metrics["fisher"]
         record: dict[str, Any] = {"update": update, "lr": plan.lr, "U": utility_value}
+        directions = {"g": gradient, "d": plan.direction}
+        sampled = episode_utilities is not None
+        if sampled and self.exact_utility is not None:  # E[ΔX] from the exact gradient of J
+            g_exact = self.engine.gradient(self.exact_utility)
+            directions["j"] = plan.metric.apply(g_exact[None].to(plan.direction.dtype))[0]
         before, predicted = {}, {}
-        all_stats = self.engine.stats_many(self.properties, metrics, directions={"g": gradient, "d": plan.direction})
+        all_stats = self.engine.stats_many(self.properties, metrics, directions=directions)
         for X, s in zip(self.properties, all_stats):
             pred = plan.lr * s.ntcov["d"]
             before[X.name], predicted[X.name] = s.value, pred
@@ -133,21 +213,69 @@ class Tracker:
             record[f"{X.name}/ntcov_euc"] = to_json(s.ntcov["g"])
             record[f"{X.name}/ntcov_opt"] = to_json(s.ntcov["d"])
             record[f"{X.name}/pred_delta"] = to_json(pred)
+            if "j" in directions:
+                record[f"{X.name}/expected_delta"] = to_json(plan.lr * s.ntcov["j"])
         if self.kappa is not None:
             record["kappa"] = to_json(self.engine.ntvar(self.kappa))
         record["backend"] = "+".join(sorted({s.backend for s in all_stats}))
+        if self.price_scales:
+            P, s0 = self.properties[0], all_stats[0]
+            record.update(self.eta_probe(P, s0.value.mean(), s0.ntcov["d"].mean(), plan))
+        if sampled and self.noise:
+            record.update(self.noise_spread(episode_utilities, plan))
         return PendingUpdate(update, record, before, predicted,
                              stats={X.name: s for X, s in zip(self.properties, all_stats)})
 
+    def eta_probe(self, P: Property, value: Tensor, ntcov: Tensor, plan) -> dict[str, list[float]]:
+        """The step replayed from θ at η·s for each of ``price_scales``: P's mean over entries,
+        realised P(θ + η s d) − P(θ) and predicted η s NTCov_M(P, U)."""
+        engine = self.engine
+        theta = engine.flatten(engine.params())
+        d = plan.direction.to(theta.dtype)
+        lrs = [plan.lr * s for s in self.price_scales]
+        real = [float(engine.evaluate(P, engine.unflatten(theta + lr * d)).mean() - value) for lr in lrs]
+        return {f"{P.name}/probe_lr": lrs, f"{P.name}/probe_real": real,
+                f"{P.name}/probe_pred": [float(lr * ntcov) for lr in lrs]}
+
+    def noise_spread(self, episode_utilities: Callable[[Any], Tensor], plan) -> dict[str, float]:
+        """The predicted spread of each property's change from the per-episode gradient rows H
+        (B × P) of the surrogate's terms: Σ = Cov_i(h_i)/B (see the module docstring)."""
+        engine = self.engine
+        _, H = engine.dense_jacobian(episode_utilities)
+        B, n_params = H.shape
+        if B < 2:
+            return {}
+        Hc = H - H.mean(dim=0)
+        trace = float((Hc**2).sum()) / (B * (B - 1))
+        out: dict[str, float] = {"noise/trace_sigma": trace}
+        lr = plan.lr
+        cs, vs = [], []
+        for X in self.properties:
+            g = engine.gradient(lambda view, X=X: X(view).reshape(-1).mean())
+            v = plan.metric.apply(g[None].to(H.dtype))[0]
+            c = Hc @ v
+            cs.append(c)
+            vs.append(v)
+            out[f"{X.name}/noise_sd"] = lr * math.sqrt(float((c**2).sum()) / (B * (B - 1)))
+            out[f"{X.name}/noise_sd_iso"] = lr * math.sqrt(trace / n_params * float(v @ v))
+        if len(cs) >= 2:
+            a, b = self.properties[0].name, self.properties[1].name
+            out[f"noise/cov_{a}_{b}"] = lr**2 * float(cs[0] @ cs[1]) / (B * (B - 1))
+            out[f"noise/cov_{a}_{b}_iso"] = lr**2 * trace / n_params * float(vs[0] @ vs[1])
+        return out
+
     def after(self, pending: PendingUpdate) -> dict[str, Any]:
-        """Add the realised change X(θ + Δθ) − X(θ) and the residual; return the full record
-        (X(θ + Δθ) itself is kept in ``pending.after``)."""
+        """Add the realised change X(θ + Δθ) − X(θ), the residual and whether the update was
+        first-order; return the full record (X(θ + Δθ) itself is kept in ``pending.after``)."""
         record = dict(pending.record)
         view = self.engine.view()  # one view: properties of one model can share its forward pass
         for X in self.properties:
             with torch.no_grad():
                 pending.after[X.name] = value = X(view).reshape(-1)
             real = value - pending.before[X.name]
+            pred = pending.predicted[X.name]
             record[f"{X.name}/real_delta"] = to_json(real)
-            record[f"{X.name}/residual"] = to_json(real - pending.predicted[X.name])
+            record[f"{X.name}/residual"] = to_json(real - pred)
+            inside = first_order(real, pred).tolist()
+            record[f"{X.name}/first_order"] = inside[0] if len(inside) == 1 else inside
         return record

@@ -27,6 +27,10 @@ from ntrl.tracker import Tracker, price_agreement
 from ntrl.wandb_sink import WandbSink
 
 
+# how a run that completed ends: all its updates, or one of its stopping rules
+COMPLETE = ("finished", "stopped_at_p", "stopped_below_p")
+
+
 class TrainingError(RuntimeError):
     """Training could not go on (for example a non-finite gradient); records so far are kept."""
 
@@ -137,8 +141,9 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         env.reset(seed=env_seed)
         train_engine = TangentEngine(policy)  # gradients in the policy's own dtype
         analysis_engine = TangentEngine(policy, dtype=torch.float64)  # tracking always in float64
-        tracker = Tracker(analysis_engine, properties, kappa=exp.kappa, every=config.track_every,
-                          fisher=config.fisher)
+        tracker = Tracker(analysis_engine, properties, kappa=exp.kappa, fisher=config.fisher,
+                          schedule=config.track_schedule(), price_scales=config.price_scales, noise=config.noise,
+                          exact_utility=exp.exact_utility)
         P = properties[0]
         extra = None if exp.extra_tracking is None else extra_tracking_caller(exp.extra_tracking)
         p_values = analysis_engine.evaluate(P)
@@ -168,7 +173,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                 plan = optimizer.plan(u.gradient, u.fisher_states)
                 pending = None
                 if tracker.should_track(t):
-                    pending = tracker.before(t, u.gradient, plan, u.value, u.fisher_states)
+                    pending = tracker.before(t, u.gradient, plan, u.value, u.fisher_states, u.episode_utilities)
                     if extra is not None:
                         pending.record.update(extra(analysis_engine, u, plan, pending.stats))
                 optimizer.apply(plan)
@@ -201,6 +206,9 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                 if config.stop_at_p is not None and p >= config.stop_at_p:
                     status = "stopped_at_p"
                     break
+                if config.stop_below_p is not None and p <= config.stop_below_p:
+                    status = "stopped_below_p"
+                    break
     except KeyboardInterrupt:
         status, interrupted = "interrupted", True
     except BaseException:
@@ -218,7 +226,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
             write_json_atomic(run_dir / SUMMARY_FILE, summary)
             flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
             flat.update({f"price_check_P/{k}": v for k, v in summary["price_check_P"].items()})
-            sink.finish(flat, exit_code=0 if status in ("finished", "stopped_at_p") else 1)
+            sink.finish(flat, exit_code=0 if status in COMPLETE else 1)
         except Exception as e:  # never let the summary hide the error that ended the run
             if status != "failed" and not interrupted:
                 raise

@@ -3,10 +3,13 @@
 import numpy as np
 import pytest
 
-from ntrl.study.analysis import (
-    NAN, Estimate, ModelComparison, RunData, compare_escape, compare_extinction, decide, exponent_estimate,
-)
 from ntrl.study import RunSpec
+from ntrl.study.analysis import (
+    NAN, Estimate, ModelComparison, RunData, compare_escape, decide, escape_vote, exponent_estimate, exponent_vote,
+    waiting_time,
+)
+from ntrl.study.extinction import analyse_extinction, extinction_vote, fit_run
+from ntrl.study.stats import aicc
 
 
 def synthetic_runs(exponent: float, noise: float, seeds: int, seed: int = 0) -> list[RunData]:
@@ -36,35 +39,94 @@ def test_deterministic_cell_gets_a_regression_interval_not_a_point():
     assert est.lo < 2.0 < est.hi and est.hi - est.lo < 0.2
 
 
-def test_model_comparisons_pick_the_generating_law():
-    p0 = np.repeat([1e-1, 1e-2, 1e-3, 1e-4], 3)
-    u0 = (1 - p0) / p0
+P0 = np.repeat([5e-2, 5e-3, 5e-4, 5e-5, 5e-6], 3)
+
+
+def test_escape_laws_pick_the_generating_law():
+    u0 = (1 - P0) / P0
     power = (u0 + 2 * np.log(u0) - 1 / u0) / 0.2
     log = np.log(u0) / 0.2
-    assert compare_escape(p0, power).winner == "power law"
-    assert compare_escape(p0, log).winner == "logarithmic"
-    t = np.arange(5.0, 300.0, 5.0)
-    assert compare_extinction(t, 1 / (4 + 0.3 * t)).winner == "1/t"
-    assert compare_extinction(t, 0.3 * np.exp(-0.05 * t)).winner == "exponential"
+    assert compare_escape(P0, power).winner == "power law"
+    assert compare_escape(P0, log).winner == "logarithmic"
+    # sampled: the wait for a first success of a batch of 32, with seed-to-seed scatter
+    rng = np.random.default_rng(0)
+    wait = 1.3 * waiting_time(P0, 32) * np.exp(rng.normal(0, 0.2, P0.size))
+    comp = compare_escape(P0, wait, batch_size=32)
+    assert comp.winner == "waiting time" and comp.params["c"] == pytest.approx(1.3, rel=0.15)
+    assert comp.n == 15 and set(comp.aicc) == {"power law", "logarithmic", "waiting time"}
+
+
+def test_three_p0_values_are_not_judged():
+    p0 = np.array([1e-2, 1e-3, 1e-4])
+    comp = compare_escape(p0, 1 / p0)
+    assert comp.n == 0 and comp.params["p0s"] == 3
+    vote = escape_vote(comp, NAN, 0, 3)
+    assert vote[0] == "inconclusive" and "at least 5" in vote[1]
+
+
+def test_aicc_exists_only_with_enough_points():
+    assert np.isnan(aicc(1.0, 4, 2))  # k = 2 model parameters + σ need n ≥ 5
+    assert aicc(1.0, 5, 2) == pytest.approx(5 * np.log(0.2) + 6 + 24 / 1)
+
+
+def punished_run(P: np.ndarray, t: np.ndarray, seed: int = 0) -> RunData:
+    recs = [{"update": int(a), "P/value": float(b), "kappa": 1.0, "lr": 1.0} for a, b in zip(t, P)]
+    return RunData(RunSpec("bandit", "single_logit", "sgd", "exact", float(P[0]), "punished", seed),
+                   {"p_start": float(P[0]), "p_end": float(P[-1])}, recs, {"reward_do": -1.0, "reward_dont": 1.0})
+
+
+T = np.unique(np.round(np.geomspace(1, 1e5, 250)))
+
+
+def test_extinction_models_and_the_floor():
+    inv = fit_run(punished_run(1 / (5 + 2 * T), T))
+    assert inv.comparison.winner == "1/t" and inv.exponent == pytest.approx(-1, abs=0.01)
+    assert inv.B == pytest.approx(2.0, rel=1e-6) and inv.B_predicted == pytest.approx(2.0)  # κΔη = 1·2·1
+    assert inv.floor[1] == 0.0 and inv.floor[2] < 1e-3 * inv.p_final
+    expo = fit_run(punished_run(0.2 * np.exp(-1e-4 * T), T))
+    assert expo.comparison.winner == "exponential"
+    # a floor at a tenth of the way down: P = 2e-5 + 1/(5 + 2t)
+    rng = np.random.default_rng(1)
+    runs = [punished_run((2e-5 + 1 / (5 + 2 * T)) * np.exp(rng.normal(0, 0.01, T.size)), T, s) for s in range(3)]
+    cell = analyse_extinction(runs)
+    assert cell.comparison.winner == "floor + 1/t"
+    assert not cell.floor_includes_zero and cell.floor_verdict.startswith("floor")
+    assert extinction_vote(cell)[0] == "neither"
+    # without a floor, with the same noise: no equilibrium rarity
+    runs = [punished_run((1 / (5 + 2 * T)) * np.exp(rng.normal(0, 0.01, T.size)), T, s) for s in range(3)]
+    cell = analyse_extinction(runs)
+    assert cell.floor_includes_zero and cell.floor_verdict.startswith("no equilibrium rarity")
+    assert extinction_vote(cell)[0] == "p²"
 
 
 def point(v):
     return Estimate(v, v - 0.01, v + 0.01)
 
 
+def test_votes():
+    assert exponent_vote("drift", point(2.0))[0] == "p²"
+    assert exponent_vote("drift", point(1.1))[0] == "p(1 − p)"
+    assert exponent_vote("drift", point(1.5))[0] == "neither"  # meets neither window
+    assert exponent_vote("drift", Estimate(1.5, 0.9, 2.1))[0] == "inconclusive"  # too wide to tell
+    assert exponent_vote("drift", Estimate(1.2, 1.1, 1.3))[0] == "inconclusive"  # meets 1 ± 0.25, not inside
+    assert exponent_vote("drift", NAN) is None
+    power = ModelComparison("power law", 50.0, {"p0s": 5}, n=12)
+    assert escape_vote(power, point(-1.0), 0, 12)[0] == "p²"
+    assert escape_vote(power, point(-0.5), 0, 12)[0] == "neither"
+    assert escape_vote(power, point(-1.0), 3, 12)[0] == "neither"  # censored runs
+    assert escape_vote(ModelComparison("logarithmic", 0.5, {"p0s": 5}, n=12), NAN, 0, 12)[0] == "inconclusive"
+    waiting = ModelComparison("waiting time", 9.0, {"p0s": 5, "c": 1.1}, n=12)
+    assert escape_vote(waiting, point(-1.0), 0, 12)[0] == "none"
+
+
 def test_decide_rules():
-    power = ModelComparison("power law", 50.0, n=12)
-    inv = ModelComparison("1/t", 40.0, n=5)
-    assert decide(point(2.0), power, inv, point(-1.0), 0, 12)[0] == "consistent with p²"
-    # a power law of slope −0.5 is not the p² law
-    verdict, reason = decide(point(2.0), power, inv, point(-0.5), 0, 12)
-    assert verdict == "neither" and "slope" in reason
-    # runs that never escaped make the escape evidence "neither"
-    verdict, reason = decide(point(2.0), power, inv, point(-1.0), 3, 12)
-    assert verdict == "neither" and "never reached" in reason
-    # a ΔAIC below 2 is no vote at all
-    weak = ModelComparison("logarithmic", 0.5, n=12)
-    verdict, reason = decide(point(2.0), weak, inv, NAN, 0, 12)
-    assert verdict == "consistent with p²" and "inconclusive" in reason
-    # disagreeing evidence
-    assert decide(point(1.0), power, inv, point(-1.0), 0, 12)[0] == "neither"
+    p2, p1 = ("p²", "a"), ("p(1 − p)", "b")
+    assert decide([p2, p2, p2])[0] == "consistent with p²"
+    assert decide([p1, None, p1])[0] == "consistent with p(1 − p)"
+    assert decide([p2, p1])[0] == "neither"  # the evidence disagrees with itself
+    assert decide([p2, ("neither", "c")])[0] == "neither"
+    assert decide([p2, ("inconclusive", "d"), p2])[0] == "consistent with p²"  # two agree
+    assert decide([p2, ("inconclusive", "d")])[0] == "inconclusive"  # one against the undecided
+    assert decide([None, None])[0] == "inconclusive"
+    verdict, reason = decide([p2, ("none", "escape is the wait for sampled successes"), p2], ["a note"])
+    assert verdict == "consistent with p²" and "sampled successes" in reason and "a note" in reason

@@ -65,14 +65,14 @@ def wait_gone(sid: int, limit_s: float = 5.0) -> list[int]:
 
 
 def completed(study: Path) -> dict[str, float]:
-    """run id → mtime of its final summary (one with the Price-scaling probe)."""
+    """run id → mtime of its final summary (one with its spec, written when the run is complete)."""
     out = {}
     for path in study.glob("runs/*/summary.json"):
         try:
             s = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if "price_scaling" in s:
+        if "spec" in s:
             out[path.parent.name] = path.stat().st_mtime
     return out
 

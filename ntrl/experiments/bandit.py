@@ -44,20 +44,21 @@ class BanditConfig(TrainConfig):
         policy = make_policy(self.policy, obs_dim=1, n_actions=2, target=self.target, p0=self.p0,
                              reference_obs=obs, seed=self.seed, width=self.width, depth=self.depth,
                              activation=self.activation, dtype=dtype)
-        opt_kwargs = {"damping": self.npg_damping} if self.optimizer == "npg" else {}
-        optimizer = make_optimizer(self.optimizer, policy, self.lr, **opt_kwargs)
+        optimizer = make_optimizer(self.optimizer, policy, self.lr, **self.optimizer_kwargs())
 
         def utility(engine, rng):
             if self.mode == "exact":
                 return exact_gradient(engine, model)
             return sampled_gradient(engine, env, self.batch_size, rng, baseline=self.baseline)
 
+        reward = ExpectedReward(model, "R")
         return Experiment(
             env=env,
             policy=policy,
             optimizer=optimizer,
-            properties=[ActionProbability(obs, self.target, "P"), ExpectedReward(model, "R")],
+            properties=[ActionProbability(obs, self.target, "P"), reward],
             kappa=LogOdds(obs, self.target, "z"),
             utility=utility,
             target_label="do" if self.target == 1 else "dont",
+            exact_utility=reward,
         )

@@ -316,8 +316,7 @@ class GymConfig(TrainConfig):
             raw_probes = raw_probes.astype(np.int64)
         probes = to_policy_obs(raw_probes)
         policy = policy_for(probes)
-        opt_kwargs = {"damping": self.npg_damping} if self.optimizer == "npg" else {}
-        optimizer = make_optimizer(self.optimizer, policy, self.lr, **opt_kwargs)
+        optimizer = make_optimizer(self.optimizer, policy, self.lr, **self.optimizer_kwargs())
 
         wants_return = "return" in [s.split("=", 1)[-1] for s in self.property if isinstance(s, str)]
         model = (tabular_model(raw_env, episode_horizon(raw_env, self.horizon), one_hot)

@@ -184,7 +184,8 @@ def collect_vector_batch(venv, policy: nn.Module, rng: np.random.Generator, radi
     Rewards-to-go G_{i,t} = Σ_{t' ≥ t} r_{i,t'}; advantages A = G − b with the leave-one-out
     baseline b_{i,t} = mean_{j≠i} G_{j,t} (or b = 0). The transitions are aggregated per distinct
     observation o and action a: C(o, a) = Σ_{i,t: o_{i,t}=o, a_{i,t}=a} A_{i,t}, so that the surrogate
-    U_s = (1/B) Σ_{o,a} C(o, a) log π(a|o) equals (1/B) Σ_{i,t} A_{i,t} log π(a_{i,t}|o_{i,t}) exactly.
+    U_s = (1/B) Σ_{o,a} C(o, a) log π(a|o) equals (1/B) Σ_{i,t} A_{i,t} log π(a_{i,t}|o_{i,t}) exactly;
+    ``C_episode`` (B, observations, actions) holds each episode's own C_i, with C = Σ_i C_i.
     """
     B, H = venv.num_envs, venv.horizon
     obs, _ = venv.reset()
@@ -205,11 +206,13 @@ def collect_vector_batch(venv, policy: nn.Module, rng: np.random.Generator, radi
     flatO, flatA = O.reshape(-1, OBS_DIM), A.reshape(-1)
     keys = observation_index(flatO, radius)
     uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
-    C = np.zeros((len(uniq), N_ACTIONS))
-    np.add.at(C, (inv, flatA), adv)
+    C_episode = np.zeros((B, len(uniq), N_ACTIONS))  # per episode i: C_i(o, a), with C = Σ_i C_i
+    np.add.at(C_episode, (np.tile(np.arange(B), H), inv, flatA), adv)
+    C = C_episode.sum(axis=0)
     counts = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
     return {
-        "obs": torch.as_tensor(flatO[first]), "C": torch.as_tensor(C), "weights": torch.as_tensor(counts / counts.sum()),
+        "obs": torch.as_tensor(flatO[first]), "C": torch.as_tensor(C), "C_episode": torch.as_tensor(C_episode),
+        "weights": torch.as_tensor(counts / counts.sum()),
         "returns": G[0], "n_episodes": B, "seen_rate": float(seen.mean()),
         "approach_rate": float(appr.sum() / max(seen.sum(), 1)),
     }
@@ -287,8 +290,7 @@ class JuiceConfig(TrainConfig):
                 calibrate_stay_bias(policy, fn, self.p0)
         self.resolved_hide_prob = hide_prob
 
-        opt_kwargs = {"damping": self.npg_damping} if self.optimizer == "npg" else {}
-        optimizer = make_optimizer(self.optimizer, policy, self.lr, **opt_kwargs)
+        optimizer = make_optimizer(self.optimizer, policy, self.lr, **self.optimizer_kwargs())
 
         # -- properties
         p_probe = Property("P_probe", lambda v: approach_probability(v, probe_obs, probe_mask).mean())
@@ -320,9 +322,13 @@ class JuiceConfig(TrainConfig):
                 def U(view: PolicyView) -> Tensor:
                     return (C.to(view.dtype) * view.log_probs(obs)).sum() / B
 
+                def U_episodes(view: PolicyView, Ce=batch["C_episode"]) -> Tensor:  # (U_1, …, U_B)
+                    return (Ce.to(view.dtype) * view.log_probs(obs)[None]).sum(dim=(1, 2))
+
                 value, g = engine.value_and_gradient(U)
                 return UtilityGradient(value, g, (obs, batch["weights"]),
-                                       float(batch["returns"].mean()), episodes=int(B))  # undiscounted: γ = 1
+                                       float(batch["returns"].mean()), episodes=int(B),  # undiscounted: γ = 1
+                                       episode_utilities=U_episodes)
 
         extra = None
         if q is not None and self.decomposition:
@@ -332,7 +338,8 @@ class JuiceConfig(TrainConfig):
                 return out
 
         return Experiment(env=env, policy=policy, optimizer=optimizer, properties=properties, kappa=kappa,
-                          utility=utility, target_label="approach | seen", extra_tracking=extra)
+                          utility=utility, target_label="approach | seen", extra_tracking=extra,
+                          exact_utility=None if model is None else model.exact_expected_reward)
 
 
 def calibrate_stay_bias(policy: nn.Module, P_fn, p0: float) -> float:

@@ -18,12 +18,14 @@ it reads today. The contract, tested in ``tests/test_population.py``:
   the stacked tensors and costs nothing after.
 
 Members must agree on everything that makes the architecture and the update rule (env, policy,
-optimizer, gradient mode, network shape, batch size, baseline, tracking); they may differ in
+optimizer, gradient mode, network shape, batch size, baseline, η-probe scales); they may differ in
 ``MEMBER_FIELDS``: seed, p₀, learning rate, rewards (the direction), reward noise, NPG damping,
-number of updates, stopping rule and run name.
+Adam's β₁, β₂ and ε, number of updates, stopping rules, tracking schedule and run name.
 
-Tracking follows ``TrackSchedule``: every k-th update (the configs' ``track_every``) or
-log-spaced, ``per_decade`` updates per decade of t (long extinction runs keep few records).
+Each member is tracked on its own schedule (:class:`ntrl.tracker.TrackSchedule`: every k-th
+update, ``track_every``, or log-spaced, ``track_per_decade`` updates per decade of t, which keeps
+long extinction runs to a few records); an update is tracked for all members when any member's
+schedule asks for it, and only the members whose schedule asks for it write a record.
 """
 
 from __future__ import annotations
@@ -44,20 +46,22 @@ from torch import Tensor
 
 from ntrl.config import ConfigError, TrainConfig
 from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients
-from ntrl.population.models import BanditModel
+from ntrl.population.models import BanditModel, SampledBatch
 from ntrl.population.optimizers import BatchedOptimizer
 from ntrl.records import (
     CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, nonfinite_field, read_records, record_line, write_json_atomic,
 )
 from ntrl.run_dirs import check_out_dir, check_run_dir, ntrl_wandb_dir
+from ntrl.tracker import TrackSchedule, first_order
 from ntrl.train import RunInterrupted, RunResult, prepare_run_dir, price_check, run_summary, split_seed
 from ntrl.wandb_sink import WandbSink
 
 log = logging.getLogger(__name__)
 
 # Config fields in which members of one population may differ.
-MEMBER_FIELDS = ("p0", "lr", "seed", "steps", "stop_at_p", "reward_do", "reward_dont", "noise_std", "npg_damping",
-                 "out", "run_name", "force", "threads")
+MEMBER_FIELDS = ("p0", "lr", "seed", "steps", "stop_at_p", "stop_below_p", "reward_do", "reward_dont", "noise_std",
+                 "npg_damping", "adam_beta1", "adam_beta2", "adam_eps", "track_every", "track_per_decade", "out",
+                 "run_name", "force", "threads")
 SUPPORTED = {("bandit", "exact"), ("bandit", "sampled")}
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -81,30 +85,6 @@ def resolve_device(device: str) -> torch.device:
         raise ConfigError("--device", "cuda was asked for, but torch sees no CUDA device (this torch is "
                                       f"{torch.__version__}); use --device cpu or auto")
     return torch.device(device)
-
-
-@dataclass(frozen=True)
-class TrackSchedule:
-    """Which updates are tracked: every ``every``-th, or (``per_decade``) log-spaced,
-    t ∈ {0} ∪ {round(10^(i/per_decade)) : i ≥ 0}."""
-
-    every: int = 1
-    per_decade: int | None = None
-
-    def __post_init__(self):
-        if self.every < 1:
-            raise ConfigError("--track-every", f"must be >= 1, got {self.every}")
-        if self.per_decade is not None and self.per_decade < 1:
-            raise ConfigError("--track-per-decade", f"must be >= 1, got {self.per_decade}")
-
-    def tracks(self, t: int) -> bool:
-        """Whether update t is tracked."""
-        if self.per_decade is None:
-            return t % self.every == 0
-        if t == 0:
-            return True
-        i = round(self.per_decade * math.log10(t))  # the only i whose round(10^(i/n)) can be t
-        return any(int(round(10 ** (j / self.per_decade))) == t for j in (i - 1, i, i + 1) if j >= 0)
 
 
 def member_bytes(n_params: int, n_obs: int, n_actions: int, batch_size: int, sampled: bool) -> int:
@@ -182,7 +162,6 @@ class MemberState:
     lines: list[str] = field(default_factory=list)  # records not yet appended to records.jsonl
     n_records: int = 0
     curve: list[tuple[int, float]] = field(default_factory=list)  # (update, P), thinned, once it stopped
-    probe: dict[str, list[float]] | None = None
     summary: dict[str, Any] | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # added to its summary
@@ -241,8 +220,11 @@ class _Population:
         rewards = np.array([[c.reward_dont, c.reward_do] for c in configs])
         self.model = BanditModel(rewards, np.array([c.noise_std for c in configs]), first.target, device)
         f64 = dict(dtype=torch.float64, device=device)
-        self.optimizer = BatchedOptimizer(first.optimizer, torch.tensor([c.lr for c in configs], **f64),
-                                          damping=torch.tensor([c.npg_damping for c in configs], **f64))
+        per_member = lambda name: torch.tensor([getattr(c, name) for c in configs], **f64)  # noqa: E731
+        self.optimizer = BatchedOptimizer(first.optimizer, per_member("lr"),
+                                          betas=(per_member("adam_beta1"), per_member("adam_beta2")),
+                                          eps=per_member("adam_eps"), damping=per_member("npg_damping"))
+        self.schedules = [c.track_schedule() for c in configs]
         self.alive = list(range(len(configs)))
         self.action_rngs, self.noise_rngs = [], []
         from gymnasium.utils import seeding
@@ -260,22 +242,30 @@ class _Population:
         q["Z"], q["leaves"] = Z, leaves
         return q
 
-    def utility(self, q: dict[str, Any], batch_size: int, baseline: str) -> tuple[Tensor, list[float] | None]:
-        """The utility each member ascends at this update, and its mean sampled episode return
-        (None when exact: the return is then U itself). Sampled: a batch from each member's own
-        streams, with π = softmax(z) as the per-run sampler computes it."""
+    def utility(self, q: dict[str, Any], batch_size: int, baseline: str) -> tuple[Tensor, SampledBatch | None]:
+        """The utility each member ascends at this update, and (sampled) the batch of episodes
+        behind it, drawn from each member's own streams with π = softmax(z) as the per-run
+        sampler computes it (None when exact: the return is then U itself)."""
         if not self.sampled:
             return q["R"], None
         probs = torch.softmax(q["Z"].detach()[:, 0], dim=-1).cpu().numpy()
         batch = self.model.sample(probs, batch_size, baseline, self.action_rngs, self.noise_rngs)
-        return self.model.surrogate(q["logp"], batch), batch.mean_return.tolist()
+        return self.model.surrogate(q["logp"], batch), batch
 
-    def fishers(self, q: dict[str, Any], logit_grads: list[Tensor], npg: bool,
-                track: bool) -> tuple[BatchedInverseFisher | None, BatchedInverseFisher | None]:
-        """(NPG's metric (F + λI)⁻¹ with each member's λ, the tracked F⁺), from the gradients of
-        the K logits at the model's state; the second is the first where every λ is 0."""
+    @staticmethod
+    def log_prob_rows(q: dict[str, Any], logit_grads: list[Tensor]) -> Tensor:
+        """∇log π(a) of every member and action at the model's state, (M, 1, K, P), from the
+        gradients of the K logits."""
         probs = q["logp"].detach().exp()[:, None, :]  # (M, 1, K)
-        rows = log_prob_rows(torch.stack(logit_grads, dim=1)[:, None], probs)  # (M, 1, K, P)
+        return log_prob_rows(torch.stack(logit_grads, dim=1)[:, None], probs)
+
+    def fishers(self, q: dict[str, Any], rows: Tensor, npg: bool,
+                track: bool) -> tuple[BatchedInverseFisher | None, BatchedInverseFisher | None]:
+        """(NPG's metric (F + λI)⁻¹ with each member's λ, the tracked F⁺), from the rows
+        ∇log π(a) (:meth:`log_prob_rows`); the second is the first where every λ is 0."""
+        if not (npg or track):
+            return None, None
+        probs = q["logp"].detach().exp()[:, None, :]  # (M, 1, K)
         w = self.model.fisher_weights.expand(len(self.alive), -1)
         damping = self.optimizer.damping
         fisher = BatchedInverseFisher.from_log_prob_rows(rows, w, probs, damping) if npg else None
@@ -291,6 +281,7 @@ class _Population:
         self.model.select(idx)
         self.optimizer.select(idx)
         self.alive = [self.alive[i] for i in keep_rows]
+        self.schedules = [self.schedules[i] for i in keep_rows]
         self.action_rngs = [self.action_rngs[i] for i in keep_rows]
         self.noise_rngs = [self.noise_rngs[i] for i in keep_rows]
 
@@ -301,7 +292,6 @@ def train_population(
     schedule: TrackSchedule | None = None,
     device: str = "cpu",
     progress: bool = True,
-    probe_scales: Sequence[float] | None = None,
     wandb_parent: str | os.PathLike | None = None,
     wandb_name: str | None = None,
     wandb_config: dict[str, Any] | None = None,
@@ -311,9 +301,8 @@ def train_population(
 ) -> PopulationResult:
     """Train every config of ``configs`` as one population; write each member's run directory.
 
-    ``probe_scales``: also measure, per member, the relative Price error of one step of size η·s
-    from the initial state for each scale s (the study's η-scaling probe), into its summary's
-    ``price_scaling``. ``wandb_parent``: the directory whose ``wandb/`` (made and marked as ntrl's,
+    Each member is tracked on its config's schedule, or on ``schedule`` when one is given.
+    ``wandb_parent``: the directory whose ``wandb/`` (made and marked as ntrl's,
     or already ntrl's) holds the population's one W&B run, in the configs' W&B mode; without it the
     population logs no W&B run. ``max_memory``: bytes the population may use (default: half the
     available memory). Every check (configs, memory, the members' run directories) runs before
@@ -325,7 +314,6 @@ def train_population(
     first = configs[0]
     dev = resolve_device(device)
     torch.set_num_threads(first.threads)
-    schedule = schedule or TrackSchedule(every=first.track_every)
     check_memory(first, len(configs), dev, max_memory)
     for c in configs:
         check_run_dir(Path(c.out) / (c.run_name or c.default_run_name()), c.force)
@@ -337,6 +325,8 @@ def train_population(
     if dev.type == "cpu":
         keep_freed_memory()
     pop = _Population(configs, dev)
+    if schedule is not None:
+        pop.schedules = [schedule] * len(configs)
     members = []
     for i, c in enumerate(configs):
         run_dir = prepare_run_dir(c)
@@ -351,6 +341,7 @@ def train_population(
         bar = tqdm(total=max(c.steps for c in configs), desc=wandb_name or "population", unit="upd", file=sys.stderr,
                    dynamic_ncols=True)
     curve_points = max(2, CURVE_ROWS // len(configs))  # per member, in the W&B curves table
+    noise = pop.sampled and first.noise
     last_flush = loop_start = time.time()
     t = 0
     interrupted = False
@@ -359,16 +350,17 @@ def train_population(
         for row, p in enumerate(_floats(q["P"])):
             members[pop.alive[row]].p_start = p
         while pop.alive:
-            tracked = schedule.tracks(t)
-            U, returns = pop.utility(q, first.batch_size, first.baseline)
+            tracking = [sch.tracks(t) for sch in pop.schedules]
+            tracked = any(tracking)
+            U, batch = pop.utility(q, first.batch_size, first.baseline)
             K = pop.model.n_actions
-            need_fisher = first.optimizer == "npg" or (tracked and first.fisher)
+            need_fisher = first.optimizer == "npg" or (tracked and (first.fisher or noise))
             outputs = [U] + ([q["P"], q["R"], q["z"]] if tracked else []) + \
                 ([q["Z"][:, 0, a] for a in range(K)] if need_fisher else [])
             grads = member_gradients(outputs, q["leaves"])
             g = grads[0]
             U_val = _floats(U)
-            returns = U_val if returns is None else returns
+            returns = U_val if batch is None else batch.mean_return.tolist()
             for row, r in enumerate(returns):
                 st = members[pop.alive[row]]
                 st.return_first = r if st.return_first is None else st.return_first
@@ -376,13 +368,17 @@ def train_population(
                 st.episodes += first.batch_size if pop.sampled else 0
             bad_g = ~torch.isfinite(g.sum(dim=1))  # one NaN or ±inf entry makes the row's sum non-finite
             any_bad = bool(bad_g.any())
-            fisher, fisher0 = pop.fishers(q, grads[-K:], first.optimizer == "npg", tracked and first.fisher) \
+            rows = pop.log_prob_rows(q, grads[-K:]) if need_fisher else None
+            fisher, fisher0 = pop.fishers(q, rows, first.optimizer == "npg", tracked and first.fisher) \
                 if need_fisher else (None, None)
             plan = pop.optimizer.plan(torch.where(bad_g[:, None], torch.zeros_like(g), g) if any_bad else g, fisher)
-            before = tracked_stats(q, grads, g, plan, pop.optimizer.lr, fisher0) if tracked else None
-            if t == 0 and probe_scales:  # update 0 is tracked on every schedule
-                for row, probe in enumerate(price_scaling(pop, q, plan, before["P"]["ntcov_opt"], probe_scales)):
-                    members[pop.alive[row]].probe = probe
+            before = None
+            if tracked:
+                before = tracked_stats(q, grads, g, plan, pop.optimizer.lr, fisher0, sampled=pop.sampled)
+                if first.price_scales:
+                    before["probe"] = eta_probe(pop, q, plan, before["P"]["ntcov_opt"], first.price_scales)
+                if noise:
+                    before["noise"] = noise_spread(batch, rows[:, 0], grads, plan, pop.optimizer.lr)
             stepped = pop.optimizer.apply(pop.theta.detach(), plan)
             pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
             p_before = q["P"].detach()
@@ -393,7 +389,7 @@ def train_population(
                 done[row] = ("failed", f"non-finite utility gradient at update {t}", float(p_before[row]), t)
             if tracked:
                 fields = record_fields(t, before, q, U_val, pop.optimizer.lr, returns, pop.sampled)
-                append_records(members, pop, fields, t, done, p_after, first.optimizer)
+                append_records(members, pop, fields, t, done, p_after, first.optimizer, tracking)
                 sink.log({"update": t, "P/median": float(q["P"].detach().median()), "members/active": len(pop.alive)})
             for row, p in enumerate(p_after):
                 if row not in done:
@@ -451,12 +447,23 @@ def population_sink(wandb_parent: str | os.PathLike | None, config: TrainConfig,
                      job_type="population")
 
 
+def metric_apply(plan, v: Tensor) -> Tensor:
+    """M_m v_m for every member, in the metric of the step about to be taken."""
+    if plan.fisher is not None:
+        return plan.fisher.apply(v)
+    if plan.diagonal is not None:
+        return plan.diagonal * v
+    return v
+
+
 def tracked_stats(q: dict[str, Any], grads: list[Tensor], g: Tensor, plan, lr: Tensor,
-                  fisher0: BatchedInverseFisher | None) -> dict[str, Any]:
+                  fisher0: BatchedInverseFisher | None, sampled: bool = False) -> dict[str, Any]:
     """What the tracker records before the step (see :mod:`ntrl.tracker`), per member, for P and R
     (gradients ``grads[1]``, ``grads[2]``) and κ = ‖∇z‖² (``grads[3]``):
-    X, NTVar in the Euclidean, optimizer and Fisher metrics, NTCov with g and with d, and η·NTCov_M."""
+    X, NTVar in the Euclidean, optimizer and Fisher metrics, NTCov with g and with d, η·NTCov_M,
+    and in sampled mode the expected change η·∇X·M∇J (the bandit's R is J)."""
     before: dict[str, Any] = {}
+    j = metric_apply(plan, grads[2]) if sampled else None
     for name, Gx in (("P", grads[1]), ("R", grads[2])):
         euc = (Gx**2).sum(1)
         if plan.fisher is not None:
@@ -468,33 +475,65 @@ def tracked_stats(q: dict[str, Any], grads: list[Tensor], g: Tensor, plan, lr: T
         ntcov_opt = (Gx * plan.direction).sum(1)
         before[name] = {"value": q[name].detach(), "ntvar_euc": euc, "ntvar_opt": opt,
                         "ntvar_fisher": None if fisher0 is None else fisher0.ntvar(Gx),
-                        "ntcov_euc": (Gx * g).sum(1), "ntcov_opt": ntcov_opt, "pred_delta": lr * ntcov_opt}
+                        "ntcov_euc": (Gx * g).sum(1), "ntcov_opt": ntcov_opt, "pred_delta": lr * ntcov_opt,
+                        "expected_delta": None if j is None else lr * (Gx * j).sum(1)}
     before["kappa"] = (grads[3] ** 2).sum(1)
     return before
 
 
-def price_scaling(pop: "_Population", q: dict[str, Any], plan, ntcov: Tensor,
-                  scales: Sequence[float]) -> list[dict[str, list[float]]]:
-    """The study's η-scaling probe (:func:`ntrl.study.executor.price_scaling_probe`) for every
-    member: |ΔP_real − ΔP_pred| / |ΔP_real| of one step of size η·s from θ, per scale s, with
-    ΔP_pred = η·s·NTCov_M(P, U) (``ntcov``, from :func:`tracked_stats`)."""
+def eta_probe(pop: "_Population", q: dict[str, Any], plan, ntcov: Tensor,
+              scales: Sequence[float]) -> dict[str, Tensor]:
+    """The tracker's η-probe (:meth:`ntrl.tracker.Tracker.eta_probe`) for every member: the step
+    replayed from θ at η·s per scale s, realised P(θ + η s d) − P(θ) and predicted η s NTCov_M(P, U),
+    each (M, scales)."""
     lr, d = pop.optimizer.lr, plan.direction
     with torch.no_grad():
         base = q["P"].detach()
-        errs = []
-        for s in scales:
-            eta = lr * s
-            real = pop.model.quantities(pop.stacked.logits(pop.theta + eta[:, None] * d, pop.model.obs))["P"] - base
-            pred = eta * ntcov
-            errs.append(torch.where(real != 0, (real - pred).abs() / real.abs(), torch.full_like(real, math.nan)))
-    lrs = _floats(lr)
-    return [{"lr": [lr_m * s for s in scales], "rel_error": e} for lr_m, e in zip(lrs, torch.stack(errs, 1).tolist())]
+        lrs = torch.stack([lr * s for s in scales], 1)
+        real = torch.stack([pop.model.quantities(pop.stacked.logits(pop.theta + (lr * s)[:, None] * d,
+                                                                    pop.model.obs))["P"] - base for s in scales], 1)
+    return {"P/probe_lr": lrs, "P/probe_real": real, "P/probe_pred": lrs * ntcov[:, None]}
+
+
+def noise_spread(batch: SampledBatch, rows: Tensor, grads: list[Tensor], plan, lr: Tensor) -> dict[str, Tensor]:
+    """The tracker's predicted spread of ΔP and ΔR (:meth:`ntrl.tracker.Tracker.noise_spread`) for
+    every member, from its batch: episode i (one step, action a_i, advantage A_i) contributes
+    h_i = A_i ∇log π(a_i) (``rows``: ∇log π(a), (M, K, P)), so with v_X = M∇X
+
+        c_{X,i} = A_i ∇log π(a_i)·v_X,     Var[ΔX] = η² Σ_i (c_{X,i} − c̄_X)² / (B(B − 1)),
+        tr Σ = Σ_i ‖h_i − h̄‖² / (B(B − 1)),  ‖h_i − h̄‖² = A_i² G_{a_i a_i} − 2 A_i (G w)_{a_i} + wᵀ G w,
+
+    with G = ∇log π ∇log πᵀ (K × K) and h̄ = Σ_a w_a ∇log π(a), w_a = (1/B) Σ_{i: a_i = a} A_i."""
+    A, acts = batch.advantages.to(rows.dtype), batch.actions
+    M, B = A.shape
+    n_params = rows.shape[-1]
+    if B < 2:
+        return {}
+    G = torch.einsum("mkp,mlp->mkl", rows, rows)
+    w = torch.zeros(M, rows.shape[1], dtype=rows.dtype, device=rows.device).scatter_add(1, acts, A) / B
+    Gw = torch.einsum("mkl,ml->mk", G, w)
+    dev2 = A**2 * G.diagonal(dim1=1, dim2=2).gather(1, acts) - 2 * A * Gw.gather(1, acts) + (w * Gw).sum(1, keepdim=True)
+    trace = dev2.sum(1) / (B * (B - 1))
+    out = {"noise/trace_sigma": trace}
+    cs, vs = [], []
+    for name, Gx in (("P", grads[1]), ("R", grads[2])):
+        v = metric_apply(plan, Gx)
+        c = A * torch.einsum("mkp,mp->mk", rows, v).gather(1, acts)
+        c = c - c.mean(1, keepdim=True)
+        cs.append(c)
+        vs.append(v)
+        out[f"{name}/noise_sd"] = lr * ((c**2).sum(1) / (B * (B - 1))).sqrt()
+        out[f"{name}/noise_sd_iso"] = lr * (trace / n_params * (v**2).sum(1)).sqrt()
+    out["noise/cov_P_R"] = lr**2 * (cs[0] * cs[1]).sum(1) / (B * (B - 1))
+    out["noise/cov_P_R_iso"] = lr**2 * trace / n_params * (vs[0] * vs[1]).sum(1)
+    return out
 
 
 def record_fields(t: int, before: dict[str, Any], q: dict[str, Tensor], U: list[float], lr: Tensor,
                   returns: list[float], sampled: bool) -> dict[str, Any]:
     """Every field of this update's records, in the per-run path's order, as a list over members
-    (or one value for all): X(θ + Δθ) from ``q``, the rest from :func:`tracked_stats`."""
+    (or one value for all): X(θ + Δθ) from ``q``, the rest from :func:`tracked_stats`,
+    :func:`eta_probe` and :func:`noise_spread`."""
     fields: dict[str, Any] = {"update": t, "lr": _floats(lr), "U": U}
     for name in ("P", "R"):
         for key, value in before[name].items():
@@ -502,10 +541,15 @@ def record_fields(t: int, before: dict[str, Any], q: dict[str, Tensor], U: list[
                 fields[f"{name}/{key}"] = _floats(value)
     fields["kappa"] = _floats(before["kappa"])
     fields["backend"] = "population"
+    for part in ("probe", "noise"):
+        for key, value in before.get(part, {}).items():
+            fields[key] = _floats(value)
     for name in ("P", "R"):
         real = q[name].detach() - before[name]["value"]
+        pred = before[name]["pred_delta"]
         fields[f"{name}/real_delta"] = _floats(real)
-        fields[f"{name}/residual"] = _floats(real - before[name]["pred_delta"])
+        fields[f"{name}/residual"] = _floats(real - pred)
+        fields[f"{name}/first_order"] = first_order(real, pred).tolist()
     fields["return"] = returns
     if sampled:
         fields["return_undiscounted"] = returns
@@ -513,13 +557,13 @@ def record_fields(t: int, before: dict[str, Any], q: dict[str, Tensor], U: list[
 
 
 def append_records(members: list[MemberState], pop: "_Population", fields: dict[str, Any], t: int,
-                   done: dict[int, tuple], p_after: list[float], optimizer: str) -> None:
-    """Each training member's record of update t, queued for its records.jsonl; a member whose
-    record or optimizer state went non-finite is stopped instead (into ``done``), as the per-run
-    path stops (:func:`ntrl.train.train`)."""
+                   done: dict[int, tuple], p_after: list[float], optimizer: str, tracking: list[bool]) -> None:
+    """The record of update t of each training member whose schedule tracks t (``tracking``),
+    queued for its records.jsonl; a member whose record or optimizer state went non-finite is
+    stopped instead (into ``done``), as the per-run path stops (:func:`ntrl.train.train`)."""
     opt_bad = pop.optimizer.nonfinite().tolist()
     for row in range(len(pop.alive)):
-        if row in done:
+        if row in done or not tracking[row]:
             continue
         st = members[pop.alive[row]]
         record = {k: (v[row] if isinstance(v, list) else v) for k, v in fields.items()}
@@ -544,6 +588,8 @@ def stopping(st: MemberState, p: float, t: int) -> tuple[str, str | None, float,
         st.crossed = t + 1
     if st.config.stop_at_p is not None and p >= st.config.stop_at_p:
         return "stopped_at_p", None, p, t + 1
+    if st.config.stop_below_p is not None and p <= st.config.stop_below_p:
+        return "stopped_below_p", None, p, t + 1
     if t + 1 >= st.config.steps:
         return "finished", None, p, t + 1
     return None
@@ -552,8 +598,7 @@ def stopping(st: MemberState, p: float, t: int) -> tuple[str, str | None, float,
 def finish_member(st: MemberState, status: str, updates: int, p_end: float, sink: WandbSink, curve_points: int) -> None:
     """The member has stopped: append its last records (fsynced), write its summary.json (the
     per-run path's, :func:`ntrl.train.run_summary`, with the Price check read back from its records
-    as that path reads it, plus ``population``, its ``error`` if it failed and its
-    ``price_scaling`` if the probe ran), and keep at most ``curve_points`` of its P curve for W&B."""
+    as that path reads it, plus ``population`` and its ``error`` if it failed), and keep at most ``curve_points`` of its P curve for W&B."""
     flush([st], force=True)
     records = read_records(st.run_dir)
     st.summary = run_summary(st.config, st.run_dir, sink, status=status, updates=updates, p_start=st.p_start,
@@ -563,8 +608,6 @@ def finish_member(st: MemberState, status: str, updates: int, p_end: float, sink
     st.summary["population"] = True
     if st.error:
         st.summary["error"] = st.error
-    if st.probe is not None:
-        st.summary["price_scaling"] = st.probe
     st.summary.update(st.extra)
     write_json_atomic(st.run_dir / SUMMARY_FILE, st.summary)
     stride = max(1, -(-len(records) // curve_points))

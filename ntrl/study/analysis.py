@@ -1,81 +1,55 @@
-"""Fits, bootstrap intervals and verdicts for a rarity study (SCIENCE.md §3–4).
+"""Fits, bootstrap intervals and verdicts for a rarity study (SCIENCE.md §3–5).
 
-Everything here reads the local run files (records.jsonl, summary.json); nothing re-trains.
+Everything here reads the local run files (config.json, records.jsonl, summary.json); nothing
+re-trains.
 
 1. Static law   NTVar(P) ≈ c · p^a (1 − p)^b, per metric (Euclidean, the optimizer's, Fisher):
                 least squares on log NTVar = log c + a log p + b log(1 − p); a is the small-p exponent.
 2. Drift law    E[ΔP]/η ≈ c · p^a (1 − p)^b on rewarded runs: realised ΔP/η averaged in bins of
                 log p (a quarter decade), then the same fit.
-3. Escape       T(p₀) under a power law, log T = α − s log p₀, against a logarithmic law,
-                T = A + B ln(1/p₀); both are fitted to log T (on p₀ ≤ 0.05 when the grid has three
-                such values: both laws are asymptotic) and compared by AIC.
-4. Extinction   punished P(t) under 1/t decay, P = 1/(A + B t), against exponential decay,
-                P = C e^{−λt}; both fitted to log P (after P fell below a quarter of its start), AIC.
-5. Price check  R² and relative errors of predicted against realised ΔP, and the slope of
-                log(relative error) against log η from the one-step probes (1 for first-order).
+3. Escape       T(p₀) over at least MIN_P0S values of p₀ (a law is not judged on fewer): a power
+                law, log T = α − s log p₀, against a logarithmic law, T = A + B ln(1/p₀), and in
+                sampled cells the waiting time for sampled successes, T = c/(1 − (1 − p₀)^B),
+                all fitted to log T and compared by AICc (:mod:`ntrl.study.stats`), n shown.
+4. Extinction   :mod:`ntrl.study.extinction`: the asymptotic exponent, B against κΔη, 1/t against
+                exponential against a floor (AICc), the floor's interval, Adam's late-time rate.
+5. Price check  :mod:`ntrl.study.price`: agreement, the η-slope along the whole trajectory, the
+                first-order regime, and in sampled cells the calibration of the predicted spread.
 6. Scale factor κ(t)/κ(0) over each run.
 
 Confidence intervals are 95% percentile bootstraps from ``scipy.stats.bootstrap``, resampling
 runs (seeds) within each p₀ stratum. A stratum with a single run (deterministic cells run one
-seed) is held fixed; a cell with no resampling freedom gets a point interval.
+seed) is held fixed; a cell with no resampling freedom gets its fit's t interval.
+
+Each piece of evidence votes "p²", "p(1 − p)", "neither" (it disagrees with both laws) or
+"inconclusive" (too little data, or an interval too wide, to tell); :func:`decide` combines them.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from scipy import optimize, stats
 
 from ntrl.config import ConfigError
-from ntrl.records import read_records
-from ntrl.tracker import price_agreement
+from ntrl.records import CONFIG_FILE, read_records
 from ntrl.study.executor import completed_summary, read_study_file
-from ntrl.study.grid import RunSpec, StudyConfig, enumerate_runs
+from ntrl.study.extinction import NO_EXTINCTION, CellExtinction, analyse_extinction, extinction_vote
+from ntrl.study.grid import StudyConfig, enumerate_runs
+from ntrl.study.price import PriceCheck, price_check
+from ntrl.study.stats import (  # noqa: F401  (re-exported: the analysis's vocabulary)
+    MIN_DELTA_AIC, NAN, NO_COMPARISON, Estimate, ModelComparison, RunData, by_p0, compare_models, fit_curve,
+    regression_ci, stratified_bootstrap, with_fit_ci,
+)
 
 Cell = tuple[str, str, str, str]
 LAW_MARGIN = 0.25  # a law is "consistent" when the exponent's whole CI lies within ±0.25 of it
-MIN_DELTA_AIC = 2.0  # an AIC difference below 2 is no evidence either way (Burnham & Anderson)
 KAPPA_CONSTANT = 0.10  # κ "stays constant" when it moves by less than 10 % over a run
-
-
-@dataclass
-class RunData:
-    spec: RunSpec
-    summary: dict[str, Any]
-    records: list[dict[str, Any]]
-    # per-run point arrays, read from the records once (the bootstrap asks for them ~1000 times)
-    cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
-
-
-@dataclass
-class Estimate:
-    """A point estimate with its 95 % bootstrap interval."""
-
-    value: float
-    lo: float
-    hi: float
-    n: int = 0
-
-    def within(self, target: float, margin: float) -> bool:
-        return all(math.isfinite(x) for x in (self.lo, self.hi)) and target - margin <= self.lo and self.hi <= target + margin
-
-    def fmt(self, digits: int = 3) -> str:
-        if not math.isfinite(self.value):
-            return "n/a"
-        if self.lo == self.hi == self.value:
-            return f"{self.value:.{digits}f} (exact)"
-        return f"{self.value:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
-
-    def as_dict(self, prefix: str) -> dict[str, float]:
-        return {prefix: self.value, f"{prefix}_lo": self.lo, f"{prefix}_hi": self.hi}
-
-
-NAN = Estimate(float("nan"), float("nan"), float("nan"))
+MIN_P0S = 5  # escape laws are compared on at least five values of p₀
 
 
 # ---------------------------------------------------------------------------- loading
@@ -90,10 +64,11 @@ def load_study(study_dir: str | Path) -> tuple[StudyConfig, list[RunData]]:
         if summary is not None:
             try:
                 records = read_records(run_dir)
+                config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise ConfigError("--out", f"run {run_dir} is complete but its records cannot be read ({e}); "
                                            f"remove that run directory and re-run the study to redo it") from None
-            runs.append(RunData(spec, summary, records))
+            runs.append(RunData(spec, summary, records, config))
     return study, runs
 
 
@@ -102,50 +77,6 @@ def fit_power_law(p: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """(log c, a, b) of y ≈ c p^a (1 − p)^b by least squares in log space."""
     coef, *_ = np.linalg.lstsq(power_law_design(p), np.log(y), rcond=None)
     return float(coef[0]), float(coef[1]), float(coef[2])
-
-
-def stratified_bootstrap(
-    strata: Sequence[Sequence[Any]],
-    statistic: Callable[[list[Any]], float],
-    n_resamples: int = 999,
-    seed: int = 0,
-) -> Estimate:
-    """95 % percentile CI of ``statistic(items)`` resampling items within each stratum (scipy).
-
-    ``strata`` is a list of lists of items (runs); strata of one item are held fixed.
-    """
-    strata = [list(s) for s in strata if len(s) > 0]
-    items = [x for s in strata for x in s]
-    if not items:
-        return NAN
-    value = statistic(items)
-    free = [i for i, s in enumerate(strata) if len(s) >= 2]
-    fixed = [x for i, s in enumerate(strata) if i not in free for x in s]
-    if not free or not math.isfinite(value):
-        return Estimate(value, value, value, len(items))
-
-    def stat(*index_arrays):
-        chosen = list(fixed)
-        for k, idx in zip(free, index_arrays):
-            chosen.extend(strata[k][int(i)] for i in idx)
-        return statistic(chosen)
-
-    data = tuple(np.arange(len(strata[k])) for k in free)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = stats.bootstrap(data, stat, vectorized=False, paired=False, n_resamples=n_resamples,
-                              method="percentile", confidence_level=0.95, random_state=np.random.default_rng(seed))
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if not (math.isfinite(lo) and math.isfinite(hi)):  # degenerate bootstrap distribution
-        lo = hi = value
-    return Estimate(value, min(lo, value), max(hi, value), len(items))
-
-
-def by_p0(runs: Sequence[RunData]) -> list[list[RunData]]:
-    groups: dict[float, list[RunData]] = {}
-    for r in runs:
-        groups.setdefault(r.spec.p0, []).append(r)
-    return [groups[k] for k in sorted(groups)]
 
 
 def run_points(runs: Sequence[RunData], name: str,
@@ -171,29 +102,6 @@ def law_points(runs: Sequence[RunData], key: str, p_max: float = 0.5) -> tuple[n
         return (p, y) if ok else None
 
     return run_points(runs, f"law:{key}:{p_max}", point)
-
-
-def regression_ci(X: np.ndarray, y: np.ndarray, k: int) -> tuple[float, float, float]:
-    """Coefficient k of the least-squares fit y ≈ X β with its 95 % t interval, from the
-    residual variance: the uncertainty of a fit to one deterministic run, where there is
-    nothing to bootstrap."""
-    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
-    dof = len(y) - X.shape[1]
-    if dof <= 0:
-        return float(beta[k]), float("nan"), float("nan")
-    s2 = float(np.sum((y - X @ beta) ** 2)) / dof
-    se = math.sqrt(max(s2 * float(np.linalg.pinv(X.T @ X)[k, k]), 0.0))
-    half = float(stats.t.ppf(0.975, dof)) * se
-    return float(beta[k]), float(beta[k]) - half, float(beta[k]) + half
-
-
-def with_fit_ci(est: Estimate, X: np.ndarray, y: np.ndarray, k: int) -> Estimate:
-    """A bootstrap estimate, or where the bootstrap had nothing to resample (one run per p₀),
-    the same coefficient with its regression interval."""
-    if not (est.lo == est.hi == est.value) or not math.isfinite(est.value):
-        return est
-    value, lo, hi = regression_ci(X, y, k)
-    return Estimate(value, lo, hi, est.n)
 
 
 def power_law_design(p: np.ndarray) -> np.ndarray:
@@ -251,78 +159,17 @@ def drift_estimate(runs: Sequence[RunData]) -> Estimate:
     return small_p_exponent(runs, drift_points)
 
 
-def aic(rss: float, n: int, k: int) -> float:
-    """Akaike information criterion of a least-squares fit with Gaussian errors."""
-    return n * math.log(max(rss / n, 1e-300)) + 2 * k
-
-
-@dataclass
-class ModelComparison:
-    """Two models fitted to the same response; ``delta_aic`` = AIC(loser) − AIC(winner) ≥ 0."""
-
-    winner: str
-    delta_aic: float
-    params: dict[str, Any] = field(default_factory=dict)
-    n: int = 0
-
-    def fmt(self) -> str:
-        if self.n == 0:
-            return "n/a"
-        if "share" in self.params and self.params["runs"] > 1:
-            wins = round(self.params["share"] * self.params["runs"])
-            if self.winner == "mixed":
-                return f"mixed (no model wins 2/3 of {self.params['runs']} runs)"
-            return f"{self.winner} in {wins}/{self.params['runs']} runs (median ΔAIC {self.delta_aic:.1f})"
-        return f"{self.winner} (ΔAIC {self.delta_aic:.1f})"
-
-
-def fit_log_of_line(x: np.ndarray, log_y: np.ndarray, sign: int, start: tuple[float, float]) -> tuple[float, float, float]:
-    """(A, B, RSS) of log y ≈ sign · log(A + B x) by nonlinear least squares (``curve_fit``);
-    sign = +1 is the logarithmic escape law T = A + B ln(1/p₀) with x = ln(1/p₀), sign = −1 the
-    1/t extinction law P = 1/(A + B t). A fit that fails has RSS = inf."""
-
-    def model(x, A, B):
-        return sign * np.log(np.clip(A + B * x, 1e-300, None))
-
-    try:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):  # a diverging trial step is no news
-            warnings.simplefilter("ignore")
-            (A, B), _ = optimize.curve_fit(model, x, log_y, p0=list(start), maxfev=20_000)
-    except (RuntimeError, ValueError, optimize.OptimizeWarning):
-        return float("nan"), float("nan"), float("inf")
-    return float(A), float(B), float(np.sum((log_y - model(x, A, B)) ** 2))
-
-
-def compare_escape(p0: np.ndarray, T: np.ndarray) -> ModelComparison:
-    """Power law log T = α − s log p₀ against logarithmic law T = A + B ln(1/p₀), on log T."""
-    ok = np.isfinite(T) & (T > 0)
-    p0, T = p0[ok], T[ok]
-    if len(np.unique(p0)) < 3:
-        return ModelComparison("n/a", float("nan"), n=0)
-    logT, L = np.log(T), np.log(1 / p0)
-    slope, intercept = np.polyfit(np.log(p0), logT, 1)
-    rss_pow = float(np.sum((logT - (intercept + slope * np.log(p0))) ** 2))
-    B0, A0 = np.polyfit(L, T, 1)
-
-    A, B, rss_log = fit_log_of_line(L, logT, +1, (A0, max(B0, 1e-9)))
-    n = len(T)
-    a_pow, a_log = aic(rss_pow, n, 2), aic(rss_log, n, 2)
-    winner = "power law" if a_pow < a_log else "logarithmic"
-    return ModelComparison(winner, abs(a_pow - a_log), {"slope": float(slope), "A": float(A), "B": float(B),
-                                                         "rss_power": rss_pow, "rss_log": rss_log}, n)
-
-
 SMALL_P0 = 0.05  # the escape laws are asymptotic in p₀ → 0; fit them where p₀ ≤ 0.05
 
 
 def small_p0_runs(runs: Sequence[RunData]) -> list[RunData]:
-    """The rewarded runs whose p₀ ≤ SMALL_P0, when they cover at least three p₀ values; else all.
+    """The rewarded runs whose p₀ ≤ SMALL_P0, when they cover at least MIN_P0S p₀ values; else all.
 
     The p² law's T(p₀) ∝ u₀ + 2 ln u₀ − 1/u₀ only tends to a power law of slope −1 as p₀ → 0:
     between p₀ = 0.1 and 0.01 its log–log slope is −0.91 even in exact theory, and finite steps
     near P = ½ flatten it further, so the comparison uses the small-p₀ end of the grid."""
     small = [r for r in runs if r.spec.p0 <= SMALL_P0]
-    return small if len({r.spec.p0 for r in small}) >= 3 else list(runs)
+    return small if len({r.spec.p0 for r in small}) >= MIN_P0S else list(runs)
 
 
 def escape_data(runs: Sequence[RunData]) -> tuple[np.ndarray, np.ndarray]:
@@ -333,6 +180,39 @@ def escape_data(runs: Sequence[RunData]) -> tuple[np.ndarray, np.ndarray]:
         p0.append(r.spec.p0)
         T.append(float(t) if t else float("nan"))
     return np.array(p0), np.array(T)
+
+
+def waiting_time(p0: np.ndarray, batch_size: int) -> np.ndarray:
+    """The expected number of updates until a batch of ``batch_size`` episodes first samples an
+    action of probability p₀: 1/(1 − (1 − p₀)^B) ≈ 1/(B p₀)."""
+    return 1.0 / -np.expm1(batch_size * np.log1p(-p0))
+
+
+def compare_escape(p0: np.ndarray, T: np.ndarray, batch_size: int | None = None) -> ModelComparison:
+    """Escape-time laws fitted to log T and compared by AICc: the power law log T = α − s log p₀,
+    the logarithmic law T = A + B ln(1/p₀), and (``batch_size`` given: sampled gradients) the
+    waiting-time law T = c/(1 − (1 − p₀)^B). Needs MIN_P0S distinct p₀ (else n = 0, "n/a")."""
+    ok = np.isfinite(T) & (T > 0)
+    p0, T = p0[ok], T[ok]
+    n_p0 = len(np.unique(p0))
+    if n_p0 < MIN_P0S:
+        return ModelComparison("n/a", float("nan"), {"p0s": n_p0}, n=0)
+    logT, L = np.log(T), np.log(1 / p0)
+    slope, intercept = np.polyfit(np.log(p0), logT, 1)
+    rss_pow = float(np.sum((logT - (intercept + slope * np.log(p0))) ** 2))
+    B0, A0 = np.polyfit(L, T, 1)
+    (A, B), rss_log = fit_curve(lambda x, A, B: np.log(np.clip(A + B * x, 1e-300, None)), L, logT, (A0, max(B0, 1e-9)))
+    fits = {"power law": (rss_pow, 2, {"slope": float(slope), "intercept": float(intercept)}),
+            "logarithmic": (rss_log, 2, {"A": float(A), "B": float(B)})}
+    if batch_size is not None:
+        log_wait = np.log(waiting_time(p0, batch_size))
+        log_c = float(np.mean(logT - log_wait))
+        fits["waiting time"] = (float(np.sum((logT - log_c - log_wait) ** 2)), 1,
+                                {"c": math.exp(log_c), "batch_size": batch_size})
+    out = compare_models(fits, len(T))
+    out.params.setdefault("slope", float(slope))
+    out.params["p0s"] = n_p0
+    return out
 
 
 def escape_slope(runs: Sequence[RunData]) -> Estimate:
@@ -350,66 +230,6 @@ def escape_slope(runs: Sequence[RunData]) -> Estimate:
     ok = np.isfinite(T) & (T > 0)
     X = np.column_stack([np.ones(ok.sum()), np.log(p0[ok])])
     return with_fit_ci(est, X, np.log(T[ok]), 1) if ok.sum() >= 3 else est
-
-
-def extinction_curve(run: RunData, start_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
-    """(t, P) of a punished run after P fell below ``start_fraction`` of its start value."""
-    t = np.array([rec["update"] for rec in run.records], dtype=float)
-    P = np.array([rec["P/value"] for rec in run.records], dtype=float)
-    ok = (P > 0) & np.isfinite(P) & (P <= start_fraction * P[0])
-    return t[ok], P[ok]
-
-
-def compare_extinction(t: np.ndarray, P: np.ndarray) -> ModelComparison:
-    """1/t decay P = 1/(A + B t) against exponential decay P = C e^{−λ t}, both fitted on log P."""
-    if len(t) < 5:
-        return ModelComparison("n/a", float("nan"), n=0)
-    logP = np.log(P)
-    lam, c = np.polyfit(t, logP, 1)
-    rss_exp = float(np.sum((logP - (c + lam * t)) ** 2))
-    B0, A0 = np.polyfit(t, 1 / P, 1)
-
-    A, B, rss_inv = fit_log_of_line(t, logP, -1, (A0, B0))
-    n = len(t)
-    a_inv, a_exp = aic(rss_inv, n, 2), aic(rss_exp, n, 2)
-    winner = "1/t" if a_inv < a_exp else "exponential"
-    return ModelComparison(winner, abs(a_inv - a_exp), {"rate": float(-lam), "A": float(A), "B": float(B)}, n)
-
-
-def extinction_verdict(runs: Sequence[RunData], majority: float = 2 / 3) -> ModelComparison:
-    """Per-run comparisons, summarised: the model that wins in at least ``majority`` of the runs
-    (else "mixed"), with the median over runs of its ΔAIC (negative where it lost)."""
-    comps = [compare_extinction(*extinction_curve(r)) for r in runs]
-    comps = [c for c in comps if c.n > 0]
-    if not comps:
-        return ModelComparison("n/a", float("nan"), n=0)
-    wins = [c.winner for c in comps]
-    winner = max(sorted(set(wins)), key=wins.count)
-    share = wins.count(winner) / len(wins)
-    signed = [c.delta_aic if c.winner == winner else -c.delta_aic for c in comps]
-    params = {"share": share, "runs": len(comps)}
-    if share < majority:
-        return ModelComparison("mixed", float(np.median(signed)), params, len(comps))
-    return ModelComparison(winner, float(np.median(signed)), params, len(comps))
-
-
-def price_stats(runs: Sequence[RunData]) -> dict[str, float]:
-    """R² of predicted vs realised ΔP, relative-error quantiles, and the error–η slope."""
-    rows = [rec for r in runs for rec in r.records if "P/real_delta" in rec]
-    agree = price_agreement(np.array([rec["P/pred_delta"] for rec in rows], dtype=float),
-                            np.array([rec["P/real_delta"] for rec in rows], dtype=float))
-    out = {"n": agree["n"], "r2": agree["r2"], "rel_err_median": agree["median_rel_error"],
-           "rel_err_p90": agree["p90_rel_error"], "eta_slope": float("nan")}
-    slopes = []
-    for r in runs:
-        probe = r.summary.get("price_scaling", {})
-        lr, err = np.array(probe.get("lr", [])), np.array(probe.get("rel_error", []), dtype=float)
-        ok = np.isfinite(err) & (err > 0)
-        if ok.sum() >= 2:
-            slopes.append(np.polyfit(np.log(lr[ok]), np.log(err[ok]), 1)[0])
-    if slopes:
-        out["eta_slope"] = float(np.median(slopes))
-    return out
 
 
 def kappa_of(record: dict[str, Any]) -> float:
@@ -431,6 +251,10 @@ def kappa_drift(runs: Sequence[RunData]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- verdicts
+LAWS = ("p²", "p(1 − p)")
+VERDICTS = ("consistent with p²", "consistent with p(1 − p)", "neither", "inconclusive")
+
+
 @dataclass
 class CellResult:
     cell: Cell
@@ -440,14 +264,15 @@ class CellResult:
     drift: Estimate
     escape: ModelComparison
     escape_slope: Estimate
-    extinction: ModelComparison
-    price: dict[str, float]
+    extinction: CellExtinction
+    price: PriceCheck
     kappa: dict[str, float]
     verdict: str
     reason: str
     censored: int = 0
 
     def row(self) -> dict[str, Any]:
+        """Every number of the cell, one flat row (verdicts.csv)."""
         env, policy, opt, mode = self.cell
         row = {"env": env, "policy": policy, "optimizer": opt, "mode": mode, "verdict": self.verdict,
                "reason": self.reason}
@@ -455,57 +280,88 @@ class CellResult:
                           ("static_fisher", self.static_fisher), ("drift", self.drift),
                           ("escape_slope", self.escape_slope)):
             row.update(est.as_dict(name))
-        row.update({"escape_censored_runs": self.censored,
-                    "escape_winner": self.escape.winner, "escape_delta_aic": self.escape.delta_aic,
-                    "extinction_winner": self.extinction.winner, "extinction_delta_aic": self.extinction.delta_aic})
-        row.update({f"price_{k}": v for k, v in self.price.items()})
+        row.update({"escape_censored_runs": self.censored, "escape_p0s": self.escape.params.get("p0s", 0),
+                    "escape_points": self.escape.n, "escape_winner": self.escape.winner,
+                    "escape_delta_aicc": self.escape.delta_aic,
+                    **{f"escape_aicc_{k.replace(' ', '_')}": v for k, v in self.escape.aicc.items()}})
+        row.update(self.extinction.row())
+        row.update(self.price.row())
         row.update({f"kappa_{k}": v for k, v in self.kappa.items()})
         return row
 
 
-def decide(drift: Estimate, escape: ModelComparison, extinction: ModelComparison,
-           slope: Estimate = NAN, censored: int = 0, n_escape: int = 0) -> tuple[str, str]:
-    """The cell's verdict from its drift exponent (CI within ±LAW_MARGIN of 2 or of 1), the
-    escape-time model comparison, and the extinction model comparison. Every piece of evidence
-    that exists must agree; otherwise the verdict is "neither" and says why.
+def exponent_vote(name: str, est: Estimate) -> tuple[str, str] | None:
+    """An exponent's vote: p² when its interval lies within 2 ± LAW_MARGIN, p(1 − p) within
+    1 ± LAW_MARGIN, neither when it meets neither window, inconclusive when it meets a window
+    without lying inside it (too wide to decide); None without an estimate."""
+    if not math.isfinite(est.value):
+        return None
+    text = f"{name} {est.fmt(2)}"
+    if est.within(2.0, LAW_MARGIN):
+        return "p²", f"{text} ≈ 2"
+    if est.within(1.0, LAW_MARGIN):
+        return "p(1 − p)", f"{text} ≈ 1"
+    if not est.overlaps(2.0, LAW_MARGIN) and not est.overlaps(1.0, LAW_MARGIN):
+        return "neither", f"{text} is within ±{LAW_MARGIN} of neither 1 nor 2"
+    return "inconclusive", f"{text}: its interval is too wide to tell 1 from 2 (±{LAW_MARGIN})"
 
-    Escape evidence counts only with ΔAIC ≥ MIN_DELTA_AIC; a power-law win supports p² only when
-    the slope's CI lies within −1 ± LAW_MARGIN; rewarded runs that never reached ½ (censored)
-    make the escape evidence "neither", since their T is only known to exceed the run length."""
-    votes: list[tuple[str, str]] = []
-    notes: list[str] = []
-    if drift.within(2.0, LAW_MARGIN):
-        votes.append(("p²", f"drift exponent {drift.fmt(2)} ≈ 2"))
-    elif drift.within(1.0, LAW_MARGIN):
-        votes.append(("p(1 − p)", f"drift exponent {drift.fmt(2)} ≈ 1"))
-    elif math.isfinite(drift.value):
-        votes.append(("neither", f"drift exponent {drift.fmt(2)} is within ±{LAW_MARGIN} of neither 1 nor 2"))
+
+def escape_vote(escape: ModelComparison, slope: Estimate, censored: int, n_escape: int) -> tuple[str, str] | None:
+    """The escape evidence as a vote (see :func:`decide`); ("none", note) when it says nothing
+    about the law (sampling-limited), None without rewarded runs."""
     if censored:
-        votes.append(("neither", f"{censored} of {n_escape} rewarded runs never reached ½ (escape time censored)"))
-    elif escape.n and escape.delta_aic < MIN_DELTA_AIC:
-        notes.append(f"escape time inconclusive (ΔAIC {escape.delta_aic:.1f} < {MIN_DELTA_AIC:g})")
-    elif escape.n and escape.winner == "power law":
+        return "neither", f"{censored} of {n_escape} rewarded runs never reached ½ (escape time censored)"
+    if not escape.n:
+        if "p0s" in escape.params:
+            return "inconclusive", (f"escape: only {escape.params['p0s']} p₀ values; a law is judged on at least "
+                                    f"{MIN_P0S}")
+        return None
+    shown = f"{escape.winner} (ΔAICc {escape.delta_aic:.1f}, n = {escape.n} over {escape.params.get('p0s')} p₀)"
+    if escape.delta_aic < MIN_DELTA_AIC:
+        return "inconclusive", f"escape time: {shown}, ΔAICc below {MIN_DELTA_AIC:g}"
+    if escape.winner == "waiting time":
+        return "none", (f"escape time is the wait for sampled successes, T ≈ c/(B·p₀) with c = "
+                        f"{escape.params['c']:.3g} ({shown}): it is set by the sampling, not by either law")
+    if escape.winner == "power law":
         if slope.within(-1.0, LAW_MARGIN):
-            votes.append(("p²", f"escape time is a power law (ΔAIC {escape.delta_aic:.1f}) of slope {slope.fmt(2)}"))
-        else:
-            votes.append(("neither", f"escape time is a power law (ΔAIC {escape.delta_aic:.1f}) but of slope "
-                                     f"{slope.fmt(2)}, not −1 ± {LAW_MARGIN}"))
-    elif escape.n:
-        votes.append(("p(1 − p)", f"escape time is logarithmic (ΔAIC {escape.delta_aic:.1f})"))
-    if extinction.n:
-        law = {"1/t": "p²", "exponential": "p(1 − p)"}.get(extinction.winner, "neither")
-        votes.append((law, f"extinction: {extinction.fmt()}"))
-    if not votes:
-        return "neither", "; ".join(["no usable evidence (runs missing or too short)", *notes])
-    laws = {v for v, _ in votes}
-    reason = "; ".join([*(r for _, r in votes), *notes])
-    if len(laws) == 1 and "neither" not in laws:
-        return f"consistent with {laws.pop()}", reason
-    return "neither", "evidence disagrees: " + reason
+            return "p²", f"escape time is a power law {shown} of slope {slope.fmt(2)}"
+        if slope.overlaps(-1.0, LAW_MARGIN):
+            return "inconclusive", f"escape time is a power law {shown}, slope {slope.fmt(2)} too uncertain"
+        return "neither", f"escape time is a power law {shown} but of slope {slope.fmt(2)}, not −1 ± {LAW_MARGIN}"
+    return "p(1 − p)", f"escape time is logarithmic: {shown}"
 
 
-def analyse(runs: Sequence[RunData]) -> list[CellResult]:
-    """One CellResult per (env, policy, optimizer, mode) present in ``runs``."""
+def decide(votes: Sequence[tuple[str, str] | None], notes: Sequence[str] = ()) -> tuple[str, str]:
+    """The cell's verdict from the votes of its pieces of evidence (drift exponent, escape time,
+    extinction), each "p²", "p(1 − p)", "neither", "inconclusive", or "none" (a note that casts
+    no vote):
+
+    * any "neither", or votes for both laws: **neither** (the evidence disagrees with both laws,
+      or with itself);
+    * votes for one law only, and either no inconclusive piece or at least two agreeing ones:
+      **consistent with** that law;
+    * otherwise (no usable evidence, or one agreeing piece against inconclusive ones):
+      **inconclusive**."""
+    cast = [v for v in votes if v is not None]
+    notes = list(notes) + [text for law, text in cast if law == "none"]
+    cast = [(law, text) for law, text in cast if law != "none"]
+    laws = [law for law, _ in cast]
+    reason = "; ".join([*(text for _, text in cast), *notes])
+    if not cast:
+        return "inconclusive", "; ".join(["no usable evidence (runs missing or too short)", *notes])
+    agreeing = {law for law in laws if law in LAWS}
+    if "neither" in laws or len(agreeing) > 1:
+        return "neither", "evidence disagrees: " + reason
+    if len(agreeing) == 1:
+        law = agreeing.pop()
+        if "inconclusive" not in laws or laws.count(law) >= 2:
+            return f"consistent with {law}", reason
+    return "inconclusive", reason
+
+
+def analyse(runs: Sequence[RunData], batch_size: int | None = None) -> list[CellResult]:
+    """One CellResult per (env, policy, optimizer, mode) present in ``runs``; ``batch_size`` is the
+    grid's episodes per update (the waiting-time law of sampled cells)."""
     cells: dict[Cell, list[RunData]] = {}
     for r in runs:
         cells.setdefault(r.spec.cell, []).append(r)
@@ -515,11 +371,17 @@ def analyse(runs: Sequence[RunData]) -> list[CellResult]:
         punished = [r for r in cell_runs if r.spec.direction == "punished"]
         drift = drift_estimate(rewarded)
         escaping = small_p0_runs(rewarded)
-        escape = compare_escape(*escape_data(escaping)) if rewarded else ModelComparison("n/a", float("nan"))
+        sampled = cell[3] == "sampled" and batch_size is not None
+        escape = compare_escape(*escape_data(escaping), batch_size if sampled else None) if rewarded else NO_COMPARISON
         slope = escape_slope(escaping) if rewarded else NAN
         censored = sum(1 for r in rewarded if not r.summary.get("crossed_half_at"))
-        extinction = extinction_verdict(punished)
-        verdict, reason = decide(drift, escape, extinction, slope, censored, len(rewarded))
+        extinction = analyse_extinction(punished) if punished else NO_EXTINCTION
+        price = price_check(cell_runs)
+        votes = [exponent_vote("drift exponent", drift),
+                 escape_vote(escape, slope, censored, len(rewarded)) if rewarded else None,
+                 extinction_vote(extinction) if punished else None]
+        note = price.note()
+        verdict, reason = decide(votes, [note] if note else [])
         results.append(CellResult(
             cell=cell,
             static_euc=exponent_estimate(rewarded, "P/ntvar_euc"),
@@ -529,7 +391,7 @@ def analyse(runs: Sequence[RunData]) -> list[CellResult]:
             escape=escape,
             escape_slope=slope,
             extinction=extinction,
-            price=price_stats(cell_runs),
+            price=price,
             kappa=kappa_drift(cell_runs),
             verdict=verdict,
             reason=reason,

@@ -18,42 +18,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from ntrl.config import ConfigError, TrainConfig
+from ntrl.config import ConfigError
 from ntrl.study.grid import STUDY_FILE, RunSpec, StudyConfig, enumerate_runs, train_config_for
-from ntrl.train import TrainingError
+from ntrl.train import COMPLETE, TrainingError
 
 
 class StudyIncomplete(TrainingError):
     """Some runs of a study failed; the completed ones are kept and a re-run retries the rest."""
-
-
-def price_scaling_probe(config: TrainConfig, scales: list[float]) -> dict[str, list[float]]:
-    """Relative Price error |ΔP_real − ΔP_pred| / |ΔP_real| of one step from the initial state,
-    for step sizes η·s. A first-order prediction has error O(η): slope 1 in log–log."""
-    import torch
-
-    from ntrl.engine.tangent import TangentEngine
-    from ntrl.train import split_seed
-
-    exp = config.build()
-    engine = TangentEngine(exp.policy, dtype=torch.float64)
-    env_seed, rng = split_seed(config.seed)
-    exp.env.reset(seed=env_seed)
-    u = exp.utility(TangentEngine(exp.policy), rng)
-    plan = exp.optimizer.plan(u.gradient, u.fisher_states)
-    P = exp.properties[0]
-    theta = engine.flatten(engine.params())
-    d = plan.direction.to(torch.float64)
-    base = engine.evaluate(P)
-    ntcov = float(engine.stats(P, directions={"d": d}).ntcov["d"][0])
-    errors = []
-    for s in scales:
-        eta = config.lr * s
-        real = float((engine.evaluate(P, engine.unflatten(theta + eta * d)) - base)[0])
-        pred = eta * ntcov
-        errors.append(abs(real - pred) / abs(real) if real != 0 else float("nan"))
-    exp.env.close()
-    return {"lr": [config.lr * s for s in scales], "rel_error": errors}
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -66,9 +37,9 @@ class StudyInterrupted(KeyboardInterrupt):
 
 def run_one(study_dict: dict[str, Any], spec_dict: dict[str, Any], runs_dir: str, wandb_mode: str,
             parent_pid: int | None = None, verbose: bool = False) -> dict[str, Any]:
-    """Worker: one training run plus its Price-scaling probe. Returns the run's summary.
+    """Worker: one training run. Returns the run's summary.
 
-    The run counts as complete only once its final summary (with the probe) is written; a
+    The run counts as complete only once its final summary (with its spec) is written; a
     worker whose parent has died writes nothing more."""
     import torch
 
@@ -84,10 +55,8 @@ def run_one(study_dict: dict[str, Any], spec_dict: dict[str, Any], runs_dir: str
     study = StudyConfig(**study_dict)
     spec = RunSpec(**spec_dict)
     config = train_config_for(study, spec, Path(runs_dir), wandb_mode)
-    probe = price_scaling_probe(config, study.price_scales)
     result = train(config, progress=False)
     summary = dict(result.summary)
-    summary["price_scaling"] = probe
     summary["spec"] = spec_dict
     if parent_pid is not None and not parent_alive(parent_pid):
         os._exit(1)
@@ -99,8 +68,7 @@ def run_chunk(study_dict: dict[str, Any], spec_dicts: list[dict[str, Any]], runs
               verbose: bool = False, device: str = "cpu",
               wandb_parent: str | None = None) -> list[tuple[dict[str, Any], dict[str, Any] | None, str | None]]:
     """Worker: one population chunk, the runs of one cell trained as one batched computation
-    (:mod:`ntrl.population`), with each member's Price-scaling probe. Returns (spec, summary,
-    error) per member; a member that failed has summary None and its error. Each member's summary
+    (:mod:`ntrl.population`). Returns (spec, summary, error) per member; a member that failed has summary None and its error. Each member's summary
     is written when it stops; a worker whose parent died is ended by its watchdog
     (:func:`ntrl.study.lock.worker_init`)."""
     import hashlib
@@ -120,7 +88,7 @@ def run_chunk(study_dict: dict[str, Any], spec_dicts: list[dict[str, Any]], runs
     cell = specs[0].cell
     digest = hashlib.sha1("\n".join(s.run_id for s in specs).encode()).hexdigest()[:8]  # the same chunk, the same name
     name = f"{study.name}-{'-'.join(cell)}-pop-{digest}"
-    result = train_population(configs, progress=False, probe_scales=study.price_scales, device=device,
+    result = train_population(configs, progress=False, device=device,
                               wandb_parent=wandb_parent, wandb_name=name,
                               wandb_config={"study": study.name, "env": cell[0], "policy": cell[1], "optimizer": cell[2],
                                             "mode": cell[3], "members": len(specs),
@@ -172,7 +140,7 @@ def completed_summary(run_dir: Path) -> dict[str, Any] | None:
         summary = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         return None
-    ok = isinstance(summary, dict) and summary.get("status") in ("finished", "stopped_at_p") and "price_scaling" in summary
+    ok = isinstance(summary, dict) and summary.get("status") in COMPLETE and "spec" in summary
     return summary if ok else None
 
 

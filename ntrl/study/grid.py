@@ -4,8 +4,13 @@ Each run is one (environment, policy, optimizer, gradient mode, p₀, direction,
 
 * *rewarded* (escape): r_do = +1, r_dont = −1; train from P = p₀ until P ≥ ½ and record the
   escape time T(p₀) together with the tracked NTVar/ΔP trajectory;
-* *punished* (extinction): r_do = −1, r_dont = +1; train from P = p₀ for a fixed number of
-  updates and record how P fades.
+* *punished* (extinction): r_do = −1, r_dont = +1; train from P = ``extinction_p0`` until P has
+  fallen ``extinction_decades`` decades (or ``extinction_steps`` updates have passed), tracked
+  log-spaced (``extinction_per_decade`` records per decade of t), and record how P fades.
+
+Adam runs are repeated for every combination of the grid's ``adam_beta1``, ``adam_beta2`` and
+``adam_eps``; each combination other than torch's defaults is a cell of its own, labelled
+``adam(b2=0.99)`` and so on.
 
 A grid comes from a preset (:meth:`StudyConfig.quick`, :meth:`StudyConfig.full`) or a .toml /
 .json file whose every key is checked for its type and range before anything runs.
@@ -42,6 +47,7 @@ DEFAULT_LRS: dict[str, dict[str, dict[str, float]]] = {
         "mlp": {"sgd": 0.2, "npg": 0.01, "sign": 5e-4, "adam": 1e-3},
     },
 }
+QUICK_P0S = (5e-2, 5e-3, 5e-4, 5e-5, 5e-6)  # five p₀ over four decades, all in the small-p₀ regime (≤ 0.05)
 # Policies each environment supports (a single logit needs exactly two actions).
 ENV_POLICIES = {"bandit": ("single_logit", "tabular", "mlp"), "juice": ("tabular", "mlp")}
 
@@ -55,31 +61,42 @@ class StudyConfig:
     policies: list[str] = field(default_factory=lambda: ["single_logit", "mlp"])
     optimizers: list[str] = field(default_factory=lambda: ["sgd", "npg", "sign", "adam"])
     modes: list[str] = field(default_factory=lambda: ["exact"])
-    p0s: list[float] = field(default_factory=lambda: [1e-1, 1e-2, 1e-3, 1e-4])
+    p0s: list[float] = field(default_factory=lambda: list(QUICK_P0S))
     directions: list[str] = field(default_factory=lambda: ["rewarded", "punished"])
     seeds: int = 5
     seed: int = 0  # the grid's base seed: runs use seeds seed, seed + 1, ..., seed + seeds − 1
     extinction_p0: float = 0.2
-    extinction_steps: int = 400
-    max_steps: int = 20_000
+    extinction_decades: float = 4.0  # a punished run stops once P ≤ extinction_p0 · 10^−decades
+    extinction_steps: int = 200_000  # ... or after this many updates
+    extinction_per_decade: int = 50  # punished runs are tracked log-spaced, this many records per decade of t
+    # Adam's punished runs go on for this many second-moment memories, ⌈k/(1 − β₂)⌉ updates (capped by
+    # extinction_steps), not stopping at extinction_decades: the late-time decay holds from ~10 memories
+    # until √v̂ nears ε (README, "Adam's late-time decay")
+    adam_extinction_memories: float = 20.0
+    max_steps: int = 100_000
     track_every: int = 5
     batch_size: int = 32
     width: int = 64
     depth: int = 2
     activation: str = "tanh"
     lrs: dict[str, dict[str, float]] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_LRS)))
-    price_scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125])
+    adam_beta1: list[float] = field(default_factory=lambda: [0.9])
+    adam_beta2: list[float] = field(default_factory=lambda: [0.999])
+    adam_eps: list[float] = field(default_factory=lambda: [1e-8])
+    # the η-probe at every tracked update: the step replayed at η·s (scales ≤ 1 give the error's
+    # slope against η; larger ones how far beyond η the update would stay first-order)
+    price_scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5, 0.25, 0.125])
 
     @classmethod
     def quick(cls) -> "StudyConfig":
-        """Finishes in under 3 minutes on 2 cores: bandit, exact gradients, 3 decades, 5 seeds."""
-        return cls(name="rarity-quick", p0s=[1e-2, 1e-3, 1e-4], seeds=5, extinction_steps=300, track_every=10)
+        """Bandit, exact gradients, five p₀ over four decades, 5 seeds, extinction over four decades."""
+        return cls(name="rarity-quick", p0s=list(QUICK_P0S), seeds=5, extinction_steps=100_000, track_every=10)
 
     @classmethod
     def full(cls) -> "StudyConfig":
         """The complete grid of the issue: every policy, optimizer and gradient mode, 4 decades."""
         return cls(name="rarity-full", envs=["bandit", "juice"], policies=["single_logit", "tabular", "mlp"],
-                   modes=["exact", "sampled"], p0s=[1e-1, 1e-2, 1e-3, 1e-4], seeds=5)
+                   modes=["exact", "sampled"], p0s=list(QUICK_P0S), seeds=5, adam_beta2=[0.99, 0.999])
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "StudyConfig":
@@ -149,9 +166,19 @@ class StudyConfig:
         need(all(isinstance(p, (int, float)) and 0 < p < 0.5 for p in self.p0s), "p0s",
              f"every p0 must be in (0, 0.5) so that an escape to 1/2 exists, got {self.p0s}")
         need(0 < self.extinction_p0 < 1, "extinction_p0", f"must be in (0, 1), got {self.extinction_p0}")
+        need(isinstance(self.adam_extinction_memories, (int, float)) and self.adam_extinction_memories > 0,
+             "adam_extinction_memories", f"must be a number > 0, got {self.adam_extinction_memories!r}")
+        need(isinstance(self.extinction_decades, (int, float)) and 0 < self.extinction_decades <= 250,
+             "extinction_decades", f"must be a number in (0, 250], got {self.extinction_decades!r}")
+        for key in ("adam_beta1", "adam_beta2"):
+            values = getattr(self, key)
+            need(len(values) > 0 and all(0 <= b < 1 for b in values), key,
+                 f"must be a non-empty list of numbers in [0, 1), got {values}")
+        need(len(self.adam_eps) > 0 and all(math.isfinite(e) and e >= 0 for e in self.adam_eps), "adam_eps",
+             f"must be a non-empty list of finite numbers >= 0, got {self.adam_eps}")
         need(isinstance(self.seeds, int) and self.seeds >= 1, "seeds", f"must be an integer >= 1, got {self.seeds}")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
-        for key in ("extinction_steps", "max_steps", "track_every", "batch_size", "width"):
+        for key in ("extinction_steps", "extinction_per_decade", "max_steps", "track_every", "batch_size", "width"):
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 1, key,
                  f"must be an integer >= 1, got {getattr(self, key)!r}")
         need(isinstance(self.depth, int) and self.depth >= 0, "depth", f"must be an integer >= 0, got {self.depth!r}")
@@ -163,8 +190,8 @@ class StudyConfig:
                      f"needs a finite learning rate > 0 for {env}/{pol}/{opt}, got {lr!r}")
         unknown = sorted(set(self.lrs) - set(ENVS))
         need(not unknown, "lrs", f"names unknown environment(s) {', '.join(unknown)}; known: {', '.join(ENVS)}")
-        need(len(self.price_scales) >= 2 and all(0 < s <= 1 for s in self.price_scales), "price_scales",
-             "needs at least two step-size scales in (0, 1]")
+        need(all(0 < s <= 64 for s in self.price_scales) and sum(s <= 1 for s in self.price_scales) >= 2,
+             "price_scales", f"needs step-size scales in (0, 64], at least two of them <= 1, got {self.price_scales}")
         if not self.cells_env_policy():
             supported = "; ".join(f"{e}: {', '.join(ENV_POLICIES[e])}" for e in self.envs)
             raise ConfigError("config key 'policies'", f"the grid has no runs: no policy in {self.policies} runs on "
@@ -229,7 +256,7 @@ def check_type(key: str, value: Any, default: Any) -> None:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of the grid."""
+    """One run of the grid (Adam's β₁, β₂, ε matter for Adam runs only)."""
 
     env: str
     policy: str
@@ -238,14 +265,30 @@ class RunSpec:
     p0: float
     direction: str
     seed: int
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+    @property
+    def optimizer_label(self) -> str:
+        """The optimizer, with Adam's settings where they are not torch's defaults: adam(b2=0.99)."""
+        if self.optimizer != "adam":
+            return self.optimizer
+        from ntrl.config import ADAM_DEFAULTS
+
+        changed = [f"{short}={getattr(self, name):g}" for name, short in
+                   (("adam_beta1", "b1"), ("adam_beta2", "b2"), ("adam_eps", "eps"))
+                   if getattr(self, name) != ADAM_DEFAULTS[name]]
+        return f"adam({','.join(changed)})" if changed else "adam"
 
     @property
     def cell(self) -> tuple[str, str, str, str]:
-        return (self.env, self.policy, self.optimizer, self.mode)
+        return (self.env, self.policy, self.optimizer_label, self.mode)
 
     @property
     def run_id(self) -> str:
-        return f"{self.env}-{self.policy}-{self.optimizer}-{self.mode}-{self.direction}-p0={self.p0:g}-seed{self.seed}"
+        return (f"{self.env}-{self.policy}-{self.optimizer_label}-{self.mode}-{self.direction}-p0={self.p0:g}"
+                f"-seed{self.seed}")
 
 
 def seed_matters(policy: str, mode: str) -> bool:
@@ -260,12 +303,17 @@ def enumerate_runs(study: StudyConfig) -> list[RunSpec]:
     specs = []
     for env, policy in study.cells_env_policy():
         for opt in study.optimizers:
-            for mode in study.modes:
-                for direction in study.directions:
-                    p0s = study.p0s if direction == "rewarded" else [study.extinction_p0]
-                    for p0 in p0s:
-                        for seed in range(study.seed, study.seed + (study.seeds if seed_matters(policy, mode) else 1)):
-                            specs.append(RunSpec(env, policy, opt, mode, float(p0), direction, seed))
+            variants = ([dict(adam_beta1=float(b1), adam_beta2=float(b2), adam_eps=float(e))
+                         for b1 in study.adam_beta1 for b2 in study.adam_beta2 for e in study.adam_eps]
+                        if opt == "adam" else [{}])
+            for variant in variants:
+                for mode in study.modes:
+                    for direction in study.directions:
+                        p0s = study.p0s if direction == "rewarded" else [study.extinction_p0]
+                        for p0 in p0s:
+                            n_seeds = study.seeds if seed_matters(policy, mode) else 1
+                            for seed in range(study.seed, study.seed + n_seeds):
+                                specs.append(RunSpec(env, policy, opt, mode, float(p0), direction, seed, **variant))
     return specs
 
 
@@ -277,10 +325,17 @@ def train_config_for(study: StudyConfig, spec: RunSpec, runs_dir: Path, wandb_mo
         lr=float(study.lrs[spec.env][spec.policy][spec.optimizer]),
         steps=study.max_steps if rewarded else study.extinction_steps,
         stop_at_p=0.5 if rewarded else None,
+        stop_below_p=None if rewarded else spec.p0 * 10.0 ** -study.extinction_decades,
         seed=spec.seed, batch_size=study.batch_size, track_every=study.track_every,
-        width=study.width, depth=study.depth, activation=study.activation,
+        track_per_decade=None if rewarded else study.extinction_per_decade,
+        width=study.width, depth=study.depth, activation=study.activation, price_scales=list(study.price_scales),
         out=str(runs_dir), run_name=spec.run_id, group=study.name, wandb=wandb_mode, force=True,
     )
+    if spec.optimizer == "adam":
+        common.update(adam_beta1=spec.adam_beta1, adam_beta2=spec.adam_beta2, adam_eps=spec.adam_eps)
+        if not rewarded:  # long enough for the late-time decay (README, "Adam's late-time decay")
+            memories = math.ceil(study.adam_extinction_memories / (1 - spec.adam_beta2))
+            common.update(steps=min(study.extinction_steps, memories), stop_below_p=None)
     if spec.env == "juice":
         from ntrl.experiments.juice import JuiceConfig
 

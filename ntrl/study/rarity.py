@@ -60,7 +60,7 @@ def analyse_and_report(out: Path, wandb_mode: str = "offline") -> dict:
     from ntrl.study.report import VERDICT_COLUMNS, log_summary_run, text_table, verdict_rows, write_report
 
     study, runs = load_study(out)
-    cells = analyse(runs)
+    cells = analyse(runs, study.batch_size)
     paths = write_report(out, study, runs, cells)
     short = [r[:8] for r in verdict_rows(cells)]
     paths["table"] = text_table(VERDICT_COLUMNS[:8], short)

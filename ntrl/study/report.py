@@ -14,9 +14,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ntrl.study.analysis import LAW_MARGIN, MIN_DELTA_AIC, SMALL_P0, CellResult, RunData, escape_data, kappa_of
+from ntrl.study.analysis import (
+    LAW_MARGIN, MIN_DELTA_AIC, MIN_P0S, SMALL_P0, CellResult, RunData, escape_data, kappa_of, waiting_time,
+)
+from ntrl.study.extinction import ADAM_LATE_MEMORIES, FLOOR_FRACTION, WINDOW_DECADES, curve
+from ntrl.study.price import probe_points, standardized
+from ntrl.tracker import FIRST_ORDER_TOLERANCE
 
 OPT_COLORS = {"sgd": "#1f77b4", "npg": "#d62728", "sign": "#2ca02c", "adam": "#9467bd"}
+ADAM_SHADES = ("#9467bd", "#e377c2", "#8c564b", "#bcbd22")  # Adam variants (β₂ = 0.99, ...), in label order
+
+
+def color_of(label: str, labels: Sequence[str] = ()) -> str | None:
+    """The plot colour of an optimizer label (adam(b2=0.99) and the other Adam variants get shades)."""
+    if label.startswith("adam(") and labels:
+        variants = sorted(x for x in labels if x.startswith("adam"))
+        return ADAM_SHADES[variants.index(label) % len(ADAM_SHADES)]
+    return OPT_COLORS.get(label.split("(")[0])
 
 
 def _plt():
@@ -33,7 +47,7 @@ def _groups(runs: Sequence[RunData]) -> dict[tuple[str, str], dict[str, dict[str
     out: dict = {}
     for r in runs:
         s = r.spec
-        out.setdefault((s.env, s.mode), {}).setdefault(s.policy, {}).setdefault(s.optimizer, []).append(r)
+        out.setdefault((s.env, s.mode), {}).setdefault(s.policy, {}).setdefault(s.optimizer_label, []).append(r)
     return out
 
 
@@ -52,10 +66,11 @@ def plot_static_law(path: Path, env: str, mode: str, by_policy) -> None:
         for j, (key, label) in enumerate((("P/ntvar_euc", "Euclidean NTVar(P)"), ("P/ntvar_fisher", "Fisher NTVar(P)"))):
             ax = axes[i][j]
             allp, ally = [], []
-            for opt, rs in sorted(by_policy[pol].items()):
+            by_opt = by_policy[pol]
+            for opt, rs in sorted(by_opt.items()):
                 p = [rec["P/value"] for r in rs if r.spec.direction == "rewarded" for rec in r.records if key in rec]
                 y = [rec[key] for r in rs if r.spec.direction == "rewarded" for rec in r.records if key in rec]
-                ax.loglog(p, y, ".", ms=2.5, alpha=0.6, color=OPT_COLORS.get(opt), label=opt)
+                ax.loglog(p, y, ".", ms=2.5, alpha=0.6, color=color_of(opt, list(by_opt)), label=opt)
                 allp += p
                 ally += y
             if allp:
@@ -102,7 +117,7 @@ def draw_price_check(ax, pol, by_opt) -> None:
         pred = np.array([rec["P/pred_delta"] for r in rs for rec in r.records if "P/real_delta" in rec])
         real = np.array([rec["P/real_delta"] for r in rs for rec in r.records if "P/real_delta" in rec])
         ok = (pred != 0) & (real != 0)
-        ax.plot(np.abs(real[ok]), np.abs(pred[ok]), ".", ms=2.5, alpha=0.6, color=OPT_COLORS.get(opt), label=opt)
+        ax.plot(np.abs(real[ok]), np.abs(pred[ok]), ".", ms=2.5, alpha=0.6, color=color_of(opt, list(by_opt)), label=opt)
         if ok.any():
             lo, hi = min(lo, np.abs(real[ok]).min()), max(hi, np.abs(real[ok]).max())
     if np.isfinite(lo):
@@ -117,15 +132,16 @@ def draw_escape(cells: dict, env: str, mode: str):
             p0, T = escape_data([r for r in rs if r.spec.direction == "rewarded"])
             if not len(p0):
                 continue
-            color = OPT_COLORS.get(opt)
+            color = color_of(opt, list(by_opt))
             ax.plot(p0, T, "o", ms=4, alpha=0.7, color=color)
             c = cells.get((env, pol, opt, mode))
             if c is not None and c.escape.n:
                 grid = np.logspace(np.log10(p0.min()), np.log10(p0.max()), 40)
                 pr = c.escape.params
                 if c.escape.winner == "power law":
-                    ok = np.isfinite(T)
-                    fit = np.exp(np.polyfit(np.log(p0[ok]), np.log(T[ok]), 1)[1]) * grid ** pr["slope"]
+                    fit = np.exp(pr["intercept"]) * grid ** pr["slope"]
+                elif c.escape.winner == "waiting time":
+                    fit = pr["c"] * waiting_time(grid, pr["batch_size"])
                 else:
                     fit = pr["A"] + pr["B"] * np.log(1 / grid)
                 ax.plot(grid, fit, "-", color=color, lw=1, label=f"{opt}: {c.escape.winner}")
@@ -134,15 +150,23 @@ def draw_escape(cells: dict, env: str, mode: str):
 
 
 def draw_extinction(ax, pol, by_opt) -> None:
-    """P(t) of every punished run."""
+    """P(t) of every punished run, log–log (1/t decay is a line of slope −1; exponential decay
+    bends down), with a guide of slope −1."""
+    t_max, p_ref = 0.0, None
     for opt, rs in sorted(by_opt.items()):
         first = True
         for r in rs:
             if r.spec.direction != "punished":
                 continue
-            ax.plot([rec["update"] for rec in r.records], [rec["P/value"] for rec in r.records], "-", lw=1,
-                    alpha=0.7, color=OPT_COLORS.get(opt), label=opt if first else None)
+            t, P, _ = curve(r)
+            ok = (t > 0) & (P > 0)
+            ax.plot(t[ok], P[ok], "-", lw=1, alpha=0.7, color=color_of(opt, list(by_opt)), label=opt if first else None)
             first = False
+            if ok.any():
+                t_max, p_ref = max(t_max, float(t[ok].max())), p_ref or float(P[ok][0])
+    if p_ref is not None and t_max > 1:
+        grid = np.geomspace(1, t_max, 20)
+        ax.plot(grid, p_ref / grid, "k:", lw=1, label="∝ 1/t")
 
 
 def draw_kappa(ax, pol, by_opt) -> None:
@@ -153,9 +177,39 @@ def draw_kappa(ax, pol, by_opt) -> None:
             k = [kappa_of(rec) for rec in r.records if "kappa" in rec]
             t = [rec["update"] for rec in r.records if "kappa" in rec]
             if k and k[0] > 0:
-                ax.plot(t, np.array(k) / k[0], "-", lw=0.8, alpha=0.6, color=OPT_COLORS.get(opt),
+                ax.plot(t, np.array(k) / k[0], "-", lw=0.8, alpha=0.6, color=color_of(opt, list(by_opt)),
                         label=opt if first else None)
                 first = False
+
+
+def draw_eta_slope(ax, pol, by_opt) -> None:
+    """The η-slope of every probed update against P: 1 where the prediction is first-order."""
+    for opt, rs in sorted(by_opt.items()):
+        P = np.concatenate([probe_points(r)[0] for r in rs])
+        S = np.concatenate([probe_points(r)[1] for r in rs])
+        ok = np.isfinite(S) & (P > 0)
+        ax.plot(P[ok], S[ok], ".", ms=2.5, alpha=0.5, color=color_of(opt, list(by_opt)), label=opt)
+    ax.axhline(1.0, color="k", lw=0.8, ls=":", label="first order: 1")
+
+
+def draw_noise(ax, pol, by_opt) -> None:
+    """Per decade of P: the realised spread of ΔP − E[ΔP] (dots) against the minibatch model's
+    predicted spread (solid) and the isotropic model's (dashed)."""
+    from ntrl.study.price import noise_rows
+
+    for opt, rs in sorted(by_opt.items()):
+        rows = [noise_rows(r) for r in rs]
+        rows = [x for x in rows if len(x)]
+        if not rows:
+            continue
+        bins = standardized(np.concatenate(rows))["bins"]
+        if not bins:
+            continue
+        color = color_of(opt, list(by_opt))
+        p = [b["p"] for b in bins]
+        ax.plot(p, [b["realised"] for b in bins], "o", ms=4, color=color, label=f"{opt}: realised")
+        ax.plot(p, [b["predicted"] for b in bins], "-", lw=1.2, color=color, label=f"{opt}: minibatch Σ")
+        ax.plot(p, [b["predicted_iso"] for b in bins], "--", lw=1, color=color, label=f"{opt}: isotropic Σ")
 
 
 def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path) -> list[tuple[str, Path]]:
@@ -175,12 +229,21 @@ def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path) 
                                      draw_escape(by_cell, env, mode), "p₀", "updates to reach P = ½", "xy")),
             (f"Extinction ({env}, {mode})", out / f"extinction_{tag}.png",
              lambda p: policy_panels(p, f"Extinction: P(t) when the behaviour is punished ({env}, {mode}); "
-                                        "exponential decay is a straight line here", by_policy,
-                                     draw_extinction, "update t", "P", "y")),
+                                        "1/t decay is a line of slope −1 here, exponential decay bends down",
+                                     by_policy, draw_extinction, "update t", "P", "xy")),
+            (f"Price check across training ({env}, {mode})", out / f"eta_slope_{tag}.png",
+             lambda p: policy_panels(p, f"Slope of the Price error against η at every probed update ({env}, "
+                                        f"{mode}); 1 for a first-order prediction", by_policy, draw_eta_slope,
+                                     "P before the update", "d log|error| / d log η", "x")),
             (f"Scale factor κ(t) ({env}, {mode})", out / f"kappa_{tag}.png",
              lambda p: policy_panels(p, f"Scale factor κ(t)/κ(0) = ‖∇z‖² over training ({env}, {mode})",
                                      by_policy, draw_kappa, "update t", "κ(t)/κ(0)")),
         ]
+        if mode == "sampled":
+            items.append((f"Gradient noise ({env}, {mode})", out / f"noise_{tag}.png",
+                          lambda p: policy_panels(p, f"Spread of ΔP − E[ΔP] per decade of P ({env}, {mode}): realised "
+                                                     "against the minibatch and the isotropic noise model", by_policy,
+                                                  draw_noise, "P", "spread of ΔP", "xy")))
         from ntrl.run_dirs import record_written_files, refuse_foreign_targets
 
         refuse_foreign_targets(out, [path.name for _, path, _ in items])
@@ -200,16 +263,67 @@ def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path) 
 
 # ---------------------------------------------------------------------------- tables
 VERDICT_COLUMNS = ["env", "policy", "optimizer", "mode", "verdict", "drift exponent", "escape", "extinction",
-                   "static a (Euclid)", "static a (Fisher)", "Price R²", "κ drift"]
+                   "static a (Euclid)", "static a (Fisher)", "Price R²", "η-slope", "first-order", "κ drift"]
+
+
+def pct(x: float) -> str:
+    return f"{x:.0%}" if math.isfinite(x) else "n/a"
 
 
 def verdict_rows(cells: Sequence[CellResult]) -> list[list[str]]:
+    """The verdict table: one row per cell (its first eight columns are what ``ntrl rarity`` prints)."""
     rows = []
     for c in sorted(cells, key=lambda c: c.cell):
         env, pol, opt, mode = c.cell
-        rows.append([env, pol, opt, mode, c.verdict, c.drift.fmt(2), c.escape.fmt(), c.extinction.fmt(),
-                     c.static_euc.fmt(2), c.static_fisher.fmt(2), f"{c.price['r2']:.4f}",
-                     f"{c.kappa['median_drift']:.0%}" if math.isfinite(c.kappa["median_drift"]) else "n/a"])
+        rows.append([env, pol, opt, mode, c.verdict, c.drift.fmt(2), c.escape.fmt(), c.extinction.comparison.fmt(),
+                     c.static_euc.fmt(2), c.static_fisher.fmt(2), f"{c.price.r2:.4f}", c.price.eta_slope.fmt(2),
+                     f"{pct(c.price.outside)} outside; ≤ {c.price.first_order_text()}",
+                     pct(c.kappa["median_drift"])])
+    return rows
+
+
+EXTINCTION_COLUMNS = ["cell", "decades fallen", "window (points)", "log–log exponent", "B / κΔη", "models (AICc)",
+                      "floor P∞", "late rate of log P (Adam)", "derived −½ ln β₂"]
+
+
+def extinction_rows(cells: Sequence[CellResult]) -> list[list[str]]:
+    rows = []
+    for c in sorted(cells, key=lambda c: c.cell):
+        e = c.extinction
+        if not e.runs:
+            continue
+        rows.append([" / ".join(c.cell), f"{e.decades:.1f}", f"{e.window} ({e.points})", e.exponent.fmt(3),
+                     e.B_ratio.fmt(3), e.comparison.fmt(), e.floor_verdict, e.rate.fmt_g(4),
+                     f"{e.rate_derived:.4g}" if math.isfinite(e.rate_derived) else "—"])
+    return rows
+
+
+PRICE_COLUMNS = ["cell", "tracked updates", "R²", "median rel. error", "η-slope [95 %]", "η-slope by decade of P",
+                 "outside first order", "first-order up to"]
+
+
+def price_rows(cells: Sequence[CellResult]) -> list[list[str]]:
+    rows = []
+    for c in sorted(cells, key=lambda c: c.cell):
+        p = c.price
+        rows.append([" / ".join(c.cell), str(p.n), f"{p.r2:.4f}", f"{p.rel_err_median:.3g}", p.eta_slope.fmt(3),
+                     ", ".join(f"{k}: {v:.2f}" for k, v in p.slope_by_p.items()), pct(p.outside),
+                     p.first_order_text()])
+    return rows
+
+
+NOISE_COLUMNS = ["cell", "records", "sd(z), minibatch Σ", "skewness of z", "sd(z), isotropic Σ",
+                 "corr(ΔP, ΔR): realised", "predicted (minibatch)", "predicted (isotropic)"]
+
+
+def noise_rows_table(cells: Sequence[CellResult]) -> list[list[str]]:
+    rows = []
+    for c in sorted(cells, key=lambda c: c.cell):
+        nz = c.price.noise
+        if nz is None:
+            continue
+        rows.append([" / ".join(c.cell), str(nz.n), nz.z_sd.fmt(2), f"{nz.z_skew:.2f}", nz.z_sd_iso.fmt_g(3),
+                     f"{nz.corr_real:.3f}", f"{nz.corr_pred:.3f}", f"{nz.corr_pred_iso:.3f}"])
     return rows
 
 
@@ -238,23 +352,48 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 EXPLANATION = f"""\
-**How to read the verdicts.** A cell is *consistent with p²* when every available piece of
-evidence points to the Euclidean law dP/dt ∝ p²(1 − p)²·κ: the 95 % interval of the drift
-exponent (E[ΔP]/η against p) lies within ±{LAW_MARGIN} of 2; the escape time T(p₀) is better
-described by a power law than by a logarithm, by ΔAIC ≥ {MIN_DELTA_AIC:g}, with a log–log slope
-whose interval lies within −1 ± {LAW_MARGIN} (both fitted on p₀ ≤ {SMALL_P0:g} when the grid has
-three such values, since both laws are asymptotic in p₀ → 0); and a punished behaviour fades like 1/t rather
-than exponentially (AIC, in at least 2/3 of the runs). It is *consistent with p(1 − p)* when the
-exponent is within ±{LAW_MARGIN} of 1, T(p₀) is logarithmic and extinction is exponential. A
-ΔAIC below {MIN_DELTA_AIC:g} is no evidence either way; rewarded runs that never reached ½ within
-the run length make the escape evidence "neither". Anything else is *neither*, and the evidence
-table says which pieces disagree: such a finding is a result, not a bug. Intervals are
-bootstraps over seeds within each p₀; a deterministic cell (one seed) gets the regression's
-t-interval instead. Static exponents are the small-p exponent a of NTVar(P) ≈ c·p^a(1 − p)^b in
-the Euclidean and the Fisher metric (theory: 2 and 1 for every network, since
+**How to read the verdicts.** Each piece of evidence votes for one law, for neither, or is
+inconclusive. The *drift exponent* (E[ΔP]/η against p) votes p² when its 95 % interval lies within
+2 ± {LAW_MARGIN}, p(1 − p) within 1 ± {LAW_MARGIN}, neither when the interval meets neither window, and
+is inconclusive when it is too wide to tell. The *escape time* T(p₀) is judged on at least {MIN_P0S}
+values of p₀ (on p₀ ≤ {SMALL_P0:g} when the grid has that many there: both laws are asymptotic in
+p₀ → 0): a power law against a logarithm, and in sampled cells also the wait for sampled
+successes, T = c/(1 − (1 − p₀)^B), all fitted to log T and compared by AICc with the number of
+points n shown. A power law of slope −1 ± {LAW_MARGIN} votes p², a logarithm p(1 − p); a waiting-time
+win casts no vote (it is the sampling that sets T, and it says so); a ΔAICc below {MIN_DELTA_AIC:g} is
+inconclusive; rewarded runs that never reached ½ make it neither. *Extinction* is fitted in the
+punished runs' asymptotic window (P ≤ P(0)·10^-{WINDOW_DECADES:g}; for Adam also
+t ≥ {ADAM_LATE_MEMORIES:g}/(1 − β₂)): 1/(A + Bt) votes p², an exponential p(1 − p), a floor
+P∞ + 1/(A + Bt) neither, by AICc in at least 2/3 of the runs (else inconclusive).
+
+A cell is **consistent with** a law when its votes name that law only, and either nothing is
+inconclusive or at least two pieces agree. It is **neither** when a piece disagrees with both laws
+or the pieces name different laws: the evidence table says which; such a finding is a result, not
+a bug. It is **inconclusive** when there is not enough evidence to decide (too few p₀ values,
+intervals too wide, ΔAICc below {MIN_DELTA_AIC:g}, one agreeing piece against inconclusive ones).
+
+Intervals are bootstraps over seeds within each p₀; a deterministic cell (one seed) gets its
+fit's t-interval instead. Static exponents are the small-p exponent a of NTVar(P) ≈ c·p^a(1 − p)^b
+in the Euclidean and the Fisher metric (theory: 2 and 1 for every network, since
 NTVar(p) = p²(1 − p)²·κ and NTVar_F⁻¹(p) = p(1 − p)). "Price R²" is the fraction of the variance
-of the realised ΔP explained by the predicted η·NTCov_M(P, U); "κ drift" is the median over runs
-of the largest relative change of κ = ‖∇z‖² (below 10 %: the network stayed lazy).
+of the realised ΔP explained by the predicted η·NTCov_M(P, U). The "η-slope" is the median, over
+every probed update of the cell, of the slope of log |relative error| against log η when the
+update is replayed at η·s (1 for a first-order prediction); "first-order" gives the share of
+tracked updates whose |realised − predicted| exceeded {FIRST_ORDER_TOLERANCE:g}·|predicted| and the largest
+multiple of η at which every probed update stays inside that bound. "κ drift" is the median over
+runs of the largest relative change of κ = ‖∇z‖² (below 10 %: the network stayed lazy).
+
+**Extinction table.** The log–log exponent of P(t) in the window (−1 for the p² law), B of the
+1/t law against κΔη from the tracked κ and the reward gap Δ, the three models' AICc differences,
+and the floor: *no equilibrium rarity* when every run's 95 % profile-likelihood interval of P∞
+includes 0 and lies below {FLOOR_FRACTION:g}·P_final. For Adam, the late-time rate of log P against the
+derived −½ ln β₂ (README, "Adam's late-time decay").
+
+**Noise table** (sampled cells). z = (ΔP − E[ΔP])/s with E[ΔP] = η∇P·M∇J from the exact gradient
+and s the predicted spread of ΔP from the batch's per-episode gradients (RMS per decade of P): sd(z)
+≈ 1 when the minibatch noise model holds; the same with the isotropic model Σ = (tr Σ/P)·I. For
+SGD the prediction is first-order exact; for sign descent, Adam and NPG the metric itself depends
+on the batch.
 """
 
 
@@ -278,10 +417,16 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
     ])
     rows = verdict_rows(cells)
     reasons = [[" / ".join(c.cell), c.verdict, c.reason] for c in sorted(cells, key=lambda c: c.cell)]
+    sections = [("Extinction", EXTINCTION_COLUMNS, extinction_rows(cells)),
+                ("Price check across training", PRICE_COLUMNS, price_rows(cells)),
+                ("Gradient noise (sampled cells)", NOISE_COLUMNS, noise_rows_table(cells))]
+    sections = [(title, cols, rs) for title, cols, rs in sections if rs]
     md = [f"# Rarity study `{study.name}`", "",
           f"{len(runs)} runs; p₀ ∈ {study.p0s}; seeds {study.seeds}; extinction from P = {study.extinction_p0}.", "",
           "## Verdicts", "", md_table(VERDICT_COLUMNS, rows), "", EXPLANATION, "",
           "## Evidence behind each verdict", "", md_table(["cell", "verdict", "evidence"], reasons), ""]
+    for title, cols, rs in sections:
+        md += [f"## {title}", "", md_table(cols, rs), ""]
     for caption, path in plots:
         md += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
     md += ["## Files", "", "- `verdicts.csv`: every fitted number per cell, with interval bounds",
@@ -306,10 +451,9 @@ td:nth-child(5){{font-weight:bold}}</style></head><body>
 <p>{len(runs)} runs; p₀ ∈ {html.escape(str(study.p0s))}; seeds {study.seeds}.</p>
 <h2>Verdicts</h2>{h_table(VERDICT_COLUMNS, rows)}<p>{explanation}</p>
 <h2>Evidence behind each verdict</h2>{h_table(["cell", "verdict", "evidence"], reasons)}
+{"".join(f"<h2>{html.escape(title)}</h2>{h_table(cols, rs)}" for title, cols, rs in sections)}
 {imgs}</body></html>"""
     (study_dir / "report.html").write_text(page, encoding="utf-8")
-    from ntrl.run_dirs import record_written_files
-
     return {"md": study_dir / "report.md", "html": study_dir / "report.html", "csv": study_dir / "verdicts.csv",
             **{p.stem: p for _, p in plots}}
 
