@@ -97,6 +97,36 @@ def first_order(real: Any, pred: Any) -> Any:
     return abs(real - pred) <= FIRST_ORDER_TOLERANCE * abs(pred)
 
 
+def record_slope(rec: dict[str, Any]) -> float:
+    """The log–log slope of a record's η-probe relative error |real − pred| / |real| against η,
+    over the scales s ≤ 1 (the step's own η and below); nan where fewer than two errors are
+    positive. 1 for a first-order prediction, whose error is O(η²) against a change O(η)."""
+    lrs, real, pred = rec.get("P/probe_lr"), rec.get("P/probe_real"), rec.get("P/probe_pred")
+    if not lrs or real is None or pred is None:
+        return float("nan")
+    lrs, real, pred = (np.asarray(x, dtype=float) for x in (lrs, real, pred))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = np.abs(real - pred) / np.abs(real)
+    ok = (lrs <= rec["lr"] * (1 + 1e-12)) & np.isfinite(err) & (err > 0)
+    if ok.sum() < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(lrs[ok]), np.log(err[ok]), 1)[0])
+
+
+def record_first_order_lr(rec: dict[str, Any]) -> float:
+    """The largest probed η·s at which a record's replayed step is first-order (:func:`first_order`)
+    at that scale and every smaller one: 0 when not even the smallest is, nan without a probe."""
+    lrs, real, pred = rec.get("P/probe_lr"), rec.get("P/probe_real"), rec.get("P/probe_pred")
+    if not lrs or real is None or pred is None:
+        return float("nan")
+    best = 0.0
+    for lr, r, p in sorted(zip(lrs, real, pred)):
+        if not first_order(r, p):
+            break
+        best = lr
+    return best
+
+
 def price_agreement(pred: np.ndarray, real: np.ndarray) -> dict[str, float]:
     """How well predicted ΔX matches realised ΔX over many updates:
     R² = 1 − Σ(real − pred)² / Σ(real − mean real)², and the median and 90th percentile of the

@@ -23,7 +23,7 @@ from ntrl.records import (
 )
 from ntrl.run_dirs import RUN_KIND, check_name, check_out_dir, inside, made_dirs, replace_run_dir, write_marker
 from ntrl.engine.tangent import TangentEngine
-from ntrl.tracker import Tracker, price_agreement
+from ntrl.tracker import FIRST_ORDER_TOLERANCE, Tracker, price_agreement, record_first_order_lr
 from ntrl.wandb_sink import WandbSink
 
 
@@ -68,10 +68,18 @@ def prepare_run_dir(config: TrainConfig) -> Path:
 
 
 def price_check(records: list[dict[str, Any]], name: str = "P") -> dict[str, float]:
-    """How well predicted ΔX matched realised ΔX over a run's records (see price_agreement)."""
+    """How well predicted ΔX matched realised ΔX over a run's records (see price_agreement), and
+    where the records carry the η-probe, the largest η at which every probed update stays
+    first-order (``first_order_lr``)."""
     rows = [r for r in records if f"{name}/real_delta" in r]
-    return price_agreement(np.array([np.mean(r[f"{name}/pred_delta"]) for r in rows]),
-                           np.array([np.mean(r[f"{name}/real_delta"]) for r in rows]))
+    out = price_agreement(np.array([np.mean(r[f"{name}/pred_delta"]) for r in rows]),
+                          np.array([np.mean(r[f"{name}/real_delta"]) for r in rows]))
+    if name == "P":
+        lrs = [record_first_order_lr(r) for r in rows if r.get("P/probe_lr")]
+        if lrs:
+            out["first_order_lr"] = min(lrs)
+            out["probed_lr_max"] = max(max(r["P/probe_lr"]) for r in rows if r.get("P/probe_lr"))
+    return out
 
 
 def extra_tracking_caller(fn: Callable[..., dict]) -> Callable[..., dict]:
@@ -274,7 +282,30 @@ def price_check_text(pc: dict[str, Any], name: str = "ΔP = η·NTCov_M(P, U)") 
         text += f", with median relative error {format_percent(rel)}"
     else:
         text += "; no relative error: the realised ΔP was 0 at every update"
-    return head + text + "."
+    return head + text + "." + first_order_text(pc)
+
+
+def first_order_text(pc: dict[str, Any]) -> str:
+    """The sentence on the first-order regime: the share of tracked updates outside it and,
+    from the η-probe, the largest learning rate that keeps every probed update inside."""
+    outside = pc.get("outside_first_order")
+    if not isinstance(outside, (int, float)) or not math.isfinite(outside):
+        return ""
+    bound = f"|realised − predicted| > {FIRST_ORDER_TOLERANCE:g}·|predicted|"
+    text = (f" {outside:.0%} of the tracked updates were outside the first-order regime ({bound})"
+            if outside > 0 else f" Every tracked update was first-order (none had {bound})")
+    lr, top = pc.get("first_order_lr"), pc.get("probed_lr_max")
+    if isinstance(lr, (int, float)) and math.isfinite(lr):
+        if lr >= top:
+            text += f"; replayed at up to lr {top:g}, every probed update stays first-order"
+        elif lr > 0:
+            text += f"; every probed update stays first-order up to lr {lr:g}"
+        else:
+            text += "; even the smallest probed step leaves the first-order regime somewhere"
+    if outside > 0.25:
+        text += (f": the Price prediction is not a first-order one for this run; a smaller --lr"
+                 f"{f' (at most {lr:g})' if isinstance(lr, (int, float)) and 0 < lr < (top or 0) else ''} keeps it so")
+    return text + "."
 
 
 # Settings that say where a run is written and logged rather than how it trains.

@@ -147,3 +147,13 @@ def test_readme_architecture_names_every_module():
     missing = [str(p.relative_to(ROOT)) for p in modules().values()
                if p.name != "__init__.py" and str(p.relative_to(ROOT)) not in listed]
     assert not missing, missing
+
+
+def test_the_distribution_installs_every_package():
+    """pyproject's explicit package list names every folder with an __init__.py: a package left
+    out works in the editable install of a checkout and is missing from a real ``pip install``."""
+    import tomllib
+
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    present = {name for name in modules() if (ROOT / modules()[name]).name == "__init__.py"}
+    assert present == declared, (present - declared, declared - present)

@@ -50,7 +50,8 @@ Algo = Literal[ALGOS]
 DEFAULT_LR = {"reinforce": 0.01, "ppo": 3e-4, "a2c": 7e-4}
 # Flags of ntrl's REINFORCE loop that SB3's algorithms do not use.
 REINFORCE_ONLY = ("optimizer", "p0", "baseline", "batch_size", "policy", "npg_damping", "fisher", "dtype", "mode",
-                  "stop_at_p")
+                  "stop_at_p", "stop_below_p", "track_per_decade", "adam_beta1", "adam_beta2", "adam_eps",
+                  "price_scales", "noise")
 
 
 def parse_env_kwargs(text: str | dict) -> dict:

@@ -27,36 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ntrl.study.stats import NAN, Estimate, RunData, by_p0, stratified_bootstrap
-from ntrl.tracker import FIRST_ORDER_TOLERANCE, first_order, price_agreement
-
-
-def record_slope(rec: dict[str, Any]) -> float:
-    """The log–log slope of the η-probe's relative error against η over the scales s ≤ 1 (the
-    step's own η and below), nan where fewer than two errors are positive."""
-    lrs, real, pred = rec.get("P/probe_lr"), rec.get("P/probe_real"), rec.get("P/probe_pred")
-    if not lrs or real is None or pred is None:
-        return float("nan")
-    lrs, real, pred = (np.asarray(x, dtype=float) for x in (lrs, real, pred))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        err = np.abs(real - pred) / np.abs(real)
-    ok = (lrs <= rec["lr"] * (1 + 1e-12)) & np.isfinite(err) & (err > 0)
-    if ok.sum() < 2:
-        return float("nan")
-    return float(np.polyfit(np.log(lrs[ok]), np.log(err[ok]), 1)[0])
-
-
-def record_first_order_lr(rec: dict[str, Any]) -> float:
-    """The largest probed η·s such that the replayed step is first-order (|real − pred| ≤ ½|pred|)
-    at that scale and every smaller one (0 when not even the smallest is; nan without a probe)."""
-    lrs, real, pred = rec.get("P/probe_lr"), rec.get("P/probe_real"), rec.get("P/probe_pred")
-    if not lrs or real is None or pred is None:
-        return float("nan")
-    best = 0.0
-    for lr, r, p in sorted(zip(lrs, real, pred)):
-        if not first_order(r, p):
-            break
-        best = lr
-    return best
+from ntrl.tracker import FIRST_ORDER_TOLERANCE, price_agreement, record_first_order_lr, record_slope
 
 
 def probe_points(run: RunData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
