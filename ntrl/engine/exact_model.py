@@ -109,45 +109,56 @@ FIRST_ORDER_ONLY = (
 
 class FiniteHorizonVisitation(torch.autograd.Function):
     """d = (1/H) Σ_{t<H} μ_t with μ_{t+1} = P_πᵀ μ_t, as one autograd node (see the module
-    docstring for the adjoint backward). Inputs: π of shape (S, A) in float64 and the model."""
+    docstring for the adjoint backward). Inputs: π of shape (S, A), or (M, S, A) for M policies at
+    once (a population's members: one block-diagonal P_π, so each member's recursion sums in the
+    same order as its own run's), in float64, and the model."""
 
     @staticmethod
     def forward(ctx, pi: Tensor, model: "TabularMDP") -> Tensor:
-        # P_π(s, s') = Σ_a π(a|s) T(s'|s, a): one entry per nonzero of T
-        w = pi.detach().numpy().reshape(-1)[model.rows_np] * model.probs_np
-        fwd = model.flow_pattern_T
+        batched = pi.ndim == 3
+        p = pi.detach().numpy().reshape(-1 if not batched else pi.shape[0], model.n_states * model.n_actions)
+        M = p.shape[0] if batched else 1
+        # P_π(s, s') = Σ_a π(a|s) T(s'|s, a): one entry per nonzero of T, member by member
+        w = (p.reshape(M, -1)[:, model.rows_np] * model.probs_np).reshape(-1)
+        fwd, _ = model.block_patterns(M)
         w_T = fwd.sorted_data(w)
         H = model.horizon
-        mus = np.empty((H, model.n_states))
-        mus[0] = model.initial_np
+        mus = np.empty((H, M * model.n_states))
+        mus[0] = np.tile(model.initial_np, M)
         for t in range(1, H):
             mus[t] = fwd.matvec(w_T, mus[t - 1])  # μ_{t+1} = P_πᵀ μ_t
-        ctx.mus, ctx.w, ctx.model = mus, w, model  # P_π's entries in COO order
+        ctx.mus, ctx.w, ctx.model, ctx.M, ctx.batched = mus, w, model, M, batched  # P_π's entries in COO order
         ctx.w_sorted = None  # in P_π's CSR order: sorted by the first backward pass that needs it
-        return torch.from_numpy(mus.sum(0) / H)
+        d = mus.sum(0) / H
+        return torch.from_numpy(d.reshape(M, -1) if batched else d)
 
     @staticmethod
     def backward(ctx, grad_d: Tensor) -> tuple[Tensor, None]:
         if torch.is_grad_enabled():  # create_graph=True: a second derivative was asked for
             raise RuntimeError(FIRST_ORDER_ONLY)
-        model, mus = ctx.model, ctx.mus
+        model, mus, M = ctx.model, ctx.mus, ctx.M
+        _, back = model.block_patterns(M)
         if ctx.w_sorted is None:
-            ctx.w_sorted = model.flow_pattern.sorted_data(ctx.w)
+            ctx.w_sorted = back.sorted_data(ctx.w)
         w = ctx.w_sorted
         H = model.horizon
         try:
-            g = grad_d.detach().to(torch.float64).numpy() / H
+            g = grad_d.detach().to(torch.float64).numpy().reshape(-1) / H
         except RuntimeError as e:  # a batched cotangent (is_grads_batched, vectorize=True)
             raise RuntimeError(FIRST_ORDER_ONLY) from e
         nus = np.empty_like(mus)  # nus[t] = ν_t
         nus[H - 1] = g
         for t in range(H - 2, -1, -1):
-            nus[t] = g + model.flow_pattern.matvec(w, nus[t + 1])  # ν_t = ḡ/H + P_π ν_{t+1}
-        # ∂L/∂π(a|s) = Σ_t μ_t(s) Q_t(s, a) with Q_t(s, a) = Σ_s' T(s'|s, a) ν_{t+1}(s')
+            nus[t] = g + back.matvec(w, nus[t + 1])  # ν_t = ḡ/H + P_π ν_{t+1}
+        # ∂L/∂π(a|s) = Σ_t μ_t(s) Q_t(s, a) with Q_t(s, a) = Σ_s' T(s'|s, a) ν_{t+1}(s'), per member
         S, A = model.n_states, model.n_actions
-        Q = (model.transitions_csr @ nus[1:].T).reshape(S, A, H - 1)
-        grad = np.matmul(Q, mus[:-1].T[:, :, None])[..., 0]
-        return torch.from_numpy(grad).to(grad_d.dtype), None
+        nu_next = nus[1:].reshape(H - 1, M, S)
+        Q = (model.transitions_csr @ nu_next.transpose(2, 0, 1).reshape(S, -1)).reshape(S, A, H - 1, M)
+        # Σ_t Q[s, a, t, m] μ_t[m, s] as S·M small products (A × H−1)(H−1 × 1), contiguous so that
+        # each member's sum runs the same way whatever M (its run and its population agree)
+        mu = np.ascontiguousarray(mus[:-1].reshape(H - 1, M, S).transpose(2, 1, 0))[..., None]
+        grad = np.matmul(np.ascontiguousarray(Q.transpose(0, 3, 1, 2)), mu)[..., 0].transpose(1, 0, 2)
+        return torch.from_numpy(grad if ctx.batched else grad[0]).to(grad_d.dtype), None
 
 
 class TabularMDP:
@@ -216,8 +227,7 @@ class TabularMDP:
         self.rows_np, self.cols_np, self.probs_np = self.rows.numpy(), self.cols.numpy(), self.probs.numpy()
         self.nz_state = self.rows_np // A
         self.transitions_csr = sp.csr_matrix((self.probs_np, (self.rows_np, self.cols_np)), shape=(S * A, S))
-        self.flow_pattern = SparsePattern(self.nz_state, self.cols_np, (S, S))  # P_π
-        self.flow_pattern_T = SparsePattern(self.cols_np, self.nz_state, (S, S))  # P_πᵀ
+        self._block_patterns: dict[int, tuple[SparsePattern, SparsePattern]] = {}
         self.initial_np = rho.numpy()
         obs = torch.as_tensor(np.asarray(observations))
         if obs.shape[0] != S:
@@ -226,6 +236,16 @@ class TabularMDP:
         flat = obs.reshape(S, -1)
         self.unique_obs_flat, self.obs_index = torch.unique(flat, dim=0, return_inverse=True)
         self.unique_obs = self.unique_obs_flat.reshape(-1, *obs.shape[1:])
+
+    def block_patterns(self, M: int) -> tuple[SparsePattern, SparsePattern]:
+        """(P_πᵀ, P_π) patterns of M independent copies of the chain, block-diagonal over
+        (M·S) × (M·S), entries member by member in COO order (cached per M)."""
+        if M not in self._block_patterns:
+            S = self.n_states
+            offset = np.repeat(np.arange(M) * S, self.rows_np.size)
+            src, dst = np.tile(self.nz_state, M) + offset, np.tile(self.cols_np, M) + offset
+            self._block_patterns[M] = (SparsePattern(dst, src, (M * S, M * S)), SparsePattern(src, dst, (M * S, M * S)))
+        return self._block_patterns[M]
 
     # ------------------------------------------------------------------ policy
     def policy_matrix(self, view: PolicyView) -> Tensor:

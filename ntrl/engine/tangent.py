@@ -93,6 +93,17 @@ def log_odds_of_logits(logits: Tensor, action: int) -> Tensor:
     return log_odds(torch.log_softmax(logits, dim=-1), action)
 
 
+def set_log_odds(logits: Tensor, mask: Tensor) -> Tensor:
+    """z = log π(A|o) − log π(not A|o) for the set of actions A that ``mask`` marks in each row
+    (the juice gridworld's approach moves), in log space (logsumexp over A and over the others),
+    from logits of shape (..., K) and a 0/1 mask broadcastable to them."""
+    logp = torch.log_softmax(logits, dim=-1)
+    m = mask.bool()
+    inside = torch.logsumexp(logp.masked_fill(~m, float("-inf")), dim=-1)
+    outside = torch.logsumexp(logp.masked_fill(m, float("-inf")), dim=-1)
+    return inside - outside
+
+
 class _KappaProperty:
     """X = z_a at ``obs``: the property behind :meth:`TangentEngine.kappa` (per-state)."""
 

@@ -58,7 +58,7 @@ from ntrl.envs.juice import (
 )
 from ntrl.engine.exact_model import ModelTooLargeError, TabularMDP
 from ntrl.properties import Property
-from ntrl.engine.tangent import PolicyView, TangentEngine, TangentStats
+from ntrl.engine.tangent import PolicyView, TangentEngine, TangentStats, set_log_odds
 from ntrl.engine.structured import PerState
 
 
@@ -99,16 +99,6 @@ def tabular_approach_init(policy: JuiceTabularPolicy, p0: float) -> None:
 def approach_probability(view: PolicyView, obs: Tensor, mask: Tensor) -> Tensor:
     """π(approach|o) = Σ_{a approaches} π(a|o), for each row of obs."""
     return (view.probs(obs) * mask).sum(-1)
-
-
-def approach_log_odds(logits: Tensor, mask: Tensor) -> Tensor:
-    """z = log π(approach|o) − log π(not approach|o) per row, in log space (logsumexp over the
-    approach actions and over the others), from logits of shape (N, K) and a 0/1 mask (N, K)."""
-    logp = torch.log_softmax(logits, dim=-1)
-    m = mask.bool()
-    inside = torch.logsumexp(logp.masked_fill(~m, float("-inf")), dim=-1)
-    outside = torch.logsumexp(logp.masked_fill(m, float("-inf")), dim=-1)
-    return inside - outside
 
 
 class JuiceQuantities:
@@ -302,8 +292,8 @@ class JuiceConfig(TrainConfig):
             q = None
             properties = [Property("P", p_probe.fn)]
 
-        kappa = Property("z", lambda v: approach_log_odds(v.logits(probe_obs), probe_mask))
-        kappa.per_state = PerState(probe_obs, lambda z: approach_log_odds(z, probe_mask))  # structured backend
+        kappa = Property("z", lambda v: set_log_odds(v.logits(probe_obs), probe_mask))
+        kappa.per_state = PerState(probe_obs, lambda z: set_log_odds(z, probe_mask))  # structured backend
 
         # -- environment and utility
         if exact:

@@ -40,13 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ntrl.config import ConfigError, TrainConfig
 from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients
-from ntrl.population.models import BanditModel, SampledBatch
+from ntrl.population.models import SampledBatch, population_model
 from ntrl.population.optimizers import BatchedOptimizer
 from ntrl.records import (
     CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, nonfinite_field, read_records, record_line, write_json_atomic,
@@ -59,10 +58,10 @@ from ntrl.wandb_sink import WandbSink
 log = logging.getLogger(__name__)
 
 # Config fields in which members of one population may differ.
-MEMBER_FIELDS = ("p0", "lr", "seed", "steps", "stop_at_p", "stop_below_p", "reward_do", "reward_dont", "noise_std",
+MEMBER_FIELDS = ("p0", "lr", "seed", "steps", "stop_at_p", "stop_below_p", "reward_do", "reward_dont", "reward", "noise_std",
                  "npg_damping", "adam_beta1", "adam_beta2", "adam_eps", "track_every", "track_per_decade", "out",
                  "run_name", "force", "threads")
-SUPPORTED = {("bandit", "exact"), ("bandit", "sampled")}
+SUPPORTED = {("bandit", "exact"), ("bandit", "sampled"), ("juice", "exact")}
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -72,6 +71,8 @@ def unsupported_reason(config: TrainConfig) -> str | None:
         return f"populations cover {', '.join(f'{e} {m}' for e, m in sorted(SUPPORTED))}; not {config.env} {config.mode}"
     if config.dtype != "float64":
         return "populations train in float64 only"
+    if config.env == "juice" and (config.decomposition or config.f0 > 0):
+        return "juice populations track P, F, R and P_probe; not the F·P decomposition (--no-decomposition) or --f0"
     return None
 
 
@@ -87,12 +88,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def member_bytes(n_params: int, n_obs: int, n_actions: int, batch_size: int, sampled: bool) -> int:
+def member_bytes(n_params: int, n_obs: int, n_actions: int, batch_size: int, sampled: bool, n_outputs: int = 3,
+                 model_bytes: int = 0) -> int:
     """An upper estimate of one member's memory (float64): parameters, gradients of the utility,
-    of every tracked property and of every logit, the Fisher's factors, Adam's moments and the
-    temporaries of a step, about 3 N·K + 16 vectors of P entries."""
-    vectors = 16 + 3 * n_obs * n_actions
-    return 8 * (vectors * n_params + (4 * batch_size if sampled else 0) + 64)
+    of the ``n_outputs`` tracked properties and log-odds and of every logit, the Fisher's factors,
+    Adam's moments and the temporaries of a step, about 3 N·K + 13 + outputs vectors of P entries,
+    plus the model's own (``model_bytes``: the juice recursion's saved tensors)."""
+    vectors = 13 + n_outputs + 3 * n_obs * n_actions
+    return 8 * (vectors * n_params + (4 * batch_size if sampled else 0)) + model_bytes
 
 
 def memory_limit(device: torch.device, max_memory: int | None) -> int:
@@ -118,7 +121,9 @@ def check_memory(config: TrainConfig, members: int, device: torch.device, max_me
     sample = config.build()
     sample.env.close()
     n_params = sum(p.numel() for p in sample.policy.parameters() if p.requires_grad)
-    per = member_bytes(n_params, 1, 2, config.batch_size, config.mode == "sampled")
+    model = population_model([config], torch.device("cpu"))
+    per = member_bytes(n_params, model.n_states, model.n_actions, config.batch_size, config.mode == "sampled",
+                       len(model.properties) + model.n_z, model.member_bytes())
     limit = memory_limit(device, max_memory)
     if members * per > limit:
         raise ConfigError("--population", f"a population of {members} members of {n_params} parameters needs about "
@@ -217,8 +222,7 @@ class _Population:
             policies.append(exp.policy)
         self.stacked = StackedPolicy(policies[0].to(device))
         self.theta = torch.stack([self.stacked.flatten(p) for p in policies]).to(device)
-        rewards = np.array([[c.reward_dont, c.reward_do] for c in configs])
-        self.model = BanditModel(rewards, np.array([c.noise_std for c in configs]), first.target, device)
+        self.model = population_model(configs, device)
         f64 = dict(dtype=torch.float64, device=device)
         per_member = lambda name: torch.tensor([getattr(c, name) for c in configs], **f64)  # noqa: E731
         self.optimizer = BatchedOptimizer(first.optimizer, per_member("lr"),
@@ -247,17 +251,18 @@ class _Population:
         behind it, drawn from each member's own streams with π = softmax(z) as the per-run
         sampler computes it (None when exact: the return is then U itself)."""
         if not self.sampled:
-            return q["R"], None
+            return q["U"], None
         probs = torch.softmax(q["Z"].detach()[:, 0], dim=-1).cpu().numpy()
         batch = self.model.sample(probs, batch_size, baseline, self.action_rngs, self.noise_rngs)
         return self.model.surrogate(q["logp"], batch), batch
 
     @staticmethod
     def log_prob_rows(q: dict[str, Any], logit_grads: list[Tensor]) -> Tensor:
-        """∇log π(a) of every member and action at the model's state, (M, 1, K, P), from the
-        gradients of the K logits."""
-        probs = q["logp"].detach().exp()[:, None, :]  # (M, 1, K)
-        return log_prob_rows(torch.stack(logit_grads, dim=1)[:, None], probs)
+        """∇log π(a|o) of every member, Fisher state o and action a, (M, N, K, P), from the
+        gradients of the N·K logits (ordered by state, then action)."""
+        probs = q["logp"].detach().exp()  # (M, N, K)
+        M, N, K = probs.shape
+        return log_prob_rows(torch.stack(logit_grads, dim=1).reshape(M, N, K, -1), probs)
 
     def fishers(self, q: dict[str, Any], rows: Tensor, npg: bool,
                 track: bool) -> tuple[BatchedInverseFisher | None, BatchedInverseFisher | None]:
@@ -265,8 +270,8 @@ class _Population:
         ∇log π(a) (:meth:`log_prob_rows`); the second is the first where every λ is 0."""
         if not (npg or track):
             return None, None
-        probs = q["logp"].detach().exp()[:, None, :]  # (M, 1, K)
-        w = self.model.fisher_weights.expand(len(self.alive), -1)
+        probs = q["logp"].detach().exp()  # (M, N, K)
+        w = q["weights"]
         damping = self.optimizer.damping
         fisher = BatchedInverseFisher.from_log_prob_rows(rows, w, probs, damping) if npg else None
         if not track:
@@ -353,12 +358,15 @@ def train_population(
             tracking = [sch.tracks(t) for sch in pop.schedules]
             tracked = any(tracking)
             U, batch = pop.utility(q, first.batch_size, first.baseline)
-            K = pop.model.n_actions
+            K, N, names = pop.model.n_actions, pop.model.n_states, pop.model.properties
+            n_z = q["z"].shape[1]
             need_fisher = first.optimizer == "npg" or (tracked and (first.fisher or noise))
-            outputs = [U] + ([q["P"], q["R"], q["z"]] if tracked else []) + \
-                ([q["Z"][:, 0, a] for a in range(K)] if need_fisher else [])
+            outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else []) + \
+                ([q["Z"][:, o, a] for o in range(N) for a in range(K)] if need_fisher else [])
             grads = member_gradients(outputs, q["leaves"])
             g = grads[0]
+            prop_grads = dict(zip(names, grads[1:1 + len(names)])) if tracked else {}
+            z_grads = grads[1 + len(names):1 + len(names) + n_z] if tracked else []
             U_val = _floats(U)
             returns = U_val if batch is None else batch.mean_return.tolist()
             for row, r in enumerate(returns):
@@ -368,17 +376,17 @@ def train_population(
                 st.episodes += first.batch_size if pop.sampled else 0
             bad_g = ~torch.isfinite(g.sum(dim=1))  # one NaN or ±inf entry makes the row's sum non-finite
             any_bad = bool(bad_g.any())
-            rows = pop.log_prob_rows(q, grads[-K:]) if need_fisher else None
+            rows = pop.log_prob_rows(q, grads[-N * K:]) if need_fisher else None
             fisher, fisher0 = pop.fishers(q, rows, first.optimizer == "npg", tracked and first.fisher) \
                 if need_fisher else (None, None)
             plan = pop.optimizer.plan(torch.where(bad_g[:, None], torch.zeros_like(g), g) if any_bad else g, fisher)
             before = None
             if tracked:
-                before = tracked_stats(q, grads, g, plan, pop.optimizer.lr, fisher0, sampled=pop.sampled)
+                before = tracked_stats(q, prop_grads, z_grads, g, plan, pop.optimizer.lr, fisher0, sampled=pop.sampled)
                 if first.price_scales:
                     before["probe"] = eta_probe(pop, q, plan, before["P"]["ntcov_opt"], first.price_scales)
                 if noise:
-                    before["noise"] = noise_spread(batch, rows[:, 0], grads, plan, pop.optimizer.lr)
+                    before["noise"] = noise_spread(batch, rows[:, 0], prop_grads, plan, pop.optimizer.lr)
             stepped = pop.optimizer.apply(pop.theta.detach(), plan)
             pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
             p_before = q["P"].detach()
@@ -388,7 +396,7 @@ def train_population(
             for row in torch.nonzero(bad_g).flatten().tolist():
                 done[row] = ("failed", f"non-finite utility gradient at update {t}", float(p_before[row]), t)
             if tracked:
-                fields = record_fields(t, before, q, U_val, pop.optimizer.lr, returns, pop.sampled)
+                fields = record_fields(t, before, q, U_val, pop.optimizer.lr, returns, pop.sampled, names)
                 append_records(members, pop, fields, t, done, p_after, first.optimizer, tracking)
                 sink.log({"update": t, "P/median": float(q["P"].detach().median()), "members/active": len(pop.alive)})
             for row, p in enumerate(p_after):
@@ -427,10 +435,16 @@ def train_population(
     if interrupted:
         raise RunInterrupted(f"population interrupted at update {t}; the records so far and each member's "
                              f"summary are kept")
-    results = [RunResult(st.run_dir, st.summary, st.summary["wandb_dir"],
-                         "do" if getattr(st.config, "target", 1) == 1 else "dont") for st in members]
+    results = [RunResult(st.run_dir, st.summary, st.summary["wandb_dir"], target_label(st.config)) for st in members]
     failures = [(i, st.run_dir.name, st.error) for i, st in enumerate(members) if st.error]
     return PopulationResult(results, failures, wandb_dir, t, time.time() - start, loop_seconds)
+
+
+def target_label(config: TrainConfig) -> str:
+    """What P is the probability of, as the per-run path's experiment names it."""
+    if config.env == "juice":
+        return "approach | seen"
+    return "do" if getattr(config, "target", 1) == 1 else "dont"
 
 
 def population_sink(wandb_parent: str | os.PathLike | None, config: TrainConfig, name: str | None,
@@ -456,15 +470,15 @@ def metric_apply(plan, v: Tensor) -> Tensor:
     return v
 
 
-def tracked_stats(q: dict[str, Any], grads: list[Tensor], g: Tensor, plan, lr: Tensor,
-                  fisher0: BatchedInverseFisher | None, sampled: bool = False) -> dict[str, Any]:
-    """What the tracker records before the step (see :mod:`ntrl.tracker`), per member, for P and R
-    (gradients ``grads[1]``, ``grads[2]``) and κ = ‖∇z‖² (``grads[3]``):
+def tracked_stats(q: dict[str, Any], prop_grads: dict[str, Tensor], z_grads: list[Tensor], g: Tensor, plan,
+                  lr: Tensor, fisher0: BatchedInverseFisher | None, sampled: bool = False) -> dict[str, Any]:
+    """What the tracker records before the step (see :mod:`ntrl.tracker`), per member, for each
+    property X (its gradients ``prop_grads[X]``) and κ = ‖∇z‖² per log-odds z (``z_grads``):
     X, NTVar in the Euclidean, optimizer and Fisher metrics, NTCov with g and with d, η·NTCov_M,
     and in sampled mode the expected change η·∇X·M∇J (the bandit's R is J)."""
     before: dict[str, Any] = {}
-    j = metric_apply(plan, grads[2]) if sampled else None
-    for name, Gx in (("P", grads[1]), ("R", grads[2])):
+    j = metric_apply(plan, prop_grads["R"]) if sampled else None
+    for name, Gx in prop_grads.items():
         euc = (Gx**2).sum(1)
         if plan.fisher is not None:
             opt = plan.fisher.ntvar(Gx)
@@ -477,7 +491,8 @@ def tracked_stats(q: dict[str, Any], grads: list[Tensor], g: Tensor, plan, lr: T
                         "ntvar_fisher": None if fisher0 is None else fisher0.ntvar(Gx),
                         "ntcov_euc": (Gx * g).sum(1), "ntcov_opt": ntcov_opt, "pred_delta": lr * ntcov_opt,
                         "expected_delta": None if j is None else lr * (Gx * j).sum(1)}
-    before["kappa"] = (grads[3] ** 2).sum(1)
+    kappa = torch.stack([(Gz**2).sum(1) for Gz in z_grads], 1)
+    before["kappa"] = kappa[:, 0] if kappa.shape[1] == 1 else kappa
     return before
 
 
@@ -495,7 +510,7 @@ def eta_probe(pop: "_Population", q: dict[str, Any], plan, ntcov: Tensor,
     return {"P/probe_lr": lrs, "P/probe_real": real, "P/probe_pred": lrs * ntcov[:, None]}
 
 
-def noise_spread(batch: SampledBatch, rows: Tensor, grads: list[Tensor], plan, lr: Tensor) -> dict[str, Tensor]:
+def noise_spread(batch: SampledBatch, rows: Tensor, prop_grads: dict[str, Tensor], plan, lr: Tensor) -> dict[str, Tensor]:
     """The tracker's predicted spread of ΔP and ΔR (:meth:`ntrl.tracker.Tracker.noise_spread`) for
     every member, from its batch: episode i (one step, action a_i, advantage A_i) contributes
     h_i = A_i ∇log π(a_i) (``rows``: ∇log π(a), (M, K, P)), so with v_X = M∇X
@@ -516,8 +531,8 @@ def noise_spread(batch: SampledBatch, rows: Tensor, grads: list[Tensor], plan, l
     trace = dev2.sum(1) / (B * (B - 1))
     out = {"noise/trace_sigma": trace}
     cs, vs = [], []
-    for name, Gx in (("P", grads[1]), ("R", grads[2])):
-        v = metric_apply(plan, Gx)
+    for name in ("P", "R"):
+        v = metric_apply(plan, prop_grads[name])
         c = A * torch.einsum("mkp,mp->mk", rows, v).gather(1, acts)
         c = c - c.mean(1, keepdim=True)
         cs.append(c)
@@ -530,12 +545,12 @@ def noise_spread(batch: SampledBatch, rows: Tensor, grads: list[Tensor], plan, l
 
 
 def record_fields(t: int, before: dict[str, Any], q: dict[str, Tensor], U: list[float], lr: Tensor,
-                  returns: list[float], sampled: bool) -> dict[str, Any]:
+                  returns: list[float], sampled: bool, names: Sequence[str] = ("P", "R")) -> dict[str, Any]:
     """Every field of this update's records, in the per-run path's order, as a list over members
     (or one value for all): X(θ + Δθ) from ``q``, the rest from :func:`tracked_stats`,
     :func:`eta_probe` and :func:`noise_spread`."""
     fields: dict[str, Any] = {"update": t, "lr": _floats(lr), "U": U}
-    for name in ("P", "R"):
+    for name in names:
         for key, value in before[name].items():
             if value is not None:
                 fields[f"{name}/{key}"] = _floats(value)
@@ -544,7 +559,7 @@ def record_fields(t: int, before: dict[str, Any], q: dict[str, Tensor], U: list[
     for part in ("probe", "noise"):
         for key, value in before.get(part, {}).items():
             fields[key] = _floats(value)
-    for name in ("P", "R"):
+    for name in names:
         real = q[name].detach() - before[name]["value"]
         pred = before[name]["pred_delta"]
         fields[f"{name}/real_delta"] = _floats(real)
