@@ -92,6 +92,28 @@ def advantages(G: np.ndarray, baseline: str, identical: bool | np.ndarray = Fals
     return A
 
 
+def aggregate_episodes(keys: np.ndarray, actions: np.ndarray, rewards: np.ndarray, n_actions: int,
+                       baseline: str = "loo") -> dict[str, np.ndarray]:
+    """Episodes of equal length H stepped together, (H, B) arrays of observation keys, actions and
+    rewards, aggregated for the REINFORCE surrogate: rewards-to-go G_{i,t}, advantages
+    A = G − b (:func:`baseline_for`), and per distinct observation key o (sorted) and action a
+
+        C_i(o, a) = Σ_{t: key_{i,t} = o, a_{i,t} = a} A_{i,t}   (episode i's own, ``C_episode``),
+        C(o, a) = Σ_i C_i(o, a),
+
+    so that U_s = (1/B) Σ_{o,a} C(o, a) log π(a|o) = (1/B) Σ_{i,t} A_{i,t} log π(a_{i,t}|o_{i,t}).
+    Also: ``keys`` (the distinct keys), ``first`` (each one's first flat transition, t·B + i),
+    ``counts`` (transitions per key) and ``returns`` (G_{i,0})."""
+    H, B = rewards.shape
+    G = rewards_to_go(rewards.T).T  # (H, B)
+    adv = (G - baseline_for(G.T, baseline).T).reshape(-1)
+    uniq, first, inv = np.unique(keys.reshape(-1), return_index=True, return_inverse=True)
+    C_episode = np.zeros((B, len(uniq), n_actions))
+    np.add.at(C_episode, (np.tile(np.arange(B), H), inv, actions.reshape(-1)), adv)
+    return {"keys": uniq, "first": first, "C": C_episode.sum(axis=0), "C_episode": C_episode,
+            "counts": np.bincount(inv, minlength=len(uniq)).astype(np.float64), "returns": G[0]}
+
+
 def identical_episodes(obs: list, actions: list) -> bool:
     """Whether every episode of a batch took the same actions from the same observations."""
     first_obs, first_act = obs[0], actions[0]

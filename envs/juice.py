@@ -201,6 +201,12 @@ class JuiceGridworld(gym.Env):
         return tabular_model(self.size, self.view_radius, self.horizon, self.reward, self.hide_prob, max_states)
 
 
+def n_model_states(size: int, hide_prob: float = 0.0) -> int:
+    """States of the exact model: (agent cell, juice cell ≠ agent cell, visible), N²(N² − 1)·(2 if hide_prob > 0 else 1)."""
+    C = int(size) ** 2
+    return C * (C - 1) * (2 if hide_prob > 0 else 1)
+
+
 def tabular_model(size: int = 5, view_radius: int = 1, horizon: int = 50, reward: float = 1.0,
                   hide_prob: float = 0.0, max_states: int = MAX_TABULAR_STATES):
     """Enumerate the juice gridworld as a finite-horizon TabularMDP.
@@ -216,7 +222,7 @@ def tabular_model(size: int = 5, view_radius: int = 1, horizon: int = 50, reward
     n, C = int(size), int(size) ** 2
     vis_values = (1, 0) if hide_prob > 0 else (1,)
     V = len(vis_values)
-    S = C * (C - 1) * V
+    S = n_model_states(size, hide_prob)
     check_model_size(S, max_states, f"the exact model of the {n}×{n} juice gridworld")
     a_cell = np.repeat(np.arange(C), C - 1)
     j_off = np.tile(np.arange(C - 1), C)

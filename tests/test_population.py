@@ -50,12 +50,16 @@ def member_configs(out, policy, optimizer, mode, steps=45, width=16, **kw):
             for i, (p0, seed, rd) in enumerate(MEMBERS)]
 
 
-def assert_records_equal(a: list[dict], b: list[dict], rtol: float = 1e-12, sign: bool = False) -> None:
+def assert_records_equal(a: list[dict], b: list[dict], rtol: float = 1e-12, sign: bool = False,
+                         floor: float = 0.0) -> None:
     """Every field of every record equal to ``rtol``: relative to the value itself, or for the
     differences of values of size |X| (realised changes, residuals, the probe's realised
     changes) relative to |X|. ``sign``: sign descent's NTVar in its own metric,
     Σ_k (∂_k X)²/|g_k|, divides by gradient entries that can be rounding-sized (the two paths
-    round g differently), so it is held to 1e-9."""
+    round g differently), so it is held to 1e-9. A sampled surrogate's value U sums terms of the
+    size of the returns that the leave-one-out baseline makes cancel (U ≈ 0 up to rounding), so it
+    is held to 1e-12 of at least 1. ``floor``: an absolute scale below which a value counts as 0
+    (the predicted spread of an update whose batch had no variance is rounding, 1e-33)."""
     assert len(a) == len(b)
     for ra, rb in zip(a, b):
         assert list(ra) == list(rb)  # the same fields in the same order
@@ -72,6 +76,7 @@ def assert_records_equal(a: list[dict], b: list[dict], rtol: float = 1e-12, sign
                     continue
                 differences = k.endswith(("real_delta", "residual", "probe_real"))
                 scale = abs(ra[k.split("/")[0] + "/value"]) if differences else max(abs(xi), abs(yi))
+                scale = max(scale, 1.0) if k == "U" else max(scale, floor)
                 tol = 1e-9 if sign and k.endswith("ntvar_opt") else rtol
                 assert abs(xi - yi) <= tol * scale, (ra["update"], k, x, y)
 
@@ -122,6 +127,38 @@ def test_juice_member_records_equal_the_per_run_records(tmp_path, policy, optimi
         assert {"P/value", "F/value", "R/value", "P_probe/value"} <= set(records[0]) and len(records[0]["kappa"]) == 4
         assert_records_equal(read_records(r1.run_dir), records, sign=optimizer == "sign")
         assert r2.target_label == r1.target_label == "approach | seen"
+
+
+def juice_sampled_configs(out, policy, optimizer, steps=12):
+    """Three sampled juice members (8 episodes an update, each member from its own vector env)."""
+    from ntrl.experiments.juice import JuiceConfig
+
+    return [JuiceConfig(policy=policy, optimizer=optimizer, mode="sampled", batch_size=8, p0=p0,
+                        lr=JUICE_LRS[policy][optimizer], reward=r, steps=steps, seed=seed, track_every=3, width=16,
+                        decomposition=False, wandb="disabled", out=str(out), run_name=f"m{i}", price_scales=[1.0, 0.5],
+                        stop_at_p=0.5 if r > 0 else None)
+            for i, (p0, seed, r) in enumerate([(0.05, 0, 1.0), (0.2, 1, -1.0), (0.1, 2, 1.0)])]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "npg", "sign", "adam"])
+@pytest.mark.parametrize("policy", ["tabular", "mlp"])
+def test_juice_sampled_member_records_equal_the_per_run_records(tmp_path, policy, optimizer):
+    """Each member steps its own native vector env, seeded as its run seeds it, and draws its
+    actions from its own stream, so its episodes are its run's; the surrogate sums the same
+    advantages per (observation, action), over all of the model's observations at once, so its
+    gradient rounds differently where the leave-one-out baseline makes its terms cancel: values
+    computed from it agree to 1e-12 above a floor of 1e-20. Sampled NPG on the MLP inverts a
+    Fisher of rank ≤ 25 from the batch's 5 observations, whose pseudo-inverse keeps or drops a
+    singular value at its threshold on rounding, so there trajectories agree to 1e-6."""
+    per = [train(c, progress=False) for c in juice_sampled_configs(tmp_path / "per", policy, optimizer)]
+    pop = train_population(juice_sampled_configs(tmp_path / "pop", policy, optimizer), progress=False)
+    assert not pop.failures
+    rtol = 1e-6 if (policy, optimizer) == ("mlp", "npg") else 1e-12
+    for r1, r2 in zip(per, pop.results):
+        records = read_records(r2.run_dir)
+        assert {"P/noise_sd", "noise/cov_P_F", "F/expected_delta", "return_undiscounted"} <= set(records[0])
+        assert_records_equal(read_records(r1.run_dir), records, rtol=rtol, sign=optimizer == "sign", floor=1e-20)
+        assert r2.summary["episodes"] == r1.summary["episodes"] > 0
 
 
 def test_members_stop_on_their_own_and_escape_times_match(tmp_path):

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 import ntrl.envs  # noqa: F401  (registers ntrl/JuiceGridworld-v0)
 from ntrl.agents.optimizers import make_optimizer
 from ntrl.agents.policies import make_policy
-from ntrl.agents.reinforce import UtilityGradient, baseline_for, exact_gradient, rewards_to_go, sample_actions
+from ntrl.agents.reinforce import UtilityGradient, aggregate_episodes, exact_gradient, sample_actions
 from ntrl.config import ConfigError, Experiment, TrainConfig, OptimizerName, option
 from ntrl.envs.juice import (
     MAX_TABULAR_STATES, N_ACTIONS, OBS_DIM, STAY, approach_mask, n_observation_indices,
@@ -171,11 +171,10 @@ def collect_vector_batch(venv, policy: nn.Module, rng: np.random.Generator, radi
                          baseline: str = "loo") -> dict[str, Any]:
     """One episode in each of the vector env's B sub-environments (all share the horizon H).
 
-    Rewards-to-go G_{i,t} = Σ_{t' ≥ t} r_{i,t'}; advantages A = G − b with the leave-one-out
-    baseline b_{i,t} = mean_{j≠i} G_{j,t} (or b = 0). The transitions are aggregated per distinct
-    observation o and action a: C(o, a) = Σ_{i,t: o_{i,t}=o, a_{i,t}=a} A_{i,t}, so that the surrogate
-    U_s = (1/B) Σ_{o,a} C(o, a) log π(a|o) equals (1/B) Σ_{i,t} A_{i,t} log π(a_{i,t}|o_{i,t}) exactly;
-    ``C_episode`` (B, observations, actions) holds each episode's own C_i, with C = Σ_i C_i.
+    Rewards-to-go, advantages (leave-one-out baseline, or none) and their sums per distinct
+    observation o and action a, C(o, a) and each episode's own C_i(o, a), by
+    :func:`ntrl.agents.reinforce.aggregate_episodes`; the surrogate U_s = (1/B) Σ_{o,a} C(o, a) log π(a|o)
+    equals (1/B) Σ_{i,t} A_{i,t} log π(a_{i,t}|o_{i,t}) exactly.
     """
     B, H = venv.num_envs, venv.horizon
     obs, _ = venv.reset()
@@ -191,19 +190,13 @@ def collect_vector_batch(venv, policy: nn.Module, rng: np.random.Generator, radi
         O[t], A[t] = obs, a
         obs, r, _, _, info = venv.step(a)
         Rw[t], seen[t], appr[t] = r, info["juice_seen"], info["approached"]
-    G = rewards_to_go(Rw.T).T  # (H, B)
-    adv = (G - baseline_for(G.T, baseline).T).reshape(-1)
-    flatO, flatA = O.reshape(-1, OBS_DIM), A.reshape(-1)
-    keys = observation_index(flatO, radius)
-    uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
-    C_episode = np.zeros((B, len(uniq), N_ACTIONS))  # per episode i: C_i(o, a), with C = Σ_i C_i
-    np.add.at(C_episode, (np.tile(np.arange(B), H), inv, flatA), adv)
-    C = C_episode.sum(axis=0)
-    counts = np.bincount(inv, minlength=len(uniq)).astype(np.float64)
+    flatO = O.reshape(-1, OBS_DIM)
+    agg = aggregate_episodes(observation_index(flatO, radius).reshape(H, B), A, Rw, N_ACTIONS, baseline)
+    counts = agg["counts"]
     return {
-        "obs": torch.as_tensor(flatO[first]), "C": torch.as_tensor(C), "C_episode": torch.as_tensor(C_episode),
-        "weights": torch.as_tensor(counts / counts.sum()),
-        "returns": G[0], "n_episodes": B, "seen_rate": float(seen.mean()),
+        "obs": torch.as_tensor(flatO[agg["first"]]), "C": torch.as_tensor(agg["C"]),
+        "C_episode": torch.as_tensor(agg["C_episode"]), "weights": torch.as_tensor(counts / counts.sum()),
+        "returns": agg["returns"], "n_episodes": B, "seen_rate": float(seen.mean()),
         "approach_rate": float(appr.sum() / max(seen.sum(), 1)),
     }
 
@@ -249,14 +242,13 @@ class JuiceConfig(TrainConfig):
         r = self.view_radius
         exact = self.mode == "exact"
         model: TabularMDP | None = None
-        if exact or self.decomposition or self.f0 > 0:
-            try:
-                model = tabular_model(**self.env_kwargs(), max_states=MAX_TABULAR_STATES)
-            except ModelTooLargeError as e:
-                if exact or self.f0 > 0:
-                    raise ConfigError("--size", str(e)) from None
-                warnings.warn(f"{e}: F, R and the F·P decomposition are not tracked, and P is the mean over "
-                              f"the probe states", stacklevel=2)
+        try:  # wherever it fits, in both modes: P, F and R are then exact (the module docstring)
+            model = tabular_model(**self.env_kwargs(), max_states=MAX_TABULAR_STATES)
+        except ModelTooLargeError as e:
+            if exact or self.f0 > 0:
+                raise ConfigError("--size", str(e)) from None
+            warnings.warn(f"{e}: F, R and the F·P decomposition are not tracked, and P is the mean over "
+                          f"the probe states", stacklevel=2)
         probe_obs = torch.as_tensor(seen_observations(self.size, r))
         probe_mask = torch.as_tensor(approach_mask(probe_obs.numpy(), r), dtype=torch.float64)
 
@@ -316,9 +308,9 @@ class JuiceConfig(TrainConfig):
                     return (Ce.to(view.dtype) * view.log_probs(obs)[None]).sum(dim=(1, 2))
 
                 value, g = engine.value_and_gradient(U)
-                return UtilityGradient(value, g, (obs, batch["weights"]),
-                                       float(batch["returns"].mean()), episodes=int(B),  # undiscounted: γ = 1
-                                       episode_utilities=U_episodes)
+                mean_return = float(batch["returns"].mean())  # undiscounted: γ = 1
+                return UtilityGradient(value, g, (obs, batch["weights"]), mean_return, episodes=int(B),
+                                       mean_undiscounted_return=mean_return, episode_utilities=U_episodes)
 
         extra = None
         if q is not None and self.decomposition:

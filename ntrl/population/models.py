@@ -54,12 +54,18 @@ from ntrl.engine.tangent import set_log_odds
 
 @dataclass
 class SampledBatch:
-    """The episodes of one update for every member: actions (M, B), advantages (M, B), mean
-    episode return (M,)."""
+    """The episodes of one update for every member: ``C_episode`` (M, B, N, K), each episode's
+    advantages summed per Fisher state o and action a (its gradient contribution is
+    h_i = Σ_{o,a} C_i(o, a) ∇log π(a|o)), the mean episode return (M,), and the model's own fields:
+    the bandit's actions and advantages (M, B), the juice gridworld's C = Σ_i C_i (M, N, K) and
+    its Fisher weights, the visit counts of the N observations normalised (M, N)."""
 
-    actions: Tensor
-    advantages: Tensor
+    C_episode: Tensor
     mean_return: np.ndarray
+    actions: Tensor | None = None
+    advantages: Tensor | None = None
+    C: Tensor | None = None
+    weights: Tensor | None = None
 
 
 class BanditModel:
@@ -69,6 +75,7 @@ class BanditModel:
     n_states = 1
     n_z = 1
     properties = ("P", "R")
+    utility_scale = 1.0  # J = R
 
     def __init__(self, rewards: np.ndarray, noise_std: np.ndarray, target: int, device: torch.device):
         self.rewards_np = np.asarray(rewards, dtype=np.float64)  # the sampler's copy, on the host
@@ -85,6 +92,12 @@ class BanditModel:
     def member_bytes(self) -> int:
         """Memory per member beyond the parameters' vectors (float64)."""
         return 8 * 64
+
+    def start_sampling(self, configs: Sequence[Any], env_seeds: Sequence[int]) -> None:
+        """Sampled mode needs nothing more: a member's reward noise comes from its own stream."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def select(self, keep: Tensor) -> None:
         """Keep only the members ``keep`` (an index tensor), in that order."""
@@ -109,8 +122,12 @@ class BanditModel:
             "weights": torch.ones(Z.shape[0], 1, dtype=probs.dtype, device=probs.device),
         }
 
-    def sample(self, probs: np.ndarray, batch_size: int, baseline: str, action_rngs: list, noise_rngs: list) -> SampledBatch:
-        """One batch of ``batch_size`` one-step episodes per member, from its own streams."""
+    def sample(self, logits_of, q: dict[str, Tensor], batch_size: int, baseline: str, action_rngs: list,
+               noise_rngs: list) -> SampledBatch:
+        """One batch of ``batch_size`` one-step episodes per member, from its own streams, with
+        π = softmax(z) at the one state as the per-run sampler computes it (``logits_of`` unused:
+        the state's logits are ``q["Z"]``)."""
+        probs = torch.softmax(q["Z"].detach()[:, 0], dim=-1).cpu().numpy()
         M = probs.shape[0]
         actions = np.empty((M, batch_size), dtype=np.int64)
         G = np.empty((M, batch_size))
@@ -126,11 +143,15 @@ class BanditModel:
         # has identical episodes (one step from the one state)
         adv = advantages(G.T, baseline, (actions == actions[:, :1]).all(axis=1)).T
         dev = self.rewards.device
-        return SampledBatch(torch.as_tensor(actions, device=dev), torch.as_tensor(adv, device=dev), G.mean(axis=1))
+        acts, adv = torch.as_tensor(actions, device=dev), torch.as_tensor(adv, device=dev)
+        C_episode = torch.zeros(M, batch_size, 1, 2, dtype=adv.dtype, device=dev)
+        C_episode[:, :, 0].scatter_(2, acts[..., None], adv[..., None])
+        return SampledBatch(C_episode, G.mean(axis=1), actions=acts, advantages=adv)
 
     @staticmethod
     def surrogate(logp: Tensor, batch: SampledBatch) -> Tensor:
-        """U_s = (1/B) Σ_i A_i log π(a_i) per member, from log π (M, 1, 2)."""
+        """U_s = (1/B) Σ_i A_i log π(a_i) per member, from log π (M, 1, 2), episode by episode as
+        the per-run surrogate sums it."""
         B = batch.actions.shape[1]
         return (batch.advantages.to(logp.dtype) * logp[:, 0].gather(1, batch.actions)).sum(dim=1) / B
 
@@ -141,12 +162,20 @@ class JuiceModel:
     n_actions = 5
     properties = ("P", "F", "R", "P_probe")
 
-    def __init__(self, mdp, rewards: Tensor, probe_obs: np.ndarray, probe_mask: np.ndarray, device: torch.device):
+    def __init__(self, mdp, rewards: Tensor, probe_obs: np.ndarray, probe_mask: np.ndarray, device: torch.device,
+                 order: np.ndarray | None = None):
+        """``order``: the model's distinct observations in the order the members see them (the
+        per-run path's: the model's own in exact mode, sorted by observation index in sampled
+        mode, as :func:`ntrl.agents.reinforce.aggregate_episodes` sorts a batch's)."""
         f64 = dict(dtype=torch.float64, device=device)
         self.horizon = int(mdp.horizon)
         self.n_states = int(mdp.unique_obs.shape[0])
-        self.obs = torch.cat([torch.as_tensor(mdp.unique_obs, **f64), torch.as_tensor(probe_obs, **f64)])
-        self.obs_index = mdp.obs_index.to(device)
+        order = np.arange(self.n_states) if order is None else np.asarray(order)
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        self.unique_obs = mdp.unique_obs[torch.as_tensor(order)]
+        self.obs = torch.cat([torch.as_tensor(self.unique_obs, **f64), torch.as_tensor(probe_obs, **f64)])
+        self.obs_index = torch.as_tensor(rank, device=device)[mdp.obs_index.to(device)]
         self.rows, self.cols = mdp.rows.to(device), mdp.cols.to(device)
         self.probs = mdp.probs.to(device)
         self.initial = mdp.initial.to(device)
@@ -157,17 +186,87 @@ class JuiceModel:
         self.n_z = int(self.probe_mask.shape[0])
         self.n_mdp_states = int(mdp.n_states)
         self.mdp = mdp
+        self.utility_scale = float(self.horizon)  # J = H·R
+        self.venvs: list = []  # sampled mode: each member's own vector env (start_sampling)
 
     @classmethod
     def from_configs(cls, configs: Sequence[Any], device: torch.device) -> "JuiceModel":
         """The exact model of the members' shared gridworld, with each member's reward."""
-        from ntrl.envs.juice import MAX_TABULAR_STATES, approach_mask, seen_observations, tabular_model
+        from ntrl.envs.juice import (
+            MAX_TABULAR_STATES, approach_mask, observation_index, seen_observations, tabular_model,
+        )
 
         first = configs[0]
         mdps = [tabular_model(**c.env_kwargs(), max_states=MAX_TABULAR_STATES) for c in configs]
         rewards = torch.stack([m.rewards for m in mdps])
         probe_obs = seen_observations(first.size, first.view_radius)
-        return cls(mdps[0], rewards, probe_obs, approach_mask(probe_obs, first.view_radius), device)
+        keys = observation_index(mdps[0].unique_obs.numpy().reshape(mdps[0].unique_obs.shape[0], -1),
+                                 first.view_radius)
+        order = np.argsort(keys, kind="stable") if first.mode == "sampled" else None
+        model = cls(mdps[0], rewards, probe_obs, approach_mask(probe_obs, first.view_radius), device, order)
+        model.radius = int(first.view_radius)
+        model.row_of_key = {int(k): i for i, k in enumerate(keys if order is None else keys[order])}
+        return model
+
+    def start_sampling(self, configs: Sequence[Any], env_seeds: Sequence[int]) -> None:
+        """Sampled mode: each member's own native vector env of ``batch_size`` gridworlds, seeded
+        as its run seeds it (``env.reset(seed=env_seed)``), so that a member's episodes are its run's."""
+        import gymnasium as gym
+
+        import ntrl.envs  # noqa: F401  (registers the env)
+
+        self.venvs = []
+        for c, seed in zip(configs, env_seeds):
+            venv = gym.make_vec("ntrl/JuiceGridworld-v0", num_envs=c.batch_size, vectorization_mode="vector_entry_point",
+                                **c.env_kwargs())
+            venv.reset(seed=seed)
+            self.venvs.append(venv)
+
+    def close(self) -> None:
+        for venv in self.venvs:
+            venv.close()
+        self.venvs = []
+
+    def sample(self, logits_of, q: dict[str, Tensor], batch_size: int, baseline: str, action_rngs: list,
+               noise_rngs: list) -> SampledBatch:
+        """One episode in each of every member's ``batch_size`` gridworlds, stepped as the per-run
+        path steps them (:func:`ntrl.experiments.juice.collect_vector_batch`): the policy of all
+        members in one forward pass per time step (``logits_of(obs)``, obs (M, B, 3)), the actions
+        from each member's own stream, and the episodes aggregated by
+        :func:`ntrl.agents.reinforce.aggregate_episodes`, per observation of the model."""
+        from ntrl.agents.reinforce import aggregate_episodes
+        from ntrl.envs.juice import observation_index
+
+        M, H, B, K, N = len(self.venvs), self.horizon, batch_size, self.n_actions, self.n_states
+        obs = np.stack([venv.reset()[0] for venv in self.venvs])
+        O = np.empty((H, M, B, obs.shape[-1]), dtype=np.float32)
+        A = np.empty((H, M, B), dtype=np.int64)
+        Rw = np.empty((H, M, B))
+        for t in range(H):
+            with torch.no_grad():
+                probs = torch.softmax(logits_of(torch.as_tensor(obs)).to(torch.float64), dim=-1).cpu().numpy()
+            O[t] = obs
+            for m, venv in enumerate(self.venvs):
+                A[t, m] = sample_actions(probs[m], action_rngs[m])
+                obs[m], Rw[t, m], *_ = venv.step(A[t, m])
+        C = np.zeros((M, N, K))
+        C_episode = np.zeros((M, B, N, K))
+        counts = np.zeros((M, N))
+        returns = np.empty(M)
+        for m in range(M):
+            keys = observation_index(O[:, m].reshape(H * B, -1), self.radius).reshape(H, B)
+            agg = aggregate_episodes(keys, A[:, m], Rw[:, m], K, baseline)
+            rows = [self.row_of_key[int(k)] for k in agg["keys"]]
+            C[m, rows], C_episode[m][:, rows], counts[m, rows] = agg["C"], agg["C_episode"], agg["counts"]
+            returns[m] = agg["returns"].mean()
+        dev = self.rewards.device
+        return SampledBatch(torch.as_tensor(C_episode, device=dev), returns, C=torch.as_tensor(C, device=dev),
+                            weights=torch.as_tensor(counts / counts.sum(1, keepdims=True), device=dev))
+
+    @staticmethod
+    def surrogate(logp: Tensor, batch: SampledBatch) -> Tensor:
+        """U_s = (1/B) Σ_{o,a} C(o, a) log π(a|o) per member, from log π (M, N, K)."""
+        return (batch.C.to(logp.dtype) * logp).sum(dim=(1, 2)) / batch.C_episode.shape[1]
 
     def member_bytes(self) -> int:
         """Memory per member beyond the parameters' vectors (float64): the recursion's saved
@@ -176,6 +275,12 @@ class JuiceModel:
 
     def select(self, keep: Tensor) -> None:
         self.rewards = self.rewards[keep]
+        if self.venvs:
+            kept = set(keep.tolist())
+            for i, venv in enumerate(self.venvs):
+                if i not in kept:
+                    venv.close()
+            self.venvs = [self.venvs[i] for i in keep.tolist()]
 
     def visitation(self, pi: Tensor) -> Tensor:
         """d (M, S) for π (M, S, A): the finite-horizon recursion, batched over the members: on the

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 MEMBER_FIELDS = ("p0", "lr", "seed", "steps", "stop_at_p", "stop_below_p", "reward_do", "reward_dont", "reward", "noise_std",
                  "npg_damping", "adam_beta1", "adam_beta2", "adam_eps", "track_every", "track_per_decade", "out",
                  "run_name", "force", "threads")
-SUPPORTED = {("bandit", "exact"), ("bandit", "sampled"), ("juice", "exact")}
+SUPPORTED = {("bandit", "exact"), ("bandit", "sampled"), ("juice", "exact"), ("juice", "sampled")}
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -71,8 +71,14 @@ def unsupported_reason(config: TrainConfig) -> str | None:
         return f"populations cover {', '.join(f'{e} {m}' for e, m in sorted(SUPPORTED))}; not {config.env} {config.mode}"
     if config.dtype != "float64":
         return "populations train in float64 only"
-    if config.env == "juice" and (config.decomposition or config.f0 > 0):
-        return "juice populations track P, F, R and P_probe; not the F·P decomposition (--no-decomposition) or --f0"
+    if config.env == "juice":
+        if config.decomposition or config.f0 > 0:
+            return "juice populations track P, F, R and P_probe; not the F·P decomposition (--no-decomposition) or --f0"
+        from ntrl.envs.juice import MAX_TABULAR_STATES, n_model_states
+
+        if n_model_states(config.size, config.hide_prob) > MAX_TABULAR_STATES:
+            return (f"juice populations need the exact model (at most {MAX_TABULAR_STATES} states), and a "
+                    f"{config.size}×{config.size} grid has {n_model_states(config.size, config.hide_prob)}")
     return None
 
 
@@ -233,10 +239,14 @@ class _Population:
         self.action_rngs, self.noise_rngs = [], []
         from gymnasium.utils import seeding
 
+        env_seeds = []
         for c in configs:
             env_seed, rng = split_seed(c.seed)
+            env_seeds.append(env_seed)
             self.action_rngs.append(rng)
             self.noise_rngs.append(seeding.np_random(env_seed)[0])  # what env.reset(seed=env_seed) makes
+        if self.sampled:
+            self.model.start_sampling(configs, env_seeds)
 
     def forward(self) -> dict[str, Any]:
         leaves = self.stacked.leaves(self.theta)
@@ -246,14 +256,19 @@ class _Population:
         q["Z"], q["leaves"] = Z, leaves
         return q
 
+    def logits_of(self, obs: Tensor) -> Tensor:
+        """Each member's logits at its own observations, obs (M, B, d) → (M, B, K)."""
+        return self.stacked.logits_per_member(self.theta.detach(), obs.to(self.device))
+
     def utility(self, q: dict[str, Any], batch_size: int, baseline: str) -> tuple[Tensor, SampledBatch | None]:
         """The utility each member ascends at this update, and (sampled) the batch of episodes
-        behind it, drawn from each member's own streams with π = softmax(z) as the per-run
-        sampler computes it (None when exact: the return is then U itself)."""
+        behind it, drawn from each member's own streams as the per-run sampler draws them (None
+        when exact: the return is then U itself)."""
         if not self.sampled:
             return q["U"], None
-        probs = torch.softmax(q["Z"].detach()[:, 0], dim=-1).cpu().numpy()
-        batch = self.model.sample(probs, batch_size, baseline, self.action_rngs, self.noise_rngs)
+        batch = self.model.sample(self.logits_of, q, batch_size, baseline, self.action_rngs, self.noise_rngs)
+        if batch.weights is not None:  # the Fisher over the batch's states, as the per-run path takes it
+            q["weights"] = batch.weights
         return self.model.surrogate(q["logp"], batch), batch
 
     @staticmethod
@@ -382,11 +397,12 @@ def train_population(
             plan = pop.optimizer.plan(torch.where(bad_g[:, None], torch.zeros_like(g), g) if any_bad else g, fisher)
             before = None
             if tracked:
-                before = tracked_stats(q, prop_grads, z_grads, g, plan, pop.optimizer.lr, fisher0, sampled=pop.sampled)
+                before = tracked_stats(q, prop_grads, z_grads, g, plan, pop.optimizer.lr, fisher0,
+                                       utility_scale=pop.model.utility_scale if pop.sampled else None)
                 if first.price_scales:
                     before["probe"] = eta_probe(pop, q, plan, before["P"]["ntcov_opt"], first.price_scales)
                 if noise:
-                    before["noise"] = noise_spread(batch, rows[:, 0], prop_grads, plan, pop.optimizer.lr)
+                    before["noise"] = noise_spread(batch, rows, prop_grads, plan, pop.optimizer.lr)
             stepped = pop.optimizer.apply(pop.theta.detach(), plan)
             pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
             p_before = q["P"].detach()
@@ -428,6 +444,7 @@ def train_population(
             bar.close()
         for i in pop.alive:  # still training: interrupted, or stopped with the population by an error
             finish_member(members[i], "interrupted" if interrupted else "failed", t, math.nan, sink, curve_points)
+        pop.model.close()
         sink.log_table("members", *members_table(members))
         sink.log_table("curves", *curves_table(members))
         wandb_dir = sink.directory  # None once finished
@@ -471,13 +488,13 @@ def metric_apply(plan, v: Tensor) -> Tensor:
 
 
 def tracked_stats(q: dict[str, Any], prop_grads: dict[str, Tensor], z_grads: list[Tensor], g: Tensor, plan,
-                  lr: Tensor, fisher0: BatchedInverseFisher | None, sampled: bool = False) -> dict[str, Any]:
+                  lr: Tensor, fisher0: BatchedInverseFisher | None, utility_scale: float | None = None) -> dict[str, Any]:
     """What the tracker records before the step (see :mod:`ntrl.tracker`), per member, for each
     property X (its gradients ``prop_grads[X]``) and κ = ‖∇z‖² per log-odds z (``z_grads``):
     X, NTVar in the Euclidean, optimizer and Fisher metrics, NTCov with g and with d, η·NTCov_M,
-    and in sampled mode the expected change η·∇X·M∇J (the bandit's R is J)."""
+    and in sampled mode (``utility_scale`` c given, J = c·R) the expected change η·∇X·M∇J."""
     before: dict[str, Any] = {}
-    j = metric_apply(plan, prop_grads["R"]) if sampled else None
+    j = metric_apply(plan, utility_scale * prop_grads["R"]) if utility_scale is not None else None
     for name, Gx in prop_grads.items():
         euc = (Gx**2).sum(1)
         if plan.fisher is not None:
@@ -511,36 +528,36 @@ def eta_probe(pop: "_Population", q: dict[str, Any], plan, ntcov: Tensor,
 
 
 def noise_spread(batch: SampledBatch, rows: Tensor, prop_grads: dict[str, Tensor], plan, lr: Tensor) -> dict[str, Tensor]:
-    """The tracker's predicted spread of ΔP and ΔR (:meth:`ntrl.tracker.Tracker.noise_spread`) for
-    every member, from its batch: episode i (one step, action a_i, advantage A_i) contributes
-    h_i = A_i ∇log π(a_i) (``rows``: ∇log π(a), (M, K, P)), so with v_X = M∇X
+    """The tracker's predicted spread of each property's change
+    (:meth:`ntrl.tracker.Tracker.noise_spread`) for every member, from its batch: episode i
+    contributes h_i = Σ_r C_{i,r} ∇log π_r over the (state, action) rows r (``batch.C_episode``,
+    ``rows``: ∇log π, (M, N, K, P)), so with D_i = C_i − C̄ and v_X = M∇X
 
-        c_{X,i} = A_i ∇log π(a_i)·v_X,     Var[ΔX] = η² Σ_i (c_{X,i} − c̄_X)² / (B(B − 1)),
-        tr Σ = Σ_i ‖h_i − h̄‖² / (B(B − 1)),  ‖h_i − h̄‖² = A_i² G_{a_i a_i} − 2 A_i (G w)_{a_i} + wᵀ G w,
+        c_{X,i} − c̄_X = D_i·(L v_X),     Var[ΔX] = η² Σ_i (c_{X,i} − c̄_X)² / (B(B − 1)),
+        tr Σ = Σ_i ‖h_i − h̄‖² / (B(B − 1)) = Σ_i D_iᵀ G D_i / (B(B − 1)),   G = L Lᵀ,
 
-    with G = ∇log π ∇log πᵀ (K × K) and h̄ = Σ_a w_a ∇log π(a), w_a = (1/B) Σ_{i: a_i = a} A_i."""
-    A, acts = batch.advantages.to(rows.dtype), batch.actions
-    M, B = A.shape
-    n_params = rows.shape[-1]
+    and the covariance of the first two properties' changes, minibatch and isotropic."""
+    M, B = batch.C_episode.shape[:2]
+    L = rows.reshape(M, -1, rows.shape[-1])
+    n_params = L.shape[-1]
     if B < 2:
         return {}
-    G = torch.einsum("mkp,mlp->mkl", rows, rows)
-    w = torch.zeros(M, rows.shape[1], dtype=rows.dtype, device=rows.device).scatter_add(1, acts, A) / B
-    Gw = torch.einsum("mkl,ml->mk", G, w)
-    dev2 = A**2 * G.diagonal(dim1=1, dim2=2).gather(1, acts) - 2 * A * Gw.gather(1, acts) + (w * Gw).sum(1, keepdim=True)
-    trace = dev2.sum(1) / (B * (B - 1))
+    C = batch.C_episode.reshape(M, B, -1).to(L.dtype)
+    D = C - C.mean(1, keepdim=True)
+    G = torch.einsum("mrp,msp->mrs", L, L)
+    trace = torch.einsum("mbr,mrs,mbs->m", D, G, D) / (B * (B - 1))
     out = {"noise/trace_sigma": trace}
     cs, vs = [], []
-    for name in ("P", "R"):
-        v = metric_apply(plan, prop_grads[name])
-        c = A * torch.einsum("mkp,mp->mk", rows, v).gather(1, acts)
-        c = c - c.mean(1, keepdim=True)
+    for name, Gx in prop_grads.items():
+        v = metric_apply(plan, Gx)
+        c = torch.einsum("mbr,mr->mb", D, torch.einsum("mrp,mp->mr", L, v))
         cs.append(c)
         vs.append(v)
         out[f"{name}/noise_sd"] = lr * ((c**2).sum(1) / (B * (B - 1))).sqrt()
         out[f"{name}/noise_sd_iso"] = lr * (trace / n_params * (v**2).sum(1)).sqrt()
-    out["noise/cov_P_R"] = lr**2 * (cs[0] * cs[1]).sum(1) / (B * (B - 1))
-    out["noise/cov_P_R_iso"] = lr**2 * trace / n_params * (vs[0] * vs[1]).sum(1)
+    a, b = list(prop_grads)[:2]
+    out[f"noise/cov_{a}_{b}"] = lr**2 * (cs[0] * cs[1]).sum(1) / (B * (B - 1))
+    out[f"noise/cov_{a}_{b}_iso"] = lr**2 * trace / n_params * (vs[0] * vs[1]).sum(1)
     return out
 
 
