@@ -113,18 +113,30 @@ def record_slope(rec: dict[str, Any]) -> float:
     return float(np.polyfit(np.log(lrs[ok]), np.log(err[ok]), 1)[0])
 
 
-def record_first_order_lr(rec: dict[str, Any]) -> float:
-    """The largest probed η·s at which a record's replayed step is first-order (:func:`first_order`)
-    at that scale and every smaller one: 0 when not even the smallest is, nan without a probe."""
-    lrs, real, pred = rec.get("P/probe_lr"), rec.get("P/probe_real"), rec.get("P/probe_pred")
-    if not lrs or real is None or pred is None:
-        return float("nan")
+FIRST_ORDER_SHARE = 0.05  # "stays first-order up to η": at most 5 % of the probed updates outside there
+
+
+def first_order_scale(records: Sequence[dict[str, Any]], share: float = FIRST_ORDER_SHARE) -> tuple[float, float, float]:
+    """How far the step can grow and stay first-order, from the η-probe of ``records``:
+    (s*, smallest probed s, largest probed s), with s* the largest probed multiple s of the
+    records' η such that at most ``share`` of the probed updates leave the first-order regime
+    (:func:`first_order`) at s or at any smaller multiple; 0 when even the smallest does, nan
+    without a probe."""
+    flags: dict[float, list[bool]] = {}
+    for rec in records:
+        lrs, real, pred = rec.get("P/probe_lr"), rec.get("P/probe_real"), rec.get("P/probe_pred")
+        if not lrs or real is None or pred is None:
+            continue
+        for lr, r, p in zip(lrs, real, pred):
+            flags.setdefault(round(lr / rec["lr"], 12), []).append(not first_order(r, p))
+    if not flags:
+        return float("nan"), float("nan"), float("nan")
     best = 0.0
-    for lr, r, p in sorted(zip(lrs, real, pred)):
-        if not first_order(r, p):
+    for s in sorted(flags):
+        if np.mean(flags[s]) > share:
             break
-        best = lr
-    return best
+        best = s
+    return best, min(flags), max(flags)
 
 
 def price_agreement(pred: np.ndarray, real: np.ndarray) -> dict[str, float]:

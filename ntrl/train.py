@@ -23,7 +23,7 @@ from ntrl.records import (
 )
 from ntrl.run_dirs import RUN_KIND, check_name, check_out_dir, inside, made_dirs, replace_run_dir, write_marker
 from ntrl.engine.tangent import TangentEngine
-from ntrl.tracker import FIRST_ORDER_TOLERANCE, Tracker, price_agreement, record_first_order_lr
+from ntrl.tracker import FIRST_ORDER_SHARE, FIRST_ORDER_TOLERANCE, Tracker, first_order_scale, price_agreement
 from ntrl.wandb_sink import WandbSink
 
 
@@ -69,16 +69,16 @@ def prepare_run_dir(config: TrainConfig) -> Path:
 
 def price_check(records: list[dict[str, Any]], name: str = "P") -> dict[str, float]:
     """How well predicted ΔX matched realised ΔX over a run's records (see price_agreement), and
-    where the records carry the η-probe, the largest η at which every probed update stays
-    first-order (``first_order_lr``)."""
+    where the records carry the η-probe, the largest learning rate at which all but
+    FIRST_ORDER_SHARE of the probed updates stay first-order (``first_order_lr``; see
+    :func:`ntrl.tracker.first_order_scale`) and the largest probed one."""
     rows = [r for r in records if f"{name}/real_delta" in r]
     out = price_agreement(np.array([np.mean(r[f"{name}/pred_delta"]) for r in rows]),
                           np.array([np.mean(r[f"{name}/real_delta"]) for r in rows]))
-    if name == "P":
-        lrs = [record_first_order_lr(r) for r in rows if r.get("P/probe_lr")]
-        if lrs:
-            out["first_order_lr"] = min(lrs)
-            out["probed_lr_max"] = max(max(r["P/probe_lr"]) for r in rows if r.get("P/probe_lr"))
+    if name == "P" and rows:
+        scale, _, top = first_order_scale(rows)
+        if math.isfinite(scale):
+            out["first_order_lr"], out["probed_lr_max"] = scale * rows[0]["lr"], top * rows[0]["lr"]
     return out
 
 
@@ -295,13 +295,14 @@ def first_order_text(pc: dict[str, Any]) -> str:
     text = (f" {outside:.0%} of the tracked updates were outside the first-order regime ({bound})"
             if outside > 0 else f" Every tracked update was first-order (none had {bound})")
     lr, top = pc.get("first_order_lr"), pc.get("probed_lr_max")
+    most = f"{1 - FIRST_ORDER_SHARE:.0%} of the probed updates"
     if isinstance(lr, (int, float)) and math.isfinite(lr):
         if lr >= top:
-            text += f"; replayed at up to lr {top:g}, every probed update stays first-order"
+            text += f"; replayed at up to lr {top:g}, {most} stay first-order"
         elif lr > 0:
-            text += f"; every probed update stays first-order up to lr {lr:g}"
+            text += f"; {most} stay first-order up to lr {lr:g}"
         else:
-            text += "; even the smallest probed step leaves the first-order regime somewhere"
+            text += f"; even at the smallest probed step, more than {FIRST_ORDER_SHARE:.0%} of the updates are not first-order"
     if outside > 0.25:
         text += (f": the Price prediction is not a first-order one for this run; a smaller --lr"
                  f"{f' (at most {lr:g})' if isinstance(lr, (int, float)) and 0 < lr < (top or 0) else ''} keeps it so")

@@ -187,6 +187,7 @@ def test_example_grid_file_is_valid():
     from pathlib import Path
 
     study = StudyConfig.from_file(Path(__file__).resolve().parents[1] / "examples" / "rarity_grid.toml")
-    assert study.envs == ["bandit", "juice"] and study.lrs["juice"]["tabular"]["sgd"] == 2.0
+    assert study.envs == ["bandit", "juice"] and study.lrs["juice"]["tabular"]["sgd"] == 4.0
+    assert study.adam_beta2 == [0.99, 0.999] and len(study.price_scales) == 6
     assert study.lrs["bandit"]["mlp"]["sgd"] > 0  # defaults merged in
     assert all(s.env in ("bandit", "juice") for s in enumerate_runs(study))

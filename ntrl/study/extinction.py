@@ -101,6 +101,23 @@ def window(run: RunData) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     return t[ok], P[ok], k[ok], text
 
 
+STALLED_SLOPE = -0.1  # P "stalled" when its log–log slope over the last decade of t is above this
+
+
+def end_slope(run: RunData) -> float:
+    """The log–log slope of P(t) over the run's last decade of t (t ≥ t_end/10): about −1 for a
+    1/t decay that goes on, far below for an exponential one, near 0 for a behaviour that has
+    stopped fading; nan with fewer than three records there."""
+    t, P, _ = curve(run)
+    ok = (t > 0) & (P > 0) & np.isfinite(P)
+    if ok.sum() < 3:
+        return float("nan")
+    ok &= t >= t[ok].max() / 10
+    if ok.sum() < 3 or np.ptp(np.log(t[ok])) == 0:
+        return float("nan")
+    return float(np.polyfit(np.log(t[ok]), np.log(P[ok]), 1)[0])
+
+
 def _log_inv_line(t, A, B):
     return -np.log(np.clip(A + B * t, 1e-300, None))
 
@@ -180,6 +197,7 @@ class RunExtinction:
     rate: float = float("nan")  # late-time exponential rate of log P (Adam)
     rate_ci: tuple[float, float] = (float("nan"), float("nan"))
     window_text: str = ""
+    end_slope: float = float("nan")  # log–log slope of P over the last decade of t
 
 
 def fit_run(run: RunData) -> RunExtinction:
@@ -192,7 +210,7 @@ def fit_run(run: RunData) -> RunExtinction:
         first, last = float(P_all[0]), float(P_all[-1])
     decades = float(np.log10(first / last)) if first and last and first > 0 and last > 0 else float("nan")
     t, P, kap, text = window(run)
-    out = RunExtinction(n=len(t), decades=decades, window_text=text)
+    out = RunExtinction(n=len(t), decades=decades, window_text=text, end_slope=end_slope(run))
     if len(t) >= MIN_POINTS and np.ptp(np.log(t)) > 0:
         logP, logt = np.log(P), np.log(t)
         X = np.column_stack([np.ones_like(logt), logt])
@@ -292,8 +310,14 @@ def analyse_extinction(punished: Sequence[RunData]) -> CellExtinction:
     decades = float(np.nanmin([f.decades for f in fits])) if any(math.isfinite(f.decades) for f in fits) else float("nan")
     text = fits[0].window_text
     if not usable:
+        slope = float(np.nanmedian([f.end_slope for f in fits])) if any(math.isfinite(f.end_slope) for f in fits) \
+            else float("nan")
+        verdict = (f"stalled: P stopped falling after {decades:.1f} decades (log–log slope {slope:.2f} over the "
+                   f"last decade of t), an equilibrium rarity or a very slow decay" if slope > STALLED_SLOPE else
+                   f"inconclusive (P fell only {decades:.1f} decades, and was still falling at a log–log slope of "
+                   f"{slope:.2f} when the runs ended)")
         return CellExtinction(len(fits), text, decades, min(f.n for f in fits), NAN, NAN, NO_COMPARISON, False,
-                              float("nan"), "inconclusive (no window to fit)")
+                              float("nan"), verdict)
     runs, rfits = [r for r, _ in usable], [f for _, f in usable]
 
     def median_of(attr):
@@ -332,7 +356,7 @@ def extinction_vote(ext: CellExtinction) -> tuple[str, str]:
 
     c = ext.comparison
     if not c.n:
-        return "inconclusive", f"extinction: no asymptotic window ({ext.window}; P fell {ext.decades:.1f} decades)"
+        return "inconclusive", f"extinction: no asymptotic window ({ext.window}): {ext.floor_verdict}"
     text = (f"extinction over {ext.decades:.1f} decades ({ext.window}): {c.fmt()}, log–log exponent "
             f"{ext.exponent.fmt(2)}")
     if c.winner == "mixed":

@@ -34,8 +34,11 @@ DIRECTIONS = ("rewarded", "punished")
 STUDY_FILE = "study.json"
 
 
-# Learning rates (env → policy → optimizer) that give escape times of tens to thousands of
-# updates for p₀ ≥ 1e-4.
+# Learning rates (env → policy → optimizer) that give escape times of tens to tens of thousands of
+# updates for p₀ ≥ 5e-6 and keep the updates first-order (the η-probe's bound: the juice MLP left
+# the first-order regime in 12 % of its updates at SGD's former 0.2 and NPG's 0.01, and stays
+# inside at 0.05 and 0.005; the juice tabular policy stays inside up to SGD's 8, which its
+# T ∝ 1/p₀ needs).
 DEFAULT_LRS: dict[str, dict[str, dict[str, float]]] = {
     "bandit": {
         "single_logit": {"sgd": 2.0, "npg": 0.1, "sign": 0.1, "adam": 0.1},
@@ -43,11 +46,12 @@ DEFAULT_LRS: dict[str, dict[str, dict[str, float]]] = {
         "mlp": {"sgd": 0.1, "npg": 0.1, "sign": 2e-4, "adam": 1e-3},
     },
     "juice": {
-        "tabular": {"sgd": 2.0, "npg": 0.005, "sign": 0.05, "adam": 0.05},
-        "mlp": {"sgd": 0.2, "npg": 0.01, "sign": 5e-4, "adam": 1e-3},
+        "tabular": {"sgd": 8.0, "npg": 0.005, "sign": 0.05, "adam": 0.05},
+        "mlp": {"sgd": 0.05, "npg": 0.005, "sign": 5e-4, "adam": 1e-3},
     },
 }
 QUICK_P0S = (5e-2, 5e-3, 5e-4, 5e-5, 5e-6)  # five p₀ over four decades, all in the small-p₀ regime (≤ 0.05)
+SAMPLED_P0S = (5e-2, 1.6e-2, 5e-3, 1.6e-3, 5e-4)  # five p₀ over two decades, for sampled cells
 # Policies each environment supports (a single logit needs exactly two actions).
 ENV_POLICIES = {"bandit": ("single_logit", "tabular", "mlp"), "juice": ("tabular", "mlp")}
 
@@ -62,6 +66,9 @@ class StudyConfig:
     optimizers: list[str] = field(default_factory=lambda: ["sgd", "npg", "sign", "adam"])
     modes: list[str] = field(default_factory=lambda: ["exact"])
     p0s: list[float] = field(default_factory=lambda: list(QUICK_P0S))
+    # p₀ of the sampled cells (None: p0s): a sampled batch of B episodes waits about 1/(B·p₀)
+    # updates for its first sample of a rare action, so their escapes from 5e-6 take 10⁵ updates
+    sampled_p0s: list[float] | None = None
     directions: list[str] = field(default_factory=lambda: ["rewarded", "punished"])
     seeds: int = 5
     seed: int = 0  # the grid's base seed: runs use seeds seed, seed + 1, ..., seed + seeds − 1
@@ -96,7 +103,8 @@ class StudyConfig:
     def full(cls) -> "StudyConfig":
         """The complete grid of the issue: every policy, optimizer and gradient mode, 4 decades."""
         return cls(name="rarity-full", envs=["bandit", "juice"], policies=["single_logit", "tabular", "mlp"],
-                   modes=["exact", "sampled"], p0s=list(QUICK_P0S), seeds=5, adam_beta2=[0.99, 0.999])
+                   modes=["exact", "sampled"], p0s=list(QUICK_P0S), sampled_p0s=list(SAMPLED_P0S), seeds=5,
+                   adam_beta2=[0.99, 0.999], extinction_steps=50_000)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "StudyConfig":
@@ -162,9 +170,13 @@ class StudyConfig:
         subset("optimizers", OPTIMIZERS)
         subset("modes", GRADIENT_MODES)
         subset("directions", DIRECTIONS)
-        need(isinstance(self.p0s, list) and len(self.p0s) > 0, "p0s", "must be a non-empty list")
-        need(all(isinstance(p, (int, float)) and 0 < p < 0.5 for p in self.p0s), "p0s",
-             f"every p0 must be in (0, 0.5) so that an escape to 1/2 exists, got {self.p0s}")
+        for key in ("p0s", "sampled_p0s"):
+            values = getattr(self, key)
+            if values is None and key == "sampled_p0s":
+                continue
+            need(isinstance(values, list) and len(values) > 0, key, "must be a non-empty list")
+            need(all(isinstance(p, (int, float)) and 0 < p < 0.5 for p in values), key,
+                 f"every p0 must be in (0, 0.5) so that an escape to 1/2 exists, got {values}")
         need(0 < self.extinction_p0 < 1, "extinction_p0", f"must be in (0, 1), got {self.extinction_p0}")
         need(isinstance(self.adam_extinction_memories, (int, float)) and self.adam_extinction_memories > 0,
              "adam_extinction_memories", f"must be a number > 0, got {self.adam_extinction_memories!r}")
@@ -309,7 +321,8 @@ def enumerate_runs(study: StudyConfig) -> list[RunSpec]:
             for variant in variants:
                 for mode in study.modes:
                     for direction in study.directions:
-                        p0s = study.p0s if direction == "rewarded" else [study.extinction_p0]
+                        p0s = ([study.extinction_p0] if direction == "punished" else
+                               study.sampled_p0s if mode == "sampled" and study.sampled_p0s else study.p0s)
                         for p0 in p0s:
                             n_seeds = study.seeds if seed_matters(policy, mode) else 1
                             for seed in range(study.seed, study.seed + n_seeds):

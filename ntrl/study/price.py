@@ -27,16 +27,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from ntrl.study.stats import NAN, Estimate, RunData, by_p0, stratified_bootstrap
-from ntrl.tracker import FIRST_ORDER_TOLERANCE, price_agreement, record_first_order_lr, record_slope
+from ntrl.tracker import FIRST_ORDER_SHARE, FIRST_ORDER_TOLERANCE, first_order_scale, price_agreement, record_slope
 
 
-def probe_points(run: RunData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(P, η-slope, largest first-order η / η) of every probed record of a run (cached)."""
+def probe_points(run: RunData) -> tuple[np.ndarray, np.ndarray]:
+    """(P, η-slope) of every probed record of a run (cached)."""
     if "probe" not in run.cache:
-        rows = [(r["P/value"], record_slope(r), record_first_order_lr(r) / r["lr"]) for r in run.records
+        rows = [(r["P/value"], record_slope(r)) for r in run.records
                 if r.get("P/probe_lr") and isinstance(r.get("P/value"), (int, float))]
-        arr = np.array(rows, dtype=float).reshape(-1, 3)
-        run.cache["probe"] = (arr[:, 0], arr[:, 1], arr[:, 2])
+        arr = np.array(rows, dtype=float).reshape(-1, 2)
+        run.cache["probe"] = (arr[:, 0], arr[:, 1])
     return run.cache["probe"]
 
 
@@ -180,7 +180,7 @@ class PriceCheck:
     eta_slope: Estimate
     slope_by_p: dict[str, float]
     outside: float  # share of tracked updates outside the first-order regime
-    first_order_lr: float  # the largest η, a multiple of the run's, at which every probed update stays first-order
+    first_order_lr: float  # the largest multiple of η at which 95 % of the probed updates stay first-order
     probed_scale_max: float  # the largest probed multiple (first_order_lr equal to it: "at least")
     probed_scale_min: float  # the smallest (first_order_lr 0: not even there)
     noise: NoiseCalibration | None = None
@@ -201,15 +201,15 @@ class PriceCheck:
             return "n/a"
         if self.first_order_lr >= self.probed_scale_max:
             return f"≥ {self.first_order_lr:g}η"
-        return f"{self.first_order_lr:g}η" if self.first_order_lr > 0 else f"< {self.probed_scale_min:g}η"
+        return f"{self.first_order_lr:g}η" if self.first_order_lr > 0 else f"below {self.probed_scale_min:g}η"
 
     def note(self) -> str | None:
         """The sentence a verdict carries when the cell's runs left the first-order regime."""
         if not (self.outside > 0):
             return None
-        return (f"{self.outside:.0%} of tracked updates left the first-order regime (|residual| > "
-                f"{FIRST_ORDER_TOLERANCE:g}·|predicted|); every probed update is first-order up to η = "
-                f"{self.first_order_text()}")
+        return (f"{self.outside:.1%} of tracked updates left the first-order regime (|residual| > "
+                f"{FIRST_ORDER_TOLERANCE:g}·|predicted|); {1 - FIRST_ORDER_SHARE:.0%} of the probed updates stay "
+                f"inside up to {self.first_order_text()}")
 
 
 def price_check(runs: Sequence[RunData]) -> PriceCheck:
@@ -218,13 +218,9 @@ def price_check(runs: Sequence[RunData]) -> PriceCheck:
     pred = np.array([float(np.mean(rec["P/pred_delta"])) for rec in rows], dtype=float)
     real = np.array([float(np.mean(rec["P/real_delta"])) for rec in rows], dtype=float)
     agree = price_agreement(pred, real)
-    multiples = np.concatenate([probe_points(r)[2] for r in runs]) if runs else np.array([])
-    multiples = multiples[np.isfinite(multiples)]
-    scales = sorted({round(lr / rec["lr"], 12) for r in runs for rec in r.records[:1] for lr in rec.get("P/probe_lr", [])})
+    scale, smallest, largest = first_order_scale(rows)
     return PriceCheck(
         n=agree["n"], r2=agree["r2"], rel_err_median=agree["median_rel_error"], rel_err_p90=agree["p90_rel_error"],
         eta_slope=slope_estimate(runs), slope_by_p=slopes_by_decade(runs), outside=agree["outside_first_order"],
-        first_order_lr=float(multiples.min()) if len(multiples) else float("nan"),
-        probed_scale_max=max(scales) if scales else float("nan"),
-        probed_scale_min=min(scales) if scales else float("nan"),
+        first_order_lr=scale, probed_scale_max=largest, probed_scale_min=smallest,
         noise=noise_calibration(runs) if any(r.spec.mode == "sampled" for r in runs) else None)

@@ -331,7 +331,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         path.write_text("")
         return
-    keys = list(rows[0].keys())
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # every row's columns, in order of appearance
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
