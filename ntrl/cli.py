@@ -112,6 +112,9 @@ class RarityArgs:
 
 # Flags that every ``train`` command has besides its config's fields.
 RUN_FLAGS: list[tuple[str, type, Any, str]] = [
+    ("device", Literal["cpu", "cuda", "auto"], "cpu", "where to train: cpu, or cuda (auto: cuda when present), "
+                                                      "where the run trains as a population of one (ntrl.population: "
+                                                      "bandit and juice)"),
     ("quiet", bool, False, "no progress bar"),
     ("verbose", bool, False, "say on stderr which tangent backend answers each property, and why"),
 ]
@@ -361,6 +364,9 @@ def run_train(cls: type, flags: Any, args: list[str]) -> str:
     progress = not flags.quiet
     if hasattr(config, "algo"):  # any Gymnasium env
         reject_unused_for_algo(config, args)
+        if config.algo != "reinforce" and flags.device != "cpu":
+            raise UsageError("--device", f"applies to ntrl's REINFORCE loop; --algo {config.algo} trains on SB3's "
+                                         f"own device")
         if config.algo != "reinforce":
             from ntrl.experiments.sb3_train import describe_sb3, train_sb3
 
@@ -368,6 +374,17 @@ def run_train(cls: type, flags: Any, args: list[str]) -> str:
         config.prebuild()
     from ntrl.train import describe, train
 
+    if flags.device != "cpu":
+        from ntrl.population.trainer import resolve_device, unsupported_reason
+
+        if resolve_device(flags.device).type != "cpu":  # --device cuda without a GPU: one line, from here
+            reason = unsupported_reason(config)
+            if reason:
+                raise UsageError("--device", f"a {flags.device} run trains as a population of one, and {reason}")
+            from ntrl.population import train_population
+
+            result = train_population([config], device=flags.device, progress=progress, wandb_parent=config.out)
+            return describe(result.results[0], config)
     return describe(train(config, progress=progress), config)
 
 

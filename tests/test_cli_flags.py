@@ -205,3 +205,21 @@ def test_each_flag_comes_from_its_config_field():
     for name in EXPERIMENTS:
         for f in dataclasses.fields(experiment_config(name)):
             assert f.metadata.get("help"), (name, f.name)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
+def test_train_device(tmp_path, capsys):
+    """--device cuda without a GPU is one line and writes nothing; --device auto without one is the
+    CPU run; SB3 algorithms refuse the flag (they train on SB3's own device)."""
+    from ntrl.cli import main
+
+    assert main(["train", "bandit", "--device", "cuda", "--steps", "2", "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and "--device: cuda was asked for, but torch sees no CUDA device" in err[0]
+    assert not (tmp_path / "a").exists()
+    assert main(["train", "bandit", "--device", "auto", "--steps", "2", "--out", str(tmp_path / "b"), "--quiet",
+                 "--no-wandb"]) == 0
+    assert "went from 0.01" in capsys.readouterr().out
+    assert main(["train", "--env", "CartPole-v1", "--algo", "ppo", "--device", "auto", "--out",
+                 str(tmp_path / "c"), "--quiet", "--no-wandb"]) == 2
+    assert "--device: applies to ntrl's REINFORCE loop" in capsys.readouterr().err

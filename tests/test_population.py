@@ -348,3 +348,19 @@ def test_rarity_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[0]] and err[0].startswith("ntrl: error: --device: cuda was asked for, but torch sees no CUDA")
     assert not (tmp_path / "s").exists()
+
+
+def test_study_chunks_are_sized_to_fit_each_workers_share_of_memory(monkeypatch, tmp_path):
+    from ntrl.population import trainer
+    from ntrl.study.executor import work_units
+    from ntrl.study.grid import StudyConfig, enumerate_runs, train_config_for
+
+    study = StudyConfig(name="c", policies=["mlp"], optimizers=["sgd"], seeds=4, width=8).validate()
+    specs = enumerate_runs(study)  # one cell: 5 p₀ × 4 seeds rewarded, 4 punished
+    _, per = trainer.config_member_bytes(train_config_for(study, specs[0], tmp_path, "disabled"))
+    monkeypatch.setattr(trainer, "memory_limit", lambda device, max_memory: 10 * per)  # 10 members, 5 a worker
+    units = work_units(study, specs, tmp_path, workers=2, population=True)
+    assert all(kind == "population" and len(u) <= 5 for kind, u in units)
+    assert sorted(s.run_id for _, u in units for s in u) == sorted(s.run_id for s in specs)
+    monkeypatch.setattr(trainer, "memory_limit", lambda device, max_memory: 10**6 * per)
+    assert len(work_units(study, specs, tmp_path, workers=2, population=True)) == 2  # one per worker

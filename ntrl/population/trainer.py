@@ -121,15 +121,28 @@ def memory_limit(device: torch.device, max_memory: int | None) -> int:
         return 2**31
 
 
-def check_memory(config: TrainConfig, members: int, device: torch.device, max_memory: int | None) -> None:
-    """Refuse, with the estimate and the limit, a population of ``members`` like ``config`` that
-    would not fit (:func:`member_bytes`, :func:`memory_limit`)."""
+def config_member_bytes(config: TrainConfig) -> tuple[int, int]:
+    """(parameters, estimated bytes) of one member like ``config`` (:func:`member_bytes`)."""
     sample = config.build()
     sample.env.close()
     n_params = sum(p.numel() for p in sample.policy.parameters() if p.requires_grad)
     model = population_model([config], torch.device("cpu"))
-    per = member_bytes(n_params, model.n_states, model.n_actions, config.batch_size, config.mode == "sampled",
-                       len(model.properties) + model.n_z, model.member_bytes())
+    model.close()
+    return n_params, member_bytes(n_params, model.n_states, model.n_actions, config.batch_size,
+                                  config.mode == "sampled", len(model.properties) + model.n_z, model.member_bytes())
+
+
+def members_that_fit(config: TrainConfig, device: str = "cpu", share: float = 1.0) -> int:
+    """How many members like ``config`` fit in ``share`` of a population's memory limit on
+    ``device`` (:func:`memory_limit`): the study sizes its chunks by it, one chunk per worker."""
+    _, per = config_member_bytes(config)
+    return max(1, int(share * memory_limit(resolve_device(device), None)) // per)
+
+
+def check_memory(config: TrainConfig, members: int, device: torch.device, max_memory: int | None) -> None:
+    """Refuse, with the estimate and the limit, a population of ``members`` like ``config`` that
+    would not fit (:func:`member_bytes`, :func:`memory_limit`)."""
+    n_params, per = config_member_bytes(config)
     limit = memory_limit(device, max_memory)
     if members * per > limit:
         raise ConfigError("--population", f"a population of {members} members of {n_params} parameters needs about "

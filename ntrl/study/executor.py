@@ -100,26 +100,32 @@ def run_chunk(study_dict: dict[str, Any], spec_dicts: list[dict[str, Any]], runs
 
 
 def work_units(study: StudyConfig, todo: list[RunSpec], runs_dir: Path, workers: int, population: bool,
-               max_members: int = 256) -> list[tuple[str, list[RunSpec]]]:
+               max_members: int = 256, device: str = "cpu") -> list[tuple[str, list[RunSpec]]]:
     """What the pool schedules: population chunks (the runs of one cell the population path
-    supports, at most ``max_members`` each, and split so that every worker has one), as
+    supports, at most ``max_members`` each and as many as fit in a worker's share of the memory,
+    :func:`ntrl.population.trainer.members_that_fit`, and split so that every worker has one), as
     ("population", runs), and single runs, as ("run", [run]), for the cells it does not support."""
     from ntrl.population import unsupported_reason
+    from ntrl.population.trainer import members_that_fit
 
     if not population:
         return [("run", [s]) for s in todo]
     cells: dict[tuple, list[RunSpec]] = {}
     singles = []
     supported: dict[tuple, bool] = {}  # what the population path covers depends on the cell alone
+    fits: dict[tuple, int] = {}  # members per chunk
     for spec in todo:
         if spec.cell not in supported:
-            supported[spec.cell] = unsupported_reason(train_config_for(study, spec, runs_dir, "disabled")) is None
+            config = train_config_for(study, spec, runs_dir, "disabled")
+            supported[spec.cell] = unsupported_reason(config) is None
+            if supported[spec.cell]:
+                fits[spec.cell] = min(max_members, members_that_fit(config, device, 1 / max(1, workers)))
         if supported[spec.cell]:
             cells.setdefault(spec.cell, []).append(spec)
         else:
             singles.append(("run", [spec]))
     chunks = []
-    n_chunks = {c: max(1, -(-len(rs) // max_members)) for c, rs in cells.items()}
+    n_chunks = {c: max(1, -(-len(rs) // fits[c])) for c, rs in cells.items()}
     while cells and sum(n_chunks.values()) < workers:  # one chunk per worker at least, where there are runs enough
         c = max(cells, key=lambda k: len(cells[k]) / n_chunks[k])
         if len(cells[c]) <= n_chunks[c]:
@@ -362,7 +368,7 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
         bar = tqdm(total=len(specs), initial=len(done), desc=f"{study.name} runs", unit="run", file=sys.stderr,
                    dynamic_ncols=True)
     failures = []
-    units = work_units(study, todo, runs_dir, workers, population)
+    units = work_units(study, todo, runs_dir, workers, population, device=device)
     wandb_parent = None
     if wandb_mode != "disabled" and any(kind == "population" for kind, _ in units):
         from ntrl.run_dirs import ntrl_wandb_dir
