@@ -172,6 +172,8 @@ def test_wandb_summary_run_holds_the_verdict_table(tmp_path):
     assert table["columns"][:5] == ["env", "policy", "optimizer", "mode", "verdict"]
     assert table["data"][0][:5] == ["bandit", "single_logit", "npg", "exact", "consistent with p(1 − p)"]
     assert logged["summary"]["verdict/bandit/single_logit/npg/exact"] == "consistent with p(1 − p)"
+    for key in ("extinction", "price_across_training"):  # the report's other tables, for the dashboard
+        assert any(h.get(f"{key}._type") == "table-file" and h.get(f"{key}.nrows") == 1 for h in logged["history"])
     # the cell's four runs trained as one population chunk: one W&B run, with the cell in its config,
     # the members' median P along the updates and the members' summaries as a table
     chunks = [r for r in w_runs.values() if "members" in r["config"]]

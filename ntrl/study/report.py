@@ -433,23 +433,24 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
            "- `runs.csv`: one line per run", "- `runs/<run>/records.jsonl`: every tracked update", ""]
     (study_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
 
-    def h_table(header, rows):
+    def h_table(header, rows, cls=""):
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     imgs = "".join(
         f"<h2>{html.escape(c)}</h2><img alt='{html.escape(c)}' src='data:image/png;base64,"
         f"{base64.b64encode(p.read_bytes()).decode()}'/>" for c, p in plots
     )
-    explanation = html.escape(EXPLANATION).replace("**", "")
+    explanation = "".join(f"<p>{html.escape(' '.join(par.split()))}</p>"
+                          for par in EXPLANATION.replace("**", "").split("\n\n") if par.strip())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ntrl rarity study {html.escape(study.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#eee}}img{{max-width:100%}}
-td:nth-child(5){{font-weight:bold}}</style></head><body>
+.verdicts td:nth-child(5){{font-weight:bold}}</style></head><body>
 <h1>Rarity study <code>{html.escape(study.name)}</code></h1>
 <p>{len(runs)} runs; p₀ ∈ {html.escape(str(study.p0s))}; seeds {study.seeds}.</p>
-<h2>Verdicts</h2>{h_table(VERDICT_COLUMNS, rows)}<p>{explanation}</p>
+<h2>Verdicts</h2>{h_table(VERDICT_COLUMNS, rows, "verdicts")}{explanation}
 <h2>Evidence behind each verdict</h2>{h_table(["cell", "verdict", "evidence"], reasons)}
 {"".join(f"<h2>{html.escape(title)}</h2>{h_table(cols, rs)}" for title, cols, rs in sections)}
 {imgs}</body></html>"""
@@ -478,6 +479,11 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
         return None
     table = wandb.Table(columns=VERDICT_COLUMNS, data=verdict_rows(cells))
     data: dict[str, Any] = {"verdicts": table}
+    for key, cols, rows in (("extinction", EXTINCTION_COLUMNS, extinction_rows(cells)),
+                            ("price_across_training", PRICE_COLUMNS, price_rows(cells)),
+                            ("noise", NOISE_COLUMNS, noise_rows_table(cells))):
+        if rows:
+            data[key] = wandb.Table(columns=cols, data=rows)
     for (env, gmode), by_policy in sorted(_groups(runs).items()):
         for pol, by_opt in sorted(by_policy.items()):
             xs, ys, keys = [], [], []
