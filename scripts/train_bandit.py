@@ -1,6 +1,6 @@
 """Train REINFORCE on the two-action bandit and watch Price's equation predict each step.
 
-Edit the config below (every field is documented in ntrl/config.py and ntrl/bandit_setup.py)
+Edit the config below (every field is documented in ntrl/config.py and ntrl/experiments/bandit.py)
 and run:
 
     .venv/bin/python scripts/train_bandit.py

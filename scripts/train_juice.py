@@ -8,7 +8,7 @@ Each tracked update writes, besides P's predicted and realised change, the terms
 
     dP/dt = NTCov(P, R),   NTCov(P, F·P) = F·NTVar(P) + P·NTCov(P, F)
 
-under ``juice/…`` in records.jsonl (see ntrl/juice_setup.py for every key).
+under ``juice/…`` in records.jsonl (see ntrl/experiments/juice.py for every key).
 """
 
 from __future__ import annotations
