@@ -18,6 +18,11 @@ a single run, with the other speed and memory numbers of the issue, as ratios me
    populations (the default) and with ``--no-population`` (today's per-run pool). Target: 10×.
 5. **GPU**: with CUDA present, the 1024-member population on the GPU and a 16384-member one;
    without, the line says so and the rest runs.
+6. **Juice gridworld populations** (``--juice``): a chunk of the study's size (30 members, the
+   study's tracking: every 5th update, the η-probe at six scales) of each juice cell kind (exact
+   and sampled, tabular and MLP, SGD), its update loop over members × updates against one single
+   run's update with the same config (whole runs, 100 updates, setup excluded by the same
+   difference as in 1).
 """
 
 from __future__ import annotations
@@ -73,6 +78,34 @@ def peak_rss_gib(code: str) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", out).group(1)) / 2**20
 
 
+def juice_configs(out: str, members: int, updates: int, policy: str, mode: str):
+    from ntrl.experiments.juice import JuiceConfig
+    from ntrl.study.grid import DEFAULT_LRS
+
+    return [JuiceConfig(policy=policy, optimizer="sgd", mode=mode, p0=1e-4, lr=DEFAULT_LRS["juice"][policy]["sgd"],
+                        steps=updates, seed=i, batch_size=32, track_every=5, decomposition=False,
+                        price_scales=[4.0, 2.0, 1.0, 0.5, 0.25, 0.125], wandb="disabled", out=out, run_name=f"m{i}")
+            for i in range(members)]
+
+
+def juice_ratio(policy: str, mode: str, members: int = 30, updates: int = 100) -> tuple[float, float]:
+    """(ms per member-update in a population of ``members``, ms per single-run update)."""
+    from ntrl.population import train_population
+    from ntrl.train import train
+
+    def single(n: int) -> float:
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            train(juice_configs(d, 1, n, policy, mode)[0], progress=False)
+            return time.perf_counter() - t
+
+    single(5)  # warm-up
+    one = min((single(updates) - single(10)) / (updates - 10) for _ in range(2))
+    with tempfile.TemporaryDirectory() as d:
+        r = train_population(juice_configs(d, members, updates, policy, mode), progress=False)
+    return r.train_seconds / (members * updates) * 1e3, one * 1e3
+
+
 def rarity_seconds(population: bool) -> float:
     with tempfile.TemporaryDirectory() as d:
         cmd = [str(Path(sys.executable).with_name("ntrl")), "rarity", "--quick", "--out", d, "--quiet", "--wandb",
@@ -87,6 +120,7 @@ def main() -> None:
     ap.add_argument("--members", type=int, default=1024)
     ap.add_argument("--updates", type=int, default=100)
     ap.add_argument("--quick", action="store_true", help="256 members, 50 updates, no study")
+    ap.add_argument("--juice", action="store_true", help="also time juice populations (6.), ~2 minutes")
     ap.add_argument("--json", help="also write the numbers to this file")
     args = ap.parse_args()
     import torch
@@ -135,6 +169,14 @@ def main() -> None:
               f"at {members} members")
     else:
         print("5. GPU: no CUDA device here; skipped")
+    if args.juice:
+        for policy in ("tabular", "mlp"):
+            for mode in ("exact", "sampled"):
+                member, one = juice_ratio(policy, mode)
+                res[f"juice_{policy}_{mode}"] = {"member_update_ms": member, "single_update_ms": one,
+                                                 "ratio": member / one}
+                print(f"6. juice {policy} {mode}, SGD, 30 members: {member:.2f} ms per member-update, one run "
+                      f"{one:.2f} ms per update: ratio {member / one:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 

@@ -41,6 +41,7 @@ with at most ``MAX_TABULAR_STATES`` states.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import gymnasium as gym
@@ -207,6 +208,7 @@ def n_model_states(size: int, hide_prob: float = 0.0) -> int:
     return C * (C - 1) * (2 if hide_prob > 0 else 1)
 
 
+@functools.lru_cache(maxsize=16)  # a model is never changed after it is built: runs and populations share it
 def tabular_model(size: int = 5, view_radius: int = 1, horizon: int = 50, reward: float = 1.0,
                   hide_prob: float = 0.0, max_states: int = MAX_TABULAR_STATES):
     """Enumerate the juice gridworld as a finite-horizon TabularMDP.

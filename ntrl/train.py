@@ -287,7 +287,7 @@ def price_check_text(pc: dict[str, Any], name: str = "ΔP = η·NTCov_M(P, U)") 
 
 def first_order_text(pc: dict[str, Any]) -> str:
     """The sentence on the first-order regime: the share of tracked updates outside it and,
-    from the η-probe, the largest learning rate that keeps every probed update inside."""
+    from the η-probe, the largest learning rate at which 95 % of the probed updates stay inside."""
     outside = pc.get("outside_first_order")
     if not isinstance(outside, (int, float)) or not math.isfinite(outside):
         return ""
@@ -305,7 +305,8 @@ def first_order_text(pc: dict[str, Any]) -> str:
             text += f"; even at the smallest probed step, more than {FIRST_ORDER_SHARE:.0%} of the updates are not first-order"
     if outside > 0.25:
         text += (f": the Price prediction is not a first-order one for this run; a smaller --lr"
-                 f"{f' (at most {lr:g})' if isinstance(lr, (int, float)) and 0 < lr < (top or 0) else ''} keeps it so")
+                 f"{f' (at most {lr:g})' if isinstance(lr, (int, float)) and 0 < lr < (top or 0) else ''} "
+                 f"would keep most updates first-order")
     return text + "."
 
 

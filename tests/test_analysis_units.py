@@ -113,7 +113,8 @@ def test_votes():
     power = ModelComparison("power law", 50.0, {"p0s": 5}, n=12)
     assert escape_vote(power, point(-1.0), 0, 12)[0] == "p²"
     assert escape_vote(power, point(-0.5), 0, 12)[0] == "neither"
-    assert escape_vote(power, point(-1.0), 3, 12)[0] == "neither"  # censored runs
+    assert escape_vote(power, point(-1.0), 3, 12)[0] == "inconclusive"  # censored runs: T only bounded
+    assert exponent_vote("drift", Estimate(1.0, float("nan"), float("nan")))[0] == "inconclusive"  # no interval
     assert escape_vote(ModelComparison("logarithmic", 0.5, {"p0s": 5}, n=12), NAN, 0, 12)[0] == "inconclusive"
     waiting = ModelComparison("waiting time", 9.0, {"p0s": 5, "c": 1.1}, n=12)
     assert escape_vote(waiting, point(-1.0), 0, 12)[0] == "none"

@@ -27,6 +27,7 @@ from ntrl.engine.tangent import TangentEngine
 from ntrl.experiments.bandit import BanditConfig
 from ntrl.population import TrackSchedule, train_population
 from ntrl.records import read_records
+from ntrl.study.grid import DEFAULT_LRS
 from ntrl.train import train
 
 LRS = {"single_logit": {"sgd": 2.0, "npg": 0.1, "sign": 0.1, "adam": 0.1},
@@ -100,8 +101,7 @@ def test_member_records_equal_the_per_run_records(tmp_path, policy, optimizer, m
     assert statuses[0] in ("stopped_at_p", "finished") and statuses[2] in ("stopped_at_p", "finished")
 
 
-JUICE_LRS = {"tabular": {"sgd": 2.0, "npg": 0.005, "sign": 0.05, "adam": 0.05},
-             "mlp": {"sgd": 0.2, "npg": 0.01, "sign": 5e-4, "adam": 1e-3}}
+JUICE_LRS = DEFAULT_LRS["juice"]
 
 
 def juice_configs(out, policy, optimizer, steps=12):

@@ -568,9 +568,10 @@ def noise_spread(batch: SampledBatch, rows: Tensor, prop_grads: dict[str, Tensor
         vs.append(v)
         out[f"{name}/noise_sd"] = lr * ((c**2).sum(1) / (B * (B - 1))).sqrt()
         out[f"{name}/noise_sd_iso"] = lr * (trace / n_params * (v**2).sum(1)).sqrt()
-    a, b = list(prop_grads)[:2]
-    out[f"noise/cov_{a}_{b}"] = lr**2 * (cs[0] * cs[1]).sum(1) / (B * (B - 1))
-    out[f"noise/cov_{a}_{b}_iso"] = lr**2 * trace / n_params * (vs[0] * vs[1]).sum(1)
+    if len(cs) >= 2:
+        a, b = list(prop_grads)[:2]
+        out[f"noise/cov_{a}_{b}"] = lr**2 * (cs[0] * cs[1]).sum(1) / (B * (B - 1))
+        out[f"noise/cov_{a}_{b}_iso"] = lr**2 * trace / n_params * (vs[0] * vs[1]).sum(1)
     return out
 
 

@@ -43,7 +43,7 @@ from ntrl.study.grid import StudyConfig, enumerate_runs
 from ntrl.study.price import PriceCheck, price_check
 from ntrl.study.stats import (  # noqa: F401  (re-exported: the analysis's vocabulary)
     MIN_DELTA_AIC, NAN, NO_COMPARISON, Estimate, ModelComparison, RunData, by_p0, compare_models, fit_curve,
-    regression_ci, stratified_bootstrap, with_fit_ci,
+    kappa_of, regression_ci, stratified_bootstrap, with_fit_ci,
 )
 
 Cell = tuple[str, str, str, str]
@@ -232,11 +232,6 @@ def escape_slope(runs: Sequence[RunData]) -> Estimate:
     return with_fit_ci(est, X, np.log(T[ok]), 1) if ok.sum() >= 3 else est
 
 
-def kappa_of(record: dict[str, Any]) -> float:
-    """κ of a record: the value, or its mean over probe states when κ was tracked per state."""
-    return float(np.mean(record["kappa"]))
-
-
 def kappa_drift(runs: Sequence[RunData]) -> dict[str, float]:
     """Median over runs of max_t |κ(t)/κ(0) − 1|, and whether κ stayed constant (lazy)."""
     drifts = []
@@ -297,6 +292,8 @@ def exponent_vote(name: str, est: Estimate) -> tuple[str, str] | None:
     if not math.isfinite(est.value):
         return None
     text = f"{name} {est.fmt(2)}"
+    if not est.has_interval:
+        return "inconclusive", f"{text}: without an interval it decides nothing"
     if est.within(2.0, LAW_MARGIN):
         return "p²", f"{text} ≈ 2"
     if est.within(1.0, LAW_MARGIN):
@@ -310,25 +307,28 @@ def escape_vote(escape: ModelComparison, slope: Estimate, censored: int, n_escap
     """The escape evidence as a vote (see :func:`decide`); ("none", note) when it says nothing
     about the law (sampling-limited), None without rewarded runs."""
     if censored:
-        return "neither", f"{censored} of {n_escape} rewarded runs never reached ½ (escape time censored)"
+        return "inconclusive", (f"{censored} of {n_escape} rewarded runs never reached ½ within the run length "
+                                f"(escape time censored)")
     if not escape.n:
         if "p0s" in escape.params:
             return "inconclusive", (f"escape: only {escape.params['p0s']} p₀ values; a law is judged on at least "
                                     f"{MIN_P0S}")
         return None
-    shown = f"{escape.winner} (ΔAICc {escape.delta_aic:.1f}, n = {escape.n} over {escape.params.get('p0s')} p₀)"
+    shown = f"ΔAICc {escape.delta_aic:.1f}, n = {escape.n} over {escape.params.get('p0s')} p₀"
     if escape.delta_aic < MIN_DELTA_AIC:
-        return "inconclusive", f"escape time: {shown}, ΔAICc below {MIN_DELTA_AIC:g}"
+        return "inconclusive", f"escape time: {escape.winner} ({shown}), ΔAICc below {MIN_DELTA_AIC:g}"
     if escape.winner == "waiting time":
-        return "none", (f"escape time is the wait for sampled successes, T ≈ c/(B·p₀) with c = "
-                        f"{escape.params['c']:.3g} ({shown}): it is set by the sampling, not by either law")
+        return "none", (f"escape time has the shape of the wait for sampled successes, T = c/(1 − (1 − p₀)^B) "
+                        f"with c = {escape.params['c']:.3g} ({shown}), T ∝ 1/p₀ for small p₀; in sampled mode that "
+                        f"shape is the p² law's (c ≈ B/(ηκΔ)) and sampling-limited jumps' alike (c ≈ 1 for NPG), "
+                        f"so it casts no vote")
     if escape.winner == "power law":
         if slope.within(-1.0, LAW_MARGIN):
-            return "p²", f"escape time is a power law {shown} of slope {slope.fmt(2)}"
-        if slope.overlaps(-1.0, LAW_MARGIN):
-            return "inconclusive", f"escape time is a power law {shown}, slope {slope.fmt(2)} too uncertain"
-        return "neither", f"escape time is a power law {shown} but of slope {slope.fmt(2)}, not −1 ± {LAW_MARGIN}"
-    return "p(1 − p)", f"escape time is logarithmic: {shown}"
+            return "p²", f"escape time is a power law ({shown}) of slope {slope.fmt(2)}"
+        if slope.overlaps(-1.0, LAW_MARGIN) or not slope.has_interval:
+            return "inconclusive", f"escape time is a power law ({shown}), slope {slope.fmt(2)} too uncertain"
+        return "neither", f"escape time is a power law ({shown}) but of slope {slope.fmt(2)}, not −1 ± {LAW_MARGIN}"
+    return "p(1 − p)", f"escape time is logarithmic ({shown})"
 
 
 def decide(votes: Sequence[tuple[str, str] | None], notes: Sequence[str] = ()) -> tuple[str, str]:

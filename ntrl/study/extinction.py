@@ -35,7 +35,8 @@ import numpy as np
 from scipy import optimize
 
 from ntrl.study.stats import (
-    NAN, NO_COMPARISON, Estimate, ModelComparison, RunData, by_p0, compare_models, fit_curve, majority,
+    MIN_DELTA_AIC, NAN, NO_COMPARISON, Estimate, ModelComparison, RunData, by_p0, compare_models, fit_curve, kappa_of,
+    majority,
     regression_ci, resolved, stratified_bootstrap,
 )
 
@@ -54,8 +55,12 @@ def adam_late_rate(beta2: float, lr: float | None = None, beta1: float = 0.9, ga
         λ = η·S·(1 − β₁)/(1 − β₁ e^λ)·√((1 − β₂ e^{2λ})/(1 − β₂)),
 
     S = ``gain`` the ℓ1 norm of ∇z (1 for the single logit), or, without ``lr``, its limit for
-    ηS ≫ √(1 − β₂)·λ, λ = −½ ln β₂ (the root lies below it by λ²(1 − β₂)/(2η²S²))."""
+    ηS ≫ (1 − β₂)/2, λ = −½ ln β₂ (the root lies below it by about λ²(1 − β₂)/(2η²S²)). nan where
+    β₁ ≥ √β₂: the first moment's sum then diverges before the second's, and the fixed point does
+    not exist."""
     limit = -0.5 * math.log(beta2)
+    if beta1 >= math.sqrt(beta2):
+        return float("nan")
     if lr is None:
         return limit
 
@@ -63,7 +68,7 @@ def adam_late_rate(beta2: float, lr: float | None = None, beta1: float = 0.9, ga
         return lam - lr * gain * (1 - beta1) / (1 - beta1 * math.exp(lam)) * math.sqrt(
             max(1 - beta2 * math.exp(2 * lam), 0.0) / (1 - beta2))
 
-    hi = min(limit, -math.log(beta1)) * (1 - 1e-15)
+    hi = limit * (1 - 1e-15)
     return float(optimize.brentq(gap, 1e-300, hi, xtol=1e-300, rtol=1e-14))
 
 
@@ -82,7 +87,7 @@ def curve(run: RunData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if "curve" not in run.cache:
         t = np.array([r["update"] for r in run.records], dtype=float)
         P = np.array([r.get("P/value", np.nan) for r in run.records], dtype=float)
-        k = np.array([float(np.mean(r["kappa"])) if r.get("kappa") is not None else np.nan for r in run.records])
+        k = np.array([kappa_of(r) if r.get("kappa") is not None else np.nan for r in run.records])
         run.cache["curve"] = (t, P, k)
     return run.cache["curve"]
 
@@ -154,30 +159,30 @@ def floor_interval(t: np.ndarray, logP: np.ndarray, start: tuple[float, float],
                    law: str = "1/t") -> tuple[float, float, float]:
     """(best P∞, lower, upper) of the 95 % profile-likelihood interval of the floor P∞ ≥ 0 under
     P∞ + decay(t) (see :func:`profile_rss`), on a grid of P∞ from 10⁻⁶ to 10 times the least P of
-    the window, refined by bisection at the upper end (the lower end is 0 when the interval
-    reaches it)."""
+    the window, each end refined by bisection (the lower end is 0 when the interval reaches it;
+    the upper end inf when it runs off the grid). The χ²₁ threshold 3.84 ignores that P∞ = 0 is
+    a boundary (where 2.71 would do), which makes the interval a little wider, not narrower; and
+    on an exact run the residuals are the decay law's own curvature, not noise, so the interval
+    says how well a floor fits that curve (:func:`floor_verdict` reads it so)."""
     n = len(t)
     p_min = float(np.exp(logP.min()))
     grid = np.concatenate([[0.0], p_min * np.logspace(-6, 1, 36)])
     rss = np.array([profile_rss(t, logP, f, start, law) for f in grid])
     rss_min = resolved(float(rss.min()), n)
     best = int(np.flatnonzero(np.maximum(rss, rss_min) <= rss_min)[0])  # the least floor among exact ties
-    inside = n * np.log(np.maximum(rss, rss_min) / rss_min) <= CHI2_1_95
-    idx = np.flatnonzero(inside)
-    lo = float(grid[idx.min()])
-    hi_i = int(idx.max())
-    hi = float(grid[hi_i])
-    if hi_i + 1 < len(grid):  # refine the upper end between the last grid point inside and the next
-        a, b = hi, float(grid[hi_i + 1])
+    def inside(floor: float) -> bool:
+        return n * math.log(max(profile_rss(t, logP, floor, start, law), rss_min) / rss_min) <= CHI2_1_95
+
+    def bisect(a: float, b: float) -> float:  # a inside, b outside: the boundary between them
         for _ in range(30):
-            mid = math.sqrt(a * b) if a > 0 else b / 2
-            if n * math.log(max(profile_rss(t, logP, mid, start, law), rss_min) / rss_min) <= CHI2_1_95:
-                a = mid
-            else:
-                b = mid
-        hi = a
-    elif hi_i == len(grid) - 1:
-        hi = float("inf")  # the interval runs off the grid: the data cannot bound the floor
+            mid = math.sqrt(a * b) if a > 0 and b > 0 else (a + b) / 2
+            a, b = (mid, b) if inside(mid) else (a, mid)
+        return a
+
+    idx = np.flatnonzero(n * np.log(np.maximum(rss, rss_min) / rss_min) <= CHI2_1_95)
+    lo_i, hi_i = int(idx.min()), int(idx.max())
+    lo = 0.0 if lo_i == 0 else bisect(float(grid[lo_i]), float(grid[lo_i - 1]))
+    hi = float("inf") if hi_i == len(grid) - 1 else bisect(float(grid[hi_i]), float(grid[hi_i + 1]))
     return float(grid[best]), lo, hi
 
 
@@ -222,19 +227,17 @@ def fit_run(run: RunData) -> RunExtinction:
         lam, logC = np.polyfit(t, logP, 1)
         rss_exp = float(np.sum((logP - (logC + lam * t)) ** 2))
         start = (A, B) if math.isfinite(rss_inv) else (1.0 / P[0], 1.0)
-        floor, _, _ = floor_interval(t, logP, start)  # the issue's third model: a floor under 1/t
-        rss_floor = profile_rss(t, logP, floor, start)
+        under_inv = floor_interval(t, logP, start)  # the third model: a floor under 1/t
+        rss_floor = profile_rss(t, logP, under_inv[0], start)
         out.comparison = compare_models({
             "1/t": (rss_inv, 2, {"A": float(A), "B": float(B)}),
             "exponential": (rss_exp, 2, {"rate": float(-lam)}),
-            "floor + 1/t": (rss_floor, 3, {"floor": floor}),
+            "floor + 1/t": (rss_floor, 3, {"floor": under_inv[0]}),
         }, len(t))
         # the floor's interval under the decay law that fits better, so that an exponential
         # decay is asked about a floor too
-        if rss_exp < rss_inv:
-            out.floor = floor_interval(t, logP, (float(logC), float(-lam)), "exponential")
-        else:
-            out.floor = floor_interval(t, logP, start)
+        out.floor = (floor_interval(t, logP, (float(logC), float(-lam)), "exponential") if rss_exp < rss_inv
+                     else under_inv)
         out.p_final = float(P[-1])
         Xt = np.column_stack([np.ones_like(t), t])
         slope, s_lo, s_hi = regression_ci(Xt, logP, 1)
@@ -352,8 +355,6 @@ def analyse_extinction(punished: Sequence[RunData]) -> CellExtinction:
 def extinction_vote(ext: CellExtinction) -> tuple[str, str]:
     """The extinction evidence as a vote: 1/t → p², exponential → p(1 − p), a floor → neither;
     a ΔAICc below MIN_DELTA_AIC, a split between runs, or no window → inconclusive."""
-    from ntrl.study.stats import MIN_DELTA_AIC
-
     c = ext.comparison
     if not c.n:
         return "inconclusive", f"extinction: no asymptotic window ({ext.window}): {ext.floor_verdict}"

@@ -9,13 +9,18 @@ From the records of every run of a cell:
   against η is 1 for a first-order prediction (its error is O(η²) against a change O(η)); the
   slope of each probed update, their median per cell with a 95 % interval, and per decade of P;
 * the first-order regime: the share of tracked updates with |residual| > ½|predicted|, and the
-  largest η (a multiple of the run's) at which every probed update of the cell stays inside;
+  largest η (a multiple of the run's) at which 95 % of the cell's probed updates stay inside;
 * sampled cells: the standardized residual z = (ΔP_real − E[ΔP]) / s, with E[ΔP] = η∇P·M∇J from
   the exact gradient and s the predicted spread η·sqrt(∇Pᵀ M Σ M ∇P) from the batch's per-episode
   gradients (RMS over the records of each decade of P, since each batch's estimate of Σ is itself
   noisy: at small p most batches never sample the rare action and estimate Σ = 0). sd(z) ≈ 1 when
   the prediction holds; the isotropic model (Σ = (tr Σ/P)·I) gets the same test; and the
-  correlation of the changes of P and R, realised against predicted by both models.
+  correlation of the changes of P and of the second tracked property Y (R on the bandit, where
+  R is affine in P and every correlation is ±1; F on the juice gridworld), realised against
+  predicted by both models. Only for SGD is this a test: its metric does not depend on the batch,
+  so E[ΔP] = η∇P·∇J and the spread are first-order exact; sign descent, Adam (which steps along m̂,
+  where this batch's ĝ has weight (1 − β₁)/(1 − β₁ᵗ)) and a sampled-Fisher NPG have a metric of
+  the batch's own, and their rows are descriptive.
 """
 
 from __future__ import annotations
@@ -81,54 +86,69 @@ class NoiseCalibration:
     z_sd: Estimate
     z_skew: float
     z_sd_iso: Estimate
-    corr_real: float  # of the residual changes of P and R, over the records
+    partner: str  # Y, the second tracked property (R on the bandit, F on the juice gridworld)
+    corr_real: float  # of the residual changes of P and Y, over the records
     corr_pred: float
     corr_pred_iso: float
+    exact_in_distribution: bool  # SGD: M does not depend on the batch, so the prediction is a test
     bins: list[dict[str, float]] = field(default_factory=list)  # per decade of P: p, spreads
 
     def row(self) -> dict[str, Any]:
-        out = {"noise_records": self.n, "noise_z_skew": self.z_skew, "noise_corr_PR_realised": self.corr_real,
-               "noise_corr_PR_predicted": self.corr_pred, "noise_corr_PR_predicted_iso": self.corr_pred_iso}
+        out = {"noise_records": self.n, "noise_z_skew": self.z_skew, "noise_partner": self.partner,
+               "noise_corr_realised": self.corr_real, "noise_corr_predicted": self.corr_pred,
+               "noise_corr_predicted_iso": self.corr_pred_iso, "noise_is_a_test": self.exact_in_distribution}
         out.update(self.z_sd.as_dict("noise_z_sd"))
         out.update(self.z_sd_iso.as_dict("noise_z_sd_iso"))
         return out
 
 
-NOISE_KEYS = ("P/value", "P/real_delta", "P/expected_delta", "P/noise_sd", "P/noise_sd_iso",
-              "R/real_delta", "R/expected_delta", "noise/cov_P_R", "noise/cov_P_R_iso", "R/noise_sd", "R/noise_sd_iso")
+NOISE_COLUMNS = ("p", "real", "expected", "sd", "sd_iso", "real_Y", "expected_Y", "sd_Y", "sd_Y_iso", "cov", "cov_iso")
+
+
+def noise_partner(record: dict[str, Any]) -> str | None:
+    """Y of the record's predicted covariance ``noise/cov_P_Y`` (the second tracked property)."""
+    for k in record:
+        if k.startswith("noise/cov_P_") and not k.endswith("_iso"):
+            return k[len("noise/cov_P_"):]
+    return None
 
 
 def noise_rows(run: RunData) -> np.ndarray:
-    """The records of a run that carry the noise fields, as rows of NOISE_KEYS (cached)."""
+    """The records of a run that carry the noise fields, as rows of NOISE_COLUMNS for P and its
+    partner Y (cached in ``run.cache``, with Y under "noise_partner")."""
     if "noise" not in run.cache:
-        rows = [[float(np.mean(r[k])) for k in NOISE_KEYS] for r in run.records
-                if all(isinstance(r.get(k), (int, float, list)) for k in NOISE_KEYS)]
-        run.cache["noise"] = np.array(rows, dtype=float).reshape(-1, len(NOISE_KEYS))
+        y = next((noise_partner(r) for r in run.records if noise_partner(r)), None)
+        keys = ("P/value", "P/real_delta", "P/expected_delta", "P/noise_sd", "P/noise_sd_iso", f"{y}/real_delta",
+                f"{y}/expected_delta", f"{y}/noise_sd", f"{y}/noise_sd_iso", f"noise/cov_P_{y}", f"noise/cov_P_{y}_iso")
+        rows = [[float(np.mean(r[k])) for k in keys] for r in run.records
+                if y is not None and all(isinstance(r.get(k), (int, float, list)) for k in keys)]
+        run.cache["noise"] = np.array(rows, dtype=float).reshape(-1, len(NOISE_COLUMNS))
+        run.cache["noise_partner"] = y
     return run.cache["noise"]
 
 
 def standardized(rows: np.ndarray) -> dict[str, np.ndarray]:
     """Residuals standardized per decade of P by the RMS predicted spread there (minibatch and
     isotropic), and the per-decade spreads."""
-    col = {k: rows[:, i] for i, k in enumerate(NOISE_KEYS)}
-    p = col["P/value"]
-    resid = col["P/real_delta"] - col["P/expected_delta"]
-    resid_R = col["R/real_delta"] - col["R/expected_delta"]
+    col = {k: rows[:, i] for i, k in enumerate(NOISE_COLUMNS)}
+    p = col["p"]
+    resid = col["real"] - col["expected"]
+    resid_Y = col["real_Y"] - col["expected_Y"]
     ok = (p > 0) & np.isfinite(resid)
     decade = np.floor(np.log10(np.where(ok, p, 1.0)))
     z, z_iso = np.full(len(p), np.nan), np.full(len(p), np.nan)
     bins = []
     for k in np.unique(decade[ok]):
         sel = ok & (decade == k)
-        s = math.sqrt(np.mean(col["P/noise_sd"][sel] ** 2))
-        s_iso = math.sqrt(np.mean(col["P/noise_sd_iso"][sel] ** 2))
+        s = math.sqrt(np.mean(col["sd"][sel] ** 2))
+        s_iso = math.sqrt(np.mean(col["sd_iso"][sel] ** 2))
         if s > 0:
             z[sel] = resid[sel] / s
         if s_iso > 0:
             z_iso[sel] = resid[sel] / s_iso
         bins.append({"p": float(10 ** np.mean(np.log10(p[sel]))), "records": int(sel.sum()), "predicted": s,
                      "predicted_iso": s_iso, "realised": math.sqrt(np.mean(resid[sel] ** 2))})
-    return {"z": z, "z_iso": z_iso, "resid": resid, "resid_R": resid_R, "bins": bins}
+    return {"z": z, "z_iso": z_iso, "resid": resid, "resid_Y": resid_Y, "bins": bins}
 
 
 def rms(x: np.ndarray) -> float:
@@ -151,22 +171,21 @@ def noise_calibration(runs: Sequence[RunData]) -> NoiseCalibration | None:
     z_sd = stratified_bootstrap(by_p0(runs), lambda items: rms(standardized(pooled(items))["z"]))
     z_sd_iso = stratified_bootstrap(by_p0(runs), lambda items: rms(standardized(pooled(items))["z_iso"]))
     skew = float(np.mean(z**3) / np.mean(z**2) ** 1.5) if len(z) and np.mean(z**2) > 0 else float("nan")
-    col = {k: rows[:, i] for i, k in enumerate(NOISE_KEYS)}
-    rp, rr = st["resid"], st["resid_R"]
-    ok = np.isfinite(rp) & np.isfinite(rr)
+    col = {k: rows[:, i] for i, k in enumerate(NOISE_COLUMNS)}
+    rp, ry = st["resid"], st["resid_Y"]
+    ok = np.isfinite(rp) & np.isfinite(ry)
 
     def corr(cov, var_a, var_b) -> float:
         den = math.sqrt(var_a * var_b)
         return cov / den if den > 0 else float("nan")
 
     return NoiseCalibration(
-        n=int(len(z)), z_sd=z_sd, z_skew=skew, z_sd_iso=z_sd_iso,
-        corr_real=corr(float(np.mean(rp[ok] * rr[ok])), float(np.mean(rp[ok] ** 2)), float(np.mean(rr[ok] ** 2))),
-        corr_pred=corr(float(np.mean(col["noise/cov_P_R"])), float(np.mean(col["P/noise_sd"] ** 2)),
-                       float(np.mean(col["R/noise_sd"] ** 2))),
-        corr_pred_iso=corr(float(np.mean(col["noise/cov_P_R_iso"])), float(np.mean(col["P/noise_sd_iso"] ** 2)),
-                           float(np.mean(col["R/noise_sd_iso"] ** 2))),
-        bins=st["bins"])
+        n=int(len(z)), z_sd=z_sd, z_skew=skew, z_sd_iso=z_sd_iso, partner=runs[0].cache["noise_partner"],
+        corr_real=corr(float(np.mean(rp[ok] * ry[ok])), float(np.mean(rp[ok] ** 2)), float(np.mean(ry[ok] ** 2))),
+        corr_pred=corr(float(np.mean(col["cov"])), float(np.mean(col["sd"] ** 2)), float(np.mean(col["sd_Y"] ** 2))),
+        corr_pred_iso=corr(float(np.mean(col["cov_iso"])), float(np.mean(col["sd_iso"] ** 2)),
+                           float(np.mean(col["sd_Y_iso"] ** 2))),
+        exact_in_distribution=runs[0].spec.optimizer == "sgd", bins=st["bins"])
 
 
 @dataclass
@@ -196,7 +215,8 @@ class PriceCheck:
         return out
 
     def first_order_text(self) -> str:
-        """"first-order up to 2η (every probed update)" or "≥ 4η"."""
+        """The largest multiple of η at which 95 % of the probed updates stay first-order: "2η",
+        "≥ 4η" (every probed scale), or "below 0.125η" (not even the smallest)."""
         if not math.isfinite(self.first_order_lr):
             return "n/a"
         if self.first_order_lr >= self.probed_scale_max:

@@ -312,8 +312,8 @@ def price_rows(cells: Sequence[CellResult]) -> list[list[str]]:
     return rows
 
 
-NOISE_COLUMNS = ["cell", "records", "sd(z), minibatch Σ", "skewness of z", "sd(z), isotropic Σ",
-                 "corr(ΔP, ΔR): realised", "predicted (minibatch)", "predicted (isotropic)"]
+NOISE_TABLE_COLUMNS = ["cell", "a test?", "records", "sd(z), minibatch Σ", "skewness of z", "sd(z), isotropic Σ",
+                       "corr(ΔP, ΔY)", "realised", "predicted (minibatch)", "predicted (isotropic)"]
 
 
 def noise_rows_table(cells: Sequence[CellResult]) -> list[list[str]]:
@@ -322,7 +322,8 @@ def noise_rows_table(cells: Sequence[CellResult]) -> list[list[str]]:
         nz = c.price.noise
         if nz is None:
             continue
-        rows.append([" / ".join(c.cell), str(nz.n), nz.z_sd.fmt(2), f"{nz.z_skew:.2f}", nz.z_sd_iso.fmt_g(3),
+        rows.append([" / ".join(c.cell), "yes (SGD)" if nz.exact_in_distribution else "no: M depends on the batch",
+                     str(nz.n), nz.z_sd.fmt(2), f"{nz.z_skew:.2f}", nz.z_sd_iso.fmt_g(3), f"Y = {nz.partner}",
                      f"{nz.corr_real:.3f}", f"{nz.corr_pred:.3f}", f"{nz.corr_pred_iso:.3f}"])
     return rows
 
@@ -361,7 +362,7 @@ p₀ → 0): a power law against a logarithm, and in sampled cells also the wait
 successes, T = c/(1 − (1 − p₀)^B), all fitted to log T and compared by AICc with the number of
 points n shown. A power law of slope −1 ± {LAW_MARGIN} votes p², a logarithm p(1 − p); a waiting-time
 win casts no vote (it is the sampling that sets T, and it says so); a ΔAICc below {MIN_DELTA_AIC:g} is
-inconclusive; rewarded runs that never reached ½ make it neither. *Extinction* is fitted in the
+inconclusive, and so do rewarded runs that never reached ½ within the run length. *Extinction* is fitted in the
 punished runs' asymptotic window (P ≤ P(0)·10^-{WINDOW_DECADES:g}; for Adam also
 t ≥ {ADAM_LATE_MEMORIES:g}/(1 − β₂)): 1/(A + Bt) votes p², an exponential p(1 − p), a floor
 P∞ + 1/(A + Bt) neither, by AICc in at least 2/3 of the runs (else inconclusive).
@@ -391,9 +392,10 @@ derived −½ ln β₂ (README, "Adam's late-time decay").
 
 **Noise table** (sampled cells). z = (ΔP − E[ΔP])/s with E[ΔP] = η∇P·M∇J from the exact gradient
 and s the predicted spread of ΔP from the batch's per-episode gradients (RMS per decade of P): sd(z)
-≈ 1 when the minibatch noise model holds; the same with the isotropic model Σ = (tr Σ/P)·I. For
-SGD the prediction is first-order exact; for sign descent, Adam and NPG the metric itself depends
-on the batch.
+≈ 1 when the minibatch noise model holds; the same with the isotropic model Σ = (tr Σ/P)·I; and
+the correlation of the changes of P and of the second tracked property Y (R on the bandit, where
+it is ±1 under every model since R is affine in P; F on the juice gridworld). Only the SGD rows
+are a test: for sign descent, Adam (which steps along m̂) and NPG the metric depends on the batch.
 """
 
 
@@ -419,7 +421,7 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
     reasons = [[" / ".join(c.cell), c.verdict, c.reason] for c in sorted(cells, key=lambda c: c.cell)]
     sections = [("Extinction", EXTINCTION_COLUMNS, extinction_rows(cells)),
                 ("Price check across training", PRICE_COLUMNS, price_rows(cells)),
-                ("Gradient noise (sampled cells)", NOISE_COLUMNS, noise_rows_table(cells))]
+                ("Gradient noise (sampled cells)", NOISE_TABLE_COLUMNS, noise_rows_table(cells))]
     sections = [(title, cols, rs) for title, cols, rs in sections if rs]
     md = [f"# Rarity study `{study.name}`", "",
           f"{len(runs)} runs; p₀ ∈ {study.p0s}; seeds {study.seeds}; extinction from P = {study.extinction_p0}.", "",
@@ -481,7 +483,7 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
     data: dict[str, Any] = {"verdicts": table}
     for key, cols, rows in (("extinction", EXTINCTION_COLUMNS, extinction_rows(cells)),
                             ("price_across_training", PRICE_COLUMNS, price_rows(cells)),
-                            ("noise", NOISE_COLUMNS, noise_rows_table(cells))):
+                            ("noise", NOISE_TABLE_COLUMNS, noise_rows_table(cells))):
         if rows:
             data[key] = wandb.Table(columns=cols, data=rows)
     for (env, gmode), by_policy in sorted(_groups(runs).items()):

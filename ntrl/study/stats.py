@@ -54,9 +54,15 @@ class Estimate:
         """Whether the interval meets target ± margin at all."""
         return all(math.isfinite(x) for x in (self.lo, self.hi)) and self.lo <= target + margin and self.hi >= target - margin
 
+    @property
+    def has_interval(self) -> bool:
+        return math.isfinite(self.lo) and math.isfinite(self.hi)
+
     def fmt(self, digits: int = 3) -> str:
         if not math.isfinite(self.value):
             return "n/a"
+        if not self.has_interval:
+            return f"{self.value:.{digits}f} (no interval)"
         if self.lo == self.hi == self.value:
             return f"{self.value:.{digits}f} (exact)"
         return f"{self.value:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
@@ -65,6 +71,8 @@ class Estimate:
         """As :meth:`fmt`, in %g notation (for quantities spanning decades)."""
         if not math.isfinite(self.value):
             return "n/a"
+        if not self.has_interval:
+            return f"{self.value:.{digits}g} (no interval)"
         if self.lo == self.hi == self.value:
             return f"{self.value:.{digits}g}"
         return f"{self.value:.{digits}g} [{self.lo:.{digits}g}, {self.hi:.{digits}g}]"
@@ -74,6 +82,11 @@ class Estimate:
 
 
 NAN = Estimate(float("nan"), float("nan"), float("nan"))
+
+
+def kappa_of(record: dict[str, Any]) -> float:
+    """κ of a record: the value, or its mean over probe states when κ was tracked per state."""
+    return float(np.mean(record["kappa"]))
 
 
 def by_p0(runs: Sequence[RunData]) -> list[list[RunData]]:
@@ -116,8 +129,11 @@ def stratified_bootstrap(
         res = stats.bootstrap(data, stat, vectorized=False, paired=False, n_resamples=n_resamples,
                               method="percentile", confidence_level=0.95, random_state=np.random.default_rng(seed))
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if not (math.isfinite(lo) and math.isfinite(hi)):  # degenerate bootstrap distribution
-        lo = hi = value
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        dist = np.asarray(res.bootstrap_distribution, dtype=float)
+        if np.isfinite(dist).all() and np.ptp(dist) == 0:  # every resample gives the same value: a point
+            return Estimate(value, value, value, len(items))
+        return Estimate(value, float("nan"), float("nan"), len(items))  # no interval (resamples without a value)
     return Estimate(value, min(lo, value), max(hi, value), len(items))
 
 
@@ -136,9 +152,10 @@ def regression_ci(X: np.ndarray, y: np.ndarray, k: int) -> tuple[float, float, f
 
 
 def with_fit_ci(est: Estimate, X: np.ndarray, y: np.ndarray, k: int) -> Estimate:
-    """A bootstrap estimate, or where the bootstrap had nothing to resample (one run per p₀),
-    the same coefficient with its regression interval."""
-    if not (est.lo == est.hi == est.value) or not math.isfinite(est.value):
+    """A bootstrap estimate, or where the bootstrap had nothing to resample (one run per p₀) or
+    gave no interval, the same coefficient with its regression interval."""
+    point = est.lo == est.hi == est.value
+    if not (point or not est.has_interval) or not math.isfinite(est.value):
         return est
     value, lo, hi = regression_ci(X, y, k)
     return Estimate(value, lo, hi, est.n)
