@@ -278,9 +278,11 @@ class JuiceGridworldVector(VectorEnv):
     """``num_envs`` juice gridworlds stepped together in numpy (next-step autoreset).
 
     Same rules, encoding and ``info`` keys as :class:`JuiceGridworld` (``info`` values are arrays
-    of shape (num_envs,)). All sub-environments share one seeded generator. With next-step
-    autoreset, the ``step`` after an episode's truncation resets that sub-environment, ignores its
-    action, and returns the reset observation with reward 0.
+    of shape (num_envs,)). All sub-environments share one seeded generator, or, after
+    :meth:`seed_blocks`, each of k equal blocks of them has its own, and then draws exactly what a
+    vector env of that block's size seeded alike would draw (a population's members, one block
+    each). With next-step autoreset, the ``step`` after an episode's truncation resets that
+    sub-environment, ignores its action, and returns the reset observation with reward 0.
     """
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -307,20 +309,49 @@ class JuiceGridworldVector(VectorEnv):
         self.visible = np.ones(self.num_envs, dtype=bool)
         self.t = np.zeros(self.num_envs, dtype=np.int64)
         self.prev_done = np.zeros(self.num_envs, dtype=bool)
+        self.block_rngs: list[np.random.Generator] | None = None
+
+    def seed_blocks(self, seeds: list[int], rewards: list[float] | None = None) -> None:
+        """Give each of ``len(seeds)`` equal blocks of sub-environments its own generator, the one
+        ``reset(seed=s)`` gives a vector env (gymnasium's ``seeding.np_random(s)``), and, with
+        ``rewards``, its own reward for drinking."""
+        from gymnasium.utils import seeding
+
+        if self.num_envs % len(seeds):
+            raise ValueError(f"{self.num_envs} sub-environments do not split into {len(seeds)} equal blocks")
+        self.set_block_generators([seeding.np_random(s)[0] for s in seeds], rewards)
+
+    def set_block_generators(self, rngs: list[np.random.Generator], rewards: list[float] | None = None) -> None:
+        """Blocks with these generators (and rewards) as they are, e.g. the ones of another
+        instance whose other blocks have stopped."""
+        self.block_rngs = list(rngs)
+        if rewards is not None:
+            self.reward = np.repeat(np.asarray(rewards, dtype=np.float64), self.num_envs // len(rngs))
+
+    def _blocks(self) -> list[tuple[slice, np.random.Generator]]:
+        if self.block_rngs is None:
+            return [(slice(0, self.num_envs), self.np_random)]
+        size = self.num_envs // len(self.block_rngs)
+        return [(slice(i * size, (i + 1) * size), rng) for i, rng in enumerate(self.block_rngs)]
 
     def _reset_some(self, mask: np.ndarray) -> None:
-        k, n = int(mask.sum()), self.size
-        if k == 0:
-            return
-        a = self.np_random.integers(n * n, size=k)
-        j = _respawn(a, n, self.np_random)
-        self.agent[mask] = np.stack(divmod(a, n), -1)
-        self.juice[mask] = np.stack(divmod(j, n), -1)
-        self.visible[mask] = self.np_random.random(k) >= self.hide_prob
-        self.t[mask] = 0
+        n = self.size
+        for block, rng in self._blocks():
+            idx = np.flatnonzero(mask[block]) + block.start
+            k = len(idx)
+            if k == 0:
+                continue
+            a = rng.integers(n * n, size=k)
+            j = _respawn(a, n, rng)
+            self.agent[idx] = np.stack(divmod(a, n), -1)
+            self.juice[idx] = np.stack(divmod(j, n), -1)
+            self.visible[idx] = rng.random(k) >= self.hide_prob
+            self.t[idx] = 0
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
+        if seed is not None:
+            self.block_rngs = None
         self._reset_some(np.ones(self.num_envs, dtype=bool))
         self.prev_done[:] = False
         obs, seen = observe(self.agent, self.juice, self.visible, self.view_radius)
@@ -336,11 +367,14 @@ class JuiceGridworldVector(VectorEnv):
         self.agent = _move(self.agent, actions, n)
         ate = (self.agent == self.juice).all(-1)
         reward = np.where(ate & self.visible, self.reward, 0.0)
-        if ate.any():
-            cell = self.agent[ate, 0] * n + self.agent[ate, 1]
-            j = _respawn(cell, n, self.np_random)
-            self.juice[ate] = np.stack(divmod(j, n), -1)
-        self.visible = self.np_random.random(B) >= self.hide_prob
+        visible = np.empty(B, dtype=bool)
+        for block, rng in self._blocks():  # each block's draws in the order of a vector env of its own
+            idx = np.flatnonzero(ate[block]) + block.start
+            if len(idx):
+                j = _respawn(self.agent[idx, 0] * n + self.agent[idx, 1], n, rng)
+                self.juice[idx] = np.stack(divmod(j, n), -1)
+            visible[block] = rng.random(block.stop - block.start) >= self.hide_prob
+        self.visible = visible
         self.t += 1
         truncated = self.t >= self.horizon
         # next-step autoreset: sub-environments that ended last step start again now

@@ -145,3 +145,24 @@ def test_vector_seeding_is_reproducible():
         return np.array(out)
 
     assert np.array_equal(run(5), run(5)) and not np.array_equal(run(5), run(6))
+
+
+def test_blocks_of_one_vector_env_draw_what_vector_envs_of_their_own_draw():
+    """A population steps its members' gridworlds as blocks of one vector env: each block, with its
+    own generator and reward, gives the observations and rewards a vector env of its own gives."""
+    from ntrl.envs.juice import JuiceGridworldVector
+
+    seeds, rewards, B = [11, 22, 33], [1.0, -1.0, 0.5], 4
+    kw = dict(size=3, view_radius=1, horizon=6, hide_prob=0.3)
+    alone = [JuiceGridworldVector(num_envs=B, reward=r, **kw) for r in rewards]
+    obs = [env.reset(seed=s)[0] for env, s in zip(alone, seeds)]
+    blocks = JuiceGridworldVector(num_envs=3 * B, **kw)
+    blocks.seed_blocks(seeds, rewards)
+    assert np.array_equal(blocks.reset()[0], np.concatenate(obs))
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # several episodes: truncation and autoreset draw too
+        actions = rng.integers(0, 5, size=3 * B)
+        got = blocks.step(actions)
+        want = [env.step(actions[i * B:(i + 1) * B]) for i, env in enumerate(alone)]
+        for k in range(4):
+            assert np.array_equal(got[k], np.concatenate([w[k] for w in want]))

@@ -187,7 +187,7 @@ class JuiceModel:
         self.n_mdp_states = int(mdp.n_states)
         self.mdp = mdp
         self.utility_scale = float(self.horizon)  # J = H·R
-        self.venvs: list = []  # sampled mode: each member's own vector env (start_sampling)
+        self.venv = None  # sampled mode: the members' gridworlds, a block of them each (start_sampling)
 
     @classmethod
     def from_configs(cls, configs: Sequence[Any], device: torch.device) -> "JuiceModel":
@@ -209,36 +209,36 @@ class JuiceModel:
         return model
 
     def start_sampling(self, configs: Sequence[Any], env_seeds: Sequence[int]) -> None:
-        """Sampled mode: each member's own native vector env of ``batch_size`` gridworlds, seeded
-        as its run seeds it (``env.reset(seed=env_seed)``), so that a member's episodes are its run's."""
-        import gymnasium as gym
+        """Sampled mode: one native vector env of M·``batch_size`` gridworlds, a block per member
+        with the generator its run's vector env gets from ``env.reset(seed=env_seed)`` and its own
+        reward, so that a member's episodes are its run's; then that first reset."""
+        from ntrl.envs.juice import JuiceGridworldVector
 
-        import ntrl.envs  # noqa: F401  (registers the env)
-
-        self.venvs = []
-        for c, seed in zip(configs, env_seeds):
-            venv = gym.make_vec("ntrl/JuiceGridworld-v0", num_envs=c.batch_size, vectorization_mode="vector_entry_point",
-                                **c.env_kwargs())
-            venv.reset(seed=seed)
-            self.venvs.append(venv)
+        first = configs[0]
+        self.env_kwargs = {k: v for k, v in first.env_kwargs().items() if k != "reward"}
+        self.batch_size = int(first.batch_size)
+        self.member_rewards = [float(c.reward) for c in configs]
+        self.venv = JuiceGridworldVector(num_envs=len(configs) * self.batch_size, **self.env_kwargs)
+        self.venv.seed_blocks(list(env_seeds), self.member_rewards)
+        self.venv.reset()
 
     def close(self) -> None:
-        for venv in self.venvs:
-            venv.close()
-        self.venvs = []
+        if self.venv is not None:
+            self.venv.close()
+            self.venv = None
 
     def sample(self, logits_of, q: dict[str, Tensor], batch_size: int, baseline: str, action_rngs: list,
                noise_rngs: list) -> SampledBatch:
         """One episode in each of every member's ``batch_size`` gridworlds, stepped as the per-run
         path steps them (:func:`ntrl.experiments.juice.collect_vector_batch`): the policy of all
         members in one forward pass per time step (``logits_of(obs)``, obs (M, B, 3)), the actions
-        from each member's own stream, and the episodes aggregated by
-        :func:`ntrl.agents.reinforce.aggregate_episodes`, per observation of the model."""
+        from each member's own stream, one step of the shared vector env, and the episodes
+        aggregated by :func:`ntrl.agents.reinforce.aggregate_episodes`, per observation of the model."""
         from ntrl.agents.reinforce import aggregate_episodes
         from ntrl.envs.juice import observation_index
 
-        M, H, B, K, N = len(self.venvs), self.horizon, batch_size, self.n_actions, self.n_states
-        obs = np.stack([venv.reset()[0] for venv in self.venvs])
+        M, H, B, K, N = len(action_rngs), self.horizon, batch_size, self.n_actions, self.n_states
+        obs = self.venv.reset()[0].reshape(M, B, -1)
         O = np.empty((H, M, B, obs.shape[-1]), dtype=np.float32)
         A = np.empty((H, M, B), dtype=np.int64)
         Rw = np.empty((H, M, B))
@@ -246,9 +246,10 @@ class JuiceModel:
             with torch.no_grad():
                 probs = torch.softmax(logits_of(torch.as_tensor(obs)).to(torch.float64), dim=-1).cpu().numpy()
             O[t] = obs
-            for m, venv in enumerate(self.venvs):
+            for m in range(M):
                 A[t, m] = sample_actions(probs[m], action_rngs[m])
-                obs[m], Rw[t, m], *_ = venv.step(A[t, m])
+            nxt, reward, *_ = self.venv.step(A[t].reshape(-1))
+            obs, Rw[t] = nxt.reshape(M, B, -1), reward.reshape(M, B)
         C = np.zeros((M, N, K))
         C_episode = np.zeros((M, B, N, K))
         counts = np.zeros((M, N))
@@ -275,12 +276,16 @@ class JuiceModel:
 
     def select(self, keep: Tensor) -> None:
         self.rewards = self.rewards[keep]
-        if self.venvs:
-            kept = set(keep.tolist())
-            for i, venv in enumerate(self.venvs):
-                if i not in kept:
-                    venv.close()
-            self.venvs = [self.venvs[i] for i in keep.tolist()]
+        if self.venv is not None:  # the kept members' blocks, with their generators as they stand
+            from ntrl.envs.juice import JuiceGridworldVector
+
+            rows = keep.tolist()
+            rngs, self.member_rewards = [self.venv.block_rngs[i] for i in rows], [self.member_rewards[i] for i in rows]
+            self.venv.close()
+            self.venv = None
+            if rows:
+                self.venv = JuiceGridworldVector(num_envs=len(rows) * self.batch_size, **self.env_kwargs)
+                self.venv.set_block_generators(rngs, self.member_rewards)
 
     def visitation(self, pi: Tensor) -> Tensor:
         """d (M, S) for π (M, S, A): the finite-horizon recursion, batched over the members: on the
