@@ -131,3 +131,16 @@ def test_decide_rules():
     assert decide([None, None])[0] == "inconclusive"
     verdict, reason = decide([p2, ("none", "escape is the wait for sampled successes"), p2], ["a note"])
     assert verdict == "consistent with p²" and "sampled successes" in reason and "a note" in reason
+
+
+def test_a_floor_far_below_the_last_P_does_not_vote_neither():
+    """On an exact run the floor model can fit the decay's own curvature better (a floor at 0.1 %
+    of the last P): the extinction then votes by 1/t against the exponential."""
+    from ntrl.study.extinction import CellExtinction
+
+    comp = ModelComparison("floor + 1/t", 74.0, n=100, deltas={"1/t": 74.0, "exponential": 1549.0})
+    cell = CellExtinction(1, "P ≤ P(0)·10^-2", 4.0, 100, NAN, NAN, comp, False, 0.0017,
+                          "inconclusive (a floor of 0.0011–0.0017·P_final fits better in 1/1 runs: below 0.1·P_final)")
+    assert extinction_vote(cell)[0] == "p²"
+    cell.floor_verdict = "floor (P∞ > 0 in 1/1 runs, up to 0.77·P_final)"
+    assert extinction_vote(cell)[0] == "neither"

@@ -362,7 +362,17 @@ def extinction_vote(ext: CellExtinction) -> tuple[str, str]:
             f"{ext.exponent.fmt(2)}")
     if c.winner == "mixed":
         return "inconclusive", text
-    if c.delta_aic < MIN_DELTA_AIC:
+    winner, delta = c.winner, c.delta_aic
+    if winner == "floor + 1/t" and not ext.floor_verdict.startswith("floor"):
+        # a floor far below the last P is the decay's own curvature (see floor_verdict): the laws
+        # are judged against each other
+        others = {m: d for m, d in c.deltas.items() if m in ("1/t", "exponential")}
+        if len(others) < 2:
+            return "inconclusive", text + "; its floor lies far below the last P"
+        winner = min(others, key=others.get)
+        delta = others[max(others, key=others.get)] - others[winner]
+        text += f"; its floor lies far below the last P, and {winner} fits better than the other law by {delta:.1f}"
+    if delta < MIN_DELTA_AIC:
         return "inconclusive", text + f" (ΔAICc < {MIN_DELTA_AIC:g})"
-    law = {"1/t": "p²", "exponential": "p(1 − p)"}.get(c.winner, "neither")
+    law = {"1/t": "p²", "exponential": "p(1 − p)"}.get(winner, "neither")
     return law, text

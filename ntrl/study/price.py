@@ -87,7 +87,7 @@ class NoiseCalibration:
     z_skew: float
     z_sd_iso: Estimate
     partner: str  # Y, the second tracked property (R on the bandit, F on the juice gridworld)
-    corr_real: float  # of the residual changes of P and Y, over the records
+    corr_real: float  # of the residual changes of P and Y, over the rewarded runs' records
     corr_pred: float
     corr_pred_iso: float
     exact_in_distribution: bool  # SGD: M does not depend on the batch, so the prediction is a test
@@ -171,8 +171,12 @@ def noise_calibration(runs: Sequence[RunData]) -> NoiseCalibration | None:
     z_sd = stratified_bootstrap(by_p0(runs), lambda items: rms(standardized(pooled(items))["z"]))
     z_sd_iso = stratified_bootstrap(by_p0(runs), lambda items: rms(standardized(pooled(items))["z_iso"]))
     skew = float(np.mean(z**3) / np.mean(z**2) ** 1.5) if len(z) and np.mean(z**2) > 0 else float("nan")
+    # the correlation over the rewarded runs: the bandit's ∇R = Δ∇P flips with the reward's sign, so
+    # pooling rewarded and punished runs would average correlations of opposite signs
+    rewarded = [r for r in runs if r.spec.direction == "rewarded"] or runs
+    rows = pooled(rewarded)
     col = {k: rows[:, i] for i, k in enumerate(NOISE_COLUMNS)}
-    rp, ry = st["resid"], st["resid_Y"]
+    rp, ry = col["real"] - col["expected"], col["real_Y"] - col["expected_Y"]
     ok = np.isfinite(rp) & np.isfinite(ry)
 
     def corr(cov, var_a, var_b) -> float:

@@ -393,8 +393,9 @@ derived −½ ln β₂ (README, "Adam's late-time decay").
 **Noise table** (sampled cells). z = (ΔP − E[ΔP])/s with E[ΔP] = η∇P·M∇J from the exact gradient
 and s the predicted spread of ΔP from the batch's per-episode gradients (RMS per decade of P): sd(z)
 ≈ 1 when the minibatch noise model holds; the same with the isotropic model Σ = (tr Σ/P)·I; and
-the correlation of the changes of P and of the second tracked property Y (R on the bandit, where
-it is ±1 under every model since R is affine in P; F on the juice gridworld). Only the SGD rows
+the correlation of the changes of P and of the second tracked property Y over the rewarded runs
+(R on the bandit, where it is 1 under every model since R is affine in P; F on the juice
+gridworld). Only the SGD rows
 are a test: for sign descent, Adam (which steps along m̂) and NPG the metric depends on the batch.
 """
 
