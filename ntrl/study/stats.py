@@ -58,24 +58,21 @@ class Estimate:
     def has_interval(self) -> bool:
         return math.isfinite(self.lo) and math.isfinite(self.hi)
 
-    def fmt(self, digits: int = 3) -> str:
+    def fmt(self, digits: int = 3, style: str = "f") -> str:
+        """"1.000 [0.990, 1.010]", "1.000 (exact)" for a point, "1.000 (no interval)"; ``style``
+        "g" for quantities spanning decades (:meth:`fmt_g`)."""
         if not math.isfinite(self.value):
             return "n/a"
+        show = lambda x: f"{x:.{digits}{style}}"  # noqa: E731
         if not self.has_interval:
-            return f"{self.value:.{digits}f} (no interval)"
+            return f"{show(self.value)} (no interval)"
         if self.lo == self.hi == self.value:
-            return f"{self.value:.{digits}f} (exact)"
-        return f"{self.value:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
+            return f"{show(self.value)} (exact)" if style == "f" else show(self.value)
+        return f"{show(self.value)} [{show(self.lo)}, {show(self.hi)}]"
 
     def fmt_g(self, digits: int = 3) -> str:
-        """As :meth:`fmt`, in %g notation (for quantities spanning decades)."""
-        if not math.isfinite(self.value):
-            return "n/a"
-        if not self.has_interval:
-            return f"{self.value:.{digits}g} (no interval)"
-        if self.lo == self.hi == self.value:
-            return f"{self.value:.{digits}g}"
-        return f"{self.value:.{digits}g} [{self.lo:.{digits}g}, {self.hi:.{digits}g}]"
+        """As :meth:`fmt`, in %g notation."""
+        return self.fmt(digits, "g")
 
     def as_dict(self, prefix: str) -> dict[str, float]:
         return {prefix: self.value, f"{prefix}_lo": self.lo, f"{prefix}_hi": self.hi}
