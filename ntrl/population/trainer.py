@@ -558,7 +558,7 @@ def noise_spread(batch: SampledBatch, rows: Tensor, prop_grads: dict[str, Tensor
     C = batch.C_episode.reshape(M, B, -1).to(L.dtype)
     D = C - C.mean(1, keepdim=True)
     G = torch.einsum("mrp,msp->mrs", L, L)
-    trace = torch.einsum("mbr,mrs,mbs->m", D, G, D) / (B * (B - 1))
+    trace = (torch.einsum("mbr,mrs,mbs->m", D, G, D) / (B * (B - 1))).clamp_min(0)  # ≥ 0 but for rounding
     out = {"noise/trace_sigma": trace}
     cs, vs = [], []
     for name, Gx in prop_grads.items():
