@@ -219,13 +219,13 @@ class PriceCheck:
         return out
 
     def first_order_text(self) -> str:
-        """The largest multiple of η at which 95 % of the probed updates stay first-order: "2η",
-        "≥ 4η" (every probed scale), or "below 0.125η" (not even the smallest)."""
+        """Up to which step 95 % of the probed updates stay first-order: "up to 2η", "up to 4η
+        or more" (every probed scale), or "not at 0.125η" (not even the smallest)."""
         if not math.isfinite(self.first_order_lr):
             return "n/a"
         if self.first_order_lr >= self.probed_scale_max:
-            return f"≥ {self.first_order_lr:g}η"
-        return f"{self.first_order_lr:g}η" if self.first_order_lr > 0 else f"below {self.probed_scale_min:g}η"
+            return f"up to {self.first_order_lr:g}η or more"
+        return f"up to {self.first_order_lr:g}η" if self.first_order_lr > 0 else f"not at {self.probed_scale_min:g}η"
 
     def note(self) -> str | None:
         """The sentence a verdict carries when the cell's runs left the first-order regime."""
@@ -233,7 +233,7 @@ class PriceCheck:
             return None
         return (f"{self.outside:.1%} of tracked updates left the first-order regime (|residual| > "
                 f"{FIRST_ORDER_TOLERANCE:g}·|predicted|); {1 - FIRST_ORDER_SHARE:.0%} of the probed updates stay "
-                f"inside up to {self.first_order_text()}")
+                f"inside {self.first_order_text()}")
 
 
 def price_check(runs: Sequence[RunData]) -> PriceCheck:

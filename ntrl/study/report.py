@@ -277,7 +277,7 @@ def verdict_rows(cells: Sequence[CellResult]) -> list[list[str]]:
         env, pol, opt, mode = c.cell
         rows.append([env, pol, opt, mode, c.verdict, c.drift.fmt(2), c.escape.fmt(), c.extinction.comparison.fmt(),
                      c.static_euc.fmt(2), c.static_fisher.fmt(2), f"{c.price.r2:.4f}", c.price.eta_slope.fmt(2),
-                     f"{pct(c.price.outside)} outside; ≤ {c.price.first_order_text()}",
+                     f"{pct(c.price.outside)} outside; 95 % inside {c.price.first_order_text()}",
                      pct(c.kappa["median_drift"])])
     return rows
 
@@ -299,7 +299,7 @@ def extinction_rows(cells: Sequence[CellResult]) -> list[list[str]]:
 
 
 PRICE_COLUMNS = ["cell", "tracked updates", "R²", "median rel. error", "η-slope [95 %]", "η-slope by decade of P",
-                 "outside first order", "first-order up to"]
+                 "outside first order", "95 % of probed updates first-order"]
 
 
 def price_rows(cells: Sequence[CellResult]) -> list[list[str]]:
