@@ -2,12 +2,18 @@
 
 Each is built at an exact initial probability p₀ of a chosen target action (``make_policy``):
 the logits at the reference observation are set to z_target = log p₀ and
-z_other = log((1 − p₀)/(K − 1)), so that softmax(z)_target = p₀ up to rounding.
+z_other = log((1 − p₀)/(K − 1)), so that softmax(z)_target = p₀ up to rounding; or, given a
+start vector π₀, to z = log π₀, so that softmax(z) = π₀.
+
+The escort policy (Mei et al., NeurIPS 2020) is the one parametrisation here that is not a softmax
+of free logits: π_a = |θ_a|^q / Σ_b |θ_b|^q. It is written as the softmax of z_a = q·log|θ_a|,
+so that every property, the tangent engine and the Fisher see it through its logits like the others.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +26,8 @@ ACTIVATIONS = {
     "elu": nn.ELU,
     "softplus": nn.Softplus,
 }
-POLICY_KINDS = ("single_logit", "tabular", "mlp")
+POLICY_KINDS = ("single_logit", "tabular", "mlp", "escort")
+ESCORT_Q = 2.0  # the escort exponent q of π_a ∝ |θ_a|^q (Mei et al.'s default)
 
 
 class SingleLogitPolicy(nn.Module):
@@ -63,6 +70,35 @@ class TabularSoftmaxPolicy(nn.Module):
         return self.logits[idx]
 
 
+class EscortPolicy(nn.Module):
+    """The escort transform: π(a|s) = |θ_{s,a}|^q / Σ_b |θ_{s,b}|^q, q > 0 (Mei et al., NeurIPS 2020).
+
+    Its logits are z_{s,a} = q·log|θ_{s,a}| (softmax(z) = π, in log space). With J_z = ∂z/∂θ =
+    diag(q/θ_s) per state, the gradient of π_a is ∇θ π_a = π_a·(q/θ)⊙(e_a − π), so its
+    Euclidean NTVar is π_a² (e_a − π)ᵀ Θ (e_a − π) with Θ = diag(q²/θ²); at q = 2, where
+    θ_b² = ‖θ‖²·π_b, that is 4 π_a (1 − π_a)/‖θ‖²: linear in π_a for a rare action, as the natural
+    gradient's p(1 − p), where softmax logits give p²(1 − p)². Its Fisher (one state) is
+    F = J_zᵀ (diag π − ππᵀ) J_z, F_ab = (q²/(θ_a θ_b))(π_a δ_ab − π_a π_b), singular along θ
+    (scaling θ leaves π unchanged). Indexing by state is the tabular policy's.
+    """
+
+    def __init__(self, n_states: int, n_actions: int, q: float = ESCORT_Q, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        if n_states < 1 or n_actions < 2:
+            raise ValueError(f"escort policy needs n_states >= 1 and n_actions >= 2, got {n_states}, {n_actions}")
+        if not (math.isfinite(q) and q > 0):
+            raise ValueError(f"escort exponent q must be a finite number > 0, got {q}")
+        self.n_states, self.n_actions, self.q = n_states, n_actions, float(q)
+        self.theta = nn.Parameter(torch.ones(n_states, n_actions, dtype=dtype))
+
+    def forward(self, obs: Tensor) -> Tensor:
+        n = obs.shape[0] if obs.ndim > 0 else 1
+        z = self.q * torch.log(torch.abs(self.theta))
+        if self.n_states == 1:
+            return z.expand(n, self.n_actions)
+        return z[obs.reshape(n, -1)[:, 0].long()]
+
+
 class MLPPolicy(nn.Module):
     """z = MLP(obs): ``depth`` hidden layers of ``width`` units with the chosen activation."""
 
@@ -97,10 +133,18 @@ class MLPPolicy(nn.Module):
         return self.net[-1]
 
 
-def initial_logits(p0: float, target: int, n_actions: int) -> Tensor:
-    """Logits (float64) whose softmax gives the target p₀ and splits 1 − p₀ evenly over the rest."""
+def initial_logits(p0: float, target: int, n_actions: int, start: Sequence[float] | None = None) -> Tensor:
+    """Logits (float64) whose softmax gives the target p₀ and splits 1 − p₀ evenly over the rest,
+    or, given ``start`` (K probabilities summing to 1, start[target] = p₀), z = log start."""
     if not 0.0 < p0 < 1.0:
         raise ValueError(f"p0 must be in (0, 1), got {p0}")
+    if start is not None:
+        pi = torch.as_tensor(list(start), dtype=torch.float64)
+        if pi.shape != (n_actions,) or not bool((pi > 0).all()) or abs(float(pi.sum()) - 1.0) > 1e-9:
+            raise ValueError(f"start must hold {n_actions} probabilities > 0 that sum to 1, got {list(start)}")
+        if abs(float(pi[target]) - p0) > 1e-12 * max(1.0, p0):
+            raise ValueError(f"start[{target}] = {float(pi[target])} differs from p0 = {p0}")
+        return torch.log(pi)
     z = torch.full((n_actions,), math.log((1.0 - p0) / (n_actions - 1)), dtype=torch.float64)
     z[target] = math.log(p0)
     return z
@@ -119,8 +163,11 @@ def make_policy(
     depth: int = 2,
     activation: str = "tanh",
     dtype: torch.dtype = torch.float64,
+    start: Sequence[float] | None = None,
+    escort_q: float = ESCORT_Q,
 ) -> nn.Module:
-    """Build a policy of ``kind`` whose π(target | reference_obs) = p₀.
+    """Build a policy of ``kind`` whose π(target | reference_obs) = p₀ (and π(·|reference_obs) =
+    ``start`` when a start vector is given; :func:`initial_logits`).
 
     For the MLP the output bias is shifted so that the logits at ``reference_obs`` equal
     :func:`initial_logits` (averaged over the rows of ``reference_obs`` when there are several,
@@ -131,7 +178,7 @@ def make_policy(
         raise ValueError(f"policy must be one of {', '.join(POLICY_KINDS)}, got {kind!r}")
     if not 0 <= target < n_actions:
         raise ValueError(f"target action must be in [0, {n_actions - 1}], got {target}")
-    z0 = initial_logits(p0, target, n_actions)
+    z0 = initial_logits(p0, target, n_actions, start)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if kind == "single_logit":
@@ -144,6 +191,12 @@ def make_policy(
             policy = TabularSoftmaxPolicy(n_states, n_actions, dtype=dtype)
             with torch.no_grad():
                 policy.logits.copy_(z0.expand(n_states, n_actions))
+        elif kind == "escort":
+            # |θ_a| = π_a^(1/q), so that Σ_a |θ_a|^q = 1 and ‖θ‖_q = 1 at the start
+            policy = EscortPolicy(n_states, n_actions, q=escort_q, dtype=dtype)
+            with torch.no_grad():
+                pi = torch.softmax(z0, dim=0)
+                policy.theta.copy_(torch.exp(torch.log(pi) / escort_q).expand(n_states, n_actions))
         else:
             policy = MLPPolicy(obs_dim, n_actions, width, depth, activation, dtype=dtype)
             with torch.no_grad():

@@ -30,6 +30,7 @@ from typing import Annotated, Any, Callable, Literal, Sequence
 # ``ntrl train <name>``: the config class of each experiment, imported when used.
 EXPERIMENTS = {
     "bandit": ("ntrl.experiments.bandit:BanditConfig", "REINFORCE on ntrl/TwoArmedBandit-v0"),
+    "kbandit": ("ntrl.experiments.kbandit:KBanditConfig", "REINFORCE on ntrl/KArmedBandit-v0 (the gravity well)"),
     "juice": ("ntrl.experiments.juice:JuiceConfig", "REINFORCE on ntrl/JuiceGridworld-v0"),
 }
 GYM_CONFIG = "ntrl.experiments.gym_env:GymConfig"
@@ -141,7 +142,7 @@ def flag_dataclass(cls: type, extra: Sequence[tuple[str, type, Any, str]] = ()) 
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         markers: list[Any] = [tyro.conf.arg(help=help_text, aliases=("-v",) if f.name == "verbose" else None)]
-        if typing.get_origin(kind) is list:
+        if typing.get_origin(kind) is list and not f.metadata.get("values"):
             markers.append(tyro.conf.UseAppendAction)
         spec = (field(default_factory=lambda d=default: list(d)) if isinstance(default, list)
                 else field(default=default))

@@ -73,11 +73,13 @@ WandbMode = Literal[WANDB_MODES]
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: bool = True,
-           default_factory: Any = dataclasses.MISSING) -> Any:
+           default_factory: Any = dataclasses.MISSING, values: bool = False) -> Any:
     """A config field with its help text (the one source of the CLI flag's help); ``flag=False``
-    keeps a field off the command line."""
+    keeps a field off the command line. A list field's flag is repeated once per value
+    (``--price-scales 2 --price-scales 1``), or with ``values=True`` takes them all at once
+    (``--rewards 1 0.9 0``: a vector, whose entries belong together)."""
     kw = {"default": default} if default_factory is dataclasses.MISSING else {"default_factory": default_factory}
-    return field(metadata={"help": help, "flag": flag}, **kw)
+    return field(metadata={"help": help, "flag": flag, "values": values}, **kw)
 
 
 @dataclass
@@ -85,7 +87,8 @@ class TrainConfig:
     """What every training run shares. Environment configs subclass it and add ``build()``."""
 
     env: str = option("base", "the environment", flag=False)
-    policy: PolicyKind = option("mlp", "policy kind: single_logit (p = σ(b)), tabular (softmax over K logits) or mlp")
+    policy: PolicyKind = option("mlp", "policy kind: single_logit (p = σ(b)), tabular (softmax over K logits), "
+                                             "mlp, or escort (π_a ∝ |θ_a|^q, Mei et al. 2020)")
     optimizer: OptimizerName = option("sgd", "sgd, adam, npg (natural policy gradient) or sign (sign descent)")
     mode: GradientMode = option("exact", "exact (analytic ∇J) or sampled (REINFORCE on a batch of episodes)")
     p0: float = option(0.01, "initial probability of the target action, in (0, 1)")

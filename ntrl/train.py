@@ -108,9 +108,13 @@ def split_seed(seed: int) -> tuple[int, np.random.Generator]:
 
 def run_summary(config: TrainConfig, run_dir: Path, sink: WandbSink, *, status: str, updates: int, p_start: float,
                 p_end: float, crossed: int | None, n_probe: int, episodes: int, episodes_cut: int,
-                return_first: float | None, return_last: float | None, price: dict[str, float]) -> dict[str, Any]:
+                return_first: float | None, return_last: float | None, price: dict[str, float],
+                p_min: float | None = None, p_min_at: int | None = None,
+                p_back_at: int | None = None) -> dict[str, Any]:
     """A run's summary.json (the single-run path's and a population member's): how it ended, P at
-    both ends and where it crossed ½, the episodes behind it, the mean return of its first and
+    both ends and where it crossed ½, the least P along the trajectory and the number of updates
+    after which it occurred (0: the start) and, where P fell below its start, the update at which it
+    was back at its start (``p_back_at``, None if it never was), the episodes behind it, the mean return of its first and
     last update, and the Price check of its records (``price``, see :func:`price_check`)."""
     return {
         "status": status,
@@ -118,6 +122,9 @@ def run_summary(config: TrainConfig, run_dir: Path, sink: WandbSink, *, status: 
         "p_start": p_start,
         "p_end": p_end,
         "crossed_half_at": crossed,
+        "p_min": p_start if p_min is None else p_min,
+        "p_min_at": 0 if p_min_at is None else p_min_at,
+        "p_back_at": p_back_at,
         "started_above_half": p_start >= 0.5,
         "n_probe": n_probe,
         "episodes": episodes,
@@ -161,6 +168,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
         exp.env.close()
         raise RunInterrupted(f"interrupted before the first update; {run_dir} holds the run's config only") from None
     steps_done, crossed, status = 0, None, "finished"
+    p_min, p_min_at, p_back_at = p_start, 0, None  # the least P so far, after how many updates; back at p_start
     episodes, episodes_cut = 0, 0
     return_first = return_last = None  # the mean episode return of an update (undiscounted when sampled)
     bar = None
@@ -208,6 +216,10 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
                     raise TrainingError(f"P became non-finite at update {t}")
                 if crossed is None and p >= 0.5 and p_start < 0.5:
                     crossed = t + 1
+                if p < p_min:
+                    p_min, p_min_at = p, t + 1
+                elif p_back_at is None and p_min < p_start <= p:
+                    p_back_at = t + 1
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(P=f"{p:.4g}", refresh=False)
@@ -229,7 +241,7 @@ def train(config: TrainConfig, progress: bool = True) -> RunResult:
             summary = run_summary(config, run_dir, sink, status=status, updates=steps_done, p_start=p_start,
                                   p_end=headline(analysis_engine.evaluate(P)), crossed=crossed, n_probe=n_probe,
                                   episodes=episodes, episodes_cut=episodes_cut, return_first=return_first,
-                                  return_last=return_last,
+                                  return_last=return_last, p_min=p_min, p_min_at=p_min_at, p_back_at=p_back_at,
                                   price=price_check(read_records(run_dir / RECORDS_FILE), "P"))
             write_json_atomic(run_dir / SUMMARY_FILE, summary)
             flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
@@ -330,6 +342,14 @@ def non_default_settings(config: TrainConfig, skip: Sequence[str] = ()) -> str:
     return ", ".join(items)
 
 
+def dip_text(summary: dict[str, Any]) -> str:
+    """The least P when it fell below its start (the gravity well), else nothing."""
+    p_min, p_start = summary.get("p_min"), summary["p_start"]
+    if p_min is None or not p_min < p_start or not summary.get("p_min_at"):
+        return ""
+    return f", after falling to its minimum {p_min:.4g} ({p_start / p_min:.3g}× below its start) at update {summary['p_min_at']}"
+
+
 def describe(result: RunResult, config: TrainConfig) -> str:
     """The one-paragraph summary the CLI prints at the end of a run."""
     s = result.summary
@@ -337,7 +357,7 @@ def describe(result: RunResult, config: TrainConfig) -> str:
     over = f", the mean over {s['n_probe']} probe states," if s.get("n_probe", 1) > 1 else ""
     text = (
         f"P = π({action}){over} went from {s['p_start']:.4g} to {s['p_end']:.4g} in {s['updates']} updates"
-        f"{crossing_text(s)} ({config.optimizer}, {config.mode} gradients, {config.policy} policy, lr {config.lr:g}). "
+        f"{dip_text(s) if s['p_end'] > s.get('p_min', s['p_end']) else ''}{crossing_text(s)} ({config.optimizer}, {config.mode} gradients, {config.policy} policy, lr {config.lr:g}). "
         f"{price_check_text(s['price_check_P'])} Records: {s['records']}."
     )
     if result.wandb_dir:

@@ -121,7 +121,7 @@ def test_booleans_are_flag_pairs(tmp_path, monkeypatch):
     (["train", "bandit", "--lr", "fast"], "ntrl: error: --lr: could not convert string to float: 'fast'"),
     (["train", "bandit", "--steps"], "ntrl: error: --steps: needs a value"),
     (["train", "bandit", "--env", "CartPole-v1"], "ntrl: error: --env: give a built-in experiment (bandit) or --env ID, not both"),
-    (["train", "cartpole"], "ntrl: error: unknown experiment 'cartpole'; choose bandit, juice or --env ID"),
+    (["train", "cartpole"], "ntrl: error: unknown experiment 'cartpole'; choose bandit, kbandit, juice or --env ID"),
     (["fly"], "ntrl: error: unknown command 'fly'; choose train or rarity (see ntrl --help)"),
     (["rarity", "--quick", "--full"], "ntrl: error: --full: give one of --quick, --full or --config, not --quick and --full"),
     (["rarity", "--study-dir", "x"], "ntrl: error: --study-dir: is for --analyse-only"),

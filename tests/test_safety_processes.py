@@ -146,7 +146,13 @@ def test_fault_injection_kills_at_seeded_random_points_then_resumes(tmp_path, re
         killed_at = time.time()
         proc.wait(timeout=30)
         assert wait_gone(proc.pid) == []
-        assert not {k for k, t in completed(out).items() if t > killed_at + 0.25}
+        ended_at = time.time()
+        time.sleep(0.5)
+        # nothing completes once the study's processes are gone, and they react within a second
+        # (on a loaded CI machine the parent may wait a few hundred ms for a core to handle
+        # SIGTERM; a population chunk whose members stop together completes them in that instant)
+        late = {k: t for k, t in completed(out).items() if t > min(ended_at, killed_at + 1.0)}
+        assert not late, (sig, killed_at, ended_at, late)
         if sig == signal.SIGTERM and proc.returncode == 143:  # (-15: killed before ntrl had started)
             err = proc.stderr.read().strip().splitlines()
             assert proc.returncode == 143 and len(err) == 1 and "re-run the same command to" in err[0], err

@@ -271,8 +271,8 @@ class GymConfig(TrainConfig):
         n_actions = int(raw_env.action_space.n)
         self.need(self.target < n_actions, "target", f"the env has actions 0..{n_actions - 1}, got {self.target}")
         discrete_obs = isinstance(raw_env.observation_space, gym.spaces.Discrete)
-        if self.policy == "tabular" and not discrete_obs:
-            raise ConfigError("--policy", f"tabular needs a Discrete observation space; {self.env} has "
+        if self.policy in ("tabular", "escort") and not discrete_obs:
+            raise ConfigError("--policy", f"{self.policy} needs a Discrete observation space; {self.env} has "
                                           f"{raw_env.observation_space}; use --policy mlp")
         if self.policy == "single_logit" and n_actions != 2:
             raise ConfigError("--policy", f"single_logit needs 2 actions; {self.env} has {n_actions}")

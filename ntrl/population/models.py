@@ -11,11 +11,12 @@ differentiates all members in one reverse-mode pass. A model gives, from Z:
     logp      log π(·|o) at the Fisher's states (the first ``n_states`` rows of ``obs``), (M, n_states, K)
     weights   the Fisher's state weights, (M, n_states)
 
-Two-armed bandit (``ntrl/TwoArmedBandit-v0``, one state, observation [1]):
+Two-armed and K-armed bandit (``ntrl/TwoArmedBandit-v0``, ``ntrl/KArmedBandit-v0``, one state,
+observation [1]):
 
     P = π_t = exp(log_softmax(z)_t)
     R = J(π) = r_ref + Σ_a π_a (r_a − r_ref),   r_ref = r of the most probable action
-    z_t = log π_t − log(1 − π_t)                (κ = ‖∇z_t‖²)
+    z_t = log π_t − log(1 − π_t)                (κ = ‖∇z_t‖²; log(1 − π_t) = logsumexp_{b≠t} log π_b)
     exact:   U = R
     sampled: U_s = (1/B) Σ_i (G_i − b_i) log π(a_i),   b_i = leave-one-out mean of G (or 0)
 
@@ -49,7 +50,7 @@ from torch import Tensor
 
 from ntrl.agents.reinforce import advantages, sample_actions
 from ntrl.engine.exact_model import FiniteHorizonVisitation
-from ntrl.engine.tangent import set_log_odds
+from ntrl.engine.tangent import log_odds, set_log_odds
 
 
 @dataclass
@@ -69,9 +70,9 @@ class SampledBatch:
 
 
 class BanditModel:
-    """The two-armed bandit for M members: rewards r (M, 2) indexed by action, target action t."""
+    """The two-armed or K-armed bandit for M members: rewards r (M, K) indexed by action, target
+    action t."""
 
-    n_actions = 2
     n_states = 1
     n_z = 1
     properties = ("P", "R")
@@ -82,11 +83,15 @@ class BanditModel:
         self.rewards = torch.as_tensor(self.rewards_np, device=device)
         self.noise_std = np.asarray(noise_std, dtype=np.float64)
         self.target = int(target)
+        self.n_actions = self.rewards_np.shape[1]
         self.obs = torch.ones(1, 1, dtype=torch.float64, device=device)
 
     @classmethod
     def from_configs(cls, configs: Sequence[Any], device: torch.device) -> "BanditModel":
-        rewards = np.array([[c.reward_dont, c.reward_do] for c in configs])
+        if configs[0].env == "kbandit":
+            rewards = np.array([c.validate().rewards for c in configs])
+        else:
+            rewards = np.array([[c.reward_dont, c.reward_do] for c in configs])
         return cls(rewards, np.array([c.noise_std for c in configs]), configs[0].target, device)
 
     def member_bytes(self) -> int:
@@ -106,7 +111,7 @@ class BanditModel:
         self.noise_std = self.noise_std[rows]
 
     def quantities(self, Z: Tensor) -> dict[str, Tensor]:
-        """U, P, R (M,), z (M, 1) and log π (M, 1, 2), from logits (M, 1, 2)."""
+        """U, P, R (M,), z (M, 1) and log π (M, 1, K), from logits (M, 1, K)."""
         logp = torch.log_softmax(Z[:, 0], dim=-1)
         probs = logp.exp()
         t = self.target
@@ -117,7 +122,7 @@ class BanditModel:
             "U": R,
             "P": logp[:, t].exp(),
             "R": R,
-            "z": (logp[:, t] - logp[:, 1 - t])[:, None],
+            "z": (logp[:, t] - logp[:, 1 - t])[:, None] if self.n_actions == 2 else log_odds(logp, t)[:, None],
             "logp": logp[:, None],
             "weights": torch.ones(Z.shape[0], 1, dtype=probs.dtype, device=probs.device),
         }
@@ -144,13 +149,13 @@ class BanditModel:
         adv = advantages(G.T, baseline, (actions == actions[:, :1]).all(axis=1)).T
         dev = self.rewards.device
         acts, adv = torch.as_tensor(actions, device=dev), torch.as_tensor(adv, device=dev)
-        C_episode = torch.zeros(M, batch_size, 1, 2, dtype=adv.dtype, device=dev)
+        C_episode = torch.zeros(M, batch_size, 1, self.n_actions, dtype=adv.dtype, device=dev)
         C_episode[:, :, 0].scatter_(2, acts[..., None], adv[..., None])
         return SampledBatch(C_episode, G.mean(axis=1), actions=acts, advantages=adv)
 
     @staticmethod
     def surrogate(logp: Tensor, batch: SampledBatch) -> Tensor:
-        """U_s = (1/B) Σ_i A_i log π(a_i) per member, from log π (M, 1, 2), episode by episode as
+        """U_s = (1/B) Σ_i A_i log π(a_i) per member, from log π (M, 1, K), episode by episode as
         the per-run surrogate sums it."""
         B = batch.actions.shape[1]
         return (batch.advantages.to(logp.dtype) * logp[:, 0].gather(1, batch.actions)).sum(dim=1) / B

@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -58,10 +58,12 @@ from ntrl.wandb_sink import WandbSink
 log = logging.getLogger(__name__)
 
 # Config fields in which members of one population may differ.
-MEMBER_FIELDS = ("p0", "lr", "seed", "steps", "stop_at_p", "stop_below_p", "reward_do", "reward_dont", "reward", "noise_std",
+MEMBER_FIELDS = ("p0", "lr", "seed", "steps", "stop_at_p", "stop_below_p", "reward_do", "reward_dont", "reward", "rewards",
+                 "start", "noise_std",
                  "npg_damping", "adam_beta1", "adam_beta2", "adam_eps", "track_every", "track_per_decade", "out",
                  "run_name", "force", "threads")
-SUPPORTED = {("bandit", "exact"), ("bandit", "sampled"), ("juice", "exact"), ("juice", "sampled")}
+SUPPORTED = {("bandit", "exact"), ("bandit", "sampled"), ("kbandit", "exact"), ("kbandit", "sampled"),
+             ("juice", "exact"), ("juice", "sampled")}
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -180,6 +182,9 @@ class MemberState:
     run_dir: Path
     p_start: float = math.nan
     crossed: int | None = None
+    p_min: float = math.inf  # the least P so far, after how many updates
+    p_min_at: int = 0
+    p_back_at: int | None = None  # the update at which P was back at its start after falling below it
     return_first: float | None = None  # the mean return of its first update and of its latest
     return_last: float | None = None
     episodes: int = 0
@@ -189,6 +194,7 @@ class MemberState:
     summary: dict[str, Any] | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # added to its summary
+    before_summary: Callable[[], None] | None = None  # called before its summary.json is written
 
 
 @dataclass
@@ -331,6 +337,7 @@ def train_population(
     max_memory: int | None = None,
     flush_seconds: float = 1.0,
     summary_extra: Sequence[dict[str, Any]] | None = None,
+    before_summary: Callable[[], None] | None = None,
 ) -> PopulationResult:
     """Train every config of ``configs`` as one population; write each member's run directory.
 
@@ -341,7 +348,8 @@ def train_population(
     available memory). Every check (configs, memory, the members' run directories) runs before
     anything is written. A member's summary.json is written when it stops, with the items of its
     entry of ``summary_extra`` added (the study adds its run spec); records are appended at most
-    ``flush_seconds`` apart."""
+    ``flush_seconds`` apart. ``before_summary`` is called before each summary.json is written (a
+    study's worker ends there if its parent has died, so that nothing completes after a kill)."""
     configs = [c.validate() for c in configs]
     check_compatible(configs)
     first = configs[0]
@@ -365,7 +373,8 @@ def train_population(
         run_dir = prepare_run_dir(c)
         write_json_atomic(run_dir / CONFIG_FILE, c.to_dict())
         (run_dir / RECORDS_FILE).touch()
-        members.append(MemberState(c, run_dir, extra=dict(summary_extra[i]) if summary_extra else {}))
+        members.append(MemberState(c, run_dir, extra=dict(summary_extra[i]) if summary_extra else {},
+                                   before_summary=before_summary))
     sink = population_sink(wandb_parent, first, wandb_name, wandb_config)
     bar = None
     if progress:
@@ -381,7 +390,7 @@ def train_population(
     try:
         q = pop.forward()
         for row, p in enumerate(_floats(q["P"])):
-            members[pop.alive[row]].p_start = p
+            members[pop.alive[row]].p_start = members[pop.alive[row]].p_min = p
         while pop.alive:
             tracking = [sch.tracks(t) for sch in pop.schedules]
             tracked = any(tracking)
@@ -474,6 +483,8 @@ def target_label(config: TrainConfig) -> str:
     """What P is the probability of, as the per-run path's experiment names it."""
     if config.env == "juice":
         return "approach | seen"
+    if config.env == "kbandit":
+        return f"arm {config.target}"
     return "do" if getattr(config, "target", 1) == 1 else "dont"
 
 
@@ -632,6 +643,10 @@ def stopping(st: MemberState, p: float, t: int) -> tuple[str, str | None, float,
         return "failed", f"P became non-finite at update {t}", p, t + 1
     if st.crossed is None and p >= 0.5 and st.p_start < 0.5:
         st.crossed = t + 1
+    if p < st.p_min:
+        st.p_min, st.p_min_at = p, t + 1
+    elif st.p_back_at is None and st.p_min < st.p_start <= p:
+        st.p_back_at = t + 1
     if st.config.stop_at_p is not None and p >= st.config.stop_at_p:
         return "stopped_at_p", None, p, t + 1
     if st.config.stop_below_p is not None and p <= st.config.stop_below_p:
@@ -650,11 +665,14 @@ def finish_member(st: MemberState, status: str, updates: int, p_end: float, sink
     st.summary = run_summary(st.config, st.run_dir, sink, status=status, updates=updates, p_start=st.p_start,
                              p_end=p_end, crossed=st.crossed, n_probe=1, episodes=st.episodes, episodes_cut=0,
                              return_first=st.return_first, return_last=st.return_last,
+                             p_min=st.p_min, p_min_at=st.p_min_at, p_back_at=st.p_back_at,
                              price=price_check(records, "P"))
     st.summary["population"] = True
     if st.error:
         st.summary["error"] = st.error
     st.summary.update(st.extra)
+    if st.before_summary is not None:
+        st.before_summary()
     write_json_atomic(st.run_dir / SUMMARY_FILE, st.summary)
     stride = max(1, -(-len(records) // curve_points))
     kept = records[::stride] + (records[-1:] if records and (len(records) - 1) % stride else [])

@@ -364,7 +364,8 @@ def analyse(runs: Sequence[RunData], batch_size: int | None = None) -> list[Cell
     grid's episodes per update (the waiting-time law of sampled cells)."""
     cells: dict[Cell, list[RunData]] = {}
     for r in runs:
-        cells.setdefault(r.spec.cell, []).append(r)
+        if r.spec.direction != "well":  # the gravity well's cells: ntrl.study.well
+            cells.setdefault(r.spec.cell, []).append(r)
     results = []
     for cell, cell_runs in cells.items():
         rewarded = [r for r in cell_runs if r.spec.direction == "rewarded"]

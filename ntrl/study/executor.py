@@ -66,16 +66,22 @@ def run_one(study_dict: dict[str, Any], spec_dict: dict[str, Any], runs_dir: str
 
 def run_chunk(study_dict: dict[str, Any], spec_dicts: list[dict[str, Any]], runs_dir: str, wandb_mode: str,
               verbose: bool = False, device: str = "cpu",
-              wandb_parent: str | None = None) -> list[tuple[dict[str, Any], dict[str, Any] | None, str | None]]:
+              wandb_parent: str | None = None,
+              parent_pid: int | None = None) -> list[tuple[dict[str, Any], dict[str, Any] | None, str | None]]:
     """Worker: one population chunk, the runs of one cell trained as one batched computation
     (:mod:`ntrl.population`). Returns (spec, summary, error) per member; a member that failed has summary None and its error. Each member's summary
     is written when it stops; a worker whose parent died is ended by its watchdog
-    (:func:`ntrl.study.lock.worker_init`)."""
+    (:func:`ntrl.study.lock.worker_init`) and, as :func:`run_one`'s, writes no summary more."""
     import hashlib
 
     import torch
 
     from ntrl.population import train_population
+    from ntrl.study.lock import parent_alive
+
+    def before_summary() -> None:
+        if parent_pid is not None and not parent_alive(parent_pid):
+            os._exit(1)
 
     torch.set_num_threads(1)
     if verbose:
@@ -93,7 +99,7 @@ def run_chunk(study_dict: dict[str, Any], spec_dicts: list[dict[str, Any]], runs
                               wandb_config={"study": study.name, "env": cell[0], "policy": cell[1], "optimizer": cell[2],
                                             "mode": cell[3], "members": len(specs),
                                             "runs": [s.run_id for s in specs]},
-                              summary_extra=[{"spec": d} for d in spec_dicts])
+                              summary_extra=[{"spec": d} for d in spec_dicts], before_summary=before_summary)
     errors = {i: e for i, _, e in result.failures}
     return [(d, None, errors[i]) if i in errors else (d, res.summary, None)
             for i, (d, res) in enumerate(zip(spec_dicts, result.results))]
@@ -390,7 +396,7 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
                     with signals_held():
                         if kind == "population":
                             fut = pool.submit(run_chunk, study_dict, [asdict(s) for s in unit], str(runs_dir),
-                                              wandb_mode, verbose, device, wandb_parent)
+                                              wandb_mode, verbose, device, wandb_parent, os.getpid())
                         else:
                             fut = pool.submit(run_one, study_dict, asdict(unit[0]), str(runs_dir), wandb_mode,
                                               os.getpid(), verbose)

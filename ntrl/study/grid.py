@@ -8,6 +8,12 @@ Each run is one (environment, policy, optimizer, gradient mode, p₀, direction,
   fallen ``extinction_decades`` decades (or ``extinction_steps`` updates have passed), tracked
   log-spaced (``extinction_per_decade`` records per decade of t), and record how P fades.
 
+and, when ``well_p0s`` is not empty, the gravity-well runs (direction *well*, SCIENCE.md §3): the
+three-armed bandit (``ntrl/KArmedBandit-v0``, rewards (1, 0.9, 0)) from π₀ = (p₀, 0.95 − p₀, 0.05),
+trained with exact gradients until the rare best arm reaches ½, for vanilla PG, NPG, sign descent
+and Adam on softmax logits (``tabular``) and for vanilla PG on the escort policy (``escort``),
+one deterministic run per p₀, tracked log-spaced. Their analysis is :mod:`ntrl.study.well`.
+
 Adam runs are repeated for every combination of the grid's ``adam_beta1``, ``adam_beta2`` and
 ``adam_eps``; each combination other than torch's defaults is a cell of its own, labelled
 ``adam(b2=0.99)`` and so on.
@@ -50,6 +56,12 @@ DEFAULT_LRS: dict[str, dict[str, dict[str, float]]] = {
         "mlp": {"sgd": 0.05, "npg": 0.005, "sign": 5e-4, "adam": 1e-3},
     },
 }
+# The gravity-well cells' learning rates (kbandit → policy → optimizer): escort's q = 2 NTVar is
+# 4p(1 − p) at ‖θ‖ = 1, its η = 0.2 escapes from p₀ = 0.01 in about 60 updates.
+DEFAULT_LRS["kbandit"] = {"tabular": {"sgd": 2.0, "npg": 0.1, "sign": 0.1, "adam": 0.1}, "escort": {"sgd": 0.2}}
+WELL_POLICIES = {"tabular": ("sgd", "npg", "sign", "adam"), "escort": ("sgd",)}  # the cells of the well
+QUICK_WELL_P0S = (0.1, 0.03, 0.01)
+FULL_WELL_P0S = (0.1, 0.03, 0.01, 0.003, 0.001)  # vanilla PG's escape from 0.001 takes ~360,000 updates
 QUICK_P0S = (5e-2, 5e-3, 5e-4, 5e-5, 5e-6)  # five p₀ over four decades, all in the small-p₀ regime (≤ 0.05)
 SAMPLED_P0S = (5e-2, 1.6e-2, 5e-3, 1.6e-3, 5e-4)  # five p₀ over two decades, for sampled cells
 # Policies each environment supports (a single logit needs exactly two actions).
@@ -93,18 +105,22 @@ class StudyConfig:
     # the η-probe at every tracked update: the step replayed at η·s (scales ≤ 1 give the error's
     # slope against η; larger ones how far beyond η the update would stay first-order)
     price_scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5, 0.25, 0.125])
+    # the gravity well (empty: none): p₀ of the rare best arm, and the updates a run may take to reach ½
+    well_p0s: list[float] = field(default_factory=list)
+    well_steps: int = 500_000
 
     @classmethod
     def quick(cls) -> "StudyConfig":
         """Bandit, exact gradients, five p₀ over four decades, 5 seeds, extinction over four decades."""
-        return cls(name="rarity-quick", p0s=list(QUICK_P0S), seeds=5, extinction_steps=100_000, track_every=10)
+        return cls(name="rarity-quick", p0s=list(QUICK_P0S), seeds=5, extinction_steps=100_000, track_every=10,
+                   well_p0s=list(QUICK_WELL_P0S))
 
     @classmethod
     def full(cls) -> "StudyConfig":
         """The complete grid of the issue: every policy, optimizer and gradient mode, 4 decades."""
         return cls(name="rarity-full", envs=["bandit", "juice"], policies=["single_logit", "tabular", "mlp"],
                    modes=["exact", "sampled"], p0s=list(QUICK_P0S), sampled_p0s=list(SAMPLED_P0S), seeds=5,
-                   adam_beta2=[0.99, 0.999], extinction_steps=50_000)
+                   adam_beta2=[0.99, 0.999], extinction_steps=50_000, well_p0s=list(FULL_WELL_P0S))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "StudyConfig":
@@ -200,8 +216,18 @@ class StudyConfig:
                 lr = self.lrs.get(env, {}).get(pol, {}).get(opt)
                 need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "lrs",
                      f"needs a finite learning rate > 0 for {env}/{pol}/{opt}, got {lr!r}")
-        unknown = sorted(set(self.lrs) - set(ENVS))
-        need(not unknown, "lrs", f"names unknown environment(s) {', '.join(unknown)}; known: {', '.join(ENVS)}")
+        unknown = sorted(set(self.lrs) - set(ENVS) - {"kbandit"})
+        need(not unknown, "lrs", f"names unknown environment(s) {', '.join(unknown)}; known: {', '.join(ENVS)}, kbandit")
+        need(isinstance(self.well_p0s, list) and all(isinstance(p, (int, float)) and 0 < p < 0.5 for p in self.well_p0s),
+             "well_p0s", f"every p0 must be in (0, 0.5), got {self.well_p0s}")
+        need(isinstance(self.well_steps, int) and self.well_steps >= 1, "well_steps",
+             f"must be an integer >= 1, got {self.well_steps!r}")
+        if self.well_p0s:
+            for pol, opts in WELL_POLICIES.items():
+                for opt in opts:
+                    lr = self.lrs.get("kbandit", {}).get(pol, {}).get(opt)
+                    need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "lrs",
+                         f"needs a finite learning rate > 0 for kbandit/{pol}/{opt} (the gravity well), got {lr!r}")
         need(all(0 < s <= 64 for s in self.price_scales) and sum(s <= 1 for s in self.price_scales) >= 2,
              "price_scales", f"needs step-size scales in (0, 64], at least two of them <= 1, got {self.price_scales}")
         if not self.cells_env_policy():
@@ -327,11 +353,25 @@ def enumerate_runs(study: StudyConfig) -> list[RunSpec]:
                             n_seeds = study.seeds if seed_matters(policy, mode) else 1
                             for seed in range(study.seed, study.seed + n_seeds):
                                 specs.append(RunSpec(env, policy, opt, mode, float(p0), direction, seed, **variant))
+    for policy, opts in WELL_POLICIES.items():  # deterministic: one run per p₀
+        for opt in opts:
+            for p0 in study.well_p0s:
+                specs.append(RunSpec("kbandit", policy, opt, "exact", float(p0), "well", study.seed))
     return specs
 
 
 def train_config_for(study: StudyConfig, spec: RunSpec, runs_dir: Path, wandb_mode: str) -> TrainConfig:
     """The TrainConfig of one run: rewards and stopping rule follow its direction."""
+    if spec.direction == "well":
+        from ntrl.envs.kbandit import gravity_well_start
+        from ntrl.experiments.kbandit import KBanditConfig
+
+        return KBanditConfig(
+            policy=spec.policy, optimizer=spec.optimizer, mode="exact", start=list(gravity_well_start(spec.p0)),
+            lr=float(study.lrs["kbandit"][spec.policy][spec.optimizer]), steps=study.well_steps, stop_at_p=0.5,
+            seed=spec.seed, track_per_decade=study.extinction_per_decade, price_scales=list(study.price_scales),
+            out=str(runs_dir), run_name=spec.run_id, group=study.name, wandb=wandb_mode, force=True,
+        ).validate()
     rewarded = spec.direction == "rewarded"
     common = dict(
         policy=spec.policy, optimizer=spec.optimizer, mode=spec.mode, p0=spec.p0,

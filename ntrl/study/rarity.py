@@ -58,12 +58,18 @@ def analyse_and_report(out: Path, wandb_mode: str = "offline") -> dict:
     """Analyse the runs in ``out``, write the report, log the W&B summary run."""
     from ntrl.study.analysis import analyse, load_study
     from ntrl.study.report import VERDICT_COLUMNS, log_summary_run, text_table, verdict_rows, write_report
+    from ntrl.study.well import analyse_well
 
     study, runs = load_study(out)
     cells = analyse(runs, study.batch_size)
     paths = write_report(out, study, runs, cells)
     short = [r[:8] for r in verdict_rows(cells)]
     paths["table"] = text_table(VERDICT_COLUMNS[:8], short)
+    well_cells = analyse_well(runs)
+    if well_cells:
+        paths["table"] += "\n\nThe softmax gravity well (three-armed bandit, rewards (1, 0.9, 0), start (p₀, 0.95 − p₀, 0.05)):\n"
+        paths["table"] += text_table(["policy", "optimizer", "verdict", "evidence"],
+                                     [[c.policy, c.optimizer, c.verdict, c.reason] for c in well_cells])
     paths["wandb"] = log_summary_run(out, study, runs, cells, mode=wandb_mode)
     paths["cells"] = cells
     return paths

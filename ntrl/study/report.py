@@ -19,6 +19,7 @@ from ntrl.study.analysis import (
 )
 from ntrl.study.extinction import ADAM_LATE_MEMORIES, FLOOR_FRACTION, WINDOW_DECADES, curve
 from ntrl.study.price import probe_points, standardized
+from ntrl.study.well import WELL_COLUMNS, WELL_FACTOR, analyse_well, plot_well, well_rows
 from ntrl.tracker import FIRST_ORDER_TOLERANCE
 
 OPT_COLORS = {"sgd": "#1f77b4", "npg": "#d62728", "sign": "#2ca02c", "adam": "#9467bd"}
@@ -47,6 +48,8 @@ def _groups(runs: Sequence[RunData]) -> dict[tuple[str, str], dict[str, dict[str
     out: dict = {}
     for r in runs:
         s = r.spec
+        if s.direction == "well":  # the gravity well has its own section (ntrl.study.well)
+            continue
         out.setdefault((s.env, s.mode), {}).setdefault(s.policy, {}).setdefault(s.optimizer_label, []).append(r)
     return out
 
@@ -244,20 +247,32 @@ def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path) 
                           lambda p: policy_panels(p, f"Spread of ΔP − E[ΔP] per decade of P ({env}, {mode}): realised "
                                                      "against the minibatch and the isotropic noise model", by_policy,
                                                   draw_noise, "P", "spread of ΔP", "xy")))
-        from ntrl.run_dirs import record_written_files, refuse_foreign_targets
+        plots += draw_items(out, items)
+    well_cells = analyse_well(runs)
+    if well_cells:
+        plots += draw_items(out, [(WELL_TITLE, out / "gravity_well.png", lambda p: plot_well(p, runs, well_cells))])
+    return plots
 
-        refuse_foreign_targets(out, [path.name for _, path, _ in items])
-        record_written_files(out, [path for _, path, _ in items])  # recorded before written (see write_report)
-        for caption, path, draw in items:
-            try:
-                draw(path)
-            except ValueError as e:  # e.g. nothing positive to put on a log axis in a degenerate grid
-                import matplotlib.pyplot as plt
 
-                plt.close("all")
-                print(f"ntrl: warning: the plot {path.name} was left out: {e}", file=sys.stderr)
-                continue
-            plots.append((caption, path))
+def draw_items(out: Path, items: Sequence[tuple[str, Path, Any]]) -> list[tuple[str, Path]]:
+    """Draw each (caption, path, draw) item into ``out``, each path refused if ntrl did not write it
+    and recorded before it is written (see write_report); a plot that cannot be drawn is left out
+    with a warning. Returns the (caption, path) pairs drawn."""
+    from ntrl.run_dirs import record_written_files, refuse_foreign_targets
+
+    refuse_foreign_targets(out, [path.name for _, path, _ in items])
+    record_written_files(out, [path for _, path, _ in items])
+    plots = []
+    for caption, path, draw in items:
+        try:
+            draw(path)
+        except ValueError as e:  # e.g. nothing positive to put on a log axis in a degenerate grid
+            import matplotlib.pyplot as plt
+
+            plt.close("all")
+            print(f"ntrl: warning: the plot {path.name} was left out: {e}", file=sys.stderr)
+            continue
+        plots.append((caption, path))
     return plots
 
 
@@ -352,6 +367,13 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
+WELL_EXPLANATION = f"""How to read the gravity well: each cell trains the three-armed bandit with rewards (1, 0.9, 0)
+from π₀ = (p₀, 0.95 − p₀, 0.05) with exact gradients until the rare best arm reaches ½. A cell is
+a "gravity well" when, at its smallest p₀, P fell to p₀/{WELL_FACTOR:g} or lower before it escaped
+(Mei et al., NeurIPS 2020: vanilla PG on softmax logits, d log P/dt = P(1 − J) − Σ_b π_b²(r_b − J) < 0
+while P is small); "no well" otherwise. NPG and the escort policy (π_a ∝ θ_a², vanilla PG on θ) are
+predicted never to fall."""
+
 EXPLANATION = f"""\
 **How to read the verdicts.** Each piece of evidence votes for one law, for neither, or is
 inconclusive. The *drift exponent* (E[ΔP]/η against p) votes p² when its 95 % interval lies within
@@ -400,7 +422,8 @@ are a test: for sign descent, Adam (which steps along m̂) and NPG the metric de
 """
 
 
-REPORT_FILES = ("verdicts.csv", "runs.csv", "report.md", "report.html")
+REPORT_FILES = ("verdicts.csv", "runs.csv", "well.csv", "report.md", "report.html")
+WELL_TITLE = "The softmax gravity well (three-armed bandit)"
 
 
 def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequence[CellResult]) -> dict[str, Path]:
@@ -423,7 +446,10 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
     sections = [("Extinction", EXTINCTION_COLUMNS, extinction_rows(cells)),
                 ("Price check across training", PRICE_COLUMNS, price_rows(cells)),
                 ("Gradient noise (sampled cells)", NOISE_TABLE_COLUMNS, noise_rows_table(cells))]
+    well_cells = analyse_well(runs)
+    sections.append((WELL_TITLE, WELL_COLUMNS, well_rows(well_cells)))
     sections = [(title, cols, rs) for title, cols, rs in sections if rs]
+    write_csv(study_dir / "well.csv", [c.row() for c in well_cells])
     md = [f"# Rarity study `{study.name}`", "",
           f"{len(runs)} runs; p₀ ∈ {study.p0s}; seeds {study.seeds}; extinction from P = {study.extinction_p0}.", "",
           "## Verdicts", "", md_table(VERDICT_COLUMNS, rows), "", EXPLANATION, "",
@@ -432,7 +458,12 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
         md += [f"## {title}", "", md_table(cols, rs), ""]
     for caption, path in plots:
         md += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
+    if well_cells:
+        md += [f"## {WELL_TITLE}: verdicts", "", md_table(["policy", "optimizer", "verdict", "evidence"],
+                                                          [[c.policy, c.optimizer, c.verdict, c.reason] for c in well_cells]),
+               "", WELL_EXPLANATION, ""]
     md += ["## Files", "", "- `verdicts.csv`: every fitted number per cell, with interval bounds",
+           "- `well.csv`: the gravity well's numbers per cell and p₀",
            "- `runs.csv`: one line per run", "- `runs/<run>/records.jsonl`: every tracked update", ""]
     (study_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
 
@@ -447,6 +478,11 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
     )
     explanation = "".join(f"<p>{html.escape(' '.join(par.split()))}</p>"
                           for par in EXPLANATION.replace("**", "").split("\n\n") if par.strip())
+    well_html = "" if not well_cells else (
+        f"<h2>{html.escape(WELL_TITLE)}: verdicts</h2>"
+        + h_table(["policy", "optimizer", "verdict", "evidence"], [[c.policy, c.optimizer, c.verdict, c.reason]
+                                                                   for c in well_cells])
+        + f"<p>{html.escape(' '.join(WELL_EXPLANATION.split()))}</p>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ntrl rarity study {html.escape(study.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#eee}}img{{max-width:100%}}
@@ -456,7 +492,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#ee
 <h2>Verdicts</h2>{h_table(VERDICT_COLUMNS, rows, "verdicts")}{explanation}
 <h2>Evidence behind each verdict</h2>{h_table(["cell", "verdict", "evidence"], reasons)}
 {"".join(f"<h2>{html.escape(title)}</h2>{h_table(cols, rs)}" for title, cols, rs in sections)}
-{imgs}</body></html>"""
+{well_html}{imgs}</body></html>"""
     (study_dir / "report.html").write_text(page, encoding="utf-8")
     return {"md": study_dir / "report.md", "html": study_dir / "report.html", "csv": study_dir / "verdicts.csv",
             **{p.stem: p for _, p in plots}}
@@ -507,6 +543,12 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
                 t = wandb.Table(columns=["predicted", "realised", "optimizer"], data=pts)
                 data[f"price_check/{env}_{gmode}_{pol}"] = wandb.plot.scatter(
                     t, "realised", "predicted", title=f"predicted vs realised ΔP, {env} {gmode} {pol}")
+    well_cells = analyse_well(runs)
+    if well_cells:
+        data["gravity_well"] = wandb.Table(columns=WELL_COLUMNS, data=well_rows(well_cells))
+        data["gravity_well/min_p"] = wandb.plot.line_series(
+            xs=[[w.p0 for w in c.runs] for c in well_cells], ys=[[w.p_min for w in c.runs] for c in well_cells],
+            keys=[c.label for c in well_cells], title="Gravity well: least P against p0", xname="p0")
     for png in sorted(study_dir.glob("*.png")):
         data[f"plots/{png.stem}"] = wandb.Image(str(png))
     directory = sink.directory
@@ -514,6 +556,8 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
         run.log(data)
         for c in cells:
             run.summary[f"verdict/{'/'.join(c.cell)}"] = c.verdict
+        for c in well_cells:
+            run.summary[f"gravity_well/{c.policy}/{c.optimizer}"] = c.verdict
     except Exception as e:
         sink.lost("logging the summary run", e)
         return None
