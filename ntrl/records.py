@@ -120,3 +120,81 @@ def scalar_items(record: dict[str, Any]) -> Iterable[tuple[str, float]]:
             yield k, v
         elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
             yield k, sum(v) / len(v)
+
+
+def _run_dirs(path: Path) -> list[Path]:
+    """The run directories at ``path``: itself (a run), or ``path/runs/*`` (a study), or
+    ``path/*`` (a parent of runs), those holding a records file."""
+    if (path / RECORDS_FILE).is_file():
+        return [path]
+    for parent in (path / "runs", path):
+        found = sorted(p for p in parent.glob("*") if (p / RECORDS_FILE).is_file())
+        if found:
+            return found
+    return []
+
+
+def _run_columns(run_dir: Path) -> dict[str, Any]:
+    """The axes of a run, from its config.json and (a study's run) its summary's spec."""
+    cols: dict[str, Any] = {"run": run_dir.name}
+    try:
+        config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    for key in ("env", "policy", "optimizer", "mode", "p0", "seed"):
+        if key in config:
+            cols[key] = config[key]
+    try:
+        spec = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8")).get("spec") or {}
+    except (OSError, ValueError):
+        spec = {}
+    if "direction" in spec:
+        cols["direction"] = spec["direction"]
+    return cols
+
+
+def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record in long form: a row per property X (the prefix of its ``X/field`` keys) and entry
+    i of X (a batched property's probe state; 0 for a scalar), with X's fields of entry i as
+    columns, beside the record's own scalars (update, lr, U, kappa, return, ...). Lists of another
+    length than X's value (the η-probe's one entry per scale, a κ per probe observation) are left
+    out; :func:`read_records` keeps them."""
+    common = {k: v for k, v in record.items() if "/" not in k and not isinstance(v, (list, dict))}
+    groups: dict[str, dict[str, Any]] = {}
+    for k, v in record.items():
+        if "/" in k:
+            name, field = k.split("/", 1)
+            groups.setdefault(name, {})[field] = v
+    rows = []
+    for name, fields in groups.items():
+        value = fields.get("value")
+        n = len(value) if isinstance(value, list) else 1
+        for i in range(n):
+            row = dict(common, property=name, entry=i)
+            for field, v in fields.items():
+                if isinstance(v, list):
+                    if len(v) == n and isinstance(value, list):
+                        row[field] = v[i]
+                elif not isinstance(v, dict):
+                    row[field] = v
+            rows.append(row)
+    return rows
+
+
+def to_dataframe(path: str | os.PathLike):
+    """The records of a run directory, or of every run of a study directory (or of a parent of run
+    directories), as a long-format pandas DataFrame: one row per record × property × probe entry
+    (:func:`record_rows`), with the run's name and axes (env, policy, optimizer, mode, p0, seed,
+    and a study run's direction) as columns."""
+    import pandas as pd
+
+    path = Path(path)
+    runs = _run_dirs(path)
+    if not runs:
+        raise FileNotFoundError(f"{path} holds no run: no {RECORDS_FILE} in it, in {path}/runs/*, or in {path}/*")
+    rows = []
+    for run_dir in runs:
+        cols = _run_columns(run_dir)
+        for record in read_records(run_dir):
+            rows.extend(dict(cols, **row) for row in record_rows(record))
+    return pd.DataFrame(rows)

@@ -45,10 +45,69 @@ class RunInterrupted(KeyboardInterrupt):
 
 @dataclass
 class RunResult:
+    """What :func:`train` returns: the run directory, its summary, its W&B directory, and (read
+    from the run directory when asked) its records, as dicts or as a pandas DataFrame."""
+
     run_dir: Path
     summary: dict[str, Any]
     wandb_dir: str | None
     target_label: str = "target"
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every record of the run, in order (read from records.jsonl)."""
+        return read_records(self.run_dir)
+
+    def dataframe(self):
+        """The records in long form (:func:`ntrl.records.to_dataframe`)."""
+        from ntrl.records import to_dataframe
+
+        return to_dataframe(self.run_dir)
+
+
+def use_policy(exp: Any, policy: Any, config: TrainConfig) -> None:
+    """Train the user's own torch module instead of the policy the config builds (``train(config,
+    policy=module)``). The module must map a batch of the observations the built policy takes
+    (shape (N, ...), as the env's observations reach it) to logits of shape (N, K), K the env's
+    actions, from floating-point parameters, some of which require grad. Its own initialisation
+    decides P at the start (``p0`` is the built policy's). The optimizer is rebuilt over its
+    parameters; the engine answers through its torch.func reference (or the structured backend,
+    for an ``nn.Sequential`` of Linear and elementwise layers)."""
+    from torch import nn
+
+    from ntrl.agents.optimizers import make_optimizer
+    from ntrl.engine.tangent import PolicyView
+
+    if not isinstance(policy, nn.Module):
+        raise TypeError(f"policy must be a torch.nn.Module that returns logits, got {type(policy).__name__}")
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if not params or not all(p.is_floating_point() for p in params):
+        raise ValueError("policy needs floating-point parameters that require grad (the tangent engine "
+                         "differentiates with respect to them)")
+    seen: dict[str, Any] = {}
+    hook = exp.policy.register_forward_pre_hook(lambda m, args: seen.setdefault("obs", args[0]))
+    try:  # the observations the built policy is asked about, and its logits there
+        exp.properties[0](PolicyView(exp.policy, dict(exp.policy.named_parameters())))
+    finally:
+        hook.remove()
+    obs = seen["obs"]
+    with torch.no_grad():
+        want = exp.policy(obs)
+        try:
+            got = policy(obs)
+        except Exception as e:
+            hint = (f" (make the module {obs.dtype} with .to({obs.dtype}), or cast obs to its dtype in forward)"
+                    if "dtype" in str(e) else "")
+            raise ValueError(f"policy(obs) failed on the env's observations, a {obs.dtype} tensor of shape "
+                             f"{tuple(obs.shape)}: {type(e).__name__}: {e}{hint}") from None
+    if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape) or not got.is_floating_point():
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        raise ValueError(f"policy(obs) must return floating-point logits of shape {tuple(want.shape)} (N observations "
+                         f"× {want.shape[-1]} actions) for obs of shape {tuple(obs.shape)}; got {shape}")
+    if not torch.isfinite(got).all():
+        raise ValueError("policy(obs) returned non-finite logits at the start")
+    exp.policy = policy
+    exp.optimizer = make_optimizer(config.optimizer, policy, config.lr, **config.optimizer_kwargs())
 
 
 def prepare_run_dir(config: TrainConfig) -> Path:
@@ -139,11 +198,18 @@ def run_summary(config: TrainConfig, run_dir: Path, sink: WandbSink, *, status: 
     }
 
 
-def train(config: TrainConfig, progress: bool = True) -> RunResult:
-    """Run REINFORCE with Price tracking; write records, config and summary to the run dir."""
+def train(config: TrainConfig, progress: bool = True, policy: Any = None) -> RunResult:
+    """Run REINFORCE with Price tracking; write records, config and summary to the run dir.
+    ``policy``: the user's own torch module, trained instead of the config's (:func:`use_policy`)."""
     config.validate()
     torch.set_num_threads(config.threads)  # tiny networks: extra threads only add contention
     exp = config.build()  # bad input fails here, before anything is written
+    if policy is not None:
+        try:
+            use_policy(exp, policy, config)
+        except BaseException:
+            exp.env.close()
+            raise
     try:
         run_dir = prepare_run_dir(config)
     except BaseException:

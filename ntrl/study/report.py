@@ -102,7 +102,8 @@ def policy_panels(path: Path, title: str, by_policy, draw, xlabel: str, ylabel: 
         ax = axes[0][i]
         draw(ax, pol, by_policy[pol])
         ax.set_xscale("log" if "x" in log else "linear")
-        ax.set_yscale("log" if "y" in log else "linear")
+        if "y" in log:
+            ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(pol)
@@ -125,6 +126,36 @@ def draw_price_check(ax, pol, by_opt) -> None:
             lo, hi = min(lo, np.abs(real[ok]).min()), max(hi, np.abs(real[ok]).max())
     if np.isfinite(lo):
         ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="predicted = realised")
+
+
+RESIDUAL_POINTS = 4000  # per optimizer and policy panel; beyond that, a uniform random subsample (seed 0)
+
+
+def subsample(n: int, k: int = RESIDUAL_POINTS) -> np.ndarray:
+    """Indices of at most ``k`` of ``n`` points: all of them, or a uniform random sample (seed 0,
+    so that the plot is the same on every re-analysis), sorted."""
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, size=k, replace=False))
+
+
+def draw_price_residual(ax, pol, by_opt) -> None:
+    """The Price check's relative residual (realised − predicted)/|predicted| against P before the
+    update, on a symmetric log axis: 0 is a perfect prediction, ±0.5 the first-order bound, and the
+    points an R² hides (a few updates far outside) stand apart."""
+    for opt, rs in sorted(by_opt.items()):
+        recs = [rec for r in rs for rec in r.records if "P/real_delta" in rec and rec.get("P/pred_delta")]
+        if not recs:
+            continue
+        x = np.array([rec["P/value"] for rec in recs], dtype=float)
+        y = np.array([(rec["P/real_delta"] - rec["P/pred_delta"]) / abs(rec["P/pred_delta"]) for rec in recs])
+        keep = subsample(len(x))
+        ax.plot(x[keep], y[keep], ".", ms=2.5, alpha=0.5, color=color_of(opt, list(by_opt)),
+                label=f"{opt} ({len(keep)} of {len(x)})" if len(keep) < len(x) else opt)
+    ax.axhline(0.0, color="k", lw=0.8)
+    for bound in (FIRST_ORDER_TOLERANCE, -FIRST_ORDER_TOLERANCE):
+        ax.axhline(bound, color="#888", lw=0.8, ls="--")
+    ax.set_yscale("symlog", linthresh=1e-3)
 
 
 def draw_escape(cells: dict, env: str, mode: str):
@@ -227,6 +258,11 @@ def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path) 
             (f"Price check ({env}, {mode})", out / f"price_check_{tag}.png",
              lambda p: policy_panels(p, f"Price check: predicted vs realised ΔP ({env}, {mode})", by_policy,
                                      draw_price_check, "|realised ΔP|", "|predicted ΔP| = η·|NTCov_M(P, U)|", "xy")),
+            (f"Price check residuals ({env}, {mode})", out / f"price_residual_{tag}.png",
+             lambda p: policy_panels(p, f"Price check: relative residual (realised − predicted)/|predicted| of ΔP "
+                                        f"({env}, {mode}); dashed: the first-order bound ±{FIRST_ORDER_TOLERANCE:g}",
+                                     by_policy, draw_price_residual, "P before the update",
+                                     "(realised − predicted)/|predicted|", "x")),
             (f"Escape times ({env}, {mode})", out / f"escape_{tag}.png",
              lambda p: policy_panels(p, f"Escape time T(p₀) to P = ½ ({env}, {mode})", by_policy,
                                      draw_escape(by_cell, env, mode), "p₀", "updates to reach P = ½", "xy")),
@@ -426,6 +462,58 @@ REPORT_FILES = ("verdicts.csv", "runs.csv", "well.csv", "report.md", "report.htm
 WELL_TITLE = "The softmax gravity well (three-armed bandit)"
 
 
+# The report's style: tables and figures scroll inside their own box on a narrow screen, so the
+# page itself never scrolls sideways; on a phone a figure keeps 900 px, so its text stays readable.
+REPORT_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1400px;margin:1.5em auto;padding:0 1em;line-height:1.45;
+     overflow-wrap:anywhere}
+.scroll,.figure{overflow-x:auto;max-width:100%;-webkit-overflow-scrolling:touch}
+table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top;overflow-wrap:normal}
+th{background:#eee;white-space:nowrap}
+.figure img{max-width:100%;height:auto;display:block}
+@media (max-width:700px){.figure img{max-width:none;width:900px}table{font-size:12px}}
+table.verdicts td{white-space:nowrap}table.evidence td:last-child{min-width:24em}
+td.verdict{font-weight:bold;white-space:nowrap}
+td.v-p2{background:#ffe3c2}td.v-p1{background:#d6e9ff}td.v-neither{background:#f6cfcf}
+td.v-inconclusive{background:#eeeeee}td.v-well{background:#ffe3c2}td.v-nowell{background:#d6e9ff}
+"""
+
+
+def verdict_class(verdict: str) -> str:
+    """The CSS class that colours a verdict cell."""
+    v = verdict.lower()
+    if "gravity well" in v:
+        return "v-well"
+    if "no well" in v:
+        return "v-nowell"
+    if "p(1 − p)" in v:
+        return "v-p1"
+    if "p²" in v:
+        return "v-p2"
+    return "v-inconclusive" if "inconclusive" in v else "v-neither"
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "", verdict_col: int | None = None) -> str:
+    """An HTML table in its own horizontally scrolling box; the ``verdict_col`` cells coloured by verdict."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+
+    def cell(i: int, x: Any) -> str:
+        if i == verdict_col:
+            return f"<td class='verdict {verdict_class(str(x))}'>{html.escape(str(x))}</td>"
+        return f"<td>{html.escape(str(x))}</td>"
+
+    body = "".join("<tr>" + "".join(cell(i, x) for i, x in enumerate(r)) + "</tr>" for r in rows)
+    return f"<div class='scroll'><table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def render_markdown(text: str) -> str:
+    """Markdown to HTML with markdown-it-py (CommonMark; raw HTML in the text is escaped)."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False}).render(text)
+
+
 def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequence[CellResult]) -> dict[str, Path]:
     """Write plots, CSVs, report.md and report.html into ``study_dir``; return their paths."""
     from ntrl.run_dirs import record_written_files, refuse_foreign_targets
@@ -467,31 +555,24 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
            "- `runs.csv`: one line per run", "- `runs/<run>/records.jsonl`: every tracked update", ""]
     (study_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
 
-    def h_table(header, rows, cls=""):
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
-        return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
     imgs = "".join(
-        f"<h2>{html.escape(c)}</h2><img alt='{html.escape(c)}' src='data:image/png;base64,"
-        f"{base64.b64encode(p.read_bytes()).decode()}'/>" for c, p in plots
+        f"<h2>{html.escape(c)}</h2><div class='figure'><img alt='{html.escape(c)}' src='data:image/png;base64,"
+        f"{base64.b64encode(p.read_bytes()).decode()}'/></div>" for c, p in plots
     )
-    explanation = "".join(f"<p>{html.escape(' '.join(par.split()))}</p>"
-                          for par in EXPLANATION.replace("**", "").split("\n\n") if par.strip())
     well_html = "" if not well_cells else (
         f"<h2>{html.escape(WELL_TITLE)}: verdicts</h2>"
-        + h_table(["policy", "optimizer", "verdict", "evidence"], [[c.policy, c.optimizer, c.verdict, c.reason]
-                                                                   for c in well_cells])
-        + f"<p>{html.escape(' '.join(WELL_EXPLANATION.split()))}</p>")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>ntrl rarity study {html.escape(study.name)}</title>
-<style>body{{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#eee}}img{{max-width:100%}}
-.verdicts td:nth-child(5){{font-weight:bold}}</style></head><body>
+        + html_table(["policy", "optimizer", "verdict", "evidence"],
+                     [[c.policy, c.optimizer, c.verdict, c.reason] for c in well_cells], "evidence", verdict_col=2)
+        + render_markdown(WELL_EXPLANATION))
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ntrl rarity study {html.escape(study.name)}</title>
+<style>{REPORT_CSS}</style></head><body>
 <h1>Rarity study <code>{html.escape(study.name)}</code></h1>
 <p>{len(runs)} runs; p₀ ∈ {html.escape(str(study.p0s))}; seeds {study.seeds}.</p>
-<h2>Verdicts</h2>{h_table(VERDICT_COLUMNS, rows, "verdicts")}{explanation}
-<h2>Evidence behind each verdict</h2>{h_table(["cell", "verdict", "evidence"], reasons)}
-{"".join(f"<h2>{html.escape(title)}</h2>{h_table(cols, rs)}" for title, cols, rs in sections)}
+<h2>Verdicts</h2>{html_table(VERDICT_COLUMNS, rows, "verdicts", verdict_col=4)}{render_markdown(EXPLANATION)}
+<h2>Evidence behind each verdict</h2>{html_table(["cell", "verdict", "evidence"], reasons, "evidence", verdict_col=1)}
+{"".join(f"<h2>{html.escape(title)}</h2>{html_table(cols, rs)}" for title, cols, rs in sections)}
 {well_html}{imgs}</body></html>"""
     (study_dir / "report.html").write_text(page, encoding="utf-8")
     return {"md": study_dir / "report.md", "html": study_dir / "report.html", "csv": study_dir / "verdicts.csv",
