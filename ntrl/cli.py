@@ -100,6 +100,12 @@ class RarityArgs:
                                                          "directory (only what the study wrote is removed)"})
     wandb: Literal["offline", "online", "disabled"] | None = field(
         default=None, metadata={"help": "W&B mode (None: WANDB_MODE from the environment, else offline)"})
+    wandb_project: str | None = field(default=None, metadata={"help": "W&B project of the study's runs and summary "
+                                                                       "run (default: WANDB_PROJECT, else ntrl)"})
+    wandb_entity: str | None = field(default=None, metadata={"help": "W&B entity, a user or team (default: "
+                                                                      "WANDB_ENTITY)"})
+    tags: list[str] = field(default_factory=list, metadata={"help": "W&B tags of every run of the study (repeat the "
+                                                                    "flag; default: WANDB_TAGS, comma-separated)"})
     analyse_only: bool = field(default=False, metadata={"help": "only analyse and report the runs already there"})
     population: bool = field(default=True, metadata={"help": "train the cells populations support (bandit) as "
                                                             "batched population chunks; --no-population runs "
@@ -404,6 +410,11 @@ def run_rarity(flags: RarityArgs) -> str:
     if flags.study_dir is not None and not flags.analyse_only:
         raise UsageError("--study-dir", "is for --analyse-only; to run a study, give --out (its parent directory)")
     wandb_mode = mode_from_environment(flags.wandb)
+    # the study's workers and its summary run read W&B's own variables: the flags set them
+    for name, value in (("WANDB_PROJECT", flags.wandb_project), ("WANDB_ENTITY", flags.wandb_entity),
+                        ("WANDB_TAGS", ",".join(flags.tags) if flags.tags else None)):
+        if value:
+            os.environ[name] = value
     if flags.verbose:
         from ntrl.verbose import enable_verbose
 

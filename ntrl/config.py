@@ -120,6 +120,10 @@ class TrainConfig:
     out: str = option("runs", "parent directory of the run directory")
     run_name: str | None = option(None, "name of the run directory under --out (None: from the config)")
     group: str | None = option(None, "W&B group")
+    wandb_project: str | None = option(None, "W&B project (default: WANDB_PROJECT, else ntrl)")
+    wandb_entity: str | None = option(None, "W&B entity, a user or team (default: WANDB_ENTITY, else W&B's default)")
+    tags: list[str] = option(default_factory=list, help="W&B tags (repeat the flag; default: WANDB_TAGS, comma-separated)")
+    axes: dict[str, Any] = option(default_factory=dict, help="a study's grid axes of this run (W&B config)", flag=False)
     wandb: WandbMode = option("offline", "W&B mode (default: WANDB_MODE from the environment, else offline)")
     force: bool = option(False, "replace an existing run directory that ntrl made")
 
@@ -194,6 +198,10 @@ class TrainConfig:
         if self.optimizer == "adam":
             return {"betas": (self.adam_beta1, self.adam_beta2), "eps": self.adam_eps}
         return {}
+
+    def wandb_settings(self) -> dict[str, Any]:
+        """The W&B run's project, entity and tags (:class:`ntrl.wandb_sink.WandbSink`'s keywords)."""
+        return {"project": self.wandb_project, "entity": self.wandb_entity, "tags": list(self.tags)}
 
     def track_schedule(self) -> "TrackSchedule":
         """Which updates this run tracks (--track-every, or log-spaced with --track-per-decade)."""

@@ -229,7 +229,8 @@ def train(config: TrainConfig, progress: bool = True, policy: Any = None) -> Run
         extra = None if exp.extra_tracking is None else extra_tracking_caller(exp.extra_tracking)
         p_values = analysis_engine.evaluate(P)
         p_start, n_probe = headline(p_values), int(p_values.numel())
-        sink = WandbSink(run_dir, config.to_dict(), mode=config.wandb, name=run_dir.name, group=config.group)
+        sink = WandbSink(run_dir, config.to_dict(), mode=config.wandb, name=run_dir.name, group=config.group,
+                         system_metrics=not config.axes, **config.wandb_settings())
     except KeyboardInterrupt:
         exp.env.close()
         raise RunInterrupted(f"interrupted before the first update; {run_dir} holds the run's config only") from None
@@ -312,6 +313,8 @@ def train(config: TrainConfig, progress: bool = True, policy: Any = None) -> Run
             write_json_atomic(run_dir / SUMMARY_FILE, summary)
             flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
             flat.update({f"price_check_P/{k}": v for k, v in summary["price_check_P"].items()})
+            sink.log_artifact(f"records-{run_dir.name}", "records",
+                              [run_dir / RECORDS_FILE, run_dir / CONFIG_FILE, run_dir / SUMMARY_FILE])
             sink.finish(flat, exit_code=0 if status in COMPLETE else 1)
         except Exception as e:  # never let the summary hide the error that ended the run
             if status != "failed" and not interrupted:
@@ -389,7 +392,7 @@ def first_order_text(pc: dict[str, Any]) -> str:
 
 
 # Settings that say where a run is written and logged rather than how it trains.
-NOT_SETTINGS = ("env", "out", "run_name", "group", "wandb", "force")
+NOT_SETTINGS = ("env", "out", "run_name", "group", "wandb", "force", "wandb_project", "wandb_entity", "tags", "axes")
 
 
 def non_default_settings(config: TrainConfig, skip: Sequence[str] = ()) -> str:

@@ -52,6 +52,28 @@ def project_from_environment(project: str | None = None) -> str:
     return project or os.environ.get("WANDB_PROJECT", "").strip() or DEFAULT_PROJECT
 
 
+def entity_from_environment(entity: str | None = None) -> str | None:
+    """The W&B entity (user or team): ``entity`` when given, else ``WANDB_ENTITY``, else W&B's default."""
+    return entity or os.environ.get("WANDB_ENTITY", "").strip() or None
+
+
+def tags_from_environment(tags: list[str] | None = None) -> list[str]:
+    """The W&B tags: ``tags`` when given (non-empty), else ``WANDB_TAGS`` (comma-separated), else none."""
+    if tags:
+        return list(tags)
+    return [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
+
+
+def unique_run_id(name: str | None) -> str:
+    """A W&B run id that is unique (a random suffix) and readable (the run's name, as W&B allows
+    ids: letters, digits, - and _, at most 64 characters): ``bandit-mlp-sgd-exact-p0_0.01-seed0-k3x9q2ab``."""
+    import re
+    import secrets
+
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name or "run").strip("_-")[:50] or "run"
+    return f"{stem}-{secrets.token_hex(4)}"
+
+
 def online_login_or_offline() -> str:
     """"online" when W&B has a login (key or netrc), else one line and "offline" (never a prompt)."""
     try:
@@ -86,6 +108,9 @@ class WandbSink:
         group: str | None = None,
         job_type: str = "train",
         step_metric: str = "update",
+        entity: str | None = None,
+        tags: list[str] | None = None,
+        system_metrics: bool = True,
     ):
         if mode not in WANDB_MODES:
             raise ValueError(f"wandb mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
@@ -95,12 +120,19 @@ class WandbSink:
         self.step_metric = step_metric
         if mode == "disabled":
             return
-        kwargs = dict(project=project_from_environment(project), dir=str(run_dir), name=name, group=group,
-                      job_type=job_type, config=config)
+        from ntrl import __version__
+
+        run_id = unique_run_id(name)
+        # the id is unique per run, and so is the name: a re-run (--force) is a run of its own
+        kwargs = dict(project=project_from_environment(project), entity=entity_from_environment(entity),
+                      tags=tags_from_environment(tags) or None, dir=str(run_dir), id=run_id,
+                      name=f"{name}-{run_id[-8:]}" if name else run_id, group=group, job_type=job_type,
+                      config={**config, "ntrl_version": __version__})
+        self.system_metrics = system_metrics
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         for attempt in (("online", "offline") if mode == "online" else ("offline",)):
             try:
-                self.run = self._start(attempt, kwargs)
+                self.run = self._start(attempt, kwargs, system_metrics)
                 self.mode = attempt
                 break
             except Exception as e:
@@ -113,7 +145,7 @@ class WandbSink:
         self.run.define_metric("*", step_metric=step_metric)
 
     @staticmethod
-    def _start(mode: str, kwargs: dict[str, Any]):
+    def _start(mode: str, kwargs: dict[str, Any], system_metrics: bool = True):
         import wandb
 
         # W&B reads WANDB_MODE itself and rejects a value it does not know even when the mode
@@ -126,7 +158,9 @@ class WandbSink:
             mode=mode,
             reinit="create_new",
             # login_timeout: on a terminal without a login W&B would otherwise wait at its prompt forever
-            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True,
+            # system metrics and the git state are recorded as W&B users expect (a study's many short
+            # runs leave system metrics to the study's summary run: one sampler per run would cost)
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=not system_metrics, disable_git=False,
                                     init_timeout=INIT_TIMEOUT_S[mode], login_timeout=INIT_TIMEOUT_S["online"]),
             **kwargs,
         )
@@ -164,6 +198,26 @@ class WandbSink:
         except Exception as e:
             self.lost(f"logging the table {key}", e)
 
+    def log_artifact(self, name: str, kind: str, paths: list[str | os.PathLike]) -> None:
+        """Log files (records.jsonl, report.html, ...) as one W&B artifact ``name`` of type ``kind``;
+        paths that do not exist are skipped."""
+        if self.run is None:
+            return
+        try:
+            import re
+
+            import wandb
+
+            art = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:120], type=kind)
+            files = [Path(p) for p in paths if Path(p).is_file()]
+            if not files:
+                return
+            for path in files:
+                art.add_file(str(path), name=path.name)
+            self.run.log_artifact(art)
+        except Exception as e:
+            self.lost(f"logging the artifact {name}", e)
+
     def finish(self, summary: dict[str, Any] | None = None, exit_code: int = 0) -> None:
         if self.run is None:
             return
@@ -180,8 +234,8 @@ class WandbSink:
 def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Read an offline W&B run back with ``wandb leet inspect --json``.
 
-    Returns {"history": [logged dicts, in order], "summary": {...}, "config": {...},
-    "tables": {key: table record}}, i.e. what W&B really stored.
+    Returns {"history": [logged dicts, in order], "summary": {...}, "config": {...}, "run": {project,
+    entity, tags, display_name, run_id}, "artifacts": [{name, type}, ...]}, i.e. what W&B really stored.
     """
     import json
     import shutil
@@ -191,7 +245,7 @@ def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     exe = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
     out = subprocess.run([exe, "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
                          check=True, timeout=120).stdout
-    history, summary, config = [], {}, {}
+    history, summary, config, run, artifacts = [], {}, {}, {}, []
     for line in out.splitlines():
         if not line.strip():
             continue
@@ -203,4 +257,7 @@ def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
             summary.update(rec["summary"].get("update", {}))
         elif kind == "run":
             config.update(rec["run"].get("config", {}).get("update", {}))
-    return {"history": history, "summary": summary, "config": config}
+            run = {k: rec["run"].get(k) for k in ("project", "entity", "tags", "display_name", "run_id")}
+        elif kind == "artifact":
+            artifacts.append({"name": rec["artifact"].get("name"), "type": rec["artifact"].get("type")})
+    return {"history": history, "summary": summary, "config": config, "run": run, "artifacts": artifacts}

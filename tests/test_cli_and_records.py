@@ -147,3 +147,24 @@ def test_wandb_offline_run_matches_local_records(tmp_path):
             assert h[key] == pytest.approx(rec[key], rel=1e-12)
     assert logged["summary"]["p_end"] == pytest.approx(summary["p_end"], rel=1e-12)
     assert logged["config"]["p0"] == 0.01 and logged["config"]["optimizer"] == "sgd"
+
+
+def test_wandb_project_entity_tags_ids_version_and_records_artifact(tmp_path):
+    """--wandb-project / --wandb-entity / --tags, or WANDB_PROJECT / WANDB_TAGS when absent; a re-run
+    after --force is a W&B run of its own (unique id and name, both readable); the config carries
+    the ntrl version; records.jsonl is a W&B artifact."""
+    from ntrl import __version__
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_PROJECT": "env-project", "WANDB_TAGS": "x, y"}
+    logged = []
+    for extra in ([], ["--force", "--wandb-project", "flag-project", "--wandb-entity", "my-team", "--tags", "z"]):
+        r = ntrl("train", "bandit", "--out", str(tmp_path), "--quiet", "--steps", "3", "--run-name", "w", *extra, env=env)
+        assert r.returncode == 0, r.stderr
+        logged.append(read_offline_run(json.loads((tmp_path / "w" / "summary.json").read_text())["wandb_dir"]))
+    first, second = (w["run"] for w in logged)
+    assert (first["project"], first["tags"]) == ("env-project", ["x", "y"])
+    assert (second["project"], second["entity"], second["tags"]) == ("flag-project", "my-team", ["z"])
+    assert first["run_id"] != second["run_id"] and first["display_name"] != second["display_name"]
+    assert all(w["display_name"].startswith("w-") and w["run_id"].startswith("w-") for w in (first, second))
+    assert all(w["config"]["ntrl_version"] == __version__ for w in logged)
+    assert all({"name": "records-w", "type": "records"} in w["artifacts"] for w in logged)

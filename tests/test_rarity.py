@@ -157,8 +157,9 @@ def test_wandb_summary_run_holds_the_verdict_table(tmp_path):
     cfg.write_text(json.dumps(grid))
     out = tmp_path / "study"
     r = subprocess.run([sys.executable, "-m", "ntrl.cli", "rarity", "--config", str(cfg), "--out", str(out),
-                        "--quiet", "--workers", "1"], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "WANDB_MODE": "offline"})
+                        "--quiet", "--workers", "1", "--wandb-project", "rarity-test", "--tags", "t1"],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "WANDB_MODE": "offline", "WANDB_TAGS": "from-env"})
     assert r.returncode == 0, r.stderr
     assert "consistent with p(1 − p)" in r.stdout and "report.html" in r.stdout
     out = out / "t"  # --out is the parent: the study directory is OUT/<study name>
@@ -168,9 +169,24 @@ def test_wandb_summary_run_holds_the_verdict_table(tmp_path):
     logged = w_runs[summary_dirs[0]]
     item = next(h for h in logged["history"] if "verdicts._type" in h)
     assert item["verdicts._type"] == "table-file" and item["verdicts.nrows"] == 1
-    table = json.loads(next(summary_dirs[0].glob("files/media/table/verdicts_*.table.json")).read_text())
+    table = json.loads(next(summary_dirs[0].glob("files/media/table/verdicts_[0-9]*.table.json")).read_text())
     assert table["columns"][:5] == ["env", "policy", "optimizer", "mode", "verdict"]
     assert table["data"][0][:5] == ["bandit", "single_logit", "npg", "exact", "consistent with p(1 − p)"]
+    # numbers as numbers: each estimate with its bounds, sortable and plottable
+    row = dict(zip(table["columns"], table["data"][0]))
+    assert all(isinstance(row[k], float) for k in ("drift", "drift_lo", "drift_hi", "static_fisher"))
+    assert row["drift_lo"] <= row["drift"] <= row["drift_hi"] and abs(row["drift"] - 1) < 0.25
+    text = json.loads(next(summary_dirs[0].glob("files/media/table/verdicts_text_*.table.json")).read_text())
+    assert text["data"][0][4] == "consistent with p(1 − p)"
+    # the Price residual of every record, with the optimizer as a column
+    residual = json.loads(next(summary_dirs[0].glob("files/media/table/price_residual_[0-9]*.table.json")).read_text())
+    n_records = sum(1 for p in (out / "runs").glob("*/records.jsonl") for line in p.read_text().splitlines()
+                    if '"P/real_delta"' in line)
+    assert len(residual["data"]) == n_records and "optimizer" in residual["columns"]
+    # the report and the verdict CSVs as an artifact; every W&B run in the project and with the tags
+    assert {"name": "t-report", "type": "report"} in logged["artifacts"]
+    assert all(w["run"]["project"] == "rarity-test" and w["run"]["tags"] == ["t1"] for w in w_runs.values())
+    assert all(w["config"]["ntrl_version"] for w in w_runs.values())
     assert logged["summary"]["verdict/bandit/single_logit/npg/exact"] == "consistent with p(1 − p)"
     for key in ("extinction", "price_across_training"):  # the report's other tables, for the dashboard
         assert any(h.get(f"{key}._type") == "table-file" and h.get(f"{key}.nrows") == 1 for h in logged["history"])

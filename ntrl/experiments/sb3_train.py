@@ -61,7 +61,8 @@ def train_sb3(config: GymConfig, progress: bool = True) -> RunResult:
     _check_properties(config, model, specs, probes, exact)  # before any run directory exists
     run_dir = prepare_run_dir(config)
     write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
-    sink = WandbSink(run_dir, config.to_dict(), mode=config.wandb, name=run_dir.name, group=config.group)
+    sink = WandbSink(run_dir, config.to_dict(), mode=config.wandb, name=run_dir.name, group=config.group,
+                     **config.wandb_settings())
     callback = NTCovCallback(properties=specs, probe_states="rollout" if probes is None else probes,
                              n_probe=config.n_probe, track_every=config.track_every, sink=sink,
                              records_path=str(run_dir / RECORDS_FILE), seed=config.seed, run_name=run_dir.name,

@@ -58,7 +58,7 @@ from ntrl.wandb_sink import WandbSink
 log = logging.getLogger(__name__)
 
 # Config fields in which members of one population may differ.
-MEMBER_FIELDS = ("p0", "lr", "seed", "steps", "stop_at_p", "stop_below_p", "reward_do", "reward_dont", "reward", "rewards",
+MEMBER_FIELDS = ("axes", "p0", "lr", "seed", "steps", "stop_at_p", "stop_below_p", "reward_do", "reward_dont", "reward", "rewards",
                  "start", "noise_std",
                  "npg_damping", "adam_beta1", "adam_beta2", "adam_eps", "track_every", "track_per_decade", "out",
                  "run_name", "force", "threads")
@@ -499,6 +499,7 @@ def population_sink(wandb_parent: str | os.PathLike | None, config: TrainConfig,
     if ntrl_wandb_dir(Path(wandb_parent)) is None:  # it has said why
         return WandbSink(".", {}, mode="disabled")
     return WandbSink(wandb_parent, wandb_config or {}, mode=config.wandb, name=name, group=config.group,
+                     **config.wandb_settings(),
                      job_type="population")
 
 

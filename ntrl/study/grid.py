@@ -371,6 +371,7 @@ def train_config_for(study: StudyConfig, spec: RunSpec, runs_dir: Path, wandb_mo
             lr=float(study.lrs["kbandit"][spec.policy][spec.optimizer]), steps=study.well_steps, stop_at_p=0.5,
             seed=spec.seed, track_per_decade=study.extinction_per_decade, price_scales=list(study.price_scales),
             out=str(runs_dir), run_name=spec.run_id, group=study.name, wandb=wandb_mode, force=True,
+            axes={"study": study.name, **asdict(spec)},
         ).validate()
     rewarded = spec.direction == "rewarded"
     common = dict(
@@ -383,6 +384,7 @@ def train_config_for(study: StudyConfig, spec: RunSpec, runs_dir: Path, wandb_mo
         track_per_decade=None if rewarded else study.extinction_per_decade,
         width=study.width, depth=study.depth, activation=study.activation, price_scales=list(study.price_scales),
         out=str(runs_dir), run_name=spec.run_id, group=study.name, wandb=wandb_mode, force=True,
+        axes={"study": study.name, **asdict(spec)},  # every grid axis, in the run's config and W&B's
     )
     if spec.optimizer == "adam":
         common.update(adam_beta1=spec.adam_beta1, adam_beta2=spec.adam_beta2, adam_eps=spec.adam_eps)

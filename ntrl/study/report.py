@@ -579,10 +579,43 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
             **{p.stem: p for _, p in plots}}
 
 
+RESIDUAL_COLUMNS = ["env", "mode", "policy", "optimizer", "run", "update", "P", "predicted", "realised",
+                    "relative_residual"]
+
+
+def residual_rows(env: str, mode: str, policy: str, optimizer: str, runs: Sequence[RunData]) -> list[list[Any]]:
+    """Every record of a cell with a realised ΔP, as rows of :data:`RESIDUAL_COLUMNS`; beyond
+    :data:`RESIDUAL_POINTS`, a uniform random subsample (seed 0, :func:`subsample`)."""
+    rows = [[env, mode, policy, optimizer, r.spec.run_id, rec["update"], rec["P/value"], rec["P/pred_delta"],
+             rec["P/real_delta"], (rec["P/real_delta"] - rec["P/pred_delta"]) / abs(rec["P/pred_delta"])]
+            for r in runs for rec in r.records if "P/real_delta" in rec and rec.get("P/pred_delta")]
+    return [rows[i] for i in subsample(len(rows))]
+
+
+def numeric_verdict_rows(cells: Sequence[CellResult]) -> tuple[list[str], list[list[Any]]]:
+    """The verdict table with numbers as numbers (each estimate with its low and high bound, as in
+    verdicts.csv) and the verdict as its own column; NaN and ±inf become empty cells."""
+    rows = [c.row() for c in sorted(cells, key=lambda c: c.cell)]
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+
+    return cols, [[clean(r.get(k)) for k in cols] for r in rows]
+
+
 def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequence[CellResult],
                     mode: str = "offline") -> str | None:
-    """A W&B summary run in the study's group: the verdict table as a wandb.Table, T(p₀) as a
-    line series, predicted-vs-realised ΔP as a scatter, and the report's PNGs as images."""
+    """A W&B summary run in the study's group: the verdict table as a wandb.Table of numbers (and
+    its text form), T(p₀) as a line series, the Price check's relative residual against P for every
+    record (subsampled per cell beyond :data:`RESIDUAL_POINTS`) as a table with the optimizer as a
+    column and a scatter per optimizer (W&B's scatter has no colour channel; the report's residual
+    PNG, logged too, colours by optimizer), the report's PNGs as images, and report.html, report.md
+    and the CSVs as a ``report`` artifact."""
     if mode == "disabled":
         return None
     import wandb
@@ -597,13 +630,15 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
     run = sink.run
     if run is None:  # W&B could not start; it has said why
         return None
-    table = wandb.Table(columns=VERDICT_COLUMNS, data=verdict_rows(cells))
-    data: dict[str, Any] = {"verdicts": table}
+    cols, numeric = numeric_verdict_rows(cells)
+    data: dict[str, Any] = {"verdicts": wandb.Table(columns=cols, data=numeric),
+                            "verdicts_text": wandb.Table(columns=VERDICT_COLUMNS, data=verdict_rows(cells))}
     for key, cols, rows in (("extinction", EXTINCTION_COLUMNS, extinction_rows(cells)),
                             ("price_across_training", PRICE_COLUMNS, price_rows(cells)),
                             ("noise", NOISE_TABLE_COLUMNS, noise_rows_table(cells))):
         if rows:
             data[key] = wandb.Table(columns=cols, data=rows)
+    residuals: list[list[Any]] = []
     for (env, gmode), by_policy in sorted(_groups(runs).items()):
         for pol, by_opt in sorted(by_policy.items()):
             xs, ys, keys = [], [], []
@@ -618,12 +653,16 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
             if keys:
                 data[f"escape/{env}_{gmode}_{pol}"] = wandb.plot.line_series(
                     xs=xs, ys=ys, keys=keys, title=f"T(p0), {env} {gmode} {pol} (median over seeds)", xname="p0")
-            pts = [[rec["P/pred_delta"], rec["P/real_delta"], opt] for opt, rs in sorted(by_opt.items())
-                   for r in rs for rec in r.records[:200] if "P/real_delta" in rec]
-            if pts:
-                t = wandb.Table(columns=["predicted", "realised", "optimizer"], data=pts)
-                data[f"price_check/{env}_{gmode}_{pol}"] = wandb.plot.scatter(
-                    t, "realised", "predicted", title=f"predicted vs realised ΔP, {env} {gmode} {pol}")
+            for opt, rs in sorted(by_opt.items()):
+                rows = residual_rows(env, gmode, pol, opt, rs)
+                residuals.extend(rows)
+                if rows:
+                    t = wandb.Table(columns=RESIDUAL_COLUMNS, data=rows)
+                    data[f"price_residual/{env}_{gmode}_{pol}/{opt}"] = wandb.plot.scatter(
+                        t, "P", "relative_residual",
+                        title=f"(realised − predicted)/|predicted| ΔP against P: {env} {gmode} {pol}, {opt}")
+    if residuals:
+        data["price_residual"] = wandb.Table(columns=RESIDUAL_COLUMNS, data=residuals)
     well_cells = analyse_well(runs)
     if well_cells:
         data["gravity_well"] = wandb.Table(columns=WELL_COLUMNS, data=well_rows(well_cells))
@@ -635,6 +674,7 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
     directory = sink.directory
     try:
         run.log(data)
+        sink.log_artifact(f"{study.name}-report", "report", [study_dir / n for n in REPORT_FILES])
         for c in cells:
             run.summary[f"verdict/{'/'.join(c.cell)}"] = c.verdict
         for c in well_cells:
