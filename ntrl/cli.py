@@ -101,11 +101,11 @@ class RarityArgs:
     wandb: Literal["offline", "online", "disabled"] | None = field(
         default=None, metadata={"help": "W&B mode (None: WANDB_MODE from the environment, else offline)"})
     wandb_project: str | None = field(default=None, metadata={"help": "W&B project of the study's runs and summary "
-                                                                       "run (default: WANDB_PROJECT, else ntrl)"})
-    wandb_entity: str | None = field(default=None, metadata={"help": "W&B entity, a user or team (default: "
+                                                                       "run (without it: WANDB_PROJECT, else ntrl)"})
+    wandb_entity: str | None = field(default=None, metadata={"help": "W&B entity, a user or team (without it: "
                                                                       "WANDB_ENTITY)"})
     tags: list[str] = field(default_factory=list, metadata={"help": "W&B tags of every run of the study (repeat the "
-                                                                    "flag; default: WANDB_TAGS, comma-separated)"})
+                                                                    "flag; without it: WANDB_TAGS, comma-separated)"})
     analyse_only: bool = field(default=False, metadata={"help": "only analyse and report the runs already there"})
     population: bool = field(default=True, metadata={"help": "train the cells populations support (bandit) as "
                                                             "batched population chunks; --no-population runs "

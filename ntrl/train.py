@@ -283,8 +283,8 @@ def train(config: TrainConfig, progress: bool = True, policy: Any = None) -> Run
                     raise TrainingError(f"P became non-finite at update {t}")
                 if crossed is None and p >= 0.5 and p_start < 0.5:
                     crossed = t + 1
-                if p < p_min:
-                    p_min, p_min_at = p, t + 1
+                if p < p_min:  # a new least P: the return to p_start is counted from it
+                    p_min, p_min_at, p_back_at = p, t + 1, None
                 elif p_back_at is None and p_min < p_start <= p:
                     p_back_at = t + 1
                 if bar is not None:
@@ -401,13 +401,31 @@ def non_default_settings(config: TrainConfig, skip: Sequence[str] = ()) -> str:
     ``skip`` (settings the run does not use) are left out."""
     generic = TrainConfig()
     items = []
+
+    def shown(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:g}"
+        if isinstance(value, list):
+            return " ".join(shown(v) for v in value)
+        return str(value)
+
     for f in dataclasses.fields(TrainConfig):
         if f.name in NOT_SETTINGS or f.name in skip:
             continue
         value = getattr(config, f.name)
-        if value != getattr(generic, f.name):
-            shown = f"{value:g}" if isinstance(value, float) else value
-            items.append(f"--{f.name.replace('_', '-')} {shown}")
+        if value != getattr(generic, f.name) and value is not None:
+            items.append(f"--{f.name.replace('_', '-')} {shown(value)}")
+    # the experiment's own settings (e.g. the K-armed bandit's --rewards and --start), where they
+    # differ from its defaults
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    for f in dataclasses.fields(type(config)):
+        if f.name in own or f.name in skip or not f.metadata.get("flag", True):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        value = getattr(config, f.name)
+        if value != default and value not in (None, []):
+            items.append(f"--{f.name.replace('_', '-')} {shown(value)}")
     return ", ".join(items)
 
 
@@ -416,7 +434,9 @@ def dip_text(summary: dict[str, Any]) -> str:
     p_min, p_start = summary.get("p_min"), summary["p_start"]
     if p_min is None or not p_min < p_start or not summary.get("p_min_at"):
         return ""
-    return f", after falling to its minimum {p_min:.4g} ({p_start / p_min:.3g}× below its start) at update {summary['p_min_at']}"
+    ratio = p_start / p_min
+    how = f"{ratio:.3g}× below its start" if ratio >= 1.5 else f"{1 - 1 / ratio:.1%} below its start"
+    return f", after falling to its minimum {p_min:.4g} ({how}) at update {summary['p_min_at']}"
 
 
 def describe(result: RunResult, config: TrainConfig) -> str:

@@ -24,6 +24,7 @@ from ntrl.engine.tangent import TangentEngine
 from ntrl.envs.kbandit import KArmedBandit, gravity_well_start, start_probabilities
 from ntrl.experiments.kbandit import KBanditConfig
 from ntrl.properties import ActionProbability
+from ntrl.records import read_records
 from ntrl.train import train
 
 R = np.array([1.0, 0.9, 0.0])
@@ -269,3 +270,37 @@ def test_the_study_gives_each_optimizer_its_gravity_well_verdict(tmp_path):
     page = (tmp_path / "well" / "report.html").read_text()
     assert "The softmax gravity well" in page and page.count("data:image/png;base64") >= 2
     assert (tmp_path / "well" / "gravity_well.png").stat().st_size > 10_000
+
+
+def test_well_verdict_is_inconclusive_without_the_smallest_p0_or_an_escape():
+    from ntrl.study.grid import RunSpec
+    from ntrl.study.stats import RunData
+    from ntrl.study.well import analyse_well
+
+    def run(p0, p_min, p_min_at, escape, back=None):
+        spec = RunSpec("kbandit", "tabular", "sgd", "exact", p0, "well", 0)
+        summary = {"p_start": p0, "p_min": p_min, "p_min_at": p_min_at, "p_back_at": back, "crossed_half_at": escape,
+                   "updates": escape or 40}
+        return RunData(spec, summary, [], {"lr": 2.0})
+
+    deep, shallow = run(0.01, 0.0015, 944, 3694, 3405), run(0.1, 0.092, 8, 63, 30)
+    assert analyse_well([deep, shallow], [0.01, 0.1])[0].verdict == "gravity well"
+    cell = analyse_well([shallow], [0.01, 0.1])[0]  # the run from 0.01 is missing
+    assert cell.verdict == "inconclusive" and "0.01 is not complete" in cell.reason
+    cell = analyse_well([run(0.01, 0.008, 40, None)], [0.01])[0]  # still falling when the run ended
+    assert cell.verdict == "inconclusive" and "had not escaped after 40 updates" in cell.reason
+    assert analyse_well([run(0.01, 0.01, 0, 455)], [0.01])[0].verdict == "no well"
+
+
+def test_p_back_at_counts_from_the_deepest_dip(tmp_path):
+    """P may return to p₀ and then fall deeper (sampled steps): p_back_at is the return after the
+    least P, not after an earlier, shallower dip."""
+    config = KBanditConfig(mode="sampled", batch_size=2, lr=0.3, start=[0.3, 0.65, 0.05], rewards=[1.0, 0.99, 0.0],
+                           steps=300, seed=8, wandb="disabled", out=str(tmp_path), run_name="s", track_every=1)
+    s = train(config, progress=False).summary
+    ps = [r["P/value"] + r["P/real_delta"] for r in read_records(tmp_path / "s")]  # P after each update
+    i = int(np.argmin(ps))
+    assert s["p_min_at"] == i + 1 and s["p_min"] == pytest.approx(ps[i], rel=1e-12)
+    after = [t + 1 for t in range(i, len(ps)) if ps[t] >= s["p_start"]]
+    assert s["p_back_at"] == (after[0] if after else None)
+    assert s["p_back_at"] is None or s["p_back_at"] > s["p_min_at"]

@@ -84,14 +84,14 @@ class KBanditConfig(TrainConfig):
         need(not self.start or len(self.start) == self.arms, "start",
              f"needs one probability per arm ({self.arms}, from --arms or the length of --rewards), "
              f"got {len(self.start)}: {self.start}")
-        super().validate()
-        if self.start:
+        if self.start:  # checked before --p0, which it gives when --p0 is absent
             try:
-                start_probabilities(self.p0, self.target, self.arms, self.start)
+                start_probabilities(self.start[self.target], self.target, self.arms, self.start)
             except ValueError as e:
                 need(False, "start", str(e))
             need(abs(self.start[self.target] - self.p0) <= 1e-12 * max(1.0, self.p0), "start",
                  f"start[{self.target}] = {self.start[self.target]} differs from --p0 {self.p0}; give one of them")
+        super().validate()
         return self
 
     def start_vector(self) -> list[float]:

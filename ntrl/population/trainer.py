@@ -644,8 +644,8 @@ def stopping(st: MemberState, p: float, t: int) -> tuple[str, str | None, float,
         return "failed", f"P became non-finite at update {t}", p, t + 1
     if st.crossed is None and p >= 0.5 and st.p_start < 0.5:
         st.crossed = t + 1
-    if p < st.p_min:
-        st.p_min, st.p_min_at = p, t + 1
+    if p < st.p_min:  # a new least P: the return to p_start is counted from it
+        st.p_min, st.p_min_at, st.p_back_at = p, t + 1, None
     elif st.p_back_at is None and st.p_min < st.p_start <= p:
         st.p_back_at = t + 1
     if st.config.stop_at_p is not None and p >= st.config.stop_at_p:

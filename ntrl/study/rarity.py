@@ -65,7 +65,7 @@ def analyse_and_report(out: Path, wandb_mode: str = "offline") -> dict:
     paths = write_report(out, study, runs, cells)
     short = [r[:8] for r in verdict_rows(cells)]
     paths["table"] = text_table(VERDICT_COLUMNS[:8], short)
-    well_cells = analyse_well(runs)
+    well_cells = analyse_well(runs, study.well_p0s)
     if well_cells:
         paths["table"] += "\n\nThe softmax gravity well (three-armed bandit, rewards (1, 0.9, 0), start (p₀, 0.95 − p₀, 0.05)):\n"
         paths["table"] += text_table(["policy", "optimizer", "verdict", "evidence"],

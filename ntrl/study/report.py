@@ -19,7 +19,7 @@ from ntrl.study.analysis import (
 )
 from ntrl.study.extinction import ADAM_LATE_MEMORIES, FLOOR_FRACTION, WINDOW_DECADES, curve
 from ntrl.study.price import probe_points, standardized
-from ntrl.study.well import WELL_COLUMNS, WELL_FACTOR, analyse_well, plot_well, well_rows
+from ntrl.study.well import WELL_COLUMNS, WELL_FACTOR, analyse_well, plot_well, well_numbers, well_rows
 from ntrl.tracker import FIRST_ORDER_TOLERANCE
 
 OPT_COLORS = {"sgd": "#1f77b4", "npg": "#d62728", "sign": "#2ca02c", "adam": "#9467bd"}
@@ -246,7 +246,8 @@ def draw_noise(ax, pol, by_opt) -> None:
         ax.plot(p, [b["predicted_iso"] for b in bins], "--", lw=1, color=color, label=f"{opt}: isotropic Σ")
 
 
-def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path) -> list[tuple[str, Path]]:
+def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path,
+               well_cells: Sequence[Any] = ()) -> list[tuple[str, Path]]:
     """Every plot of the report; returns (caption, path) pairs in report order."""
     by_cell = {c.cell: c for c in cells}
     plots = []
@@ -284,7 +285,6 @@ def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path) 
                                                      "against the minibatch and the isotropic noise model", by_policy,
                                                   draw_noise, "P", "spread of ΔP", "xy")))
         plots += draw_items(out, items)
-    well_cells = analyse_well(runs)
     if well_cells:
         plots += draw_items(out, [(WELL_TITLE, out / "gravity_well.png", lambda p: plot_well(p, runs, well_cells))])
     return plots
@@ -521,7 +521,8 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
     refuse_foreign_targets(study_dir, list(REPORT_FILES))  # and each plot, before it is drawn (make_plots)
     record_written_files(study_dir, [study_dir / n for n in REPORT_FILES])  # before writing: a report cut
     # short by Ctrl-C leaves only files the marker names
-    plots = make_plots(runs, cells, study_dir)
+    well_cells = analyse_well(runs, study.well_p0s)
+    plots = make_plots(runs, cells, study_dir, well_cells)
     write_csv(study_dir / "verdicts.csv", [c.row() for c in sorted(cells, key=lambda c: c.cell)])
     write_csv(study_dir / "runs.csv", [
         {**r.spec.__dict__, "run_id": r.spec.run_id, "updates": r.summary["updates"], "p_start": r.summary["p_start"],
@@ -534,12 +535,13 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
     sections = [("Extinction", EXTINCTION_COLUMNS, extinction_rows(cells)),
                 ("Price check across training", PRICE_COLUMNS, price_rows(cells)),
                 ("Gradient noise (sampled cells)", NOISE_TABLE_COLUMNS, noise_rows_table(cells))]
-    well_cells = analyse_well(runs)
     sections.append((WELL_TITLE, WELL_COLUMNS, well_rows(well_cells)))
     sections = [(title, cols, rs) for title, cols, rs in sections if rs]
-    write_csv(study_dir / "well.csv", [c.row() for c in well_cells])
+    if well_cells:
+        write_csv(study_dir / "well.csv", [c.row() for c in well_cells])
     md = [f"# Rarity study `{study.name}`", "",
-          f"{len(runs)} runs; p₀ ∈ {study.p0s}; seeds {study.seeds}; extinction from P = {study.extinction_p0}.", "",
+          f"{len(runs)} runs; p₀ ∈ {study.p0s}; seeds {study.seeds}; extinction from P = {study.extinction_p0}"
+          + (f"; gravity well from p₀ ∈ {study.well_p0s}" if study.well_p0s else "") + ".", "",
           "## Verdicts", "", md_table(VERDICT_COLUMNS, rows), "", EXPLANATION, "",
           "## Evidence behind each verdict", "", md_table(["cell", "verdict", "evidence"], reasons), ""]
     for title, cols, rs in sections:
@@ -551,7 +553,7 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
                                                           [[c.policy, c.optimizer, c.verdict, c.reason] for c in well_cells]),
                "", WELL_EXPLANATION, ""]
     md += ["## Files", "", "- `verdicts.csv`: every fitted number per cell, with interval bounds",
-           "- `well.csv`: the gravity well's numbers per cell and p₀",
+           *(["- `well.csv`: the gravity well's numbers per cell and p₀"] if well_cells else []),
            "- `runs.csv`: one line per run", "- `runs/<run>/records.jsonl`: every tracked update", ""]
     (study_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
 
@@ -569,7 +571,8 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
 <title>ntrl rarity study {html.escape(study.name)}</title>
 <style>{REPORT_CSS}</style></head><body>
 <h1>Rarity study <code>{html.escape(study.name)}</code></h1>
-<p>{len(runs)} runs; p₀ ∈ {html.escape(str(study.p0s))}; seeds {study.seeds}.</p>
+<p>{len(runs)} runs; p₀ ∈ {html.escape(str(study.p0s))}; seeds {study.seeds}{html.escape(
+    f"; gravity well from p₀ ∈ {study.well_p0s}" if study.well_p0s else "")}.</p>
 <h2>Verdicts</h2>{html_table(VERDICT_COLUMNS, rows, "verdicts", verdict_col=4)}{render_markdown(EXPLANATION)}
 <h2>Evidence behind each verdict</h2>{html_table(["cell", "verdict", "evidence"], reasons, "evidence", verdict_col=1)}
 {"".join(f"<h2>{html.escape(title)}</h2>{html_table(cols, rs)}" for title, cols, rs in sections)}
@@ -663,9 +666,9 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
                         title=f"(realised − predicted)/|predicted| ΔP against P: {env} {gmode} {pol}, {opt}")
     if residuals:
         data["price_residual"] = wandb.Table(columns=RESIDUAL_COLUMNS, data=residuals)
-    well_cells = analyse_well(runs)
+    well_cells = analyse_well(runs, study.well_p0s)
     if well_cells:
-        data["gravity_well"] = wandb.Table(columns=WELL_COLUMNS, data=well_rows(well_cells))
+        data["gravity_well"] = wandb.Table(columns=WELL_COLUMNS, data=well_numbers(well_cells))
         data["gravity_well/min_p"] = wandb.plot.line_series(
             xs=[[w.p0 for w in c.runs] for c in well_cells], ys=[[w.p_min for w in c.runs] for c in well_cells],
             keys=[c.label for c in well_cells], title="Gravity well: least P against p0", xname="p0")

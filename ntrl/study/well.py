@@ -13,10 +13,12 @@ escort policy at q = 2 (d log P/dt = (4/‖θ‖²)(1 − J)) never fall.
 Per run, from its summary: the least P, the update at which it occurred, the update at which P was
 back at p₀, and the escape time. Per cell (policy, optimizer):
 
-* **gravity well**: at the cell's smallest p₀, P fell at least :data:`WELL_FACTOR` times below
+* **gravity well**: at the grid's smallest p₀, P fell at least :data:`WELL_FACTOR` times below
   p₀ before it escaped (or before the run ended);
-* **no well**: it did not (a dip of less than WELL_FACTOR is reported as its depth);
-* **inconclusive**: the cell has no complete run.
+* **no well**: it escaped without such a dip (a dip of less than WELL_FACTOR is reported as its
+  depth);
+* **inconclusive**: the run from the grid's smallest p₀ is missing (not complete), or it ended
+  without escaping and without such a dip: P might still fall further.
 """
 
 from __future__ import annotations
@@ -98,8 +100,10 @@ def dip_text(w: WellRun) -> str:
     return dip + end
 
 
-def analyse_well(runs: Sequence[RunData]) -> list[WellCell]:
-    """One :class:`WellCell` per (policy, optimizer) among the well runs of ``runs``."""
+def analyse_well(runs: Sequence[RunData], grid_p0s: Sequence[float] | None = None) -> list[WellCell]:
+    """One :class:`WellCell` per (policy, optimizer) among the complete well runs of ``runs``;
+    ``grid_p0s``: the grid's well p₀ values (the verdict is taken at the smallest, and is
+    inconclusive while that run is missing)."""
     cells: dict[tuple[str, str], WellCell] = {}
     for r in runs:
         if r.spec.direction != "well":
@@ -109,20 +113,37 @@ def analyse_well(runs: Sequence[RunData]) -> list[WellCell]:
     for cell in cells.values():
         cell.runs.sort(key=lambda w: w.p0)
         rarest = cell.runs[0]
-        well = rarest.depth >= WELL_FACTOR
-        cell.verdict = "gravity well" if well else "no well"
-        cell.reason = (f"at the smallest p₀, {dip_text(rarest)}; a well is a dip to p₀/{WELL_FACTOR:g} or lower"
-                       + ("" if len(cell.runs) == 1 else
-                          "; depth p₀/min P over p₀ = " + ", ".join(f"{w.p0:g}: {w.depth:.3g}" for w in cell.runs)))
+        smallest = min(grid_p0s) if grid_p0s else rarest.p0
+        depths = ("" if len(cell.runs) == 1 else
+                  "; depth p₀/min P over p₀ = " + ", ".join(f"{w.p0:g}: {w.depth:.3g}" for w in cell.runs))
+        rule = f"a well is a dip to p₀/{WELL_FACTOR:g} or lower"
+        if rarest.p0 > smallest:
+            cell.verdict = "inconclusive"
+            cell.reason = f"the run from the smallest p₀ = {smallest:g} is not complete{depths}"
+        elif rarest.depth >= WELL_FACTOR:
+            cell.verdict, cell.reason = "gravity well", f"at the smallest p₀, {dip_text(rarest)}; {rule}{depths}"
+        elif rarest.escape is None:
+            cell.verdict = "inconclusive"
+            cell.reason = (f"at the smallest p₀, {dip_text(rarest)}: P may still fall (raise well_steps); "
+                           f"{rule}{depths}")
+        else:
+            cell.verdict, cell.reason = "no well", f"at the smallest p₀, {dip_text(rarest)}; {rule}{depths}"
     return sorted(cells.values(), key=lambda c: (c.policy != "tabular", c.policy, c.optimizer))
 
 
+def well_numbers(cells: Sequence[WellCell]) -> list[list[Any]]:
+    """The table for W&B, numbers as numbers: one row per cell and p₀ (None where P never fell
+    below p₀, or did not escape)."""
+    return [[c.policy, c.optimizer, w.lr, c.verdict, w.p0, w.p_min, w.depth, w.p_min_at or None,
+             w.p_back_at if w.p_min_at else None, w.escape] for c in cells for w in c.runs]
+
+
 def well_rows(cells: Sequence[WellCell]) -> list[list[str]]:
-    """The report's table: one row per cell and p₀."""
+    """The report's table: one row per cell and p₀ (the cell's verdict on its first row)."""
     rows = []
     for c in cells:
-        for w in c.runs:
-            rows.append([c.policy, c.optimizer, f"{w.lr:g}", c.verdict, f"{w.p0:g}", f"{w.p_min:.3g}",
+        for i, w in enumerate(c.runs):
+            rows.append([c.policy, c.optimizer, f"{w.lr:g}", c.verdict if i == 0 else "", f"{w.p0:g}", f"{w.p_min:.3g}",
                          f"{w.depth:.3g}", str(w.p_min_at) if w.p_min_at else "—",
                          "—" if w.p_min_at == 0 else (str(w.p_back_at) if w.p_back_at is not None else "never"),
                          str(w.escape) if w.escape is not None else f"> {w.updates}"])
@@ -163,10 +184,12 @@ def plot_well(path: Path, runs: Sequence[RunData], cells: Sequence[WellCell]) ->
     ax1.set(xscale="log", yscale="log", xlabel="update t + 1", ylabel="P(t) / p₀  (below the dashed line: a well)",
             title="P(t) relative to its start, every p₀")
     ax1.legend(fontsize=9)
-    for c in cells:
+    markers = "os^Dvp*"
+    for i, c in enumerate(cells):  # markers of decreasing size: cells that coincide stay visible
         p0 = np.array([w.p0 for w in c.runs])
         pm = np.array([w.p_min for w in c.runs])
-        ax2.plot(p0, pm, "o-", color=_color((c.policy, c.optimizer)), label=f"{c.label}: {c.verdict}")
+        ax2.plot(p0, pm, "-", marker=markers[i % len(markers)], ms=max(3.0, 11.0 - 1.6 * i), mfc="none", mew=1.6,
+                 color=_color((c.policy, c.optimizer)), label=f"{c.label}: {c.verdict}")
     all_p0 = [w.p0 for c in cells for w in c.runs]
     if all_p0:
         lo, hi = min(all_p0), max(all_p0)
