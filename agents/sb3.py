@@ -72,6 +72,10 @@ class SB3ActorLogits(nn.Module):
 
     def __init__(self, policy: nn.Module):
         super().__init__()
+        if not hasattr(policy, "action_dist") and hasattr(policy, "q_net"):  # DQN, QR-DQN: no π to track
+            raise ValueError(f"NTCovCallback tracks policy-gradient (actor) policies, whose actions come from a "
+                             f"softmax π(a|s): PPO, A2C; {type(policy).__name__} is value-based (it acts by argmax "
+                             f"of Q), so it has no action probabilities whose change Price's equation predicts")
         if not isinstance(getattr(policy, "action_dist", None), CategoricalDistribution):
             raise ValueError(f"NTCovCallback needs a Discrete action space (a Categorical policy); this policy "
                              f"has {type(getattr(policy, 'action_dist', None)).__name__}")
@@ -164,7 +168,8 @@ class NTCovCallback(BaseCallback):
         self.obs_space = self.model.observation_space
         self.n_actions = int(self.model.action_space.n)
         self.context = RunContext(run=self.run_name or type(self.model).__name__)
-        raw = load_probe_states(self.probe_spec, tuple(self.obs_space.shape), None, flag="probe_states")
+        raw = load_probe_states(self.probe_spec, tuple(self.obs_space.shape), None, flag="probe_states",
+                                space=self.obs_space)
         if raw is not None:
             self._set_probes(raw)
         if self.records_path is not None:

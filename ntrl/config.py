@@ -209,8 +209,24 @@ class TrainConfig:
 
         return TrackSchedule(every=self.track_every, per_decade=self.track_per_decade)
 
+    # fields that say where a run is written and logged, not how it trains (left out of its settings hash)
+    PLACEMENT = ("out", "run_name", "force", "wandb", "group", "wandb_project", "wandb_entity", "tags", "axes", "threads")
+
+    def settings_hash(self) -> str:
+        """Six hex digits of a hash of every training setting (not where the run is written or
+        logged): runs that differ in any setting get different default names."""
+        import hashlib
+        import json
+
+        settings = {k: v for k, v in self.to_dict().items() if k not in self.PLACEMENT}
+        text = json.dumps(settings, sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:6]
+
     def default_run_name(self) -> str:
-        return f"{self.env}-{self.policy}-{self.optimizer}-{self.mode}-p0={self.p0:g}-seed{self.seed}"
+        """The run directory's name without --run-name: the main axes, the learning rate, the seed,
+        and :meth:`settings_hash` (so that a run with other settings is not refused as a re-run)."""
+        return (f"{self.env}-{self.policy}-{self.optimizer}-{self.mode}-p0={self.p0:g}-lr={self.lr:g}-seed{self.seed}"
+                f"-{self.settings_hash()}")
 
     def to_dict(self) -> dict:
         return asdict(self)

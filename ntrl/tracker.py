@@ -157,7 +157,21 @@ def price_agreement(pred: np.ndarray, real: np.ndarray) -> dict[str, float]:
     if nz.any():
         out["median_rel_error"] = float(np.median(rel))
         out["p90_rel_error"] = float(np.quantile(rel, 0.9))
+    if len(real):
+        out["max_abs_real"] = float(np.max(np.abs(real)))
+        with np.errstate(over="ignore", invalid="ignore"):
+            sq = (real - pred) ** 2
+            total = float(np.sum(sq))
+        if total > 0 and np.isfinite(total):  # how much of the squared error the TOP_MISSES largest misses make
+            top = np.argsort(sq)[::-1][:TOP_MISSES]
+            cum = np.cumsum(sq[top]) / total
+            k = int(np.argmax(cum >= 0.9)) + 1 if (cum >= 0.9).any() else len(top)  # the fewest that make 90 %
+            out["top_miss_share"] = float(cum[k - 1])
+            out["top_miss_index"] = [int(i) for i in top[:k]]
     return out
+
+
+TOP_MISSES = 3  # the summary names the (at most 3) updates behind 90 % of the squared error when they dominate R²
 
 
 def to_json(t: Tensor) -> float | list[float]:

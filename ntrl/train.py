@@ -134,6 +134,9 @@ def price_check(records: list[dict[str, Any]], name: str = "P") -> dict[str, flo
     rows = [r for r in records if f"{name}/real_delta" in r]
     out = price_agreement(np.array([np.mean(r[f"{name}/pred_delta"]) for r in rows]),
                           np.array([np.mean(r[f"{name}/real_delta"]) for r in rows]))
+    if rows:
+        out["value_scale"] = float(max(np.max(np.abs(r[f"{name}/value"])) for r in rows))
+        out["top_miss_updates"] = [rows[i]["update"] for i in out.pop("top_miss_index", [])]
     if name == "P" and rows:
         scale, _, top = first_order_scale(rows)
         if math.isfinite(scale):
@@ -350,6 +353,10 @@ def price_check_text(pc: dict[str, Any], name: str = "ΔP = η·NTCov_M(P, U)") 
     head = f"Price check over {n} tracked updates: "
     r2, rel = pc.get("r2"), pc.get("median_rel_error")
     good = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+    biggest, scale = pc.get("max_abs_real"), pc.get("value_scale")
+    if good(biggest) and good(scale) and biggest <= STILL * max(scale, 1e-300):
+        return (head + f"P did not change: every realised |ΔP| was at most {biggest:.2g}, rounding of P ≈ {scale:.3g}, "
+                f"so there is nothing for the prediction to explain (a larger --lr, or more updates, would move it).")
     if good(r2):
         shown = f"{r2:.6f}" if abs(r2) < 1e6 else f"{r2:.3g}"
         text = f"the predicted {name} explains R² = {shown} of the realised ΔP"
@@ -363,7 +370,16 @@ def price_check_text(pc: dict[str, Any], name: str = "ΔP = η·NTCov_M(P, U)") 
         text += f", with median relative error {format_percent(rel)}"
     else:
         text += "; no relative error: the realised ΔP was 0 at every update"
+    share, updates = pc.get("top_miss_share"), pc.get("top_miss_updates") or []
+    if good(r2) and r2 < 0.5 and good(rel) and rel < 0.05 and good(share) and share > 0.5 and updates:
+        which = ", ".join(map(str, sorted(updates)))
+        misses = "the largest miss (update" if len(updates) == 1 else f"the {len(updates)} largest misses (updates"
+        text += (f". R² is set by a few large steps: {misses} {which}) make{'s' if len(updates) == 1 else ''} up "
+                 f"{share:.0%} of the squared error, while the typical update is predicted to {format_percent(rel)}")
     return head + text + "." + first_order_text(pc)
+
+
+STILL = 1e-12  # realised changes at most this fraction of |P|: rounding, P did not move
 
 
 def first_order_text(pc: dict[str, Any]) -> str:

@@ -169,7 +169,7 @@ def test_property_flag_repeats(tmp_path, monkeypatch):
                  "--run-name", "p", *FAST]) == 0
     assert json.loads((tmp_path / "runs" / "p" / "config.json").read_text())["property"] == ["action:1", "left=action:0"]
     record = json.loads((tmp_path / "runs" / "p" / "records.jsonl").read_text().splitlines()[0])
-    assert "left/value" in record and "pi_a1/value" in record
+    assert "left/value" in record and "action:1/value" in record
 
 
 def test_rarity_out_is_the_parent_and_seed_and_verbose_are_flags(tmp_path, monkeypatch, capfd):

@@ -42,10 +42,10 @@ def test_cartpole_reinforce_with_builtin_and_user_properties(tmp_path, capsys, e
     recs = read_records(tmp_path / "runs" / "cp")
     assert len(recs) == 4
     for r in recs:
-        for name in ("P", "pi_a1", "left"):
+        for name in ("P", "action:1", "left"):
             for key in ("value", "ntvar_euc", "ntcov_euc", "pred_delta", "real_delta"):
                 assert f"{name}/{key}" in r
-        np.testing.assert_allclose(np.add(r["pi_a1/value"], r["left/value"]), 1.0, atol=1e-12)
+        np.testing.assert_allclose(np.add(r["action:1/value"], r["left/value"]), 1.0, atol=1e-12)
         assert len(r["P/value"]) == 32  # one entry per probe state (--n-probe 32)
 
 

@@ -46,7 +46,7 @@ def test_readme_commands_run(tmp_path):
     assert outputs[1].startswith("PPO on my_env:Corridor-v0")
     assert "prefers_right" in outputs[2] and "event_heads_for_juice" in outputs[2] and "R² =" in outputs[2]
     runs = sorted(p.name for p in (work / "runs").iterdir())
-    assert runs == ["my_env_Corridor-v0-ppo-sb3-seed0", "my_env_Corridor-v0-reinforce-mlp-seed0"]
+    assert runs[0] == "corridor" and runs[1].startswith("my_env_Corridor-v0-ppo-sb3-lr=0.001-seed0-")
     for run in runs:
         summary = json.loads((work / "runs" / run / "summary.json").read_text())
         assert summary["status"] == "finished" and summary["wandb_dir"]

@@ -45,12 +45,12 @@ def test_callback_logs_price_keys_to_offline_wandb(algo, tmp_path):
     assert len(rows) == 4
     for row in rows:
         assert "update" in row and "U" in row
-        for name in ("P", "pi_a0"):
+        for name in ("P", "action:0"):
             for key in PRICE_KEYS:
                 assert f"{name}/{key}" in row, (name, key, sorted(row))
     # π(0) + π(1) = 1 at every probe state: their changes cancel exactly
     for r in cb.records:
-        np.testing.assert_allclose(np.add(r["P/real_delta"], r["pi_a0/real_delta"]), 0, atol=1e-12)
+        np.testing.assert_allclose(np.add(r["P/real_delta"], r["action:0/real_delta"]), 0, atol=1e-12)
     lines = (tmp_path / "records.jsonl").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[0])["update"] == 0
 
@@ -70,7 +70,7 @@ def test_callback_uses_active_wandb_run_with_own_step_metric(tmp_path):
         run.finish()
     rows = read_offline_run(run_dir)["history"]
     assert [r["ntrl/update"] for r in rows] == [0, 1, 2]
-    assert all("ntrl/pi_a1/pred_delta" in r and "ntrl/pi_a1/real_delta" in r for r in rows)
+    assert all("ntrl/action:1/pred_delta" in r and "ntrl/action:1/real_delta" in r for r in rows)
 
 
 def test_actor_adapter_matches_sb3_distribution_and_loss_gradient():

@@ -1,6 +1,6 @@
 """Print what a run measured: for each tracked property, predicted against realised change.
 
-    python show.py runs/my_env_Corridor-v0-reinforce-mlp-seed0
+    python show.py runs/corridor
 """
 
 import json
@@ -11,7 +11,7 @@ import numpy as np
 
 from ntrl.records import read_records
 
-run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/my_env_Corridor-v0-reinforce-mlp-seed0")
+run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/corridor")
 records = read_records(run)
 names = sorted({k.split("/")[0] for r in records for k in r if k.endswith("/real_delta")})
 print(f"{run}: {len(records)} tracked updates")

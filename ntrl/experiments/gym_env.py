@@ -66,9 +66,42 @@ def parse_env_kwargs(text: str | dict) -> dict:
     return kwargs
 
 
-def make_env(env_id: str, env_kwargs: dict | None = None, check: bool = True) -> gym.Env:
-    """``gym.make(env_id, **env_kwargs)`` with one-line ConfigErrors, a Discrete-action check and
-    gymnasium's ``check_env``."""
+def apply_wrappers(env: gym.Env, wrappers: list[str]) -> gym.Env:
+    """Each ``--wrapper MODULE:CALLABLE`` in order, ``env = W(env)``, with one-line errors."""
+    from ntrl.experiments.user_properties import load_object
+
+    for spec in wrappers:
+        wrapper = load_object(spec, "--wrapper")
+        if not callable(wrapper):
+            raise ConfigError("--wrapper", f"{spec} is not callable")
+        try:
+            wrapped = wrapper(env)
+        except Exception as e:
+            raise ConfigError("--wrapper", f"{spec} raised {type(e).__name__} on {env}: {e}") from None
+        if not isinstance(wrapped, gym.Env):
+            raise ConfigError("--wrapper", f"{spec}(env) returned a {type(wrapped).__name__}, not a gymnasium Env")
+        env = wrapped
+    return env
+
+
+def flattenable(space: gym.Space) -> bool:
+    """A Tuple or Dict whose every leaf is a Discrete or a Box: gymnasium's FlattenObservation
+    turns it into one flat Box (one-hot for each Discrete)."""
+    if isinstance(space, (gym.spaces.Discrete, gym.spaces.Box)):
+        return True
+    if isinstance(space, gym.spaces.Tuple):
+        return all(flattenable(s) for s in space.spaces)
+    if isinstance(space, gym.spaces.Dict):
+        return all(flattenable(s) for s in space.spaces.values())
+    return False
+
+
+def make_env(env_id: str, env_kwargs: dict | None = None, check: bool = True, wrappers: list[str] = (),
+             quiet: bool = False) -> gym.Env:
+    """``gym.make(env_id, **env_kwargs)``, then each ``--wrapper`` in order, with one-line
+    ConfigErrors, a Discrete-action check and gymnasium's ``check_env``; a Tuple or Dict of Box and
+    Discrete observations is flattened with gymnasium's FlattenObservation (said on stderr unless
+    ``quiet``)."""
     env_kwargs = env_kwargs or {}
     if ":" in env_id:
         import_user_module(env_id.split(":", 1)[0], "--env")
@@ -82,6 +115,20 @@ def make_env(env_id: str, env_kwargs: dict | None = None, check: bool = True) ->
         raise ConfigError("--env-kwargs", f"{env_id} does not accept these keyword arguments: {e}") from None
     except Exception as e:
         raise ConfigError("--env", f"making {env_id} raised {type(e).__name__}: {e}") from None
+    try:
+        env = apply_wrappers(env, list(wrappers))
+    except BaseException:
+        env.close()
+        raise
+    obs_space = env.observation_space
+    if isinstance(obs_space, (gym.spaces.Tuple, gym.spaces.Dict)) and flattenable(obs_space):
+        env = gym.wrappers.FlattenObservation(env)
+        if not quiet:
+            import sys
+
+            print(f"ntrl: note: {env_id}'s {type(obs_space).__name__} observations are flattened into one "
+                  f"{env.observation_space} (gymnasium.wrappers.FlattenObservation; each Discrete one-hot)",
+                  file=sys.stderr)
     space = env.action_space
     if not isinstance(space, gym.spaces.Discrete):
         env.close()
@@ -91,8 +138,13 @@ def make_env(env_id: str, env_kwargs: dict | None = None, check: bool = True) ->
     if not (isinstance(obs_space, gym.spaces.Discrete)
             or (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1)):
         env.close()
+        image = isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 3
         raise ConfigError("--env", f"{env_id} has observation space {obs_space}; ntrl's policies read Discrete "
-                                   f"or flat (1-D) Box observations (flatten it with a wrapper first)")
+                                   f"or flat (1-D) Box observations" + (
+                                       " (image observations need a CNN policy, which ntrl does not have yet; "
+                                       "--wrapper gymnasium.wrappers:FlattenObservation gives an MLP the pixels)"
+                                       if image else "; flatten them with --wrapper MODULE:CALLABLE, e.g. "
+                                                     "--wrapper gymnasium.wrappers:FlattenObservation"))
     if check:
         from gymnasium.utils.env_checker import check_env
 
@@ -195,6 +247,9 @@ class GymConfig(TrainConfig):
                              f"runs H steps (0: the env's time limit, else {ROLLOUT_HORIZON} sampled and "
                              f"{EXACT_HORIZON} exact)")
     check_env: bool = option(True, "run gymnasium's check_env on the env first")
+    wrapper: list[str] = option(default_factory=list, help="MODULE:CALLABLE applied to the env after gym.make, in "
+                                                           "order (repeat the flag), e.g. "
+                                                           "gymnasium.wrappers:FlattenObservation")
     n_steps: int = option(128, "SB3: rollout length per env (one tracked update per rollout)")
     n_envs: int = option(1, "SB3: number of parallel envs")
     p0: float | None = option(None, "initial probability of the target action (None: uniform over actions)")
@@ -207,6 +262,9 @@ class GymConfig(TrainConfig):
     fisher: bool = TrainConfig.redefault("fisher", False)
 
     def validate(self) -> "GymConfig":
+        self.need(not (self.wrapper and self.mode == "exact"), "wrapper",
+                  "exact mode reads the env's own tabular model (env.unwrapped.P), which wrappers do not change; "
+                  "use --mode sampled with --wrapper")
         if self.lr is None:
             self.lr = DEFAULT_LR.get(self.algo, DEFAULT_LR["reinforce"])
         p0 = self.p0
@@ -241,7 +299,8 @@ class GymConfig(TrainConfig):
 
     def default_run_name(self) -> str:
         env = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.env)
-        return f"{env}-{self.algo}-{self.policy if self.algo == 'reinforce' else 'sb3'}-seed{self.seed}"
+        lr = f"-lr={self.lr:g}" if self.lr is not None else ""  # None: the algorithm's default
+        return f"{env}-{self.algo}-{self.policy if self.algo == 'reinforce' else 'sb3'}{lr}-seed{self.seed}-{self.settings_hash()}"
 
     def torch_dtype(self) -> torch.dtype:
         return torch.float64 if self.dtype == "float64" else torch.float32
@@ -253,10 +312,10 @@ class GymConfig(TrainConfig):
         return exp
 
     def make_env(self) -> gym.Env:
-        return make_env(self.env, parse_env_kwargs(self.env_kwargs), check=self.check_env)
+        return make_env(self.env, parse_env_kwargs(self.env_kwargs), check=self.check_env, wrappers=self.wrapper)
 
     def make_env_unchecked(self) -> gym.Env:
-        return make_env(self.env, parse_env_kwargs(self.env_kwargs), check=False)
+        return make_env(self.env, parse_env_kwargs(self.env_kwargs), check=False, wrappers=self.wrapper, quiet=True)
 
     def build(self) -> Experiment:
         """Env, policy and optimizer; probe states; the properties; the REINFORCE utility.
@@ -301,7 +360,7 @@ class GymConfig(TrainConfig):
         # probe states: a file, a callable, or the agent's own initial rollouts (frozen now)
         rollout_horizon = episode_horizon(raw_env, self.horizon, default=ROLLOUT_HORIZON)
         self.__dict__["rollout_horizon"] = rollout_horizon  # for the summary (not a config field)
-        raw_probes = load_probe_states(self.probe_states, raw_shape, raw_env)
+        raw_probes = load_probe_states(self.probe_states, raw_shape, raw_env, space=raw_env.observation_space)
         if raw_probes is None:
             obs0, _ = raw_env.reset(seed=self.seed)
             policy = policy_for(to_policy_obs(np.asarray(obs0)[None]))

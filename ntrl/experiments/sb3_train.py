@@ -55,7 +55,8 @@ def train_sb3(config: GymConfig, progress: bool = True) -> RunResult:
 
     config.validate()
     model = make_model(config)
-    probes = load_probe_states(config.probe_states, tuple(model.observation_space.shape), None)
+    probes = load_probe_states(config.probe_states, tuple(model.observation_space.shape), None,
+                               space=model.observation_space)
     specs = [f"P=action:{config.target}"] + list(config.property)
     exact = _exact_model(config, specs)
     _check_properties(config, model, specs, probes, exact)  # before any run directory exists

@@ -195,7 +195,7 @@ def parse_property(spec: str, probes: Tensor, n_actions: int, context: RunContex
             raise ConfigError(flag, f"expected action:A with an integer A, got {spec!r}") from None
         if not 0 <= a < n_actions:
             raise ConfigError(flag, f"action {a} is out of range: the env has actions 0..{n_actions - 1}")
-        return ActionProbability(probes, a, name or f"pi_a{a}")
+        return ActionProbability(probes, a, name or body)  # named as the user wrote it: "action:1"
     if body.startswith("event:"):
         pred_spec = body[len("event:"):]
         pred = load_object(pred_spec, flag)
@@ -255,9 +255,31 @@ def check_probe_shape(arr: np.ndarray, obs_shape: tuple, source: str, flag: str 
     return arr
 
 
+def check_probe_range(arr: np.ndarray, space: Any, source: str, flag: str = "--probe-states") -> np.ndarray:
+    """Probe states of a Discrete(n) observation space must be integers in [start, start + n)."""
+    import gymnasium as gym
+
+    if isinstance(space, gym.spaces.Discrete):
+        lo, hi = int(space.start), int(space.start + space.n - 1)
+        if not np.all(np.equal(np.mod(arr, 1), 0)) or arr.min() < lo or arr.max() > hi:
+            bad = arr[(arr < lo) | (arr > hi) | (np.mod(arr, 1) != 0)].ravel()[:3].tolist()
+            raise ConfigError(flag, f"probe states from {source} must be observations of {space}: integers in "
+                                    f"[{lo}, {hi}]; got {bad}")
+    return arr
+
+
 def load_probe_states(spec: str | np.ndarray | Callable, obs_shape: tuple, env: Any = None,
-                      flag: str = "--probe-states") -> np.ndarray | None:
-    """Probe states from an array, a ``.npy`` path or ``MOD:FUNC``; ``None`` for ``rollout``."""
+                      flag: str = "--probe-states", space: Any = None) -> np.ndarray | None:
+    """Probe states from an array, a ``.npy`` path or ``MOD:FUNC``; ``None`` for ``rollout``.
+    ``space``: the env's observation space, whose range they are checked against (Discrete)."""
+    arr = _load_probe_states(spec, obs_shape, env, flag)
+    if arr is None or space is None:
+        return arr
+    source = "the given array" if not isinstance(spec, str) else spec
+    return check_probe_range(arr, space, source, flag)
+
+
+def _load_probe_states(spec: str | np.ndarray | Callable, obs_shape: tuple, env: Any, flag: str) -> np.ndarray | None:
     if spec is None or (isinstance(spec, str) and spec == "rollout"):
         return None
     if isinstance(spec, np.ndarray) or isinstance(spec, Tensor):

@@ -1,0 +1,86 @@
+"""Issue 15, items 4 and 8: the Price sentence when P did not move and when a few steps set R²; the
+DQN message; probe states out of a Discrete space's range; default run names that tell settings
+apart."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ntrl.config import ConfigError
+from ntrl.experiments.bandit import BanditConfig
+from ntrl.experiments.gym_env import GymConfig
+from ntrl.train import describe, price_check, price_check_text, train
+
+
+def test_a_run_whose_p_never_moved_says_so_instead_of_an_r2(tmp_path):
+    """MountainCar: every episode is cut at the horizon with the same return, so the leave-one-out
+    advantages are 0, the gradient is 0 and P does not move; R² would be a number of rounding."""
+    config = GymConfig(env="MountainCar-v0", steps=3, batch_size=3, horizon=40, wandb="disabled", out=str(tmp_path))
+    result = train(config, progress=False)
+    text = describe(result, config)
+    assert "P did not change" in text and "R²" not in text.split("Price check")[1].split(".")[0]
+
+
+def test_r2_set_by_a_few_steps_is_explained():
+    records = [{"update": t, "P/value": 0.3, "P/pred_delta": 1e-3, "P/real_delta": 1e-3 * 1.0007} for t in range(100)]
+    records[40]["P/real_delta"] = 0.2  # one step far outside the first-order regime
+    pc = price_check(records)
+    assert pc["r2"] < 0 and pc["median_rel_error"] < 1e-3 and pc["top_miss_updates"] == [40]
+    text = price_check_text(pc)
+    assert "R² is set by a few large steps: the largest miss (update 40) makes up 100% of the squared error" in text
+
+
+def test_dqn_is_told_that_ntrl_tracks_actor_policies():
+    from stable_baselines3 import DQN
+
+    from ntrl.agents.sb3 import NTCovCallback
+
+    model = DQN("MlpPolicy", "CartPole-v1", learning_starts=10, train_freq=4)
+    with pytest.raises(ValueError, match="tracks policy-gradient .actor. policies.*value-based"):
+        model.learn(50, callback=NTCovCallback())
+
+
+@pytest.mark.parametrize("algo", ["reinforce", "ppo"])
+def test_probe_states_out_of_a_discrete_range_name_probe_states(tmp_path, algo):
+    path = tmp_path / "probes.npy"
+    np.save(path, np.array([0, 3, 99]))
+    extra = {"n_steps": 32} if algo == "ppo" else {}
+    with pytest.raises(ConfigError) as e:
+        train(GymConfig(env="FrozenLake-v1", algo=algo, probe_states=str(path), steps=1, wandb="disabled",
+                        out=str(tmp_path), **extra), progress=False)
+    assert e.value.flag == "--probe-states" and "integers in [0, 15]; got [99]" in e.value.message
+
+
+def test_default_run_names_differ_with_the_settings():
+    a, b, c = BanditConfig(), BanditConfig(steps=500), BanditConfig(lr=0.05)
+    assert len({a.default_run_name(), b.default_run_name(), c.default_run_name()}) == 3
+    assert a.default_run_name() == BanditConfig(out="elsewhere", wandb="disabled").default_run_name()
+    assert c.default_run_name().startswith("bandit-mlp-sgd-exact-p0=0.01-lr=0.05-seed0-")
+
+
+def test_tuple_observations_are_flattened_with_a_note(tmp_path, capfd):
+    config = GymConfig(env="Blackjack-v1", steps=2, batch_size=4, wandb="disabled", out=str(tmp_path), run_name="bj")
+    result = train(config, progress=False)
+    err = capfd.readouterr().err
+    assert "Blackjack-v1's Tuple observations are flattened into one Box(0, 1, (45,)" in err
+    assert result.summary["status"] == "finished" and result.summary["n_probe"] >= 1
+
+
+def test_wrappers_apply_in_order_and_bad_ones_are_one_line(tmp_path, capfd):
+    config = GymConfig(env="Blackjack-v1", wrapper=["gymnasium.wrappers:FlattenObservation"], steps=2, batch_size=4,
+                       wandb="disabled", out=str(tmp_path), run_name="w")
+    assert train(config, progress=False).summary["status"] == "finished"
+    assert "flattened" not in capfd.readouterr().err  # the user's wrapper already made it a Box
+    for wrapper, match in [("math:sqrt", "math:sqrt raised TypeError"), ("math:pi", "math:pi is not callable"),
+                           ("gymnasium.wrappers:RecordEpisodeStatistics", None)]:
+        config = GymConfig(env="CartPole-v1", wrapper=[wrapper], steps=1, batch_size=2, wandb="disabled",
+                           out=str(tmp_path), run_name="c", force=True)
+        if match is None:
+            assert train(config, progress=False).summary["status"] == "finished"
+            continue
+        with pytest.raises(ConfigError) as e:
+            train(config, progress=False)
+        assert e.value.flag == "--wrapper" and match in e.value.message
+    with pytest.raises(ConfigError, match="exact mode reads the env's own tabular model"):
+        GymConfig(env="FrozenLake-v1", mode="exact", wrapper=["gymnasium.wrappers:RecordEpisodeStatistics"]).validate()
