@@ -59,6 +59,7 @@ from ntrl.tracker import to_json
 from ntrl.wandb_sink import WandbSink
 
 __all__ = ["SB3ActorLogits", "NTCovCallback", "rollout_surrogate"]
+SB3_SECTIONS = ("train/", "rollout/", "time/")  # SB3's own logger keys, forwarded into the records
 
 
 class SB3ActorLogits(nn.Module):
@@ -254,6 +255,7 @@ class NTCovCallback(BaseCallback):
         dtheta = self.engine.flatten(params) - self.engine.flatten(old)
         lr = float(self.model.policy.optimizer.param_groups[0]["lr"])
         record.update({"lr": lr, "step_norm": float(dtheta.norm()), "n_grad_steps": self._n_grad_steps()})
+        record.update(self.sb3_metrics())
         # ∇X(θ_old)·Δθ: the first-order prediction of the change the epochs made
         first_order = self.engine.stats_many(self.properties, {}, {"dtheta": dtheta}, old)
         for X, value, st in zip(self.properties, pending["values"], first_order):
@@ -268,12 +270,28 @@ class NTCovCallback(BaseCallback):
         self.records.append(record)
         self._log(record)
 
+    def sb3_metrics(self) -> dict[str, float]:
+        """SB3's own numbers of the rollout and ``train()`` just done, under SB3's names, as its
+        logger (and W&B's SB3 integration) shows them: ``train/*`` (approx_kl, loss, entropy_loss,
+        clip_fraction, ...) from the logger's pending values, and ``rollout/ep_rew_mean`` and
+        ``rollout/ep_len_mean`` over SB3's episode buffer (its last 100 episodes), as SB3 computes them."""
+        out: dict[str, float] = {}
+        for k, v in getattr(self.model.logger, "name_to_value", {}).items():
+            if k.startswith("train/") and isinstance(v, (int, float, np.floating)) and np.isfinite(v):
+                out[k] = float(v)
+        episodes = getattr(self.model, "ep_info_buffer", None) or []
+        if len(episodes):
+            out["rollout/ep_rew_mean"] = float(np.mean([e["r"] for e in episodes]))
+            out["rollout/ep_len_mean"] = float(np.mean([e["l"] for e in episodes]))
+        out["time/total_timesteps"] = int(self.model.num_timesteps)
+        return out
+
     def _log(self, record: dict[str, Any]) -> None:
         from ntrl.records import scalar_items
 
         scalars = dict(scalar_items(record))
         for k, v in scalars.items():
-            if k != "update":
+            if k != "update" and not k.startswith(SB3_SECTIONS):  # SB3 logs its own under their names
                 self.logger.record(f"{self.prefix}/{k}", v)
         if self._writer is not None:
             self._writer.write(record)

@@ -165,6 +165,9 @@ def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
         if "/" in k:
             name, field = k.split("/", 1)
             groups.setdefault(name, {})[field] = v
+    for name in [n for n, fields in groups.items() if "value" not in fields]:  # not a property: SB3's
+        common.update({f"{name}/{f}": v for f, v in groups.pop(name).items()   # train/*, rollout/*, noise/*
+                       if not isinstance(v, (list, dict))})
     rows = []
     for name, fields in groups.items():
         value = fields.get("value")

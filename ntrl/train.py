@@ -134,9 +134,11 @@ def price_check(records: list[dict[str, Any]], name: str = "P") -> dict[str, flo
     rows = [r for r in records if f"{name}/real_delta" in r]
     out = price_agreement(np.array([np.mean(r[f"{name}/pred_delta"]) for r in rows]),
                           np.array([np.mean(r[f"{name}/real_delta"]) for r in rows]))
+    values = [r[f"{name}/value"] for r in rows if f"{name}/value" in r]
+    if values:
+        out["value_scale"] = float(max(np.max(np.abs(v)) for v in values))
     if rows:
-        out["value_scale"] = float(max(np.max(np.abs(r[f"{name}/value"])) for r in rows))
-        out["top_miss_updates"] = [rows[i]["update"] for i in out.pop("top_miss_index", [])]
+        out["top_miss_updates"] = [rows[i].get("update", i) for i in out.pop("top_miss_index", [])]
     if name == "P" and rows:
         scale, _, top = first_order_scale(rows)
         if math.isfinite(scale):

@@ -208,3 +208,31 @@ def test_user_property_failing_midway_in_sb3_keeps_records(tmp_path):
         model.learn(total_timesteps=5 * model.n_steps, callback=cb)
     cb._writer.close()
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c"])
+def test_sb3_runs_look_like_sb3_runs(tmp_path, algo):
+    """Issue 15 item 7: SB3's own metrics in the records and in W&B under SB3's names, the model's
+    hyperparameters in the config (and not REINFORCE's fields), and --threads honoured."""
+    from ntrl.experiments.gym_env import GymConfig
+    from ntrl.experiments.sb3_train import train_sb3
+
+    config = GymConfig(env="CartPole-v1", algo=algo, steps=3, n_steps=64, threads=2, wandb="offline",
+                       out=str(tmp_path), run_name="r")
+    try:
+        result = train_sb3(config, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    records = [json.loads(line) for line in (tmp_path / "r" / "records.jsonl").read_text().splitlines()]
+    own = {"train/policy_gradient_loss", "train/approx_kl", "train/clip_fraction"} if algo == "ppo" else {"train/policy_loss"}
+    want = {"train/value_loss", "train/entropy_loss", "rollout/ep_rew_mean", "rollout/ep_len_mean",
+            "time/total_timesteps"} | own
+    assert want <= set(records[-1])
+    assert records[-1]["time/total_timesteps"] == records[-1]["timesteps"]
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["sb3"]["algo_class"] == algo.upper() and saved["sb3"]["n_steps"] == 64 and saved["sb3"]["gamma"] == 0.99
+    assert not {"optimizer", "p0", "baseline", "batch_size", "policy"} & set(saved)
+    logged = read_offline_run(result.wandb_dir)
+    assert logged["config"]["sb3"]["algo_class"] == algo.upper()
+    assert want <= set(logged["history"][-1])

@@ -54,6 +54,7 @@ def train_sb3(config: GymConfig, progress: bool = True) -> RunResult:
     from ntrl.experiments.user_properties import load_probe_states
 
     config.validate()
+    torch.set_num_threads(config.threads)  # as for REINFORCE: tiny networks, extra threads only contend
     model = make_model(config)
     probes = load_probe_states(config.probe_states, tuple(model.observation_space.shape), None,
                                space=model.observation_space)
@@ -61,8 +62,9 @@ def train_sb3(config: GymConfig, progress: bool = True) -> RunResult:
     exact = _exact_model(config, specs)
     _check_properties(config, model, specs, probes, exact)  # before any run directory exists
     run_dir = prepare_run_dir(config)
-    write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
-    sink = WandbSink(run_dir, config.to_dict(), mode=config.wandb, name=run_dir.name, group=config.group,
+    recorded = sb3_config(config, model)
+    write_json_atomic(run_dir / CONFIG_FILE, recorded)
+    sink = WandbSink(run_dir, recorded, mode=config.wandb, name=run_dir.name, group=config.group,
                      **config.wandb_settings())
     callback = NTCovCallback(properties=specs, probe_states="rollout" if probes is None else probes,
                              n_probe=config.n_probe, track_every=config.track_every, sink=sink,
@@ -107,6 +109,38 @@ def train_sb3(config: GymConfig, progress: bool = True) -> RunResult:
     return RunResult(run_dir, summary, summary["wandb_dir"], f"a={config.target}")
 
 
+SB3_HYPERPARAMETERS = ("learning_rate", "n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda", "clip_range",
+                       "clip_range_vf", "normalize_advantage", "ent_coef", "vf_coef", "max_grad_norm", "use_sde",
+                       "target_kl", "rms_prop_eps", "use_rms_prop", "n_envs", "seed", "device")
+
+
+def sb3_hyperparameters(model) -> dict[str, Any]:
+    """The model's hyperparameters as SB3 holds them (schedules at the start of training), its
+    class, policy class and network."""
+    out: dict[str, Any] = {"algo_class": type(model).__name__, "policy_class": type(model.policy).__name__,
+                           "net_arch": getattr(model.policy, "net_arch", None),
+                           "activation_fn": getattr(getattr(model.policy, "activation_fn", None), "__name__", None),
+                           "optimizer_class": type(model.policy.optimizer).__name__}
+    for name in SB3_HYPERPARAMETERS:
+        if not hasattr(model, name):
+            continue
+        value = getattr(model, name)
+        if callable(value):
+            value = value(1.0)  # a schedule, at progress_remaining = 1
+        out[name] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+    return out
+
+
+def sb3_config(config: GymConfig, model) -> dict[str, Any]:
+    """What a PPO/A2C run records as its config: the flags that apply to it (not REINFORCE's own)
+    and SB3's hyperparameters under ``sb3``."""
+    from ntrl.experiments.gym_env import REINFORCE_ONLY
+
+    out = {k: v for k, v in config.to_dict().items() if k not in REINFORCE_ONLY}
+    out["sb3"] = sb3_hyperparameters(model)
+    return out
+
+
 def _exact_model(config: GymConfig, specs: list) -> Any:
     """The toy-text model for a ``return`` property (SB3's policy reads raw Discrete observations)."""
     if "return" not in [str(sp).split("=", 1)[-1] for sp in specs]:
@@ -138,7 +172,8 @@ def _check_properties(config: GymConfig, model, specs: list, probes, exact) -> N
 
 
 def _price_check_sgd(records: list[dict[str, Any]], name: str) -> dict[str, float]:
-    renamed = [{f"{name}/pred_delta": r[f"{name}/pred_delta_sgd"], f"{name}/real_delta": r[f"{name}/real_delta"]}
+    renamed = [{"update": r["update"], f"{name}/value": r[f"{name}/value"],
+                f"{name}/pred_delta": r[f"{name}/pred_delta_sgd"], f"{name}/real_delta": r[f"{name}/real_delta"]}
                for r in records if f"{name}/pred_delta_sgd" in r]
     return price_check(renamed, name)
 
