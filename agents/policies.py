@@ -100,7 +100,12 @@ class EscortPolicy(nn.Module):
 
 
 class MLPPolicy(nn.Module):
-    """z = MLP(obs): ``depth`` hidden layers of ``width`` units with the chosen activation."""
+    """z = MLP(obs): ``depth`` hidden layers of ``width`` units with the chosen activation.
+
+    With ``one_hot_states = n`` the observations are the integer indices of a Discrete(n) space,
+    shape (N,) or (N, 1), and the network reads their one-hot encoding (``obs_dim`` must be n): every
+    property, event and probe state then sees the env's own observations, as on every other path.
+    """
 
     def __init__(
         self,
@@ -110,6 +115,7 @@ class MLPPolicy(nn.Module):
         depth: int = 2,
         activation: str = "tanh",
         dtype: torch.dtype = torch.float64,
+        one_hot_states: int | None = None,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -124,9 +130,19 @@ class MLPPolicy(nn.Module):
         layers.append(nn.Linear(d, n_actions, dtype=dtype))
         self.net = nn.Sequential(*layers)
         self.n_actions = n_actions
+        if one_hot_states is not None and one_hot_states != obs_dim:
+            raise ValueError(f"one_hot_states ({one_hot_states}) must equal obs_dim ({obs_dim})")
+        self.one_hot_states = one_hot_states
+
+    def encode(self, obs: Tensor, dtype: torch.dtype) -> Tensor:
+        """The network's input: the observations, or the one-hot of Discrete indices."""
+        if self.one_hot_states is None:
+            return obs.to(dtype)
+        n = obs.shape[0] if obs.ndim > 0 else 1
+        return torch.nn.functional.one_hot(obs.reshape(n, -1)[:, 0].long(), self.one_hot_states).to(dtype)
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.net(obs.to(self.net[0].weight.dtype))
+        return self.net(self.encode(obs, self.net[0].weight.dtype))
 
     @property
     def output_layer(self) -> nn.Linear:
@@ -165,6 +181,7 @@ def make_policy(
     dtype: torch.dtype = torch.float64,
     start: Sequence[float] | None = None,
     escort_q: float = ESCORT_Q,
+    one_hot_states: int | None = None,
 ) -> nn.Module:
     """Build a policy of ``kind`` whose π(target | reference_obs) = p₀ (and π(·|reference_obs) =
     ``start`` when a start vector is given; :func:`initial_logits`).
@@ -198,7 +215,7 @@ def make_policy(
                 pi = torch.softmax(z0, dim=0)
                 policy.theta.copy_(torch.exp(torch.log(pi) / escort_q).expand(n_states, n_actions))
         else:
-            policy = MLPPolicy(obs_dim, n_actions, width, depth, activation, dtype=dtype)
+            policy = MLPPolicy(obs_dim, n_actions, width, depth, activation, dtype=dtype, one_hot_states=one_hot_states)
             with torch.no_grad():
                 z = policy(torch.as_tensor(reference_obs)).to(torch.float64).mean(dim=0)
                 out = policy.output_layer

@@ -46,9 +46,12 @@ def test_probe_states_out_of_a_discrete_range_name_probe_states(tmp_path, algo):
     path = tmp_path / "probes.npy"
     np.save(path, np.array([0, 3, 99]))
     extra = {"n_steps": 32} if algo == "ppo" else {}
+    from ntrl.experiments.sb3_train import train_sb3
+
+    run = train_sb3 if algo == "ppo" else train
     with pytest.raises(ConfigError) as e:
-        train(GymConfig(env="FrozenLake-v1", algo=algo, probe_states=str(path), steps=1, wandb="disabled",
-                        out=str(tmp_path), **extra), progress=False)
+        run(GymConfig(env="FrozenLake-v1", algo=algo, probe_states=str(path), steps=1, wandb="disabled",
+                      out=str(tmp_path), **extra), progress=False)
     assert e.value.flag == "--probe-states" and "integers in [0, 15]; got [99]" in e.value.message
 
 
@@ -84,3 +87,55 @@ def test_wrappers_apply_in_order_and_bad_ones_are_one_line(tmp_path, capfd):
         assert e.value.flag == "--wrapper" and match in e.value.message
     with pytest.raises(ConfigError, match="exact mode reads the env's own tabular model"):
         GymConfig(env="FrozenLake-v1", mode="exact", wrapper=["gymnasium.wrappers:RecordEpisodeStatistics"]).validate()
+
+
+PROPS = '''
+import torch
+
+def right_at_start(view, probe_states):
+    # the env's own observations: integer state indices, on every path
+    assert not torch.is_floating_point(probe_states) and probe_states.ndim == 1, probe_states
+    return view.probs(torch.tensor([0]))[0, 2]
+
+def going_down(obs, action):
+    assert int(obs) == obs, obs
+    return action == 1
+'''
+
+
+@pytest.mark.parametrize("policy, algo", [("mlp", "reinforce"), ("tabular", "reinforce"), ("mlp", "ppo")])
+def test_properties_see_the_envs_own_observations_on_every_path(tmp_path, monkeypatch, policy, algo):
+    """Issue 15 item 5: on a Discrete observation space the REINFORCE MLP one-hot encodes the
+    indices itself, so a property, an event and the probe states get raw indices there too."""
+    module = f"frozen_props_{policy}_{algo}"  # one module per case: a second import of one name is refused
+    (tmp_path / f"{module}.py").write_text(PROPS)
+    monkeypatch.chdir(tmp_path)
+    extra = {"n_steps": 32} if algo == "ppo" else {"batch_size": 4}
+    config = GymConfig(env="FrozenLake-v1", policy=policy, algo=algo, steps=2, wandb="disabled", out=str(tmp_path),
+                       property=[f"{module}:right_at_start", f"event:{module}:going_down"], **extra)
+    from ntrl.experiments.sb3_train import train_sb3
+
+    result = (train_sb3 if algo == "ppo" else train)(config, progress=False)
+    records = result.records
+    assert records and {"right_at_start/value", "event_going_down/value"} <= set(records[0])
+    with pytest.raises(ConfigError, match="trains through Stable-Baselines3"):
+        train(GymConfig(env="FrozenLake-v1", algo="ppo", wandb="disabled", out=str(tmp_path)), progress=False)
+
+
+def test_the_mlp_on_discrete_observations_matches_its_one_hot_network():
+    """The MLP's own encoding equals feeding its network the one-hot vectors (what FlattenObservation
+    gave before), and the structured backend agrees with the torch.func reference on it."""
+    import torch
+
+    from ntrl.agents.policies import make_policy
+    from ntrl.engine.tangent import TangentEngine
+    from ntrl.properties import ActionProbability
+
+    idx = torch.tensor([0, 3, 7, 15])
+    policy = make_policy("mlp", 16, 4, 1, 0.2, idx[:1], seed=3, n_states=16, width=8, one_hot_states=16)
+    direct = policy.net(torch.nn.functional.one_hot(idx, 16).to(torch.float64))
+    assert torch.equal(policy(idx), direct)
+    X = ActionProbability(idx, 2, "P")
+    a, b = TangentEngine(policy, dtype=torch.float64), TangentEngine(policy, dtype=torch.float64, backend="reference")
+    assert a.structured is not None
+    torch.testing.assert_close(a.ntvar(X), b.ntvar(X), rtol=1e-12, atol=0)

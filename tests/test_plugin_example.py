@@ -50,5 +50,5 @@ def test_readme_commands_run(tmp_path):
     for run in runs:
         summary = json.loads((work / "runs" / run / "summary.json").read_text())
         assert summary["status"] == "finished" and summary["wandb_dir"]
-    ppo = [json.loads(x) for x in (work / "runs" / runs[0] / "records.jsonl").read_text().splitlines()]
+    ppo = [json.loads(x) for x in (work / "runs" / runs[1] / "records.jsonl").read_text().splitlines()]
     assert len(ppo) == 4 and "right_minus_left/pred_delta_sgd" in ppo[0]

@@ -267,7 +267,10 @@ class StructuredBackend:
             return self._trace_table(spec, params, obs, dtype)
 
     def _trace_sequential(self, spec: PerState, params: ParamDict, obs: Tensor, dtype) -> Trace:
-        x = obs if (obs.is_floating_point() or self.prefix != "mlp") else obs.to(dtype)  # as MLPPolicy.forward
+        if self.prefix == "mlp":  # as MLPPolicy.forward: its encoding of the observations
+            x = self.module.encode(obs, dtype)
+        else:
+            x = obs
         outputs, records = [], []
         for step in self.steps:
             if isinstance(step, _Act):

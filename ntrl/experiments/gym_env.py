@@ -326,6 +326,9 @@ class GymConfig(TrainConfig):
         prebuilt = self.__dict__.pop("_prebuilt", None)
         if prebuilt is not None:
             return prebuilt
+        if self.algo != "reinforce":  # ntrl.train.train runs ntrl's REINFORCE loop only
+            raise ConfigError("--algo", f"{self.algo} trains through Stable-Baselines3: call "
+                                        f"ntrl.experiments.sb3_train.train_sb3(config) (ntrl train does), not train()")
         raw_env = self.make_env()
         n_actions = int(raw_env.action_space.n)
         self.need(self.target < n_actions, "target", f"the env has actions 0..{n_actions - 1}, got {self.target}")
@@ -335,19 +338,18 @@ class GymConfig(TrainConfig):
                                           f"{raw_env.observation_space}; use --policy mlp")
         if self.policy == "single_logit" and n_actions != 2:
             raise ConfigError("--policy", f"single_logit needs 2 actions; {self.env} has {n_actions}")
+        # on a Discrete space the MLP one-hot encodes the indices itself: rollouts, probe states,
+        # properties and events all see the env's own observations, as with the tabular policy and SB3
         one_hot = discrete_obs and self.policy == "mlp"
-        # gymnasium's FlattenObservation turns Discrete(n) into its one-hot Box
-        env = gym.wrappers.FlattenObservation(raw_env) if one_hot else raw_env
+        env = raw_env
         raw_shape = tuple(raw_env.observation_space.shape)
-        obs_dim = int(np.prod(env.observation_space.shape)) if env.observation_space.shape else 1
         n_states = int(raw_env.observation_space.n) if discrete_obs else 1
+        obs_dim = n_states if one_hot else (int(np.prod(raw_shape)) if raw_shape else 1)
         dtype = self.torch_dtype()
         p0 = self.p0 if self.p0 is not None else 1.0 / n_actions
         context = RunContext(run=self.run_name or self.default_run_name())
 
         def to_policy_obs(raw: np.ndarray) -> torch.Tensor:
-            if one_hot:
-                return torch.as_tensor(np.eye(n_states, dtype=np.float32)[raw.astype(np.int64)])
             if discrete_obs:
                 return torch.as_tensor(raw.astype(np.int64))
             return torch.as_tensor(raw)
@@ -355,7 +357,8 @@ class GymConfig(TrainConfig):
         def policy_for(reference: torch.Tensor) -> nn.Module:
             return make_policy(self.policy, obs_dim=obs_dim, n_actions=n_actions, target=self.target, p0=p0,
                                reference_obs=reference, seed=self.seed, n_states=n_states, width=self.width,
-                               depth=self.depth, activation=self.activation, dtype=dtype)
+                               depth=self.depth, activation=self.activation, dtype=dtype,
+                               one_hot_states=n_states if one_hot else None)
 
         # probe states: a file, a callable, or the agent's own initial rollouts (frozen now)
         rollout_horizon = episode_horizon(raw_env, self.horizon, default=ROLLOUT_HORIZON)
@@ -367,8 +370,6 @@ class GymConfig(TrainConfig):
             batch = collect_episodes(env, policy, max(1, self.batch_size), np.random.default_rng(self.seed + 1),
                                      baseline="none", max_steps=rollout_horizon)
             visited = batch.obs.numpy()
-            if one_hot:
-                visited = visited.argmax(axis=-1)
             raw_probes = sample_rows(visited, self.n_probe, self.seed)
         if discrete_obs:
             if not np.all((raw_probes >= 0) & (raw_probes < n_states) & (raw_probes == np.round(raw_probes))):
@@ -379,7 +380,7 @@ class GymConfig(TrainConfig):
         optimizer = make_optimizer(self.optimizer, policy, self.lr, **self.optimizer_kwargs())
 
         wants_return = "return" in [s.split("=", 1)[-1] for s in self.property if isinstance(s, str)]
-        model = (tabular_model(raw_env, episode_horizon(raw_env, self.horizon), one_hot)
+        model = (tabular_model(raw_env, episode_horizon(raw_env, self.horizon), one_hot=False)
                  if self.mode == "exact" or wants_return else None)
         if self.mode == "exact" and model is None:
             raise ConfigError("--mode", f"exact needs a tabular model (env.unwrapped.P, as in gymnasium's toy-text "
