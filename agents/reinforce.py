@@ -162,6 +162,14 @@ def collect_episodes(
         all_obs.append(ep_obs)
         all_act.append(ep_act)
         all_rew.append(ep_rew)
+    return episode_batch(all_obs, all_act, all_rew, n_cut, gamma, baseline)
+
+
+def episode_batch(all_obs: list, all_act: list, all_rew: list, n_cut: int, gamma: float = 1.0,
+                  baseline: str = "loo") -> EpisodeBatch:
+    """The EpisodeBatch of B episodes given as per-episode lists of observations, actions and
+    rewards: rewards-to-go, advantages (:func:`advantages`), flattened in episode order."""
+    n_episodes = len(all_rew)
     lengths = [len(r) for r in all_rew]
     R_pad = np.zeros((n_episodes, max(lengths)))
     for i, r in enumerate(all_rew):
@@ -178,6 +186,138 @@ def collect_episodes(
         n_cut=n_cut,
         undiscounted_returns=R_pad.sum(axis=1),
         episode=torch.as_tensor(np.repeat(np.arange(n_episodes), lengths)),
+    )
+
+
+NUMPY_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "tanh": np.tanh,
+    "relu": lambda x: np.maximum(x, 0.0),
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+    "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
+    "softplus": lambda x: np.where(x > 20.0, x, np.log1p(np.exp(np.minimum(x, 20.0)))),  # torch's threshold 20
+}
+
+
+def numpy_policy(policy: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """obs → π(·|o) (float64) at the policy's current parameters, for drawing actions: for an ntrl
+    MLP without hooks the same layers in numpy (float64; a tiny network's pass is about 2.5× faster
+    than through torch modules), else one no-grad torch pass. The parameters are read once, so
+    build it again after they change. Probabilities agree with torch's to rounding."""
+    from ntrl.agents.policies import ACTIVATIONS, MLPPolicy
+
+    activation = None
+    if type(policy) is MLPPolicy and not any(m._forward_hooks or m._forward_pre_hooks for m in policy.modules()):
+        acts = [type(m) for m in policy.net if not isinstance(m, nn.Linear)]
+        names = [k for k, cls in ACTIVATIONS.items() if acts and all(a is cls for a in acts)]
+        activation = NUMPY_ACTIVATIONS.get(names[0]) if names else (np.tanh if not acts else None)
+    if activation is None:
+        def torch_probs(obs: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return torch.softmax(policy(torch.as_tensor(obs)).to(torch.float64), dim=-1).numpy()
+
+        return torch_probs
+    layers = [(m.weight.detach().to(torch.float64).numpy().T.copy(), m.bias.detach().to(torch.float64).numpy().copy())
+              for m in policy.net if isinstance(m, nn.Linear)]
+    n_states = policy.one_hot_states
+
+    def probs(obs: np.ndarray) -> np.ndarray:
+        x = np.asarray(obs)
+        if n_states is not None:
+            x = np.eye(n_states)[x.reshape(len(x), -1)[:, 0].astype(np.int64)]
+        z = x.astype(np.float64)
+        for i, (W, b) in enumerate(layers):
+            z = z @ W + b
+            if i < len(layers) - 1:
+                z = activation(z)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+    return probs
+
+
+def collect_episodes_vector(
+    venv: gym.vector.VectorEnv,
+    policy: nn.Module,
+    n_episodes: int,
+    rng: np.random.Generator,
+    gamma: float = 1.0,
+    baseline: str = "loo",
+    max_steps: int = 100_000,
+) -> EpisodeBatch:
+    """:func:`collect_episodes` through a gymnasium vector env of n sub-environments, with one
+    batched forward pass of the policy per vector step (actions drawn by ``rng``, one uniform per
+    sub-environment). The vector env must reset an ended sub-environment in the same step
+    (``AutoresetMode.SAME_STEP``).
+
+    Exactly B episodes are started: each sub-environment whose episode ends (or is cut at
+    ``max_steps``, then reset) starts the next one, until B have started, and the batch ends when
+    every started episode has ended. So every episode is a whole, independent one and the batch is
+    distributed as B episodes of the single-env path (stopping at the first B episodes to finish,
+    and dropping the rest, would favour short ones). A sub-environment with no episode left idles;
+    its steps are not recorded. Every sub-environment is reset at the start of the batch. The
+    transitions are kept as (step, sub-environment) arrays and sorted into episodes once, at the end."""
+    n = venv.num_envs
+    slot = np.arange(n)  # the batch episode each sub-environment runs; ≥ n_episodes: idle
+    started = n
+    steps = np.zeros(n, dtype=np.int64)
+    obs_steps, act_steps, rew_steps, eid_steps = [], [], [], []
+    n_cut = 0
+    obs, _ = venv.reset()
+    pi = numpy_policy(policy)  # θ is fixed while the batch is collected
+    while (slot < n_episodes).any():
+        actions = sample_actions(pi(obs), rng)
+        nxt, reward, terminated, truncated, _ = venv.step(actions)
+        obs_steps.append(np.asarray(obs))
+        act_steps.append(actions)
+        rew_steps.append(np.asarray(reward, dtype=np.float64))
+        eid_steps.append(np.where(slot < n_episodes, slot, -1))
+        steps += 1
+        ended = np.asarray(terminated) | np.asarray(truncated)
+        cut = ~ended & (steps >= max_steps) & (slot < n_episodes)
+        done = (ended | cut) & (slot < n_episodes)
+        n_cut += int(cut.sum())
+        steps[ended | cut] = 0
+        for j in np.flatnonzero(done):  # the next episode of the batch, to whichever env is free
+            slot[j] = started
+            started += 1
+        if cut.any():  # an episode cut at the horizon: start that sub-environment afresh
+            nxt, _ = venv.reset(options={"reset_mask": cut})
+        obs = nxt
+    eid = np.stack(eid_steps)  # (T, n)
+    t_idx = np.broadcast_to(np.arange(eid.shape[0])[:, None], eid.shape)
+    keep = eid.reshape(-1) >= 0
+    order = np.lexsort((t_idx.reshape(-1)[keep], eid.reshape(-1)[keep]))  # by episode, then time
+    flat = lambda steps_: np.stack(steps_).reshape(eid.size, *np.shape(steps_[0])[1:])[keep][order]  # noqa: E731
+    return batch_from_transitions(flat(obs_steps), flat(act_steps), flat(rew_steps), eid.reshape(-1)[keep][order],
+                                  n_episodes, n_cut, gamma, baseline)
+
+
+def batch_from_transitions(obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, episode: np.ndarray,
+                           n_episodes: int, n_cut: int, gamma: float = 1.0, baseline: str = "loo") -> EpisodeBatch:
+    """The EpisodeBatch of transitions already in episode order (``episode``: each one's episode,
+    non-decreasing, every episode 0..B−1 present), as :func:`episode_batch` makes it, in arrays."""
+    lengths = np.bincount(episode, minlength=n_episodes)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    pos = np.arange(len(episode)) - starts[episode]
+    R_pad = np.zeros((n_episodes, int(lengths.max())))
+    R_pad[episode, pos] = rewards
+    G_pad = rewards_to_go(R_pad, gamma)
+    identical = False
+    if (lengths == lengths[0]).all():  # the same actions from the same observations in every episode
+        L = int(lengths[0])
+        a = actions.reshape(n_episodes, L)
+        o = obs.reshape(n_episodes, L, -1)
+        identical = bool((a == a[:1]).all() and (o == o[:1]).all())
+    A_pad = advantages(G_pad, baseline, identical)
+    return EpisodeBatch(
+        obs=torch.as_tensor(obs),
+        actions=torch.as_tensor(actions, dtype=torch.long),
+        advantages=torch.as_tensor(A_pad[episode, pos], dtype=torch.float64),
+        episode_returns=G_pad[:, 0].copy(),
+        n_episodes=n_episodes,
+        n_cut=n_cut,
+        undiscounted_returns=R_pad.sum(axis=1),
+        episode=torch.as_tensor(episode),
     )
 
 
@@ -222,9 +362,10 @@ def sampled_gradient(
     gamma: float = 1.0,
     max_steps: int = 100_000,
 ) -> UtilityGradient:
-    """Collect a batch (episodes cut at ``max_steps``) and return the surrogate, its gradient and
-    the visited states."""
-    batch = collect_episodes(env, engine.module, n_episodes, rng, gamma=gamma, baseline=baseline, max_steps=max_steps)
+    """Collect a batch (episodes cut at ``max_steps``; through :func:`collect_episodes_vector` when
+    ``env`` is a vector env) and return the surrogate, its gradient and the visited states."""
+    collect = collect_episodes_vector if isinstance(env, gym.vector.VectorEnv) else collect_episodes
+    batch = collect(env, engine.module, n_episodes, rng, gamma=gamma, baseline=baseline, max_steps=max_steps)
     U = surrogate_utility(batch)
     value, g = engine.value_and_gradient(U)
     w = torch.full((batch.obs.shape[0],), 1.0 / batch.obs.shape[0], dtype=torch.float64)

@@ -51,7 +51,7 @@ DEFAULT_LR = {"reinforce": 0.01, "ppo": 3e-4, "a2c": 7e-4}
 # Flags of ntrl's REINFORCE loop that SB3's algorithms do not use.
 REINFORCE_ONLY = ("optimizer", "p0", "baseline", "batch_size", "policy", "npg_damping", "fisher", "dtype", "mode",
                   "stop_at_p", "stop_below_p", "track_per_decade", "adam_beta1", "adam_beta2", "adam_eps",
-                  "price_scales", "noise")
+                  "price_scales", "noise", "vector_mode")
 
 
 def parse_env_kwargs(text: str | dict) -> dict:
@@ -251,7 +251,10 @@ class GymConfig(TrainConfig):
                                                            "order (repeat the flag), e.g. "
                                                            "gymnasium.wrappers:FlattenObservation")
     n_steps: int = option(128, "SB3: rollout length per env (one tracked update per rollout)")
-    n_envs: int = option(1, "SB3: number of parallel envs")
+    n_envs: int = option(1, "parallel envs: SB3's, and REINFORCE's rollouts through a gymnasium vector env "
+                            "(one batched forward pass per vector step)")
+    vector_mode: Literal["sync", "async"] = option("sync", "REINFORCE's vector env: sync (one process) or async "
+                                                          "(a process per env, for slow envs)")
     p0: float | None = option(None, "initial probability of the target action (None: uniform over actions)")
     lr: float | None = option(None, "learning rate η > 0 (None: 0.01 for reinforce; SB3's own 3e-4 for ppo, "
                                     "7e-4 for a2c)")
@@ -316,6 +319,16 @@ class GymConfig(TrainConfig):
 
     def make_env_unchecked(self) -> gym.Env:
         return make_env(self.env, parse_env_kwargs(self.env_kwargs), check=False, wrappers=self.wrapper, quiet=True)
+
+    def make_vector_env(self) -> gym.vector.VectorEnv:
+        """``n_envs`` copies of the env (wrappers and all) as a gymnasium vector env that resets an
+        ended sub-environment in the same step (what :func:`ntrl.agents.reinforce.collect_episodes_vector`
+        reads), sync or async."""
+        from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
+
+        fns = [self.make_env_unchecked] * self.n_envs
+        cls = AsyncVectorEnv if self.vector_mode == "async" else SyncVectorEnv
+        return cls(fns, autoreset_mode=AutoresetMode.SAME_STEP)
 
     def build(self) -> Experiment:
         """Env, policy and optimizer; probe states; the properties; the REINFORCE utility.
@@ -392,12 +405,17 @@ class GymConfig(TrainConfig):
 
         check_properties(TangentEngine(policy, dtype=torch.float64), properties)
 
+        rollout_env = env
+        if self.mode == "sampled":  # rollouts through a vector env; the probe rollouts above used env
+            env.close()
+            rollout_env = env = self.make_vector_env()
+
         def utility(engine, rng):
             context.step = 0 if context.step is None else context.step + 1
             if self.mode == "exact":
                 return exact_gradient(engine, model)
-            return sampled_gradient(engine, env, self.batch_size, rng, baseline=self.baseline, gamma=self.gamma,
-                                    max_steps=rollout_horizon)
+            return sampled_gradient(engine, rollout_env, self.batch_size, rng, baseline=self.baseline,
+                                    gamma=self.gamma, max_steps=rollout_horizon)
 
         return Experiment(
             env=env, policy=policy, optimizer=optimizer, properties=properties,
