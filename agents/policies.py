@@ -26,7 +26,7 @@ ACTIVATIONS = {
     "elu": nn.ELU,
     "softplus": nn.Softplus,
 }
-POLICY_KINDS = ("single_logit", "tabular", "mlp", "escort")
+POLICY_KINDS = ("single_logit", "tabular", "mlp", "escort", "cnn")
 ESCORT_Q = 2.0  # the escort exponent q of π_a ∝ |θ_a|^q (Mei et al.'s default)
 
 
@@ -149,6 +149,44 @@ class MLPPolicy(nn.Module):
         return self.net[-1]
 
 
+class CNNPolicy(nn.Module):
+    """z = MLP head(conv stack(obs)) for image observations of shape (N, H, W, C):
+
+        x = obs / 255 (uint8 images) or obs (floats), as (N, C, H, W)
+        → Conv2d(C, 16, 3, stride 2, padding 1) → act → Conv2d(16, 32, 3, stride 2, padding 1) → act
+        → flatten → Linear(width) → act → Linear(K)
+
+    Small on purpose (the tangent engine answers it through its torch.func reference backend,
+    which forms ∂z/∂θ for every probe state; the structured backend covers Linear stacks only).
+    """
+
+    def __init__(self, obs_shape: tuple[int, int, int], n_actions: int, width: int = 64, activation: str = "tanh",
+                 dtype: torch.dtype = torch.float64, pixel_scale: float = 255.0):
+        super().__init__()
+        if len(obs_shape) != 3 or min(obs_shape) < 1:
+            raise ValueError(f"the CNN policy reads images of shape (H, W, C); got observations of shape {obs_shape}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        H, W, C = obs_shape
+        act = ACTIVATIONS[activation]
+        self.conv = nn.Sequential(nn.Conv2d(C, 16, 3, stride=2, padding=1, dtype=dtype), act(),
+                                  nn.Conv2d(16, 32, 3, stride=2, padding=1, dtype=dtype), act())
+        h, w = (H + 1) // 2, (W + 1) // 2
+        h, w = (h + 1) // 2, (w + 1) // 2
+        self.head = nn.Sequential(nn.Linear(32 * h * w, width, dtype=dtype), act(), nn.Linear(width, n_actions, dtype=dtype))
+        self.obs_shape, self.n_actions, self.pixel_scale = tuple(obs_shape), n_actions, float(pixel_scale)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        dtype = self.head[0].weight.dtype
+        x = obs.reshape(-1, *self.obs_shape)
+        x = x.to(dtype) / self.pixel_scale if not obs.is_floating_point() else x.to(dtype)
+        return self.head(self.conv(x.permute(0, 3, 1, 2)).flatten(1))
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.head[-1]
+
+
 def initial_logits(p0: float, target: int, n_actions: int, start: Sequence[float] | None = None) -> Tensor:
     """Logits (float64) whose softmax gives the target p₀ and splits 1 − p₀ evenly over the rest,
     or, given ``start`` (K probabilities summing to 1, start[target] = p₀), z = log start."""
@@ -182,6 +220,7 @@ def make_policy(
     start: Sequence[float] | None = None,
     escort_q: float = ESCORT_Q,
     one_hot_states: int | None = None,
+    obs_shape: tuple[int, ...] | None = None,
 ) -> nn.Module:
     """Build a policy of ``kind`` whose π(target | reference_obs) = p₀ (and π(·|reference_obs) =
     ``start`` when a start vector is given; :func:`initial_logits`).
@@ -215,7 +254,13 @@ def make_policy(
                 pi = torch.softmax(z0, dim=0)
                 policy.theta.copy_(torch.exp(torch.log(pi) / escort_q).expand(n_states, n_actions))
         else:
-            policy = MLPPolicy(obs_dim, n_actions, width, depth, activation, dtype=dtype, one_hot_states=one_hot_states)
+            if kind == "cnn":
+                if obs_shape is None or len(obs_shape) != 3:
+                    raise ValueError(f"the cnn policy reads image observations (H, W, C); got shape {obs_shape}")
+                policy = CNNPolicy(tuple(obs_shape), n_actions, width, activation, dtype=dtype)
+            else:
+                policy = MLPPolicy(obs_dim, n_actions, width, depth, activation, dtype=dtype,
+                                   one_hot_states=one_hot_states)
             with torch.no_grad():
                 z = policy(torch.as_tensor(reference_obs)).to(torch.float64).mean(dim=0)
                 out = policy.output_layer

@@ -139,3 +139,44 @@ def test_the_mlp_on_discrete_observations_matches_its_one_hot_network():
     a, b = TangentEngine(policy, dtype=torch.float64), TangentEngine(policy, dtype=torch.float64, backend="reference")
     assert a.structured is not None
     torch.testing.assert_close(a.ntvar(X), b.ntvar(X), rtol=1e-12, atol=0)
+
+
+def _dot_image_env():
+    """A one-step env whose observation is an 8×8 RGB image with a white dot on the left or the
+    right; action 1 is rewarded when the dot is on the right, action 0 when it is on the left."""
+    import gymnasium as gym
+
+    class Env(gym.Env):
+        observation_space = gym.spaces.Box(0, 255, (8, 8, 3), dtype=np.uint8)
+        action_space = gym.spaces.Discrete(2)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.side = int(self.np_random.integers(2))
+            img = np.zeros((8, 8, 3), dtype=np.uint8)
+            img[3:5, (1 if self.side == 0 else 6), :] = 255
+            return img, {}
+
+        def step(self, action):
+            return np.zeros((8, 8, 3), dtype=np.uint8), float(int(action) == self.side), True, False, {}
+
+    return Env()
+
+
+def test_image_observations_train_a_cnn_through_the_reference_engine(tmp_path):
+    import gymnasium as gym
+
+    if "ntrl_test/DotImage-v0" not in gym.registry:
+        gym.register(id="ntrl_test/DotImage-v0", entry_point=_dot_image_env)
+    config = GymConfig(env="ntrl_test/DotImage-v0", policy="cnn", target=1, steps=4, batch_size=16, lr=0.5, n_envs=4,
+                       width=16, wandb="disabled", out=str(tmp_path), run_name="img")
+    result = train(config, progress=False)
+    records = result.records
+    assert len(records) == 4 and records[0]["backend"] == "reference"  # the engine says which backend answered
+    assert result.summary["price_check_P"]["r2"] > 0.9
+    with pytest.raises(ConfigError, match="use --policy cnn"):
+        train(GymConfig(env="ntrl_test/DotImage-v0", wandb="disabled", out=str(tmp_path)), progress=False)
+    with pytest.raises(ConfigError, match="cnn reads image"):
+        train(GymConfig(env="CartPole-v1", policy="cnn", wandb="disabled", out=str(tmp_path)), progress=False)
+    with pytest.raises(ConfigError, match="cnn reads image"):
+        BanditConfig(policy="cnn").validate()

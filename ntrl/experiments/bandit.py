@@ -29,6 +29,7 @@ class BanditConfig(TrainConfig):
 
     def validate(self) -> "BanditConfig":
         super().validate()
+        self.need(self.policy != "cnn", "policy", "cnn reads image observations; the bandit's is the constant [1]")
         self.need(self.target in (0, 1), "target", f"must be in [0, 1] for the bandit (0 = dont, 1 = do), got {self.target}")
         for name in ("reward_do", "reward_dont"):
             self.need(math.isfinite(getattr(self, name)), name, f"must be finite, got {getattr(self, name)}")

@@ -136,15 +136,11 @@ def make_env(env_id: str, env_kwargs: dict | None = None, check: bool = True, wr
                                    f"action spaces are not supported yet; use an env with a Discrete action space")
     obs_space = env.observation_space
     if not (isinstance(obs_space, gym.spaces.Discrete)
-            or (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1)):
+            or (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) in (1, 3))):
         env.close()
-        image = isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 3
-        raise ConfigError("--env", f"{env_id} has observation space {obs_space}; ntrl's policies read Discrete "
-                                   f"or flat (1-D) Box observations" + (
-                                       " (image observations need a CNN policy, which ntrl does not have yet; "
-                                       "--wrapper gymnasium.wrappers:FlattenObservation gives an MLP the pixels)"
-                                       if image else "; flatten them with --wrapper MODULE:CALLABLE, e.g. "
-                                                     "--wrapper gymnasium.wrappers:FlattenObservation"))
+        raise ConfigError("--env", f"{env_id} has observation space {obs_space}; ntrl's policies read Discrete, "
+                                   f"flat (1-D) Box or image (H, W, C) observations; flatten others with "
+                                   f"--wrapper MODULE:CALLABLE, e.g. --wrapper gymnasium.wrappers:FlattenObservation")
     if check:
         from gymnasium.utils.env_checker import check_env
 
@@ -351,6 +347,12 @@ class GymConfig(TrainConfig):
                                           f"{raw_env.observation_space}; use --policy mlp")
         if self.policy == "single_logit" and n_actions != 2:
             raise ConfigError("--policy", f"single_logit needs 2 actions; {self.env} has {n_actions}")
+        image = isinstance(raw_env.observation_space, gym.spaces.Box) and len(raw_env.observation_space.shape) == 3
+        if image != (self.policy == "cnn"):
+            raise ConfigError("--policy", f"{self.env} has image observations {raw_env.observation_space}: use --policy "
+                                          f"cnn (or --wrapper gymnasium.wrappers:FlattenObservation for an MLP on the "
+                                          f"pixels)" if image else f"cnn reads image (H, W, C) observations; {self.env} "
+                                          f"has {raw_env.observation_space}")
         # on a Discrete space the MLP one-hot encodes the indices itself: rollouts, probe states,
         # properties and events all see the env's own observations, as with the tabular policy and SB3
         one_hot = discrete_obs and self.policy == "mlp"
@@ -371,7 +373,7 @@ class GymConfig(TrainConfig):
             return make_policy(self.policy, obs_dim=obs_dim, n_actions=n_actions, target=self.target, p0=p0,
                                reference_obs=reference, seed=self.seed, n_states=n_states, width=self.width,
                                depth=self.depth, activation=self.activation, dtype=dtype,
-                               one_hot_states=n_states if one_hot else None)
+                               one_hot_states=n_states if one_hot else None, obs_shape=raw_shape)
 
         # probe states: a file, a callable, or the agent's own initial rollouts (frozen now)
         rollout_horizon = episode_horizon(raw_env, self.horizon, default=ROLLOUT_HORIZON)

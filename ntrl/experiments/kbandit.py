@@ -71,6 +71,7 @@ class KBanditConfig(TrainConfig):
     def validate(self) -> "KBanditConfig":
         self.resolve()
         need = self.need
+        need(self.policy != "cnn", "policy", "cnn reads image observations; the bandit's is the constant [1]")
         need(isinstance(self.arms, int) and self.arms >= 2, "arms", f"must be >= 2, got {self.arms}")
         need(len(self.rewards) == self.arms, "rewards", f"needs one reward per arm ({self.arms}), got {self.rewards}")
         need(all(math.isfinite(r) for r in self.rewards), "rewards", f"must be finite, got {self.rewards}")
