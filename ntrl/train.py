@@ -447,10 +447,13 @@ def non_default_settings(config: TrainConfig, skip: Sequence[str] = ()) -> str:
     return ", ".join(items)
 
 
+DIP_SHOWN = 1.01  # the summary mentions a dip of P below its start from 1 % on
+
+
 def dip_text(summary: dict[str, Any]) -> str:
     """The least P when it fell below its start (the gravity well), else nothing."""
     p_min, p_start = summary.get("p_min"), summary["p_start"]
-    if p_min is None or not p_min < p_start or not summary.get("p_min_at"):
+    if p_min is None or not p_min < p_start / DIP_SHOWN or not summary.get("p_min_at"):
         return ""
     ratio = p_start / p_min
     how = f"{ratio:.3g}× below its start" if ratio >= 1.5 else f"{1 - 1 / ratio:.1%} below its start"
