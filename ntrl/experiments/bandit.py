@@ -39,27 +39,34 @@ class BanditConfig(TrainConfig):
     def build(self) -> Experiment:
         env = gym.make("ntrl/TwoArmedBandit-v0", reward_do=self.reward_do,
                        reward_dont=self.reward_dont, noise_std=self.noise_std)
-        model = env.unwrapped
-        dtype = torch.float64 if self.dtype == "float64" else torch.float32
-        obs, _ = model.exact_states()
-        policy = make_policy(self.policy, obs_dim=1, n_actions=2, target=self.target, p0=self.p0,
-                             reference_obs=obs, seed=self.seed, width=self.width, depth=self.depth,
-                             activation=self.activation, dtype=dtype)
-        optimizer = make_optimizer(self.optimizer, policy, self.lr, **self.optimizer_kwargs())
+        return bandit_experiment(self, env, "do" if self.target == 1 else "dont")
 
-        def utility(engine, rng):
-            if self.mode == "exact":
-                return exact_gradient(engine, model)
-            return sampled_gradient(engine, env, self.batch_size, rng, baseline=self.baseline)
 
-        reward = ExpectedReward(model, "R")
-        return Experiment(
-            env=env,
-            policy=policy,
-            optimizer=optimizer,
-            properties=[ActionProbability(obs, self.target, "P"), reward],
-            kappa=LogOdds(obs, self.target, "z"),
-            utility=utility,
-            target_label="do" if self.target == 1 else "dont",
-            exact_utility=reward,
-        )
+def bandit_experiment(config: TrainConfig, env: gym.Env, target_label: str, **policy_kwargs) -> Experiment:
+    """The experiment of a one-state bandit env (two-armed or K-armed): the config's policy at its
+    p₀ (``policy_kwargs``: e.g. the K-armed start vector), its optimizer, P = π(target), R = J(π)
+    and κ of the target's log-odds, and the exact or sampled utility."""
+    model = env.unwrapped
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    obs, _ = model.exact_states()
+    policy = make_policy(config.policy, obs_dim=1, n_actions=model.action_space.n, target=config.target, p0=config.p0,
+                         reference_obs=obs, seed=config.seed, width=config.width, depth=config.depth,
+                         activation=config.activation, dtype=dtype, **policy_kwargs)
+    optimizer = make_optimizer(config.optimizer, policy, config.lr, **config.optimizer_kwargs())
+
+    def utility(engine, rng):
+        if config.mode == "exact":
+            return exact_gradient(engine, model)
+        return sampled_gradient(engine, env, config.batch_size, rng, baseline=config.baseline)
+
+    reward = ExpectedReward(model, "R")
+    return Experiment(
+        env=env,
+        policy=policy,
+        optimizer=optimizer,
+        properties=[ActionProbability(obs, config.target, "P"), reward],
+        kappa=LogOdds(obs, config.target, "z"),
+        utility=utility,
+        target_label=target_label,
+        exact_utility=reward,
+    )

@@ -20,15 +20,11 @@ import math
 from dataclasses import dataclass
 
 import gymnasium as gym
-import torch
 
 import ntrl.envs  # noqa: F401  (registers ntrl/KArmedBandit-v0)
-from ntrl.agents.optimizers import make_optimizer
-from ntrl.agents.policies import make_policy
-from ntrl.agents.reinforce import exact_gradient, sampled_gradient
 from ntrl.config import Experiment, PolicyKind, TrainConfig, option
 from ntrl.envs.kbandit import GRAVITY_WELL_REWARDS, start_probabilities
-from ntrl.properties import ActionProbability, ExpectedReward, LogOdds
+from ntrl.experiments.bandit import bandit_experiment
 
 DEFAULT_P0 = 0.01
 
@@ -106,28 +102,4 @@ class KBanditConfig(TrainConfig):
 
     def build(self) -> Experiment:
         env = gym.make("ntrl/KArmedBandit-v0", rewards=tuple(self.rewards), noise_std=self.noise_std)
-        model = env.unwrapped
-        dtype = torch.float64 if self.dtype == "float64" else torch.float32
-        obs, _ = model.exact_states()
-        policy = make_policy(self.policy, obs_dim=1, n_actions=self.arms, target=self.target, p0=self.p0,
-                             reference_obs=obs, seed=self.seed, width=self.width, depth=self.depth,
-                             activation=self.activation, dtype=dtype, start=self.start_vector(),
-                             escort_q=self.escort_q)
-        optimizer = make_optimizer(self.optimizer, policy, self.lr, **self.optimizer_kwargs())
-
-        def utility(engine, rng):
-            if self.mode == "exact":
-                return exact_gradient(engine, model)
-            return sampled_gradient(engine, env, self.batch_size, rng, baseline=self.baseline)
-
-        reward = ExpectedReward(model, "R")
-        return Experiment(
-            env=env,
-            policy=policy,
-            optimizer=optimizer,
-            properties=[ActionProbability(obs, self.target, "P"), reward],
-            kappa=LogOdds(obs, self.target, "z"),
-            utility=utility,
-            target_label=f"arm {self.target}",
-            exact_utility=reward,
-        )
+        return bandit_experiment(self, env, f"arm {self.target}", start=self.start_vector(), escort_q=self.escort_q)
