@@ -264,31 +264,35 @@ def collect_episodes_vector(
     n_cut = 0
     obs, _ = venv.reset()
     pi = numpy_policy(policy)  # θ is fixed while the batch is collected
-    while (slot < n_episodes).any():
+    live = slot < n_episodes
+    while live.any():
         actions = sample_actions(pi(obs), rng)
         nxt, reward, terminated, truncated, _ = venv.step(actions)
-        obs_steps.append(np.asarray(obs))
+        obs_steps.append(obs)  # the vector env returns a new array every step
         act_steps.append(actions)
-        rew_steps.append(np.asarray(reward, dtype=np.float64))
-        eid_steps.append(np.where(slot < n_episodes, slot, -1))
+        rew_steps.append(reward)
+        eid_steps.append(np.where(live, slot, -1))
         steps += 1
-        ended = np.asarray(terminated) | np.asarray(truncated)
-        cut = ~ended & (steps >= max_steps) & (slot < n_episodes)
-        done = (ended | cut) & (slot < n_episodes)
-        n_cut += int(cut.sum())
-        steps[ended | cut] = 0
-        for j in np.flatnonzero(done):  # the next episode of the batch, to whichever env is free
-            slot[j] = started
-            started += 1
-        if cut.any():  # an episode cut at the horizon: start that sub-environment afresh
-            nxt, _ = venv.reset(options={"reset_mask": cut})
+        ended = terminated | truncated
+        if ended.any() or steps.max() >= max_steps:
+            cut = ~ended & (steps >= max_steps) & live
+            done = (ended | cut) & live
+            n_cut += int(cut.sum())
+            steps[ended | cut] = 0
+            for j in np.flatnonzero(done):  # the next episode of the batch, to whichever env is free
+                slot[j] = started
+                started += 1
+            live = slot < n_episodes
+            if cut.any():  # an episode cut at the horizon: start that sub-environment afresh
+                nxt, _ = venv.reset(options={"reset_mask": cut})
         obs = nxt
     eid = np.stack(eid_steps)  # (T, n)
     t_idx = np.broadcast_to(np.arange(eid.shape[0])[:, None], eid.shape)
     keep = eid.reshape(-1) >= 0
     order = np.lexsort((t_idx.reshape(-1)[keep], eid.reshape(-1)[keep]))  # by episode, then time
     flat = lambda steps_: np.stack(steps_).reshape(eid.size, *np.shape(steps_[0])[1:])[keep][order]  # noqa: E731
-    return batch_from_transitions(flat(obs_steps), flat(act_steps), flat(rew_steps), eid.reshape(-1)[keep][order],
+    return batch_from_transitions(flat(obs_steps), flat(act_steps), flat(rew_steps).astype(np.float64),
+                                  eid.reshape(-1)[keep][order],
                                   n_episodes, n_cut, gamma, baseline)
 
 
