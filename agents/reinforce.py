@@ -272,7 +272,7 @@ def collect_episodes_vector(
         act_steps.append(actions)
         rew_steps.append(reward)
         eid_steps.append(np.where(live, slot, -1))
-        steps += 1
+        steps += live  # an idle sub-environment's steps do not count
         ended = terminated | truncated
         if ended.any() or steps.max() >= max_steps:
             cut = ~ended & (steps >= max_steps) & live
