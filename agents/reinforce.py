@@ -192,7 +192,7 @@ def episode_batch(all_obs: list, all_act: list, all_rew: list, n_cut: int, gamma
 NUMPY_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "tanh": np.tanh,
     "relu": lambda x: np.maximum(x, 0.0),
-    "silu": lambda x: x / (1.0 + np.exp(-x)),
+    "silu": lambda x: 0.5 * x * (1.0 + np.tanh(0.5 * x)),  # x·σ(x), σ(x) = (1 + tanh(x/2))/2: no overflow
     "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0.0))),
     "softplus": lambda x: np.where(x > 20.0, x, np.log1p(np.exp(np.minimum(x, 20.0)))),  # torch's threshold 20
 }

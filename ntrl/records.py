@@ -141,7 +141,7 @@ def _run_columns(run_dir: Path) -> dict[str, Any]:
         config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         config = {}
-    for key in ("env", "policy", "optimizer", "mode", "p0", "seed"):
+    for key in ("env", "algo", "policy", "optimizer", "mode", "p0", "seed", "adam_beta1", "adam_beta2", "adam_eps"):
         if key in config:
             cols[key] = config[key]
     try:
@@ -176,7 +176,8 @@ def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             row = dict(common, property=name, entry=i)
             for field, v in fields.items():
                 if isinstance(v, list):
-                    if len(v) == n and isinstance(value, list):
+                    # one entry per probe state; the η-probe's lists have one per scale instead
+                    if len(v) == n and isinstance(value, list) and not field.startswith("probe_"):
                         row[field] = v[i]
                 elif not isinstance(v, dict):
                     row[field] = v
@@ -200,4 +201,6 @@ def to_dataframe(path: str | os.PathLike):
         cols = _run_columns(run_dir)
         for record in read_records(run_dir):
             rows.extend(dict(cols, **row) for row in record_rows(record))
+    if not rows:  # runs without records yet: the columns every frame has, and no rows
+        return pd.DataFrame(columns=["run", "update", "property", "entry", "value"])
     return pd.DataFrame(rows)

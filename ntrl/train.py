@@ -65,14 +65,38 @@ class RunResult:
         return to_dataframe(self.run_dir)
 
 
+class OwnPolicy(torch.nn.Module):
+    """The user's module, handed floating observations in its parameters' dtype (rollouts pass the
+    env's own, often float32; the tracker float64): z = module(obs.to(dtype))."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        if obs.is_floating_point():
+            dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), obs.dtype)
+            obs = obs.to(dtype)
+        return self.module(obs)
+
+
+def own_policy_settings(policy: Any) -> dict[str, Any]:
+    """What a run's config records instead of the built policy's settings when it trains the
+    user's own module: its class, and no p₀, width, depth or activation (the module's own)."""
+    cls = type(policy)
+    return {"policy": f"user:{cls.__module__}.{cls.__qualname__}", "p0": None, "width": None, "depth": None,
+            "activation": None}
+
+
 def use_policy(exp: Any, policy: Any, config: TrainConfig) -> None:
     """Train the user's own torch module instead of the policy the config builds (``train(config,
     policy=module)``). The module must map a batch of the observations the built policy takes
     (shape (N, ...), as the env's observations reach it) to logits of shape (N, K), K the env's
     actions, from floating-point parameters, some of which require grad. Its own initialisation
-    decides P at the start (``p0`` is the built policy's). The optimizer is rebuilt over its
-    parameters; the engine answers through its torch.func reference (or the structured backend,
-    for an ``nn.Sequential`` of Linear and elementwise layers)."""
+    decides P at the start (``p0`` is the built policy's, and the run's config records the module's
+    class instead, :func:`own_policy_settings`). It is wrapped in :class:`OwnPolicy`, which hands it
+    floating observations in its parameters' dtype. The optimizer is rebuilt over its parameters;
+    the engine answers through its torch.func reference."""
     from torch import nn
 
     from ntrl.agents.optimizers import make_optimizer
@@ -91,10 +115,11 @@ def use_policy(exp: Any, policy: Any, config: TrainConfig) -> None:
     finally:
         hook.remove()
     obs = seen["obs"]
+    own = OwnPolicy(policy)
     with torch.no_grad():
         want = exp.policy(obs)
         try:
-            got = policy(obs)
+            got = own(obs)
         except Exception as e:
             hint = (f" (make the module {obs.dtype} with .to({obs.dtype}), or cast obs to its dtype in forward)"
                     if "dtype" in str(e) else "")
@@ -106,8 +131,8 @@ def use_policy(exp: Any, policy: Any, config: TrainConfig) -> None:
                          f"× {want.shape[-1]} actions) for obs of shape {tuple(obs.shape)}; got {shape}")
     if not torch.isfinite(got).all():
         raise ValueError("policy(obs) returned non-finite logits at the start")
-    exp.policy = policy
-    exp.optimizer = make_optimizer(config.optimizer, policy, config.lr, **config.optimizer_kwargs())
+    exp.policy = own
+    exp.optimizer = make_optimizer(config.optimizer, own, config.lr, **config.optimizer_kwargs())
 
 
 def prepare_run_dir(config: TrainConfig) -> Path:
@@ -136,7 +161,7 @@ def price_check(records: list[dict[str, Any]], name: str = "P") -> dict[str, flo
                           np.array([np.mean(r[f"{name}/real_delta"]) for r in rows]))
     values = [r[f"{name}/value"] for r in rows if f"{name}/value" in r]
     if values:
-        out["value_scale"] = float(max(np.max(np.abs(v)) for v in values))
+        out["value_scale"] = float(max(abs(np.mean(v)) for v in values))  # the headline P, the mean over probe states
     if rows:
         out["top_miss_updates"] = [rows[i].get("update", i) for i in out.pop("top_miss_index", [])]
     if name == "P" and rows:
@@ -220,8 +245,9 @@ def train(config: TrainConfig, progress: bool = True, policy: Any = None) -> Run
     except BaseException:
         exp.env.close()
         raise
+    recorded = config.to_dict() if policy is None else {**config.to_dict(), **own_policy_settings(policy)}
     try:
-        write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
+        write_json_atomic(run_dir / CONFIG_FILE, recorded)
         env, policy, optimizer, properties = exp.env, exp.policy, exp.optimizer, exp.properties
         env_seed, rng = split_seed(config.seed)
         env.reset(seed=env_seed)
@@ -234,7 +260,7 @@ def train(config: TrainConfig, progress: bool = True, policy: Any = None) -> Run
         extra = None if exp.extra_tracking is None else extra_tracking_caller(exp.extra_tracking)
         p_values = analysis_engine.evaluate(P)
         p_start, n_probe = headline(p_values), int(p_values.numel())
-        sink = WandbSink(run_dir, config.to_dict(), mode=config.wandb, name=run_dir.name, group=config.group,
+        sink = WandbSink(run_dir, recorded, mode=config.wandb, name=run_dir.name, group=config.group,
                          system_metrics=not config.axes, **config.wandb_settings())
     except KeyboardInterrupt:
         exp.env.close()

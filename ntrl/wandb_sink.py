@@ -70,7 +70,9 @@ def unique_run_id(name: str | None) -> str:
     import re
     import secrets
 
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name or "run").strip("_-")[:50] or "run"
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name or "run").strip("_-") or "run"
+    if len(stem) > 50:  # the start (what it is) and the end (seed and settings hash) of a long name
+        stem = f"{stem[:25]}-{stem[-24:]}"
     return f"{stem}-{secrets.token_hex(4)}"
 
 

@@ -66,7 +66,7 @@ def test_tuple_observations_are_flattened_with_a_note(tmp_path, capfd):
     config = GymConfig(env="Blackjack-v1", steps=2, batch_size=4, wandb="disabled", out=str(tmp_path), run_name="bj")
     result = train(config, progress=False)
     err = capfd.readouterr().err
-    assert "Blackjack-v1's Tuple observations are flattened into one Box(0, 1, (45,)" in err
+    assert "Blackjack-v1's Tuple observations are flattened into one Box of shape (45,)" in err
     assert result.summary["status"] == "finished" and result.summary["n_probe"] >= 1
 
 
@@ -180,3 +180,11 @@ def test_image_observations_train_a_cnn_through_the_reference_engine(tmp_path):
         train(GymConfig(env="CartPole-v1", policy="cnn", wandb="disabled", out=str(tmp_path)), progress=False)
     with pytest.raises(ConfigError, match="cnn reads image"):
         BanditConfig(policy="cnn").validate()
+
+
+def test_vector_flags_only_where_they_act():
+    with pytest.raises(ConfigError, match="exact gradients roll nothing out"):
+        GymConfig(env="FrozenLake-v1", mode="exact", n_envs=4).validate()
+    with pytest.raises(ConfigError, match="would step for nothing"):
+        GymConfig(env="CartPole-v1", n_envs=16, batch_size=4).validate()
+    GymConfig(env="CartPole-v1", algo="ppo", n_envs=16).validate()  # SB3's n_envs is its own

@@ -4,6 +4,7 @@ the errors for modules that do not fit."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -76,9 +77,29 @@ def test_own_policy_is_trained_and_bad_modules_get_one_clear_error(tmp_path):
     assert len(r.records) == 20 and r.summary["price_check_P"]["r2"] > 0.99
     with torch.no_grad():
         assert r.summary["p_end"] == pytest.approx(torch.softmax(net(torch.ones(1, 1, dtype=torch.float64)), -1)[0, 1].item())
-    for bad, match in [(nn.Linear(1, 3).double(), r"shape \(1, 2\)"), (nn.Linear(1, 2), "make the module torch.float64"),
+    saved = json.loads((tmp_path / "own" / "config.json").read_text())
+    assert saved["policy"] == "user:torch.nn.modules.container.Sequential" and saved["p0"] is None
+    # a float32 module works too, in sampled mode (rollouts hand it the env's observations)
+    sampled = BanditConfig(steps=3, mode="sampled", wandb="disabled", out=str(tmp_path), run_name="own32")
+    assert train(sampled, progress=False, policy=nn.Linear(1, 2)).summary["status"] == "finished"
+    for bad, match in [(nn.Linear(1, 3).double(), r"shape \(1, 2\)"), (nn.Linear(3, 2), r"policy\(obs\) failed"),
                        ("not a module", "must be a torch.nn.Module"), (nn.Identity(), "floating-point parameters")]:
         with pytest.raises((ValueError, TypeError), match=match):
             train(BanditConfig(steps=2, wandb="disabled", out=str(tmp_path), run_name="bad", force=True), progress=False,
                   policy=bad)
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_to_dataframe_keeps_per_scale_probe_lists_off_the_probe_rows(tmp_path):
+    """The η-probe's lists have one entry per scale: with as many scales as probe states they must
+    still not be spread over the states (they are left to read_records)."""
+    from ntrl.experiments.gym_env import GymConfig
+
+    r = train(GymConfig(env="CartPole-v1", n_probe=3, price_scales=[2.0, 1.0, 0.5], steps=2, batch_size=4,
+                        wandb="disabled", out=str(tmp_path), run_name="ps"), progress=False)
+    df = r.dataframe()
+    assert "probe_lr" not in df.columns and len(r.records[0]["P/probe_lr"]) == 3
+    assert {"algo", "policy", "optimizer"} <= set(df.columns) and (df["algo"] == "reinforce").all()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "records.jsonl").write_text("")
+    assert list(to_dataframe(tmp_path / "empty").columns)[:3] == ["run", "update", "property"]

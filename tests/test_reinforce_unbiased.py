@@ -37,10 +37,10 @@ def projected(exp_exact, exp_sampled, S, seed=0):
     ("loo", 5, "false", 0, "tabular"), ("loo", 4, "false", 8, "mlp")])
 def test_frozenlake_variable_length_episodes(baseline, n_envs, slippery, horizon, policy):
     kw = dict(env="FrozenLake-v1", env_kwargs=f'{{"is_slippery": {slippery}}}', policy=policy, gamma=1.0,
-              batch_size=16, baseline=baseline, seed=0, wandb="disabled", probe_states="rollout", n_envs=n_envs,
-              horizon=horizon, width=16)
+              batch_size=16, baseline=baseline, seed=0, wandb="disabled", probe_states="rollout", horizon=horizon,
+              width=16)
     exact = GymConfig(mode="exact", **kw).validate().build()
-    sampled = GymConfig(mode="sampled", **kw).validate().build()
+    sampled = GymConfig(mode="sampled", n_envs=n_envs, **kw).validate().build()
     want, samples = projected(exact, sampled, S=300 if horizon == 0 else 800)  # cut episodes: a noisier estimate
     se = samples.std(ddof=1) / math.sqrt(len(samples))
     assert abs(samples.mean() - want) < 4 * se

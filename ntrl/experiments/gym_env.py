@@ -126,9 +126,9 @@ def make_env(env_id: str, env_kwargs: dict | None = None, check: bool = True, wr
         if not quiet:
             import sys
 
-            print(f"ntrl: note: {env_id}'s {type(obs_space).__name__} observations are flattened into one "
-                  f"{env.observation_space} (gymnasium.wrappers.FlattenObservation; each Discrete one-hot)",
-                  file=sys.stderr)
+            print(f"ntrl: note: {env_id}'s {type(obs_space).__name__} observations are flattened into one Box of "
+                  f"shape {env.observation_space.shape} (gymnasium.wrappers.FlattenObservation; each Discrete "
+                  f"one-hot)", file=sys.stderr)
     space = env.action_space
     if not isinstance(space, gym.spaces.Discrete):
         env.close()
@@ -261,6 +261,14 @@ class GymConfig(TrainConfig):
     fisher: bool = TrainConfig.redefault("fisher", False)
 
     def validate(self) -> "GymConfig":
+        if self.algo == "reinforce" and self.mode == "exact":
+            self.need(self.n_envs == 1, "n_envs", "applies to sampled rollouts (--mode sampled) and SB3; exact "
+                                                  "gradients roll nothing out")
+            self.need(self.vector_mode == "sync", "vector_mode", "applies to sampled rollouts (--mode sampled)")
+        if self.algo == "reinforce":
+            self.need(self.n_envs <= self.batch_size, "n_envs", f"{self.n_envs} envs for {self.batch_size} episodes an "
+                                                                f"update: {self.n_envs - self.batch_size} would step for "
+                                                                f"nothing; use at most --batch-size")
         self.need(not (self.wrapper and self.mode == "exact"), "wrapper",
                   "exact mode reads the env's own tabular model (env.unwrapped.P), which wrappers do not change; "
                   "use --mode sampled with --wrapper")

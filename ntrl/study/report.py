@@ -55,8 +55,11 @@ def _groups(runs: Sequence[RunData]) -> dict[tuple[str, str], dict[str, dict[str
 
 
 def _grid(plt, n_rows: int, n_cols: int, title: str):
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.6 * n_cols, 3.6 * n_rows), squeeze=False)
-    fig.suptitle(title)
+    import textwrap
+
+    width = max(4.6 * n_cols, 7.0)  # a one-panel figure is still wide enough for its title
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width, 3.6 * n_rows + 0.4), squeeze=False)
+    fig.suptitle(textwrap.fill(title, int(width * 13)), fontsize=10)
     return fig, axes
 
 
