@@ -187,6 +187,14 @@ def test_wandb_summary_run_holds_the_verdict_table(tmp_path):
     assert {"name": "t-report", "type": "report"} in logged["artifacts"]
     assert all(w["run"]["project"] == "rarity-test" and w["run"]["tags"] == ["t1"] for w in w_runs.values())
     assert all(w["config"]["ntrl_version"] for w in w_runs.values())
+    # a re-analysis without the flags logs its summary run to the project the study ran in
+    before = set((out / "wandb").iterdir())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    r = subprocess.run([sys.executable, "-m", "ntrl.cli", "rarity", "--analyse-only", "--study-dir", str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=600, env={**env, "WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr
+    (new,) = [d for d in set((out / "wandb").iterdir()) - before if d.name.startswith("offline-run")]
+    assert read_offline_run(new)["run"]["project"] == "rarity-test"
     assert logged["summary"]["verdict/bandit/single_logit/npg/exact"] == "consistent with p(1 − p)"
     for key in ("extinction", "price_across_training"):  # the report's other tables, for the dashboard
         assert any(h.get(f"{key}._type") == "table-file" and h.get(f"{key}.nrows") == 1 for h in logged["history"])

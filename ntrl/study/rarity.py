@@ -9,6 +9,7 @@ return the text ``ntrl rarity`` prints.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -35,10 +36,12 @@ def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode:
         if analyse_only:
             read_study_file(study_dir)
             with study_lock(study_dir):
+                remembered_wandb_settings(study_dir)
                 paths = analyse_and_report(study_dir, wandb_mode)
         else:
             study.validate()
             with open_study_dir(study, study_dir, force):  # one lock from the first run to the report
+                remember_wandb_settings(study_dir, wandb_mode)
                 run_grid(study, study_dir, workers=workers, wandb_mode=wandb_mode, progress=progress,
                          verbose=verbose, population=population, device=device)
                 paths = analyse_and_report(study_dir, wandb_mode)
@@ -52,6 +55,39 @@ def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode:
         lines.append(f"W&B summary run ({mode}): {paths['wandb']}  (browse: wandb leet {study_dir}/wandb)")
     lines.append(f"Done in {time.time() - start:.0f} s.")
     return "\n".join(lines)
+
+
+WANDB_SETTINGS = ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_TAGS")
+SETTINGS_FILE = "ntrl-wandb-settings.json"  # in the study's own wandb/ folder
+
+
+def remember_wandb_settings(study_dir: Path, wandb_mode: str) -> None:
+    """Keep the study's W&B project, entity and tags (from its flags or the environment) in its
+    ``wandb/`` folder, so that ``--analyse-only`` logs its summary run to the same project."""
+    values = {k: os.environ[k] for k in WANDB_SETTINGS if os.environ.get(k)}
+    if wandb_mode == "disabled" or not values:
+        return
+    from ntrl.records import write_json_atomic
+    from ntrl.run_dirs import ntrl_wandb_dir
+
+    wandb_dir = ntrl_wandb_dir(study_dir)
+    if wandb_dir is not None:
+        write_json_atomic(wandb_dir / SETTINGS_FILE, values)
+
+
+def remembered_wandb_settings(study_dir: Path) -> None:
+    """For ``--analyse-only``: the settings the study ran with, where neither a flag nor the
+    environment gives one now."""
+    import json
+
+    path = study_dir / "wandb" / SETTINGS_FILE
+    try:
+        values = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else {}
+    except (OSError, ValueError):
+        return
+    for key, value in values.items():
+        if key in WANDB_SETTINGS and isinstance(value, str) and not os.environ.get(key):
+            os.environ[key] = value
 
 
 def analyse_and_report(out: Path, wandb_mode: str = "offline") -> dict:
