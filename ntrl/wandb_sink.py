@@ -66,7 +66,7 @@ def tags_from_environment(tags: list[str] | None = None) -> list[str]:
 
 def unique_run_id(name: str | None) -> str:
     """A W&B run id that is unique (a random suffix) and readable (the run's name, as W&B allows
-    ids: letters, digits, - and _, at most 64 characters): ``bandit-mlp-sgd-exact-p0_0.01-seed0-k3x9q2ab``."""
+    ids: letters, digits, - and _, at most 64 characters): ``w`` gives ``w-1a2b3c4d``."""
     import re
     import secrets
 
@@ -130,7 +130,6 @@ class WandbSink:
                       tags=tags_from_environment(tags) or None, dir=str(run_dir), id=run_id,
                       name=f"{name}-{run_id[-8:]}" if name else run_id, group=group, job_type=job_type,
                       config={**config, "ntrl_version": __version__})
-        self.system_metrics = system_metrics
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         for attempt in (("online", "offline") if mode == "online" else ("offline",)):
             try:

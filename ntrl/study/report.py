@@ -408,10 +408,11 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 WELL_EXPLANATION = f"""How to read the gravity well: each cell trains the three-armed bandit with rewards (1, 0.9, 0)
 from π₀ = (p₀, 0.95 − p₀, 0.05) with exact gradients until the rare best arm reaches ½. A cell is
-a "gravity well" when, at its smallest p₀, P fell to p₀/{WELL_FACTOR:g} or lower before it escaped
-(Mei et al., NeurIPS 2020: vanilla PG on softmax logits, d log P/dt = P(1 − J) − Σ_b π_b²(r_b − J) < 0
-while P is small); "no well" otherwise. NPG and the escort policy (π_a ∝ θ_a², vanilla PG on θ) are
-predicted never to fall."""
+a "gravity well" when, at the grid's smallest p₀, P fell to p₀/{WELL_FACTOR:g} or lower before it
+escaped (Mei et al., NeurIPS 2020: vanilla PG on softmax logits, d log P/dt = P(1 − J) − Σ_b π_b²(r_b − J) < 0
+while P is small); "no well" when it escaped without such a dip; "inconclusive" when that run is
+missing, or ended before escaping without such a dip. NPG and the escort policy (π_a ∝ θ_a², vanilla
+PG on θ) are predicted never to fall."""
 
 EXPLANATION = f"""\
 **How to read the verdicts.** Each piece of evidence votes for one law, for neither, or is
