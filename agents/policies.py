@@ -130,6 +130,7 @@ class MLPPolicy(nn.Module):
         layers.append(nn.Linear(d, n_actions, dtype=dtype))
         self.net = nn.Sequential(*layers)
         self.n_actions = n_actions
+        self.activation = activation
         if one_hot_states is not None and one_hot_states != obs_dim:
             raise ValueError(f"one_hot_states ({one_hot_states}) must equal obs_dim ({obs_dim})")
         self.one_hot_states = one_hot_states

@@ -114,13 +114,6 @@ def aggregate_episodes(keys: np.ndarray, actions: np.ndarray, rewards: np.ndarra
             "counts": np.bincount(inv, minlength=len(uniq)).astype(np.float64), "returns": G[0]}
 
 
-def identical_episodes(obs: list, actions: list) -> bool:
-    """Whether every episode of a batch took the same actions from the same observations."""
-    first_obs, first_act = obs[0], actions[0]
-    return all(a == first_act and len(o) == len(first_obs) and all(np.array_equal(x, y) for x, y in zip(o, first_obs))
-               for o, a in zip(obs[1:], actions[1:]))
-
-
 def _sample_action(policy: nn.Module, obs: np.ndarray, rng: np.random.Generator) -> int:
     with torch.no_grad():
         x = torch.as_tensor(obs)[None]
@@ -142,51 +135,25 @@ def collect_episodes(
     An episode still running after ``max_steps`` steps is cut there (counted in ``n_cut``); its
     rewards-to-go are those of the first ``max_steps`` steps, so the batch estimates the gradient
     of the return over that horizon, J_H = E[Σ_{t<H} γᵗ r_t], which is what REINFORCE then ascends."""
-    all_obs, all_act, all_rew = [], [], []
+    all_obs, all_act, all_rew, lengths = [], [], [], []  # transitions in episode order; episode lengths
     n_cut = 0
     for _ in range(n_episodes):
         obs, _ = env.reset()
-        ep_obs, ep_act, ep_rew = [], [], []
-        ended = False
-        for _ in range(max_steps):
+        length, ended = 0, False
+        while length < max_steps and not ended:
             a = _sample_action(policy, obs, rng)
             nxt, r, terminated, truncated, _ = env.step(a)
-            ep_obs.append(np.asarray(obs))
-            ep_act.append(a)
-            ep_rew.append(float(r))
+            all_obs.append(np.asarray(obs))
+            all_act.append(a)
+            all_rew.append(float(r))
+            length += 1
             obs = nxt
-            if terminated or truncated:
-                ended = True
-                break
+            ended = bool(terminated or truncated)
         n_cut += not ended
-        all_obs.append(ep_obs)
-        all_act.append(ep_act)
-        all_rew.append(ep_rew)
-    return episode_batch(all_obs, all_act, all_rew, n_cut, gamma, baseline)
-
-
-def episode_batch(all_obs: list, all_act: list, all_rew: list, n_cut: int, gamma: float = 1.0,
-                  baseline: str = "loo") -> EpisodeBatch:
-    """The EpisodeBatch of B episodes given as per-episode lists of observations, actions and
-    rewards: rewards-to-go, advantages (:func:`advantages`), flattened in episode order."""
-    n_episodes = len(all_rew)
-    lengths = [len(r) for r in all_rew]
-    R_pad = np.zeros((n_episodes, max(lengths)))
-    for i, r in enumerate(all_rew):
-        R_pad[i, : len(r)] = r
-    G_pad = rewards_to_go(R_pad, gamma)
-    A_pad = advantages(G_pad, baseline, identical_episodes(all_obs, all_act))
-    adv = np.concatenate([A_pad[i, :n] for i, n in enumerate(lengths)])
-    return EpisodeBatch(
-        obs=torch.as_tensor(np.stack([o for ep in all_obs for o in ep])),
-        actions=torch.as_tensor(np.concatenate(all_act), dtype=torch.long),
-        advantages=torch.as_tensor(adv, dtype=torch.float64),
-        episode_returns=G_pad[:, 0].copy(),
-        n_episodes=n_episodes,
-        n_cut=n_cut,
-        undiscounted_returns=R_pad.sum(axis=1),
-        episode=torch.as_tensor(np.repeat(np.arange(n_episodes), lengths)),
-    )
+        lengths.append(length)
+    episode = np.repeat(np.arange(n_episodes), lengths)
+    return batch_from_transitions(np.stack(all_obs), np.asarray(all_act), np.asarray(all_rew, dtype=np.float64),
+                                  episode, n_episodes, n_cut, gamma, baseline)
 
 
 NUMPY_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -203,13 +170,11 @@ def numpy_policy(policy: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     MLP without hooks the same layers in numpy (float64; a tiny network's pass is about 2.5× faster
     than through torch modules), else one no-grad torch pass. The parameters are read once, so
     build it again after they change. Probabilities agree with torch's to rounding."""
-    from ntrl.agents.policies import ACTIVATIONS, MLPPolicy
+    from ntrl.agents.policies import MLPPolicy
+    from ntrl.engine.structured import no_hooks
 
-    activation = None
-    if type(policy) is MLPPolicy and not any(m._forward_hooks or m._forward_pre_hooks for m in policy.modules()):
-        acts = [type(m) for m in policy.net if not isinstance(m, nn.Linear)]
-        names = [k for k, cls in ACTIVATIONS.items() if acts and all(a is cls for a in acts)]
-        activation = NUMPY_ACTIVATIONS.get(names[0]) if names else (np.tanh if not acts else None)
+    plain = type(policy) is MLPPolicy and all(no_hooks(m) for m in policy.modules())
+    activation = NUMPY_ACTIVATIONS.get(policy.activation) if plain else None
     if activation is None:
         def torch_probs(obs: np.ndarray) -> np.ndarray:
             with torch.no_grad():
@@ -299,7 +264,8 @@ def collect_episodes_vector(
 def batch_from_transitions(obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, episode: np.ndarray,
                            n_episodes: int, n_cut: int, gamma: float = 1.0, baseline: str = "loo") -> EpisodeBatch:
     """The EpisodeBatch of transitions already in episode order (``episode``: each one's episode,
-    non-decreasing, every episode 0..B−1 present), as :func:`episode_batch` makes it, in arrays."""
+    non-decreasing, every episode 0..B−1 present): rewards-to-go, advantages (:func:`advantages`;
+    a batch of identical episodes, the same actions from the same observations, has A = 0)."""
     lengths = np.bincount(episode, minlength=n_episodes)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     pos = np.arange(len(episode)) - starts[episode]

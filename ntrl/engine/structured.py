@@ -183,7 +183,8 @@ class _Act:
     module: nn.Module
 
 
-def _no_hooks(m: nn.Module) -> bool:
+def no_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has no forward or backward hooks (so that its layers may be evaluated one by one)."""
     return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                 or getattr(m, "_backward_pre_hooks", None))
 
@@ -192,7 +193,7 @@ def _flatten_sequential(seq: nn.Sequential, prefix: str) -> Iterator[_Linear | _
     for key, m in seq._modules.items():
         if m is None:
             continue
-        if not _no_hooks(m):
+        if not no_hooks(m):
             raise StructuredUnsupported(f"module {prefix}{key} has hooks")
         if type(m).forward is nn.Sequential.forward and isinstance(m, nn.Sequential):
             yield from _flatten_sequential(m, f"{prefix}{key}.")
@@ -218,13 +219,13 @@ class StructuredBackend:
 
     @staticmethod
     def _plan(module: nn.Module) -> tuple[str, list, str]:
-        if not _no_hooks(module):
+        if not no_hooks(module):
             raise StructuredUnsupported("the module has hooks")
         from ntrl.agents.policies import MLPPolicy, SingleLogitPolicy, TabularSoftmaxPolicy
 
         t = type(module)
         if isinstance(module, MLPPolicy) and t.forward is MLPPolicy.forward:
-            if not _no_hooks(module.net):
+            if not no_hooks(module.net):
                 raise StructuredUnsupported("module net has hooks")
             return "sequential", list(_flatten_sequential(module.net, "net.")), "mlp"
         if isinstance(module, nn.Sequential) and t.forward is nn.Sequential.forward:
