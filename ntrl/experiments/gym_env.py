@@ -364,7 +364,6 @@ class GymConfig(TrainConfig):
         # on a Discrete space the MLP one-hot encodes the indices itself: rollouts, probe states,
         # properties and events all see the env's own observations, as with the tabular policy and SB3
         one_hot = discrete_obs and self.policy == "mlp"
-        env = raw_env
         raw_shape = tuple(raw_env.observation_space.shape)
         n_states = int(raw_env.observation_space.n) if discrete_obs else 1
         obs_dim = n_states if one_hot else (int(np.prod(raw_shape)) if raw_shape else 1)
@@ -390,13 +389,11 @@ class GymConfig(TrainConfig):
         if raw_probes is None:
             obs0, _ = raw_env.reset(seed=self.seed)
             policy = policy_for(to_policy_obs(np.asarray(obs0)[None]))
-            batch = collect_episodes(env, policy, max(1, self.batch_size), np.random.default_rng(self.seed + 1),
+            batch = collect_episodes(raw_env, policy, max(1, self.batch_size), np.random.default_rng(self.seed + 1),
                                      baseline="none", max_steps=rollout_horizon)
             visited = batch.obs.numpy()
             raw_probes = sample_rows(visited, self.n_probe, self.seed)
-        if discrete_obs:
-            if not np.all((raw_probes >= 0) & (raw_probes < n_states) & (raw_probes == np.round(raw_probes))):
-                raise ConfigError("--probe-states", f"probe states must be integers in [0, {n_states - 1}] for {self.env}")
+        if discrete_obs:  # in range: load_probe_states checked given ones, rollouts visit only real states
             raw_probes = raw_probes.astype(np.int64)
         probes = to_policy_obs(raw_probes)
         policy = policy_for(probes)
@@ -415,17 +412,17 @@ class GymConfig(TrainConfig):
 
         check_properties(TangentEngine(policy, dtype=torch.float64), properties)
 
-        rollout_env = env
-        if self.mode == "sampled":  # rollouts through a vector env; the probe rollouts above used env
-            env.close()
-            rollout_env = env = self.make_vector_env()
+        env = raw_env
+        if self.mode == "sampled":  # rollouts through a vector env; the probe rollouts above used one env
+            raw_env.close()
+            env = self.make_vector_env()
 
         def utility(engine, rng):
             context.step = 0 if context.step is None else context.step + 1
             if self.mode == "exact":
                 return exact_gradient(engine, model)
-            return sampled_gradient(engine, rollout_env, self.batch_size, rng, baseline=self.baseline,
-                                    gamma=self.gamma, max_steps=rollout_horizon)
+            return sampled_gradient(engine, env, self.batch_size, rng, baseline=self.baseline, gamma=self.gamma,
+                                    max_steps=rollout_horizon)
 
         return Experiment(
             env=env, policy=policy, optimizer=optimizer, properties=properties,
