@@ -89,7 +89,7 @@ class BanditModel:
     @classmethod
     def from_configs(cls, configs: Sequence[Any], device: torch.device) -> "BanditModel":
         if configs[0].env == "kbandit":
-            rewards = np.array([c.validate().rewards for c in configs])
+            rewards = np.array([c.resolve().rewards for c in configs])
         else:
             rewards = np.array([[c.reward_dont, c.reward_do] for c in configs])
         return cls(rewards, np.array([c.noise_std for c in configs]), configs[0].target, device)
@@ -122,7 +122,7 @@ class BanditModel:
             "U": R,
             "P": logp[:, t].exp(),
             "R": R,
-            "z": (logp[:, t] - logp[:, 1 - t])[:, None] if self.n_actions == 2 else log_odds(logp, t)[:, None],
+            "z": log_odds(logp, t)[:, None],
             "logp": logp[:, None],
             "weights": torch.ones(Z.shape[0], 1, dtype=probs.dtype, device=probs.device),
         }

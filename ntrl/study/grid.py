@@ -211,23 +211,19 @@ class StudyConfig:
                  f"must be an integer >= 1, got {getattr(self, key)!r}")
         need(isinstance(self.depth, int) and self.depth >= 0, "depth", f"must be an integer >= 0, got {self.depth!r}")
         need(self.activation in ACTIVATIONS, "activation", f"must be one of {', '.join(ACTIVATIONS)}")
-        for env, pol in self.cells_env_policy():
-            for opt in self.optimizers:
-                lr = self.lrs.get(env, {}).get(pol, {}).get(opt)
-                need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "lrs",
-                     f"needs a finite learning rate > 0 for {env}/{pol}/{opt}, got {lr!r}")
-        unknown = sorted(set(self.lrs) - set(ENVS) - {"kbandit"})
-        need(not unknown, "lrs", f"names unknown environment(s) {', '.join(unknown)}; known: {', '.join(ENVS)}, kbandit")
         need(isinstance(self.well_p0s, list) and all(isinstance(p, (int, float)) and 0 < p < 0.5 for p in self.well_p0s),
              "well_p0s", f"every p0 must be in (0, 0.5), got {self.well_p0s}")
         need(isinstance(self.well_steps, int) and self.well_steps >= 1, "well_steps",
              f"must be an integer >= 1, got {self.well_steps!r}")
-        if self.well_p0s:
-            for pol, opts in WELL_POLICIES.items():
-                for opt in opts:
-                    lr = self.lrs.get("kbandit", {}).get(pol, {}).get(opt)
-                    need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "lrs",
-                         f"needs a finite learning rate > 0 for kbandit/{pol}/{opt} (the gravity well), got {lr!r}")
+        triples = [(env, pol, opt) for env, pol in self.cells_env_policy() for opt in self.optimizers]
+        if self.well_p0s:  # the gravity well's cells
+            triples += [("kbandit", pol, opt) for pol, opts in WELL_POLICIES.items() for opt in opts]
+        for env, pol, opt in triples:
+            lr = self.lrs.get(env, {}).get(pol, {}).get(opt)
+            need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "lrs",
+                 f"needs a finite learning rate > 0 for {env}/{pol}/{opt}, got {lr!r}")
+        unknown = sorted(set(self.lrs) - set(ENVS) - {"kbandit"})
+        need(not unknown, "lrs", f"names unknown environment(s) {', '.join(unknown)}; known: {', '.join(ENVS)}, kbandit")
         need(all(0 < s <= 64 for s in self.price_scales) and sum(s <= 1 for s in self.price_scales) >= 2,
              "price_scales", f"needs step-size scales in (0, 64], at least two of them <= 1, got {self.price_scales}")
         if not self.cells_env_policy():

@@ -94,18 +94,17 @@ def analyse_and_report(out: Path, wandb_mode: str = "offline") -> dict:
     """Analyse the runs in ``out``, write the report, log the W&B summary run."""
     from ntrl.study.analysis import analyse, load_study
     from ntrl.study.report import VERDICT_COLUMNS, log_summary_run, text_table, verdict_rows, write_report
-    from ntrl.study.well import analyse_well
+    from ntrl.study.well import WELL_TITLE, WELL_VERDICT_COLUMNS, analyse_well, well_verdicts
 
     study, runs = load_study(out)
     cells = analyse(runs, study.batch_size)
-    paths = write_report(out, study, runs, cells)
+    well_cells = analyse_well(runs, study.well_p0s)
+    paths = write_report(out, study, runs, cells, well_cells)
     short = [r[:8] for r in verdict_rows(cells)]
     paths["table"] = text_table(VERDICT_COLUMNS[:8], short)
-    well_cells = analyse_well(runs, study.well_p0s)
     if well_cells:
-        paths["table"] += "\n\nThe softmax gravity well (three-armed bandit, rewards (1, 0.9, 0), start (p₀, 0.95 − p₀, 0.05)):\n"
-        paths["table"] += text_table(["policy", "optimizer", "verdict", "evidence"],
-                                     [[c.policy, c.optimizer, c.verdict, c.reason] for c in well_cells])
-    paths["wandb"] = log_summary_run(out, study, runs, cells, mode=wandb_mode)
+        paths["table"] += (f"\n\n{WELL_TITLE}, rewards (1, 0.9, 0), start (p₀, 0.95 − p₀, 0.05):\n"
+                           + text_table(WELL_VERDICT_COLUMNS, well_verdicts(well_cells)))
+    paths["wandb"] = log_summary_run(out, study, runs, cells, mode=wandb_mode, well_cells=well_cells)
     paths["cells"] = cells
     return paths

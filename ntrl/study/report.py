@@ -19,7 +19,10 @@ from ntrl.study.analysis import (
 )
 from ntrl.study.extinction import ADAM_LATE_MEMORIES, FLOOR_FRACTION, WINDOW_DECADES, curve
 from ntrl.study.price import probe_points, standardized
-from ntrl.study.well import WELL_COLUMNS, WELL_FACTOR, analyse_well, plot_well, well_numbers, well_rows
+from ntrl.study.well import (
+    WELL_COLUMNS, WELL_FACTOR, WELL_TITLE, WELL_VERDICT_COLUMNS, WellCell, plot_well, well_numbers, well_rows,
+    well_verdicts,
+)
 from ntrl.tracker import FIRST_ORDER_TOLERANCE
 
 OPT_COLORS = {"sgd": "#1f77b4", "npg": "#d62728", "sign": "#2ca02c", "adam": "#9467bd"}
@@ -142,19 +145,27 @@ def subsample(n: int, k: int = RESIDUAL_POINTS) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(n, size=k, replace=False))
 
 
+def residual_points(runs: Sequence[RunData]) -> list[list[Any]]:
+    """[run, update, P, predicted, realised, (realised − predicted)/|predicted|] of every record
+    with a realised ΔP and a nonzero prediction."""
+    return [[r.spec.run_id, rec["update"], rec["P/value"], rec["P/pred_delta"], rec["P/real_delta"],
+             (rec["P/real_delta"] - rec["P/pred_delta"]) / abs(rec["P/pred_delta"])]
+            for r in runs for rec in r.records if "P/real_delta" in rec and rec.get("P/pred_delta")]
+
+
 def draw_price_residual(ax, pol, by_opt) -> None:
     """The Price check's relative residual (realised − predicted)/|predicted| against P before the
     update, on a symmetric log axis: 0 is a perfect prediction, ±0.5 the first-order bound, and the
     points an R² hides (a few updates far outside) stand apart."""
     for opt, rs in sorted(by_opt.items()):
-        recs = [rec for r in rs for rec in r.records if "P/real_delta" in rec and rec.get("P/pred_delta")]
-        if not recs:
+        pts = residual_points(rs)
+        if not pts:
             continue
-        x = np.array([rec["P/value"] for rec in recs], dtype=float)
-        y = np.array([(rec["P/real_delta"] - rec["P/pred_delta"]) / abs(rec["P/pred_delta"]) for rec in recs])
-        keep = subsample(len(x))
-        ax.plot(x[keep], y[keep], ".", ms=2.5, alpha=0.5, color=color_of(opt, list(by_opt)),
-                label=f"{opt} ({len(keep)} of {len(x)})" if len(keep) < len(x) else opt)
+        keep = subsample(len(pts))
+        x = np.array([pts[i][2] for i in keep], dtype=float)
+        y = np.array([pts[i][5] for i in keep], dtype=float)
+        ax.plot(x, y, ".", ms=2.5, alpha=0.5, color=color_of(opt, list(by_opt)),
+                label=f"{opt} ({len(keep)} of {len(pts)})" if len(keep) < len(pts) else opt)
     ax.axhline(0.0, color="k", lw=0.8)
     for bound in (FIRST_ORDER_TOLERANCE, -FIRST_ORDER_TOLERANCE):
         ax.axhline(bound, color="#888", lw=0.8, ls="--")
@@ -250,7 +261,7 @@ def draw_noise(ax, pol, by_opt) -> None:
 
 
 def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path,
-               well_cells: Sequence[Any] = ()) -> list[tuple[str, Path]]:
+               well_cells: Sequence[WellCell] = ()) -> list[tuple[str, Path]]:
     """Every plot of the report; returns (caption, path) pairs in report order."""
     by_cell = {c.cell: c for c in cells}
     plots = []
@@ -463,7 +474,6 @@ are a test: for sign descent, Adam (which steps along m̂) and NPG the metric de
 
 
 REPORT_FILES = ("verdicts.csv", "runs.csv", "well.csv", "report.md", "report.html")
-WELL_TITLE = "The softmax gravity well (three-armed bandit)"
 
 
 # The report's style: tables and figures scroll inside their own box on a narrow screen, so the
@@ -518,14 +528,15 @@ def render_markdown(text: str) -> str:
     return MarkdownIt("commonmark", {"html": False}).render(text)
 
 
-def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequence[CellResult]) -> dict[str, Path]:
-    """Write plots, CSVs, report.md and report.html into ``study_dir``; return their paths."""
+def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequence[CellResult],
+                 well_cells: Sequence[WellCell] = ()) -> dict[str, Path]:
+    """Write plots, CSVs, report.md and report.html into ``study_dir``; return their paths.
+    ``well_cells``: the gravity well's verdicts (:func:`ntrl.study.well.analyse_well`)."""
     from ntrl.run_dirs import record_written_files, refuse_foreign_targets
 
     refuse_foreign_targets(study_dir, list(REPORT_FILES))  # and each plot, before it is drawn (make_plots)
     record_written_files(study_dir, [study_dir / n for n in REPORT_FILES])  # before writing: a report cut
     # short by Ctrl-C leaves only files the marker names
-    well_cells = analyse_well(runs, study.well_p0s)
     plots = make_plots(runs, cells, study_dir, well_cells)
     write_csv(study_dir / "verdicts.csv", [c.row() for c in sorted(cells, key=lambda c: c.cell)])
     write_csv(study_dir / "runs.csv", [
@@ -553,9 +564,8 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
     for caption, path in plots:
         md += [f"## {caption}", "", f"![{caption}]({path.name})", ""]
     if well_cells:
-        md += [f"## {WELL_TITLE}: verdicts", "", md_table(["policy", "optimizer", "verdict", "evidence"],
-                                                          [[c.policy, c.optimizer, c.verdict, c.reason] for c in well_cells]),
-               "", WELL_EXPLANATION, ""]
+        md += [f"## {WELL_TITLE}: verdicts", "", md_table(WELL_VERDICT_COLUMNS, well_verdicts(well_cells)), "",
+               WELL_EXPLANATION, ""]
     md += ["## Files", "", "- `verdicts.csv`: every fitted number per cell, with interval bounds",
            *(["- `well.csv`: the gravity well's numbers per cell and p₀"] if well_cells else []),
            "- `runs.csv`: one line per run", "- `runs/<run>/records.jsonl`: every tracked update", ""]
@@ -567,8 +577,7 @@ def write_report(study_dir: Path, study, runs: Sequence[RunData], cells: Sequenc
     )
     well_html = "" if not well_cells else (
         f"<h2>{html.escape(WELL_TITLE)}: verdicts</h2>"
-        + html_table(["policy", "optimizer", "verdict", "evidence"],
-                     [[c.policy, c.optimizer, c.verdict, c.reason] for c in well_cells], "evidence", verdict_col=2)
+        + html_table(WELL_VERDICT_COLUMNS, well_verdicts(well_cells), "evidence", verdict_col=2)
         + render_markdown(WELL_EXPLANATION))
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -591,12 +600,11 @@ RESIDUAL_COLUMNS = ["env", "mode", "policy", "optimizer", "run", "update", "P", 
 
 
 def residual_rows(env: str, mode: str, policy: str, optimizer: str, runs: Sequence[RunData]) -> list[list[Any]]:
-    """Every record of a cell with a realised ΔP, as rows of :data:`RESIDUAL_COLUMNS`; beyond
-    :data:`RESIDUAL_POINTS`, a uniform random subsample (seed 0, :func:`subsample`)."""
-    rows = [[env, mode, policy, optimizer, r.spec.run_id, rec["update"], rec["P/value"], rec["P/pred_delta"],
-             rec["P/real_delta"], (rec["P/real_delta"] - rec["P/pred_delta"]) / abs(rec["P/pred_delta"])]
-            for r in runs for rec in r.records if "P/real_delta" in rec and rec.get("P/pred_delta")]
-    return [rows[i] for i in subsample(len(rows))]
+    """Every record of a cell with a realised ΔP (:func:`residual_points`), as rows of
+    :data:`RESIDUAL_COLUMNS`; beyond :data:`RESIDUAL_POINTS`, the plot's uniform random subsample
+    (seed 0, :func:`subsample`)."""
+    pts = residual_points(runs)
+    return [[env, mode, policy, optimizer, *pts[i]] for i in subsample(len(pts))]
 
 
 def numeric_verdict_rows(cells: Sequence[CellResult]) -> tuple[list[str], list[list[Any]]]:
@@ -616,7 +624,7 @@ def numeric_verdict_rows(cells: Sequence[CellResult]) -> tuple[list[str], list[l
 
 
 def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequence[CellResult],
-                    mode: str = "offline") -> str | None:
+                    mode: str = "offline", well_cells: Sequence[WellCell] = ()) -> str | None:
     """A W&B summary run in the study's group: the verdict table as a wandb.Table of numbers (and
     its text form), T(p₀) as a line series, the Price check's relative residual against P for every
     record (subsampled per cell beyond :data:`RESIDUAL_POINTS`) as a table with the optimizer as a
@@ -670,7 +678,6 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
                         title=f"(realised − predicted)/|predicted| ΔP against P: {env} {gmode} {pol}, {opt}")
     if residuals:
         data["price_residual"] = wandb.Table(columns=RESIDUAL_COLUMNS, data=residuals)
-    well_cells = analyse_well(runs, study.well_p0s)
     if well_cells:
         data["gravity_well"] = wandb.Table(columns=WELL_COLUMNS, data=well_numbers(well_cells))
         data["gravity_well/min_p"] = wandb.plot.line_series(

@@ -33,6 +33,8 @@ import numpy as np
 from ntrl.study.stats import RunData
 
 WELL_FACTOR = 2.0  # a "gravity well" is a dip of P to at most p₀ / 2 before the escape
+WELL_TITLE = "The softmax gravity well (three-armed bandit)"
+WELL_VERDICT_COLUMNS = ["policy", "optimizer", "verdict", "evidence"]
 WELL_COLUMNS = ["policy", "optimizer", "lr", "verdict", "p₀", "min P", "depth p₀/min P", "min at update",
                 "below p₀ until", "escape at update"]
 
@@ -89,7 +91,7 @@ def well_run(r: RunData) -> WellRun:
                    lr=float(r.config.get("lr", math.nan)))
 
 
-def dip_text(w: WellRun) -> str:
+def trajectory_text(w: WellRun) -> str:
     """What P did from p₀, in words."""
     if w.p_min_at == 0 or w.depth <= 1.0:
         dip = f"from p₀ = {w.p0:g} P never fell below it"
@@ -121,14 +123,19 @@ def analyse_well(runs: Sequence[RunData], grid_p0s: Sequence[float] | None = Non
             cell.verdict = "inconclusive"
             cell.reason = f"the run from the smallest p₀ = {smallest:g} is not complete{depths}"
         elif rarest.depth >= WELL_FACTOR:
-            cell.verdict, cell.reason = "gravity well", f"at the smallest p₀, {dip_text(rarest)}; {rule}{depths}"
+            cell.verdict, cell.reason = "gravity well", f"at the smallest p₀, {trajectory_text(rarest)}; {rule}{depths}"
         elif rarest.escape is None:
             cell.verdict = "inconclusive"
-            cell.reason = (f"at the smallest p₀, {dip_text(rarest)}: P may still fall (raise well_steps); "
+            cell.reason = (f"at the smallest p₀, {trajectory_text(rarest)}: P may still fall (raise well_steps); "
                            f"{rule}{depths}")
         else:
-            cell.verdict, cell.reason = "no well", f"at the smallest p₀, {dip_text(rarest)}; {rule}{depths}"
+            cell.verdict, cell.reason = "no well", f"at the smallest p₀, {trajectory_text(rarest)}; {rule}{depths}"
     return sorted(cells.values(), key=lambda c: (c.policy != "tabular", c.policy, c.optimizer))
+
+
+def well_verdicts(cells: Sequence[WellCell]) -> list[list[str]]:
+    """One row of :data:`WELL_VERDICT_COLUMNS` per cell: its verdict and the evidence."""
+    return [[c.policy, c.optimizer, c.verdict, c.reason] for c in cells]
 
 
 def well_numbers(cells: Sequence[WellCell]) -> list[list[Any]]:
