@@ -33,8 +33,14 @@ class TwoArmedBandit(KArmedBandit):
         if noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
         super().__init__((reward_dont, reward_do), noise_std)
-        self.reward_do = float(reward_do)
-        self.reward_dont = float(reward_dont)
+
+    @property
+    def reward_do(self) -> float:
+        return self.rewards[DO]
+
+    @property
+    def reward_dont(self) -> float:
+        return self.rewards[DONT]
 
     def _check_action(self, action) -> None:
         if not self.action_space.contains(action):

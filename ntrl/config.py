@@ -17,6 +17,8 @@ from ntrl.agents.reinforce import BASELINES, GRADIENT_MODES
 from ntrl.wandb_sink import WANDB_MODES
 
 DTYPES = ("float64", "float32")
+# Fields that say where a run is written and logged rather than how it trains.
+PLACEMENT_FIELDS = ("out", "run_name", "force", "wandb", "group", "wandb_project", "wandb_entity", "tags", "axes")
 ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8}  # torch.optim.Adam's
 ADAM_FIELDS = tuple(ADAM_DEFAULTS)
 
@@ -209,16 +211,13 @@ class TrainConfig:
 
         return TrackSchedule(every=self.track_every, per_decade=self.track_per_decade)
 
-    # fields that say where a run is written and logged, not how it trains (left out of its settings hash)
-    PLACEMENT = ("out", "run_name", "force", "wandb", "group", "wandb_project", "wandb_entity", "tags", "axes", "threads")
-
     def settings_hash(self) -> str:
         """Six hex digits of a hash of every training setting (not where the run is written or
         logged): runs that differ in any setting get different default names."""
         import hashlib
         import json
 
-        settings = {k: v for k, v in self.to_dict().items() if k not in self.PLACEMENT}
+        settings = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS and k != "threads"}
         text = json.dumps(settings, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:6]
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ntrl.config import TrainConfig
+from ntrl.config import PLACEMENT_FIELDS, TrainConfig
 from ntrl.records import (
     CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, RecordWriter, nonfinite_field, read_records, write_json_atomic,
 )
@@ -234,13 +234,9 @@ def train(config: TrainConfig, progress: bool = True, policy: Any = None) -> Run
     config.validate()
     torch.set_num_threads(config.threads)  # tiny networks: extra threads only add contention
     exp = config.build()  # bad input fails here, before anything is written
-    if policy is not None:
-        try:
-            use_policy(exp, policy, config)
-        except BaseException:
-            exp.env.close()
-            raise
     try:
+        if policy is not None:
+            use_policy(exp, policy, config)
         run_dir = prepare_run_dir(config)
     except BaseException:
         exp.env.close()
@@ -435,8 +431,8 @@ def first_order_text(pc: dict[str, Any]) -> str:
     return text + "."
 
 
-# Settings that say where a run is written and logged rather than how it trains.
-NOT_SETTINGS = ("env", "out", "run_name", "group", "wandb", "force", "wandb_project", "wandb_entity", "tags", "axes")
+# What the summary's settings line leaves out: the env (named already) and where the run is written and logged.
+NOT_SETTINGS = ("env", *PLACEMENT_FIELDS)
 
 
 def non_default_settings(config: TrainConfig, skip: Sequence[str] = ()) -> str:
@@ -479,8 +475,8 @@ DIP_SHOWN = 1.01  # the summary mentions a dip of P below its start from 1 % on
 def dip_text(summary: dict[str, Any]) -> str:
     """The least P when it fell below its start (the gravity well), else nothing."""
     p_min, p_start = summary.get("p_min"), summary["p_start"]
-    if p_min is None or not p_min < p_start / DIP_SHOWN or not summary.get("p_min_at"):
-        return ""
+    if p_min is None or not p_min < p_start / DIP_SHOWN or not summary.get("p_min_at") or not summary["p_end"] > p_min:
+        return ""  # no dip, or P is still at its least (then "went from … to …" says it)
     ratio = p_start / p_min
     how = f"{ratio:.3g}× below its start" if ratio >= 1.5 else f"{1 - 1 / ratio:.1%} below its start"
     return f", after falling to its minimum {p_min:.4g} ({how}) at update {summary['p_min_at']}"
@@ -493,7 +489,8 @@ def describe(result: RunResult, config: TrainConfig) -> str:
     over = f", the mean over {s['n_probe']} probe states," if s.get("n_probe", 1) > 1 else ""
     text = (
         f"P = π({action}){over} went from {s['p_start']:.4g} to {s['p_end']:.4g} in {s['updates']} updates"
-        f"{dip_text(s) if s['p_end'] > s.get('p_min', s['p_end']) else ''}{crossing_text(s)} ({config.optimizer}, {config.mode} gradients, {config.policy} policy, lr {config.lr:g}). "
+        f"{dip_text(s)}{crossing_text(s)} ({config.optimizer}, {config.mode} gradients, {config.policy} policy, "
+        f"lr {config.lr:g}). "
         f"{price_check_text(s['price_check_P'])} Records: {s['records']}."
     )
     if result.wandb_dir:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 
 import ntrl.envs  # noqa: F401  (registers ntrl/KArmedBandit-v0)
+from ntrl.agents.policies import ESCORT_Q
 from ntrl.config import Experiment, PolicyKind, TrainConfig, option
 from ntrl.envs.kbandit import GRAVITY_WELL_REWARDS, start_probabilities
 from ntrl.experiments.bandit import bandit_experiment
@@ -51,7 +52,7 @@ class KBanditConfig(TrainConfig):
     noise_std: float = option(0.0, "standard deviation of Gaussian reward noise")
     p0: float | None = option(None, f"initial probability of the target arm (default: start[target] with --start, "
                                     f"else {DEFAULT_P0})")
-    escort_q: float = option(2.0, "the escort exponent q of π_a ∝ |θ_a|^q (--policy escort)")
+    escort_q: float = option(ESCORT_Q, "the escort exponent q of π_a ∝ |θ_a|^q (--policy escort)")
 
     def resolve(self) -> "KBanditConfig":
         """Fill in K, the rewards and p₀ from one another (each given value is checked in validate)."""
@@ -75,7 +76,7 @@ class KBanditConfig(TrainConfig):
         need(math.isfinite(self.noise_std) and self.noise_std >= 0, "noise_std",
              f"must be a finite number >= 0, got {self.noise_std}")
         need(math.isfinite(self.escort_q) and self.escort_q > 0, "escort_q", f"must be a finite number > 0, got {self.escort_q}")
-        need(self.policy == "escort" or self.escort_q == 2.0, "escort_q", f"applies to --policy escort only, not {self.policy}")
+        need(self.policy == "escort" or self.escort_q == ESCORT_Q, "escort_q", f"applies to --policy escort only, not {self.policy}")
         need(self.policy != "single_logit" or self.arms == 2, "policy",
              f"single_logit has 2 actions; this bandit has {self.arms} arms (use tabular, mlp or escort)")
         need(not self.start or len(self.start) == self.arms, "start",
