@@ -201,7 +201,9 @@ class WandbSink:
 
     def log_artifact(self, name: str, kind: str, paths: list[str | os.PathLike]) -> None:
         """Log files (records.jsonl, report.html, ...) as one W&B artifact ``name`` of type ``kind``;
-        paths that do not exist are skipped."""
+        paths that do not exist are skipped. The files are referenced where they are (W&B's
+        ``policy="immutable"``): the default would copy each into W&B's staging folder under
+        ``~/.local/share/wandb``, outside --out, where offline copies stay until a sync."""
         if self.run is None:
             return
         try:
@@ -214,7 +216,7 @@ class WandbSink:
             if not files:
                 return
             for path in files:
-                art.add_file(str(path), name=path.name)
+                art.add_file(str(path), name=path.name, policy="immutable")
             self.run.log_artifact(art)
         except Exception as e:
             self.lost(f"logging the artifact {name}", e)

@@ -155,7 +155,9 @@ def test_wandb_project_entity_tags_ids_version_and_records_artifact(tmp_path):
     the ntrl version; records.jsonl is a W&B artifact."""
     from ntrl import __version__
 
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_PROJECT": "env-project", "WANDB_TAGS": "x, y"}
+    data_dir = tmp_path / "wandb-data"  # W&B's own folder outside --out: its artifact staging lives there
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_PROJECT": "env-project", "WANDB_TAGS": "x, y",
+           "WANDB_DATA_DIR": str(data_dir)}
     logged = []
     for extra in ([], ["--force", "--wandb-project", "flag-project", "--wandb-entity", "my-team", "--tags", "z"]):
         r = ntrl("train", "bandit", "--out", str(tmp_path), "--quiet", "--steps", "3", "--run-name", "w", *extra, env=env)
@@ -168,3 +170,5 @@ def test_wandb_project_entity_tags_ids_version_and_records_artifact(tmp_path):
     assert all(w["display_name"].startswith("w-") and w["run_id"].startswith("w-") for w in (first, second))
     assert all(w["config"]["ntrl_version"] == __version__ for w in logged)
     assert all({"name": "records-w", "type": "records"} in w["artifacts"] for w in logged)
+    # the artifact references the run's files in place: no copy of the records outside --out
+    assert not [p for p in data_dir.rglob("*") if p.is_file()]
