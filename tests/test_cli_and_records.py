@@ -172,3 +172,17 @@ def test_wandb_project_entity_tags_ids_version_and_records_artifact(tmp_path):
     assert all({"name": "records-w", "type": "records"} in w["artifacts"] for w in logged)
     # the artifact references the run's files in place: no copy of the records outside --out
     assert not [p for p in data_dir.rglob("*") if p.is_file()]
+
+
+def test_unique_run_ids_are_readable_valid_and_keep_a_long_names_ends():
+    import re
+
+    from ntrl.wandb_sink import unique_run_id
+
+    long = "CartPole-v1-reinforce-mlp-lr=0.01-seed0-" + "x" * 40 + "-9afb1a"
+    ids = {unique_run_id(long) for _ in range(20)}
+    assert len(ids) == 20  # unique
+    for run_id in ids:
+        assert len(run_id) <= 64 and re.fullmatch(r"[A-Za-z0-9_-]+", run_id)
+        assert run_id.startswith("CartPole-v1-reinforce-mlp") and run_id[:-9].endswith("9afb1a")
+    assert re.fullmatch(r"w-[0-9a-f]{8}", unique_run_id("w"))

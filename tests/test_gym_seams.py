@@ -188,3 +188,15 @@ def test_vector_flags_only_where_they_act():
     with pytest.raises(ConfigError, match="would step for nothing"):
         GymConfig(env="CartPole-v1", n_envs=16, batch_size=4).validate()
     GymConfig(env="CartPole-v1", algo="ppo", n_envs=16).validate()  # SB3's n_envs is its own
+
+
+def test_async_rollouts_give_the_sync_records(tmp_path):
+    """--vector-mode async steps the same envs in processes of their own: same seeds, same episodes,
+    the same records."""
+    records = {}
+    for mode in ("sync", "async"):
+        config = GymConfig(env="CartPole-v1", n_envs=3, vector_mode=mode, batch_size=5, steps=3, wandb="disabled",
+                           out=str(tmp_path), run_name=mode)
+        records[mode] = train(config, progress=False).records
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "backend"} for r in rs]  # noqa: E731
+    assert strip(records["sync"]) == strip(records["async"])
