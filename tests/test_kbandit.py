@@ -247,6 +247,10 @@ def test_train_kbandit_from_the_command_line(tmp_path, capsys):
                "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "--start" in err and "one probability per arm (2, from --arms or the length of --rewards)" in err
+    for flag in ("--rewards", "--start"):  # a vector flag given without its values is refused, not defaulted
+        assert main(["train", "kbandit", flag, "--no-wandb", "--out", str(tmp_path / "none")]) == 2
+        assert f"{flag}: needs one" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_the_study_gives_each_optimizer_its_gravity_well_verdict(tmp_path):

@@ -84,6 +84,13 @@ def apply_wrappers(env: gym.Env, wrappers: list[str]) -> gym.Env:
     return env
 
 
+def space_text(space: gym.Space) -> str:
+    """A space in a few words for an error line: a Box by its shape and dtype (its bounds can fill a screen)."""
+    if isinstance(space, gym.spaces.Box):
+        return f"a Box of shape {space.shape} ({space.dtype})"
+    return str(space)
+
+
 def flattenable(space: gym.Space) -> bool:
     """A Tuple or Dict whose every leaf is a Discrete or a Box: gymnasium's FlattenObservation
     turns it into one flat Box (one-hot for each Discrete)."""
@@ -352,15 +359,15 @@ class GymConfig(TrainConfig):
         discrete_obs = isinstance(raw_env.observation_space, gym.spaces.Discrete)
         if self.policy in ("tabular", "escort") and not discrete_obs:
             raise ConfigError("--policy", f"{self.policy} needs a Discrete observation space; {self.env} has "
-                                          f"{raw_env.observation_space}; use --policy mlp")
+                                          f"{space_text(raw_env.observation_space)}; use --policy mlp")
         if self.policy == "single_logit" and n_actions != 2:
             raise ConfigError("--policy", f"single_logit needs 2 actions; {self.env} has {n_actions}")
         image = isinstance(raw_env.observation_space, gym.spaces.Box) and len(raw_env.observation_space.shape) == 3
         if image != (self.policy == "cnn"):
-            raise ConfigError("--policy", f"{self.env} has image observations {raw_env.observation_space}: use --policy "
+            raise ConfigError("--policy", f"{self.env} has image observations ({space_text(raw_env.observation_space)}): use --policy "
                                           f"cnn (or --wrapper gymnasium.wrappers:FlattenObservation for an MLP on the "
                                           f"pixels)" if image else f"cnn reads image (H, W, C) observations; {self.env} "
-                                          f"has {raw_env.observation_space}")
+                                          f"has {space_text(raw_env.observation_space)}")
         # on a Discrete space the MLP one-hot encodes the indices itself: rollouts, probe states,
         # properties and events all see the env's own observations, as with the tabular policy and SB3
         one_hot = discrete_obs and self.policy == "mlp"

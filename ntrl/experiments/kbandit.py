@@ -42,10 +42,10 @@ class KBanditConfig(TrainConfig):
     env: str = option("kbandit", "the environment", flag=False)
     policy: PolicyKind = TrainConfig.redefault("policy", "tabular")
     arms: int | None = option(None, "number of arms K >= 2 (default: the length of --rewards, else 3)")
-    rewards: list[float] = option(default_factory=list, values=True,
+    rewards: list[float] | None = option(None, values=True,
                                   help="reward of each arm, e.g. --rewards 1 0.9 0 (default: 1, 0.9, then 0 for the "
                                        "other arms: the gravity well)")
-    start: list[float] = option(default_factory=list, values=True,
+    start: list[float] | None = option(None, values=True,
                                 help="the start π₀, one probability per arm summing to 1, e.g. --start 0.01 0.94 0.05 "
                                      "(default: the target at --p0, the rest split evenly)")
     target: int = option(0, "the tracked arm")
@@ -55,10 +55,11 @@ class KBanditConfig(TrainConfig):
     escort_q: float = option(ESCORT_Q, "the escort exponent q of π_a ∝ |θ_a|^q (--policy escort)")
 
     def resolve(self) -> "KBanditConfig":
-        """Fill in K, the rewards and p₀ from one another (each given value is checked in validate)."""
+        """Fill in K, the rewards and p₀ from one another (each given value is checked in validate;
+        a flag given without values, an empty list, is refused there)."""
         if self.arms is None:
-            self.arms = len(self.rewards) or len(self.start) or len(GRAVITY_WELL_REWARDS)
-        if not self.rewards and self.arms >= 2:
+            self.arms = len(self.rewards or self.start or GRAVITY_WELL_REWARDS)
+        if self.rewards is None and self.arms >= 2:
             self.rewards = default_rewards(self.arms)
         if self.p0 is None:
             self.p0 = (float(self.start[self.target]) if self.start and 0 <= self.target < len(self.start)
@@ -69,6 +70,8 @@ class KBanditConfig(TrainConfig):
         self.resolve()
         need = self.need
         need(self.policy != "cnn", "policy", "cnn reads image observations; the bandit's is the constant [1]")
+        need(self.rewards != [], "rewards", "needs one value per arm, e.g. --rewards 1 0.9 0")
+        need(self.start != [], "start", "needs one probability per arm, e.g. --start 0.01 0.94 0.05")
         need(isinstance(self.arms, int) and self.arms >= 2, "arms", f"must be >= 2, got {self.arms}")
         need(len(self.rewards) == self.arms, "rewards", f"needs one reward per arm ({self.arms}), got {self.rewards}")
         need(all(math.isfinite(r) for r in self.rewards), "rewards", f"must be finite, got {self.rewards}")
@@ -79,10 +82,9 @@ class KBanditConfig(TrainConfig):
         need(self.policy == "escort" or self.escort_q == ESCORT_Q, "escort_q", f"applies to --policy escort only, not {self.policy}")
         need(self.policy != "single_logit" or self.arms == 2, "policy",
              f"single_logit has 2 actions; this bandit has {self.arms} arms (use tabular, mlp or escort)")
-        need(not self.start or len(self.start) == self.arms, "start",
-             f"needs one probability per arm ({self.arms}, from --arms or the length of --rewards), "
-             f"got {len(self.start)}: {self.start}")
         if self.start:  # checked before --p0, which it gives when --p0 is absent
+            need(len(self.start) == self.arms, "start", f"needs one probability per arm ({self.arms}, from --arms or the "
+                                                        f"length of --rewards), got {len(self.start)}: {self.start}")
             try:
                 start_probabilities(self.start[self.target], self.target, self.arms, self.start)
             except ValueError as e:
@@ -95,7 +97,7 @@ class KBanditConfig(TrainConfig):
     def start_vector(self) -> list[float]:
         """π₀, the start every policy kind is built at."""
         self.resolve()
-        return start_probabilities(self.p0, self.target, self.arms, self.start or None).tolist()
+        return start_probabilities(self.p0, self.target, self.arms, self.start).tolist()
 
     def default_run_name(self) -> str:
         self.resolve()
