@@ -121,8 +121,11 @@ def _sample_action(policy: nn.Module, obs: np.ndarray, rng: np.random.Generator)
     return int(sample_actions(probs, rng)[0])
 
 
+Transitions = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]  # obs, actions, rewards, episode, n_cut
+
+
 def collect_episodes(
-    env: gym.Env,
+    env: gym.Env | gym.vector.VectorEnv,
     policy: nn.Module,
     n_episodes: int,
     rng: np.random.Generator,
@@ -132,9 +135,18 @@ def collect_episodes(
 ) -> EpisodeBatch:
     """Run ``n_episodes`` episodes with actions drawn from π by ``rng``; rewards-to-go G_t.
 
-    An episode still running after ``max_steps`` steps is cut there (counted in ``n_cut``); its
-    rewards-to-go are those of the first ``max_steps`` steps, so the batch estimates the gradient
-    of the return over that horizon, J_H = E[Σ_{t<H} γᵗ r_t], which is what REINFORCE then ascends."""
+    ``env`` is one env (:func:`env_transitions`) or a gymnasium vector env (:func:`vector_transitions`,
+    one batched forward pass per vector step); both give B whole episodes. An episode still
+    running after ``max_steps`` steps is cut there (counted in ``n_cut``); its rewards-to-go are
+    those of the first ``max_steps`` steps, so the batch estimates the gradient of the return over
+    that horizon, J_H = E[Σ_{t<H} γᵗ r_t], which is what REINFORCE then ascends."""
+    gather = vector_transitions if isinstance(env, gym.vector.VectorEnv) else env_transitions
+    return batch_from_transitions(*gather(env, policy, n_episodes, rng, max_steps), n_episodes, gamma, baseline)
+
+
+def env_transitions(env: gym.Env, policy: nn.Module, n_episodes: int, rng: np.random.Generator,
+                    max_steps: int) -> Transitions:
+    """B episodes of one env, one after the other, one forward pass per step."""
     all_obs, all_act, all_rew, lengths = [], [], [], []  # transitions in episode order; episode lengths
     n_cut = 0
     for _ in range(n_episodes):
@@ -152,8 +164,7 @@ def collect_episodes(
         n_cut += not ended
         lengths.append(length)
     episode = np.repeat(np.arange(n_episodes), lengths)
-    return batch_from_transitions(np.stack(all_obs), np.asarray(all_act), np.asarray(all_rew, dtype=np.float64),
-                                  episode, n_episodes, n_cut, gamma, baseline)
+    return np.stack(all_obs), np.asarray(all_act), np.asarray(all_rew, dtype=np.float64), episode, n_cut
 
 
 NUMPY_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -200,17 +211,10 @@ def numpy_policy(policy: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     return probs
 
 
-def collect_episodes_vector(
-    venv: gym.vector.VectorEnv,
-    policy: nn.Module,
-    n_episodes: int,
-    rng: np.random.Generator,
-    gamma: float = 1.0,
-    baseline: str = "loo",
-    max_steps: int = 100_000,
-) -> EpisodeBatch:
-    """:func:`collect_episodes` through a gymnasium vector env of n sub-environments, with one
-    batched forward pass of the policy per vector step (actions drawn by ``rng``, one uniform per
+def vector_transitions(venv: gym.vector.VectorEnv, policy: nn.Module, n_episodes: int, rng: np.random.Generator,
+                       max_steps: int) -> Transitions:
+    """B episodes through a gymnasium vector env of n sub-environments, with one batched forward
+    pass of the policy per vector step (actions drawn by ``rng``, one uniform per
     sub-environment). The vector env must reset an ended sub-environment in the same step
     (``AutoresetMode.SAME_STEP``).
 
@@ -256,13 +260,12 @@ def collect_episodes_vector(
     keep = eid.reshape(-1) >= 0
     order = np.lexsort((t_idx.reshape(-1)[keep], eid.reshape(-1)[keep]))  # by episode, then time
     flat = lambda steps_: np.stack(steps_).reshape(eid.size, *np.shape(steps_[0])[1:])[keep][order]  # noqa: E731
-    return batch_from_transitions(flat(obs_steps), flat(act_steps), flat(rew_steps).astype(np.float64),
-                                  eid.reshape(-1)[keep][order],
-                                  n_episodes, n_cut, gamma, baseline)
+    return (flat(obs_steps), flat(act_steps), flat(rew_steps).astype(np.float64), eid.reshape(-1)[keep][order],
+            n_cut)
 
 
-def batch_from_transitions(obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, episode: np.ndarray,
-                           n_episodes: int, n_cut: int, gamma: float = 1.0, baseline: str = "loo") -> EpisodeBatch:
+def batch_from_transitions(obs: np.ndarray, actions: np.ndarray, rewards: np.ndarray, episode: np.ndarray, n_cut: int,
+                           n_episodes: int, gamma: float = 1.0, baseline: str = "loo") -> EpisodeBatch:
     """The EpisodeBatch of transitions already in episode order (``episode``: each one's episode,
     non-decreasing, every episode 0..B−1 present): rewards-to-go, advantages (:func:`advantages`;
     a batch of identical episodes, the same actions from the same observations, has A = 0)."""
@@ -332,10 +335,9 @@ def sampled_gradient(
     gamma: float = 1.0,
     max_steps: int = 100_000,
 ) -> UtilityGradient:
-    """Collect a batch (episodes cut at ``max_steps``; through :func:`collect_episodes_vector` when
-    ``env`` is a vector env) and return the surrogate, its gradient and the visited states."""
-    collect = collect_episodes_vector if isinstance(env, gym.vector.VectorEnv) else collect_episodes
-    batch = collect(env, engine.module, n_episodes, rng, gamma=gamma, baseline=baseline, max_steps=max_steps)
+    """Collect a batch (:func:`collect_episodes`, from one env or a vector env; episodes cut at
+    ``max_steps``) and return the surrogate, its gradient and the visited states."""
+    batch = collect_episodes(env, engine.module, n_episodes, rng, gamma=gamma, baseline=baseline, max_steps=max_steps)
     U = surrogate_utility(batch)
     value, g = engine.value_and_gradient(U)
     w = torch.full((batch.obs.shape[0],), 1.0 / batch.obs.shape[0], dtype=torch.float64)

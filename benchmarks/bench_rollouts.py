@@ -6,7 +6,7 @@ Three ways to gather the same number of CartPole transitions, per transition:
 
 * ``raw``: a gymnasium SyncVectorEnv of 8 CartPoles (same-step autoreset) stepped with random
   actions (``action_space.sample()``), no policy: the baseline;
-* ``vector``: :func:`ntrl.agents.reinforce.collect_episodes_vector` through that vector env, one
+* ``vector``: :func:`ntrl.agents.reinforce.collect_episodes` through that vector env, one
   batched forward pass of ntrl's 2×64 MLP per vector step (what ``ntrl train --env CartPole-v1
   --n-envs 8`` does);
 * ``single``: :func:`ntrl.agents.reinforce.collect_episodes` on one env, one forward pass per step
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from timing import interleaved_medians  # noqa: E402
 
 from ntrl.agents.policies import make_policy  # noqa: E402
-from ntrl.agents.reinforce import collect_episodes, collect_episodes_vector  # noqa: E402
+from ntrl.agents.reinforce import collect_episodes  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
     counts: dict[str, int] = {}
 
     def vector() -> None:
-        batch = collect_episodes_vector(venv, policy, args.episodes, rng, max_steps=1000)
+        batch = collect_episodes(venv, policy, args.episodes, rng, max_steps=1000)
         counts["vector"] = int(batch.obs.shape[0])
 
     def single_env() -> None:

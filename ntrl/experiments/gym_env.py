@@ -333,7 +333,7 @@ class GymConfig(TrainConfig):
 
     def make_vector_env(self) -> gym.vector.VectorEnv:
         """``n_envs`` copies of the env (wrappers and all) as a gymnasium vector env that resets an
-        ended sub-environment in the same step (what :func:`ntrl.agents.reinforce.collect_episodes_vector`
+        ended sub-environment in the same step (what :func:`ntrl.agents.reinforce.vector_transitions`
         reads), sync or async."""
         from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
