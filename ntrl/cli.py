@@ -112,6 +112,12 @@ class RarityArgs:
                                                             "every run on its own"})
     device: Literal["cpu", "cuda", "auto"] = field(default="cpu", metadata={"help": "where populations train "
                                                                                  "(auto: cuda when present)"})
+    executor: Literal["local", "ray"] = field(default="local", metadata={
+        "help": "where the runs train: local, a process pool of --workers; ray, Ray tasks (the ray extra: pip "
+                "install 'ntrl[ray]'), on a local Ray instance of --workers CPUs or the cluster of --ray-address"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "with --executor ray: the cluster, auto (the one this machine joined with `ray start`) or "
+                "HOST:PORT (None: start a local Ray instance that ends with the study)"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
     verbose: bool = field(default=False, metadata={"help": "say on stderr which tangent backend answers each "
                                                            "property, and why"})
@@ -407,6 +413,16 @@ def run_rarity(flags: RarityArgs) -> str:
         raise UsageError(f"--{presets[1]}", f"give one of --quick, --full or --config, not {' and '.join('--' + p for p in presets)}")
     if flags.workers < 1:
         raise UsageError("--workers", f"must be >= 1, got {flags.workers}")
+    if flags.ray_address is not None and flags.executor != "ray":
+        raise UsageError("--ray-address", "is for --executor ray; add --executor ray to run the study on that cluster")
+    if flags.executor == "ray":
+        if flags.analyse_only:
+            raise UsageError("--executor", "ray trains runs, and --analyse-only trains none; drop --executor")
+        from ntrl.study.ray_executor import check_ray_address, require_ray
+
+        require_ray()  # one line before anything is written
+        if flags.ray_address is not None:
+            check_ray_address(flags.ray_address)
     if flags.study_dir is not None and not flags.analyse_only:
         raise UsageError("--study-dir", "is for --analyse-only; to run a study, give --out (its parent directory)")
     wandb_mode = mode_from_environment(flags.wandb)
@@ -440,7 +456,8 @@ def run_rarity(flags: RarityArgs) -> str:
         resolve_device(flags.device)  # --device cuda without a GPU: one line now, not from every worker
     return rarity(study, study_dir, workers=flags.workers, wandb_mode=wandb_mode, force=flags.force,
                   progress=not flags.quiet, analyse_only=flags.analyse_only, verbose=flags.verbose,
-                  population=flags.population, device=flags.device)
+                  population=flags.population, device=flags.device, executor=flags.executor,
+                  ray_address=flags.ray_address)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,14 +73,20 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temporary file and rename it into place (never half-written)."""
+    text = json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file, fsync it and rename it into place (never half-written)."""
     import tempfile
 
     path = Path(path)
     # a fresh temporary name (O_EXCL): never an existing file or a symbolic link planted there
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)

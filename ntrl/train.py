@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -338,11 +339,7 @@ def train(config: TrainConfig, progress: bool = True, policy: Any = None) -> Run
                                   return_last=return_last, p_min=p_min, p_min_at=p_min_at, p_back_at=p_back_at,
                                   price=price_check(read_records(run_dir / RECORDS_FILE), "P"))
             write_json_atomic(run_dir / SUMMARY_FILE, summary)
-            flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
-            flat.update({f"price_check_P/{k}": v for k, v in summary["price_check_P"].items()})
-            sink.log_artifact(f"records-{run_dir.name}", "records",
-                              [run_dir / RECORDS_FILE, run_dir / CONFIG_FILE, run_dir / SUMMARY_FILE])
-            sink.finish(flat, exit_code=0 if status in COMPLETE else 1)
+            close_wandb_run(sink, run_dir, summary)
         except Exception as e:  # never let the summary hide the error that ended the run
             if status != "failed" and not interrupted:
                 raise
@@ -353,6 +350,32 @@ def train(config: TrainConfig, progress: bool = True, policy: Any = None) -> Run
         n = len(read_records(run_dir / RECORDS_FILE))
         raise RunInterrupted(f"interrupted at update {steps_done}; {n} records kept in {run_dir}")
     return RunResult(run_dir, summary, summary["wandb_dir"], exp.target_label)
+
+
+def close_wandb_run(sink: WandbSink, run_dir: Path, summary: dict[str, Any]) -> None:
+    """The end of a run's W&B run: its records, config and summary as the ``records`` artifact,
+    and the summary's scalars (the Price check's as ``price_check_P/…``) as W&B's summary."""
+    flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+    flat.update({f"price_check_P/{k}": v for k, v in summary["price_check_P"].items()})
+    sink.log_artifact(f"records-{run_dir.name}", "records",
+                      [run_dir / RECORDS_FILE, run_dir / CONFIG_FILE, run_dir / SUMMARY_FILE])
+    sink.finish(flat, exit_code=0 if summary["status"] in COMPLETE else 1)
+
+
+def log_finished_run(config: TrainConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Log a run that trained elsewhere (a Ray worker, W&B off) to W&B from its files, as
+    :func:`train` logs while it runs: one W&B step per record, in order, then the artifact and the
+    summary. Writes ``summary`` (with the W&B run's directory and mode) as the run's summary.json,
+    the last file of a complete run, and returns it."""
+    recorded = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    sink = WandbSink(run_dir, recorded, mode=config.wandb, name=run_dir.name, group=config.group,
+                     system_metrics=not config.axes, **config.wandb_settings())
+    for record in read_records(run_dir / RECORDS_FILE):
+        sink.log(record)
+    summary = {**summary, "wandb_dir": sink.directory, "wandb_mode": sink.mode}
+    write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    close_wandb_run(sink, run_dir, summary)
+    return summary
 
 
 def crossing_text(summary: dict[str, Any]) -> str:

@@ -467,16 +467,55 @@ def train_population(
         for i in pop.alive:  # still training: interrupted, or stopped with the population by an error
             finish_member(members[i], "interrupted" if interrupted else "failed", t, math.nan, sink, curve_points)
         pop.model.close()
-        sink.log_table("members", *members_table(members))
-        sink.log_table("curves", *curves_table(members))
         wandb_dir = sink.directory  # None once finished
-        sink.finish({"members": len(members), "updates": t})
+        close_population_sink(sink, members, t)
     if interrupted:
         raise RunInterrupted(f"population interrupted at update {t}; the records so far and each member's "
                              f"summary are kept")
     results = [RunResult(st.run_dir, st.summary, st.summary["wandb_dir"], target_label(st.config)) for st in members]
     failures = [(i, st.run_dir.name, st.error) for i, st in enumerate(members) if st.error]
     return PopulationResult(results, failures, wandb_dir, t, time.time() - start, loop_seconds)
+
+
+def close_population_sink(sink: WandbSink, members: Sequence[Any], updates: int) -> None:
+    """The end of a population's W&B run: the members' summaries and P curves as tables
+    (:func:`members_table`, :func:`curves_table`), and its size and length as its summary."""
+    sink.log_table("members", *members_table(members))
+    sink.log_table("curves", *curves_table(members))
+    sink.finish({"members": len(members), "updates": updates})
+
+
+def log_finished_population(configs: Sequence[TrainConfig], summaries: Sequence[dict[str, Any]],
+                            wandb_parent: str | os.PathLike | None, wandb_name: str | None,
+                            wandb_config: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Log a population that trained elsewhere (a Ray worker, W&B off) to its one W&B run from
+    the members' files, as :func:`train_population` logs while it trains: at each tracked update
+    the median over the members of P after the step, and how many members were training, then the
+    members' tables. Writes each member's summary (``summaries``, with the W&B run's directory and
+    mode) as its summary.json, the last file of a complete run, and returns them."""
+    import statistics
+    from types import SimpleNamespace
+
+    sink = population_sink(wandb_parent, configs[0], wandb_name, wandb_config)
+    records = [read_records(Path(c.out) / c.run_name) for c in configs]
+    after: dict[int, list[float]] = {}
+    for recs in records:
+        for r in recs:
+            after.setdefault(r["update"], []).append(r["P/value"] + r["P/real_delta"])
+    for t in sorted(after):
+        sink.log({"update": t, "P/median": statistics.median(after[t]),
+                  "members/active": sum(s["updates"] > t for s in summaries)})
+    curve_points = max(2, CURVE_ROWS // len(configs))
+    members, written = [], []
+    for config, summary, recs in zip(configs, summaries, records):
+        run_dir = Path(config.out) / config.run_name
+        summary = {**summary, "wandb_dir": sink.directory, "wandb_mode": sink.mode}
+        write_json_atomic(run_dir / SUMMARY_FILE, summary)
+        written.append(summary)
+        members.append(SimpleNamespace(run_dir=run_dir, config=config, summary=summary,
+                                       curve=thin_curve(recs, curve_points)))
+    close_population_sink(sink, members, max((s["updates"] for s in summaries), default=0))
+    return written
 
 
 def target_label(config: TrainConfig) -> str:
@@ -675,9 +714,14 @@ def finish_member(st: MemberState, status: str, updates: int, p_end: float, sink
     if st.before_summary is not None:
         st.before_summary()
     write_json_atomic(st.run_dir / SUMMARY_FILE, st.summary)
+    st.curve = thin_curve(records, curve_points)
+
+
+def thin_curve(records: Sequence[dict[str, Any]], curve_points: int) -> list[tuple[int, float]]:
+    """(update, P) of every k-th record, k = ⌈len/curve_points⌉, the last always kept."""
     stride = max(1, -(-len(records) // curve_points))
-    kept = records[::stride] + (records[-1:] if records and (len(records) - 1) % stride else [])
-    st.curve = [(r["update"], r["P/value"]) for r in kept]
+    kept = list(records[::stride]) + (list(records[-1:]) if records and (len(records) - 1) % stride else [])
+    return [(r["update"], r["P/value"]) for r in kept]
 
 
 def flush(members: Sequence[MemberState], force: bool = False) -> None:

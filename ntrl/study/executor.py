@@ -16,7 +16,7 @@ import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ntrl.config import ConfigError
 from ntrl.study.grid import STUDY_FILE, RunSpec, StudyConfig, enumerate_runs, train_config_for
@@ -72,8 +72,6 @@ def run_chunk(study_dict: dict[str, Any], spec_dicts: list[dict[str, Any]], runs
     (:mod:`ntrl.population`). Returns (spec, summary, error) per member; a member that failed has summary None and its error. Each member's summary
     is written when it stops; a worker whose parent died is ended by its watchdog
     (:func:`ntrl.study.lock.worker_init`) and, as :func:`run_one`'s, writes no summary more."""
-    import hashlib
-
     import torch
 
     from ntrl.population import train_population
@@ -91,18 +89,24 @@ def run_chunk(study_dict: dict[str, Any], spec_dicts: list[dict[str, Any]], runs
     study = StudyConfig(**study_dict)
     specs = [RunSpec(**d) for d in spec_dicts]
     configs = [train_config_for(study, spec, Path(runs_dir), wandb_mode) for spec in specs]
-    cell = specs[0].cell
-    digest = hashlib.sha1("\n".join(s.run_id for s in specs).encode()).hexdigest()[:8]  # the same chunk, the same name
-    name = f"{study.name}-{'-'.join(cell)}-pop-{digest}"
+    name, wandb_config = chunk_wandb_run(study, specs)
     result = train_population(configs, progress=False, device=device,
-                              wandb_parent=wandb_parent, wandb_name=name,
-                              wandb_config={"study": study.name, "env": cell[0], "policy": cell[1], "optimizer": cell[2],
-                                            "mode": cell[3], "members": len(specs),
-                                            "runs": [s.run_id for s in specs]},
+                              wandb_parent=wandb_parent, wandb_name=name, wandb_config=wandb_config,
                               summary_extra=[{"spec": d} for d in spec_dicts], before_summary=before_summary)
     errors = {i: e for i, _, e in result.failures}
     return [(d, None, errors[i]) if i in errors else (d, res.summary, None)
             for i, (d, res) in enumerate(zip(spec_dicts, result.results))]
+
+
+def chunk_wandb_run(study: StudyConfig, specs: list[RunSpec]) -> tuple[str, dict[str, Any]]:
+    """The name (the same chunk, the same name) and config of a population chunk's W&B run."""
+    import hashlib
+
+    cell = specs[0].cell
+    digest = hashlib.sha1("\n".join(s.run_id for s in specs).encode()).hexdigest()[:8]
+    return f"{study.name}-{'-'.join(cell)}-pop-{digest}", {
+        "study": study.name, "env": cell[0], "policy": cell[1], "optimizer": cell[2], "mode": cell[3],
+        "members": len(specs), "runs": [s.run_id for s in specs]}
 
 
 def work_units(study: StudyConfig, todo: list[RunSpec], runs_dir: Path, workers: int, population: bool,
@@ -310,16 +314,21 @@ def run_study(
     verbose: bool = False,
     population: bool = True,
     device: str = "cpu",
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> list[tuple[RunSpec, dict[str, Any]]]:
     """Run (or resume) every run of the grid; return (spec, summary) for each completed run.
 
     Holds the study directory's lock throughout. Workers end with this process (however it
     ends); on Ctrl-C or SIGTERM the running runs are stopped and :class:`StudyInterrupted` says
     how many are complete."""
+    from ntrl.study.ray_executor import ray_connected
+
     study.validate()
     out = Path(out)
-    with open_study_dir(study, out, force):
-        return run_grid(study, out, workers, wandb_mode, progress, on_error, verbose, population, device)
+    with ray_connected(executor, ray_address, workers), open_study_dir(study, out, force):
+        return run_grid(study, out, workers, wandb_mode, progress, on_error, verbose, population, device, executor,
+                        ray_address)
 
 
 @contextlib.contextmanager
@@ -349,14 +358,13 @@ def progress_line(study: StudyConfig, study_dir: Path) -> str:
 
 def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = "offline", progress: bool = True,
              on_error: Callable[[RunSpec, BaseException], None] | None = None,
-             verbose: bool = False, population: bool = True, device: str = "cpu") -> list[tuple[RunSpec, dict[str, Any]]]:
-    """The pool over the grid's work units (population chunks and single runs, see
-    :func:`work_units`), in a study directory already opened (and locked) by
+             verbose: bool = False, population: bool = True, device: str = "cpu",
+             executor: str = "local", ray_address: str | None = None) -> list[tuple[RunSpec, dict[str, Any]]]:
+    """The grid's work units (population chunks and single runs, see :func:`work_units`) on
+    ``executor``: "local", a process pool of ``workers`` (:func:`local_unit_results`), or "ray"
+    (:func:`ntrl.study.ray_executor.ray_unit_results`, at ``ray_address`` or on a local Ray
+    instance of ``workers`` CPUs), in a study directory already opened (and locked) by
     :func:`open_study_dir`; see :func:`run_study`."""
-    import multiprocessing as mp
-
-    from ntrl.study.lock import worker_init
-
     runs_dir = out / "runs"
     specs = enumerate_runs(study)
     done: dict[RunSpec, dict[str, Any]] = {}
@@ -367,6 +375,11 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
             done[spec] = s
         else:
             todo.append(spec)
+    results = None
+    if executor == "ray":  # before the bar: a missing extra or an unreachable cluster is one line
+        from ntrl.study.ray_executor import require_ray
+
+        require_ray()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -381,42 +394,17 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
 
         wandb_parent = str(out) if ntrl_wandb_dir(out) is not None else None
     if units:
-        ctx = mp.get_context("spawn")
-        pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=worker_init,
-                                   initargs=(os.getpid(),))
+        if executor == "ray":
+            from ntrl.study.ray_executor import ray_unit_results
+
+            results = ray_unit_results(study, units, out, workers, wandb_mode, verbose, device, wandb_parent,
+                                       ray_address)
+        else:
+            results = local_unit_results(study, units, runs_dir, workers, wandb_mode, verbose, device, wandb_parent)
         interrupted = False
         try:
-            study_dict, queue, futures = study.to_dict(), iter(units), {}
-
-            def submit_next() -> None:  # a few units in flight at a time: a huge grid starts (and stops) at once
-                kind, unit = next(queue, (None, None))
-                if unit is not None:
-                    # no Ctrl-C or SIGTERM halfway through starting a worker (one started but not yet
-                    # known to the pool would not be stopped); they arrive once the worker is known
-                    with signals_held():
-                        if kind == "population":
-                            fut = pool.submit(run_chunk, study_dict, [asdict(s) for s in unit], str(runs_dir),
-                                              wandb_mode, verbose, device, wandb_parent, os.getpid())
-                        else:
-                            fut = pool.submit(run_one, study_dict, asdict(unit[0]), str(runs_dir), wandb_mode,
-                                              os.getpid(), verbose)
-                    futures[fut] = unit
-                    pending.add(fut)
-
-            pending: set = set()
-            for _ in range(2 * max(1, workers)):
-                submit_next()
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    submit_next()
-                    unit = futures.pop(fut)
-                    try:
-                        result = fut.result()
-                    except Exception as e:  # a failed unit is reported; the others go on
-                        result = [(asdict(s), None, e) for s in unit]
-                    if isinstance(result, dict):  # a single run's summary
-                        result = [(asdict(unit[0]), result, None)]
+            with contextlib.closing(results):
+                for unit, result in results:
                     for spec, (_, summary, error) in zip(unit, result):
                         if summary is not None:
                             done[spec] = summary
@@ -429,13 +417,6 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
                         bar.update(len(unit))
         except KeyboardInterrupt:
             interrupted = True
-        finally:
-            if interrupted or sys.exc_info()[0] is not None:  # stop the running runs, drop the queued ones
-                for proc in list(getattr(pool, "_processes", {}).values()):
-                    proc.kill()
-                pool.shutdown(wait=False, cancel_futures=True)
-            else:
-                pool.shutdown(wait=True)
         if interrupted:
             if bar is not None:
                 bar.close()
@@ -447,3 +428,80 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
         raise StudyIncomplete(f"{len(failures)} run(s) failed, first {spec.run_id}: {e}; "
                               "completed runs are kept, re-run the same command to retry the rest")
     return [(spec, done[spec]) for spec in specs if spec in done]
+
+
+UnitResult = list[tuple[dict[str, Any], "dict[str, Any] | None", "BaseException | str | None"]]
+
+
+def in_flight(units: list[tuple[str, list[RunSpec]]], slots: int, submit: Callable[[str, list[RunSpec]], Any],
+              wait_some: Callable[[set], tuple[set, set]]) -> Iterator[tuple[Any, list[RunSpec]]]:
+    """Keep ``slots`` units submitted at a time (a huge grid neither starts nor stops all at
+    once): ``submit(kind, unit)`` gives a handle, ``wait_some(pending)`` the (finished, pending)
+    handles; yields (handle, unit) per finished unit, after submitting the next."""
+    queue, owner, pending = iter(units), {}, set()
+
+    def submit_next() -> None:
+        kind, unit = next(queue, (None, None))
+        if unit is not None:
+            handle = submit(kind, unit)
+            owner[handle] = unit
+            pending.add(handle)
+
+    for _ in range(slots):
+        submit_next()
+    while pending:
+        finished, rest = wait_some(pending)
+        pending.clear()
+        pending.update(rest)
+        for handle in finished:
+            submit_next()
+            yield handle, owner.pop(handle)
+
+
+def local_unit_results(study: StudyConfig, units: list[tuple[str, list[RunSpec]]], runs_dir: Path, workers: int,
+                       wandb_mode: str, verbose: bool, device: str,
+                       wandb_parent: str | None) -> Iterator[tuple[list[RunSpec], UnitResult]]:
+    """The local executor: the units in a process pool of ``workers``, each unit's
+    (spec, summary, error) per run as it finishes. The workers write their runs into ``runs_dir``
+    themselves and end with this process; when the consumer stops early (Ctrl-C, SIGTERM, an
+    error) the running ones are killed and the queued ones dropped."""
+    import multiprocessing as mp
+
+    from ntrl.study.lock import worker_init
+
+    ctx = mp.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=worker_init,
+                               initargs=(os.getpid(),))
+    study_dict = study.to_dict()
+
+    def submit(kind: str, unit: list[RunSpec]):
+        # no Ctrl-C or SIGTERM halfway through starting a worker (one started but not yet known
+        # to the pool would not be stopped); they arrive once the worker is known
+        with signals_held():
+            if kind == "population":
+                return pool.submit(run_chunk, study_dict, [asdict(s) for s in unit], str(runs_dir),
+                                   wandb_mode, verbose, device, wandb_parent, os.getpid())
+            return pool.submit(run_one, study_dict, asdict(unit[0]), str(runs_dir), wandb_mode, os.getpid(), verbose)
+
+    def wait_some(pending: set) -> tuple[set, set]:
+        finished, rest = wait(pending, return_when=FIRST_COMPLETED)
+        return set(finished), set(rest)
+
+    stopped = True
+    try:
+        for fut, unit in in_flight(units, 2 * max(1, workers), submit, wait_some):
+            try:
+                result = fut.result()
+            except Exception as e:  # a failed unit is reported; the others go on
+                result = [(asdict(s), None, e) for s in unit]
+            if isinstance(result, dict):  # a single run's summary
+                result = [(asdict(unit[0]), result, None)]
+            yield unit, result
+        stopped = False
+    finally:
+        if stopped:  # stop the running runs, drop the queued ones
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+        else:
+            pool.shutdown(wait=True)

@@ -20,13 +20,15 @@ from ntrl.study.lock import study_lock
 
 def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode: str = "offline",
            force: bool = False, progress: bool = True, analyse_only: bool = False, verbose: bool = False,
-           population: bool = True, device: str = "cpu") -> str:
+           population: bool = True, device: str = "cpu", executor: str = "local",
+           ray_address: str | None = None) -> str:
     """Run or resume ``study`` in ``study_dir`` (unless ``analyse_only``), analyse and report it.
 
     ``population``: train the cells the population path supports as batched population chunks
     (:mod:`ntrl.population`, on ``device``), the others run by run; without it every run is trained
     on its own. Ctrl-C or SIGTERM anywhere raises :class:`StudyInterrupted` saying how many runs
-    are complete."""
+    are complete. ``executor``: "local" (a process pool of ``workers``) or "ray" (Ray tasks, at
+    ``ray_address`` or on a local Ray instance of ``workers`` CPUs; :mod:`ntrl.study.ray_executor`)."""
     start = time.time()
     if wandb_mode == "online":
         from ntrl.wandb_sink import online_login_or_offline
@@ -39,11 +41,15 @@ def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode:
                 remembered_wandb_settings(study_dir)
                 paths = analyse_and_report(study_dir, wandb_mode)
         else:
+            from ntrl.study.ray_executor import ray_connected
+
             study.validate()
-            with open_study_dir(study, study_dir, force):  # one lock from the first run to the report
+            # Ray first: a cluster that cannot be reached leaves no study directory behind
+            with ray_connected(executor, ray_address, workers), open_study_dir(study, study_dir, force):
                 remember_wandb_settings(study_dir, wandb_mode)
                 run_grid(study, study_dir, workers=workers, wandb_mode=wandb_mode, progress=progress,
-                         verbose=verbose, population=population, device=device)
+                         verbose=verbose, population=population, device=device, executor=executor,
+                         ray_address=ray_address)
                 paths = analyse_and_report(study_dir, wandb_mode)
     except KeyboardInterrupt as e:
         if isinstance(e, StudyInterrupted):

@@ -1,0 +1,316 @@
+"""The rarity study on Ray (``ntrl rarity --executor ray``): the study's work units as Ray tasks.
+
+* **Work units** are the local executor's (:func:`ntrl.study.executor.work_units`): population
+  chunks and single runs, one CPU each.
+* **Results travel, files do not.** A task trains its unit in a temporary directory of the machine
+  it runs on, with W&B off, and returns the records and summary of each of its runs
+  (:func:`ray_unit`). The driver writes them into ``STUDY_DIR/runs/`` as they arrive, summary last
+  (:func:`write_unit`), so a cluster needs no shared filesystem and the driver is the only process
+  that writes into the study directory.
+* **W&B**: the driver logs each unit's W&B run from the returned records
+  (:func:`ntrl.train.log_finished_run`, :func:`ntrl.population.trainer.log_finished_population`):
+  the same runs, histories, tables and artifacts as the local executor's, made on the driver's
+  machine (workers need neither a W&B login nor network).
+* **Faults**: a worker process that dies mid-unit (SIGKILL, out of memory, a lost node) is retried
+  by Ray, up to :data:`MAX_RETRIES` times; the retry trains the unit again from its seeds, so its
+  records are the ones the first try would have returned. An error inside a unit is not retried:
+  it comes back with the unit's files and is reported once, as the local executor reports it.
+* **Kills and resume**: the driver holds the study's lock, as the local executor does, and a run
+  counts as complete once its summary is written, so a killed driver resumes where it stopped. A
+  local Ray instance the driver started ends with it (``ray.shutdown()``, and
+  :mod:`ntrl.study.reaper` for a SIGKILL); a cluster given by ``--ray-address`` is left running,
+  and Ray stops the tasks of a driver that is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+from ntrl.config import ConfigError
+from ntrl.records import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, write_bytes_atomic, write_json_atomic
+from ntrl.study.executor import (
+    UnitResult, chunk_wandb_run, in_flight, run_chunk, run_one, signals_held,
+)
+from ntrl.study.grid import RunSpec, StudyConfig, train_config_for
+
+MAX_RETRIES = 3  # tries after the first, for a unit whose worker process died
+UNIT_DIR_PREFIX = "ntrl-ray-unit-"  # a task's temporary directory: ntrl-ray-unit-<pid>-<random>
+UNIT_DIR_MARKER = ".ntrl-ray-unit"
+INSTALL_HINT = "pip install 'ntrl[ray]' (in a checkout: .venv/bin/pip install -e '.[ray]')"
+
+
+def require_ray():
+    """The ray module, or a ConfigError that says how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor", f"ray needs the optional extra, which is not installed: {INSTALL_HINT}") from None
+    return ray
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """A ConfigError unless something answers at the Ray cluster ``address`` (``auto``: the
+    cluster this machine joined with ``ray start``, or RAY_ADDRESS; ``[ray://]HOST:PORT``),
+    checked with one TCP connection before anything is written: ray.init waits minutes, deaf to
+    Ctrl-C, for an address where nothing listens."""
+    import socket
+
+    target = address.strip()
+    if target == "auto":
+        try:
+            from ray._private.services import get_ray_address_from_environment  # where `ray start` noted it
+        except ImportError:  # moved in another Ray: ray.init will say it
+            return
+        try:
+            target = get_ray_address_from_environment("auto", None) or ""
+        except ConnectionError:
+            target = ""
+        if not target:
+            raise ConfigError("--ray-address", "auto finds no Ray cluster on this machine; start one with "
+                                               "`ray start --head` (or join one with `ray start --address HOST:PORT`)")
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError("--ray-address", f"must be auto or HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError("--ray-address", f"no Ray cluster answers at {target} ({e.strerror or e}); start one "
+                                           f"with `ray start --head`, or give the address it printed") from None
+
+
+# ---------------------------------------------------------------------------------- on the worker
+def ray_unit(study_dict: dict[str, Any], kind: str, spec_dicts: list[dict[str, Any]], verbose: bool = False,
+             device: str = "cpu") -> list[tuple[dict[str, Any], dict[str, bytes] | None, str | None]]:
+    """A Ray task: train one work unit ("population" chunk or single "run") in a temporary
+    directory of this machine, W&B off, and return (spec, files, error) per run: files maps
+    records.jsonl and summary.json to their bytes (None when the run left none), error is the
+    text of what stopped it (None when it completed). The directory is removed before returning."""
+    remove_stale_unit_dirs()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{UNIT_DIR_PREFIX}{os.getpid()}-"))
+    try:
+        (tmp / UNIT_DIR_MARKER).write_text(f"{os.getpid()}\n")
+        runs_dir = tmp / "runs"
+        runs_dir.mkdir()
+        errors: dict[int, str] = {}
+        try:
+            if kind == "population":
+                returned = run_chunk(study_dict, spec_dicts, str(runs_dir), "disabled", verbose, device)
+                errors = {i: error_text(e) for i, (_, _, e) in enumerate(returned) if e is not None}
+            else:
+                run_one(study_dict, spec_dicts[0], str(runs_dir), "disabled", None, verbose)
+        except Exception as e:  # the unit's own error: reported, not retried
+            errors = {i: error_text(e) for i in range(len(spec_dicts))}
+        out = []
+        for i, d in enumerate(spec_dicts):
+            run_dir = runs_dir / RunSpec(**d).run_id
+            files = {name: (run_dir / name).read_bytes() for name in (RECORDS_FILE, SUMMARY_FILE)
+                     if (run_dir / name).is_file()}
+            out.append((d, files or None, errors.get(i)))
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def error_text(e: BaseException | str) -> str:
+    return e if isinstance(e, str) else (str(e) or type(e).__name__)
+
+
+def remove_stale_unit_dirs() -> None:
+    """Remove the temporary directories of this machine's tasks whose process is gone (a worker
+    killed mid-unit leaves its directory); only directories that carry ntrl's unit marker."""
+    root = Path(tempfile.gettempdir())
+    for path in root.glob(f"{UNIT_DIR_PREFIX}*"):
+        try:
+            pid = int(path.name[len(UNIT_DIR_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if path.is_symlink() or not (path / UNIT_DIR_MARKER).is_file() or pid_alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------- on the driver
+def write_unit(study: StudyConfig, unit: list[RunSpec], kind: str,
+               returned: list[tuple[dict[str, Any], dict[str, bytes] | None, str | None]], runs_dir: Path,
+               wandb_mode: str, wandb_parent: str | None) -> UnitResult:
+    """Write a returned unit into the study's ``runs_dir``, as the local executor's workers would
+    have written it: each run's directory, marker, config, records and, last, its summary (with
+    this machine's paths, and its W&B run logged from the records when W&B is on). Returns
+    (spec, summary, error) per run, as the local executor does."""
+    from ntrl.population.trainer import log_finished_population
+    from ntrl.train import log_finished_run, prepare_run_dir
+
+    results: list[Any] = [None] * len(unit)
+    arrived = []  # (index, config, summary) of the runs whose files came back
+    for i, (spec, (d, files, error)) in enumerate(zip(unit, returned)):
+        if not files:
+            results[i] = (d, None, error or "the unit returned no files")
+            continue
+        config = train_config_for(study, spec, runs_dir, wandb_mode)
+        try:
+            with signals_held():  # a run's directory is written whole, or left for a resume to replace
+                run_dir = prepare_run_dir(config)  # refuses a directory ntrl did not make, as a worker would
+                write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
+                if RECORDS_FILE in files:
+                    write_bytes_atomic(run_dir / RECORDS_FILE, files[RECORDS_FILE])
+        except (ConfigError, OSError) as e:
+            results[i] = (d, None, e)
+            continue
+        summary = json.loads(files[SUMMARY_FILE]) if SUMMARY_FILE in files else None
+        if summary is None:
+            results[i] = (d, None, error or "the run left no summary")
+            continue
+        summary.update(records=str(run_dir / RECORDS_FILE), wandb_dir=None, wandb_mode="disabled")
+        arrived.append((i, config, summary))
+    if wandb_mode != "disabled" and kind == "population" and arrived:
+        name, wandb_config = chunk_wandb_run(study, [unit[i] for i, _, _ in arrived])
+        summaries = log_finished_population([c for _, c, _ in arrived], [s for _, _, s in arrived],
+                                            wandb_parent, name, wandb_config)
+    elif wandb_mode != "disabled":
+        summaries = [log_finished_run(c, Path(c.out) / c.run_name, s) for _, c, s in arrived]
+    else:
+        summaries = [s for _, _, s in arrived]
+        for (_, c, s) in arrived:
+            write_json_atomic(Path(c.out) / c.run_name / SUMMARY_FILE, s)
+    for (i, _, _), summary in zip(arrived, summaries):
+        d, _, error = returned[i]
+        results[i] = (d, None, error) if error is not None else (d, summary, None)
+    return results
+
+
+def task_error_text(e: BaseException) -> str:
+    """What ended a Ray task: the task's own error (not retried), or what Ray says of a task
+    whose every try lost its worker."""
+    import ray
+
+    if isinstance(e, ray.exceptions.RayTaskError) and getattr(e, "cause", None) is not None:
+        return f"{type(e.cause).__name__}: {error_text(e.cause)}"
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''} (tried {MAX_RETRIES + 1} times)"
+
+
+def connection_error_text(e: BaseException) -> str:
+    """Why ray.init could not connect, with what to do: the first line of Ray's error, and for a
+    missing or wrong token (the cause is often a few exceptions deep) how to give one."""
+    chain, texts = e, []
+    while chain is not None and len(texts) < 8:
+        texts.append(str(chain))
+        chain = chain.__cause__ or chain.__context__
+    if any("AuthToken" in t or "Authentication token" in t for t in texts):
+        return ("the cluster asks for its authentication token (Ray's default); set RAY_AUTH_MODE=token, with the "
+                "cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+    lines = [line for line in texts[0].strip().splitlines() if line.strip()]
+    return f"{lines[0][:300] if lines else type(e).__name__} (start one with `ray start --head`)"
+
+
+@contextlib.contextmanager
+def ray_connected(executor: str, address: str | None, workers: int) -> Iterator[None]:
+    """For ``executor`` "ray": connected to Ray for the body (:func:`ray_session`), unless
+    already connected; nothing for "local"."""
+    if executor != "ray":
+        yield
+        return
+    ray = require_ray()
+    if ray.is_initialized():
+        yield
+        return
+    with ray_session(address, workers):
+        yield
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, workers: int) -> Iterator[None]:
+    """Connect to the Ray cluster at ``address`` ("auto": the one this machine belongs to), or
+    start a local instance of ``workers`` CPUs that ends with this process. ntrl's own SIGTERM
+    handling is kept (ray.init replaces it)."""
+    ray = require_ray()
+    from ntrl.study.reaper import start_reaper, stop_reaper
+
+    reaper = None
+    old_term = signal.getsignal(signal.SIGTERM)
+    try:
+        if address is None:
+            reaper = start_reaper(os.path.dirname(ray.__file__))
+            # "local": a new instance even where RAY_ADDRESS names a cluster
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR)
+        else:
+            try:
+                ray.init(address=address, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise ConfigError("--ray-address", f"cannot connect to the Ray cluster at {address}: "
+                                                   f"{connection_error_text(e)}") from None
+    except BaseException:
+        if signal.getsignal(signal.SIGTERM) is not old_term:
+            signal.signal(signal.SIGTERM, old_term)
+        if reaper is not None:
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            stop_reaper(reaper)
+        raise
+    signal.signal(signal.SIGTERM, old_term)
+    try:
+        yield
+    finally:
+        with signals_held():
+            ray.shutdown()
+        if reaper is not None:
+            stop_reaper(reaper)
+
+
+def ray_unit_results(study: StudyConfig, units: list[tuple[str, list[RunSpec]]], out: Path, workers: int,
+                     wandb_mode: str, verbose: bool, device: str, wandb_parent: str | None,
+                     address: str | None) -> Iterator[tuple[list[RunSpec], UnitResult]]:
+    """The Ray executor: the units as Ray tasks (two per CPU in flight), each unit's
+    (spec, summary, error) per run once the driver has written it (:func:`write_unit`). When the
+    consumer stops early (Ctrl-C, SIGTERM, an error) the submitted tasks are cancelled."""
+    ray = require_ray()
+    runs_dir = out / "runs"
+    study_dict = study.to_dict()
+    with ray_connected("ray", address, workers):
+        cpus = max(1, int(ray.cluster_resources().get("CPU", workers)))
+        task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(ray_unit)
+        kinds, submitted = {}, []
+
+        def submit(kind: str, unit: list[RunSpec]):
+            ref = task.remote(study_dict, kind, [asdict(s) for s in unit], verbose, device)
+            kinds[ref] = kind
+            submitted.append(ref)
+            return ref
+
+        def wait_some(pending: set) -> tuple[set, set]:
+            ready, rest = ray.wait(list(pending), num_returns=1)
+            return set(ready), set(rest)
+
+        stopped = True
+        try:
+            for ref, unit in in_flight(units, 2 * cpus, submit, wait_some):
+                try:
+                    returned = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    returned = [(asdict(s), None, task_error_text(e)) for s in unit]
+                yield unit, write_unit(study, unit, kinds.pop(ref), returned, runs_dir, wandb_mode, wandb_parent)
+            stopped = False
+        finally:
+            if stopped:
+                for ref in submitted:
+                    with contextlib.suppress(Exception):
+                        ray.cancel(ref, force=True)

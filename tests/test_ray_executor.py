@@ -1,0 +1,386 @@
+"""The rarity study on Ray (issue 17): `ntrl rarity --executor ray` gives the local executor's
+verdicts and files, a worker killed mid-unit is retried, a killed driver leaves no process behind
+and resumes, W&B runs are logged by the driver, and errors are reported as the local executor
+reports them. Ray is the optional extra `ray`; CI installs it (.ci/run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ntrl.records import read_records
+
+NTRL = str(Path(sys.executable).with_name("ntrl"))
+# a grid of population chunks (mlp, sgd and sign) whose units run for seconds: kills land inside them
+GRID = """name = "ray"
+policies = ["mlp"]
+optimizers = ["sgd", "sign"]
+p0s = [0.01, 0.001]
+seeds = 3
+extinction_steps = 300
+max_steps = 3000
+track_every = 10
+price_scales = [1.0, 0.5]
+"""
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RAY_"))}
+    e["WANDB_MODE"] = "disabled"
+    e.update(extra)
+    return e
+
+
+def rarity(grid: Path, out: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([NTRL, "rarity", "--config", str(grid), "--out", str(out), "--quiet", *extra], env=env(),
+                          capture_output=True, text=True, timeout=timeout, cwd=out.parent)
+
+
+def start(grid: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([NTRL, "rarity", "--config", str(grid), "--out", str(out), "--quiet", *extra], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            cwd=out.parent)
+
+
+def session_processes(sid: int) -> list[str]:
+    """Command lines of the live processes of session ``sid``."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[3]) == sid:
+                out.append(Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode()[:80])
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def processes_titled(title: str) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if Path(entry.path, "cmdline").read_bytes().startswith(title.encode()):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def wait_for(predicate, limit_s: float = 180.0, step: float = 0.05):
+    end = time.time() + limit_s
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return None
+
+
+def completed(study: Path) -> dict[str, float]:
+    out = {}
+    for path in study.glob("runs/*/summary.json"):
+        try:
+            if "spec" in json.loads(path.read_text()):
+                out[path.parent.name] = path.stat().st_mtime
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The grid on the local executor: its study directory."""
+    root = tmp_path_factory.mktemp("local")
+    (root / "grid.toml").write_text(GRID)
+    done = rarity(root / "grid.toml", root)
+    assert done.returncode == 0, done.stderr
+    return root / "ray"
+
+
+def test_ray_gives_the_local_executors_verdicts_records_and_summaries(tmp_path, reference):
+    pytest.importorskip("ray")
+    (tmp_path / "grid.toml").write_text(GRID)
+    done = rarity(tmp_path / "grid.toml", tmp_path, "--executor", "ray")
+    assert done.returncode == 0, done.stderr
+    study = tmp_path / "ray"
+    assert (study / "verdicts.csv").read_text() == (reference / "verdicts.csv").read_text()
+    runs = sorted(p.name for p in (reference / "runs").iterdir())
+    assert runs == sorted(p.name for p in (study / "runs").iterdir()) and len(runs) == 18
+    for name in runs:
+        ours, theirs = study / "runs" / name, reference / "runs" / name
+        assert (ours / "records.jsonl").read_bytes() == (theirs / "records.jsonl").read_bytes()
+        a, b = (json.loads((d / "summary.json").read_text()) for d in (ours, theirs))
+        assert a.pop("records") == str(ours / "records.jsonl") and b.pop("records") == str(theirs / "records.jsonl")
+        assert a == b  # the driver wrote this machine's paths; everything else is the worker's
+        ca, cb = (json.loads((d / "config.json").read_text()) for d in (ours, theirs))
+        assert ca.pop("out") == str(study / "runs") and cb.pop("out") == str(reference / "runs") and ca == cb
+        assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    # every task's temporary directory went with its task (those left belong to live processes)
+    for path in Path(tempfile.gettempdir()).glob("ntrl-ray-unit-*"):
+        assert Path("/proc", path.name.split("-")[3]).exists(), path
+
+
+def test_the_quick_grid_on_a_local_ray_of_2_cpus_gives_the_local_executors_verdicts(tmp_path):
+    """The issue's check, on the README's main job: every cell of `--quick`, the gravity well's
+    included, under both executors."""
+    pytest.importorskip("ray")
+    tables = {}
+    for executor in ("local", "ray"):
+        root = tmp_path / executor
+        root.mkdir()
+        done = subprocess.run([NTRL, "rarity", "--quick", "--out", ".", "--quiet", "--workers", "2", "--executor",
+                               executor], env=env(), capture_output=True, text=True, timeout=900, cwd=root)
+        assert done.returncode == 0, done.stderr
+        tables[executor] = [(root / "rarity-quick" / name).read_text() for name in ("verdicts.csv", "well.csv")]
+    assert tables["ray"] == tables["local"]
+
+
+def test_a_worker_killed_mid_unit_is_retried_and_the_study_completes_with_the_same_verdicts(tmp_path, reference):
+    pytest.importorskip("ray")
+    (tmp_path / "grid.toml").write_text(GRID)
+    proc = start(tmp_path / "grid.toml", tmp_path, "--executor", "ray")
+
+    def mid_unit() -> int | None:
+        """A worker of this study that runs a unit now, in its temporary directory."""
+        for pid in processes_titled("ray::ray_unit"):
+            if pid in session_pids(proc.pid) and list(Path(tempfile.gettempdir()).glob(f"ntrl-ray-unit-{pid}-*")):
+                return pid
+        return None
+
+    victim = wait_for(mid_unit, step=0.01)
+    assert victim, proc.communicate(timeout=60)
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    study = tmp_path / "ray"
+    assert (study / "verdicts.csv").read_text() == (reference / "verdicts.csv").read_text()
+    assert len(completed(study)) == 18
+    # the killed try never returned, so its runs come from Ray's retry, which removed the directory it left
+    assert not list(Path(tempfile.gettempdir()).glob(f"ntrl-ray-unit-{victim}-*"))
+
+
+def session_pids(sid: int) -> set[int]:
+    pids = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == sid:
+                    pids.add(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def reference_per_run(tmp_path_factory):
+    """The grid on the local executor, every run on its own (--no-population): its verdicts."""
+    root = tmp_path_factory.mktemp("local-per-run")
+    (root / "grid.toml").write_text(GRID)
+    done = rarity(root / "grid.toml", root, "--no-population")
+    assert done.returncode == 0, done.stderr
+    return (root / "ray" / "verdicts.csv").read_text()
+
+
+def test_a_killed_driver_leaves_no_process_and_writes_nothing_more_then_resumes_to_the_same_verdicts(
+        tmp_path, reference_per_run):
+    """SIGTERM, then SIGKILL, of `ntrl rarity --executor ray` (one run per unit, so that the kills
+    land between units and inside them), then a resume."""
+    pytest.importorskip("ray")
+    (tmp_path / "grid.toml").write_text(GRID)
+    study = tmp_path / "ray"
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        before = completed(study)
+        proc = start(tmp_path / "grid.toml", tmp_path, "--executor", "ray", "--no-population")
+        assert wait_for(lambda: len(completed(study)) >= len(before) + 2), proc.communicate(timeout=60)
+        os.kill(proc.pid, sig)
+        killed_at = time.time()
+        proc.wait(timeout=60)
+        # Ray's GCS, raylet, workers and agents end too: no process of the command is left
+        assert wait_for(lambda: not session_processes(proc.pid), limit_s=20.0), session_processes(proc.pid)
+        after = completed(study)
+        assert len(after) < 18, "the study ended before the kill; the grid is too small for this test"
+        grace = 1.0 if sig == signal.SIGTERM else 0.25  # SIGTERM: the driver finishes the run it is writing
+        assert not {k for k, t in after.items() if t > killed_at + grace}
+        if sig == signal.SIGTERM:
+            err = proc.stderr.read().strip().splitlines()
+            assert proc.returncode == 143 and len(err) == 1 and "re-run the same command to resume" in err[0], err
+        for path in study.glob("runs/*/records.jsonl"):
+            read_records(path)
+    done = rarity(tmp_path / "grid.toml", tmp_path, "--executor", "ray", "--no-population")
+    assert done.returncode == 0, done.stderr
+    assert (study / "verdicts.csv").read_text() == reference_per_run
+
+
+TINY = """name = "w"
+policies = ["single_logit"]
+optimizers = ["sgd"]
+p0s = [0.01]
+seeds = 1
+extinction_steps = 20
+max_steps = 200
+track_every = 5
+price_scales = [1.0, 0.5]
+"""
+
+
+def wandb_runs(study: Path) -> dict[str, dict]:
+    """The study's W&B runs read back, by what they log: a chunk by its members, a run by its name."""
+    from ntrl.wandb_sink import read_offline_run
+
+    out = {}
+    for path in list(study.glob("wandb/offline-run-*")) + list(study.glob("runs/*/wandb/offline-run-*")):
+        logged = read_offline_run(path)
+        if "summary" in logged["run"].get("display_name", "").split("-"):
+            continue
+        key = ",".join(logged["config"]["runs"]) if "runs" in logged["config"] else path.parent.parent.name
+        out[key] = logged
+    return out
+
+
+def comparable(history: list[dict]) -> list[dict]:
+    """A W&B history without what differs from one logging to the next (times, table file names)."""
+    return [{k: v for k, v in h.items() if not k.startswith("_") and not k.endswith(("path", "_latest_artifact_path"))}
+            for h in history]
+
+
+@pytest.mark.parametrize("population", [True, False])
+def test_the_driver_logs_each_units_wandb_run_as_the_local_executor_does(tmp_path, population):
+    pytest.importorskip("ray")
+    flags = ["--wandb", "offline"] + ([] if population else ["--no-population"])
+    studies = {}
+    for executor in ("local", "ray"):
+        root = tmp_path / executor
+        root.mkdir()
+        (root / "grid.toml").write_text(TINY)
+        done = subprocess.run([NTRL, "rarity", "--config", "grid.toml", "--out", ".", "--quiet", "--executor",
+                               executor, *flags], env={**env(), "WANDB_MODE": "offline"}, capture_output=True,
+                              text=True, timeout=600, cwd=root)
+        assert done.returncode == 0, done.stderr
+        studies[executor] = root / "w"
+    ours, theirs = wandb_runs(studies["ray"]), wandb_runs(studies["local"])
+    assert sorted(ours) == sorted(theirs) and len(ours) == (2 if population else 2)
+    for key, logged in ours.items():
+        assert comparable(logged["history"]) == comparable(theirs[key]["history"]), key
+        assert logged["config"] == theirs[key]["config"]
+        assert [a["type"] for a in logged["artifacts"]] == [a["type"] for a in theirs[key]["artifacts"]]
+        assert {k: v for k, v in logged["summary"].items() if not k.startswith("_") and "path" not in k and
+                "wandb_dir" not in k and "records" != k} == \
+            {k: v for k, v in theirs[key]["summary"].items() if not k.startswith("_") and "path" not in k and
+             "wandb_dir" not in k and "records" != k}
+    for run_dir in (studies["ray"] / "runs").iterdir():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["wandb_mode"] == "offline" and summary["records"] == f"w/runs/{run_dir.name}/records.jsonl"
+        wandb_dir = studies["ray"].parent / summary["wandb_dir"]
+        assert wandb_dir.parent == (studies["ray"] / "wandb" if population else run_dir / "wandb")
+
+
+def test_a_run_that_cannot_be_written_is_reported_once_and_the_others_complete(tmp_path):
+    pytest.importorskip("ray")
+    (tmp_path / "grid.toml").write_text(TINY.replace('optimizers = ["sgd"]', 'optimizers = ["sgd", "npg"]'))
+    victim = tmp_path / "w" / "runs" / "bandit-single_logit-npg-exact-rewarded-p0=0.01-seed0"
+    done = rarity(tmp_path / "grid.toml", tmp_path, "--executor", "ray")
+    assert done.returncode == 0, done.stderr
+    import shutil
+
+    shutil.rmtree(victim)
+    victim.mkdir()
+    (victim / "mine.txt").write_text("mine")
+    (tmp_path / "w" / "runs" / "bandit-single_logit-sgd-exact-punished-p0=0.2-seed0" / "summary.json").unlink()
+    again = rarity(tmp_path / "grid.toml", tmp_path, "--executor", "ray")
+    assert again.returncode == 1
+    lines = [line for line in again.stderr.splitlines() if line.startswith("ntrl:")]
+    assert len(lines) == 1 and "1 run(s) failed" in lines[0] and "did not write" in lines[0], again.stderr
+    assert (victim / "mine.txt").read_text() == "mine" and sorted(p.name for p in victim.iterdir()) == ["mine.txt"]
+    assert len(completed(tmp_path / "w")) == 3
+
+
+def test_an_error_inside_a_unit_comes_back_with_its_text_and_the_runs_files(tmp_path):
+    """On the worker side (no Ray needed): a unit whose run fails returns its error and whatever
+    files the run left, and its temporary directory is gone."""
+    from dataclasses import asdict
+
+    from ntrl.study.grid import StudyConfig, enumerate_runs
+    from ntrl.study.ray_executor import ray_unit
+
+    study = StudyConfig(name="e", policies=["single_logit"], optimizers=["sgd"], p0s=[0.01], seeds=1,
+                        extinction_steps=20, max_steps=50, track_every=5).validate()
+    spec = asdict(enumerate_runs(study)[0])
+    spec["policy"] = "nonesuch"
+    os.environ["TMPDIR"] = str(tmp_path)
+    tempfile.tempdir = None
+    try:
+        ((d, files, error),) = ray_unit(study.to_dict(), "run", [spec])
+    finally:
+        del os.environ["TMPDIR"]
+        tempfile.tempdir = None
+    assert d == spec and files is None and "nonesuch" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_unit_directories_are_removed_only_when_ntrl_made_them_and_their_process_is_gone(tmp_path, monkeypatch):
+    from ntrl.study.ray_executor import UNIT_DIR_MARKER, remove_stale_unit_dirs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ours = tmp_path / f"ntrl-ray-unit-{dead.pid}-abc"
+    ours.mkdir()
+    (ours / UNIT_DIR_MARKER).write_text("x")
+    (ours / "runs").mkdir()
+    live = tmp_path / f"ntrl-ray-unit-{os.getpid()}-abc"
+    live.mkdir()
+    (live / UNIT_DIR_MARKER).write_text("x")
+    foreign = tmp_path / f"ntrl-ray-unit-{dead.pid}-def"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("mine")
+    remove_stale_unit_dirs()
+    assert not ours.exists() and live.exists() and (foreign / "mine.txt").exists()
+
+
+def test_without_ray_the_executor_flag_is_one_line_that_says_how_to_install_it(tmp_path):
+    (tmp_path / "grid.toml").write_text(TINY)
+    code = ("import sys; sys.modules['ray'] = None; from ntrl.cli import main; "
+            f"sys.exit(main(['rarity', '--config', 'grid.toml', '--out', 'out', '--executor', 'ray']))")
+    done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'ntrl[ray]'" in lines[0], done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--ray-address", "auto"], "is for --executor ray"),
+    (["--executor", "ray", "--analyse-only"], "drop --executor"),
+    (["--executor", "ray", "--ray-address", " "], "auto or HOST:PORT"),
+])
+def test_ray_flags_that_would_do_nothing_are_refused(tmp_path, flags, words):
+    if words == "auto or HOST:PORT":  # checked once ray is known to be there
+        pytest.importorskip("ray")
+    (tmp_path / "grid.toml").write_text(TINY)
+    done = subprocess.run([NTRL, "rarity", "--config", "grid.toml", "--out", "out", *flags], env=env(),
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_cluster_is_one_line(tmp_path):
+    pytest.importorskip("ray")
+    (tmp_path / "grid.toml").write_text(TINY)
+    done = subprocess.run([NTRL, "rarity", "--config", "grid.toml", "--out", "out", "--executor", "ray",
+                           "--ray-address", "127.0.0.1:1"], env=env(), capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "--ray-address" in done.stderr and "ray start --head" in done.stderr
