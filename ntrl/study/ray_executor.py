@@ -250,8 +250,13 @@ def ray_session(address: str | None, workers: int) -> Iterator[None]:
     try:
         if address is None:
             reaper = start_reaper(os.path.dirname(ray.__file__))
-            # "local": a new instance even where RAY_ADDRESS names a cluster
-            ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR)
+            try:  # "local": a new instance even where RAY_ADDRESS names a cluster
+                ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR)
+            except SystemExit as e:  # SIGTERM meanwhile: ray.init's own handler exits; ntrl's says what was kept
+                if e.code == signal.SIGTERM and callable(old_term):
+                    signal.signal(signal.SIGTERM, old_term)
+                    old_term(signal.SIGTERM, None)
+                raise
         else:
             try:
                 ray.init(address=address, logging_level=logging.WARNING)
@@ -280,37 +285,30 @@ def ray_unit_results(study: StudyConfig, units: list[tuple[str, list[RunSpec]]],
                      wandb_mode: str, verbose: bool, device: str, wandb_parent: str | None,
                      address: str | None) -> Iterator[tuple[list[RunSpec], UnitResult]]:
     """The Ray executor: the units as Ray tasks (two per CPU in flight), each unit's
-    (spec, summary, error) per run once the driver has written it (:func:`write_unit`). When the
-    consumer stops early (Ctrl-C, SIGTERM, an error) the submitted tasks are cancelled."""
+    (spec, summary, error) per run once the driver has written it (:func:`write_unit`)."""
     ray = require_ray()
     runs_dir = out / "runs"
     study_dict = study.to_dict()
     with ray_connected("ray", address, workers):
         cpus = max(1, int(ray.cluster_resources().get("CPU", workers)))
         task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(ray_unit)
-        kinds, submitted = {}, []
+        kinds = {}
 
         def submit(kind: str, unit: list[RunSpec]):
             ref = task.remote(study_dict, kind, [asdict(s) for s in unit], verbose, device)
             kinds[ref] = kind
-            submitted.append(ref)
             return ref
 
         def wait_some(pending: set) -> tuple[set, set]:
             ready, rest = ray.wait(list(pending), num_returns=1)
             return set(ready), set(rest)
 
-        stopped = True
-        try:
-            for ref, unit in in_flight(units, 2 * cpus, submit, wait_some):
-                try:
-                    returned = ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    returned = [(asdict(s), None, task_error_text(e)) for s in unit]
-                yield unit, write_unit(study, unit, kinds.pop(ref), returned, runs_dir, wandb_mode, wandb_parent)
-            stopped = False
-        finally:
-            if stopped:
-                for ref in submitted:
-                    with contextlib.suppress(Exception):
-                        ray.cancel(ref, force=True)
+        # stopped early (Ctrl-C, SIGTERM, an error): leaving the session ends the tasks (ray.shutdown
+        # stops a local instance; a cluster stops the tasks of a driver that has gone). ray.cancel is
+        # not used: cancelling a task as it completes trips a check in Ray's core worker (ray 2.60)
+        for ref, unit in in_flight(units, 2 * cpus, submit, wait_some):
+            try:
+                returned = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                returned = [(asdict(s), None, task_error_text(e)) for s in unit]
+            yield unit, write_unit(study, unit, kinds.pop(ref), returned, runs_dir, wandb_mode, wandb_parent)
