@@ -375,59 +375,60 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
             done[spec] = s
         else:
             todo.append(spec)
-    results = None
-    if executor == "ray":  # before the bar: a missing extra or an unreachable cluster is one line
-        from ntrl.study.ray_executor import require_ray
+    stack, slots = contextlib.ExitStack(), workers
+    if executor == "ray":  # connected before the bar and the units: a chunk per CPU of the cluster
+        from ntrl.study.ray_executor import ray_connected, ray_cpus
 
-        require_ray()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+        stack.enter_context(ray_connected(executor, ray_address, workers))
+        slots = ray_cpus(workers)
+    with stack:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(specs), initial=len(done), desc=f"{study.name} runs", unit="run", file=sys.stderr,
-                   dynamic_ncols=True)
-    failures = []
-    units = work_units(study, todo, runs_dir, workers, population, device=device)
-    wandb_parent = None
-    if wandb_mode != "disabled" and any(kind == "population" for kind, _ in units):
-        from ntrl.run_dirs import ntrl_wandb_dir
+            bar = tqdm(total=len(specs), initial=len(done), desc=f"{study.name} runs", unit="run", file=sys.stderr,
+                       dynamic_ncols=True)
+        failures = []
+        units = work_units(study, todo, runs_dir, slots, population, device=device)
+        wandb_parent = None
+        if wandb_mode != "disabled" and any(kind == "population" for kind, _ in units):
+            from ntrl.run_dirs import ntrl_wandb_dir
 
-        wandb_parent = str(out) if ntrl_wandb_dir(out) is not None else None
-    if units:
-        if executor == "ray":
-            from ntrl.study.ray_executor import ray_unit_results
+            wandb_parent = str(out) if ntrl_wandb_dir(out) is not None else None
+        if units:
+            if executor == "ray":
+                from ntrl.study.ray_executor import ray_unit_results
 
-            results = ray_unit_results(study, units, out, workers, wandb_mode, verbose, device, wandb_parent,
-                                       ray_address)
-        else:
-            results = local_unit_results(study, units, runs_dir, workers, wandb_mode, verbose, device, wandb_parent)
-        interrupted = False
-        try:
-            with contextlib.closing(results):
-                for unit, result in results:
-                    for spec, (_, summary, error) in zip(unit, result):
-                        if summary is not None:
-                            done[spec] = summary
-                        else:
-                            e = error if isinstance(error, BaseException) else TrainingError(error)
-                            failures.append((spec, e))
-                            if on_error is not None:
-                                on_error(spec, e)
-                    if bar is not None:
-                        bar.update(len(unit))
-        except KeyboardInterrupt:
-            interrupted = True
-        if interrupted:
-            if bar is not None:
-                bar.close()
-            raise StudyInterrupted(progress_line(study, out))
-    if bar is not None:
-        bar.close()
-    if failures:
-        spec, e = failures[0]
-        raise StudyIncomplete(f"{len(failures)} run(s) failed, first {spec.run_id}: {e}; "
-                              "completed runs are kept, re-run the same command to retry the rest")
-    return [(spec, done[spec]) for spec in specs if spec in done]
+                results = ray_unit_results(study, units, out, slots, wandb_mode, verbose, device, wandb_parent)
+            else:
+                results = local_unit_results(study, units, runs_dir, workers, wandb_mode, verbose, device, wandb_parent)
+            interrupted = False
+            try:
+                with contextlib.closing(results):
+                    for unit, result in results:
+                        for spec, (_, summary, error) in zip(unit, result):
+                            if summary is not None:
+                                done[spec] = summary
+                            else:
+                                e = error if isinstance(error, BaseException) else TrainingError(error)
+                                failures.append((spec, e))
+                                if on_error is not None:
+                                    on_error(spec, e)
+                        if bar is not None:
+                            bar.update(len(unit))
+            except KeyboardInterrupt:
+                interrupted = True
+            if interrupted:
+                if bar is not None:
+                    bar.close()
+                raise StudyInterrupted(progress_line(study, out))
+        if bar is not None:
+            bar.close()
+        if failures:
+            spec, e = failures[0]
+            raise StudyIncomplete(f"{len(failures)} run(s) failed, first {spec.run_id}: {e}; "
+                                  "completed runs are kept, re-run the same command to retry the rest")
+        return [(spec, done[spec]) for spec in specs if spec in done]
 
 
 UnitResult = list[tuple[dict[str, Any], "dict[str, Any] | None", "BaseException | str | None"]]

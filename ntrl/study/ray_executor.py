@@ -281,34 +281,39 @@ def ray_session(address: str | None, workers: int) -> Iterator[None]:
             stop_reaper(reaper)
 
 
-def ray_unit_results(study: StudyConfig, units: list[tuple[str, list[RunSpec]]], out: Path, workers: int,
-                     wandb_mode: str, verbose: bool, device: str, wandb_parent: str | None,
-                     address: str | None) -> Iterator[tuple[list[RunSpec], UnitResult]]:
-    """The Ray executor: the units as Ray tasks (two per CPU in flight), each unit's
-    (spec, summary, error) per run once the driver has written it (:func:`write_unit`)."""
+def ray_cpus(default: int) -> int:
+    """The CPUs of the Ray cluster this process is connected to (``default`` if it says none)."""
+    ray = require_ray()
+    return max(1, int(ray.cluster_resources().get("CPU", default)))
+
+
+def ray_unit_results(study: StudyConfig, units: list[tuple[str, list[RunSpec]]], out: Path, cpus: int,
+                     wandb_mode: str, verbose: bool, device: str,
+                     wandb_parent: str | None) -> Iterator[tuple[list[RunSpec], UnitResult]]:
+    """The Ray executor, on the cluster this process is connected to (:func:`ray_connected`):
+    the units as Ray tasks, two per CPU (``cpus``) in flight, each unit's (spec, summary, error)
+    per run once the driver has written it (:func:`write_unit`). Stopped early (Ctrl-C, SIGTERM,
+    an error), the tasks end with the session: ray.shutdown stops a local instance, and a cluster
+    stops the tasks of a driver that has gone (ray.cancel is not used: cancelling a task as it
+    completes trips a check in Ray's core worker, ray 2.60)."""
     ray = require_ray()
     runs_dir = out / "runs"
     study_dict = study.to_dict()
-    with ray_connected("ray", address, workers):
-        cpus = max(1, int(ray.cluster_resources().get("CPU", workers)))
-        task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(ray_unit)
-        kinds = {}
+    task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(ray_unit)
+    kinds = {}
 
-        def submit(kind: str, unit: list[RunSpec]):
-            ref = task.remote(study_dict, kind, [asdict(s) for s in unit], verbose, device)
-            kinds[ref] = kind
-            return ref
+    def submit(kind: str, unit: list[RunSpec]):
+        ref = task.remote(study_dict, kind, [asdict(s) for s in unit], verbose, device)
+        kinds[ref] = kind
+        return ref
 
-        def wait_some(pending: set) -> tuple[set, set]:
-            ready, rest = ray.wait(list(pending), num_returns=1)
-            return set(ready), set(rest)
+    def wait_some(pending: set) -> tuple[set, set]:
+        ready, rest = ray.wait(list(pending), num_returns=1)
+        return set(ready), set(rest)
 
-        # stopped early (Ctrl-C, SIGTERM, an error): leaving the session ends the tasks (ray.shutdown
-        # stops a local instance; a cluster stops the tasks of a driver that has gone). ray.cancel is
-        # not used: cancelling a task as it completes trips a check in Ray's core worker (ray 2.60)
-        for ref, unit in in_flight(units, 2 * cpus, submit, wait_some):
-            try:
-                returned = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                returned = [(asdict(s), None, task_error_text(e)) for s in unit]
-            yield unit, write_unit(study, unit, kinds.pop(ref), returned, runs_dir, wandb_mode, wandb_parent)
+    for ref, unit in in_flight(units, 2 * cpus, submit, wait_some):
+        try:
+            returned = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            returned = [(asdict(s), None, task_error_text(e)) for s in unit]
+        yield unit, write_unit(study, unit, kinds.pop(ref), returned, runs_dir, wandb_mode, wandb_parent)
