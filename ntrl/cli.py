@@ -450,10 +450,11 @@ def run_rarity(flags: RarityArgs) -> str:
             from ntrl.study.executor import read_study_file
 
             read_study_file(study_dir, "--out")
-    if flags.population and not flags.analyse_only:
+    if flags.population and not flags.analyse_only and flags.executor == "local":
         from ntrl.population.trainer import resolve_device
 
-        resolve_device(flags.device)  # --device cuda without a GPU: one line now, not from every worker
+        # --device cuda without a GPU: one line now, not from every worker (Ray: the cluster's GPUs count)
+        resolve_device(flags.device)
     return rarity(study, study_dir, workers=flags.workers, wandb_mode=wandb_mode, force=flags.force,
                   progress=not flags.quiet, analyse_only=flags.analyse_only, verbose=flags.verbose,
                   population=flags.population, device=flags.device, executor=flags.executor,

@@ -390,3 +390,14 @@ def test_an_unreachable_cluster_is_one_line(tmp_path):
                           timeout=300)
     assert done.returncode == 2, done.stderr
     assert "--ray-address" in done.stderr and "ray start --head" in done.stderr
+
+
+def test_device_cuda_on_a_ray_cluster_without_a_gpu_is_one_line_before_anything_is_written(tmp_path):
+    pytest.importorskip("ray")
+    (tmp_path / "grid.toml").write_text(TINY)
+    done = subprocess.run([NTRL, "rarity", "--config", "grid.toml", "--out", "out", "--executor", "ray",
+                           "--device", "cuda"], env=env(), capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--device" in lines[0] and "Ray cluster has no GPU" in lines[0], done.stderr
+    assert not (tmp_path / "out").exists()

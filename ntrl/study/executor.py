@@ -326,7 +326,7 @@ def run_study(
 
     study.validate()
     out = Path(out)
-    with ray_connected(executor, ray_address, workers), open_study_dir(study, out, force):
+    with ray_connected(executor, ray_address, workers, device), open_study_dir(study, out, force):
         return run_grid(study, out, workers, wandb_mode, progress, on_error, verbose, population, device, executor,
                         ray_address)
 
@@ -379,7 +379,7 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
     if executor == "ray":  # connected before the bar and the units: a chunk per CPU of the cluster
         from ntrl.study.ray_executor import ray_connected, ray_cpus
 
-        stack.enter_context(ray_connected(executor, ray_address, workers))
+        stack.enter_context(ray_connected(executor, ray_address, workers, device))
         slots = ray_cpus(workers)
     with stack:
         bar = None
@@ -389,7 +389,8 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
             bar = tqdm(total=len(specs), initial=len(done), desc=f"{study.name} runs", unit="run", file=sys.stderr,
                        dynamic_ncols=True)
         failures = []
-        units = work_units(study, todo, runs_dir, slots, population, device=device)
+        # Ray: sized in this machine's memory; a task's population checks its own device's before it trains
+        units = work_units(study, todo, runs_dir, slots, population, device=device if executor == "local" else "cpu")
         wandb_parent = None
         if wandb_mode != "disabled" and any(kind == "population" for kind, _ in units):
             from ntrl.run_dirs import ntrl_wandb_dir

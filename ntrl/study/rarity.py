@@ -45,7 +45,7 @@ def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode:
 
             study.validate()
             # Ray first: a cluster that cannot be reached leaves no study directory behind
-            with ray_connected(executor, ray_address, workers), open_study_dir(study, study_dir, force):
+            with ray_connected(executor, ray_address, workers, device), open_study_dir(study, study_dir, force):
                 remember_wandb_settings(study_dir, wandb_mode)
                 run_grid(study, study_dir, workers=workers, wandb_mode=wandb_mode, progress=progress,
                          verbose=verbose, population=population, device=device, executor=executor,

@@ -223,18 +223,34 @@ def connection_error_text(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def ray_connected(executor: str, address: str | None, workers: int) -> Iterator[None]:
+def ray_connected(executor: str, address: str | None, workers: int, device: str = "cpu") -> Iterator[None]:
     """For ``executor`` "ray": connected to Ray for the body (:func:`ray_session`), unless
-    already connected; nothing for "local"."""
+    already connected, with the GPU that ``device`` asks for (:func:`population_gpus`); nothing
+    for "local"."""
     if executor != "ray":
         yield
         return
     ray = require_ray()
     if ray.is_initialized():
+        population_gpus(device)
         yield
         return
     with ray_session(address, workers):
+        population_gpus(device)
         yield
+
+
+def population_gpus(device: str) -> int:
+    """GPUs a population chunk's task asks Ray for (Ray hides the GPUs from a task that asks for
+    none): 1 for ``--device cuda``, refused (ConfigError) where the cluster has none; 1 for
+    ``auto`` where the cluster has one, else 0; 0 for cpu. Single runs train on CPU and ask for none."""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0)
+    if device == "cuda" and have < 1:
+        raise ConfigError("--device", "cuda was asked for, but the Ray cluster has no GPU (`ray status` lists its "
+                                      "resources); use --device cpu or auto")
+    return 1 if device != "cpu" and have >= 1 else 0
 
 
 @contextlib.contextmanager
@@ -300,10 +316,12 @@ def ray_unit_results(study: StudyConfig, units: list[tuple[str, list[RunSpec]]],
     runs_dir = out / "runs"
     study_dict = study.to_dict()
     task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(ray_unit)
+    gpus = population_gpus(device)
     kinds = {}
 
     def submit(kind: str, unit: list[RunSpec]):
-        ref = task.remote(study_dict, kind, [asdict(s) for s in unit], verbose, device)
+        ref = task.options(num_gpus=gpus if kind == "population" else 0).remote(
+            study_dict, kind, [asdict(s) for s in unit], verbose, device)
         kinds[ref] = kind
         return ref
 
