@@ -17,20 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from grids import kill_grid, tiny_grid
 from ntrl.records import read_records
 
 NTRL = str(Path(sys.executable).with_name("ntrl"))
-# a grid of population chunks (mlp, sgd and sign) whose units run for seconds: kills land inside them
-GRID = """name = "ray"
-policies = ["mlp"]
-optimizers = ["sgd", "sign"]
-p0s = [0.01, 0.001]
-seeds = 3
-extinction_steps = 300
-max_steps = 3000
-track_every = 10
-price_scales = [1.0, 0.5]
-"""
+GRID = kill_grid("ray", extinction_steps=300)
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -188,7 +179,7 @@ def session_pids(sid: int) -> set[int]:
 
 
 # as GRID, with punished runs of 1500 updates (a second or two each): kills land inside the study
-KILL_GRID = GRID.replace("extinction_steps = 300", "extinction_steps = 1500")
+KILL_GRID = kill_grid("ray", extinction_steps=1500)
 
 
 @pytest.fixture(scope="module")
@@ -231,16 +222,7 @@ def test_a_killed_driver_leaves_no_process_and_writes_nothing_more_then_resumes_
     assert (study / "verdicts.csv").read_text() == reference_per_run
 
 
-TINY = """name = "w"
-policies = ["single_logit"]
-optimizers = ["sgd"]
-p0s = [0.01]
-seeds = 1
-extinction_steps = 20
-max_steps = 200
-track_every = 5
-price_scales = [1.0, 0.5]
-"""
+TINY = tiny_grid("w")
 
 
 def wandb_runs(study: Path) -> dict[str, dict]:

@@ -19,19 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from grids import kill_grid
 from ntrl.records import read_records
 
 NTRL = str(Path(sys.executable).with_name("ntrl"))
-GRID = """name = "kill"
-policies = ["mlp"]
-optimizers = ["sgd", "sign"]
-p0s = [0.01, 0.001]
-seeds = 3
-extinction_steps = 60
-max_steps = 3000
-track_every = 10
-price_scales = [1.0, 0.5]
-"""
+GRID = kill_grid()
 
 
 def env() -> dict[str, str]:
