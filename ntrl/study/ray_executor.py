@@ -182,7 +182,7 @@ def write_unit(study: StudyConfig, unit: list[RunSpec], kind: str,
         summary.update(records=str(run_dir / RECORDS_FILE), wandb_dir=None, wandb_mode="disabled")
         arrived.append((i, config, summary))
     if wandb_mode != "disabled" and kind == "population" and arrived:
-        name, wandb_config = chunk_wandb_run(study, [unit[i] for i, _, _ in arrived])
+        name, wandb_config = chunk_wandb_run(study, unit)  # the whole chunk's, as its worker names it
         summaries = log_finished_population([c for _, c, _ in arrived], [s for _, _, s in arrived],
                                             wandb_parent, name, wandb_config)
     elif wandb_mode != "disabled":
