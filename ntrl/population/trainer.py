@@ -503,7 +503,7 @@ def log_finished_population(configs: Sequence[TrainConfig], summaries: Sequence[
         for r in recs:
             after.setdefault(r["update"], []).append(r["P/value"] + r["P/real_delta"])
     for t in sorted(after):
-        sink.log({"update": t, "P/median": statistics.median(after[t]),
+        sink.log({"update": t, "P/median": statistics.median_low(after[t]),
                   "members/active": sum(s["updates"] > t for s in summaries)})
     curve_points = max(2, CURVE_ROWS // len(configs))
     members, written = [], []
