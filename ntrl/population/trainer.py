@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -436,7 +437,11 @@ def train_population(
             if tracked:
                 fields = record_fields(t, before, q, U_val, pop.optimizer.lr, returns, pop.sampled, names)
                 append_records(members, pop, fields, t, done, p_after, first.optimizer, tracking)
-                sink.log({"update": t, "P/median": float(q["P"].detach().median()), "members/active": len(pop.alive)})
+                recorded = [row for row in range(len(pop.alive)) if tracking[row] and row not in done]
+                if recorded:  # P after the step, as the records of update t give it
+                    sink.log({"update": t, "P/median": statistics.median_low(
+                        fields["P/value"][row] + fields["P/real_delta"][row] for row in recorded),
+                        "members/active": len(pop.alive)})
             for row, p in enumerate(p_after):
                 if row not in done:
                     stop = stopping(members[pop.alive[row]], p, t)
@@ -490,10 +495,9 @@ def log_finished_population(configs: Sequence[TrainConfig], summaries: Sequence[
                             wandb_config: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Log a population that trained elsewhere (a Ray worker, W&B off) to its one W&B run from
     the members' files, as :func:`train_population` logs while it trains: at each tracked update
-    the median over the members of P after the step, and how many members were training, then the
-    members' tables. Writes each member's summary (``summaries``, with the W&B run's directory and
+    the median (the lower middle value) of P after the step over the members it recorded, and how
+    many members were training, then the members' tables. Writes each member's summary (``summaries``, with the W&B run's directory and
     mode) as its summary.json, the last file of a complete run, and returns them."""
-    import statistics
     from types import SimpleNamespace
 
     sink = population_sink(wandb_parent, configs[0], wandb_name, wandb_config)
