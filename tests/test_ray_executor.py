@@ -223,6 +223,8 @@ def test_a_killed_driver_leaves_no_process_and_writes_nothing_more_then_resumes_
 
 
 TINY = tiny_grid("w")
+# MLP, two seeds: one cell of 4 runs, two chunks of two members (an even count: a median of two)
+WANDB_GRID = TINY.replace('policies = ["single_logit"]', 'policies = ["mlp"]').replace("seeds = 1", "seeds = 2")
 
 
 def wandb_runs(study: Path) -> dict[str, dict]:
@@ -253,14 +255,16 @@ def test_the_driver_logs_each_units_wandb_run_as_the_local_executor_does(tmp_pat
     for executor in ("local", "ray"):
         root = tmp_path / executor
         root.mkdir()
-        (root / "grid.toml").write_text(TINY)
+        (root / "grid.toml").write_text(WANDB_GRID)
         done = subprocess.run([NTRL, "rarity", "--config", "grid.toml", "--out", ".", "--quiet", "--executor",
                                executor, *flags], env={**env(), "WANDB_MODE": "offline"}, capture_output=True,
                               text=True, timeout=600, cwd=root)
         assert done.returncode == 0, done.stderr
         studies[executor] = root / "w"
     ours, theirs = wandb_runs(studies["ray"]), wandb_runs(studies["local"])
-    assert sorted(ours) == sorted(theirs) and len(ours) == (2 if population else 2)
+    assert sorted(ours) == sorted(theirs) and len(ours) == (2 if population else 4)
+    if population:
+        assert all(logged["config"]["members"] == 2 for logged in ours.values())
     for key, logged in ours.items():
         assert comparable(logged["history"]) == comparable(theirs[key]["history"]), key
         assert logged["config"] == theirs[key]["config"]
@@ -383,3 +387,79 @@ def test_device_cuda_on_a_ray_cluster_without_a_gpu_is_one_line_before_anything_
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--device" in lines[0] and "Ray cluster has no GPU" in lines[0], done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_address_where_something_else_listens_is_one_line_not_a_hang(tmp_path):
+    """A web server where the cluster should be (a wrong port): refused at once, not ray.init's wait."""
+    pytest.importorskip("ray")
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "grid.toml").write_text(TINY)
+        done = subprocess.run([NTRL, "rarity", "--config", "grid.toml", "--out", "out", "--executor", "ray",
+                               "--ray-address", f"127.0.0.1:{server.server_address[1]}"], env=env(),
+                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    finally:
+        server.shutdown()
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "not a Ray cluster" in lines[0], done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_joins_only_a_cluster_ray_start_noted_never_another_studys_local_instance(monkeypatch):
+    pytest.importorskip("ray")
+    import ray._private.services as services
+
+    from ntrl.config import ConfigError
+    from ntrl.study.ray_executor import resolve_ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    # Ray's own "auto" would fall back to any gcs_server running here; ntrl's does not look
+    monkeypatch.setattr(services, "get_ray_address_from_environment", lambda *a: pytest.fail("Ray's fallback"))
+    with pytest.raises(ConfigError, match="ray start"):
+        resolve_ray_address("auto")
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: "10.0.0.1:6379")
+    assert resolve_ray_address("auto") == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert resolve_ray_address(" auto ") == "10.0.0.2:6379"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_the_local_ray_starts_leaves_no_process_and_says_nothing_was_written(tmp_path, sig):
+    """Ctrl-C (to the whole process group, as a terminal sends it) or SIGTERM at seeded points of
+    Ray's start-up: one line, exit 130 or 143, no study directory, no process left (Ray's agents,
+    orphaned by then, included)."""
+    pytest.importorskip("ray")
+    import numpy as np
+
+    (tmp_path / "grid.toml").write_text(TINY)
+    rng = np.random.default_rng(20261202 + int(sig))
+    for delay in rng.uniform(1.0, 3.5, size=2):
+        out = tmp_path / f"out{delay:.2f}"
+        proc = subprocess.Popen([NTRL, "rarity", "--config", "grid.toml", "--out", out.name, "--quiet",
+                                 "--executor", "ray"], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True, cwd=tmp_path)
+        time.sleep(float(delay))
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=120)
+        assert wait_for(lambda: not session_processes(proc.pid), limit_s=20.0), (delay, session_processes(proc.pid))
+        lines = err.strip().splitlines()
+        assert proc.returncode == 128 + int(sig) and len(lines) == 1, (delay, proc.returncode, err)
+        if not (out / "w" / "study.json").exists():
+            assert "nothing was written" in lines[0] and not (out / "w").exists(), (delay, err)
+        else:
+            assert "re-run the same command to resume" in lines[0], (delay, err)
+
+
+def test_no_population_with_device_cuda_runs_on_a_ray_cluster_without_a_gpu(tmp_path):
+    """Without populations the device asks nothing of the cluster (single runs train on CPU), as
+    the local executor accepts it."""
+    pytest.importorskip("ray")
+    (tmp_path / "grid.toml").write_text(TINY)
+    done = rarity(tmp_path / "grid.toml", tmp_path, "--executor", "ray", "--no-population", "--device", "cuda")
+    assert done.returncode == 0, done.stderr
+    assert len(completed(tmp_path / "w")) == 2

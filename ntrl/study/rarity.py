@@ -9,12 +9,13 @@ return the text ``ntrl rarity`` prints.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
 
 from ntrl.study.executor import StudyInterrupted, open_study_dir, progress_line, read_study_file, run_grid
-from ntrl.study.grid import StudyConfig
+from ntrl.study.grid import STUDY_FILE, StudyConfig
 from ntrl.study.lock import study_lock
 
 
@@ -44,16 +45,22 @@ def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode:
             from ntrl.study.ray_executor import ray_connected
 
             study.validate()
-            # Ray first: a cluster that cannot be reached leaves no study directory behind
-            with ray_connected(executor, ray_address, workers, device), open_study_dir(study, study_dir, force):
+            # Ray first (a cluster that cannot be reached leaves no study directory behind), and
+            # let go of once the runs are done: a local instance holds about 1 GB
+            ray_stack = contextlib.ExitStack()
+            ray_stack.enter_context(ray_connected(executor, ray_address, workers, device if population else "cpu"))
+            with ray_stack, open_study_dir(study, study_dir, force):
                 remember_wandb_settings(study_dir, wandb_mode)
                 run_grid(study, study_dir, workers=workers, wandb_mode=wandb_mode, progress=progress,
                          verbose=verbose, population=population, device=device, executor=executor,
                          ray_address=ray_address)
+                ray_stack.close()
                 paths = analyse_and_report(study_dir, wandb_mode)
     except KeyboardInterrupt as e:
         if isinstance(e, StudyInterrupted):
             raise
+        if not (study_dir / STUDY_FILE).exists():  # still starting (Ray): the CLI says nothing was written
+            raise KeyboardInterrupt from None
         raise StudyInterrupted(progress_line(study, study_dir)) from None
     lines = [paths["table"], f"\nReport: {paths['html']} (also {paths['md']}); tables: {paths['csv']}"]
     if paths.get("wandb"):

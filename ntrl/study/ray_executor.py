@@ -58,33 +58,36 @@ def require_ray():
 
 
 def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
-    """A ConfigError unless something answers at the Ray cluster ``address`` (``auto``: the
-    cluster this machine joined with ``ray start``, or RAY_ADDRESS; ``[ray://]HOST:PORT``),
-    checked with one TCP connection before anything is written: ray.init waits minutes, deaf to
-    Ctrl-C, for an address where nothing listens."""
+    """A ConfigError unless a gRPC server (what a Ray cluster's GCS and Ray Client speak) answers
+    at ``address`` (``auto``: :func:`resolve_ray_address`; ``[ray://]HOST:PORT``), checked before
+    anything is written, with one connection that sends HTTP/2's preface and waits for the
+    server's SETTINGS frame: ray.init waits for minutes where nothing, or something else (a web
+    server, the dashboard's port), listens."""
     import socket
 
-    target = address.strip()
+    target = resolve_ray_address(address)
     if target == "auto":
-        try:
-            from ray._private.services import get_ray_address_from_environment  # where `ray start` noted it
-        except ImportError:  # moved in another Ray: ray.init will say it
-            return
-        try:
-            target = get_ray_address_from_environment("auto", None) or ""
-        except ConnectionError:
-            target = ""
-        if not target:
-            raise ConfigError("--ray-address", "auto finds no Ray cluster on this machine; start one with "
-                                               "`ray start --head` (or join one with `ray start --address HOST:PORT`)")
+        return
     host, _, port = target.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError("--ray-address", f"must be auto or HOST:PORT, got {address!r}")
+    head = b""
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as conn:
+            conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            while len(head) < 9:
+                chunk = conn.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except socket.timeout:
+        pass  # silent: judged below
     except OSError as e:
         raise ConfigError("--ray-address", f"no Ray cluster answers at {target} ({e.strerror or e}); start one "
                                            f"with `ray start --head`, or give the address it printed") from None
+    if len(head) < 9 or head[3] != 4:  # not a frame header of type SETTINGS
+        raise ConfigError("--ray-address", f"something answers at {target}, but not a Ray cluster (no gRPC); give "
+                                           f"the address `ray start --head` printed (its GCS port, 6379 by default)")
 
 
 # ---------------------------------------------------------------------------------- on the worker
@@ -198,14 +201,15 @@ def write_unit(study: StudyConfig, unit: list[RunSpec], kind: str,
 
 
 def task_error_text(e: BaseException) -> str:
-    """What ended a Ray task: the task's own error (not retried), or what Ray says of a task
-    whose every try lost its worker."""
+    """What ended a Ray task: the task's own error (not retried), or what Ray says (a task whose
+    every try lost its worker, a raylet that died, ...)."""
     import ray
 
     if isinstance(e, ray.exceptions.RayTaskError) and getattr(e, "cause", None) is not None:
         return f"{type(e.cause).__name__}: {error_text(e.cause)}"
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''} (tried {MAX_RETRIES + 1} times)"
+    return (f"{type(e).__name__}: {lines[0] if lines else ''} (Ray tries a unit whose worker dies up to "
+            f"{MAX_RETRIES + 1} times)")
 
 
 def connection_error_text(e: BaseException) -> str:
@@ -255,46 +259,98 @@ def population_gpus(device: str) -> int:
 
 @contextlib.contextmanager
 def ray_session(address: str | None, workers: int) -> Iterator[None]:
-    """Connect to the Ray cluster at ``address`` ("auto": the one this machine belongs to), or
-    start a local instance of ``workers`` CPUs that ends with this process. ntrl's own SIGTERM
-    handling is kept (ray.init replaces it)."""
+    """Connect to the Ray cluster at ``address`` (``auto``: :func:`resolve_ray_address`), or start
+    a local instance of ``workers`` CPUs that ends with this process (:func:`start_local_ray`)."""
     ray = require_ray()
-    from ntrl.study.reaper import start_reaper, stop_reaper
-
     reaper = None
-    old_term = signal.getsignal(signal.SIGTERM)
-    try:
-        if address is None:
-            reaper = start_reaper(os.path.dirname(ray.__file__))
-            try:  # "local": a new instance even where RAY_ADDRESS names a cluster
-                ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR)
-            except SystemExit as e:  # SIGTERM meanwhile: ray.init's own handler exits; ntrl's says what was kept
-                if e.code == signal.SIGTERM and callable(old_term):
-                    signal.signal(signal.SIGTERM, old_term)
-                    old_term(signal.SIGTERM, None)
-                raise
-        else:
-            try:
-                ray.init(address=address, logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise ConfigError("--ray-address", f"cannot connect to the Ray cluster at {address}: "
-                                                   f"{connection_error_text(e)}") from None
-    except BaseException:
-        if signal.getsignal(signal.SIGTERM) is not old_term:
-            signal.signal(signal.SIGTERM, old_term)
-        if reaper is not None:
-            with contextlib.suppress(Exception):
-                ray.shutdown()
-            stop_reaper(reaper)
-        raise
-    signal.signal(signal.SIGTERM, old_term)
+    if address is None:
+        reaper = start_local_ray(ray, workers)
+    else:
+        try:
+            with signals_deferred():
+                ray.init(address=resolve_ray_address(address), logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError("--ray-address", f"cannot connect to the Ray cluster at {address}: "
+                                               f"{connection_error_text(e)}") from None
     try:
         yield
     finally:
         with signals_held():
             ray.shutdown()
         if reaper is not None:
+            from ntrl.study.reaper import stop_reaper
+
             stop_reaper(reaper)
+            remove_stale_unit_dirs()  # those of the tasks that shutdown stopped midway, on this machine
+
+
+def start_local_ray(ray, workers: int):
+    """Start a local Ray instance of ``workers`` CPUs (a new one, even where RAY_ADDRESS names a
+    cluster) and the reaper that ends its processes with this process (:mod:`ntrl.study.reaper`);
+    returns the reaper. On any failure or interrupt meanwhile, what was started is ended again."""
+    from ntrl.study.reaper import become_subreaper, start_reaper, stop_reaper
+
+    become_subreaper()
+    reaper = start_reaper(os.path.dirname(ray.__file__))
+    try:
+        with signals_deferred():
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.ERROR)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        stop_reaper(reaper)
+        raise
+    return reaper
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the body (ray.init) is done, then act as ntrl's handlers say:
+    raised inside ray.init they can crash its threads or be swallowed by a fork callback. Not a
+    blocked mask, which Ray's processes would inherit. ray.init installs a SIGTERM handler of its
+    own that exits; ntrl's is put back."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    arrived: list[int] = []
+    for sig in old:
+        signal.signal(sig, lambda signum, frame: arrived.append(signum))
+    try:
+        yield
+    except SystemExit as e:  # ray.init's own SIGTERM handler
+        if e.code != signal.SIGTERM:
+            raise
+        arrived.append(signal.SIGTERM)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if arrived:
+        handler = old[arrived[0]]
+        if callable(handler):
+            handler(arrived[0], None)  # ntrl's: notes SIGTERM's exit status and raises
+        raise KeyboardInterrupt
+
+
+def resolve_ray_address(address: str) -> str:
+    """``auto``: RAY_ADDRESS, else the address that ``ray start`` noted on this machine (never just
+    any Ray process running here, such as another study's local instance, which Ray's own ``auto``
+    would join); other addresses as given. A ConfigError when ``auto`` finds none."""
+    if address.strip() != "auto":
+        return address.strip()
+    found = os.environ.get("RAY_ADDRESS", "").strip()
+    if not found:
+        try:
+            from ray._private.services import find_bootstrap_address  # reads the file `ray start` writes
+        except ImportError:  # moved in another Ray: ray.init will say it
+            return "auto"
+        found = find_bootstrap_address(None) or ""
+    if not found:
+        raise ConfigError("--ray-address", "auto finds no Ray cluster started on this machine with `ray start` (nor "
+                                           "RAY_ADDRESS); start one with `ray start --head`, or give HOST:PORT")
+    return found
 
 
 def ray_cpus(default: int) -> int:
@@ -316,7 +372,7 @@ def ray_unit_results(study: StudyConfig, units: list[tuple[str, list[RunSpec]]],
     runs_dir = out / "runs"
     study_dict = study.to_dict()
     task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(ray_unit)
-    gpus = population_gpus(device)
+    gpus = population_gpus(device) if any(kind == "population" for kind, _ in units) else 0
     kinds = {}
 
     def submit(kind: str, unit: list[RunSpec]):
@@ -334,4 +390,8 @@ def ray_unit_results(study: StudyConfig, units: list[tuple[str, list[RunSpec]]],
             returned = ray.get(ref)
         except ray.exceptions.RayError as e:
             returned = [(asdict(s), None, task_error_text(e)) for s in unit]
-        yield unit, write_unit(study, unit, kinds.pop(ref), returned, runs_dir, wandb_mode, wandb_parent)
+        try:
+            result = write_unit(study, unit, kinds.pop(ref), returned, runs_dir, wandb_mode, wandb_parent)
+        except Exception as e:  # a full disk, W&B's files: this unit fails, as a local worker's would
+            result = [(asdict(s), None, e) for s in unit]
+        yield unit, result

@@ -3,11 +3,15 @@
 ``ray.shutdown()`` stops a local instance whenever the driver leaves through Python (a normal end,
 an error, Ctrl-C, SIGTERM). A SIGKILL of the driver ends Ray's GCS, raylet and workers as well, but
 leaves ``ray::DashboardAgent`` and ``ray::RuntimeEnvAgent`` running, for good (ray 2.60: they log
-"Raylet is dead! Exiting" and stay). The reaper is a small process the driver starts with a pipe on
+"Raylet is dead! Exiting" and stay), and so does ``ray.shutdown()`` itself at times, or a Ctrl-C
+while ``ray.init`` starts them. The reaper is a small process the driver starts with a pipe on
 its stdin. While the driver lives, it notes every :data:`SCAN_S` which of the driver's descendants
 are Ray's (the command line names Ray's package directory, or is a ``ray::`` process title); once
-the pipe closes, which the kernel does however the driver ends, it kills those still running (the
-same PID with the same start time) and exits.
+the pipe closes, which the kernel does however the driver ends, it looks once more and kills those
+still running (the same PID with the same start time), and exits. The driver makes itself a child
+subreaper (:func:`become_subreaper`), so that Ray's processes orphaned while it lives (the agents,
+once the raylet is gone) stay its descendants and in sight. (Their environment cannot mark them:
+their process titles overwrite it.)
 
     python -I .../ntrl/study/reaper.py DRIVER_PID RAY_PACKAGE_DIR   (started by :func:`start_reaper`;
                                                                    the standard library alone, not ntrl)
@@ -22,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCAN_S = 0.5
+SCAN_S = 0.25
 
 
 def process_table() -> dict[int, tuple[int, int]]:
@@ -84,8 +88,23 @@ def main(argv: list[str]) -> int:
         found.update(ray_descendants(driver, ray_dir, os.getpid()))
         ready, _, _ = select.select([sys.stdin], [], [], SCAN_S)
         if ready and not os.read(sys.stdin.fileno(), 4096):  # end of file: the driver has ended or let go
+            found.update(ray_descendants(driver, ray_dir, os.getpid()))  # (none once the driver is gone)
             kill_if_same(found)
             return 0
+
+
+def become_subreaper() -> None:
+    """Linux: orphaned descendants of this process are re-parented to it, not to init
+    (prctl PR_SET_CHILD_SUBREAPER); the reaper finds them among its descendants."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        PR_SET_CHILD_SUBREAPER = 36
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except Exception:  # the periodic scan still sees them
+        pass
 
 
 def start_reaper(ray_dir: str) -> subprocess.Popen:
