@@ -116,8 +116,8 @@ class RarityArgs:
         "help": "where the runs train: local, a process pool of --workers; ray, Ray tasks (the ray extra: pip "
                 "install 'ntrl[ray]'), on a local Ray instance of --workers CPUs or the cluster of --ray-address"})
     ray_address: str | None = field(default=None, metadata={
-        "help": "with --executor ray: the cluster, auto (the one this machine joined with `ray start`) or "
-                "HOST:PORT (None: start a local Ray instance that ends with the study)"})
+        "help": "with --executor ray: the cluster, auto (RAY_ADDRESS, else the one `ray start` started or joined "
+                "on this machine) or HOST:PORT (None: start a local Ray instance that ends with the study)"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
     verbose: bool = field(default=False, metadata={"help": "say on stderr which tangent backend answers each "
                                                            "property, and why"})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -363,12 +362,11 @@ def close_wandb_run(sink: WandbSink, run_dir: Path, summary: dict[str, Any]) -> 
 
 
 def log_finished_run(config: TrainConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Log a run that trained elsewhere (a Ray worker, W&B off) to W&B from its files, as
+    """Log a run of ``config`` that trained elsewhere (a Ray worker, W&B off) to W&B from its records, as
     :func:`train` logs while it runs: one W&B step per record, in order, then the artifact and the
     summary. Writes ``summary`` (with the W&B run's directory and mode) as the run's summary.json,
     the last file of a complete run, and returns it."""
-    recorded = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    sink = WandbSink(run_dir, recorded, mode=config.wandb, name=run_dir.name, group=config.group,
+    sink = WandbSink(run_dir, config.to_dict(), mode=config.wandb, name=run_dir.name, group=config.group,
                      system_metrics=not config.axes, **config.wandb_settings())
     for record in read_records(run_dir / RECORDS_FILE):
         sink.log(record)
