@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -52,6 +53,62 @@ def record_line(record: dict[str, Any]) -> str:
     return json.dumps(_finite_or_null(record), allow_nan=False)
 
 
+def _encode_list(values: list) -> str:
+    return "[" + ", ".join(map(_encode, values)) + "]"
+
+
+_ENCODERS = {float: float.__repr__, int: int.__repr__, bool: {True: "true", False: "false"}.__getitem__,
+             str: json.dumps, type(None): lambda _: "null", list: _encode_list}
+
+
+def _encode(value: Any) -> str:
+    """A finite float, int, bool, str, None or list of these as :func:`json.dumps` writes it."""
+    return _ENCODERS[type(value)](value)
+
+
+def record_lines(fields: dict[str, Any], rows: Iterable[int]) -> list[str]:
+    """The :func:`record_line` of each member ``rows`` of a population's record ``fields`` (per
+    key a list over members, or one value for all members), field by field rather than record by
+    record. Every number must be finite (:func:`finite_rows`): for such records the lines are
+    those :func:`record_line` writes, character for character (tested)."""
+    rows = list(rows)
+    columns = []
+    for key, value in fields.items():
+        prefix = json.dumps(key) + ": "
+        if isinstance(value, list):
+            values = [value[r] for r in rows]
+            kinds = set(map(type, values))
+            if kinds == {list} and set(map(type, (x for v in values for x in v))) <= {float}:
+                encoded = ["[" + ", ".join(map(float.__repr__, v)) + "]" for v in values]
+            elif len(kinds) == 1 and next(iter(kinds)) in (float, bool):
+                encoded = map(_ENCODERS[next(iter(kinds))], values)
+            else:
+                encoded = map(_encode, values)
+            columns.append([prefix + s for s in encoded])
+        else:
+            columns.append([prefix + _encode(value)] * len(rows))
+    return ["{" + ", ".join(parts) + "}" for parts in zip(*columns)]
+
+
+def finite_rows(fields: dict[str, Any], n: int) -> list[bool]:
+    """For each of ``n`` members, whether every float of its record (``fields`` as
+    :func:`record_lines` takes them) is finite."""
+    import numpy as np
+
+    ok = np.ones(n, dtype=bool)
+    for value in fields.values():
+        if isinstance(value, list):
+            if value and isinstance(value[0], (float, list)):
+                try:
+                    arr = np.asarray(value, dtype=float)
+                except (TypeError, ValueError):  # ragged or not numbers: the caller checks these rows itself
+                    return [False] * n
+                ok &= np.isfinite(arr).reshape(n, -1).all(axis=1)
+        elif isinstance(value, float) and not math.isfinite(value):
+            ok[:] = False
+    return ok.tolist()
+
+
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All complete records of a run (a file path or a run directory)."""
     path = Path(path)
@@ -75,6 +132,59 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temporary file and rename it into place (never half-written)."""
     text = json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_many_atomic(items: Iterable[tuple[str | os.PathLike, Any]]) -> None:
+    """:func:`write_json_atomic` for many files at once, with one sync for all: every file is
+    written to its temporary name, then the file systems they are on are synced (``syncfs``, which
+    also takes any data appended to other files there before), then each is renamed into place.
+    Never half-written, as one by one, at the cost of one sync instead of one per file."""
+    import tempfile
+
+    items = [(Path(p), (json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+              .encode("utf-8")) for p, obj in items]
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, data in items:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        sync_file_systems([tmp for tmp, _ in temps])
+        for tmp, path in temps:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+
+
+def sync_file_systems(paths: Iterable[str | os.PathLike]) -> None:
+    """Flush to disk everything written to the file systems that hold ``paths``: Linux's
+    ``syncfs`` once per file system, elsewhere (or if it fails) an fsync of each path."""
+    import ctypes
+    import ctypes.util
+
+    paths = list(paths)
+    syncfs = None
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError, TypeError):
+            syncfs = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syncfs
+    done: set[int] = set()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            dev = os.fstat(fd).st_dev
+            if syncfs is not None and dev in done:
+                continue
+            if syncfs is not None and syncfs(fd) == 0:
+                done.add(dev)
+            else:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

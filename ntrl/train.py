@@ -151,17 +151,22 @@ def prepare_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
+def _mean(value: Any) -> float:
+    """A record's value, or the mean of its list (np.mean's, exact for one number)."""
+    return float(value) if isinstance(value, (int, float)) else float(np.mean(value))
+
+
 def price_check(records: list[dict[str, Any]], name: str = "P") -> dict[str, float]:
     """How well predicted ΔX matched realised ΔX over a run's records (see price_agreement), and
     where the records carry the η-probe, the largest learning rate at which all but
     FIRST_ORDER_SHARE of the probed updates stay first-order (``first_order_lr``; see
     :func:`ntrl.tracker.first_order_scale`) and the largest probed one."""
     rows = [r for r in records if f"{name}/real_delta" in r]
-    out = price_agreement(np.array([np.mean(r[f"{name}/pred_delta"]) for r in rows]),
-                          np.array([np.mean(r[f"{name}/real_delta"]) for r in rows]))
+    out = price_agreement(np.array([_mean(r[f"{name}/pred_delta"]) for r in rows]),
+                          np.array([_mean(r[f"{name}/real_delta"]) for r in rows]))
     values = [r[f"{name}/value"] for r in rows if f"{name}/value" in r]
     if values:
-        out["value_scale"] = float(max(abs(np.mean(v)) for v in values))  # the headline P, the mean over probe states
+        out["value_scale"] = float(max(abs(_mean(v)) for v in values))  # the headline P, the mean over probe states
     if rows:
         out["top_miss_updates"] = [rows[i].get("update", i) for i in out.pop("top_miss_index", [])]
     if name == "P" and rows:

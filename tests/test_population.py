@@ -227,10 +227,11 @@ def test_members_stop_on_their_own_and_escape_times_match(tmp_path):
     assert all(r.summary["status"] == "stopped_at_p" for r in pop.results)
 
 
-def test_a_member_that_goes_non_finite_is_stopped_and_the_rest_continue(tmp_path):
+@pytest.mark.parametrize("policy", ["single_logit", "mlp"])  # the batched engine and the structured path
+def test_a_member_that_goes_non_finite_is_stopped_and_the_rest_continue(tmp_path, policy):
     """An SGD step of lr 1e308 on a reward of 1e10 overflows the logit of member 1 at its first
     update; it is reported by index and run name, and the other members finish."""
-    cfgs = [BanditConfig(policy="single_logit", optimizer="sgd", p0=0.01, lr=lr, steps=20, track_every=1,
+    cfgs = [BanditConfig(policy=policy, optimizer="sgd", p0=0.01, lr=lr, steps=20, track_every=1, width=8,
                          reward_do=r, wandb="disabled", out=str(tmp_path), run_name=f"m{i}")
             for i, (lr, r) in enumerate([(1.0, 1.0), (1e308, 1e10), (1.0, 1.0)])]
     with pytest.raises(Exception, match="non-finite"):  # the per-run path stops the same run

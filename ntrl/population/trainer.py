@@ -39,6 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -46,10 +47,12 @@ from torch import Tensor
 
 from ntrl.config import ConfigError, TrainConfig
 from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients
+from ntrl.engine.batched_structured import LogitInverseFisher, StackedSequential, quad
 from ntrl.population.models import SampledBatch, population_model
 from ntrl.population.optimizers import BatchedOptimizer
 from ntrl.records import (
-    CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, nonfinite_field, read_records, record_line, write_json_atomic,
+    CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, finite_rows, nonfinite_field, read_records, record_line,
+    record_lines, write_json_atomic, write_json_many_atomic,
 )
 from ntrl.run_dirs import check_out_dir, check_run_dir, ntrl_wandb_dir
 from ntrl.tracker import TrackSchedule, first_order
@@ -249,6 +252,11 @@ class _Population:
         self.stacked = StackedPolicy(policies[0].to(device))
         self.theta = torch.stack([self.stacked.flatten(p) for p in policies]).to(device)
         self.model = population_model(configs, device)
+        # exact training at one shared state (the bandits) of a Sequential network: the structured
+        # path (ntrl.engine.batched_structured), which never forms a per-member gradient it can avoid
+        self.structured = None
+        if not self.sampled and self.model.obs.shape[0] == 1:
+            self.structured = StackedSequential.plan(self.stacked.module, self.stacked.names, self.stacked.sizes)
         f64 = dict(dtype=torch.float64, device=device)
         per_member = lambda name: torch.tensor([getattr(c, name) for c in configs], **f64)  # noqa: E731
         self.optimizer = BatchedOptimizer(first.optimizer, per_member("lr"),
@@ -269,12 +277,25 @@ class _Population:
             self.model.start_sampling(configs, env_seeds)
 
     def forward(self) -> dict[str, Any]:
+        if self.structured is not None:  # the logits as a leaf: X's cotangent ∂X/∂z comes from autograd
+            z, fwd = self.structured.forward(self.theta, self.model.obs)
+            with torch.enable_grad():
+                Z = z[:, None, :].detach().requires_grad_(True)
+                q: dict[str, Any] = self.model.quantities(Z)
+            q["Z"], q["fwd"] = Z, fwd
+            return q
         leaves = self.stacked.leaves(self.theta)
         with torch.enable_grad():
             Z = self.stacked.logits(leaves, self.model.obs)
-            q: dict[str, Any] = self.model.quantities(Z)
+            q = self.model.quantities(Z)
         q["Z"], q["leaves"] = Z, leaves
         return q
+
+    def logits_at(self, theta: Tensor) -> Tensor:
+        """Every member's logits (M, N, K) at the model's observations, for parameters θ (M, P)."""
+        if self.structured is not None:
+            return self.structured.forward(theta, self.model.obs, trace=False)[0][:, None, :]
+        return self.stacked.logits(theta, self.model.obs)
 
     def logits_of(self, obs: Tensor) -> Tensor:
         """Each member's logits at its own observations, obs (M, B, d) → (M, B, K)."""
@@ -349,8 +370,11 @@ def train_population(
     available memory). Every check (configs, memory, the members' run directories) runs before
     anything is written. A member's summary.json is written when it stops, with the items of its
     entry of ``summary_extra`` added (the study adds its run spec); records are appended at most
-    ``flush_seconds`` apart. ``before_summary`` is called before each summary.json is written (a
-    study's worker ends there if its parent has died, so that nothing completes after a kill)."""
+    ``flush_seconds`` apart, or :data:`FLUSH_SPACING` times as long as the last appending took
+    where that is longer (a thousand members' files take a while to open: at most 1/20 of the time
+    goes to appending). ``before_summary`` is called before the summaries of the members that stop
+    together are written (a study's worker ends there if its parent has died, so that nothing
+    completes after a kill)."""
     configs = [c.validate() for c in configs]
     check_compatible(configs)
     first = configs[0]
@@ -384,27 +408,20 @@ def train_population(
         bar = tqdm(total=max(c.steps for c in configs), desc=wandb_name or "population", unit="upd", file=sys.stderr,
                    dynamic_ncols=True)
     curve_points = max(2, CURVE_ROWS // len(configs))  # per member, in the W&B curves table
-    noise = pop.sampled and first.noise
     last_flush = loop_start = time.time()
+    flush_interval = flush_seconds
     t = 0
     interrupted = False
     try:
         q = pop.forward()
         for row, p in enumerate(_floats(q["P"])):
             members[pop.alive[row]].p_start = members[pop.alive[row]].p_min = p
+        watch = StopWatch([members[i] for i in pop.alive])
         while pop.alive:
             tracking = [sch.tracks(t) for sch in pop.schedules]
             tracked = any(tracking)
             U, batch = pop.utility(q, first.batch_size, first.baseline)
-            K, N, names = pop.model.n_actions, pop.model.n_states, pop.model.properties
-            n_z = q["z"].shape[1]
-            need_fisher = first.optimizer == "npg" or (tracked and (first.fisher or noise))
-            outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else []) + \
-                ([q["Z"][:, o, a] for o in range(N) for a in range(K)] if need_fisher else [])
-            grads = member_gradients(outputs, q["leaves"])
-            g = grads[0]
-            prop_grads = dict(zip(names, grads[1:1 + len(names)])) if tracked else {}
-            z_grads = grads[1 + len(names):1 + len(names) + n_z] if tracked else []
+            names = pop.model.properties
             U_val = _floats(U)
             returns = U_val if batch is None else batch.mean_return.tolist()
             for row, r in enumerate(returns):
@@ -412,22 +429,9 @@ def train_population(
                 st.return_first = r if st.return_first is None else st.return_first
                 st.return_last = r
                 st.episodes += first.batch_size if pop.sampled else 0
-            bad_g = ~torch.isfinite(g.sum(dim=1))  # one NaN or ±inf entry makes the row's sum non-finite
-            any_bad = bool(bad_g.any())
-            rows = pop.log_prob_rows(q, grads[-N * K:]) if need_fisher else None
-            fisher, fisher0 = pop.fishers(q, rows, first.optimizer == "npg", tracked and first.fisher) \
-                if need_fisher else (None, None)
-            plan = pop.optimizer.plan(torch.where(bad_g[:, None], torch.zeros_like(g), g) if any_bad else g, fisher)
-            before = None
-            if tracked:
-                before = tracked_stats(q, prop_grads, z_grads, g, plan, pop.optimizer.lr, fisher0,
-                                       utility_scale=pop.model.utility_scale if pop.sampled else None)
-                if first.price_scales:
-                    before["probe"] = eta_probe(pop, q, plan, before["P"]["ntcov_opt"], first.price_scales)
-                if noise:
-                    before["noise"] = noise_spread(batch, rows, prop_grads, plan, pop.optimizer.lr)
-            stepped = pop.optimizer.apply(pop.theta.detach(), plan)
-            pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
+            update = structured_update if pop.structured is not None else general_update
+            bad_g, before, take_step = update(pop, q, U, batch, tracked, first)
+            take_step()
             p_before = q["P"].detach()
             q = pop.forward()
             p_after = _floats(q["P"])
@@ -442,23 +446,32 @@ def train_population(
                     sink.log({"update": t, "P/median": statistics.median_low(
                         fields["P/value"][row] + fields["P/real_delta"][row] for row in recorded),
                         "members/active": len(pop.alive)})
-            for row, p in enumerate(p_after):
+            for row in watch.rows_to_check(p_after, t):
                 if row not in done:
-                    stop = stopping(members[pop.alive[row]], p, t)
+                    st = members[pop.alive[row]]
+                    stop = stopping(st, p_after[row], t)
+                    watch.refresh(row, st)
                     if stop is not None:
                         done[row] = stop
             t += 1
             if done:
+                ending = []
                 for row, (status, message, p_end, updates) in sorted(done.items()):
                     st = members[pop.alive[row]]
                     st.error = message
-                    finish_member(st, status, updates, p_end, sink, curve_points)
-                pop.select([r for r in range(len(pop.alive)) if r not in done])
+                    ending.append((st, status, updates, p_end))
+                finish_members(ending, sink, curve_points)
+                keep = [r for r in range(len(pop.alive)) if r not in done]
+                pop.select(keep)
+                watch.select(keep)
                 if pop.alive:
                     q = pop.forward()
-            if time.time() - last_flush > flush_seconds:
+            if time.time() - last_flush > flush_interval:
+                flush_start = time.time()
                 flush(members)
                 last_flush = time.time()
+                # appending to a thousand members' files takes a while: spend at most 1/20 of the time on it
+                flush_interval = max(flush_seconds, FLUSH_SPACING * (last_flush - flush_start))
             if bar is not None:
                 bar.update(1)
                 if pop.alive:
@@ -469,8 +482,9 @@ def train_population(
         loop_seconds = time.time() - loop_start
         if bar is not None:
             bar.close()
-        for i in pop.alive:  # still training: interrupted, or stopped with the population by an error
-            finish_member(members[i], "interrupted" if interrupted else "failed", t, math.nan, sink, curve_points)
+        # still training: interrupted, or stopped with the population by an error
+        finish_members([(members[i], "interrupted" if interrupted else "failed", t, math.nan) for i in pop.alive],
+                       sink, curve_points)
         pop.model.close()
         wandb_dir = sink.directory  # None once finished
         close_population_sink(sink, members, t)
@@ -480,6 +494,116 @@ def train_population(
     results = [RunResult(st.run_dir, st.summary, st.summary["wandb_dir"], target_label(st.config)) for st in members]
     failures = [(i, st.run_dir.name, st.error) for i, st in enumerate(members) if st.error]
     return PopulationResult(results, failures, wandb_dir, t, time.time() - start, loop_seconds)
+
+
+def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None, tracked: bool,
+                   first: TrainConfig) -> tuple[Tensor, dict[str, Any] | None, Callable[[], None]]:
+    """One update by the batched engine (:func:`ntrl.engine.batched.member_gradients`: every
+    gradient formed per member): (which members' utility gradient is non-finite, what the tracker
+    records before the step or None, the step itself)."""
+    K, N, names = pop.model.n_actions, pop.model.n_states, pop.model.properties
+    n_z = q["z"].shape[1]
+    noise = pop.sampled and first.noise
+    need_fisher = first.optimizer == "npg" or (tracked and (first.fisher or noise))
+    outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else []) + \
+        ([q["Z"][:, o, a] for o in range(N) for a in range(K)] if need_fisher else [])
+    grads = member_gradients(outputs, q["leaves"])
+    g = grads[0]
+    prop_grads = dict(zip(names, grads[1:1 + len(names)])) if tracked else {}
+    z_grads = grads[1 + len(names):1 + len(names) + n_z] if tracked else []
+    bad_g = ~torch.isfinite(g.sum(dim=1))  # one NaN or ±inf entry makes the row's sum non-finite
+    any_bad = bool(bad_g.any())
+    rows = pop.log_prob_rows(q, grads[-N * K:]) if need_fisher else None
+    fisher, fisher0 = pop.fishers(q, rows, first.optimizer == "npg", tracked and first.fisher) \
+        if need_fisher else (None, None)
+    plan = pop.optimizer.plan(torch.where(bad_g[:, None], torch.zeros_like(g), g) if any_bad else g, fisher)
+    before = None
+    if tracked:
+        before = tracked_stats(q, prop_grads, z_grads, g, plan, pop.optimizer.lr, fisher0,
+                               utility_scale=pop.model.utility_scale if pop.sampled else None)
+        if first.price_scales:
+            before["probe"] = eta_probe(pop, q, plan, before["P"]["ntcov_opt"], first.price_scales)
+        if noise:
+            before["noise"] = noise_spread(batch, rows, prop_grads, plan, pop.optimizer.lr)
+
+    def take_step() -> None:
+        stepped = pop.optimizer.apply(pop.theta.detach(), plan)
+        pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
+
+    return bad_g, before, take_step
+
+
+def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None, tracked: bool,
+                      first: TrainConfig) -> tuple[Tensor, dict[str, Any] | None, Callable[[], None]]:
+    """One exact update at one shared state by the structured path
+    (:mod:`ntrl.engine.batched_structured`): the cotangents c_X = ∂X/∂z from autograd on the
+    logits, the logits' Jacobian in factored form from one backward pass, every tracked quantity
+    in the K-dimensional space of the logits, and the step in place, θ += η·Jᵀβ, where the
+    direction lies in the span (SGD, NPG); Adam and sign descent form g = Jᵀc_U and step as
+    :func:`general_update` does. Returns what :func:`general_update` returns."""
+    names = pop.model.properties
+    Z = q["Z"]
+    n_z = q["z"].shape[1]
+    outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else [])
+    cots = []
+    for k, x in enumerate(outputs):
+        c = torch.autograd.grad(x.sum(), Z, retain_graph=k < len(outputs) - 1, allow_unused=True)[0] \
+            if x.requires_grad else None
+        cots.append(torch.zeros_like(Z[:, 0]) if c is None else c[:, 0].detach())
+    jac = pop.structured.jacobian(q["fwd"])
+    G = jac.gram
+    cU = cots[0]
+    bad_g = ~torch.isfinite(quad(cU, G, cU))
+    any_bad = bool(bad_g.any())
+    c_step = torch.where(bad_g[:, None], torch.zeros_like(cU), cU) if any_bad else cU
+    opt = pop.optimizer
+    probs, weights = q["logp"].detach().exp()[:, 0], q["weights"].detach()[:, 0]
+    fisher = LogitInverseFisher.from_jacobian(G, probs, weights, opt.damping) if opt.name == "npg" else None
+    fisher0 = None
+    if tracked and first.fisher:
+        fisher0 = fisher if fisher is not None and not bool((opt.damping > 0).any()) else \
+            LogitInverseFisher.from_jacobian(G, probs, weights, torch.zeros_like(opt.damping))
+    beta, plan = None, None  # the step: Jᵀβ (SGD, NPG) or a dense plan (Adam, sign descent)
+    if opt.name == "sgd":
+        beta = c_step
+    elif opt.name == "npg":
+        beta = fisher.apply(c_step)
+    else:
+        plan = opt.plan(jac.materialize(c_step, pop.stacked.n_params))
+    before = None
+    if tracked:
+        lr = opt.lr
+        if plan is not None:
+            G_opt, J_dir = jac.gram_diagonal(plan.diagonal), jac.dot(plan.direction)
+        before = {}
+        for name, c in zip(names, cots[1:1 + len(names)]):
+            euc = quad(c, G, c)
+            if fisher is not None:
+                ntvar_opt = fisher.ntvar(c)
+            elif plan is not None:
+                ntvar_opt = quad(c, G_opt, c)
+            else:
+                ntvar_opt = euc
+            ntcov_opt = quad(c, G, beta) if beta is not None else (c * J_dir).sum(1)
+            before[name] = {"value": q[name].detach(), "ntvar_euc": euc, "ntvar_opt": ntvar_opt,
+                            "ntvar_fisher": None if fisher0 is None else fisher0.ntvar(c),
+                            "ntcov_euc": quad(c, G, cU), "ntcov_opt": ntcov_opt, "pred_delta": lr * ntcov_opt,
+                            "expected_delta": None}
+        kappa = torch.stack([quad(c, G, c) for c in cots[1 + len(names):1 + len(names) + n_z]], 1)
+        before["kappa"] = kappa[:, 0] if kappa.shape[1] == 1 else kappa
+        if first.price_scales:
+            direction = jac.materialize(beta, pop.stacked.n_params) if beta is not None else plan.direction
+            before["probe"] = eta_probe(pop, q, SimpleNamespace(direction=direction), before["P"]["ntcov_opt"],
+                                        first.price_scales)
+
+    def take_step() -> None:
+        if beta is not None:
+            jac.step_(pop.theta, beta, opt.lr)
+            return
+        stepped = opt.apply(pop.theta, plan)
+        pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
+
+    return bad_g, before, take_step
 
 
 def close_population_sink(sink: WandbSink, members: Sequence[Any], updates: int) -> None:
@@ -499,8 +623,6 @@ def log_finished_population(configs: Sequence[TrainConfig], summaries: Sequence[
     many members were training, then the members' tables. Writes each member's summary
     (``summaries``, with the W&B run's directory and mode) as its summary.json, the last file of a
     complete run, and returns them."""
-    from types import SimpleNamespace
-
     sink = population_sink(wandb_parent, configs[0], wandb_name, wandb_config)
     records = [read_records(Path(c.out) / c.run_name) for c in configs]
     after: dict[int, list[float]] = {}
@@ -591,8 +713,8 @@ def eta_probe(pop: "_Population", q: dict[str, Any], plan, ntcov: Tensor,
     with torch.no_grad():
         base = q["P"].detach()
         lrs = torch.stack([lr * s for s in scales], 1)
-        real = torch.stack([pop.model.quantities(pop.stacked.logits(pop.theta + (lr * s)[:, None] * d,
-                                                                    pop.model.obs))["P"] - base for s in scales], 1)
+        real = torch.stack([pop.model.quantities(pop.logits_at(pop.theta + (lr * s)[:, None] * d))["P"] - base
+                             for s in scales], 1)
     return {"P/probe_lr": lrs, "P/probe_real": real, "P/probe_pred": lrs * ntcov[:, None]}
 
 
@@ -664,8 +786,15 @@ def append_records(members: list[MemberState], pop: "_Population", fields: dict[
     queued for its records.jsonl; a member whose record or optimizer state went non-finite is
     stopped instead (into ``done``), as the per-run path stops (:func:`ntrl.train.train`)."""
     opt_bad = pop.optimizer.nonfinite().tolist()
-    for row in range(len(pop.alive)):
-        if row in done or not tracking[row]:
+    finite = finite_rows(fields, len(pop.alive))
+    rows = [row for row in range(len(pop.alive)) if row not in done and tracking[row]]
+    good = [row for row in rows if finite[row] and not opt_bad[row]]
+    for row, line in zip(good, record_lines(fields, good)):
+        st = members[pop.alive[row]]
+        st.lines.append(line)
+        st.n_records += 1
+    for row in rows:
+        if finite[row] and not opt_bad[row]:
             continue
         st = members[pop.alive[row]]
         record = {k: (v[row] if isinstance(v, list) else v) for k, v in fields.items()}
@@ -676,9 +805,48 @@ def append_records(members: list[MemberState], pop: "_Population", fields: dict[
         elif opt_bad[row]:
             done[row] = ("failed", f"the {optimizer} optimizer's state became non-finite at update {t} (reward or "
                                    f"learning rate too large?); {kept}", p_after[row], t + 1)
-        else:
+        else:  # finite after all (a field finite_rows could not read as numbers)
             st.lines.append(record_line(record))
             st.n_records += 1
+
+
+class StopWatch:
+    """Which members :func:`stopping` must look at after an update, decided for all at once: a
+    member whose P is finite, did not cross ½ for the first time, set no new least P, did not
+    climb back to its start, reached no stopping threshold and has updates left changes nothing
+    there. Row i is ``members[i]``, as the population's rows are; :meth:`refresh` after each call."""
+
+    def __init__(self, members: Sequence[MemberState]):
+        import numpy as np
+
+        self.np = np
+        inf = math.inf
+        self.p_start = np.array([st.p_start for st in members], dtype=float)
+        self.p_min = np.array([st.p_min for st in members], dtype=float)
+        self.uncrossed = np.array([st.crossed is None for st in members])
+        self.not_back = np.array([st.p_back_at is None for st in members])
+        self.stop_at = np.array([inf if st.config.stop_at_p is None else st.config.stop_at_p for st in members], dtype=float)
+        self.stop_below = np.array([-inf if st.config.stop_below_p is None else st.config.stop_below_p
+                                    for st in members], dtype=float)
+        self.steps = np.array([st.config.steps for st in members])
+
+    def rows_to_check(self, p: Sequence[float], t: int) -> list[int]:
+        np = self.np
+        p = np.asarray(p, dtype=float)
+        with np.errstate(invalid="ignore"):
+            check = (~np.isfinite(p) | (self.uncrossed & (p >= 0.5) & (self.p_start < 0.5)) | (p < self.p_min)
+                     | (self.not_back & (self.p_min < self.p_start) & (self.p_start <= p))
+                     | (p >= self.stop_at) | (p <= self.stop_below) | (t + 1 >= self.steps))
+        return np.flatnonzero(check).tolist()
+
+    def refresh(self, row: int, st: MemberState) -> None:
+        self.p_min[row] = st.p_min
+        self.uncrossed[row] = st.crossed is None
+        self.not_back[row] = st.p_back_at is None
+
+    def select(self, keep: list[int]) -> None:
+        for name in ("p_start", "p_min", "uncrossed", "not_back", "stop_at", "stop_below", "steps"):
+            setattr(self, name, getattr(self, name)[keep])
 
 
 def stopping(st: MemberState, p: float, t: int) -> tuple[str, str | None, float, int] | None:
@@ -701,25 +869,33 @@ def stopping(st: MemberState, p: float, t: int) -> tuple[str, str | None, float,
     return None
 
 
-def finish_member(st: MemberState, status: str, updates: int, p_end: float, sink: WandbSink, curve_points: int) -> None:
-    """The member has stopped: append its last records (fsynced), write its summary.json (the
-    per-run path's, :func:`ntrl.train.run_summary`, with the Price check read back from its records
-    as that path reads it, plus ``population`` and its ``error`` if it failed), and keep at most ``curve_points`` of its P curve for W&B."""
-    flush([st], force=True)
-    records = read_records(st.run_dir)
-    st.summary = run_summary(st.config, st.run_dir, sink, status=status, updates=updates, p_start=st.p_start,
-                             p_end=p_end, crossed=st.crossed, n_probe=1, episodes=st.episodes, episodes_cut=0,
-                             return_first=st.return_first, return_last=st.return_last,
-                             p_min=st.p_min, p_min_at=st.p_min_at, p_back_at=st.p_back_at,
-                             price=price_check(records, "P"))
-    st.summary["population"] = True
-    if st.error:
-        st.summary["error"] = st.error
-    st.summary.update(st.extra)
-    if st.before_summary is not None:
-        st.before_summary()
-    write_json_atomic(st.run_dir / SUMMARY_FILE, st.summary)
-    st.curve = thin_curve(records, curve_points)
+def finish_members(ending: Sequence[tuple[MemberState, str, int, float]], sink: WandbSink, curve_points: int) -> None:
+    """These members have stopped, each with (status, updates, p_end): append their last records,
+    write each one's summary.json (the per-run path's, :func:`ntrl.train.run_summary`, with the
+    Price check read back from its records as that path reads it, plus ``population`` and its
+    ``error`` if it failed), and keep at most ``curve_points`` of each P curve for W&B. The
+    records and summaries reach the disk together (:func:`ntrl.records.write_json_many_atomic`:
+    one sync for all, where a file each cost 1 s per thousand members); a summary is never
+    half-written, and never there before its records."""
+    if not ending:
+        return
+    flush([st for st, *_ in ending])
+    for st, status, updates, p_end in ending:
+        records = read_records(st.run_dir)
+        st.summary = run_summary(st.config, st.run_dir, sink, status=status, updates=updates, p_start=st.p_start,
+                                 p_end=p_end, crossed=st.crossed, n_probe=1, episodes=st.episodes, episodes_cut=0,
+                                 return_first=st.return_first, return_last=st.return_last,
+                                 p_min=st.p_min, p_min_at=st.p_min_at, p_back_at=st.p_back_at,
+                                 price=price_check(records, "P"))
+        st.summary["population"] = True
+        if st.error:
+            st.summary["error"] = st.error
+        st.summary.update(st.extra)
+        st.curve = thin_curve(records, curve_points)
+    for before_summary in {id(st.before_summary): st.before_summary for st, *_ in ending}.values():
+        if before_summary is not None:
+            before_summary()
+    write_json_many_atomic([(st.run_dir / SUMMARY_FILE, st.summary) for st, *_ in ending])
 
 
 def thin_curve(records: Sequence[dict[str, Any]], curve_points: int) -> list[tuple[int, float]]:
@@ -727,6 +903,9 @@ def thin_curve(records: Sequence[dict[str, Any]], curve_points: int) -> list[tup
     stride = max(1, -(-len(records) // curve_points))
     kept = list(records[::stride]) + (list(records[-1:]) if records and (len(records) - 1) % stride else [])
     return [(r["update"], r["P/value"]) for r in kept]
+
+
+FLUSH_SPACING = 20  # records are appended at most flush_seconds apart, or 20 times as long as appending took
 
 
 def flush(members: Sequence[MemberState], force: bool = False) -> None:

@@ -1,0 +1,335 @@
+"""Structured tangents for a population at one shared observation: the logits' Jacobian in factored
+form, and every tracked quantity in the K-dimensional space of the logits.
+
+The members are networks of one Sequential architecture (Linear layers and elementwise
+activations: ntrl's MLPPolicy, or an ``nn.Sequential``), parameters stacked as the rows of θ
+(M, P), all evaluated at ONE observation o (the bandits' one state), z_m = f(θ_m; o) ∈ R^K. Per
+Linear layer l with input a_l (M, in) and, from one backward pass with the K unit cotangents at
+once, Δ_l = [δ_l^(1) … δ_l^(K)] (M, out, K), δ_l^(k) = ∂z_k/∂y_l, logit k's gradient is
+
+    ∇_{W_l} z_k = δ_l^(k) a_lᵀ,        ∇_{b_l} z_k = δ_l^(k),
+
+(:mod:`ntrl.engine.structured`'s factorisation, batched over the members). Every property X of
+the logits has ∇X = Jᵀ c_X with c_X = ∂X/∂z (M, K), and without forming any (M, P) gradient
+
+    G = J Jᵀ   = Σ_l (‖a_l‖² + 1_b) Δ_lᵀ Δ_l                 (1_b = 1 when the layer has a bias)
+    J D Jᵀ     = Σ_l Δ_lᵀ diag(D_l a_l² + d_b) Δ_l            (D diagonal, blocks D_l (out, in), d_b)
+    J v        = Σ_l Δ_lᵀ (V_l a_l + v_b)                     (any v, blocks V_l, v_b)
+    ∇X·∇Y = c_Xᵀ G c_Y,     ∇X·D∇Y = c_Xᵀ (J D Jᵀ) c_Y,     ∇X·v = c_Xᵀ (J v).
+
+A step along a direction in the span, Δθ = η Jᵀβ, is the rank-one update W_l += η (Δ_l β) a_lᵀ,
+b_l += η Δ_l β, taken in place in θ.
+
+**The Fisher** F = AᵀA with A = L J, L = diag(√(w π)) (I − 1πᵀ) (row a: √(w π_a) ∇log π(a), as
+:class:`ntrl.engine.batched.BatchedInverseFisher` takes it), is factored without forming A: the
+Cholesky factor R of G = RᵀR is the R of Jᵀ = Q R (Q orthonormal, P × K), so Aᵀ = Q (R Lᵀ) and
+the K × K SVD R Lᵀ = U S Vᵀ gives A's singular values S and right singular vectors v_k = Q u_k =
+Jᵀ R⁻¹ u_k. Both this and the per-run QR of Aᵀ err by about eps·S_max (G's condition number is
+that of J, which the last layer's bias keeps near 1, not that of A); the drop rule is the same
+(:func:`ntrl.engine.metrics.kept_singular`). For vectors in the span, with inv_k = 1/(S_k² + λ)
+on the kept k and 0 elsewhere:
+
+    v_k · Jᵀc = u_kᵀ R c
+    M Jᵀc     = Jᵀ [R⁻¹ U diag(inv) Uᵀ R c + (c − R⁻¹ U diag(keep) Uᵀ R c)/λ]      (second term: λ > 0)
+    NTVar_M(Jᵀc) = Σ_k inv_k (u_kᵀ R c)² + (cᵀ G c − Σ_{k kept} (u_kᵀ R c)²)/λ        (second term: λ > 0)
+
+``tests/test_population_structured.py`` checks all of it against the torch.func reference and the
+batched engine in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ntrl.engine.metrics import kept_singular
+from ntrl.engine.structured import StructuredBackend, StructuredUnsupported, _Act, _Linear
+
+
+@dataclass
+class _Layer:
+    """One Linear layer's blocks in the flat θ: weight at [w0, w0 + out·in), bias at [b0, b0 + out)."""
+
+    out: int
+    inp: int
+    w0: int
+    b0: int | None
+
+
+class StackedSequential:
+    """A Sequential architecture evaluated at one shared observation for M stacked members."""
+
+    def __init__(self, module: nn.Module, layers: list, encode, offsets: dict[str, int]):
+        self.module = module
+        self.steps = []  # ("linear", _Layer) or ("act", module)
+        for step in layers:
+            if isinstance(step, _Linear):
+                w = module.get_parameter(step.weight)
+                out, inp = w.shape
+                self.steps.append(("linear", _Layer(out, inp, offsets[step.weight],
+                                                    None if step.bias is None else offsets[step.bias])))
+            else:
+                self.steps.append(("act", step.module))
+        self.encode = encode
+
+    @classmethod
+    def plan(cls, module: nn.Module, names: list[str], sizes: list[int]) -> "StackedSequential | None":
+        """The structured form of ``module`` with flat parameters ``names`` (of ``sizes``, in θ's
+        order), or None when it has none: not a Sequential of Linear + elementwise layers, a
+        parameter frozen or shared, or no trainable bias on the last layer (which keeps G
+        invertible)."""
+        try:
+            kind, steps, prefix = StructuredBackend._plan(module)
+        except StructuredUnsupported:
+            return None
+        if kind != "sequential":
+            return None
+        offsets, i = {}, 0
+        for n, k in zip(names, sizes):
+            offsets[n] = i
+            i += k
+        linear = [s for s in steps if isinstance(s, _Linear)]
+        wanted = [n for s in linear for n in (s.weight, s.bias) if n is not None]
+        if not linear or sorted(wanted) != sorted(names) or linear[-1].bias is None:
+            return None
+        if prefix == "mlp":
+            encode = lambda obs, dtype: module.encode(obs, dtype)  # noqa: E731
+        else:
+            encode = lambda obs, dtype: obs.to(dtype)  # noqa: E731
+        return cls(module, steps, encode, offsets)
+
+    @staticmethod
+    def _weight(theta: Tensor, L: _Layer) -> Tensor:
+        return theta[:, L.w0:L.w0 + L.out * L.inp].view(theta.shape[0], L.out, L.inp)
+
+    @staticmethod
+    def _bias(theta: Tensor, L: _Layer) -> Tensor | None:
+        return None if L.b0 is None else theta[:, L.b0:L.b0 + L.out]
+
+    def forward(self, theta: Tensor, obs: Tensor, trace: bool = True) -> tuple[Tensor, "Forward | None"]:
+        """The logits (M, K) at the one observation ``obs`` (1, d), and (``trace``) every layer's
+        input and every activation's derivative for :meth:`jacobian`."""
+        M = theta.shape[0]
+        x = self.encode(obs, theta.dtype).reshape(1, -1).expand(M, -1)
+        inputs, derivs = [], []
+        for kind, step in self.steps:
+            if kind == "linear":
+                inputs.append(x)
+                W, b = self._weight(theta, step), self._bias(theta, step)
+                y = W[:, :, 0] * x if step.inp == 1 else torch.bmm(W, x[:, :, None])[:, :, 0]
+                x = y if b is None else y + b
+            else:
+                if trace and type(step) is nn.Tanh:  # σ' = 1 − σ², as autograd's tanh_backward forms it
+                    x = torch.tanh(x)
+                    derivs.append(1 - x * x)
+                elif trace:  # any other elementwise σ: σ'(y) from autograd, the gradient of Σ σ(y)
+                    with torch.enable_grad():
+                        y = x.detach().requires_grad_(True)
+                        out = step(y)
+                        derivs.append(torch.autograd.grad(out.sum(), y)[0])
+                    x = out.detach()
+                else:
+                    x = step(x)
+                    derivs.append(None)
+        return x, (Forward(theta, inputs, derivs) if trace else None)
+
+    def jacobian(self, fwd: "Forward") -> "LogitJacobian":
+        """One backward pass of the K unit cotangents through every member: Δ_l for each layer."""
+        theta = fwd.theta
+        M = theta.shape[0]
+        K = self.steps[-1][1].out
+        delta = torch.eye(K, dtype=theta.dtype, device=theta.device).expand(M, K, K)
+        deltas: list[Tensor] = []
+        layers: list[_Layer] = []
+        li, ai = len(fwd.inputs), len(fwd.derivs)
+        for idx in range(len(self.steps) - 1, -1, -1):
+            kind, step = self.steps[idx]
+            if kind == "linear":
+                li -= 1
+                deltas.append(delta)
+                layers.append(step)
+                if li > 0:
+                    Wt = self._weight(theta, step).transpose(1, 2)
+                    # the last layer's Wᵀ times the identity is Wᵀ itself
+                    delta = Wt.contiguous() if li == len(fwd.inputs) - 1 else torch.bmm(Wt, delta)
+            else:
+                ai -= 1
+                delta = delta * fwd.derivs[ai][:, :, None]
+        deltas.reverse()
+        layers.reverse()
+        return LogitJacobian(layers, fwd.inputs, deltas)
+
+
+@dataclass
+class Forward:
+    """What :meth:`StackedSequential.forward` keeps for the backward pass."""
+
+    theta: Tensor
+    inputs: list[Tensor]  # a_l, (M, in) per Linear layer
+    derivs: list[Tensor | None]  # σ'(y) per activation, (M, width)
+
+
+class LogitJacobian:
+    """J = ∂z/∂θ of every member in factored form (see the module docstring)."""
+
+    def __init__(self, layers: list[_Layer], inputs: list[Tensor], deltas: list[Tensor]):
+        self.layers, self.inputs, self.deltas = layers, inputs, deltas
+        self._gram: Tensor | None = None
+
+    @property
+    def gram(self) -> Tensor:
+        """G = J Jᵀ, (M, K, K)."""
+        if self._gram is None:
+            G = None
+            for L, a, D in zip(self.layers, self.inputs, self.deltas):
+                w = (a * a).sum(1) + (0.0 if L.b0 is None else 1.0)
+                term = gram_columns(D) * w[:, None, None]
+                G = term if G is None else G + term
+            self._gram = G
+        return self._gram
+
+    def gram_diagonal(self, d: Tensor) -> Tensor:
+        """J D Jᵀ for a diagonal metric D = diag(d), d (M, P): (M, K, K)."""
+        G = None
+        for L, a, D in zip(self.layers, self.inputs, self.deltas):
+            w = torch.bmm(StackedSequential._weight(d, L), (a * a)[:, :, None])[:, :, 0]
+            if L.b0 is not None:
+                w = w + StackedSequential._bias(d, L)
+            term = torch.bmm(D.transpose(1, 2), D * w[:, :, None])
+            G = term if G is None else G + term
+        return G
+
+    def dot(self, v: Tensor) -> Tensor:
+        """J v for vectors v (M, P): (M, K)."""
+        out = None
+        for L, a, D in zip(self.layers, self.inputs, self.deltas):
+            y = torch.bmm(StackedSequential._weight(v, L), a[:, :, None])[:, :, 0]
+            if L.b0 is not None:
+                y = y + StackedSequential._bias(v, L)
+            term = torch.bmm(D.transpose(1, 2), y[:, :, None])[:, :, 0]
+            out = term if out is None else out + term
+        return out
+
+    def materialize(self, c: Tensor, n_params: int) -> Tensor:
+        """Jᵀ c (M, P) for coefficients c (M, K): the gradient of cᵀz."""
+        M = c.shape[0]
+        out = torch.empty(M, n_params, dtype=c.dtype, device=c.device)
+        for L, a, D in zip(self.layers, self.inputs, self.deltas):
+            d = combine(D, c)  # (M, out)
+            torch.mul(d[:, :, None], a[:, None, :], out=StackedSequential._weight(out, L))
+            if L.b0 is not None:
+                StackedSequential._bias(out, L).copy_(d)
+        return out
+
+    def step_(self, theta: Tensor, beta: Tensor, scale: Tensor) -> None:
+        """θ += scale · Jᵀβ in place, per member (scale (M,), β (M, K)): a rank-one update per layer."""
+        b = beta * scale[:, None]
+        for L, a, D in zip(self.layers, self.inputs, self.deltas):
+            d = combine(D, b)  # (M, out)
+            StackedSequential._weight(theta, L).addcmul_(d[:, :, None], a[:, None, :])
+            if L.b0 is not None:
+                StackedSequential._bias(theta, L).add_(d)
+
+
+SMALL_K = 4  # up to this many logits, small products are written out column by column: batched
+# matmuls of 1024 (64, 2) matrices cost more in per-matrix overhead than the arithmetic
+
+
+def combine(D: Tensor, c: Tensor) -> Tensor:
+    """D c per member: D (M, n, K), c (M, K) → (M, n)."""
+    K = D.shape[2]
+    if K > SMALL_K:
+        return torch.bmm(D, c[:, :, None])[:, :, 0]
+    out = D[:, :, 0] * c[:, 0:1]
+    for k in range(1, K):
+        out = out.addcmul_(D[:, :, k], c[:, k:k + 1])
+    return out
+
+
+def gram_columns(D: Tensor) -> Tensor:
+    """Dᵀ D per member: D (M, n, K) → (M, K, K)."""
+    K = D.shape[2]
+    if K > SMALL_K:
+        return torch.bmm(D.transpose(1, 2), D)
+    out = torch.empty(D.shape[0], K, K, dtype=D.dtype, device=D.device)
+    for k in range(K):
+        for j in range(k, K):
+            out[:, k, j] = (D[:, :, k] * D[:, :, j]).sum(1)
+            out[:, j, k] = out[:, k, j]
+    return out
+
+
+def quad(c1: Tensor, G: Tensor, c2: Tensor) -> Tensor:
+    """c1ᵀ G c2 per member: c (M, K), G (M, K, K) → (M,)."""
+    return (c1 * torch.bmm(G, c2[:, :, None])[:, :, 0]).sum(1)
+
+
+@dataclass
+class LogitInverseFisher:
+    """M = (F + λI)⁻¹, or F⁺ where λ = 0, of every member, acting on vectors Jᵀc of the span
+    (see the module docstring). ``R`` (M, K, K) upper, G = RᵀR; ``U`` A's left factor; ``inv``,
+    ``keep`` (M, K); ``damping`` (M,)."""
+
+    G: Tensor
+    R: Tensor
+    U: Tensor
+    S: Tensor
+    inv: Tensor
+    keep: Tensor
+    damping: Tensor
+
+    @classmethod
+    def from_jacobian(cls, G: Tensor, probs: Tensor, weights: Tensor, damping: Tensor,
+                      rtol: float | None = None) -> "LogitInverseFisher":
+        """From G = J Jᵀ (M, K, K), π (M, K) and the state's weight w (M,). A member whose G, π or
+        w is not finite, or whose G is not positive definite, gets NaN weights: everything it
+        computes is NaN, and the trainer stops it."""
+        M, K = probs.shape
+        eye = torch.eye(K, dtype=probs.dtype, device=probs.device)
+        ok = torch.isfinite(G).all(2).all(1) & torch.isfinite(probs).all(1) & torch.isfinite(weights)
+        chol, info = torch.linalg.cholesky_ex(torch.where(ok[:, None, None], G, eye))
+        ok = ok & (info == 0)
+        R = torch.where(ok[:, None, None], chol.mT, eye)
+        probs = torch.where(ok[:, None], probs, torch.full_like(probs, 1.0 / K))
+        weights = torch.where(ok, weights, torch.ones_like(weights))
+        scale = (weights[:, None] * probs).clamp_min(0).sqrt()
+        L = scale[:, :, None] * (eye - probs[:, None, :])  # row a: √(w π_a) (e_a − π)
+        U, S, _ = torch.linalg.svd(torch.bmm(R, L.mT))
+        keep = kept_singular(S, rtol)
+        damping = damping.to(S.dtype)
+        inv = torch.where(keep, 1.0 / (S**2 + damping[:, None]), torch.zeros_like(S))
+        inv = torch.where(ok[:, None], inv, torch.full_like(inv, float("nan")))
+        return cls(G, R, U, S, inv, keep, damping)
+
+    def _coef(self, c: Tensor) -> Tensor:
+        """u_kᵀ R c, (M, K)."""
+        Rc = torch.bmm(self.R, c[:, :, None])
+        return torch.bmm(self.U.mT, Rc)[:, :, 0]
+
+    def _back(self, w: Tensor) -> Tensor:
+        """R⁻¹ U w for w (M, K)."""
+        return torch.linalg.solve_triangular(self.R, torch.bmm(self.U, w[:, :, None]), upper=True)[:, :, 0]
+
+    def apply(self, c: Tensor) -> Tensor:
+        """β with M Jᵀc = Jᵀβ."""
+        coef = self._coef(c)
+        out = self._back(coef * self.inv)
+        damped = self.damping > 0
+        if bool(damped.any()):
+            lam = torch.where(damped, self.damping, torch.ones_like(self.damping))
+            rest = (c - self._back(coef * self.keep)) / lam[:, None]
+            out = out + torch.where(damped[:, None], rest, torch.zeros_like(rest))
+        return out
+
+    def ntvar(self, c: Tensor) -> Tensor:
+        """(Jᵀc)ᵀ M (Jᵀc), (M,)."""
+        coef = self._coef(c)
+        out = (coef**2 * self.inv).sum(-1)
+        damped = self.damping > 0
+        if bool(damped.any()):
+            rest = quad(c, self.G, c) - (coef**2 * self.keep).sum(-1)
+            lam = torch.where(damped, self.damping, torch.ones_like(self.damping))
+            out = out + torch.where(damped, rest / lam, torch.zeros_like(out))
+        return out

@@ -1,0 +1,214 @@
+"""The structured population path (ntrl.engine.batched_structured) against the torch.func
+reference and the batched engine, in float64; which populations take it; and the record writing
+it relies on (record_lines, finite_rows, write_json_many_atomic).
+
+Tolerances: the factored forms sum the same products in another order, so they agree with the
+reference to a few ulps of the largest term; 1e-12 relative leaves three orders of magnitude. The
+inverse Fisher's K-space form errs by eps·S_max like the per-run QR (module docstring), so its
+NTVar and direction agree to 1e-12 relative where the kept singular values are well above the
+drop threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ntrl.agents.policies import make_policy
+from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients
+from ntrl.engine.batched_structured import LogitInverseFisher, StackedSequential, quad
+from ntrl.engine.metrics import InverseFisher
+from ntrl.engine.tangent import TangentEngine
+from ntrl.experiments.bandit import BanditConfig
+from ntrl.records import finite_rows, read_records, record_line, record_lines, write_json_atomic, write_json_many_atomic
+
+F64 = torch.float64
+
+
+def population(K: int, p0s=(0.3, 1e-3, 1e-8), activation: str = "tanh", width: int = 8):
+    obs = torch.ones(1, 1, dtype=F64)
+    policies = [make_policy("mlp", 1, K, 1, p0, obs, seed=s, width=width, activation=activation)
+                for s, p0 in enumerate(p0s)]
+    sp = StackedPolicy(policies[0])
+    theta = torch.stack([sp.flatten(p) for p in policies])
+    return obs, policies, sp, theta
+
+
+def reference_jacobian(policy, obs, K: int) -> torch.Tensor:
+    """∂z/∂θ of one member, (K, P), from the engine's torch.func reference (jacrev)."""
+    engine = TangentEngine(policy, dtype=F64, backend="reference")
+    rows = []
+    for k in range(K):
+        class Logit:
+            name = f"z{k}"
+
+            def __call__(self, view, k=k):
+                return view.logits(obs)[0, k]
+        rows.append(engine.jacobian(Logit())[1].reshape(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("K, activation", [(2, "tanh"), (3, "tanh"), (2, "relu")])
+def test_factored_jacobian_agrees_with_the_torch_func_reference(K, activation):
+    obs, policies, sp, theta = population(K, activation=activation)
+    ss = StackedSequential.plan(sp.module, sp.names, sp.sizes)
+    z, fwd = ss.forward(theta, obs)
+    jac = ss.jacobian(fwd)
+    J = torch.stack([reference_jacobian(p, obs, K) for p in policies])  # (M, K, P)
+    for m, p in enumerate(policies):  # logits near 0 are differences of O(1) terms (the bias shift to p₀)
+        want = p(obs)[0].detach()
+        assert torch.allclose(z[m], want, rtol=1e-13, atol=1e-13 * (1 + float(want.abs().max())))
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(3, K, dtype=F64, generator=gen)
+    v = torch.randn(3, sp.n_params, dtype=F64, generator=gen)
+    d = torch.rand(3, sp.n_params, dtype=F64, generator=gen)
+    scale = torch.rand(3, dtype=F64, generator=gen)
+
+    def close(a, b):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12 * float(b.abs().max())), (a, b)
+
+    close(jac.gram, J @ J.mT)
+    close(jac.gram_diagonal(d), (J * d[:, None]) @ J.mT)
+    close(jac.dot(v), (J @ v[:, :, None])[:, :, 0])
+    close(jac.materialize(c, sp.n_params), (J * c[:, :, None]).sum(1))
+    stepped = theta.clone()
+    jac.step_(stepped, c, scale)
+    close(stepped - theta, scale[:, None] * (J * c[:, :, None]).sum(1))
+    close(quad(c, jac.gram, c), ((J * c[:, :, None]).sum(1) ** 2).sum(1))
+
+
+@pytest.mark.parametrize("K", [2, 3])
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+def test_logit_space_inverse_fisher_agrees_with_the_batched_and_per_run_fisher(K, damping):
+    """NTVar and direction of the K-space (F + λI)⁻¹ / F⁺ against BatchedInverseFisher (the QR of
+    the formed Fisher rows) and, per member, the per-run InverseFisher on the reference engine."""
+    obs, policies, sp, theta = population(K)
+    ss = StackedSequential.plan(sp.module, sp.names, sp.sizes)
+    z, fwd = ss.forward(theta, obs)
+    jac = ss.jacobian(fwd)
+    leaves = sp.leaves(theta)
+    Z = sp.logits(leaves, obs)
+    J = torch.stack(member_gradients([Z[:, 0, k] for k in range(K)], leaves), 1)  # (M, K, P)
+    probs = torch.softmax(z, -1)
+    lam = torch.full((3,), damping, dtype=F64)
+    batched = BatchedInverseFisher.from_log_prob_rows(log_prob_rows(J[:, None], probs[:, None]),
+                                                      torch.ones(3, 1, dtype=F64), probs[:, None], lam)
+    fisher = LogitInverseFisher.from_jacobian(jac.gram, probs, torch.ones(3, dtype=F64), lam)
+    c = torch.randn(3, K, dtype=F64, generator=torch.Generator().manual_seed(1))
+    g = (J * c[:, :, None]).sum(1)
+    assert torch.equal(fisher.keep, batched.keep)
+    assert torch.allclose(fisher.ntvar(c), batched.ntvar(g), rtol=1e-12, atol=0)
+    direction = (J * fisher.apply(c)[:, :, None]).sum(1)
+    want = batched.apply(g)
+    assert torch.allclose(direction, want, rtol=0, atol=1e-12 * float(want.abs().max()))
+    if damping == 0:
+        for m, policy in enumerate(policies):
+            ref = InverseFisher(TangentEngine(policy, dtype=F64, backend="reference"), obs, torch.ones(1, dtype=F64))
+            assert float(fisher.ntvar(c)[m]) == pytest.approx(float(g[m] @ ref.apply(g[m][None])[0]), rel=1e-10)
+
+
+def test_fisher_ntvar_of_p_is_p_times_one_minus_p_down_to_1e_minus_12():
+    """SCIENCE.md §1: NTVar_F(P) = p(1 − p) for the two-armed bandit, at every p, here via the
+    K-space Fisher with ∇P = Jᵀ c_P, c_P = p(1 − p)(−1, 1)."""
+    obs, policies, sp, theta = population(2, p0s=(0.3, 1e-6, 1e-12))
+    ss = StackedSequential.plan(sp.module, sp.names, sp.sizes)
+    z, fwd = ss.forward(theta, obs)
+    jac = ss.jacobian(fwd)
+    logp = torch.log_softmax(z, -1)
+    p, q = logp[:, 1].exp(), logp[:, 0].exp()
+    c = (p * q)[:, None] * torch.tensor([-1.0, 1.0], dtype=F64)
+    fisher = LogitInverseFisher.from_jacobian(jac.gram, logp.exp(), torch.ones(3, dtype=F64), torch.zeros(3, dtype=F64))
+    assert torch.allclose(fisher.ntvar(c), p * q, rtol=1e-9, atol=0)
+    assert torch.isfinite(fisher.ntvar(c)).all()
+
+
+def test_a_non_finite_member_gets_nan_not_an_error():
+    obs, policies, sp, theta = population(2)
+    ss = StackedSequential.plan(sp.module, sp.names, sp.sizes)
+    z, fwd = ss.forward(theta, obs)
+    G = ss.jacobian(fwd).gram.clone()
+    G[1, 0, 0] = math.nan
+    fisher = LogitInverseFisher.from_jacobian(G, torch.softmax(z, -1), torch.ones(3, dtype=F64), torch.zeros(3, dtype=F64))
+    out = fisher.ntvar(torch.ones(3, 2, dtype=F64))
+    assert torch.isfinite(out[[0, 2]]).all() and torch.isnan(out[1])
+
+
+def test_which_populations_take_the_structured_path(tmp_path):
+    """Exact bandit MLPs do (so the per-run equality tests of tests/test_population.py cover it);
+    sampled ones, tabular and single-logit policies keep the batched engine (covered there too)."""
+    from ntrl.population.trainer import _Population
+
+    def path(**kw):
+        cfgs = [BanditConfig(width=8, seed=i, out=str(tmp_path), run_name=f"m{i}", **kw) for i in range(2)]
+        return _Population(cfgs, torch.device("cpu")).structured is not None
+
+    assert path(policy="mlp", mode="exact")
+    assert not path(policy="mlp", mode="sampled")
+    assert not path(policy="tabular", mode="exact")
+    assert not path(policy="single_logit", mode="exact")
+
+
+def test_record_lines_are_record_line_character_for_character():
+    fields = {"update": 7, "lr": [0.1, 1e-300], "U": [1.5, -2.0], "P/value": [1e-12, 0.25],
+              "kappa": [[1.0, 2.5e-7], [3.0, 4.0]], "backend": "population", "P/first_order": [True, False],
+              "P/probe_lr": [[0.2, 0.1], [0.4, 0.2]], "odd": [None, 3]}
+    lines = record_lines(fields, [0, 1])
+    for row, line in enumerate(lines):
+        record = {k: (v[row] if isinstance(v, list) else v) for k, v in fields.items()}
+        assert line == record_line(record)
+        assert json.loads(line) == record
+    assert record_lines(fields, [1]) == lines[1:]
+
+
+def test_finite_rows_finds_every_non_finite_number():
+    fields = {"update": 3, "a": [1.0, math.nan, 2.0, 3.0], "b": [[1.0], [2.0], [math.inf], [4.0]],
+              "flag": [True, False, True, True], "c": [0.0, 1.0, 2.0, -math.inf]}
+    assert finite_rows(fields, 4) == [True, False, False, False]
+    # None is no number (record_line writes null): never non-finite, but where it reads as NaN the
+    # row is left to the caller's own look (append_records then writes it with record_line)
+    assert finite_rows({"a": [1.0, 2.0], "x": [None, 1.0]}, 2) == [True, True]
+    assert finite_rows({"a": [1.0, 2.0], "x": [1.0, None]}, 2) == [True, False]
+
+
+def test_write_json_many_atomic_writes_what_write_json_atomic_writes(tmp_path):
+    objs = [{"a": 1, "b": [1.5, math.nan]}, {"status": "finished", "p": 1e-12}]
+    write_json_many_atomic([(tmp_path / f"many{i}.json", o) for i, o in enumerate(objs)])
+    for i, o in enumerate(objs):
+        write_json_atomic(tmp_path / f"one{i}.json", o)
+        assert (tmp_path / f"many{i}.json").read_bytes() == (tmp_path / f"one{i}.json").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many0.json", "many1.json", "one0.json", "one1.json"]
+
+
+def test_write_json_many_atomic_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """A failure while writing leaves the existing files as they were and no temporary file."""
+    import ntrl.records as records
+
+    (tmp_path / "a.json").write_text("old\n")
+
+    def fail(paths):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(records, "sync_file_systems", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_json_many_atomic([(tmp_path / "a.json", {"x": 1}), (tmp_path / "b.json", {"y": 2})])
+    assert (tmp_path / "a.json").read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_members_finishing_together_keep_all_their_records(tmp_path):
+    """64 exact MLP members stop at the same update and are finished as one batch: each has its
+    records (every tracked update) and a summary whose Price check reads them."""
+    from ntrl.population import train_population
+
+    cfgs = [BanditConfig(policy="mlp", width=8, p0=0.01, lr=0.1, steps=30, seed=i, track_every=3, wandb="disabled",
+                         out=str(tmp_path), run_name=f"m{i}") for i in range(64)]
+    pop = train_population(cfgs, progress=False)
+    assert not pop.failures
+    for r in pop.results:
+        recs = read_records(r.run_dir)
+        assert [x["update"] for x in recs] == list(range(0, 30, 3))
+        assert r.summary["status"] == "finished" and r.summary["price_check_P"]["n"] == 10
+        assert json.loads((r.run_dir / "summary.json").read_text())["updates"] == 30
