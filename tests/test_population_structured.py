@@ -212,3 +212,24 @@ def test_members_finishing_together_keep_all_their_records(tmp_path):
         assert [x["update"] for x in recs] == list(range(0, 30, 3))
         assert r.summary["status"] == "finished" and r.summary["price_check_P"]["n"] == 10
         assert json.loads((r.run_dir / "summary.json").read_text())["updates"] == 30
+
+
+def test_price_checks_from_kept_values_equal_those_read_back(tmp_path, monkeypatch):
+    """Finishing members reads their Price check inputs from what the population kept in memory;
+    with nothing kept (KEPT_ROWS = 0: a population past its limit) it reads their records back.
+    The summaries are the same, η-probe and W&B curve included."""
+    import ntrl.population.trainer as trainer
+    from ntrl.population import train_population
+
+    def run(out):
+        cfgs = [BanditConfig(policy=policy, width=8, p0=0.01, lr=lr, steps=40, seed=i, track_every=3,
+                             price_scales=[1.0, 0.5], wandb="disabled", out=str(out), run_name=f"m{i}")
+                for i, (policy, lr) in enumerate([("mlp", 0.1), ("mlp", 0.5)])]
+        pop = train_population(cfgs, progress=False)
+        return [json.loads((r.run_dir / "summary.json").read_text()) for r in pop.results]
+
+    kept = run(tmp_path / "kept")
+    monkeypatch.setattr(trainer, "KEPT_ROWS", 0)
+    read_back = run(tmp_path / "read")
+    for a, b in zip(kept, read_back):
+        assert a["price_check_P"] == b["price_check_P"] and "first_order_lr" in a["price_check_P"]

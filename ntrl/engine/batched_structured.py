@@ -190,6 +190,14 @@ class LogitJacobian:
             self._gram = G
         return self._gram
 
+    def finite_gradient(self, c: Tensor) -> Tensor:
+        """Whether every entry of Jᵀc is finite, per member (M,): no layer's Δc or input a holds a
+        NaN or ±inf, and no product (Δc)_i a_j overflows (max |Δc| · max |a| is finite)."""
+        ok = torch.isfinite(c).all(1)
+        for a, D in zip(self.inputs, self.deltas):
+            ok &= torch.isfinite(combine(D, c).abs().amax(1) * a.abs().amax(1))
+        return ok
+
     def gram_diagonal(self, d: Tensor) -> Tensor:
         """J D Jᵀ for a diagonal metric D = diag(d), d (M, P): (M, K, K)."""
         G = None

@@ -194,6 +194,9 @@ class MemberState:
     episodes: int = 0
     lines: list[str] = field(default_factory=list)  # records not yet appended to records.jsonl
     n_records: int = 0
+    # what its Price check and W&B curve read of each record (the population's ``kept_keys``), kept
+    # so that finishing need not read its records back; None where it must (too many kept in all)
+    kept: list[tuple] | None = field(default_factory=list)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (update, P), thinned, once it stopped
     summary: dict[str, Any] | None = None
     error: str | None = None
@@ -264,6 +267,8 @@ class _Population:
                                           eps=per_member("adam_eps"), damping=per_member("npg_damping"))
         self.schedules = [c.track_schedule() for c in configs]
         self.alive = list(range(len(configs)))
+        self.kept_rows: int | None = 0  # records kept for the members' Price checks (None: too many)
+        self.kept_keys: tuple[str, ...] = ()
         self.action_rngs, self.noise_rngs = [], []
         from gymnasium.utils import seeding
 
@@ -460,7 +465,7 @@ def train_population(
                     st = members[pop.alive[row]]
                     st.error = message
                     ending.append((st, status, updates, p_end))
-                finish_members(ending, sink, curve_points)
+                finish_members(ending, sink, curve_points, pop.kept_keys)
                 keep = [r for r in range(len(pop.alive)) if r not in done]
                 pop.select(keep)
                 watch.select(keep)
@@ -484,7 +489,7 @@ def train_population(
             bar.close()
         # still training: interrupted, or stopped with the population by an error
         finish_members([(members[i], "interrupted" if interrupted else "failed", t, math.nan) for i in pop.alive],
-                       sink, curve_points)
+                       sink, curve_points, pop.kept_keys)
         pop.model.close()
         wandb_dir = sink.directory  # None once finished
         close_population_sink(sink, members, t)
@@ -551,12 +556,15 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
             if x.requires_grad else None
         cots.append(torch.zeros_like(Z[:, 0]) if c is None else c[:, 0].detach())
     jac = pop.structured.jacobian(q["fwd"])
-    G = jac.gram
     cU = cots[0]
-    bad_g = ~torch.isfinite(quad(cU, G, cU))
+    opt = pop.optimizer
+    if tracked or opt.name == "npg":
+        G = jac.gram
+        bad_g = ~torch.isfinite(quad(cU, G, cU))
+    else:  # an untracked SGD, Adam or sign step needs no Gram matrix
+        bad_g = ~jac.finite_gradient(cU)
     any_bad = bool(bad_g.any())
     c_step = torch.where(bad_g[:, None], torch.zeros_like(cU), cU) if any_bad else cU
-    opt = pop.optimizer
     probs, weights = q["logp"].detach().exp()[:, 0], q["weights"].detach()[:, 0]
     fisher = LogitInverseFisher.from_jacobian(G, probs, weights, opt.damping) if opt.name == "npg" else None
     fisher0 = None
@@ -793,6 +801,17 @@ def append_records(members: list[MemberState], pop: "_Population", fields: dict[
         st = members[pop.alive[row]]
         st.lines.append(line)
         st.n_records += 1
+    if pop.kept_rows is not None and good:
+        pop.kept_keys = tuple(k for k in PRICE_KEYS if k in fields)
+        columns = [[fields[k][r] for r in good] if isinstance(fields[k], list) else [fields[k]] * len(good)
+                   for k in pop.kept_keys]
+        for row, kept in zip(good, zip(*columns)):
+            members[pop.alive[row]].kept.append(kept)
+        pop.kept_rows += len(good)
+        if pop.kept_rows > KEPT_ROWS:  # too many to hold: every member reads its records back when it stops
+            pop.kept_rows = None
+            for st in members:
+                st.kept = None
     for row in rows:
         if finite[row] and not opt_bad[row]:
             continue
@@ -808,6 +827,7 @@ def append_records(members: list[MemberState], pop: "_Population", fields: dict[
         else:  # finite after all (a field finite_rows could not read as numbers)
             st.lines.append(record_line(record))
             st.n_records += 1
+            st.kept = None  # it reads its records back when it stops
 
 
 class StopWatch:
@@ -869,11 +889,13 @@ def stopping(st: MemberState, p: float, t: int) -> tuple[str, str | None, float,
     return None
 
 
-def finish_members(ending: Sequence[tuple[MemberState, str, int, float]], sink: WandbSink, curve_points: int) -> None:
+def finish_members(ending: Sequence[tuple[MemberState, str, int, float]], sink: WandbSink, curve_points: int,
+                   kept_keys: Sequence[str] = ()) -> None:
     """These members have stopped, each with (status, updates, p_end): append their last records,
     write each one's summary.json (the per-run path's, :func:`ntrl.train.run_summary`, with the
     Price check read back from its records as that path reads it, plus ``population`` and its
-    ``error`` if it failed), and keep at most ``curve_points`` of each P curve for W&B. The
+    ``error`` if it failed, from what :func:`price_records` gives), and keep at most
+    ``curve_points`` of each P curve for W&B. The
     records and summaries reach the disk together (:func:`ntrl.records.write_json_many_atomic`:
     one sync for all, where a file each cost 1 s per thousand members); a summary is never
     half-written, and never there before its records."""
@@ -881,7 +903,7 @@ def finish_members(ending: Sequence[tuple[MemberState, str, int, float]], sink: 
         return
     flush([st for st, *_ in ending])
     for st, status, updates, p_end in ending:
-        records = read_records(st.run_dir)
+        records = price_records(st, kept_keys)
         st.summary = run_summary(st.config, st.run_dir, sink, status=status, updates=updates, p_start=st.p_start,
                                  p_end=p_end, crossed=st.crossed, n_probe=1, episodes=st.episodes, episodes_cut=0,
                                  return_first=st.return_first, return_last=st.return_last,
@@ -892,10 +914,24 @@ def finish_members(ending: Sequence[tuple[MemberState, str, int, float]], sink: 
             st.summary["error"] = st.error
         st.summary.update(st.extra)
         st.curve = thin_curve(records, curve_points)
+        st.kept = None  # done with: its memory goes back
     for before_summary in {id(st.before_summary): st.before_summary for st, *_ in ending}.values():
         if before_summary is not None:
             before_summary()
     write_json_many_atomic([(st.run_dir / SUMMARY_FILE, st.summary) for st, *_ in ending])
+
+
+PRICE_KEYS = ("update", "lr", "P/value", "P/pred_delta", "P/real_delta", "P/probe_lr", "P/probe_real", "P/probe_pred")
+KEPT_ROWS = 2_000_000  # records whose PRICE_KEYS a population keeps in memory, in all (about 0.5 GiB)
+
+
+def price_records(st: MemberState, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The member's records as :func:`ntrl.train.price_check` and :func:`thin_curve` read them:
+    the ``keys`` it kept of each (the floats its records.jsonl holds: a float's repr reads back as
+    itself), or its records read back where it kept none."""
+    if st.kept is None:
+        return read_records(st.run_dir)
+    return [dict(zip(keys, kept)) for kept in st.kept]
 
 
 def thin_curve(records: Sequence[dict[str, Any]], curve_points: int) -> list[tuple[int, float]]:
