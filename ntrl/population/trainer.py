@@ -42,6 +42,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -806,7 +807,9 @@ def append_records(members: list[MemberState], pop: "_Population", fields: dict[
         columns = [[fields[k][r] for r in good] if isinstance(fields[k], list) else [fields[k]] * len(good)
                    for k in pop.kept_keys]
         for row, kept in zip(good, zip(*columns)):
-            members[pop.alive[row]].kept.append(kept)
+            st = members[pop.alive[row]]
+            if st.kept is not None:  # None: it reads its records back
+                st.kept.append(kept)
         pop.kept_rows += len(good)
         if pop.kept_rows > KEPT_ROWS:  # too many to hold: every member reads its records back when it stops
             pop.kept_rows = None
@@ -837,9 +840,6 @@ class StopWatch:
     there. Row i is ``members[i]``, as the population's rows are; :meth:`refresh` after each call."""
 
     def __init__(self, members: Sequence[MemberState]):
-        import numpy as np
-
-        self.np = np
         inf = math.inf
         self.p_start = np.array([st.p_start for st in members], dtype=float)
         self.p_min = np.array([st.p_min for st in members], dtype=float)
@@ -851,7 +851,6 @@ class StopWatch:
         self.steps = np.array([st.config.steps for st in members])
 
     def rows_to_check(self, p: Sequence[float], t: int) -> list[int]:
-        np = self.np
         p = np.asarray(p, dtype=float)
         with np.errstate(invalid="ignore"):
             check = (~np.isfinite(p) | (self.uncrossed & (p >= 0.5) & (self.p_start < 0.5)) | (p < self.p_min)
