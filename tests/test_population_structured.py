@@ -233,3 +233,26 @@ def test_price_checks_from_kept_values_equal_those_read_back(tmp_path, monkeypat
     read_back = run(tmp_path / "read")
     for a, b in zip(kept, read_back):
         assert a["price_check_P"] == b["price_check_P"] and "first_order_lr" in a["price_check_P"]
+
+
+def test_a_sequential_that_ends_in_an_activation():
+    """Δ at the last Linear layer is then σ'(y), not the identity: the Jacobian still agrees with
+    autograd's, member by member."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2), torch.nn.Softplus()).double()
+    sp = StackedPolicy(net)
+    nets = [net]
+    for _ in range(2):
+        other = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2), torch.nn.Softplus()).double()
+        nets.append(other)
+    theta = torch.stack([sp.flatten(n) for n in nets])
+    obs = torch.randn(1, 3, dtype=F64)
+    ss = StackedSequential.plan(net, sp.names, sp.sizes)
+    z, fwd = ss.forward(theta, obs)
+    jac = ss.jacobian(fwd)
+    c = torch.randn(3, 2, dtype=F64)
+    for m, n in enumerate(nets):
+        n.zero_grad()
+        (n(obs)[0] * c[m]).sum().backward()
+        want = torch.cat([p.grad.reshape(-1) for p in n.parameters()])
+        assert torch.allclose(jac.materialize(c, sp.n_params)[m], want, rtol=1e-12, atol=1e-14)

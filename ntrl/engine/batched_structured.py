@@ -24,8 +24,10 @@ b_l += η Δ_l β, taken in place in θ.
 :class:`ntrl.engine.batched.BatchedInverseFisher` takes it), is factored without forming A: the
 Cholesky factor R of G = RᵀR is the R of Jᵀ = Q R (Q orthonormal, P × K), so Aᵀ = Q (R Lᵀ) and
 the K × K SVD R Lᵀ = U S Vᵀ gives A's singular values S and right singular vectors v_k = Q u_k =
-Jᵀ R⁻¹ u_k. Both this and the per-run QR of Aᵀ err by about eps·S_max (G's condition number is
-that of J, which the last layer's bias keeps near 1, not that of A); the drop rule is the same
+Jᵀ R⁻¹ u_k. Both this and the per-run QR of Aᵀ err by about eps·S_max: R carries J's conditioning,
+not A's (the √π scales that make A ill-conditioned at small p enter only through the small
+factor Lᵀ), and the last layer puts (1 + ‖a_L‖²)·I into G, which keeps it well conditioned
+(:meth:`StackedSequential.plan` asks for that bias); the drop rule is the same
 (:func:`ntrl.engine.metrics.kept_singular`). For vectors in the span, with inv_k = 1/(S_k² + λ)
 on the kept k and 0 elsewhere:
 
@@ -139,8 +141,9 @@ class StackedSequential:
         """One backward pass of the K unit cotangents through every member: Δ_l for each layer."""
         theta = fwd.theta
         M = theta.shape[0]
-        K = self.steps[-1][1].out
+        K = next(step.out for kind, step in reversed(self.steps) if kind == "linear")
         delta = torch.eye(K, dtype=theta.dtype, device=theta.device).expand(M, K, K)
+        identity = True  # Δ is still the identity (no activation after the last Linear layer)
         deltas: list[Tensor] = []
         layers: list[_Layer] = []
         li, ai = len(fwd.inputs), len(fwd.derivs)
@@ -151,12 +154,16 @@ class StackedSequential:
                 deltas.append(delta)
                 layers.append(step)
                 if li > 0:
-                    Wt = self._weight(theta, step).transpose(1, 2)
-                    # the last layer's Wᵀ times the identity is Wᵀ itself
-                    delta = Wt.contiguous() if li == len(fwd.inputs) - 1 else torch.bmm(Wt, delta)
+                    W = self._weight(theta, step)
+                    # Wᵀ Δ: Wᵀ itself where Δ is the identity; elsewhere (Δᵀ W)ᵀ, which reads W
+                    # in its own row order (a third faster than through Wᵀ on the CPU)
+                    delta = W.transpose(1, 2).contiguous() if identity else \
+                        torch.bmm(delta.transpose(1, 2), W).transpose(1, 2)
+                    identity = False
             else:
                 ai -= 1
                 delta = delta * fwd.derivs[ai][:, :, None]
+                identity = False
         deltas.reverse()
         layers.reverse()
         return LogitJacobian(layers, fwd.inputs, deltas)

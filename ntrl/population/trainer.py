@@ -4,9 +4,11 @@
 :func:`ntrl.train.train` takes, one per member, and trains them together: the members' parameters
 are stacked (M, P), their logits come from one ``torch.func.vmap`` of ``functional_call``, and every
 gradient, NTVar, NTCov and inverse Fisher is formed for all members at once
-(:mod:`ntrl.engine.batched`). Each member writes the run directory its config names, with the
-same config.json, records.jsonl and summary.json as the per-run path, so the analysis reads what
-it reads today. The contract, tested in ``tests/test_population.py``:
+(:mod:`ntrl.engine.batched`). Exact training of an MLP at one shared state (the bandits) takes the
+structured path instead (:mod:`ntrl.engine.batched_structured`, :func:`structured_update`): no
+per-member gradient is formed where it can be avoided, and the step is taken in place. Each
+member writes the run directory its config names, with the same config.json, records.jsonl and
+summary.json as the per-run path, so the analysis reads what it reads today. The contract, tested in ``tests/test_population.py``:
 
 * a member's records equal the per-run records of its config to 1e-12 relative in float64 (the
   differences ``real_delta`` and ``residual`` to 1e-12 of the values they are differences of),
