@@ -256,3 +256,24 @@ def test_a_sequential_that_ends_in_an_activation():
         (n(obs)[0] * c[m]).sum().backward()
         want = torch.cat([p.grad.reshape(-1) for p in n.parameters()])
         assert torch.allclose(jac.materialize(c, sp.n_params)[m], want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "npg", "sign", "adam"])
+def test_a_members_records_do_not_depend_on_who_else_is_in_its_population(tmp_path, optimizer):
+    """Byte for byte, whatever the population's size: a resumed study re-chunks the runs a kill
+    left unfinished, and its verdicts must be the uninterrupted study's (test_safety_processes).
+    BLAS sums a one-member matrix-vector product (gemv) in another order than a batch (gemm);
+    width 64 is where they first differed."""
+    from ntrl.population import train_population
+
+    def records(out, seeds):
+        cfgs = [BanditConfig(policy="mlp", optimizer=optimizer, p0=0.01, lr=0.1 if optimizer in ("sgd", "npg") else 1e-3,
+                             steps=30, seed=s, width=64, track_every=3, price_scales=[1.0, 0.5], wandb="disabled", out=str(out),
+                             run_name=f"s{s}", **({"npg_damping": 0.1 * (s % 2)} if optimizer == "npg" else {}))
+                for s in seeds]
+        train_population(cfgs, progress=False)
+        return (out / "s3" / "records.jsonl").read_text()
+
+    alone = records(tmp_path / "one", [3])
+    assert records(tmp_path / "two", [3, 4]) == alone
+    assert records(tmp_path / "five", [0, 1, 2, 3, 4]) == alone

@@ -120,7 +120,7 @@ class StackedSequential:
             if kind == "linear":
                 inputs.append(x)
                 W, b = self._weight(theta, step), self._bias(theta, step)
-                y = W[:, :, 0] * x if step.inp == 1 else torch.bmm(W, x[:, :, None])[:, :, 0]
+                y = W[:, :, 0] * x if step.inp == 1 else matvec(W, x)
                 x = y if b is None else y + b
             else:
                 if trace and type(step) is nn.Tanh:  # σ' = 1 − σ², as autograd's tanh_backward forms it
@@ -209,7 +209,7 @@ class LogitJacobian:
         """J D Jᵀ for a diagonal metric D = diag(d), d (M, P): (M, K, K)."""
         G = None
         for L, a, D in zip(self.layers, self.inputs, self.deltas):
-            w = torch.bmm(StackedSequential._weight(d, L), (a * a)[:, :, None])[:, :, 0]
+            w = matvec(StackedSequential._weight(d, L), a * a)
             if L.b0 is not None:
                 w = w + StackedSequential._bias(d, L)
             term = torch.bmm(D.transpose(1, 2), D * w[:, :, None])
@@ -220,10 +220,10 @@ class LogitJacobian:
         """J v for vectors v (M, P): (M, K)."""
         out = None
         for L, a, D in zip(self.layers, self.inputs, self.deltas):
-            y = torch.bmm(StackedSequential._weight(v, L), a[:, :, None])[:, :, 0]
+            y = matvec(StackedSequential._weight(v, L), a)
             if L.b0 is not None:
                 y = y + StackedSequential._bias(v, L)
-            term = torch.bmm(D.transpose(1, 2), y[:, :, None])[:, :, 0]
+            term = matvec(D.transpose(1, 2), y)
             out = term if out is None else out + term
         return out
 
@@ -256,7 +256,7 @@ def combine(D: Tensor, c: Tensor) -> Tensor:
     """D c per member: D (M, n, K), c (M, K) → (M, n)."""
     K = D.shape[2]
     if K > SMALL_K:
-        return torch.bmm(D, c[:, :, None])[:, :, 0]
+        return matvec(D, c)
     out = D[:, :, 0] * c[:, 0:1]
     for k in range(1, K):
         out = out.addcmul_(D[:, :, k], c[:, k:k + 1])
@@ -276,9 +276,19 @@ def gram_columns(D: Tensor) -> Tensor:
     return out
 
 
+def matvec(A: Tensor, x: Tensor) -> Tensor:
+    """A x per member: A (M, n, m), x (M, m) → (M, n), as the first column of A [x, 0]. A batched
+    matrix-vector product takes BLAS's gemv for one member and gemm for several, which sum in
+    different orders; with two columns every member goes through gemm, so that a member's result
+    does not depend on how many others share its population (a resumed study re-chunks its runs)."""
+    X = torch.zeros(*x.shape, 2, dtype=x.dtype, device=x.device)
+    X[:, :, 0] = x
+    return torch.bmm(A, X)[:, :, 0]
+
+
 def quad(c1: Tensor, G: Tensor, c2: Tensor) -> Tensor:
     """c1ᵀ G c2 per member: c (M, K), G (M, K, K) → (M,)."""
-    return (c1 * torch.bmm(G, c2[:, :, None])[:, :, 0]).sum(1)
+    return (c1 * matvec(G, c2)).sum(1)
 
 
 @dataclass
@@ -320,12 +330,14 @@ class LogitInverseFisher:
 
     def _coef(self, c: Tensor) -> Tensor:
         """u_kᵀ R c, (M, K)."""
-        Rc = torch.bmm(self.R, c[:, :, None])
-        return torch.bmm(self.U.mT, Rc)[:, :, 0]
+        return matvec(self.U.mT, matvec(self.R, c))
 
     def _back(self, w: Tensor) -> Tensor:
         """R⁻¹ U w for w (M, K)."""
-        return torch.linalg.solve_triangular(self.R, torch.bmm(self.U, w[:, :, None]), upper=True)[:, :, 0]
+        Uw = matvec(self.U, w)
+        X = torch.zeros(*Uw.shape, 2, dtype=Uw.dtype, device=Uw.device)  # two columns, as in matvec
+        X[:, :, 0] = Uw
+        return torch.linalg.solve_triangular(self.R, X, upper=True)[:, :, 0]
 
     def apply(self, c: Tensor) -> Tensor:
         """β with M Jᵀc = Jᵀβ."""
