@@ -134,11 +134,13 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_json_many_atomic(items: Iterable[tuple[str | os.PathLike, Any]]) -> None:
+def write_json_many_atomic(items: Iterable[tuple[str | os.PathLike, Any]],
+                           sync_also: Iterable[str | os.PathLike] = ()) -> None:
     """:func:`write_json_atomic` for many files at once, with one sync for all: every file is
-    written to its temporary name, then the file systems they are on are synced (``syncfs``, which
-    also takes any data appended to other files there before), then each is renamed into place.
-    Never half-written, as one by one, at the cost of one sync instead of one per file."""
+    written to its temporary name, then it and the files ``sync_also`` (which must be on disk
+    before any of them appears: a summary's records) are synced (:func:`sync_file_systems`), then
+    each is renamed into place. Never half-written, as one by one, at the cost of one sync instead
+    of one per file."""
     import tempfile
 
     items = [(Path(p), (json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
@@ -150,7 +152,7 @@ def write_json_many_atomic(items: Iterable[tuple[str | os.PathLike, Any]]) -> No
             temps.append((tmp, path))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-        sync_file_systems([tmp for tmp, _ in temps])
+        sync_file_systems([tmp for tmp, _ in temps] + [p for p in sync_also if os.path.exists(p)])
         for tmp, path in temps:
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)

@@ -277,3 +277,57 @@ def test_a_members_records_do_not_depend_on_who_else_is_in_its_population(tmp_pa
     alone = records(tmp_path / "one", [3])
     assert records(tmp_path / "two", [3, 4]) == alone
     assert records(tmp_path / "five", [0, 1, 2, 3, 4]) == alone
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "npg", "adam"])
+def test_a_huge_but_finite_gradient_ends_the_member_as_its_single_run_ends(tmp_path, optimizer):
+    """lr = reward = 1e200: every entry of g is finite, ‖g‖² is not. The single run tests g entry by
+    entry, takes the step and stops on the non-finite record; so must the member (a test of ‖g‖²
+    stopped it one update earlier, with another status line)."""
+    from ntrl.population import train_population
+    from ntrl.train import train
+
+    def cfg(out, i, big):
+        return BanditConfig(policy="mlp", optimizer=optimizer, p0=0.01, lr=1e200 if big else 0.01, steps=5,
+                            reward_do=1e200 if big else 1.0, track_every=1, width=8, wandb="disabled", out=str(out),
+                            run_name=f"m{i}")
+
+    with pytest.raises(Exception, match="non-finite"):
+        train(cfg(tmp_path / "per", 1, True), progress=False)
+    single = json.loads((tmp_path / "per" / "m1" / "summary.json").read_text())
+    pop = train_population([cfg(tmp_path / "pop", i, i == 1) for i in range(3)], progress=False)
+    member = pop.results[1].summary
+    assert (member["status"], member["updates"]) == (single["status"], single["updates"]) == ("failed", 1)
+    assert [i for i, _, _ in pop.failures] == [1]
+    assert pop.failures[0][2].split(" became")[0] == str(single.get("error", member["error"])).split(" became")[0]
+    assert [pop.results[i].summary["status"] for i in (0, 2)] == ["finished", "finished"]
+
+
+def test_finishing_members_syncs_their_records_where_syncfs_is_missing(tmp_path, monkeypatch):
+    """Without syncfs (not Linux, or it failed), each summary's temporary file and each member's
+    records.jsonl are fsynced before any summary is renamed into place."""
+    import os
+
+    import ntrl.records as records
+    from ntrl.population import train_population
+
+    monkeypatch.setattr(records.sys, "platform", "darwin")
+    synced, renamed_early = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        if str(dst).endswith("summary.json") and not any(p.endswith("records.jsonl") for p in synced):
+            renamed_early.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(records.os, "fsync", fsync)
+    monkeypatch.setattr(records.os, "replace", replace)
+    cfgs = [BanditConfig(policy="mlp", width=8, steps=6, seed=i, track_every=2, wandb="disabled", out=str(tmp_path),
+                         run_name=f"m{i}") for i in range(3)]
+    train_population(cfgs, progress=False)
+    assert not renamed_early
+    assert {p for p in synced if p.endswith("records.jsonl")} == {str(tmp_path / f"m{i}" / "records.jsonl") for i in range(3)}

@@ -561,11 +561,8 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
     jac = pop.structured.jacobian(q["fwd"])
     cU = cots[0]
     opt = pop.optimizer
-    if tracked or opt.name == "npg":
-        G = jac.gram
-        bad_g = ~torch.isfinite(quad(cU, G, cU))
-    else:  # an untracked SGD, Adam or sign step needs no Gram matrix
-        bad_g = ~jac.finite_gradient(cU)
+    G = jac.gram if tracked or opt.name == "npg" else None  # an untracked SGD, Adam or sign step needs none
+    bad_g = ~jac.finite_gradient(cU)  # entry by entry, as the per-run path tests g (‖g‖² overflows sooner)
     any_bad = bool(bad_g.any())
     c_step = torch.where(bad_g[:, None], torch.zeros_like(cU), cU) if any_bad else cU
     probs, weights = q["logp"].detach().exp()[:, 0], q["weights"].detach()[:, 0]
@@ -579,6 +576,8 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
         beta = c_step
     elif opt.name == "npg":
         beta = fisher.apply(c_step)
+        if any_bad:  # a bad member's Fisher is NaN: it takes no step (it is stopped below)
+            beta = torch.where(bad_g[:, None], torch.zeros_like(beta), beta)
     else:
         plan = opt.plan(jac.materialize(c_step, pop.stacked.n_params))
     before = None
@@ -919,7 +918,8 @@ def finish_members(ending: Sequence[tuple[MemberState, str, int, float]], sink: 
     for before_summary in {id(st.before_summary): st.before_summary for st, *_ in ending}.values():
         if before_summary is not None:
             before_summary()
-    write_json_many_atomic([(st.run_dir / SUMMARY_FILE, st.summary) for st, *_ in ending])
+    write_json_many_atomic([(st.run_dir / SUMMARY_FILE, st.summary) for st, *_ in ending],
+                           sync_also=[st.run_dir / RECORDS_FILE for st, *_ in ending])
 
 
 PRICE_KEYS = ("update", "lr", "P/value", "P/pred_delta", "P/real_delta", "P/probe_lr", "P/probe_real", "P/probe_pred")
