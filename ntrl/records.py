@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 RECORDS_FILE = "records.jsonl"
 CONFIG_FILE = "config.json"
@@ -130,8 +130,12 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temporary file and rename it into place (never half-written)."""
-    text = json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    write_bytes_atomic(path, text.encode("utf-8"))
+    write_bytes_atomic(path, json_file_bytes(obj))
+
+
+def json_file_bytes(obj: Any) -> bytes:
+    """A JSON file's contents as ntrl writes them: indented, keys sorted, NaN and ±inf as null."""
+    return (json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 
 def write_json_many_atomic(items: Iterable[tuple[str | os.PathLike, Any]],
@@ -141,26 +145,9 @@ def write_json_many_atomic(items: Iterable[tuple[str | os.PathLike, Any]],
     before any of them appears: a summary's records) are synced (:func:`sync_file_systems`), then
     each is renamed into place. Never half-written, as one by one, at the cost of one sync instead
     of one per file."""
-    import tempfile
-
-    items = [(Path(p), (json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
-              .encode("utf-8")) for p, obj in items]
-    temps: list[tuple[str, Path]] = []
-    try:
-        for path, data in items:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            temps.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        sync_file_systems([tmp for tmp, _ in temps] + [p for p in sync_also if os.path.exists(p)])
-        for tmp, path in temps:
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in temps:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
+    sync_also = [p for p in sync_also if os.path.exists(p)]
+    _replace_atomically([(p, json_file_bytes(obj)) for p, obj in items],
+                        lambda temps: sync_file_systems(temps + sync_also))
 
 
 def sync_file_systems(paths: Iterable[str | os.PathLike]) -> None:
@@ -189,23 +176,43 @@ def sync_file_systems(paths: Iterable[str | os.PathLike]) -> None:
             os.close(fd)
 
 
+def _fsync_each(paths: list[str]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary file, fsync it and rename it into place (never half-written)."""
+    _replace_atomically([(path, data)], _fsync_each)
+
+
+def _replace_atomically(items: list[tuple[str | os.PathLike, bytes]], sync: Callable[[list[str]], None]) -> None:
+    """Write each (path, data) to a fresh temporary file beside it, ``sync`` the temporary files,
+    then rename each into place; on any error remove the temporary files, and leave every path as
+    it was that was not renamed yet."""
     import tempfile
 
-    path = Path(path)
-    # a fresh temporary name (O_EXCL): never an existing file or a symbolic link planted there
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temps: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        for path, data in items:
+            path = Path(path)
+            # a fresh temporary name (O_EXCL): never an existing file or a symbolic link planted there
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        sync([tmp for tmp, _ in temps])
+        for tmp, path in temps:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for tmp, _ in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
 
 
