@@ -565,12 +565,14 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
     bad_g = ~jac.finite_gradient(cU)  # entry by entry, as the per-run path tests g (‖g‖² overflows sooner)
     any_bad = bool(bad_g.any())
     c_step = torch.where(bad_g[:, None], torch.zeros_like(cU), cU) if any_bad else cU
-    probs, weights = q["logp"].detach().exp()[:, 0], q["weights"].detach()[:, 0]
-    fisher = LogitInverseFisher.from_jacobian(G, probs, weights, opt.damping) if opt.name == "npg" else None
-    fisher0 = None
-    if tracked and first.fisher:
-        fisher0 = fisher if fisher is not None and not bool((opt.damping > 0).any()) else \
-            LogitInverseFisher.from_jacobian(G, probs, weights, torch.zeros_like(opt.damping))
+    fisher = fisher0 = None
+    if opt.name == "npg" or (tracked and first.fisher):  # F at the one state, from π and its weight
+        probs, weights = q["logp"].detach().exp()[:, 0], q["weights"].detach()[:, 0]
+        if opt.name == "npg":
+            fisher = LogitInverseFisher.from_jacobian(G, probs, weights, opt.damping)
+        if tracked and first.fisher:
+            fisher0 = fisher if fisher is not None and not bool((opt.damping > 0).any()) else \
+                LogitInverseFisher.from_jacobian(G, probs, weights, torch.zeros_like(opt.damping))
     beta, plan = None, None  # the step: Jᵀβ (SGD, NPG) or a dense plan (Adam, sign descent)
     if opt.name == "sgd":
         beta = c_step
@@ -595,12 +597,9 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
             else:
                 ntvar_opt = euc
             ntcov_opt = quad(c, G, beta) if beta is not None else (c * J_dir).sum(1)
-            before[name] = {"value": q[name].detach(), "ntvar_euc": euc, "ntvar_opt": ntvar_opt,
-                            "ntvar_fisher": None if fisher0 is None else fisher0.ntvar(c),
-                            "ntcov_euc": quad(c, G, cU), "ntcov_opt": ntcov_opt, "pred_delta": lr * ntcov_opt,
-                            "expected_delta": None}
-        kappa = torch.stack([quad(c, G, c) for c in cots[1 + len(names):1 + len(names) + n_z]], 1)
-        before["kappa"] = kappa[:, 0] if kappa.shape[1] == 1 else kappa
+            before[name] = stat_fields(q[name], euc, ntvar_opt, None if fisher0 is None else fisher0.ntvar(c),
+                                       quad(c, G, cU), ntcov_opt, lr)
+        before["kappa"] = kappa_field([quad(c, G, c) for c in cots[1 + len(names):1 + len(names) + n_z]])
         if first.price_scales:
             direction = jac.materialize(beta, pop.stacked.n_params) if beta is not None else plan.direction
             before["probe"] = eta_probe(pop, q, SimpleNamespace(direction=direction), before["P"]["ntcov_opt"],
@@ -705,13 +704,26 @@ def tracked_stats(q: dict[str, Any], prop_grads: dict[str, Tensor], z_grads: lis
         else:
             opt = euc
         ntcov_opt = (Gx * plan.direction).sum(1)
-        before[name] = {"value": q[name].detach(), "ntvar_euc": euc, "ntvar_opt": opt,
-                        "ntvar_fisher": None if fisher0 is None else fisher0.ntvar(Gx),
-                        "ntcov_euc": (Gx * g).sum(1), "ntcov_opt": ntcov_opt, "pred_delta": lr * ntcov_opt,
-                        "expected_delta": None if j is None else lr * (Gx * j).sum(1)}
-    kappa = torch.stack([(Gz**2).sum(1) for Gz in z_grads], 1)
-    before["kappa"] = kappa[:, 0] if kappa.shape[1] == 1 else kappa
+        before[name] = stat_fields(q[name], euc, opt, None if fisher0 is None else fisher0.ntvar(Gx), (Gx * g).sum(1),
+                                   ntcov_opt, lr, None if j is None else lr * (Gx * j).sum(1))
+    before["kappa"] = kappa_field([(Gz**2).sum(1) for Gz in z_grads])
     return before
+
+
+def stat_fields(value: Tensor, ntvar_euc: Tensor, ntvar_opt: Tensor, ntvar_fisher: Tensor | None, ntcov_euc: Tensor,
+                ntcov_opt: Tensor, lr: Tensor, expected_delta: Tensor | None = None) -> dict[str, Tensor | None]:
+    """One property's record fields before the step, per member, in the per-run records' order:
+    X, NTVar in the three metrics, NTCov with g and with the step's direction d, the prediction
+    η·NTCov_M and (sampled) the expected change; None fields are left out of the record."""
+    return {"value": value.detach(), "ntvar_euc": ntvar_euc, "ntvar_opt": ntvar_opt, "ntvar_fisher": ntvar_fisher,
+            "ntcov_euc": ntcov_euc, "ntcov_opt": ntcov_opt, "pred_delta": lr * ntcov_opt,
+            "expected_delta": expected_delta}
+
+
+def kappa_field(kappas: list[Tensor]) -> Tensor:
+    """κ = ‖∇z‖² per member: (M,) for one log-odds, (M, n_z) for several."""
+    kappa = torch.stack(kappas, 1)
+    return kappa[:, 0] if kappa.shape[1] == 1 else kappa
 
 
 def eta_probe(pop: "_Population", q: dict[str, Any], plan, ntcov: Tensor,
@@ -897,8 +909,8 @@ def finish_members(ending: Sequence[tuple[MemberState, str, int, float]], sink: 
     ``error`` if it failed, from what :func:`price_records` gives), and keep at most
     ``curve_points`` of each P curve for W&B. The
     records and summaries reach the disk together (:func:`ntrl.records.write_json_many_atomic`:
-    one sync for all, where a file each cost 1 s per thousand members); a summary is never
-    half-written, and never there before its records."""
+    one sync for all, not one per file); a summary is never half-written, and never there before
+    its records."""
     if not ending:
         return
     flush([st for st, *_ in ending])
