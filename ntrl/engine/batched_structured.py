@@ -156,7 +156,7 @@ class StackedSequential:
                 if li > 0:
                     W = self._weight(theta, step)
                     # Wᵀ Δ: Wᵀ itself where Δ is the identity; elsewhere (Δᵀ W)ᵀ, which reads W
-                    # in its own row order (a third faster than through Wᵀ on the CPU)
+                    # in its own row order
                     delta = W.transpose(1, 2).contiguous() if identity else \
                         torch.bmm(delta.transpose(1, 2), W).transpose(1, 2)
                     identity = False
@@ -248,8 +248,8 @@ class LogitJacobian:
                 StackedSequential._bias(theta, L).add_(d)
 
 
-SMALL_K = 4  # up to this many logits, small products are written out column by column: batched
-# matmuls of 1024 (64, 2) matrices cost more in per-matrix overhead than the arithmetic
+SMALL_K = 4  # up to this many logits, small products are written out column by column rather than
+# as batched matmuls of many tiny matrices, whose cost is per matrix, not per number
 
 
 def combine(D: Tensor, c: Tensor) -> Tensor:
