@@ -326,7 +326,7 @@ def run_study(
 
     study.validate()
     out = Path(out)
-    with ray_connected(executor, ray_address, workers, device if population else "cpu"), \
+    with ray_connected(executor, ray_address, workers, device, population), \
             open_study_dir(study, out, force):
         return run_grid(study, out, workers, wandb_mode, progress, on_error, verbose, population, device, executor,
                         ray_address)
@@ -380,7 +380,7 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
     if executor == "ray":  # connected before the bar and the units: a chunk per CPU of the cluster
         from ntrl.study.ray_executor import ray_connected, ray_cpus
 
-        stack.enter_context(ray_connected(executor, ray_address, workers, device if population else "cpu"))
+        stack.enter_context(ray_connected(executor, ray_address, workers, device, population))
         slots = ray_cpus(workers)
     with stack:
         bar = None

@@ -48,7 +48,7 @@ def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode:
             # Ray first (a cluster that cannot be reached leaves no study directory behind), and
             # let go of once the runs are done: a local instance holds about 1 GB
             ray_stack = contextlib.ExitStack()
-            ray_stack.enter_context(ray_connected(executor, ray_address, workers, device if population else "cpu"))
+            ray_stack.enter_context(ray_connected(executor, ray_address, workers, device, population))
             with ray_stack, open_study_dir(study, study_dir, force):
                 remember_wandb_settings(study_dir, wandb_mode)
                 run_grid(study, study_dir, workers=workers, wandb_mode=wandb_mode, progress=progress,

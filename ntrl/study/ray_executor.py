@@ -227,14 +227,17 @@ def connection_error_text(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def ray_connected(executor: str, address: str | None, workers: int, device: str = "cpu") -> Iterator[None]:
+def ray_connected(executor: str, address: str | None, workers: int, device: str = "cpu",
+                  population: bool = True) -> Iterator[None]:
     """For ``executor`` "ray": connected to Ray for the body (:func:`ray_session`), unless
-    already connected, with the GPU that ``device`` asks for (:func:`population_gpus`); nothing
-    for "local"."""
+    already connected, with the GPU that ``device`` asks for (:func:`population_gpus`; only
+    population chunks take one: without ``population`` every run trains on the CPU); nothing for
+    "local"."""
     if executor != "ray":
         yield
         return
     ray = require_ray()
+    device = device if population else "cpu"
     if ray.is_initialized():
         population_gpus(device)
         yield
