@@ -227,7 +227,7 @@ def test_members_stop_on_their_own_and_escape_times_match(tmp_path):
     assert all(r.summary["status"] == "stopped_at_p" for r in pop.results)
 
 
-@pytest.mark.parametrize("policy", ["single_logit", "mlp"])  # the batched engine and the structured path
+@pytest.mark.parametrize("policy", ["single_logit", "escort", "mlp"])  # selection, batched engine, structured
 def test_a_member_that_goes_non_finite_is_stopped_and_the_rest_continue(tmp_path, policy):
     """An SGD step of lr 1e308 on a reward of 1e10 overflows the logit of member 1 at its first
     update; it is reported by index and run name, and the other members finish."""

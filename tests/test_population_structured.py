@@ -137,18 +137,50 @@ def test_a_non_finite_member_gets_nan_not_an_error():
 
 
 def test_which_populations_take_the_structured_path(tmp_path):
-    """Exact bandit MLPs do (so the per-run equality tests of tests/test_population.py cover it);
-    sampled ones, tabular and single-logit policies keep the batched engine (covered there too)."""
+    """Exact bandit MLPs take the factored Jacobian, single-logit and one-state tabular policies
+    (exact or sampled) the selection (so the per-run equality tests of tests/test_population.py
+    cover both); sampled MLPs, escort policies and the K-armed bandit's escort keep the batched engine
+    (covered there too)."""
+    from ntrl.experiments.kbandit import KBanditConfig
     from ntrl.population.trainer import _Population
 
-    def path(**kw):
-        cfgs = [BanditConfig(width=8, seed=i, out=str(tmp_path), run_name=f"m{i}", **kw) for i in range(2)]
-        return _Population(cfgs, torch.device("cpu")).structured is not None
+    def path(config=BanditConfig, **kw):
+        cfgs = [config(width=8, seed=i, out=str(tmp_path), run_name=f"m{i}", **kw) for i in range(2)]
+        pop = _Population(cfgs, torch.device("cpu"))
+        assert pop.structured is None or pop.selection is None
+        return "structured" if pop.structured is not None else "selection" if pop.selection is not None else "batched"
 
-    assert path(policy="mlp", mode="exact")
-    assert not path(policy="mlp", mode="sampled")
-    assert not path(policy="tabular", mode="exact")
-    assert not path(policy="single_logit", mode="exact")
+    assert path(policy="mlp", mode="exact") == "structured"
+    assert path(policy="mlp", mode="sampled") == "batched"
+    assert path(policy="escort", mode="exact") == "batched"
+    for mode in ("exact", "sampled"):
+        assert path(policy="tabular", mode=mode) == "selection"
+        assert path(policy="single_logit", mode=mode) == "selection"
+    well = dict(rewards=[1.0, 0.9, 0.0], start=[0.01, 0.94, 0.05])
+    assert path(KBanditConfig, policy="tabular", mode="exact", **well) == "selection"
+    assert path(KBanditConfig, policy="escort", mode="exact", **well) == "batched"
+
+
+@pytest.mark.parametrize("policy, K, target", [("single_logit", 2, 1), ("single_logit", 2, 0), ("tabular", 2, 1),
+                                               ("tabular", 5, 3)])
+def test_selected_logits_and_gradients_are_autograds_bit_for_bit(policy, K, target):
+    """z = Jθ and Jᵀc of the selection, against each member's own forward and autograd's backward
+    through it: equal exactly (a selection does no arithmetic)."""
+    from ntrl.engine.batched_structured import LogitSelection
+
+    obs = torch.ones(1, 1, dtype=F64)
+    policies = [make_policy(policy, 1, K, target, p0, obs, seed=0) for p0 in (0.3, 1e-3, 1e-12)]
+    sp = StackedPolicy(policies[0])
+    sel = LogitSelection.plan(policies[0], sp.names)
+    theta = torch.stack([sp.flatten(p) for p in policies])
+    c = torch.randn(len(policies), K, dtype=F64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sel.logits(theta), torch.cat([p(obs) for p in policies]).detach())
+    for m, p in enumerate(policies):
+        p.zero_grad()
+        (p(obs)[0] * c[m]).sum().backward()
+        assert torch.equal(sel.gradient(c)[m], torch.cat([q.grad.reshape(-1) for q in p.parameters()]))
+    two_states = make_policy("tabular", 1, K, target, 0.1, torch.tensor([[0.0], [1.0]], dtype=F64), seed=0, n_states=2)
+    assert LogitSelection.plan(two_states, StackedPolicy(two_states).names) is None
 
 
 def test_record_lines_are_record_line_character_for_character():

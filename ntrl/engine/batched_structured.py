@@ -184,6 +184,14 @@ class LogitJacobian:
     def __init__(self, layers: list[_Layer], inputs: list[Tensor], deltas: list[Tensor]):
         self.layers, self.inputs, self.deltas = layers, inputs, deltas
         self._gram: Tensor | None = None
+        self._combined: tuple[Tensor, list[Tensor]] | None = None
+
+    def combinations(self, c: Tensor) -> list[Tensor]:
+        """Δ_l c (M, out) of every layer, for coefficients c (M, K); kept for the last c, which
+        the finiteness check, the gradient and the step of one update share."""
+        if self._combined is None or self._combined[0] is not c:
+            self._combined = (c, [combine(D, c) for D in self.deltas])
+        return self._combined[1]
 
     @property
     def gram(self) -> Tensor:
@@ -201,8 +209,8 @@ class LogitJacobian:
         """Whether every entry of Jᵀc is finite, per member (M,): no layer's Δc or input a holds a
         NaN or ±inf, and no product (Δc)_i a_j overflows (max |Δc| · max |a| is finite)."""
         ok = torch.isfinite(c).all(1)
-        for a, D in zip(self.inputs, self.deltas):
-            ok &= torch.isfinite(combine(D, c).abs().amax(1) * a.abs().amax(1))
+        for a, d in zip(self.inputs, self.combinations(c)):
+            ok &= torch.isfinite(d.abs().amax(1) * a.abs().amax(1))
         return ok
 
     def gram_diagonal(self, d: Tensor) -> Tensor:
@@ -231,21 +239,68 @@ class LogitJacobian:
         """Jᵀ c (M, P) for coefficients c (M, K): the gradient of cᵀz."""
         M = c.shape[0]
         out = torch.empty(M, n_params, dtype=c.dtype, device=c.device)
-        for L, a, D in zip(self.layers, self.inputs, self.deltas):
-            d = combine(D, c)  # (M, out)
+        for L, a, d in zip(self.layers, self.inputs, self.combinations(c)):  # d = Δ_l c, (M, out)
             torch.mul(d[:, :, None], a[:, None, :], out=StackedSequential._weight(out, L))
             if L.b0 is not None:
                 StackedSequential._bias(out, L).copy_(d)
         return out
 
     def step_(self, theta: Tensor, beta: Tensor, scale: Tensor) -> None:
-        """θ += scale · Jᵀβ in place, per member (scale (M,), β (M, K)): a rank-one update per layer."""
-        b = beta * scale[:, None]
-        for L, a, D in zip(self.layers, self.inputs, self.deltas):
-            d = combine(D, b)  # (M, out)
+        """θ += scale · Jᵀβ in place, per member (scale (M,), β (M, K)): a rank-one update per layer,
+        W_l += (scale·Δ_l β) a_lᵀ."""
+        for L, a, d in zip(self.layers, self.inputs, self.combinations(beta)):
+            d = d * scale[:, None]
             StackedSequential._weight(theta, L).addcmul_(d[:, :, None], a[:, None, :])
             if L.b0 is not None:
                 StackedSequential._bias(theta, L).add_(d)
+
+
+class LogitSelection:
+    """A policy whose logits at the one observation are entries of θ or zero: the single-logit
+    policy (z_t = b, the other logit 0) and a tabular softmax policy of one state (z = θ). Then
+
+        z_k = θ_{s(k)}  (or 0),     J = ∂z/∂θ a fixed 0/1 matrix with one 1 per parameter,
+        ∇X = Jᵀ c_X:   (∇X)_p = (c_X)_{k(p)},   k(p) the logit parameter p is,
+
+    read off without arithmetic, so every gradient is the one autograd's backward through the
+    policy's stack/expand gives (bit for bit), for all members at once and without vmap."""
+
+    def __init__(self, logit_of_param: list[int], param_of_logit: list[int | None]):
+        self.logit_of_param = logit_of_param  # k(p), per parameter
+        self.param_of_logit = param_of_logit  # s(k), None for a logit that is 0
+        self._index: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    @classmethod
+    def plan(cls, module: nn.Module, names: list[str]) -> "LogitSelection | None":
+        """The selection of ``module`` (flat parameters ``names``), or None for any other policy."""
+        try:
+            kind, _, _ = StructuredBackend._plan(module)
+        except StructuredUnsupported:
+            return None
+        if kind == "single_logit" and names == ["bias"]:
+            t = module.target
+            return cls([t], [0 if k == t else None for k in range(module.n_actions)])
+        if kind == "tabular" and module.n_states == 1 and names == ["logits"]:
+            K = module.n_actions
+            return cls(list(range(K)), list(range(K)))
+        return None
+
+    def _indices(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._index:
+            P = len(self.logit_of_param)  # column P of the padded θ is the zero
+            pick = [P if s is None else s for s in self.param_of_logit]
+            self._index[device] = (torch.tensor(pick, device=device), torch.tensor(self.logit_of_param, device=device))
+        return self._index[device]
+
+    def logits(self, theta: Tensor) -> Tensor:
+        """z (M, K) of every member, θ (M, P)."""
+        pick, _ = self._indices(theta.device)
+        return torch.cat([theta, theta.new_zeros(theta.shape[0], 1)], dim=1)[:, pick]
+
+    def gradient(self, c: Tensor) -> Tensor:
+        """Jᵀc (M, P) for cotangents c = ∂X/∂z (M, K)."""
+        _, read = self._indices(c.device)
+        return c[:, read]
 
 
 SMALL_K = 4  # up to this many logits, small products are written out column by column rather than

@@ -6,7 +6,10 @@ are stacked (M, P), their logits come from one ``torch.func.vmap`` of ``function
 gradient, NTVar, NTCov and inverse Fisher is formed for all members at once
 (:mod:`ntrl.engine.batched`). Exact training of an MLP at one shared state (the bandits) takes the
 structured path instead (:mod:`ntrl.engine.batched_structured`, :func:`structured_update`): no
-per-member gradient is formed where it can be avoided, and the step is taken in place. Each
+per-member gradient is formed where it can be avoided, and the step is taken in place. A
+single-logit or one-state tabular policy at one state reads its gradients off the logits'
+cotangents (:class:`~ntrl.engine.batched_structured.LogitSelection`) and otherwise updates as the
+batched engine does (:func:`general_update`). Each
 member writes the run directory its config names, with the same config.json, records.jsonl and
 summary.json as the per-run path, so the analysis reads what it reads today. The contract, tested in ``tests/test_population.py``:
 
@@ -50,7 +53,7 @@ from torch import Tensor
 
 from ntrl.config import ConfigError, TrainConfig
 from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients
-from ntrl.engine.batched_structured import LogitInverseFisher, StackedSequential, quad
+from ntrl.engine.batched_structured import LogitInverseFisher, LogitSelection, StackedSequential, quad
 from ntrl.population.models import SampledBatch, population_model
 from ntrl.population.optimizers import BatchedOptimizer
 from ntrl.records import (
@@ -263,6 +266,11 @@ class _Population:
         self.structured = None
         if not self.sampled and self.model.obs.shape[0] == 1:
             self.structured = StackedSequential.plan(self.stacked.module, self.stacked.names, self.stacked.sizes)
+        # a single-logit or one-state tabular policy at one state: its logits are entries of θ, and
+        # every gradient is its cotangent read at each parameter's logit (no vmap, no per-member pass)
+        self.selection = None
+        if self.structured is None and self.model.obs.shape[0] == 1:
+            self.selection = LogitSelection.plan(self.stacked.module, self.stacked.names)
         f64 = dict(dtype=torch.float64, device=device)
         per_member = lambda name: torch.tensor([getattr(c, name) for c in configs], **f64)  # noqa: E731
         self.optimizer = BatchedOptimizer(first.optimizer, per_member("lr"),
@@ -292,6 +300,12 @@ class _Population:
                 q: dict[str, Any] = self.model.quantities(Z)
             q["Z"], q["fwd"] = Z, fwd
             return q
+        if self.selection is not None:
+            with torch.enable_grad():
+                Z = self.selection.logits(self.theta)[:, None, :].detach().requires_grad_(True)
+                q = self.model.quantities(Z)
+            q["Z"] = Z
+            return q
         leaves = self.stacked.leaves(self.theta)
         with torch.enable_grad():
             Z = self.stacked.logits(leaves, self.model.obs)
@@ -303,10 +317,14 @@ class _Population:
         """Every member's logits (M, N, K) at the model's observations, for parameters θ (M, P)."""
         if self.structured is not None:
             return self.structured.forward(theta, self.model.obs, trace=False)[0][:, None, :]
+        if self.selection is not None:
+            return self.selection.logits(theta)[:, None, :]
         return self.stacked.logits(theta, self.model.obs)
 
     def logits_of(self, obs: Tensor) -> Tensor:
         """Each member's logits at its own observations, obs (M, B, d) → (M, B, K)."""
+        if self.selection is not None:  # the one state's logits, whatever the observation
+            return self.selection.logits(self.theta.detach())[:, None, :].expand(-1, obs.shape[1], -1)
         return self.stacked.logits_per_member(self.theta.detach(), obs.to(self.device))
 
     def utility(self, q: dict[str, Any], batch_size: int, baseline: str) -> tuple[Tensor, SampledBatch | None]:
@@ -507,15 +525,18 @@ def train_population(
 def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None, tracked: bool,
                    first: TrainConfig) -> tuple[Tensor, dict[str, Any] | None, Callable[[], None]]:
     """One update by the batched engine (:func:`ntrl.engine.batched.member_gradients`: every
-    gradient formed per member): (which members' utility gradient is non-finite, what the tracker
-    records before the step or None, the step itself)."""
+    gradient formed per member; for a policy whose logits are entries of θ, the logits' cotangents
+    read at each parameter, :class:`~ntrl.engine.batched_structured.LogitSelection`): (which
+    members' utility gradient is non-finite, what the tracker records before the step or None, the
+    step itself)."""
     K, N, names = pop.model.n_actions, pop.model.n_states, pop.model.properties
     n_z = q["z"].shape[1]
     noise = pop.sampled and first.noise
     need_fisher = first.optimizer == "npg" or (tracked and (first.fisher or noise))
     outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else []) + \
         ([q["Z"][:, o, a] for o in range(N) for a in range(K)] if need_fisher else [])
-    grads = member_gradients(outputs, q["leaves"])
+    grads = member_gradients(outputs, q["leaves"]) if pop.selection is None else \
+        [pop.selection.gradient(c) for c in logit_cotangents(outputs, q["Z"])]
     g = grads[0]
     prop_grads = dict(zip(names, grads[1:1 + len(names)])) if tracked else {}
     z_grads = grads[1 + len(names):1 + len(names) + n_z] if tracked else []
@@ -541,6 +562,17 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
     return bad_g, before, take_step
 
 
+def logit_cotangents(outputs: list[Tensor], Z: Tensor) -> list[Tensor]:
+    """c_X = ∂X_m/∂z_m (M, K) of each output X (M,), from the logits at the one state Z (M, 1, K),
+    a leaf: one reverse pass per output through the model's quantities only."""
+    cots = []
+    for k, x in enumerate(outputs):
+        c = torch.autograd.grad(x.sum(), Z, retain_graph=k < len(outputs) - 1, allow_unused=True)[0] \
+            if x.requires_grad else None
+        cots.append(torch.zeros_like(Z[:, 0]) if c is None else c[:, 0].detach())
+    return cots
+
+
 def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None, tracked: bool,
                       first: TrainConfig) -> tuple[Tensor, dict[str, Any] | None, Callable[[], None]]:
     """One exact update at one shared state by the structured path
@@ -553,11 +585,7 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
     Z = q["Z"]
     n_z = q["z"].shape[1]
     outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else [])
-    cots = []
-    for k, x in enumerate(outputs):
-        c = torch.autograd.grad(x.sum(), Z, retain_graph=k < len(outputs) - 1, allow_unused=True)[0] \
-            if x.requires_grad else None
-        cots.append(torch.zeros_like(Z[:, 0]) if c is None else c[:, 0].detach())
+    cots = logit_cotangents(outputs, Z)
     jac = pop.structured.jacobian(q["fwd"])
     cU = cots[0]
     opt = pop.optimizer
