@@ -277,7 +277,13 @@ class _Population:
                                           betas=(per_member("adam_beta1"), per_member("adam_beta2")),
                                           eps=per_member("adam_eps"), damping=per_member("npg_damping"))
         self.schedules = [c.track_schedule() for c in configs]
+        self._distinct: tuple[list, set] | None = None  # (schedules, the distinct ones among them)
         self.alive = list(range(len(configs)))
+        # every member's mean return at its first update and at the latest, and how many updates
+        # have begun: kept per row, and written into a member's MemberState when it stops
+        self.returns_first: list[float] | None = None
+        self.returns_last: list[float] | None = None
+        self.iterations = 0
         self.kept_rows: int | None = 0  # records kept for the members' Price checks (None: too many)
         self.kept_keys: tuple[str, ...] = ()
         self.action_rngs, self.noise_rngs = [], []
@@ -362,8 +368,37 @@ class _Population:
             return fisher, fisher
         return fisher, BatchedInverseFisher.from_log_prob_rows(rows, w, probs, torch.zeros_like(damping))
 
+    def tracking(self, t: int) -> list[bool]:
+        """Whether each member's schedule tracks update t (each distinct schedule asked once)."""
+        if self._distinct is None or self._distinct[0] is not self.schedules:
+            self._distinct = (self.schedules, set(self.schedules))
+        answers = {s: s.tracks(t) for s in self._distinct[1]}
+        if len(answers) == 1:
+            return [next(iter(answers.values()))] * len(self.schedules)
+        return [answers[s] for s in self.schedules]
+
+    def note_returns(self, returns: list[float]) -> None:
+        """The members' mean returns of the update that begins (row by row)."""
+        if self.returns_first is None:
+            self.returns_first = list(returns)
+        self.returns_last = returns
+        self.iterations += 1
+
+    def write_returns(self, members: list["MemberState"], rows, batch_size: int) -> None:
+        """Into the MemberState of each of ``rows``: its first and latest mean return, and (sampled)
+        its episodes, ``batch_size`` per update it began."""
+        if self.returns_last is None:
+            return
+        for row in rows:
+            st = members[self.alive[row]]
+            st.return_first, st.return_last = self.returns_first[row], self.returns_last[row]
+            st.episodes = self.iterations * batch_size if self.sampled else 0
+
     def select(self, keep_rows: list[int]) -> None:
         idx = torch.as_tensor(keep_rows, dtype=torch.long, device=self.device)
+        if self.returns_last is not None:
+            self.returns_first = [self.returns_first[i] for i in keep_rows]
+            self.returns_last = [self.returns_last[i] for i in keep_rows]
         self.theta = self.theta[idx]
         self.model.select(idx)
         self.optimizer.select(idx)
@@ -444,17 +479,13 @@ def train_population(
             members[pop.alive[row]].p_start = members[pop.alive[row]].p_min = p
         watch = StopWatch([members[i] for i in pop.alive])
         while pop.alive:
-            tracking = [sch.tracks(t) for sch in pop.schedules]
+            tracking = pop.tracking(t)
             tracked = any(tracking)
             U, batch = pop.utility(q, first.batch_size, first.baseline)
             names = pop.model.properties
             U_val = _floats(U)
             returns = U_val if batch is None else batch.mean_return.tolist()
-            for row, r in enumerate(returns):
-                st = members[pop.alive[row]]
-                st.return_first = r if st.return_first is None else st.return_first
-                st.return_last = r
-                st.episodes += first.batch_size if pop.sampled else 0
+            pop.note_returns(returns)
             update = structured_update if pop.structured is not None else general_update
             bad_g, before, take_step = update(pop, q, U, batch, tracked, first)
             take_step()
@@ -486,6 +517,7 @@ def train_population(
                     st = members[pop.alive[row]]
                     st.error = message
                     ending.append((st, status, updates, p_end))
+                pop.write_returns(members, sorted(done), first.batch_size)
                 finish_members(ending, sink, curve_points, pop.kept_keys)
                 keep = [r for r in range(len(pop.alive)) if r not in done]
                 pop.select(keep)
@@ -509,6 +541,7 @@ def train_population(
         if bar is not None:
             bar.close()
         # still training: interrupted, or stopped with the population by an error
+        pop.write_returns(members, range(len(pop.alive)), first.batch_size)
         finish_members([(members[i], "interrupted" if interrupted else "failed", t, math.nan) for i in pop.alive],
                        sink, curve_points, pop.kept_keys)
         pop.model.close()
