@@ -127,6 +127,17 @@ class BanditModel:
             "weights": torch.ones(Z.shape[0], 1, dtype=probs.dtype, device=probs.device),
         }
 
+    def utility_cotangent(self, q: dict[str, Tensor]) -> Tensor:
+        """c_U = ∂R/∂z (M, K) of the exact utility, in closed form and in the order autograd's
+        backward of :meth:`quantities` forms it: g = (r − r_ref) ⊙ π (through π = exp(log π)), then
+        log_softmax's backward (its own kernel), c = g − π Σ_a g_a. An untracked exact update needs
+        nothing else."""
+        logp = q["logp"].detach()[:, 0]
+        probs = logp.exp()
+        r = self.rewards.to(probs.dtype)
+        g = (r - r.gather(1, probs.argmax(dim=1, keepdim=True))) * probs
+        return torch.ops.aten._log_softmax_backward_data(g, logp, 1, logp.dtype)
+
     def sample(self, logits_of, q: dict[str, Tensor], batch_size: int, baseline: str, action_rngs: list,
                noise_rngs: list) -> SampledBatch:
         """One batch of ``batch_size`` one-step episodes per member, from its own streams, with

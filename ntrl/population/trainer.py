@@ -298,19 +298,27 @@ class _Population:
         if self.sampled:
             self.model.start_sampling(configs, env_seeds)
 
+    def needs_graph(self, tracking: list[bool]) -> bool:
+        """Whether the update whose ``tracking`` this is needs autograd's graph of the quantities:
+        not where it is untracked, exact, and asks for the utility's cotangent only, which the model
+        gives in closed form (:func:`output_cotangents`), at one state."""
+        only_utility = self.structured is not None or (self.selection is not None and self.optimizer.name != "npg")
+        closed = hasattr(self.model, "utility_cotangent") and not self.sampled
+        return not (only_utility and closed) or any(tracking)
+
     def forward(self) -> dict[str, Any]:
-        if self.structured is not None:  # the logits as a leaf: X's cotangent ∂X/∂z comes from autograd
-            z, fwd = self.structured.forward(self.theta, self.model.obs)
-            with torch.enable_grad():
-                Z = z[:, None, :].detach().requires_grad_(True)
-                q: dict[str, Any] = self.model.quantities(Z)
-            q["Z"], q["fwd"] = Z, fwd
-            return q
-        if self.selection is not None:
-            with torch.enable_grad():
-                Z = self.selection.logits(self.theta)[:, None, :].detach().requires_grad_(True)
-                q = self.model.quantities(Z)
-            q["Z"] = Z
+        """The model's quantities at θ, with the logits Z and the structured path's trace, or the
+        parameter leaves. At one state (the structured path, the selection) without autograd's
+        graph: :meth:`with_graph` adds it for the updates that need it."""
+        if self.structured is not None or self.selection is not None:
+            fwd = None
+            if self.structured is not None:
+                z, fwd = self.structured.forward(self.theta, self.model.obs)
+            else:
+                z = self.selection.logits(self.theta)
+            with torch.no_grad():
+                q: dict[str, Any] = self.model.quantities(z[:, None, :])
+            q["Z"], q["fwd"] = z[:, None, :], fwd
             return q
         leaves = self.stacked.leaves(self.theta)
         with torch.enable_grad():
@@ -318,6 +326,18 @@ class _Population:
             q = self.model.quantities(Z)
         q["Z"], q["leaves"] = Z, leaves
         return q
+
+    def with_graph(self, q: dict[str, Any], tracking: list[bool]) -> dict[str, Any]:
+        """``q``, or where the update of ``tracking`` needs autograd's graph of the quantities
+        (:meth:`needs_graph`) and ``q`` has none, the quantities again from the logits as a leaf:
+        X's cotangent ∂X/∂z then comes from autograd."""
+        if q["Z"].requires_grad or not self.needs_graph(tracking):
+            return q
+        with torch.enable_grad():
+            Z = q["Z"].detach().requires_grad_(True)
+            out: dict[str, Any] = self.model.quantities(Z)
+        out["Z"], out["fwd"] = Z, q["fwd"]
+        return out
 
     def logits_at(self, theta: Tensor) -> Tensor:
         """Every member's logits (M, N, K) at the model's observations, for parameters θ (M, P)."""
@@ -481,6 +501,7 @@ def train_population(
         while pop.alive:
             tracking = pop.tracking(t)
             tracked = any(tracking)
+            q = pop.with_graph(q, tracking)
             U, batch = pop.utility(q, first.batch_size, first.baseline)
             names = pop.model.properties
             U_val = _floats(U)
@@ -569,7 +590,7 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
     outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else []) + \
         ([q["Z"][:, o, a] for o in range(N) for a in range(K)] if need_fisher else [])
     grads = member_gradients(outputs, q["leaves"]) if pop.selection is None else \
-        [pop.selection.gradient(c) for c in logit_cotangents(outputs, q["Z"])]
+        [pop.selection.gradient(c) for c in output_cotangents(pop, outputs, q)]
     g = grads[0]
     prop_grads = dict(zip(names, grads[1:1 + len(names)])) if tracked else {}
     z_grads = grads[1 + len(names):1 + len(names) + n_z] if tracked else []
@@ -606,6 +627,16 @@ def logit_cotangents(outputs: list[Tensor], Z: Tensor) -> list[Tensor]:
     return cots
 
 
+def output_cotangents(pop: _Population, outputs: list[Tensor], q: dict[str, Any]) -> list[Tensor]:
+    """:func:`logit_cotangents`, or where the utility is the only output of an exact update, its
+    cotangent in closed form where the model has one (the bandits:
+    :meth:`~ntrl.population.models.BanditModel.utility_cotangent`), without a reverse pass."""
+    closed = getattr(pop.model, "utility_cotangent", None)
+    if closed is not None and not pop.sampled and len(outputs) == 1:
+        return [closed(q)]
+    return logit_cotangents(outputs, q["Z"])
+
+
 def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None, tracked: bool,
                       first: TrainConfig) -> tuple[Tensor, dict[str, Any] | None, Callable[[], None]]:
     """One exact update at one shared state by the structured path
@@ -618,7 +649,7 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
     Z = q["Z"]
     n_z = q["z"].shape[1]
     outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else [])
-    cots = logit_cotangents(outputs, Z)
+    cots = output_cotangents(pop, outputs, q)
     jac = pop.structured.jacobian(q["fwd"])
     cU = cots[0]
     opt = pop.optimizer
@@ -793,11 +824,14 @@ def eta_probe(pop: "_Population", q: dict[str, Any], plan, ntcov: Tensor,
     replayed from θ at η·s per scale s, realised P(θ + η s d) − P(θ) and predicted η s NTCov_M(P, U),
     each (M, scales)."""
     lr, d = pop.optimizer.lr, plan.direction
+    M = pop.theta.shape[0]
     with torch.no_grad():
         base = q["P"].detach()
         lrs = torch.stack([lr * s for s in scales], 1)
-        real = torch.stack([pop.model.quantities(pop.logits_at(pop.theta + (lr * s)[:, None] * d))["P"] - base
-                             for s in scales], 1)
+        # the logits at every scale from one forward pass of the members stacked scale by scale
+        # (each member's logits are the same bytes in a stack of any size: see matvec)
+        Z = pop.logits_at(torch.cat([pop.theta + (lr * s)[:, None] * d for s in scales]))
+        real = torch.stack([pop.model.quantities(Z[i * M:(i + 1) * M])["P"] - base for i in range(len(scales))], 1)
     return {"P/probe_lr": lrs, "P/probe_real": real, "P/probe_pred": lrs * ntcov[:, None]}
 
 
