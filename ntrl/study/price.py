@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ntrl.study.stats import NAN, Estimate, RunData, by_p0, stratified_bootstrap
+from ntrl.study.stats import NAN, Estimate, RunData, by_p0, median_bootstrap, stratified_bootstrap
 from ntrl.tracker import FIRST_ORDER_SHARE, FIRST_ORDER_TOLERANCE, first_order_scale, price_agreement, record_slope
 
 
@@ -61,7 +61,7 @@ def slope_estimate(runs: Sequence[RunData], seed: int = 0) -> Estimate:
     slopes = slopes[np.isfinite(slopes)]
     if not len(slopes):
         return NAN
-    return stratified_bootstrap([list(slopes)], lambda xs: float(np.median(xs)), seed=seed)
+    return median_bootstrap(slopes, seed=seed)
 
 
 def slopes_by_decade(runs: Sequence[RunData]) -> dict[str, float]:

@@ -125,13 +125,36 @@ def stratified_bootstrap(
         warnings.simplefilter("ignore")
         res = stats.bootstrap(data, stat, vectorized=False, paired=False, n_resamples=n_resamples,
                               method="percentile", confidence_level=0.95, random_state=np.random.default_rng(seed))
+    return _percentile_estimate(res, value, len(items))
+
+
+def median_bootstrap(values: Sequence[float], n_resamples: int = 999, seed: int = 0) -> Estimate:
+    """``stratified_bootstrap([values], median)`` for one stratum of numbers, with the median of
+    every resample taken at once (scipy's vectorized statistic): the same resamples and the same
+    interval (tested), without a Python call per resample."""
+    x = np.asarray(values, dtype=float)
+    if not len(x):
+        return NAN
+    value = float(np.median(x))
+    if len(x) < 2 or not math.isfinite(value):
+        return Estimate(value, value, value, len(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap((x,), np.median, vectorized=True, paired=False, n_resamples=n_resamples,
+                              method="percentile", confidence_level=0.95, random_state=np.random.default_rng(seed))
+    return _percentile_estimate(res, value, len(x))
+
+
+def _percentile_estimate(res, value: float, n: int) -> Estimate:
+    """The point ``value`` of ``n`` items with scipy's percentile interval ``res``: a point where
+    every resample gives the same value, no interval where some resample gives none."""
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         dist = np.asarray(res.bootstrap_distribution, dtype=float)
         if np.isfinite(dist).all() and np.ptp(dist) == 0:  # every resample gives the same value: a point
-            return Estimate(value, value, value, len(items))
-        return Estimate(value, float("nan"), float("nan"), len(items))  # no interval (resamples without a value)
-    return Estimate(value, min(lo, value), max(hi, value), len(items))
+            return Estimate(value, value, value, n)
+        return Estimate(value, float("nan"), float("nan"), n)  # no interval (resamples without a value)
+    return Estimate(value, min(lo, value), max(hi, value), n)
 
 
 def regression_ci(X: np.ndarray, y: np.ndarray, k: int) -> tuple[float, float, float]:
