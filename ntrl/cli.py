@@ -84,9 +84,11 @@ def experiment_config(name: str) -> type:
 class RarityArgs:
     """``ntrl rarity``: run (or resume) the rarity study, analyse it, write the report."""
 
-    quick: bool = field(default=False, metadata={"help": "the small grid: bandit, exact gradients, 3 decades "
-                                                         "(the default)"})
-    full: bool = field(default=False, metadata={"help": "the complete grid (760 runs)"})
+    quick: bool = field(default=False, metadata={"help": "the small grid (159 runs): bandit, exact gradients, "
+                                                         "five p₀ over four decades, and the gravity well (the "
+                                                         "default)"})
+    full: bool = field(default=False, metadata={"help": "the complete grid (1165 runs): bandit and juice, exact "
+                                                        "and sampled, and the gravity well"})
     config: str | None = field(default=None, metadata={"help": "a grid of your own (.toml or .json; keys: "
                                                                "examples/rarity_grid.toml)"})
     out: str = field(default="runs", metadata={"help": "parent directory of the study directory: the study "

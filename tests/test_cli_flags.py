@@ -223,3 +223,15 @@ def test_train_device(tmp_path, capsys):
     assert main(["train", "--env", "CartPole-v1", "--algo", "ppo", "--device", "auto", "--out",
                  str(tmp_path / "c"), "--quiet", "--no-wandb"]) == 2
     assert "--device: applies to ntrl's REINFORCE loop" in capsys.readouterr().err
+
+
+def test_the_grid_flags_help_counts_the_grids_runs():
+    """`ntrl rarity --help` says how many runs --quick and --full hold; the grids decide the numbers."""
+    import dataclasses
+
+    from ntrl.cli import RarityArgs
+    from ntrl.study.grid import StudyConfig, enumerate_runs
+
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(RarityArgs)}
+    assert f"({len(enumerate_runs(StudyConfig.quick()))} runs)" in helps["quick"]
+    assert f"({len(enumerate_runs(StudyConfig.full()))} runs)" in helps["full"]
