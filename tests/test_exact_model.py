@@ -249,6 +249,27 @@ def test_adjoint_visitation_matches_the_torch_recursion(horizon):
     assert torch.allclose(Jref, g2, rtol=1e-12, atol=1e-14 * float(g2.abs().max()))
 
 
+@pytest.mark.parametrize("members", [2, 5])
+def test_a_members_visitation_and_gradient_are_its_own_runs_bytes_in_a_batch(members):
+    """A population runs M members' chains as one block-diagonal node; each member's d and ∇π must
+    be the bytes of its own run's (M = 1): a run and its population member agree exactly, and a
+    resumed study that re-chunks its members reproduces them."""
+    from ntrl.engine.exact_model import FiniteHorizonVisitation
+
+    m = tabular_model(size=4, view_radius=2, horizon=9, hide_prob=0.3)
+    gen = torch.Generator().manual_seed(members)
+    pi = torch.softmax(torch.randn(members, m.n_states, m.n_actions, generator=gen, dtype=torch.float64) * 3, -1)
+    c = torch.randn(members, m.n_states, generator=gen, dtype=torch.float64)
+    batch = pi.clone().requires_grad_(True)
+    d = FiniteHorizonVisitation.apply(batch, m)
+    grad, = torch.autograd.grad((d * c).sum(), batch)
+    for i in range(members):
+        one = pi[i:i + 1].clone().requires_grad_(True)
+        d1 = FiniteHorizonVisitation.apply(one, m)
+        g1, = torch.autograd.grad((d1 * c[i:i + 1]).sum(), one)
+        assert torch.equal(d[i], d1[0]) and torch.equal(grad[i], g1[0])
+
+
 def test_adjoint_visitation_with_horizon_one_is_the_initial_distribution():
     m = tabular_model(size=3, horizon=1)
     pi = torch.full((m.n_states, m.n_actions), 1.0 / m.n_actions, dtype=torch.float64, requires_grad=True)

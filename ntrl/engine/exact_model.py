@@ -150,14 +150,16 @@ class FiniteHorizonVisitation(torch.autograd.Function):
         nus[H - 1] = g
         for t in range(H - 2, -1, -1):
             nus[t] = g + back.matvec(w, nus[t + 1])  # ν_t = ḡ/H + P_π ν_{t+1}
-        # ∂L/∂π(a|s) = Σ_t μ_t(s) Q_t(s, a) with Q_t(s, a) = Σ_s' T(s'|s, a) ν_{t+1}(s'), per member
+        # ∂L/∂π(a|s) = Σ_t μ_t(s) Q_t(s, a) with Q_t(s, a) = Σ_s' T(s'|s, a) ν_{t+1}(s'), per member;
+        # Q comes out as (S, A, M, H − 1), so that each (s, m) block Q[s, :, m, :] is a matrix BLAS
+        # reads in place (row stride M·(H − 1)), without a copy of Q
         S, A = model.n_states, model.n_actions
-        nu_next = nus[1:].reshape(H - 1, M, S)
-        Q = (model.transitions_csr @ nu_next.transpose(2, 0, 1).reshape(S, -1)).reshape(S, A, H - 1, M)
-        # Σ_t Q[s, a, t, m] μ_t[m, s] as S·M small products (A × H−1)(H−1 × 1), contiguous so that
-        # each member's sum runs the same way whatever M (its run and its population agree)
+        nu_next = np.ascontiguousarray(nus[1:].reshape(H - 1, M, S).transpose(2, 1, 0)).reshape(S, -1)
+        Q = (model.transitions_csr @ nu_next).reshape(S, A, M, H - 1)
+        # Σ_t Q[s, a, m, t] μ_t[m, s] as S·M small products (A × H−1)(H−1 × 1), one BLAS gemv each,
+        # so that each member's sum runs the same way whatever M (its run and its population agree)
         mu = np.ascontiguousarray(mus[:-1].reshape(H - 1, M, S).transpose(2, 1, 0))[..., None]
-        grad = np.matmul(np.ascontiguousarray(Q.transpose(0, 3, 1, 2)), mu)[..., 0].transpose(1, 0, 2)
+        grad = np.matmul(Q.transpose(0, 2, 1, 3), mu)[..., 0].transpose(1, 0, 2)
         return torch.from_numpy(grad if ctx.batched else grad[0]).to(grad_d.dtype), None
 
 
