@@ -589,8 +589,16 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
     need_fisher = first.optimizer == "npg" or (tracked and (first.fisher or noise))
     outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else []) + \
         ([q["Z"][:, o, a] for o in range(N) for a in range(K)] if need_fisher else [])
-    grads = member_gradients(outputs, q["leaves"]) if pop.selection is None else \
-        [pop.selection.gradient(c) for c in output_cotangents(pop, outputs, q)]
+    if pop.selection is not None:
+        grads = [pop.selection.gradient(c) for c in output_cotangents(pop, outputs, q)]
+    elif tracked and not pop.sampled and "R" in names:
+        # exact: U = c·R (the model's utility_scale c: 1 on the bandits, H on the juice gridworld),
+        # so ∇R = ∇U/c, without another reverse pass (through the juice model's visitation)
+        r = 1 + names.index("R")
+        grads = member_gradients(outputs[:r] + outputs[r + 1:], q["leaves"])
+        grads.insert(r, grads[0] / pop.model.utility_scale)
+    else:
+        grads = member_gradients(outputs, q["leaves"])
     g = grads[0]
     prop_grads = dict(zip(names, grads[1:1 + len(names)])) if tracked else {}
     z_grads = grads[1 + len(names):1 + len(names) + n_z] if tracked else []
