@@ -836,8 +836,9 @@ def eta_probe(pop: "_Population", q: dict[str, Any], plan, ntcov: Tensor,
     with torch.no_grad():
         base = q["P"].detach()
         lrs = torch.stack([lr * s for s in scales], 1)
-        # the logits at every scale from one forward pass of the members stacked scale by scale
-        # (each member's logits are the same bytes in a stack of any size: see matvec)
+        # the logits at every scale from one forward pass of the members stacked scale by scale (on
+        # the structured path each member's logits are the same bytes in a stack of any size:
+        # batched_structured.matvec; tested with the η-probe on)
         Z = pop.logits_at(torch.cat([pop.theta + (lr * s)[:, None] * d for s in scales]))
         real = torch.stack([pop.model.quantities(Z[i * M:(i + 1) * M])["P"] - base for i in range(len(scales))], 1)
     return {"P/probe_lr": lrs, "P/probe_real": real, "P/probe_pred": lrs * ntcov[:, None]}
