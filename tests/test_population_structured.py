@@ -422,3 +422,7 @@ def test_the_bandits_closed_form_utility_cotangent_is_autograds_bit_for_bit(K):
             q = model.quantities(Z)
         want = torch.autograd.grad(q["U"].sum(), Z)[0][:, 0]
         assert torch.equal(model.utility_cotangent(q), want)
+        # the η-probe's P of many rows at once, and the forward without z, are the same numbers
+        assert torch.equal(model.probability(Z.detach()), q["P"].detach())
+        lean = model.quantities(Z.detach(), with_z=False)
+        assert "z" not in lean and all(torch.equal(lean[k], q[k].detach()) for k in lean)

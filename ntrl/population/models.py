@@ -110,22 +110,26 @@ class BanditModel:
         self.rewards, self.rewards_np = self.rewards[keep], self.rewards_np[rows]
         self.noise_std = self.noise_std[rows]
 
-    def quantities(self, Z: Tensor) -> dict[str, Tensor]:
-        """U, P, R (M,), z (M, 1) and log π (M, 1, K), from logits (M, 1, K)."""
+    def quantities(self, Z: Tensor, with_z: bool = True) -> dict[str, Tensor]:
+        """U, P, R (M,), z (M, 1) and log π (M, 1, K), from logits (M, 1, K); without z where
+        ``with_z`` is False (an untracked update reads none)."""
         logp = torch.log_softmax(Z[:, 0], dim=-1)
         probs = logp.exp()
         t = self.target
         r = self.rewards.to(probs.dtype)
         r_ref = r.gather(1, probs.detach().argmax(dim=1, keepdim=True))
         R = r_ref[:, 0] + (probs * (r - r_ref)).sum(dim=1)
-        return {
-            "U": R,
-            "P": logp[:, t].exp(),
-            "R": R,
-            "z": log_odds(logp, t)[:, None],
-            "logp": logp[:, None],
-            "weights": torch.ones(Z.shape[0], 1, dtype=probs.dtype, device=probs.device),
-        }
+        out = {"U": R, "P": logp[:, t].exp(), "R": R}
+        if with_z:
+            out["z"] = log_odds(logp, t)[:, None]
+        out["logp"] = logp[:, None]
+        out["weights"] = torch.ones(Z.shape[0], 1, dtype=probs.dtype, device=probs.device)
+        return out
+
+    def probability(self, Z: Tensor) -> Tensor:
+        """P (rows,) alone, from logits (rows, 1, K) of any number of rows (the η-probe's members at
+        every scale at once), as :meth:`quantities` computes it."""
+        return torch.log_softmax(Z[:, 0], dim=-1)[:, self.target].exp()
 
     def utility_cotangent(self, q: dict[str, Tensor]) -> Tensor:
         """c_U = ∂R/∂z (M, K) of the exact utility, in closed form and in the order autograd's

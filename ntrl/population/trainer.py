@@ -316,8 +316,8 @@ class _Population:
                 z, fwd = self.structured.forward(self.theta, self.model.obs)
             else:
                 z = self.selection.logits(self.theta)
-            with torch.no_grad():
-                q: dict[str, Any] = self.model.quantities(z[:, None, :])
+            with torch.no_grad():  # one state: the bandits' model, without the log-odds z
+                q: dict[str, Any] = self.model.quantities(z[:, None, :], with_z=False)
             q["Z"], q["fwd"] = z[:, None, :], fwd
             return q
         leaves = self.stacked.leaves(self.theta)
@@ -329,8 +329,9 @@ class _Population:
 
     def with_graph(self, q: dict[str, Any], tracking: list[bool]) -> dict[str, Any]:
         """``q``, or where the update of ``tracking`` needs autograd's graph of the quantities
-        (:meth:`needs_graph`) and ``q`` has none, the quantities again from the logits as a leaf:
-        X's cotangent ∂X/∂z then comes from autograd."""
+        (:meth:`needs_graph`: every tracked update does) and ``q`` has none, all the quantities
+        again (the log-odds z too) from the logits as a leaf: X's cotangent ∂X/∂z then comes from
+        autograd."""
         if q["Z"].requires_grad or not self.needs_graph(tracking):
             return q
         with torch.enable_grad():
@@ -584,7 +585,7 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
     members' utility gradient is non-finite, what the tracker records before the step or None, the
     step itself)."""
     K, N, names = pop.model.n_actions, pop.model.n_states, pop.model.properties
-    n_z = q["z"].shape[1]
+    n_z = pop.model.n_z
     noise = pop.sampled and first.noise
     need_fisher = first.optimizer == "npg" or (tracked and (first.fisher or noise))
     outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else []) + \
@@ -655,7 +656,7 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
     :func:`general_update` does. Returns what :func:`general_update` returns."""
     names = pop.model.properties
     Z = q["Z"]
-    n_z = q["z"].shape[1]
+    n_z = pop.model.n_z
     outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else [])
     cots = output_cotangents(pop, outputs, q)
     jac = pop.structured.jacobian(q["fwd"])
@@ -840,7 +841,10 @@ def eta_probe(pop: "_Population", q: dict[str, Any], plan, ntcov: Tensor,
         # the structured path each member's logits are the same bytes in a stack of any size:
         # batched_structured.matvec; tested with the η-probe on)
         Z = pop.logits_at(torch.cat([pop.theta + (lr * s)[:, None] * d for s in scales]))
-        real = torch.stack([pop.model.quantities(Z[i * M:(i + 1) * M])["P"] - base for i in range(len(scales))], 1)
+        probability = getattr(pop.model, "probability", None)  # P alone, of all the scales' rows at once
+        P = probability(Z) if probability is not None else \
+            torch.cat([pop.model.quantities(Z[i * M:(i + 1) * M])["P"] for i in range(len(scales))])
+        real = torch.stack([P[i * M:(i + 1) * M] - base for i in range(len(scales))], 1)
     return {"P/probe_lr": lrs, "P/probe_real": real, "P/probe_pred": lrs * ntcov[:, None]}
 
 
