@@ -115,11 +115,12 @@ class StackedSequential:
         input and every activation's derivative for :meth:`jacobian`."""
         M = theta.shape[0]
         x = self.encode(obs, theta.dtype).reshape(1, -1).expand(M, -1)
-        inputs, derivs = [], []
+        inputs, derivs, views = [], [], []
         for kind, step in self.steps:
             if kind == "linear":
                 inputs.append(x)
                 W, b = self._weight(theta, step), self._bias(theta, step)
+                views.append((W, b))
                 y = W[:, :, 0] * x if step.inp == 1 else matvec(W, x)
                 x = y if b is None else y + b
             else:
@@ -135,7 +136,7 @@ class StackedSequential:
                 else:
                     x = step(x)
                     derivs.append(None)
-        return x, (Forward(theta, inputs, derivs) if trace else None)
+        return x, (Forward(theta, inputs, derivs, views) if trace else None)
 
     def jacobian(self, fwd: "Forward") -> "LogitJacobian":
         """One backward pass of the K unit cotangents through every member: Δ_l for each layer."""
@@ -154,7 +155,7 @@ class StackedSequential:
                 deltas.append(delta)
                 layers.append(step)
                 if li > 0:
-                    W = self._weight(theta, step)
+                    W = fwd.views[li][0]
                     # Wᵀ Δ: Wᵀ itself where Δ is the identity; elsewhere (Δᵀ W)ᵀ, which reads W
                     # in its own row order
                     delta = W.transpose(1, 2).contiguous() if identity else \
@@ -166,7 +167,7 @@ class StackedSequential:
                 identity = False
         deltas.reverse()
         layers.reverse()
-        return LogitJacobian(layers, fwd.inputs, deltas)
+        return LogitJacobian(layers, fwd.inputs, deltas, fwd)
 
 
 @dataclass
@@ -176,13 +177,15 @@ class Forward:
     theta: Tensor
     inputs: list[Tensor]  # a_l, (M, in) per Linear layer
     derivs: list[Tensor | None]  # σ'(y) per activation, (M, width)
+    views: list[tuple[Tensor, Tensor | None]]  # (W_l, b_l) per Linear layer: views into θ
 
 
 class LogitJacobian:
     """J = ∂z/∂θ of every member in factored form (see the module docstring)."""
 
-    def __init__(self, layers: list[_Layer], inputs: list[Tensor], deltas: list[Tensor]):
+    def __init__(self, layers: list[_Layer], inputs: list[Tensor], deltas: list[Tensor], fwd: Forward | None = None):
         self.layers, self.inputs, self.deltas = layers, inputs, deltas
+        self.fwd = fwd  # the forward pass it came from: its views into θ serve an in-place step of that θ
         self._gram: Tensor | None = None
         self._combined: tuple[Tensor, list[Tensor]] | None = None
 
@@ -248,11 +251,13 @@ class LogitJacobian:
     def step_(self, theta: Tensor, beta: Tensor, scale: Tensor) -> None:
         """θ += scale · Jᵀβ in place, per member (scale (M,), β (M, K)): a rank-one update per layer,
         W_l += (scale·Δ_l β) a_lᵀ."""
-        for L, a, d in zip(self.layers, self.inputs, self.combinations(beta)):
+        views = self.fwd.views if self.fwd is not None and self.fwd.theta is theta else \
+            [(StackedSequential._weight(theta, L), StackedSequential._bias(theta, L)) for L in self.layers]
+        for (W, b), a, d in zip(views, self.inputs, self.combinations(beta)):
             d = d * scale[:, None]
-            StackedSequential._weight(theta, L).addcmul_(d[:, :, None], a[:, None, :])
-            if L.b0 is not None:
-                StackedSequential._bias(theta, L).add_(d)
+            W.addcmul_(d[:, :, None], a[:, None, :])
+            if b is not None:
+                b.add_(d)
 
 
 class LogitSelection:
