@@ -1,10 +1,19 @@
 import os
+import signal
 
 import pytest
 import torch
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+# A suite started as a background job of a non-interactive shell (`cmd &`) inherits SIGINT
+# ignored, and so would every ntrl process a test starts: Python then installs no Ctrl-C handler,
+# and the tests that press Ctrl-C (tests/test_safety_processes.py) would test the shell, not ntrl.
+# A handler, unlike SIG_IGN, is reset to the default in a child that execs: the processes the
+# tests start get Ctrl-C as a terminal user's ntrl does.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
