@@ -379,6 +379,29 @@ def test_an_interrupted_population_keeps_every_members_records_and_summary(tmp_p
         assert [r["update"] for r in read_records(run_dir)] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("policy", ["single_logit", "mlp"])
+def test_ctrl_c_while_finished_members_are_dropped_keeps_every_summary(tmp_path, monkeypatch, policy):
+    """Ctrl-C lands while the population drops the member that just finished (select): the
+    population is interrupted, that member keeps the summary it finished with, the others get an
+    interrupted one, and every summary has its returns (kept by member, not by row)."""
+    from ntrl.population import models
+    from ntrl.train import RunInterrupted
+
+    cfgs = [BanditConfig(policy=policy, optimizer="sgd", p0=0.01, lr=0.1, steps=steps, seed=i, width=8, track_every=3,
+                         wandb="disabled", out=str(tmp_path), run_name=f"m{i}") for i, steps in enumerate([3, 20, 20])]
+
+    def interrupted(self, keep):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models.BanditModel, "select", interrupted)
+    with pytest.raises(RunInterrupted):
+        train_population(cfgs, progress=False)
+    summaries = [json.loads((tmp_path / f"m{i}" / "summary.json").read_text()) for i in range(3)]
+    assert [s["status"] for s in summaries] == ["finished", "interrupted", "interrupted"]
+    assert [s["updates"] for s in summaries] == [3, 3, 3]
+    assert all(isinstance(s["return_first"], float) and isinstance(s["return_last"], float) for s in summaries)
+
+
 def test_wandb_goes_only_into_a_wandb_directory_of_ntrls(tmp_path, capfd):
     cfg = BanditConfig(policy="single_logit", optimizer="sgd", p0=0.2, lr=0.5, steps=3, wandb="offline",
                        out=str(tmp_path / "runs"), run_name="x")

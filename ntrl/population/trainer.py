@@ -205,6 +205,7 @@ class MemberState:
     kept: list[tuple] | None = field(default_factory=list)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (update, P), thinned, once it stopped
     summary: dict[str, Any] | None = None
+    written: bool = False  # its summary.json is on disk
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # added to its summary
     before_summary: Callable[[], None] | None = None  # called before its summary.json is written
@@ -279,10 +280,12 @@ class _Population:
         self.schedules = [c.track_schedule() for c in configs]
         self._distinct: tuple[list, set] | None = None  # (schedules, the distinct ones among them)
         self.alive = list(range(len(configs)))
-        # every member's mean return at its first update and at the latest, and how many updates
-        # have begun: kept per row, and written into a member's MemberState when it stops
-        self.returns_first: list[float] | None = None
-        self.returns_last: list[float] | None = None
+        # every member's mean return at its first update (by member) and at the latest (the members
+        # then alive, and theirs), and how many updates have begun: written into a member's
+        # MemberState when it stops. Kept by member, not by row, so that a population interrupted
+        # while it drops its finished members (select) still writes every summary.
+        self.returns_first: dict[int, float] = {}
+        self.returns_last: tuple[list[int], list[float]] | None = None
         self.iterations = 0
         self.kept_rows: int | None = 0  # records kept for the members' Price checks (None: too many)
         self.kept_keys: tuple[str, ...] = ()
@@ -400,26 +403,26 @@ class _Population:
 
     def note_returns(self, returns: list[float]) -> None:
         """The members' mean returns of the update that begins (row by row)."""
-        if self.returns_first is None:
-            self.returns_first = list(returns)
-        self.returns_last = returns
+        if not self.returns_first:
+            self.returns_first = dict(zip(self.alive, returns))
+        self.returns_last = (self.alive, returns)  # select makes a new list of the alive: this one stays
         self.iterations += 1
 
-    def write_returns(self, members: list["MemberState"], rows, batch_size: int) -> None:
-        """Into the MemberState of each of ``rows``: its first and latest mean return, and (sampled)
-        its episodes, ``batch_size`` per update it began."""
+    def write_returns(self, members: list["MemberState"], indices: Sequence[int], batch_size: int) -> None:
+        """Into the MemberState of each member of ``indices`` (indices into ``members``): its first
+        and latest mean return, and (sampled) its episodes, ``batch_size`` per update it began."""
         if self.returns_last is None:
             return
-        for row in rows:
-            st = members[self.alive[row]]
-            st.return_first, st.return_last = self.returns_first[row], self.returns_last[row]
-            st.episodes = self.iterations * batch_size if self.sampled else 0
+        alive, values = self.returns_last
+        row = {m: i for i, m in enumerate(alive)}
+        for m in indices:
+            if m in row:
+                st = members[m]
+                st.return_first, st.return_last = self.returns_first.get(m), values[row[m]]
+                st.episodes = self.iterations * batch_size if self.sampled else 0
 
     def select(self, keep_rows: list[int]) -> None:
         idx = torch.as_tensor(keep_rows, dtype=torch.long, device=self.device)
-        if self.returns_last is not None:
-            self.returns_first = [self.returns_first[i] for i in keep_rows]
-            self.returns_last = [self.returns_last[i] for i in keep_rows]
         self.theta = self.theta[idx]
         self.model.select(idx)
         self.optimizer.select(idx)
@@ -539,7 +542,7 @@ def train_population(
                     st = members[pop.alive[row]]
                     st.error = message
                     ending.append((st, status, updates, p_end))
-                pop.write_returns(members, sorted(done), first.batch_size)
+                pop.write_returns(members, [pop.alive[row] for row in sorted(done)], first.batch_size)
                 finish_members(ending, sink, curve_points, pop.kept_keys)
                 keep = [r for r in range(len(pop.alive)) if r not in done]
                 pop.select(keep)
@@ -563,8 +566,10 @@ def train_population(
         if bar is not None:
             bar.close()
         # still training: interrupted, or stopped with the population by an error
-        pop.write_returns(members, range(len(pop.alive)), first.batch_size)
-        finish_members([(members[i], "interrupted" if interrupted else "failed", t, math.nan) for i in pop.alive],
+        # (not those whose summary is written: an interrupt while the finished ones are dropped)
+        still = [i for i in pop.alive if not members[i].written]
+        pop.write_returns(members, still, first.batch_size)
+        finish_members([(members[i], "interrupted" if interrupted else "failed", t, math.nan) for i in still],
                        sink, curve_points, pop.kept_keys)
         pop.model.close()
         wandb_dir = sink.directory  # None once finished
@@ -603,7 +608,7 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
     g = grads[0]
     prop_grads = dict(zip(names, grads[1:1 + len(names)])) if tracked else {}
     z_grads = grads[1 + len(names):1 + len(names) + n_z] if tracked else []
-    bad_g = ~torch.isfinite(g.sum(dim=1))  # one NaN or ±inf entry makes the row's sum non-finite
+    bad_g = ~torch.isfinite(g).all(dim=1)  # entry by entry, as the per-run path tests g (a sum overflows sooner)
     any_bad = bool(bad_g.any())
     rows = pop.log_prob_rows(q, grads[-N * K:]) if need_fisher else None
     fisher, fisher0 = pop.fishers(q, rows, first.optimizer == "npg", tracked and first.fisher) \
@@ -1040,6 +1045,8 @@ def finish_members(ending: Sequence[tuple[MemberState, str, int, float]], sink: 
             before_summary()
     write_json_many_atomic([(st.run_dir / SUMMARY_FILE, st.summary) for st, *_ in ending],
                            sync_also=[st.run_dir / RECORDS_FILE for st, *_ in ending])
+    for st, *_ in ending:
+        st.written = True
 
 
 PRICE_KEYS = ("update", "lr", "P/value", "P/pred_delta", "P/real_delta", "P/probe_lr", "P/probe_real", "P/probe_pred")
