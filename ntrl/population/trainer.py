@@ -642,12 +642,12 @@ def logit_cotangents(outputs: list[Tensor], Z: Tensor) -> list[Tensor]:
 
 
 def output_cotangents(pop: _Population, outputs: list[Tensor], q: dict[str, Any]) -> list[Tensor]:
-    """:func:`logit_cotangents`, or where the utility is the only output of an exact update, its
-    cotangent in closed form where the model has one (the bandits:
+    """:func:`logit_cotangents`, or for an update without autograd's graph (one that
+    :meth:`_Population.needs_graph` let go without: untracked, exact, the utility its only output)
+    the utility's cotangent in closed form (the bandits:
     :meth:`~ntrl.population.models.BanditModel.utility_cotangent`), without a reverse pass."""
-    closed = getattr(pop.model, "utility_cotangent", None)
-    if closed is not None and not pop.sampled and len(outputs) == 1:
-        return [closed(q)]
+    if not q["Z"].requires_grad:
+        return [pop.model.utility_cotangent(q)]
     return logit_cotangents(outputs, q["Z"])
 
 
@@ -847,9 +847,9 @@ def eta_probe(pop: "_Population", q: dict[str, Any], plan, ntcov: Tensor,
         # batched_structured.matvec; tested with the η-probe on)
         Z = pop.logits_at(torch.cat([pop.theta + (lr * s)[:, None] * d for s in scales]))
         probability = getattr(pop.model, "probability", None)  # P alone, of all the scales' rows at once
-        P = probability(Z) if probability is not None else \
-            torch.cat([pop.model.quantities(Z[i * M:(i + 1) * M])["P"] for i in range(len(scales))])
-        real = torch.stack([P[i * M:(i + 1) * M] - base for i in range(len(scales))], 1)
+        P = probability(Z).split(M) if probability is not None else \
+            [pop.model.quantities(z)["P"] for z in Z.split(M)]
+        real = torch.stack([p - base for p in P], 1)
     return {"P/probe_lr": lrs, "P/probe_real": real, "P/probe_pred": lrs * ntcov[:, None]}
 
 
