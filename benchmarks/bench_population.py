@@ -29,6 +29,11 @@ a single run, with the other speed and memory numbers of the issue, as ratios me
 7. **Tracker overhead in an exact juice population** (``--juice``): 30 members, tracked every 10th
    update against update 0 only, per update by the same difference as in 2, without and with the
    study's η-probe (six more evaluations of the model per tracked update). Target: at most 10 %.
+8. **A few members, the study's long tails**: a population of 1 single-logit, 1 MLP and 5 MLP
+   bandit members as the quick study trains them (exact SGD from p₀ = 5·10⁻⁶, tracked every 10th
+   update, the η-probe at six scales), its update against one single run's update of the same
+   config, both by the difference of 1010 and 10 updates (the least of three). These chunks,
+   tens of thousands of updates with a handful of members left, set `ntrl rarity --quick`'s length.
 """
 
 from __future__ import annotations
@@ -82,6 +87,38 @@ def single_update_seconds(updates: int) -> float:
 
     run(10)  # warm-up
     return min((run(updates) - run(10)) / (updates - 10) for _ in range(3))
+
+
+TAIL_LRS = {"single_logit": 2.0, "mlp": 0.1}
+
+
+def tail_configs(out: str, policy: str, members: int, updates: int):
+    """The quick study's rewarded bandit runs from p₀ = 5e-6 (grid.py's settings), ``members`` seeds."""
+    from ntrl.experiments.bandit import BanditConfig
+
+    return [BanditConfig(policy=policy, optimizer="sgd", p0=5e-6, lr=TAIL_LRS[policy], steps=updates, seed=i,
+                         track_every=10, price_scales=[4.0, 2.0, 1.0, 0.5, 0.25, 0.125], wandb="disabled", out=out,
+                         run_name=f"m{i}") for i in range(members)]
+
+
+def tail_ratio(policy: str, members: int, updates: int = 1000) -> tuple[float, float]:
+    """(seconds per population update, seconds per single-run update) of item 8."""
+    from ntrl.population import train_population
+    from ntrl.train import train
+
+    def pop(n: int) -> float:
+        with tempfile.TemporaryDirectory() as d:
+            return train_population(tail_configs(d, policy, members, n), progress=False).train_seconds
+
+    def one(n: int) -> float:
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            train(tail_configs(d, policy, 1, n)[0], progress=False)
+            return time.perf_counter() - t
+
+    one(10)  # warm-up
+    return (min((pop(updates + 10) - pop(10)) / updates for _ in range(3)),
+            min((one(updates + 10) - one(10)) / updates for _ in range(3)))
 
 
 def peak_rss_gib(code: str) -> float:
@@ -228,6 +265,11 @@ def main() -> None:
                 print(f"7. tracker overhead, juice {policy} exact, 30 members tracked every 10th update vs update 0 "
                       f"only ({'with' if probe else 'without'} the study's η-probe): {tracked:.1f} vs {untracked:.1f} "
                       f"ms per update, {100 * (tracked / untracked - 1):.1f} % (target ≤ 10 %)")
+    for policy, k in (("single_logit", 1), ("mlp", 1), ("mlp", 5)):
+        pop, one = tail_ratio(policy, k)
+        res[f"tail_{policy}_{k}"] = {"population_update_ms": pop * 1e3, "single_update_ms": one * 1e3, "ratio": pop / one}
+        print(f"8. {k} {policy} member{'s' if k > 1 else ''} as the quick study trains them: {pop * 1e3:.3f} ms per "
+              f"population update, one run {one * 1e3:.3f} ms per update: ratio {pop / one:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 
