@@ -277,6 +277,11 @@ class _Population:
         self.optimizer = BatchedOptimizer(first.optimizer, per_member("lr"),
                                           betas=(per_member("adam_beta1"), per_member("adam_beta2")),
                                           eps=per_member("adam_eps"), damping=per_member("npg_damping"))
+        # an untracked update needs only the utility's cotangent, which the model gives in closed
+        # form (output_cotangents): exact, at one state, and no NPG on the selection (whose Fisher
+        # takes the logits' gradients through the graph)
+        self.closed_form_untracked = (hasattr(self.model, "utility_cotangent") and not self.sampled and (
+            self.structured is not None or (self.selection is not None and first.optimizer != "npg")))
         self.schedules = [c.track_schedule() for c in configs]
         self._distinct: tuple[list, set] | None = None  # (schedules, the distinct ones among them)
         self.alive = list(range(len(configs)))
@@ -303,11 +308,8 @@ class _Population:
 
     def needs_graph(self, tracking: list[bool]) -> bool:
         """Whether the update whose ``tracking`` this is needs autograd's graph of the quantities:
-        not where it is untracked, exact, and asks for the utility's cotangent only, which the model
-        gives in closed form (:func:`output_cotangents`), at one state."""
-        only_utility = self.structured is not None or (self.selection is not None and self.optimizer.name != "npg")
-        closed = hasattr(self.model, "utility_cotangent") and not self.sampled
-        return not (only_utility and closed) or any(tracking)
+        every tracked one does, and an untracked one unless ``closed_form_untracked``."""
+        return any(tracking) or not self.closed_form_untracked
 
     def forward(self) -> dict[str, Any]:
         """The model's quantities at θ, with the logits Z and the structured path's trace, or the
