@@ -1,7 +1,7 @@
 """Populations (issue 12): what one member-update costs inside a population, against one update of
 a single run, with the other speed and memory numbers of the issue, as ratios measured in one run.
 
-    .venv/bin/python benchmarks/bench_population.py            # ~9 minutes on 2 cores (~13 with --juice)
+    .venv/bin/python benchmarks/bench_population.py            # ~10 minutes on 2 cores (~15 with --juice)
     .venv/bin/python benchmarks/bench_population.py --quick    # ~1 minute smoke run (256 members, no study)
 
 1. **Cost per member-update.** A population of ``--members`` (1024) bandit MLP members (2×64
