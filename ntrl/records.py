@@ -1,8 +1,10 @@
 """The record stream: one JSON object per tracked update, appended and flushed as it goes.
 
 A run killed at any moment leaves every completed line readable; ``read_records`` drops
-only a final line that was cut off mid-write. Floats are written with ``repr`` precision,
-so the same seed and config give byte-identical files.
+only a final line that was cut off mid-write. Lines are compact JSON written by orjson, whose
+floats are the shortest text that reads back as the same float (what ``repr`` gives, though
+spelled ``0.00001`` where ``repr`` says ``1e-05``), so the same seed and config give
+byte-identical files.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+import numpy as np
+import orjson
 
 RECORDS_FILE = "records.jsonl"
 CONFIG_FILE = "config.json"
@@ -47,57 +52,77 @@ class RecordWriter:
         self.close()
 
 
+_ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+def _plain(obj: Any) -> Any:
+    """What orjson cannot write by itself, as the JSON value :func:`json.dumps` would give it:
+    float and int subclasses as their values, numpy scalars and other ``tolist``-ables as Python
+    values."""
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as compact JSON, with orjson: floats in the shortest form that reads back as the
+    same float (so the same seed and config give byte-identical files), NaN and ±inf as null,
+    numpy arrays as nested lists."""
+    return orjson.dumps(obj, default=_plain, option=_ORJSON_OPTIONS)
+
+
 def record_line(record: dict[str, Any]) -> str:
-    """One record as its line of records.jsonl: NaN and ±inf become null, so every line is
-    standard JSON, and floats keep ``repr`` precision."""
-    return json.dumps(_finite_or_null(record), allow_nan=False)
+    """One record as its line of records.jsonl (:func:`json_bytes`): NaN and ±inf become null,
+    so every line is standard JSON, and every float reads back as itself."""
+    return json_bytes(record).decode()
 
 
-def _encode_list(values: list) -> str:
-    return "[" + ", ".join(map(_encode, values)) + "]"
-
-
-_ENCODERS = {float: float.__repr__, int: int.__repr__, bool: {True: "true", False: "false"}.__getitem__,
-             str: json.dumps, type(None): lambda _: "null", list: _encode_list}
-
-
-def _encode(value: Any) -> str:
-    """A finite float, int, bool, str, None or list of these as :func:`json.dumps` writes it."""
-    return _ENCODERS[type(value)](value)
+def _column_values(value: Any, rows: list[int], index: np.ndarray) -> list[bytes]:
+    """The JSON of each member ``rows`` (``index``: the same as an index array) of one field: a
+    numpy array of one row per member (its rows' values, written by one orjson call and split), a
+    list of one value per member, or one value for all."""
+    if isinstance(value, np.ndarray):
+        encoded = json_bytes(value[index])  # indexing by an array gives the C-contiguous copy orjson needs
+        if value.ndim == 1:
+            return encoded[1:-1].split(b",")
+        if value.ndim == 2:  # [[a,b],[c,d]] → [a,b], [c,d]
+            return [b"[" + part + b"]" for part in encoded[2:-2].split(b"],[")]
+        return [json_bytes(value[r]) for r in rows]
+    if isinstance(value, list):
+        return [json_bytes(value[r]) for r in rows]
+    return [json_bytes(value)] * len(rows)
 
 
 def record_lines(fields: dict[str, Any], rows: Iterable[int]) -> list[str]:
     """The :func:`record_line` of each member ``rows`` of a population's record ``fields`` (per
-    key a list over members, or one value for all members), field by field rather than record by
-    record. Every number must be finite (:func:`finite_rows`): for such records the lines are
-    those :func:`record_line` writes, character for character (tested)."""
+    key a numpy array whose first axis runs over members, a list over members, or one value for
+    all), written field by field rather than record by record. Every number must be finite
+    (:func:`finite_rows`): for such records the lines are those :func:`record_line` writes,
+    character for character (tested)."""
     rows = list(rows)
-    columns = []
-    for key, value in fields.items():
-        prefix = json.dumps(key) + ": "
-        if isinstance(value, list):
-            values = [value[r] for r in rows]
-            kinds = set(map(type, values))
-            if kinds == {list} and set(map(type, (x for v in values for x in v))) <= {float}:
-                encoded = ["[" + ", ".join(map(float.__repr__, v)) + "]" for v in values]
-            elif len(kinds) == 1 and next(iter(kinds)) in (float, bool):
-                encoded = map(_ENCODERS[next(iter(kinds))], values)
-            else:
-                encoded = map(_encode, values)
-            columns.append([prefix + s for s in encoded])
-        else:
-            columns.append([prefix + _encode(value)] * len(rows))
-    return ["{" + ", ".join(parts) + "}" for parts in zip(*columns)]
+    if not rows:
+        return []
+    template = ("{" + ",".join(json_bytes(key).decode().replace("%", "%%") + ":%s" for key in fields) + "}").encode()
+    index = np.asarray(rows, dtype=np.intp)
+    columns = [_column_values(value, rows, index) for value in fields.values()]
+    return [(template % parts).decode() for parts in zip(*columns)]
 
 
 def finite_rows(fields: dict[str, Any], n: int) -> list[bool]:
     """For each of ``n`` members, whether every float of its record (``fields`` as
     :func:`record_lines` takes them) is finite."""
-    import numpy as np
-
     ok = np.ones(n, dtype=bool)
     for value in fields.values():
-        if isinstance(value, list):
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind == "f":
+                ok &= np.isfinite(value).reshape(n, -1).all(axis=1)
+            elif value.dtype.kind not in "biu":  # not numbers: the caller checks these rows itself
+                return [False] * n
+        elif isinstance(value, list):
             if value and isinstance(value[0], (float, list)):
                 try:
                     arr = np.asarray(value, dtype=float)
@@ -120,7 +145,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            out.append(orjson.loads(line))
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # the last line was being written when the run died
                 break

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from ntrl.agents.policies import make_policy
 from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients
-from ntrl.engine.batched_structured import LogitInverseFisher, StackedSequential, quad
+from ntrl.engine.batched_structured import LogitInverseFisher, StackedSequential, TwoActionFisherNTVar, quad
 from ntrl.engine.metrics import InverseFisher
 from ntrl.engine.tangent import TangentEngine
 from ntrl.experiments.bandit import BanditConfig
@@ -125,6 +126,39 @@ def test_fisher_ntvar_of_p_is_p_times_one_minus_p_down_to_1e_minus_12():
     assert torch.isfinite(fisher.ntvar(c)).all()
 
 
+@pytest.mark.parametrize("p0s", [(0.3, 0.5, 0.9), (1e-6, 1e-12, 1 - 1e-9)])
+def test_the_two_action_fisher_ntvar_is_the_logit_space_inverse_fishers(p0s):
+    """A tracked two-action update takes NTVar_F from TwoActionFisherNTVar's closed form, not the
+    K-space SVD: the same numbers (to 1e-12, rounding apart) for softmax cotangents (c ⟂ 1, those
+    of P, R, U) and any other c, p down to 1e-12; NaN where the SVD's member gets NaN weights (G
+    not finite, not positive definite), 0 where π underflows to 0 (nothing kept)."""
+    obs, policies, sp, theta = population(2, p0s=p0s)
+    ss = StackedSequential.plan(sp.module, sp.names, sp.sizes)
+    z, fwd = ss.forward(theta, obs)
+    G = ss.jacobian(fwd).gram
+    probs = torch.softmax(z, -1)
+    w = torch.tensor([1.0, 0.5, 2.0], dtype=F64)
+    svd = LogitInverseFisher.from_jacobian(G, probs, w, torch.zeros(3, dtype=F64))
+    closed = TwoActionFisherNTVar.from_jacobian(G, probs, w)
+    gen = torch.Generator().manual_seed(3)
+    pq = (probs[:, 0] * probs[:, 1])[:, None]
+    for c in (pq * torch.tensor([-1.0, 1.0], dtype=F64), torch.randn(3, 2, dtype=F64, generator=gen),
+              torch.randn(3, 2, dtype=F64, generator=gen) * pq):
+        assert torch.allclose(closed.ntvar(c), svd.ntvar(c), rtol=1e-12, atol=0)
+    assert torch.allclose(closed.ntvar(pq * torch.tensor([-1.0, 1.0], dtype=F64)), pq[:, 0] / w, rtol=1e-9, atol=0)  # p(1 − p)/w
+    bad = G.clone()
+    bad[1, 0, 0] = math.nan
+    bad[2] = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=F64)  # not positive definite
+    for fisher in (TwoActionFisherNTVar.from_jacobian(bad, probs, w),
+                   LogitInverseFisher.from_jacobian(bad, probs, w, torch.zeros(3, dtype=F64))):
+        out = fisher.ntvar(torch.ones(3, 2, dtype=F64))
+        assert torch.isfinite(out[0]) and torch.isnan(out[1:]).all()
+    zero = torch.tensor([[1.0, 0.0]] * 3, dtype=F64)
+    for fisher in (TwoActionFisherNTVar.from_jacobian(G, zero, w),
+                   LogitInverseFisher.from_jacobian(G, zero, w, torch.zeros(3, dtype=F64))):
+        assert torch.equal(fisher.ntvar(torch.ones(3, 2, dtype=F64)), torch.zeros(3, dtype=F64))
+
+
 def test_a_non_finite_member_gets_nan_not_an_error():
     obs, policies, sp, theta = population(2)
     ss = StackedSequential.plan(sp.module, sp.names, sp.sizes)
@@ -194,14 +228,40 @@ def test_record_lines_are_record_line_character_for_character():
     assert record_lines(fields, [1]) == lines[1:]
 
 
+def test_record_lines_of_numpy_columns_are_record_line_character_for_character():
+    """The population's fields are numpy arrays (record_fields): one orjson call per column,
+    split per member. Rows in any order and any subset, floats of every magnitude, 2-D rows (the
+    η-probe's, κ of several log-odds), empty rows, booleans, keys that need escaping."""
+    rng = np.random.default_rng(0)
+    M = 7
+    floats = rng.standard_normal(M) * 10.0 ** rng.integers(-300, 300, M)
+    floats[:3] = [5e-324, -0.0, 1e16]
+    fields = {"update": 12, "lr": np.full(M, 0.1), "P/value": floats, "kappa": rng.random((M, 3)) * 1e-9,
+              "empty": np.zeros((M, 0)), "P/first_order": rng.random(M) < 0.5, "backend": "population",
+              'odd "key" %s\\': np.arange(M, dtype=np.float64), "one": np.ones((M, 1)), "listed": [[1.5]] * M}
+    for rows in ([0, 1, 2, 3, 4, 5, 6], [6, 2], [3]):
+        lines = record_lines(fields, rows)
+        assert len(lines) == len(rows)
+        for row, line in zip(rows, lines):
+            record = {k: (v[row].tolist() if isinstance(v, np.ndarray) else v[row] if isinstance(v, list) else v)
+                      for k, v in fields.items()}
+            assert line == record_line(record)
+            assert json.loads(line) == record  # every float reads back as itself
+    assert record_lines(fields, []) == []
+
+
 def test_finite_rows_finds_every_non_finite_number():
     fields = {"update": 3, "a": [1.0, math.nan, 2.0, 3.0], "b": [[1.0], [2.0], [math.inf], [4.0]],
               "flag": [True, False, True, True], "c": [0.0, 1.0, 2.0, -math.inf]}
     assert finite_rows(fields, 4) == [True, False, False, False]
+    as_arrays = {k: np.asarray(v) if isinstance(v, list) else v for k, v in fields.items()}
+    assert finite_rows(as_arrays, 4) == [True, False, False, False]
+    assert finite_rows({"a": np.ones((4, 0)), "b": np.array([1.0, 2.0, 3.0, math.nan])}, 4) == [True, True, True, False]
     # None is no number (record_line writes null): never non-finite, but where it reads as NaN the
     # row is left to the caller's own look (append_records then writes it with record_line)
     assert finite_rows({"a": [1.0, 2.0], "x": [None, 1.0]}, 2) == [True, True]
     assert finite_rows({"a": [1.0, 2.0], "x": [1.0, None]}, 2) == [True, False]
+    assert finite_rows({"a": [1.0, 2.0], "x": np.array(["a", "b"])}, 2) == [False, False]
 
 
 def test_write_json_many_atomic_writes_what_write_json_atomic_writes(tmp_path):
@@ -406,22 +466,27 @@ def test_the_stop_watch_asks_stopping_about_every_member_that_stopping_would_cha
 
 
 @pytest.mark.parametrize("K", [2, 3, 5])
-def test_the_bandits_closed_form_utility_cotangent_is_autograds_bit_for_bit(K):
-    """An untracked exact bandit update takes c_U = ∂R/∂z from BanditModel.utility_cotangent
-    instead of a reverse pass: it must be what the reverse pass gives, exactly, from logits of
-    every size (at scale 30, p reaches 1e-20 and below)."""
+def test_the_bandits_closed_form_cotangents_are_autograds_bit_for_bit(K):
+    """An exact bandit update takes its cotangents c_X = ∂X/∂z (U; tracked, also P, R and the
+    log-odds z) from BanditModel.cotangents instead of reverse passes: they must be what the
+    reverse passes give, exactly, for every target action, from logits of every size (at scale 30,
+    p reaches 1e-20 and below; at 300, π underflows to 0)."""
     from ntrl.population.models import BanditModel
 
     gen = torch.Generator().manual_seed(K)
-    for scale in (0.1, 3.0, 30.0):
-        Z = (torch.randn(16, 1, K, dtype=F64, generator=gen) * scale).requires_grad_(True)
-        model = BanditModel(torch.randn(16, K, dtype=F64, generator=gen).numpy(), torch.zeros(16).numpy(), 1,
-                            torch.device("cpu"))
-        with torch.enable_grad():
-            q = model.quantities(Z)
-        want = torch.autograd.grad(q["U"].sum(), Z)[0][:, 0]
-        assert torch.equal(model.utility_cotangent(q), want)
-        # the η-probe's P of many rows at once, and the forward without z, are the same numbers
-        assert torch.equal(model.probability(Z.detach()), q["P"].detach())
-        lean = model.quantities(Z.detach(), with_z=False)
-        assert "z" not in lean and all(torch.equal(lean[k], q[k].detach()) for k in lean)
+    for target in range(K):
+        for scale in (0.1, 3.0, 30.0, 300.0):
+            Z = (torch.randn(16, 1, K, dtype=F64, generator=gen) * scale).requires_grad_(True)
+            model = BanditModel(torch.randn(16, K, dtype=F64, generator=gen).numpy(), torch.zeros(16).numpy(),
+                                target, torch.device("cpu"))
+            with torch.enable_grad():
+                q = model.quantities(Z)
+            want = [torch.autograd.grad(x.sum(), Z, retain_graph=True)[0][:, 0]
+                    for x in (q["U"], q["P"], q["R"], q["z"][:, 0])]
+            got = model.cotangents(q, tracked=True)
+            assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, want))
+            assert len(model.cotangents(q, tracked=False)) == 1 and torch.equal(model.cotangents(q, False)[0], want[0])
+            # the η-probe's P of many rows at once, and the forward without z, are the same numbers
+            assert torch.equal(model.probability(Z.detach()), q["P"].detach())
+            lean = model.quantities(Z.detach(), with_z=False)
+            assert "z" not in lean and all(torch.equal(lean[k], q[k].detach()) for k in lean)

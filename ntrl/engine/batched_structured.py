@@ -352,6 +352,42 @@ def quad(c1: Tensor, G: Tensor, c2: Tensor) -> Tensor:
 
 
 @dataclass
+class TwoActionFisherNTVar:
+    """NTVar in the Fisher metric, F⁺ undamped, of every member of a two-action policy, in closed
+    form: :meth:`LogitInverseFisher.ntvar` with λ = 0, for K = 2, without its Cholesky factor and
+    K × K SVD. For K = 2 every row of L = diag(√(w π)) (I − 1πᵀ) is a multiple of v = e₀ − e₁
+    (L = u vᵀ, u = (√(w π₀) π₁, −√(w π₁) π₀), ‖u‖² = w π₀ π₁), so A = L J = u (Jᵀv)ᵀ has rank
+    one: one singular value s, s² = w π₀ π₁ vᵀGv, always kept (it is the largest; the other is
+    0), with right singular vector Jᵀv/‖Jᵀv‖. Hence
+
+        NTVar_F(Jᵀc) = (vᵀ G c)² / (w π₀ π₁ (vᵀ G v)²)
+
+    (= c₀²/(w π₀) + c₁²/(w π₁) for c ⟂ 1, a softmax output's cotangent), and 0 where s = 0 (π₀π₁
+    or w is 0: :func:`kept_singular` keeps nothing). A member that
+    :meth:`LogitInverseFisher.from_jacobian` would give NaN weights (G, π or w not finite, G not
+    positive definite) gets NaN here too. ``scale`` = 1/(w π₀ π₁ (vᵀGv)²) (M,), ``Gv`` (M, 2)."""
+
+    scale: Tensor
+    Gv: Tensor
+
+    @classmethod
+    def from_jacobian(cls, G: Tensor, probs: Tensor, weights: Tensor) -> "TwoActionFisherNTVar":
+        """From G = J Jᵀ (M, 2, 2), π (M, 2) and the state's weight w (M,)."""
+        eye = torch.eye(2, dtype=probs.dtype, device=probs.device)
+        ok = torch.isfinite(G).all(2).all(1) & torch.isfinite(probs).all(1) & torch.isfinite(weights)
+        ok = ok & (torch.linalg.cholesky_ex(torch.where(ok[:, None, None], G, eye))[1] == 0)
+        Gv = G[:, :, 0] - G[:, :, 1]
+        vGv = Gv[:, 0] - Gv[:, 1]
+        s2 = weights * probs[:, 0] * probs[:, 1] * vGv**2
+        scale = torch.where(s2 > 0, 1.0 / s2, torch.zeros_like(s2))
+        return cls(torch.where(ok, scale, torch.full_like(scale, float("nan"))), Gv)
+
+    def ntvar(self, c: Tensor) -> Tensor:
+        """(Jᵀc)ᵀ F⁺ (Jᵀc), (M,), for c (M, 2)."""
+        return (self.Gv * c).sum(1) ** 2 * self.scale
+
+
+@dataclass
 class LogitInverseFisher:
     """M = (F + λI)⁻¹, or F⁺ where λ = 0, of every member, acting on vectors Jᵀc of the span
     (see the module docstring). ``R`` (M, K, K) upper, G = RᵀR; ``U`` A's left factor; ``inv``,

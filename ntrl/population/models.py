@@ -131,16 +131,32 @@ class BanditModel:
         every scale at once), as :meth:`quantities` computes it."""
         return torch.log_softmax(Z[:, 0], dim=-1)[:, self.target].exp()
 
-    def utility_cotangent(self, q: dict[str, Tensor]) -> Tensor:
-        """c_U = ∂R/∂z (M, K) of the exact utility, in closed form and in the order autograd's
-        backward of :meth:`quantities` forms it: g = (r − r_ref) ⊙ π (through π = exp(log π)), then
-        log_softmax's backward (its own kernel), c = g − π Σ_a g_a. An untracked exact update needs
-        nothing else."""
+    def cotangents(self, q: dict[str, Tensor], tracked: bool) -> list[Tensor]:
+        """The cotangents c_X = ∂X/∂z (M, K) at the one state that an exact update needs, in closed
+        form and in the order autograd's backward of :meth:`quantities` forms them, so that they
+        are its numbers bit for bit (tested): c_U alone, or where ``tracked`` c_U, c_P, c_R and c_z
+        (the order of ``[U, *properties, z]``). Each is log_softmax's backward (its own kernel),
+        c = g − π Σ_a g_a, of the gradient g = ∂X/∂log π:
+
+        * U = R = r_ref + Σ_a π_a (r_a − r_ref): g = (r − r_ref) ⊙ π (through π = exp(log π));
+        * P = exp(log π_t): g = P at t, 0 elsewhere;
+        * z = log π_t − logsumexp_{b≠t} log π_b: g = 1 at t, −exp(log π_b − logsumexp) elsewhere.
+        """
         logp = q["logp"].detach()[:, 0]
         probs = logp.exp()
         r = self.rewards.to(probs.dtype)
         g = (r - r.gather(1, probs.argmax(dim=1, keepdim=True))) * probs
-        return torch.ops.aten._log_softmax_backward_data(g, logp, 1, logp.dtype)
+        c_U = torch.ops.aten._log_softmax_backward_data(g, logp, 1, logp.dtype)
+        if not tracked:
+            return [c_U]
+        t = self.target
+        g_P = torch.zeros_like(logp)
+        g_P[:, t] = logp[:, t].exp()
+        others = torch.cat([logp[:, :t], logp[:, t + 1:]], dim=1)
+        g_z = -(others - torch.logsumexp(others, dim=1, keepdim=True)).exp()
+        g_z = torch.cat([g_z[:, :t], torch.ones_like(logp[:, :1]), g_z[:, t:]], dim=1)
+        c_P, c_z = (torch.ops.aten._log_softmax_backward_data(x, logp, 1, logp.dtype) for x in (g_P, g_z))
+        return [c_U, c_P, c_U, c_z]
 
     def sample(self, logits_of, q: dict[str, Tensor], batch_size: int, baseline: str, action_rngs: list,
                noise_rngs: list) -> SampledBatch:

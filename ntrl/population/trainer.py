@@ -53,7 +53,9 @@ from torch import Tensor
 
 from ntrl.config import ConfigError, TrainConfig
 from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients
-from ntrl.engine.batched_structured import LogitInverseFisher, LogitSelection, StackedSequential, quad
+from ntrl.engine.batched_structured import (
+    LogitInverseFisher, LogitSelection, StackedSequential, TwoActionFisherNTVar, quad,
+)
 from ntrl.population.models import SampledBatch, population_model
 from ntrl.population.optimizers import BatchedOptimizer
 from ntrl.records import (
@@ -247,6 +249,11 @@ def _floats(t: Tensor) -> list[float]:
     return t.detach().to("cpu", torch.float64).tolist()
 
 
+def _array(t: Tensor) -> np.ndarray:
+    """A float64 numpy copy of ``t`` on the CPU."""
+    return t.detach().to("cpu", torch.float64).numpy().copy()
+
+
 class _Population:
     """The state of the members still training, kept in stacked tensors (row i ↔ ``alive[i]``)."""
 
@@ -277,11 +284,10 @@ class _Population:
         self.optimizer = BatchedOptimizer(first.optimizer, per_member("lr"),
                                           betas=(per_member("adam_beta1"), per_member("adam_beta2")),
                                           eps=per_member("adam_eps"), damping=per_member("npg_damping"))
-        # an untracked update needs only the utility's cotangent, which the model gives in closed
-        # form (output_cotangents): exact, at one state, and no NPG on the selection (whose Fisher
-        # takes the logits' gradients through the graph)
-        self.closed_form_untracked = (hasattr(self.model, "utility_cotangent") and not self.sampled and (
-            self.structured is not None or (self.selection is not None and first.optimizer != "npg")))
+        # an exact update at one state needs only cotangents at the logits, which the bandits'
+        # model gives in closed form (output_cotangents), tracked or not: no autograd graph
+        self.closed_form = (hasattr(self.model, "cotangents") and not self.sampled
+                            and (self.structured is not None or self.selection is not None))
         self.schedules = [c.track_schedule() for c in configs]
         self._distinct: tuple[list, set] | None = None  # (schedules, the distinct ones among them)
         self.alive = list(range(len(configs)))
@@ -306,15 +312,10 @@ class _Population:
         if self.sampled:
             self.model.start_sampling(configs, env_seeds)
 
-    def needs_graph(self, tracking: list[bool]) -> bool:
-        """Whether the update whose ``tracking`` this is needs autograd's graph of the quantities:
-        every tracked one does, and an untracked one unless ``closed_form_untracked``."""
-        return any(tracking) or not self.closed_form_untracked
-
     def forward(self) -> dict[str, Any]:
         """The model's quantities at θ, with the logits Z and the structured path's trace, or the
         parameter leaves. At one state (the structured path, the selection) without autograd's
-        graph: :meth:`with_graph` adds it for the updates that need it."""
+        graph: :meth:`with_graph` adds it where the update needs it."""
         if self.structured is not None or self.selection is not None:
             fwd = None
             if self.structured is not None:
@@ -332,12 +333,12 @@ class _Population:
         q["Z"], q["leaves"] = Z, leaves
         return q
 
-    def with_graph(self, q: dict[str, Any], tracking: list[bool]) -> dict[str, Any]:
-        """``q``, or where the update of ``tracking`` needs autograd's graph of the quantities
-        (:meth:`needs_graph`: every tracked update does) and ``q`` has none, all the quantities
-        again (the log-odds z too) from the logits as a leaf: X's cotangent ∂X/∂z then comes from
-        autograd."""
-        if q["Z"].requires_grad or not self.needs_graph(tracking):
+    def with_graph(self, q: dict[str, Any]) -> dict[str, Any]:
+        """``q``, or where it has no autograd graph (the lean forward pass at one state) and the
+        model gives no cotangents in ``closed_form`` (sampled mode: the utility is the batch's
+        surrogate), all the quantities again (the log-odds z too) from the logits as a leaf: X's
+        cotangent ∂X/∂z then comes from autograd."""
+        if q["Z"].requires_grad or self.closed_form:
             return q
         with torch.enable_grad():
             Z = q["Z"].detach().requires_grad_(True)
@@ -507,7 +508,7 @@ def train_population(
         while pop.alive:
             tracking = pop.tracking(t)
             tracked = any(tracking)
-            q = pop.with_graph(q, tracking)
+            q = pop.with_graph(q)
             U, batch = pop.utility(q, first.batch_size, first.baseline)
             names = pop.model.properties
             U_val = _floats(U)
@@ -527,8 +528,8 @@ def train_population(
                 append_records(members, pop, fields, t, done, p_after, first.optimizer, tracking)
                 recorded = [row for row in range(len(pop.alive)) if tracking[row] and row not in done]
                 if recorded:  # P after the step, as the records of update t give it
-                    sink.log({"update": t, "P/median": statistics.median_low(
-                        fields["P/value"][row] + fields["P/real_delta"][row] for row in recorded),
+                    sink.log({"update": t, "P/median": float(statistics.median_low(
+                        fields["P/value"][recorded] + fields["P/real_delta"][recorded])),
                         "members/active": len(pop.alive)})
             for row in watch.rows_to_check(p_after, t):
                 if row not in done:
@@ -595,18 +596,19 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
     n_z = pop.model.n_z
     noise = pop.sampled and first.noise
     need_fisher = first.optimizer == "npg" or (tracked and (first.fisher or noise))
-    outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else []) + \
-        ([q["Z"][:, o, a] for o in range(N) for a in range(K)] if need_fisher else [])
-    if pop.selection is not None:
-        grads = [pop.selection.gradient(c) for c in output_cotangents(pop, outputs, q)]
-    elif tracked and not pop.sampled and "R" in names:
-        # exact: U = c·R (the model's utility_scale c: 1 on the bandits, H on the juice gridworld),
-        # so ∇R = ∇U/c, without another reverse pass (through the juice model's visitation)
-        r = 1 + names.index("R")
-        grads = member_gradients(outputs[:r] + outputs[r + 1:], q["leaves"])
-        grads.insert(r, grads[0] / pop.model.utility_scale)
+    if pop.selection is not None:  # one state (N = 1)
+        grads = [pop.selection.gradient(c) for c in output_cotangents(pop, q, U, tracked, K if need_fisher else 0)]
     else:
-        grads = member_gradients(outputs, q["leaves"])
+        outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else []) + \
+            ([q["Z"][:, o, a] for o in range(N) for a in range(K)] if need_fisher else [])
+        if tracked and not pop.sampled and "R" in names:
+            # exact: U = c·R (the model's utility_scale c: 1 on the bandits, H on the juice gridworld),
+            # so ∇R = ∇U/c, without another reverse pass (through the juice model's visitation)
+            r = 1 + names.index("R")
+            grads = member_gradients(outputs[:r] + outputs[r + 1:], q["leaves"])
+            grads.insert(r, grads[0] / pop.model.utility_scale)
+        else:
+            grads = member_gradients(outputs, q["leaves"])
     g = grads[0]
     prop_grads = dict(zip(names, grads[1:1 + len(names)])) if tracked else {}
     z_grads = grads[1 + len(names):1 + len(names) + n_z] if tracked else []
@@ -643,29 +645,33 @@ def logit_cotangents(outputs: list[Tensor], Z: Tensor) -> list[Tensor]:
     return cots
 
 
-def output_cotangents(pop: _Population, outputs: list[Tensor], q: dict[str, Any]) -> list[Tensor]:
-    """:func:`logit_cotangents`, or for an update without autograd's graph (one that
-    :meth:`_Population.needs_graph` let go without: untracked, exact, the utility its only output)
-    the utility's cotangent in closed form (the bandits:
-    :meth:`~ntrl.population.models.BanditModel.utility_cotangent`), without a reverse pass."""
-    if not q["Z"].requires_grad:
-        return [pop.model.utility_cotangent(q)]
-    return logit_cotangents(outputs, q["Z"])
+def output_cotangents(pop: _Population, q: dict[str, Any], U: Tensor, tracked: bool, n_logits: int = 0) -> list[Tensor]:
+    """The cotangents ∂X/∂z (M, K) at the one state of the outputs X an update differentiates: U,
+    then where ``tracked`` each of the model's properties and each log-odds z, then the first
+    ``n_logits`` logits z_a (whose cotangents are the unit vectors e_a). In closed form where the
+    population has it (:attr:`_Population.closed_form`: the bandits' exact updates,
+    :meth:`~ntrl.population.models.BanditModel.cotangents`, autograd's numbers bit for bit),
+    without a reverse pass; otherwise by :func:`logit_cotangents` on ``q``'s graph."""
+    Z = q["Z"]
+    if pop.closed_form:
+        units = torch.eye(Z.shape[-1], dtype=Z.dtype, device=Z.device)
+        return pop.model.cotangents(q, tracked) + [units[a].expand(Z.shape[0], -1) for a in range(n_logits)]
+    outputs = [U] + ([q[x] for x in pop.model.properties] + [q["z"][:, i] for i in range(pop.model.n_z)]
+                     if tracked else []) + [Z[:, 0, a] for a in range(n_logits)]
+    return logit_cotangents(outputs, Z)
 
 
 def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None, tracked: bool,
                       first: TrainConfig) -> tuple[Tensor, dict[str, Any] | None, Callable[[], None]]:
     """One exact update at one shared state by the structured path
-    (:mod:`ntrl.engine.batched_structured`): the cotangents c_X = ∂X/∂z from autograd on the
-    logits, the logits' Jacobian in factored form from one backward pass, every tracked quantity
-    in the K-dimensional space of the logits, and the step in place, θ += η·Jᵀβ, where the
-    direction lies in the span (SGD, NPG); Adam and sign descent form g = Jᵀc_U and step as
+    (:mod:`ntrl.engine.batched_structured`): the cotangents c_X = ∂X/∂z at the logits
+    (:func:`output_cotangents`), the logits' Jacobian in factored form from one backward pass,
+    every tracked quantity in the K-dimensional space of the logits, and the step in place,
+    θ += η·Jᵀβ, where the direction lies in the span (SGD, NPG); Adam and sign descent form g = Jᵀc_U and step as
     :func:`general_update` does. Returns what :func:`general_update` returns."""
     names = pop.model.properties
-    Z = q["Z"]
     n_z = pop.model.n_z
-    outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else [])
-    cots = output_cotangents(pop, outputs, q)
+    cots = output_cotangents(pop, q, U, tracked)
     jac = pop.structured.jacobian(q["fwd"])
     cU = cots[0]
     opt = pop.optimizer
@@ -678,9 +684,13 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
         probs, weights = q["logp"].detach().exp()[:, 0], q["weights"].detach()[:, 0]
         if opt.name == "npg":
             fisher = LogitInverseFisher.from_jacobian(G, probs, weights, opt.damping)
-        if tracked and first.fisher:
-            fisher0 = fisher if fisher is not None and not bool((opt.damping > 0).any()) else \
-                LogitInverseFisher.from_jacobian(G, probs, weights, torch.zeros_like(opt.damping))
+        if tracked and first.fisher:  # undamped, for the record (two actions: in closed form)
+            if fisher is not None and not bool((opt.damping > 0).any()):
+                fisher0 = fisher
+            elif probs.shape[1] == 2:
+                fisher0 = TwoActionFisherNTVar.from_jacobian(G, probs, weights)
+            else:
+                fisher0 = LogitInverseFisher.from_jacobian(G, probs, weights, torch.zeros_like(opt.damping))
     beta, plan = None, None  # the step: Jᵀβ (SGD, NPG) or a dense plan (Adam, sign descent)
     if opt.name == "sgd":
         beta = c_step
@@ -892,29 +902,44 @@ def noise_spread(batch: SampledBatch, rows: Tensor, prop_grads: dict[str, Tensor
 
 def record_fields(t: int, before: dict[str, Any], q: dict[str, Tensor], U: list[float], lr: Tensor,
                   returns: list[float], sampled: bool, names: Sequence[str] = ("P", "R")) -> dict[str, Any]:
-    """Every field of this update's records, in the per-run path's order, as a list over members
-    (or one value for all): X(θ + Δθ) from ``q``, the rest from :func:`tracked_stats`,
-    :func:`eta_probe` and :func:`noise_spread`."""
-    fields: dict[str, Any] = {"update": t, "lr": _floats(lr), "U": U}
+    """Every field of this update's records, in the per-run path's order, as a float64 numpy
+    array over members (rows; a row of several values for a list field) or one value for all:
+    X(θ + Δθ) from ``q``, the rest from :func:`tracked_stats`, :func:`eta_probe` and
+    :func:`noise_spread`."""
+    fields: dict[str, Any] = {"update": t, "lr": _array(lr), "U": np.asarray(U, dtype=np.float64)}
     for name in names:
         for key, value in before[name].items():
             if value is not None:
-                fields[f"{name}/{key}"] = _floats(value)
-    fields["kappa"] = _floats(before["kappa"])
+                fields[f"{name}/{key}"] = _array(value)
+    fields["kappa"] = _array(before["kappa"])
     fields["backend"] = "population"
     for part in ("probe", "noise"):
         for key, value in before.get(part, {}).items():
-            fields[key] = _floats(value)
+            fields[key] = _array(value)
     for name in names:
         real = q[name].detach() - before[name]["value"]
         pred = before[name]["pred_delta"]
-        fields[f"{name}/real_delta"] = _floats(real)
-        fields[f"{name}/residual"] = _floats(real - pred)
-        fields[f"{name}/first_order"] = first_order(real, pred).tolist()
-    fields["return"] = returns
+        fields[f"{name}/real_delta"] = _array(real)
+        fields[f"{name}/residual"] = _array(real - pred)
+        fields[f"{name}/first_order"] = first_order(real, pred).cpu().numpy()
+    fields["return"] = np.asarray(returns, dtype=np.float64)
     if sampled:
-        fields["return_undiscounted"] = returns
+        fields["return_undiscounted"] = fields["return"]
     return fields
+
+
+def _member_value(value: Any, row: int) -> Any:
+    """Member ``row``'s value of a record field of :func:`record_fields` (a Python value)."""
+    if isinstance(value, np.ndarray):
+        return value[row].tolist()
+    return value[row] if isinstance(value, list) else value
+
+
+def _member_values(value: Any, rows: list[int]) -> list[Any]:
+    """:func:`_member_value` of each of ``rows``."""
+    if isinstance(value, np.ndarray):
+        return value[rows].tolist()
+    return [value[r] for r in rows] if isinstance(value, list) else [value] * len(rows)
 
 
 def append_records(members: list[MemberState], pop: "_Population", fields: dict[str, Any], t: int,
@@ -932,8 +957,7 @@ def append_records(members: list[MemberState], pop: "_Population", fields: dict[
         st.n_records += 1
     if pop.kept_rows is not None and good:
         pop.kept_keys = tuple(k for k in PRICE_KEYS if k in fields)
-        columns = [[fields[k][r] for r in good] if isinstance(fields[k], list) else [fields[k]] * len(good)
-                   for k in pop.kept_keys]
+        columns = [_member_values(fields[k], good) for k in pop.kept_keys]
         for row, kept in zip(good, zip(*columns)):
             st = members[pop.alive[row]]
             if st.kept is not None:  # None: it reads its records back
@@ -947,7 +971,7 @@ def append_records(members: list[MemberState], pop: "_Population", fields: dict[
         if finite[row] and not opt_bad[row]:
             continue
         st = members[pop.alive[row]]
-        record = {k: (v[row] if isinstance(v, list) else v) for k, v in fields.items()}
+        record = {k: _member_value(v, row) for k, v in fields.items()}
         bad = nonfinite_field(record)
         kept = f"stopped, the {st.n_records} records before it are kept"
         if bad is not None:
