@@ -116,10 +116,14 @@ def finite_rows(fields: dict[str, Any], n: int) -> list[bool]:
     """For each of ``n`` members, whether every float of its record (``fields`` as
     :func:`record_lines` takes them) is finite."""
     ok = np.ones(n, dtype=bool)
+    columns = []  # the float arrays of one value per member, checked at once
     for value in fields.values():
         if isinstance(value, np.ndarray):
             if value.dtype.kind == "f":
-                ok &= np.isfinite(value).reshape(n, -1).all(axis=1)
+                if value.shape == (n,):
+                    columns.append(value)
+                else:
+                    ok &= np.isfinite(value).reshape(n, -1).all(axis=1)
             elif value.dtype.kind not in "biu":  # not numbers: the caller checks these rows itself
                 return [False] * n
         elif isinstance(value, list):
@@ -131,6 +135,8 @@ def finite_rows(fields: dict[str, Any], n: int) -> list[bool]:
                 ok &= np.isfinite(arr).reshape(n, -1).all(axis=1)
         elif isinstance(value, float) and not math.isfinite(value):
             ok[:] = False
+    if columns:
+        ok &= np.isfinite(np.stack(columns)).all(axis=0)
     return ok.tolist()
 
 

@@ -121,16 +121,46 @@ def first_order_scale(records: Sequence[dict[str, Any]], share: float = FIRST_OR
     (s*, smallest probed s, largest probed s), with s* the largest probed multiple s of the
     records' η such that at most ``share`` of the probed updates leave the first-order regime
     (:func:`first_order`) at s or at any smaller multiple; 0 when even the smallest does, nan
-    without a probe."""
-    flags: dict[float, list[bool]] = {}
-    for rec in records:
-        lrs, real, pred = rec.get("P/probe_lr"), rec.get("P/probe_real"), rec.get("P/probe_pred")
-        if not lrs or real is None or pred is None:
-            continue
-        for lr, r, p in zip(lrs, real, pred):
-            flags.setdefault(round(lr / rec["lr"], 12), []).append(not first_order(r, p))
-    if not flags:
+    without a probe. A probed multiple is η_probe/η rounded to 12 digits (Python's ``round``)."""
+    keys = ("lr", "P/probe_lr", "P/probe_real", "P/probe_pred")
+    return first_order_scale_of_columns({k: [rec.get(k) for rec in records] for k in keys}, share)
+
+
+def first_order_scale_of_columns(columns: dict[str, Sequence[Any]], share: float = FIRST_ORDER_SHARE) -> tuple[float, float, float]:
+    """:func:`first_order_scale` of records given as columns: ``lr``, ``P/probe_lr``,
+    ``P/probe_real`` and ``P/probe_pred``, one entry per record (None where it has none)."""
+    lr, lrs, real, pred = (columns.get(k) or [None] * len(columns.get("lr") or [])
+                           for k in ("lr", "P/probe_lr", "P/probe_real", "P/probe_pred"))
+    probed = [i for i, (a, b, c) in enumerate(zip(lrs, real, pred)) if a and b is not None and c is not None]
+    if not probed:
         return float("nan"), float("nan"), float("nan")
+    try:  # the records' probes as arrays, one row per record (the usual case: one set of scales)
+        L, R, P = (np.array([col[i] for i in probed], dtype=float) for col in (lrs, real, pred))
+        if L.ndim != 2 or R.shape != L.shape or P.shape != L.shape:
+            raise ValueError("ragged")
+    except (TypeError, ValueError):  # records with differing probes: record by record
+        return _first_order_scale_by_record([(lr[i], lrs[i], real[i], pred[i]) for i in probed], share)
+    ratios = L / np.array([lr[i] for i in probed], dtype=float)[:, None]
+    unique, inverse = np.unique(ratios, return_inverse=True)
+    scales = np.array([round(float(u), 12) for u in unique])[inverse.reshape(ratios.shape)]
+    outside = ~first_order(R, P)
+    flags = {float(s): outside[scales == s] for s in np.unique(scales)}
+    return _largest_first_order(flags, share)
+
+
+def _first_order_scale_by_record(probes: Sequence[tuple], share: float) -> tuple[float, float, float]:
+    """:func:`first_order_scale`, one probed update (η, its probe's η's, real and predicted
+    changes) at a time."""
+    flags: dict[float, list[bool]] = {}
+    for rec_lr, lrs, real, pred in probes:
+        for lr, r, p in zip(lrs, real, pred):
+            flags.setdefault(round(lr / rec_lr, 12), []).append(not first_order(r, p))
+    return _largest_first_order(flags, share)
+
+
+def _largest_first_order(flags: dict[float, Any], share: float) -> tuple[float, float, float]:
+    """(s*, smallest s, largest s) from whether each probed update at multiple s left the
+    first-order regime (``flags``: s → booleans)."""
     best = 0.0
     for s in sorted(flags):
         if np.mean(flags[s]) > share:

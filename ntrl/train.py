@@ -23,7 +23,9 @@ from ntrl.records import (
 )
 from ntrl.run_dirs import RUN_KIND, check_name, check_out_dir, inside, made_dirs, replace_run_dir, write_marker
 from ntrl.engine.tangent import TangentEngine
-from ntrl.tracker import FIRST_ORDER_SHARE, FIRST_ORDER_TOLERANCE, Tracker, first_order_scale, price_agreement
+from ntrl.tracker import (
+    FIRST_ORDER_SHARE, FIRST_ORDER_TOLERANCE, Tracker, first_order_scale_of_columns, price_agreement,
+)
 from ntrl.wandb_sink import WandbSink
 
 
@@ -156,23 +158,45 @@ def _mean(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else float(np.mean(value))
 
 
+def _means(values: Sequence[Any]) -> np.ndarray:
+    """:func:`_mean` of each value, as a float64 array (at once where every value is one number)."""
+    if all(type(v) is float or type(v) is int for v in values):
+        return np.array(values, dtype=float)
+    return np.array([_mean(v) for v in values], dtype=float)
+
+
 def price_check(records: list[dict[str, Any]], name: str = "P") -> dict[str, float]:
     """How well predicted ΔX matched realised ΔX over a run's records (see price_agreement), and
     where the records carry the η-probe, the largest learning rate at which all but
     FIRST_ORDER_SHARE of the probed updates stay first-order (``first_order_lr``; see
     :func:`ntrl.tracker.first_order_scale`) and the largest probed one."""
-    rows = [r for r in records if f"{name}/real_delta" in r]
-    out = price_agreement(np.array([_mean(r[f"{name}/pred_delta"]) for r in rows]),
-                          np.array([_mean(r[f"{name}/real_delta"]) for r in rows]))
-    values = [r[f"{name}/value"] for r in rows if f"{name}/value" in r]
+    real_key = f"{name}/real_delta"
+    rows = [r for r in records if real_key in r]
+    keys = PRICE_CHECK_KEYS + (real_key, f"{name}/pred_delta", f"{name}/value")
+    return price_check_of_columns({k: [r.get(k) for r in rows] for k in keys}, name)
+
+
+PRICE_CHECK_KEYS = ("update", "lr", "P/probe_lr", "P/probe_real", "P/probe_pred")  # and X/real_delta, X/pred_delta, X/value
+
+
+def price_check_of_columns(columns: dict[str, Sequence[Any]], name: str = "P") -> dict[str, float]:
+    """:func:`price_check` of the records that hold X/real_delta, given as columns (one entry
+    per record, None where a record lacks the key; a key with no column: no record has it): the
+    keys of ``PRICE_CHECK_KEYS`` and X/real_delta, X/pred_delta and X/value."""
+    real = columns[f"{name}/real_delta"]
+    n = len(real)
+    out = price_agreement(_means(columns.get(f"{name}/pred_delta") or [None] * n), _means(real))
+    values = [v for v in columns.get(f"{name}/value") or [] if v is not None]
     if values:
-        out["value_scale"] = float(max(abs(_mean(v)) for v in values))  # the headline P, the mean over probe states
-    if rows:
-        out["top_miss_updates"] = [rows[i].get("update", i) for i in out.pop("top_miss_index", [])]
-    if name == "P" and rows:
-        scale, _, top = first_order_scale(rows)
+        out["value_scale"] = float(max(map(abs, _means(values).tolist())))  # the headline P, the mean over probe states
+    if n:
+        updates = columns.get("update") or [None] * n
+        out["top_miss_updates"] = [i if updates[i] is None else updates[i] for i in out.pop("top_miss_index", [])]
+    if name == "P" and n:
+        scale, _, top = first_order_scale_of_columns(columns)
         if math.isfinite(scale):
-            out["first_order_lr"], out["probed_lr_max"] = scale * rows[0]["lr"], top * rows[0]["lr"]
+            lr = columns["lr"][0]
+            out["first_order_lr"], out["probed_lr_max"] = scale * lr, top * lr
     return out
 
 

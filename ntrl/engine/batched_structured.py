@@ -373,9 +373,10 @@ class TwoActionFisherNTVar:
     @classmethod
     def from_jacobian(cls, G: Tensor, probs: Tensor, weights: Tensor) -> "TwoActionFisherNTVar":
         """From G = J Jᵀ (M, 2, 2), π (M, 2) and the state's weight w (M,)."""
-        eye = torch.eye(2, dtype=probs.dtype, device=probs.device)
-        ok = torch.isfinite(G).all(2).all(1) & torch.isfinite(probs).all(1) & torch.isfinite(weights)
-        ok = ok & (torch.linalg.cholesky_ex(torch.where(ok[:, None, None], G, eye))[1] == 0)
+        # positive definite as Cholesky finds it: G₀₀ > 0, then G₁₁ − (G₁₀/√G₀₀)² > 0 (NaN fails both)
+        g00, g10, g11 = G[:, 0, 0], G[:, 1, 0], G[:, 1, 1]
+        ok = (torch.isfinite(G).all(2).all(1) & torch.isfinite(probs).all(1) & torch.isfinite(weights)
+              & (g00 > 0) & (g11 - (g10 / g00.sqrt()) ** 2 > 0))
         Gv = G[:, :, 0] - G[:, :, 1]
         vGv = Gv[:, 0] - Gv[:, 1]
         s2 = weights * probs[:, 0] * probs[:, 1] * vGv**2

@@ -64,7 +64,9 @@ from ntrl.records import (
 )
 from ntrl.run_dirs import check_out_dir, check_run_dir, ntrl_wandb_dir
 from ntrl.tracker import TrackSchedule, first_order
-from ntrl.train import RunInterrupted, RunResult, prepare_run_dir, price_check, run_summary, split_seed
+from ntrl.train import (
+    RunInterrupted, RunResult, prepare_run_dir, price_check, price_check_of_columns, run_summary, split_seed,
+)
 from ntrl.wandb_sink import WandbSink
 
 log = logging.getLogger(__name__)
@@ -298,8 +300,6 @@ class _Population:
         self.returns_first: dict[int, float] = {}
         self.returns_last: tuple[list[int], list[float]] | None = None
         self.iterations = 0
-        self.kept_rows: int | None = 0  # records kept for the members' Price checks (None: too many)
-        self.kept_keys: tuple[str, ...] = ()
         self.action_rngs, self.noise_rngs = [], []
         from gymnasium.utils import seeding
 
@@ -496,6 +496,7 @@ def train_population(
         bar = tqdm(total=max(c.steps for c in configs), desc=wandb_name or "population", unit="upd", file=sys.stderr,
                    dynamic_ncols=True)
     curve_points = max(2, CURVE_ROWS // len(configs))  # per member, in the W&B curves table
+    pending = PendingRecords(members)
     last_flush = loop_start = time.time()
     flush_interval = flush_seconds
     t = 0
@@ -525,7 +526,7 @@ def train_population(
                 done[row] = ("failed", f"non-finite utility gradient at update {t}", float(p_before[row]), t)
             if tracked:
                 fields = record_fields(t, before, q, U_val, pop.optimizer.lr, returns, pop.sampled, names)
-                append_records(members, pop, fields, t, done, p_after, first.optimizer, tracking)
+                append_records(members, pop, pending, fields, t, done, p_after, first.optimizer, tracking)
                 recorded = [row for row in range(len(pop.alive)) if tracking[row] and row not in done]
                 if recorded:  # P after the step, as the records of update t give it
                     sink.log({"update": t, "P/median": float(statistics.median_low(
@@ -546,7 +547,7 @@ def train_population(
                     st.error = message
                     ending.append((st, status, updates, p_end))
                 pop.write_returns(members, [pop.alive[row] for row in sorted(done)], first.batch_size)
-                finish_members(ending, sink, curve_points, pop.kept_keys)
+                finish_members(ending, sink, curve_points, pending)
                 keep = [r for r in range(len(pop.alive)) if r not in done]
                 pop.select(keep)
                 watch.select(keep)
@@ -554,6 +555,7 @@ def train_population(
                     q = pop.forward()
             if time.time() - last_flush > flush_interval:
                 flush_start = time.time()
+                pending.format()
                 flush(members)
                 last_flush = time.time()
                 # appending to a thousand members' files takes a while: spend at most 1/20 of the time on it
@@ -573,7 +575,7 @@ def train_population(
         still = [i for i in pop.alive if not members[i].written]
         pop.write_returns(members, still, first.batch_size)
         finish_members([(members[i], "interrupted" if interrupted else "failed", t, math.nan) for i in still],
-                       sink, curve_points, pop.kept_keys)
+                       sink, curve_points, pending)
         pop.model.close()
         wandb_dir = sink.directory  # None once finished
         close_population_sink(sink, members, t)
@@ -705,19 +707,25 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
         lr = opt.lr
         if plan is not None:
             G_opt, J_dir = jac.gram_diagonal(plan.diagonal), jac.dot(plan.direction)
+        # every product c_iᵀ G c_j of the tracked cotangents (the properties', the log-odds', U's and
+        # the step's β) from one batched product: D (M, n, n)
+        n_x = len(names)
+        C = torch.stack(cots[1:1 + n_x + n_z] + [cU] + ([beta] if beta is not None else []), 1)
+        D = torch.bmm(C, torch.bmm(G, C.mT))
+        i_U, i_beta = n_x + n_z, n_x + n_z + 1
         before = {}
-        for name, c in zip(names, cots[1:1 + len(names)]):
-            euc = quad(c, G, c)
+        for i, (name, c) in enumerate(zip(names, cots[1:1 + n_x])):
+            euc = D[:, i, i]
             if fisher is not None:
                 ntvar_opt = fisher.ntvar(c)
             elif plan is not None:
                 ntvar_opt = quad(c, G_opt, c)
             else:
                 ntvar_opt = euc
-            ntcov_opt = quad(c, G, beta) if beta is not None else (c * J_dir).sum(1)
+            ntcov_opt = D[:, i, i_beta] if beta is not None else (c * J_dir).sum(1)
             before[name] = stat_fields(q[name], euc, ntvar_opt, None if fisher0 is None else fisher0.ntvar(c),
-                                       quad(c, G, cU), ntcov_opt, lr)
-        before["kappa"] = kappa_field([quad(c, G, c) for c in cots[1 + len(names):1 + len(names) + n_z]])
+                                       D[:, i, i_U], ntcov_opt, lr)
+        before["kappa"] = kappa_field([D[:, n_x + k, n_x + k] for k in range(n_z)])
         if first.price_scales:
             direction = jac.materialize(beta, pop.stacked.n_params) if beta is not None else plan.direction
             before["probe"] = eta_probe(pop, q, SimpleNamespace(direction=direction), before["P"]["ntcov_opt"],
@@ -767,7 +775,7 @@ def log_finished_population(configs: Sequence[TrainConfig], summaries: Sequence[
         write_json_atomic(run_dir / SUMMARY_FILE, summary)
         written.append(summary)
         members.append(SimpleNamespace(run_dir=run_dir, config=config, summary=summary,
-                                       curve=thin_curve(recs, curve_points)))
+                                       curve=thin_curve([(r["update"], r["P/value"]) for r in recs], curve_points)))
     close_population_sink(sink, members, max((s["updates"] for s in summaries), default=0))
     return written
 
@@ -905,23 +913,34 @@ def record_fields(t: int, before: dict[str, Any], q: dict[str, Tensor], U: list[
     """Every field of this update's records, in the per-run path's order, as a float64 numpy
     array over members (rows; a row of several values for a list field) or one value for all:
     X(θ + Δθ) from ``q``, the rest from :func:`tracked_stats`, :func:`eta_probe` and
-    :func:`noise_spread`."""
-    fields: dict[str, Any] = {"update": t, "lr": _array(lr), "U": np.asarray(U, dtype=np.float64)}
+    :func:`noise_spread`. The fields of one value per member come to the host as one array."""
+    tensors: dict[str, Tensor | None] = {"lr": lr}
     for name in names:
         for key, value in before[name].items():
             if value is not None:
-                fields[f"{name}/{key}"] = _array(value)
-    fields["kappa"] = _array(before["kappa"])
-    fields["backend"] = "population"
+                tensors[f"{name}/{key}"] = value
+    tensors["kappa"] = before["kappa"]
     for part in ("probe", "noise"):
-        for key, value in before.get(part, {}).items():
-            fields[key] = _array(value)
+        tensors.update(before.get(part, {}))
     for name in names:
         real = q[name].detach() - before[name]["value"]
-        pred = before[name]["pred_delta"]
-        fields[f"{name}/real_delta"] = _array(real)
-        fields[f"{name}/residual"] = _array(real - pred)
-        fields[f"{name}/first_order"] = first_order(real, pred).cpu().numpy()
+        tensors[f"{name}/real_delta"] = real
+        tensors[f"{name}/residual"] = real - before[name]["pred_delta"]
+        tensors[f"{name}/first_order"] = None  # from the host's real and predicted changes, below
+    M = lr.shape[0]
+    flat = [k for k, v in tensors.items() if v is not None and v.shape == (M,) and v.dtype.is_floating_point]
+    rows = dict(zip(flat, _array(torch.stack([tensors[k].detach().to(torch.float64) for k in flat]))))
+    fields: dict[str, Any] = {"update": t, "lr": rows["lr"], "U": np.asarray(U, dtype=np.float64)}
+    for key, value in tensors.items():
+        if key in rows:
+            fields[key] = rows[key]
+        elif value is None:
+            name = key.split("/")[0]
+            fields[key] = first_order(rows[f"{name}/real_delta"], rows[f"{name}/pred_delta"])
+        else:
+            fields[key] = _array(value)
+        if key == "kappa":
+            fields["backend"] = "population"
     fields["return"] = np.asarray(returns, dtype=np.float64)
     if sampled:
         fields["return_undiscounted"] = fields["return"]
@@ -942,31 +961,83 @@ def _member_values(value: Any, rows: list[int]) -> list[Any]:
     return [value[r] for r in rows] if isinstance(value, list) else [value] * len(rows)
 
 
-def append_records(members: list[MemberState], pop: "_Population", fields: dict[str, Any], t: int,
-                   done: dict[int, tuple], p_after: list[float], optimizer: str, tracking: list[bool]) -> None:
+class PendingRecords:
+    """Tracked updates' record fields (:func:`record_fields`), queued as they are, and written
+    out as record lines (:func:`ntrl.records.record_lines`) only when the lines are due
+    (:meth:`format`: before each flush, when members stop), all queued updates in one loop rather
+    than each at its own update among the untracked ones, whose work evicts formatting's code
+    and data from the caches (a 256-member update's lines take about half the time there; the
+    updates are formatted one by one: merged into one call they took longer). Each member's
+    lines keep their update order. Formatting also keeps each member's ``kept`` Price-check
+    values (``PRICE_KEYS``), until more than ``KEPT_ROWS`` are kept in all; beyond that every
+    member reads its records back when it stops."""
+
+    def __init__(self, members: Sequence[MemberState]) -> None:
+        self.members = members
+        self.blocks: list[tuple[list[MemberState], dict[str, Any], list[int]]] = []
+        self.kept_rows: int | None = 0  # records kept for the members' Price checks (None: too many)
+        self.kept_keys: tuple[str, ...] = ()
+
+    def add(self, states: list[MemberState], fields: dict[str, Any], rows: list[int]) -> None:
+        """Queue the records of members ``states``: rows ``rows`` of one update's ``fields``."""
+        self.blocks.append((states, fields, rows))
+        for st in states:
+            st.n_records += 1
+
+    def format(self) -> None:
+        """Every queued record as its line, appended to its member's ``lines``, update by update.
+        A Ctrl-C while an update's lines are computed leaves them queued; once they are, they are
+        all delivered, and the interrupt is raised after."""
+        while self.blocks:
+            states, fields, rows = self.blocks[0]
+            lines = record_lines(fields, rows)
+            kept = self._kept(fields, rows, len(states))
+            queued, delivered, interrupt = len(self.blocks), 0, None
+            while delivered < len(states) or len(self.blocks) == queued:
+                try:  # every step below can be retried after a Ctrl-C without doing it twice
+                    if len(self.blocks) == queued:
+                        del self.blocks[0]
+                    while delivered < len(states):
+                        st, line = states[delivered], lines[delivered]
+                        if not (st.lines and st.lines[-1] is line):
+                            st.lines.append(line)
+                        if kept is not None and st.kept is not None and not (st.kept and st.kept[-1] is kept[delivered]):
+                            st.kept.append(kept[delivered])
+                        delivered += 1
+                except KeyboardInterrupt as e:
+                    interrupt = e
+            if interrupt is not None:
+                raise interrupt
+
+    def _kept(self, fields: dict[str, Any], rows: list[int], n: int) -> list[tuple] | None:
+        """The Price-check values (``PRICE_KEYS``) of rows ``rows`` of ``fields``, or None once
+        more than ``KEPT_ROWS`` are kept in all (then every member reads its records back)."""
+        if self.kept_rows is None:
+            return None
+        self.kept_keys = tuple(k for k in PRICE_KEYS if k in fields)
+        self.kept_rows += n
+        if self.kept_rows > KEPT_ROWS:
+            self.kept_rows = None
+            for st in self.members:
+                st.kept = None
+            return None
+        return list(zip(*[_member_values(fields[k], rows) for k in self.kept_keys]))
+
+
+def append_records(members: list[MemberState], pop: "_Population", pending: PendingRecords, fields: dict[str, Any],
+                   t: int, done: dict[int, tuple], p_after: list[float], optimizer: str, tracking: list[bool]) -> None:
     """The record of update t of each training member whose schedule tracks t (``tracking``),
-    queued for its records.jsonl; a member whose record or optimizer state went non-finite is
-    stopped instead (into ``done``), as the per-run path stops (:func:`ntrl.train.train`)."""
+    queued for its records.jsonl (:class:`PendingRecords`); a member whose record or optimizer
+    state went non-finite is stopped instead (into ``done``), as the per-run path stops
+    (:func:`ntrl.train.train`)."""
     opt_bad = pop.optimizer.nonfinite().tolist()
     finite = finite_rows(fields, len(pop.alive))
-    rows = [row for row in range(len(pop.alive)) if row not in done and tracking[row]]
+    rows = [row for row, tracks in enumerate(tracking) if tracks and row not in done]
     good = [row for row in rows if finite[row] and not opt_bad[row]]
-    for row, line in zip(good, record_lines(fields, good)):
-        st = members[pop.alive[row]]
-        st.lines.append(line)
-        st.n_records += 1
-    if pop.kept_rows is not None and good:
-        pop.kept_keys = tuple(k for k in PRICE_KEYS if k in fields)
-        columns = [_member_values(fields[k], good) for k in pop.kept_keys]
-        for row, kept in zip(good, zip(*columns)):
-            st = members[pop.alive[row]]
-            if st.kept is not None:  # None: it reads its records back
-                st.kept.append(kept)
-        pop.kept_rows += len(good)
-        if pop.kept_rows > KEPT_ROWS:  # too many to hold: every member reads its records back when it stops
-            pop.kept_rows = None
-            for st in members:
-                st.kept = None
+    if good:
+        pending.add([members[pop.alive[row]] for row in good], fields, good)
+    if len(good) == len(rows):
+        return
     for row in rows:
         if finite[row] and not opt_bad[row]:
             continue
@@ -980,6 +1051,7 @@ def append_records(members: list[MemberState], pop: "_Population", fields: dict[
             done[row] = ("failed", f"the {optimizer} optimizer's state became non-finite at update {t} (reward or "
                                    f"learning rate too large?); {kept}", p_after[row], t + 1)
         else:  # finite after all (a field finite_rows could not read as numbers)
+            pending.format()  # the records queued before it go first
             st.lines.append(record_line(record))
             st.n_records += 1
             st.kept = None  # it reads its records back when it stops
@@ -1041,30 +1113,32 @@ def stopping(st: MemberState, p: float, t: int) -> tuple[str, str | None, float,
 
 
 def finish_members(ending: Sequence[tuple[MemberState, str, int, float]], sink: WandbSink, curve_points: int,
-                   kept_keys: Sequence[str] = ()) -> None:
-    """These members have stopped, each with (status, updates, p_end): append their last records,
+                   pending: PendingRecords) -> None:
+    """These members have stopped, each with (status, updates, p_end): append their last records
+    (every queued record formatted first: ``pending``),
     write each one's summary.json (the per-run path's, :func:`ntrl.train.run_summary`, with the
     Price check read back from its records as that path reads it, plus ``population`` and its
-    ``error`` if it failed, from what :func:`price_records` gives), and keep at most
+    ``error`` if it failed, from what :func:`price_and_curve` gives), and keep at most
     ``curve_points`` of each P curve for W&B. The
     records and summaries reach the disk together (:func:`ntrl.records.write_json_many_atomic`:
     one sync for all, not one per file); a summary is never half-written, and never there before
     its records."""
     if not ending:
         return
+    pending.format()
+    kept_keys = pending.kept_keys
     flush([st for st, *_ in ending])
     for st, status, updates, p_end in ending:
-        records = price_records(st, kept_keys)
+        price, st.curve = price_and_curve(st, kept_keys, curve_points)
         st.summary = run_summary(st.config, st.run_dir, sink, status=status, updates=updates, p_start=st.p_start,
                                  p_end=p_end, crossed=st.crossed, n_probe=1, episodes=st.episodes, episodes_cut=0,
                                  return_first=st.return_first, return_last=st.return_last,
                                  p_min=st.p_min, p_min_at=st.p_min_at, p_back_at=st.p_back_at,
-                                 price=price_check(records, "P"))
+                                 price=price)
         st.summary["population"] = True
         if st.error:
             st.summary["error"] = st.error
         st.summary.update(st.extra)
-        st.curve = thin_curve(records, curve_points)
         st.kept = None  # done with: its memory goes back
     for before_summary in {id(st.before_summary): st.before_summary for st, *_ in ending}.values():
         if before_summary is not None:
@@ -1079,20 +1153,22 @@ PRICE_KEYS = ("update", "lr", "P/value", "P/pred_delta", "P/real_delta", "P/prob
 KEPT_ROWS = 2_000_000  # records whose PRICE_KEYS a population keeps in memory, in all (about 0.5 GiB)
 
 
-def price_records(st: MemberState, keys: Sequence[str]) -> list[dict[str, Any]]:
-    """The member's records as :func:`ntrl.train.price_check` and :func:`thin_curve` read them:
-    the ``keys`` it kept of each (the floats its records.jsonl holds: a float's repr reads back as
-    itself), or its records read back where it kept none."""
-    if st.kept is None:
-        return read_records(st.run_dir)
-    return [dict(zip(keys, kept)) for kept in st.kept]
+def price_and_curve(st: MemberState, keys: Sequence[str], curve_points: int) -> tuple[dict[str, Any], list[tuple[int, float]]]:
+    """The member's Price check (:func:`ntrl.train.price_check`, of the values it kept of each
+    record, ``keys``, as columns: the floats its records.jsonl holds, each of which reads back as
+    itself; or of its records read back where it kept none) and its thinned P curve
+    (:func:`thin_curve`)."""
+    if st.kept is None or not st.kept:
+        records = read_records(st.run_dir) if st.kept is None else []
+        return price_check(records, "P"), thin_curve([(r["update"], r["P/value"]) for r in records], curve_points)
+    columns = dict(zip(keys, map(list, zip(*st.kept))))
+    return price_check_of_columns(columns, "P"), thin_curve(list(zip(columns["update"], columns["P/value"])), curve_points)
 
 
-def thin_curve(records: Sequence[dict[str, Any]], curve_points: int) -> list[tuple[int, float]]:
-    """(update, P) of every k-th record, k = ⌈len/curve_points⌉, the last always kept."""
-    stride = max(1, -(-len(records) // curve_points))
-    kept = list(records[::stride]) + (list(records[-1:]) if records and (len(records) - 1) % stride else [])
-    return [(r["update"], r["P/value"]) for r in kept]
+def thin_curve(points: Sequence[tuple[int, float]], curve_points: int) -> list[tuple[int, float]]:
+    """Every k-th of the (update, P) ``points``, k = ⌈len/curve_points⌉, the last always kept."""
+    stride = max(1, -(-len(points) // curve_points))
+    return list(points[::stride]) + (list(points[-1:]) if points and (len(points) - 1) % stride else [])
 
 
 FLUSH_SPACING = 20  # records are appended at most flush_seconds apart, or 20 times as long as appending took
