@@ -76,6 +76,50 @@ def population_update_seconds(members: int, updates: int, repeats: int = 3, **kw
                for _ in range(repeats))
 
 
+def in_run_overhead(members: int = 256, updates: int = 2000, every: int = 10) -> dict[str, float]:
+    """Tracker overhead read inside one run tracked every ``every``-th update, from the time of
+    each iteration of the update loop (stamped where the loop asks which members track: the
+    loop's first step): ``paired``, the median tracked iteration against the median untracked
+    one, (T̃_tracked − T̃_untracked)/(every · T̃_untracked), tracked and untracked iterations
+    interleaved, so a slow spell of the VM counts in both; ``all_costs``, every iteration's time
+    beyond the median untracked one's (the queued records' formatting and the flushes, which fall
+    in a few untracked iterations, included), Σ T_i/(n · T̃_untracked) − 1, less the same reading of
+    a run that tracks nothing; and ``finish_s``, what stopping the members at the end (their
+    Price checks and curves, read from the records) takes beyond the untracked run's."""
+    import numpy as np
+
+    from ntrl.population import TrackSchedule, train_population
+    from ntrl.population import trainer
+
+    stamps: list[float] = []
+    original = trainer._Population.tracking
+
+    def stamped(self, t):
+        stamps.append(time.perf_counter())
+        return original(self, t)
+
+    def run(schedule) -> tuple[np.ndarray, float]:
+        stamps.clear()
+        with tempfile.TemporaryDirectory() as d:
+            r = train_population(configs(d, members, updates + 10), schedule=schedule, progress=False)
+        dt = np.diff(stamps)[10:]  # iterations 10 … (the last one, which stops every member, left out)
+        return dt, r.train_seconds - (stamps[-1] - stamps[10]) if len(stamps) > 10 else 0.0
+
+    trainer._Population.tracking = stamped
+    try:
+        tracked, finish_tracked = run(TrackSchedule(every=every))
+        untracked, finish_untracked = run(TrackSchedule(every=10**9))
+    finally:
+        trainer._Population.tracking = original
+    t = np.arange(10, 10 + len(tracked))
+    base = float(np.median(tracked[t % every != 0]))
+    paired = (float(np.median(tracked[t % every == 0])) - base) / every / base
+    all_costs = (tracked.sum() / (len(tracked) * base) - 1) - (untracked.sum() / (len(untracked) * np.median(untracked)) - 1)
+    return {"paired": paired, "all_costs": float(all_costs), "finish_s": finish_tracked - finish_untracked,
+            "finish_share": (finish_tracked - finish_untracked) / (len(tracked) * base),
+            "tracked_iteration_ms": float(np.median(tracked[t % every == 0])) * 1e3, "untracked_iteration_ms": base * 1e3}
+
+
 def single_update_seconds(updates: int) -> float:
     from ntrl.train import train
 
@@ -229,6 +273,14 @@ def main() -> None:
     print(f"2. tracker overhead, {n} members tracked every 10th update vs update 0 only: "
           f"{tracked * 1e3:.2f} vs {untracked * 1e3:.2f} ms per update, {100 * (tracked / untracked - 1):.1f} % "
           f"(target ≤ 10 %)")
+    inside = in_run_overhead(n)
+    res.update({f"tracker_overhead_in_run_{k}": v for k, v in inside.items()})
+    print(f"2b. the same read inside one run of 2000 updates: a tracked iteration {inside['tracked_iteration_ms']:.2f} ms "
+          f"against an untracked one's {inside['untracked_iteration_ms']:.2f} ms (medians): {100 * inside['paired']:.1f} %; "
+          f"with every cost of the loop (formatting the queued records, flushing): {100 * inside['all_costs']:.1f} %; "
+          f"stopping the members at the end adds {inside['finish_s']:.2f} s more than an untracked run's "
+          f"({100 * inside['finish_share']:.1f} % of the loop): {100 * (inside['all_costs'] + inside['finish_share']):.1f} % "
+          f"in all (target ≤ 10 %)")
 
     base = peak_rss_gib("import torch, ntrl.population")
     code = (f"import tempfile, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import bench_population as b\n"
