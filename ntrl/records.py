@@ -85,14 +85,14 @@ def _column_values(value: Any, rows: list[int], index: np.ndarray) -> list[bytes
     """The JSON of each member ``rows`` (``index``: the same as an index array) of one field: a
     numpy array of one row per member (its rows' values, written by one orjson call and split), a
     list of one value per member, or one value for all."""
-    if isinstance(value, np.ndarray):
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":  # numbers: no comma inside a value
         encoded = json_bytes(value[index])  # indexing by an array gives the C-contiguous copy orjson needs
         if value.ndim == 1:
             return encoded[1:-1].split(b",")
         if value.ndim == 2:  # [[a,b],[c,d]] → [a,b], [c,d]
             return [b"[" + part + b"]" for part in encoded[2:-2].split(b"],[")]
         return [json_bytes(value[r]) for r in rows]
-    if isinstance(value, list):
+    if isinstance(value, (list, np.ndarray)):
         return [json_bytes(value[r]) for r in rows]
     return [json_bytes(value)] * len(rows)
 

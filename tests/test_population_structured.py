@@ -238,7 +238,8 @@ def test_record_lines_of_numpy_columns_are_record_line_character_for_character()
     floats[:3] = [5e-324, -0.0, 1e16]
     fields = {"update": 12, "lr": np.full(M, 0.1), "P/value": floats, "kappa": rng.random((M, 3)) * 1e-9,
               "empty": np.zeros((M, 0)), "P/first_order": rng.random(M) < 0.5, "backend": "population",
-              'odd "key" %s\\': np.arange(M, dtype=np.float64), "one": np.ones((M, 1)), "listed": [[1.5]] * M}
+              'odd "key" %s\\': np.arange(M, dtype=np.float64), "one": np.ones((M, 1)), "listed": [[1.5]] * M,
+              "label": np.array([f"m{i}, with a comma" for i in range(M)])}
     for rows in ([0, 1, 2, 3, 4, 5, 6], [6, 2], [3]):
         lines = record_lines(fields, rows)
         assert len(lines) == len(rows)
