@@ -14,7 +14,10 @@ a single run, with the other speed and memory numbers of the issue, as ratios me
    member-update, finishing the members included.
 2. **Tracker overhead in a population**: the same population of 256 members tracked every 10th
    update against tracked at update 0 only, per update by the same difference, over 5 × ``--updates``
-   updates (500). Target: at most 10 %.
+   updates (500). Target: at most 10 %. Two separate runs scatter by several points on a shared
+   VM, so 2b reads it inside one run of 2000 updates as well (:func:`in_run_overhead`): tracked
+   against untracked iterations of the loop, then with every cost of the loop (the queued
+   records' formatting and the flushes), then with the members' finishing at the end.
 3. **Peak memory** of the 1024-member population: the peak resident set of a fresh process that
    trains it, minus that of a process that only imports ntrl and torch. Target: under 2 GiB.
 4. **`ntrl rarity --quick`**, end to end in fresh processes (W&B offline, 2 workers), with
