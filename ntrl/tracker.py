@@ -129,8 +129,8 @@ def first_order_scale(records: Sequence[dict[str, Any]], share: float = FIRST_OR
 def first_order_scale_of_columns(columns: dict[str, Sequence[Any]], share: float = FIRST_ORDER_SHARE) -> tuple[float, float, float]:
     """:func:`first_order_scale` of records given as columns: ``lr``, ``P/probe_lr``,
     ``P/probe_real`` and ``P/probe_pred``, one entry per record (None where it has none)."""
-    lr, lrs, real, pred = (columns.get(k) or [None] * len(columns.get("lr") or [])
-                           for k in ("lr", "P/probe_lr", "P/probe_real", "P/probe_pred"))
+    n = max(map(len, columns.values()), default=0)
+    lr, lrs, real, pred = (columns.get(k) or [None] * n for k in ("lr", "P/probe_lr", "P/probe_real", "P/probe_pred"))
     probed = [i for i, (a, b, c) in enumerate(zip(lrs, real, pred)) if a and b is not None and c is not None]
     if not probed:
         return float("nan"), float("nan"), float("nan")
