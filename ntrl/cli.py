@@ -343,6 +343,41 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _redeliver_lost_interrupt(unraisable) -> None:
+    """``sys.unraisablehook``: an interrupt (Ctrl-C, or SIGTERM/SIGHUP as :class:`Terminated`) that
+    arrived while Python ran code whose exceptions it can only print (a weakref callback inside an
+    import, a ``__del__``) would be lost, and the command run on; the same signal is sent again,
+    to be raised where the command can stop: a moment later, from another thread, as a signal
+    raised now, inside this hook, would be lost the same way. Anything else goes to the previous
+    hook."""
+    import signal
+    import threading
+
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        terminated = isinstance(unraisable.exc_value, Terminated) and _TERMINATED
+        timer = threading.Timer(0.01, os.kill, (os.getpid(), _TERMINATED[-1] if terminated else signal.SIGINT))
+        timer.daemon = True
+        timer.start()
+        return
+    _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP like Ctrl-C (records kept, one line), and no interrupt lost where Python
+    could only print it (:func:`_redeliver_lost_interrupt`). From the main thread only."""
+    import signal
+
+    global _previous_unraisablehook
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_terminated)
+    if sys.unraisablehook is not _redeliver_lost_interrupt:
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _redeliver_lost_interrupt
+
+
 def report_errors(run: Callable[[], str]) -> int:
     """Run ``run()`` and print what it returns (exit 0); bad input is one line and exit 2, a
     training run that had to stop is one line and exit 1, Ctrl-C is one line and exit 130."""
@@ -464,12 +499,10 @@ def run_rarity(flags: RarityArgs) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGHUP):  # like Ctrl-C: records kept, one line
-            signal.signal(sig, _raise_terminated)
+        install_signal_handlers()
     argv = normalise(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in HELP_FLAGS:
         print(TOP_HELP, end="")

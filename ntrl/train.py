@@ -160,7 +160,7 @@ def _mean(value: Any) -> float:
 
 def _means(values: Sequence[Any]) -> np.ndarray:
     """:func:`_mean` of each value, as a float64 array (at once where every value is one number)."""
-    if all(type(v) is float or type(v) is int for v in values):
+    if set(map(type, values)) <= {float, int}:
         return np.array(values, dtype=float)
     return np.array([_mean(v) for v in values], dtype=float)
 

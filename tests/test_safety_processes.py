@@ -230,3 +230,38 @@ def test_second_live_study_is_refused_with_the_holders_pid_and_a_stale_lock_does
     assert (out / ".ntrl-lock").exists()  # the killed holder's lock file is left behind ...
     proc = finish_study(grid, out)  # ... and does not block
     assert proc.returncode == 0, proc.stderr
+
+
+LOST_INTERRUPT = """
+import signal, sys, time
+from ntrl import cli
+signal.signal(signal.SIGINT, signal.default_int_handler)
+cli.install_signal_handlers()
+kind = sys.argv[1]
+
+class Dies:  # raises the interrupt where Python can only print it, as a weakref callback inside an import did
+    def __del__(self):
+        if kind == "term":
+            cli._TERMINATED.append(signal.SIGTERM)
+            raise cli.Terminated()
+        raise KeyboardInterrupt()
+
+try:
+    Dies()
+    for _ in range(200):
+        time.sleep(0.01)
+    print("lost")
+except cli.Terminated:
+    print("terminated")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("kind, said", [("term", "terminated"), ("int", "interrupted")])
+def test_an_interrupt_python_could_only_print_is_sent_again_not_lost(kind, said):
+    """SIGTERM (or Ctrl-C) that lands in code whose exceptions Python can only print (a weakref
+    callback during an import: seen at ntrl rarity's start-up, which then ran on and exited 0)
+    is sent again and stops the command, with nothing printed for it."""
+    out = subprocess.run([sys.executable, "-c", LOST_INTERRUPT, kind], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == said and out.stderr == "", (out.stdout, out.stderr)

@@ -744,8 +744,9 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
 def close_population_sink(sink: WandbSink, members: Sequence[Any], updates: int) -> None:
     """The end of a population's W&B run: the members' summaries and P curves as tables
     (:func:`members_table`, :func:`curves_table`), and its size and length as its summary."""
-    sink.log_table("members", *members_table(members))
-    sink.log_table("curves", *curves_table(members))
+    if sink.run is not None:  # tables of a few hundred thousand rows: built only where they are logged
+        sink.log_table("members", *members_table(members))
+        sink.log_table("curves", *curves_table(members))
     sink.finish({"members": len(members), "updates": updates})
 
 
