@@ -669,8 +669,9 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
     (:mod:`ntrl.engine.batched_structured`): the cotangents c_X = ∂X/∂z at the logits
     (:func:`output_cotangents`), the logits' Jacobian in factored form from one backward pass,
     every tracked quantity in the K-dimensional space of the logits, and the step in place,
-    θ += η·Jᵀβ, where the direction lies in the span (SGD, NPG); Adam and sign descent form g = Jᵀc_U and step as
-    :func:`general_update` does. Returns what :func:`general_update` returns."""
+    θ += η·Jᵀβ, where the direction lies in the span (SGD, NPG); Adam and sign descent form
+    g = Jᵀc_U and step as :func:`general_update` does. Returns what :func:`general_update`
+    returns."""
     names = pop.model.properties
     n_z = pop.model.n_z
     cots = output_cotangents(pop, q, U, tracked)
