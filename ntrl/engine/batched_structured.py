@@ -388,6 +388,15 @@ class TwoActionFisherNTVar:
         return (self.Gv * c).sum(1) ** 2 * self.scale
 
 
+def fisher_ntvar(G: Tensor, probs: Tensor, weights: Tensor) -> "TwoActionFisherNTVar | LogitInverseFisher":
+    """The undamped inverse Fisher F⁺ of every member, for its :meth:`ntvar` (the tracker's NTVar
+    in the Fisher metric), from G = J Jᵀ, π and the state's weight w: in closed form for two
+    actions (:class:`TwoActionFisherNTVar`), by the K-space SVD otherwise."""
+    if probs.shape[1] == 2:
+        return TwoActionFisherNTVar.from_jacobian(G, probs, weights)
+    return LogitInverseFisher.from_jacobian(G, probs, weights, torch.zeros_like(weights))
+
+
 @dataclass
 class LogitInverseFisher:
     """M = (F + λI)⁻¹, or F⁺ where λ = 0, of every member, acting on vectors Jᵀc of the span

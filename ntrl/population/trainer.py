@@ -54,7 +54,7 @@ from torch import Tensor
 from ntrl.config import ConfigError, TrainConfig
 from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients
 from ntrl.engine.batched_structured import (
-    LogitInverseFisher, LogitSelection, StackedSequential, TwoActionFisherNTVar, quad,
+    LogitInverseFisher, LogitSelection, StackedSequential, fisher_ntvar, quad,
 )
 from ntrl.population.models import SampledBatch, population_model
 from ntrl.population.optimizers import BatchedOptimizer
@@ -687,13 +687,9 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
         probs, weights = q["logp"].detach().exp()[:, 0], q["weights"].detach()[:, 0]
         if opt.name == "npg":
             fisher = LogitInverseFisher.from_jacobian(G, probs, weights, opt.damping)
-        if tracked and first.fisher:  # undamped, for the record (two actions: in closed form)
-            if fisher is not None and not bool((opt.damping > 0).any()):
-                fisher0 = fisher
-            elif probs.shape[1] == 2:
-                fisher0 = TwoActionFisherNTVar.from_jacobian(G, probs, weights)
-            else:
-                fisher0 = LogitInverseFisher.from_jacobian(G, probs, weights, torch.zeros_like(opt.damping))
+        if tracked and first.fisher:  # undamped, for the record
+            fisher0 = fisher if fisher is not None and not bool((opt.damping > 0).any()) else \
+                fisher_ntvar(G, probs, weights)
     beta, plan = None, None  # the step: Jᵀβ (SGD, NPG) or a dense plan (Adam, sign descent)
     if opt.name == "sgd":
         beta = c_step
