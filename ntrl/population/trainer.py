@@ -527,7 +527,8 @@ def train_population(
             if tracked:
                 fields = record_fields(t, before, q, U_val, pop.optimizer.lr, returns, pop.sampled, names)
                 append_records(members, pop, pending, fields, t, done, p_after, first.optimizer, tracking)
-                recorded = [row for row in range(len(pop.alive)) if tracking[row] and row not in done]
+                recorded = [row for row in range(len(pop.alive)) if tracking[row] and row not in done] \
+                    if sink.run is not None else []  # without a W&B run, nothing to log
                 if recorded:  # P after the step, as the records of update t give it
                     sink.log({"update": t, "P/median": float(statistics.median_low(
                         fields["P/value"][recorded] + fields["P/real_delta"][recorded])),
