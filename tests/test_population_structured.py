@@ -491,3 +491,37 @@ def test_the_bandits_closed_form_cotangents_are_autograds_bit_for_bit(K):
             assert torch.equal(model.probability(Z.detach()), q["P"].detach())
             lean = model.quantities(Z.detach(), with_z=False)
             assert "z" not in lean and all(torch.equal(lean[k], q[k].detach()) for k in lean)
+
+
+def test_queued_records_survive_a_ctrl_c_while_they_are_delivered(tmp_path):
+    """PendingRecords.format: a Ctrl-C that lands after a line is appended (before the loop has
+    counted it) finishes delivering that update and then is raised; no line is lost or doubled, each
+    member's kept Price-check values stay one per line, and what is still queued is formatted next."""
+    from ntrl.population.trainer import MemberState, PendingRecords
+
+    class Interrupting(list):
+        armed = True
+
+        def append(self, item):
+            super().append(item)
+            if Interrupting.armed:
+                Interrupting.armed = False
+                raise KeyboardInterrupt
+
+    members = [MemberState(BanditConfig(run_name=f"m{i}", out=str(tmp_path)), tmp_path / f"m{i}") for i in range(3)]
+    members[1].lines = Interrupting()
+    pending = PendingRecords(members)
+    for t in range(3):
+        fields = {"update": t, "lr": np.full(3, 0.1), "P/value": np.array([0.1, 0.2, 0.3]) * (t + 1),
+                  "P/pred_delta": np.full(3, 1e-3), "P/real_delta": np.full(3, 2e-3)}
+        pending.add(members, fields, [0, 1, 2])
+    with pytest.raises(KeyboardInterrupt):
+        pending.format()
+    assert len(pending.blocks) == 2  # the interrupted update is delivered; the later ones stay queued
+    pending.format()
+    assert not pending.blocks
+    for i, st in enumerate(members):
+        records = [json.loads(line) for line in st.lines]
+        assert [r["update"] for r in records] == [0, 1, 2]
+        assert [r["P/value"] for r in records] == [[0.1, 0.2, 0.3][i] * (t + 1) for t in range(3)]
+        assert [k[0] for k in st.kept] == [0, 1, 2] and st.n_records == 3
