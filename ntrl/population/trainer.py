@@ -946,15 +946,9 @@ def record_fields(t: int, before: dict[str, Any], q: dict[str, Tensor], U: list[
     return fields
 
 
-def _member_value(value: Any, row: int) -> Any:
-    """Member ``row``'s value of a record field of :func:`record_fields` (a Python value)."""
-    if isinstance(value, np.ndarray):
-        return value[row].tolist()
-    return value[row] if isinstance(value, list) else value
-
-
 def _member_values(value: Any, rows: list[int]) -> list[Any]:
-    """:func:`_member_value` of each of ``rows``."""
+    """Members ``rows``' values of a record field of :func:`record_fields` (Python values): the
+    rows of an array, the entries of a list, or the one value for all."""
     if isinstance(value, np.ndarray):
         return value[rows].tolist()
     return [value[r] for r in rows] if isinstance(value, list) else [value] * len(rows)
@@ -1041,7 +1035,7 @@ def append_records(members: list[MemberState], pop: "_Population", pending: Pend
         if finite[row] and not opt_bad[row]:
             continue
         st = members[pop.alive[row]]
-        record = {k: _member_value(v, row) for k, v in fields.items()}
+        record = {k: _member_values(v, [row])[0] for k, v in fields.items()}
         bad = nonfinite_field(record)
         kept = f"stopped, the {st.n_records} records before it are kept"
         if bad is not None:
