@@ -113,6 +113,49 @@ def record_slope(rec: dict[str, Any]) -> float:
     return float(np.polyfit(np.log(lrs[ok]), np.log(err[ok]), 1)[0])
 
 
+def record_slopes(records: Sequence[dict[str, Any]]) -> np.ndarray:
+    """:func:`record_slope` of every record, (records,): the records whose probes have one length
+    at once, as the least-squares slope of ln err on ln η over each record's usable scales,
+
+        slope = Σ (x − x̄)(y − ȳ) / Σ (x − x̄)²,
+
+    np.polyfit's degree-1 coefficient (to rounding); any other record (a ragged probe, or usable
+    scales of one η) by :func:`record_slope` itself."""
+    out = np.full(len(records), np.nan)
+    rows: list[int] = []
+    for i, rec in enumerate(records):
+        lrs = rec.get("P/probe_lr")
+        if lrs and rec.get("P/probe_real") is not None and rec.get("P/probe_pred") is not None:
+            rows.append(i)
+    if not rows:
+        return out
+    try:
+        L, R, P = (np.array([records[i][k] for i in rows], dtype=float)
+                   for k in ("P/probe_lr", "P/probe_real", "P/probe_pred"))
+        lr = np.array([records[i]["lr"] for i in rows], dtype=float)
+        if L.ndim != 2 or R.shape != L.shape or P.shape != L.shape:
+            raise ValueError("ragged")
+    except (TypeError, ValueError, KeyError):
+        for i in rows:
+            out[i] = record_slope(records[i])
+        return out
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = np.abs(R - P) / np.abs(R)
+        ok = (L <= lr[:, None] * (1 + 1e-12)) & np.isfinite(err) & (err > 0)
+        n = ok.sum(1)
+        x = np.where(ok, np.log(np.where(ok, L, 1.0)), 0.0)
+        y = np.where(ok, np.log(np.where(ok, err, 1.0)), 0.0)
+        dx = np.where(ok, x - (x.sum(1) / n)[:, None], 0.0)
+        dy = np.where(ok, y - (y.sum(1) / n)[:, None], 0.0)
+        sxx = (dx * dx).sum(1)
+        slope = (dx * dy).sum(1) / sxx
+    rows_a = np.array(rows)
+    out[rows_a] = np.where(n >= 2, slope, np.nan)
+    for i in rows_a[(n >= 2) & ~(sxx > 0)]:  # every usable scale the same η: np.polyfit decides
+        out[i] = record_slope(records[i])
+    return out
+
+
 FIRST_ORDER_SHARE = 0.05  # "stays first-order up to η": at most 5 % of the probed updates outside there
 
 

@@ -193,9 +193,7 @@ class WandbSink:
         if self.run is None:
             return
         try:
-            import wandb
-
-            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+            self.run.log({key: table(columns, rows)})
         except Exception as e:
             self.lost(f"logging the table {key}", e)
 
@@ -264,3 +262,22 @@ def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         elif kind == "artifact":
             artifacts.append({"name": rec["artifact"].get("name"), "type": rec["artifact"].get("type")})
     return {"history": history, "summary": summary, "config": config, "run": run, "artifacts": artifacts}
+
+
+def table(columns: list[str], rows: list[list[Any]]) -> Any:
+    """A wandb.Table of ``rows``. Where every column holds values of one plain type (str, int or
+    float; no None, no bool), the column types are declared (``dtype``; ``optional`` only for a
+    column with a NaN, which W&B types as None): W&B then checks each row against them, several
+    times faster than inferring them row by row (about 17 µs against 130–210 µs a row of ten; a
+    population's curves table has up to 200,000 rows), and the logged table is the same but for
+    its column types, "String" where they were "None or String". Any other rows: W&B infers the
+    types, as it does by default."""
+    import wandb
+
+    kinds = [type(v) for v in rows[0]] if rows else []
+    plain = bool(rows) and len(kinds) == len(columns) and all(k in (str, int, float) for k in kinds) and \
+        all(len(r) == len(kinds) and all(type(v) is k for v, k in zip(r, kinds)) for r in rows)
+    if not plain:
+        return wandb.Table(columns=columns, data=rows)
+    optional = [k is float and any(r[j] != r[j] for r in rows) for j, k in enumerate(kinds)]
+    return wandb.Table(columns=columns, data=rows, dtype=kinds, optional=optional)

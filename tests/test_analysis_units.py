@@ -163,3 +163,142 @@ def test_median_bootstrap_is_the_stratified_bootstrap_of_the_median():
             got = median_bootstrap(x, seed=n)
             np.testing.assert_array_equal([got.value, got.lo, got.hi, got.n], [want.value, want.lo, want.hi, want.n])
     assert math.isnan(median_bootstrap([]).value)
+
+
+def _estimates(est):
+    return [est.value, est.lo, est.hi, est.n]
+
+
+def test_a_batch_statistic_sees_the_resamples_the_scalar_statistic_sees():
+    """stratified_bootstrap's batch_statistic gets, as counts per item, exactly the resamples the
+    per-resample statistic gets (strata of several items resampled, strata of one held fixed): a
+    statistic that depends on which items are drawn, not just how many, gives the same interval."""
+    from ntrl.study.stats import stratified_bootstrap
+
+    rng = np.random.default_rng(1)
+    strata = [list(rng.standard_normal(k)) for k in (3, 1, 5, 2, 1)]
+    items = [x for s in strata for x in s]
+    weight = np.arange(1, len(items) + 1) ** 0.5  # an item's weight depends on where it is
+
+    def scalar(chosen):
+        return float(sum(x * weight[items.index(x)] for x in chosen) / len(chosen))
+
+    def batch(all_items, counts):
+        assert all_items == items
+        return (counts * (np.array(items) * weight)).sum(1) / counts.sum(1)
+
+    want = stratified_bootstrap(strata, scalar, seed=3)
+    got = stratified_bootstrap(strata, scalar, seed=3, batch_statistic=batch)
+    np.testing.assert_allclose(_estimates(got), _estimates(want), rtol=1e-13)
+    assert want.lo < want.value < want.hi
+
+
+def test_weighted_medians_are_the_medians_of_the_pooled_draws():
+    from ntrl.study.stats import resampled, weighted_medians
+
+    rng = np.random.default_rng(2)
+    values = [rng.standard_normal(n) for n in (0, 1, 4, 7, 30)] + [np.round(rng.standard_normal(9))]  # ties too
+    counts = rng.integers(0, 3, size=(400, len(values)))
+    counts[0] = 0  # draws nothing
+    counts[1] = [1, 0, 0, 0, 0, 0]  # draws only an item without values
+    got = weighted_medians(values, counts)
+    for b in range(len(counts)):
+        pooled = np.concatenate([np.zeros(0)] + resampled(values, counts[b]))
+        if len(pooled):
+            assert got[b] == np.median(pooled)  # the very number
+        else:
+            assert np.isnan(got[b])
+
+
+def _drift_runs(seed: int, seeds: int = 4, top: float = 0.5) -> list[RunData]:
+    """Rewarded runs whose ΔP/η = p^1.5 (1 − p) e^{0.3 ε}: records of P (from p₀ to about
+    ``top``), its realised change and η."""
+    rng = np.random.default_rng(seed)
+    runs = []
+    for p0 in (1e-4, 1e-3, 1e-2):
+        for s in range(seeds):
+            p = np.minimum(np.geomspace(p0, top, 60) * np.exp(rng.normal(0, 0.05, 60)), top)
+            d = p**1.5 * (1 - p) * np.exp(0.3 * rng.normal(size=p.size)) * 0.1
+            recs = [{"update": i, "P/value": float(a), "P/real_delta": float(b), "lr": 0.1}
+                    for i, (a, b) in enumerate(zip(p, d))]
+            runs.append(RunData(RunSpec("bandit", "mlp", "sgd", "exact", p0, "rewarded", s), {}, recs))
+    return runs
+
+
+def test_batched_power_law_fits_are_the_per_resample_fits():
+    """exponent_estimate and drift_estimate fit every resample at once from the runs' moments;
+    the per-resample least-squares fits (small_p_exponent without ``moments``) give the same
+    estimate and interval, to the rounding of the normal equations (cond ≤ 10⁶: ~10⁻¹⁰)."""
+    from ntrl.study.analysis import drift_estimate, drift_points, law_points, small_p_exponent
+
+    runs = synthetic_runs(1.5, noise=0.2, seeds=4)
+    want = small_p_exponent(runs, lambda items: law_points(items, "P/ntvar_euc"), min_points=4)
+    got = exponent_estimate(runs, "P/ntvar_euc")
+    np.testing.assert_allclose(_estimates(got), _estimates(want), rtol=1e-10)
+    for seed in (0, 1):
+        runs = _drift_runs(seed)
+        want, got = small_p_exponent(runs, drift_points), drift_estimate(runs)
+        np.testing.assert_allclose(_estimates(got), _estimates(want), rtol=1e-10)
+        assert 1.2 < got.lo < 1.5 < got.hi < 1.8
+
+
+def test_drift_resamples_whose_top_point_is_a_bin_edge_are_fitted_one_by_one():
+    """drift_points puts the pooled largest p into the bin below when log₁₀ p is a quarter-decade
+    edge (numpy's digitize and the clip): a resample whose top point is such an edge must get the
+    per-resample fit's bins, not the quarter-decade ones."""
+    from ntrl.study.analysis import drift_moments, drift_points, power_law_exponents, small_p_exponent
+    from ntrl.study.stats import resampled
+
+    runs = _drift_runs(3, top=0.09)
+    assert np.log10(0.1) == -1.0
+    for r in (runs[0], runs[5]):  # two runs reach log₁₀ p = −1, an edge, above all the others' points
+        r.records.append({"update": 99, "P/value": 0.1, "P/real_delta": 5e-3, "lr": 0.1})
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 2, size=(60, len(runs)))
+    *moments, unsure = drift_moments(runs, counts)
+    assert unsure.any() and not unsure.all()
+
+    def one(b):
+        p, y = drift_points(resampled(runs, counts[b]))
+        from ntrl.study.analysis import fit_power_law
+        return fit_power_law(p, y)[1] if len(p) >= 3 and np.ptp(np.log(p)) >= 0.5 else np.nan
+
+    got = power_law_exponents(*moments, 3, one, unsure)
+    want = np.array([one(b) for b in range(len(counts))])
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    # and without the fallback those resamples would differ: the test can tell
+    bad = power_law_exponents(*moments, 3, one, None)
+    assert not np.allclose(bad[unsure], want[unsure], rtol=1e-10)
+    assert small_p_exponent(runs, drift_points).value == pytest.approx(
+        small_p_exponent(runs, drift_points, moments=drift_moments).value, rel=1e-12)
+
+
+def test_record_slopes_are_record_slope_of_each_record():
+    """The η-slopes of a cell's probed updates come from one vectorized least-squares fit per
+    probe length; each must be np.polyfit's slope (record_slope) to rounding, nan where it is."""
+    from ntrl.tracker import record_slope, record_slopes
+
+    rng = np.random.default_rng(4)
+    scales = np.array([4.0, 2.0, 1.0, 0.5, 0.25, 0.125])
+    records = []
+    for i in range(300):
+        lr = 10.0 ** rng.uniform(-3, 0)
+        real = rng.normal(0, 1, 6) * 10.0 ** rng.uniform(-12, -2)
+        pred = real * (1 + rng.normal(0, 1e-3, 6) * scales)
+        records.append({"lr": lr, "P/probe_lr": list(lr * scales), "P/probe_real": list(real), "P/probe_pred": list(pred)})
+    lr = 0.1
+    records += [
+        {"lr": lr},  # no probe
+        {"lr": lr, "P/probe_lr": [], "P/probe_real": [], "P/probe_pred": []},
+        {"lr": lr, "P/probe_lr": [0.4, 0.2, 0.1, 0.05], "P/probe_real": [1.0, 1.0, 1.0, 1.0], "P/probe_pred": [1.0] * 4},  # no error
+        {"lr": lr, "P/probe_lr": [0.4, 0.2, 0.1, 0.05], "P/probe_real": [1, 1, 1, 2.0], "P/probe_pred": [1, 1, 1.5, 1]},  # two
+        {"lr": lr, "P/probe_lr": [0.4, 0.2, 0.1, 0.05], "P/probe_real": [1, 1, 0, 2.0], "P/probe_pred": [1, 1, 1.5, 1]},  # one
+        {"lr": lr, "P/probe_lr": [0.1, 0.1, 0.1], "P/probe_real": [1, 2, 3.0], "P/probe_pred": [1.5, 1, 1]},  # one η
+    ]
+    ragged = records[:3] + [{"lr": lr, "P/probe_lr": [0.1, 0.05], "P/probe_real": [1.0, 2.0], "P/probe_pred": [1.5, 1.0]}]
+    for recs in (records, ragged, records[:300]):
+        want = np.array([record_slope(r) for r in recs])
+        got = record_slopes(recs)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-12)
+    assert np.isfinite(want).sum() == 300 and not np.isnan(record_slopes(records)[303])

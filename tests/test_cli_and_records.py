@@ -186,3 +186,24 @@ def test_unique_run_ids_are_readable_valid_and_keep_a_long_names_ends():
         assert len(run_id) <= 64 and re.fullmatch(r"[A-Za-z0-9_-]+", run_id)
         assert run_id.startswith("CartPole-v1-reinforce-mlp") and run_id[:-9].endswith("9afb1a")
     assert re.fullmatch(r"w-[0-9a-f]{8}", unique_run_id("w"))
+
+
+def test_wandb_tables_declare_plain_column_types_and_keep_their_rows():
+    """ntrl.wandb_sink.table: rows of one plain type per column get those types declared (W&B
+    then checks rather than infers them); rows with a None or a numpy number are left to
+    W&B's inference; the rows are the same either way."""
+    import numpy as np
+
+    from ntrl.wandb_sink import table
+
+    rows = [["a", 1, 0.5], ["b", 2, 0.25]]
+    t = table(["run", "update", "P"], rows)
+    assert t.data == rows and "None" not in str(t._column_types)
+    rows[1][2] = float("nan")  # W&B types a NaN as None: that column is declared optional
+    t = table(["run", "update", "P"], rows)
+    assert t.data == rows and "'P': None or Number" in str(t._column_types) and "'update': Number" in str(t._column_types)
+    for odd in (None, np.float64(0.25)):
+        other = [["a", 1, 0.5], ["b", 2, odd]]
+        t = table(["run", "update", "P"], other)
+        assert t.data == other and "None" in str(t._column_types)  # inferred, optional as before
+    assert table(["run"], []).data == []

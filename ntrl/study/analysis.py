@@ -43,7 +43,7 @@ from ntrl.study.grid import StudyConfig, enumerate_runs
 from ntrl.study.price import PriceCheck, price_check
 from ntrl.study.stats import (  # noqa: F401  (re-exported: the analysis's vocabulary)
     MIN_DELTA_AIC, NAN, NO_COMPARISON, Estimate, ModelComparison, RunData, by_p0, compare_models, fit_curve,
-    kappa_of, regression_ci, stratified_bootstrap, with_fit_ci,
+    kappa_of, power_law_exponents, regression_ci, resampled, stratified_bootstrap, summed_moments, with_fit_ci,
 )
 
 Cell = tuple[str, str, str, str]
@@ -109,9 +109,14 @@ def power_law_design(p: np.ndarray) -> np.ndarray:
 
 
 def small_p_exponent(runs: Sequence[RunData], points: Callable[[Sequence[RunData]], tuple[np.ndarray, np.ndarray]],
-                     min_points: int = 3) -> Estimate:
+                     min_points: int = 3,
+                     moments: Callable[[Sequence[RunData], np.ndarray], tuple] | None = None) -> Estimate:
     """Exponent a of y ≈ c p^a (1 − p)^b fitted to ``points(runs)``, with its bootstrap CI
-    (regression CI for deterministic cells; nan when the points span less than half a decade)."""
+    (regression CI for deterministic cells; nan when the points span less than half a decade).
+    ``moments(items, counts)``, where given, gives every resample's fit at once instead of one
+    Python fit per resample: the moments of each resample's points (n, lo, hi, XᵀX, Xᵀy; see
+    :func:`ntrl.study.stats.power_law_exponents`) and which resamples to fit one by one after all
+    (None: none)."""
 
     def stat(items):
         p, y = points(items)
@@ -119,26 +124,49 @@ def small_p_exponent(runs: Sequence[RunData], points: Callable[[Sequence[RunData
             return float("nan")
         return fit_power_law(p, y)[1]
 
-    est = stratified_bootstrap(by_p0(runs), stat)
+    def batch(items, counts):
+        *summed, unsure = moments(items, counts)
+        return power_law_exponents(*summed, min_points, lambda b: stat(resampled(items, counts[b])), unsure)
+
+    est = stratified_bootstrap(by_p0(runs), stat, batch_statistic=batch if moments is not None else None)
     p, y = points(runs)
     return with_fit_ci(est, power_law_design(p), np.log(y), 1) if len(p) >= min_points else est
 
 
+def design_moments(p: np.ndarray, y: np.ndarray) -> tuple[int, float, float, np.ndarray, np.ndarray]:
+    """(n, least ln p, largest ln p, XᵀX, Xᵀ ln y) of points (p, y) and the power law's design X."""
+    if not len(p):
+        return 0, np.inf, -np.inf, np.zeros((3, 3)), np.zeros(3)
+    X, logp = power_law_design(p), np.log(p)
+    return len(p), float(logp.min()), float(logp.max()), X.T @ X, X.T @ np.log(y)
+
+
+def stacked_moments(rows: Sequence[tuple]) -> tuple[np.ndarray, ...]:
+    """The items' :func:`design_moments` as arrays: n, lo, hi, XᵀX (items, 3, 3), Xᵀy (items, 3)."""
+    n, lo, hi, XtX, Xty = zip(*rows) if rows else ((), (), (), (), ())
+    return (np.array(n, dtype=np.int64), np.array(lo, dtype=float), np.array(hi, dtype=float),
+            np.array(XtX, dtype=float).reshape(-1, 3, 3), np.array(Xty, dtype=float).reshape(-1, 3))
+
+
 def exponent_estimate(runs: Sequence[RunData], key: str) -> Estimate:
     """Static law: the small-p exponent of the tracked ``key`` (an NTVar) against p."""
-    return small_p_exponent(runs, lambda items: law_points(items, key), min_points=4)
+    def moments(items, counts):  # each run's points enter the fit as they are: moments add up
+        return (*summed_moments(counts, *stacked_moments([design_moments(*law_points([r], key)) for r in items])), None)
+
+    return small_p_exponent(runs, lambda items: law_points(items, key), min_points=4, moments=moments)
+
+
+def _drift_point(rec: dict[str, Any]) -> tuple[float, float] | None:
+    p, d, lr = rec.get("P/value"), rec.get("P/real_delta"), rec.get("lr")
+    ok = isinstance(d, (int, float)) and isinstance(p, (int, float)) and 0 < p <= 0.5 and math.isfinite(d)
+    return (p, d / lr) if ok else None
 
 
 def drift_points(runs: Sequence[RunData], bins_per_decade: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """(p, E[ΔP]/η) on log-spaced bins of p ≤ ½: the mean realised ΔP/η of the tracked updates
     whose pre-step p falls in each bin (negative ΔP from sampled gradients included), at the
     bin's geometric-mean p. Bins with a non-positive mean are dropped."""
-    def point(rec: dict[str, Any]) -> tuple[float, float] | None:
-        p, d, lr = rec.get("P/value"), rec.get("P/real_delta"), rec.get("lr")
-        ok = isinstance(d, (int, float)) and isinstance(p, (int, float)) and 0 < p <= 0.5 and math.isfinite(d)
-        return (p, d / lr) if ok else None
-
-    ps, ys = run_points(runs, "drift", point)
+    ps, ys = run_points(runs, "drift", _drift_point)
     if not len(ps):
         return np.array([]), np.array([])
     logp, y = np.log10(ps), ys
@@ -154,9 +182,43 @@ def drift_points(runs: Sequence[RunData], bins_per_decade: int = 4) -> tuple[np.
     return np.array(bp), np.array(by)
 
 
+def drift_moments(items: Sequence[RunData], counts: np.ndarray, bins_per_decade: int = 4) -> tuple:
+    """:func:`drift_points` of every resample (item j drawn ``counts[b, j]`` times) at once, as
+    the moments of its fit (see :func:`small_p_exponent`): a point in quarter decade
+    k = ⌊4 log₁₀ p⌋ (the bins of :func:`drift_points`, whose edges fall on those multiples) adds to
+    the bin's count, Σ y and Σ log₁₀ p, so each resample's bins are count-weighted sums of the
+    runs'; its fit's points are the bins of positive mean. Where a resample's largest log₁₀ p is
+    itself an edge, :func:`drift_points` puts it in the bin below: that resample is fitted one by
+    one (``unsure``)."""
+    pairs = [run_points([r], "drift", _drift_point) for r in items]
+    logs = [np.log10(p) for p, _ in pairs]
+    k = [np.floor(lg * bins_per_decade).astype(np.int64) for lg in logs]
+    B = len(counts)
+    if not any(len(x) for x in k):
+        return np.zeros(B, np.int64), np.full(B, np.inf), np.full(B, -np.inf), np.zeros((B, 3, 3)), np.zeros((B, 3)), None
+    k0 = min(int(x.min()) for x in k if len(x))
+    nb = max(int(x.max()) for x in k if len(x)) - k0 + 1
+    by_bin = lambda weights: np.array([np.bincount(x - k0, weights=wt, minlength=nb)  # noqa: E731
+                                       for x, wt in zip(k, weights)], dtype=float).reshape(len(items), nb)
+    w = counts.astype(float)
+    N, Y, L = w @ by_bin([None] * len(k)), w @ by_bin([y for _, y in pairs]), w @ by_bin(logs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean, log_bin = Y / N, L / N
+    keep = (N > 0) & (mean > 0)
+    bp = 10 ** np.where(keep, log_bin, 0.0)  # 1 where a bin is left out (weighted 0 below)
+    lnp = np.log(bp)
+    X = np.stack([np.ones_like(bp), lnp, np.log1p(-np.where(keep, bp, 0.0))], axis=2) * keep[:, :, None]
+    logy = np.log(np.where(keep, mean, 1.0))
+    top = np.array([lg.max() if len(lg) else -np.inf for lg in logs])
+    pooled_top = np.where(counts > 0, top, -np.inf).max(1)
+    unsure = np.isfinite(pooled_top) & (pooled_top * bins_per_decade == np.floor(pooled_top * bins_per_decade))
+    return (keep.sum(1), np.where(keep, lnp, np.inf).min(1), np.where(keep, lnp, -np.inf).max(1),
+            np.einsum("bki,bkj->bij", X, X), np.einsum("bki,bk->bi", X, logy), unsure)
+
+
 def drift_estimate(runs: Sequence[RunData]) -> Estimate:
     """Drift law: the small-p exponent of the binned E[ΔP]/η against p."""
-    return small_p_exponent(runs, drift_points)
+    return small_p_exponent(runs, drift_points, moments=drift_moments)
 
 
 SMALL_P0 = 0.05  # the escape laws are asymptotic in p₀ → 0; fit them where p₀ ≤ 0.05

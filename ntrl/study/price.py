@@ -31,17 +31,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ntrl.study.stats import NAN, Estimate, RunData, by_p0, median_bootstrap, stratified_bootstrap
-from ntrl.tracker import FIRST_ORDER_SHARE, FIRST_ORDER_TOLERANCE, first_order_scale, price_agreement, record_slope
+from ntrl.study.stats import NAN, Estimate, RunData, by_p0, median_bootstrap, stratified_bootstrap, weighted_medians
+from ntrl.tracker import (  # noqa: F401  (record_slope: re-exported)
+    FIRST_ORDER_SHARE, FIRST_ORDER_TOLERANCE, first_order_scale, price_agreement, record_slope, record_slopes,
+)
 
 
 def probe_points(run: RunData) -> tuple[np.ndarray, np.ndarray]:
     """(P, η-slope) of every probed record of a run (cached)."""
     if "probe" not in run.cache:
-        rows = [(r["P/value"], record_slope(r)) for r in run.records
-                if r.get("P/probe_lr") and isinstance(r.get("P/value"), (int, float))]
-        arr = np.array(rows, dtype=float).reshape(-1, 2)
-        run.cache["probe"] = (arr[:, 0], arr[:, 1])
+        probed = [r for r in run.records if r.get("P/probe_lr") and isinstance(r.get("P/value"), (int, float))]
+        run.cache["probe"] = (np.array([r["P/value"] for r in probed], dtype=float), record_slopes(probed))
     return run.cache["probe"]
 
 
@@ -51,12 +51,18 @@ def median_slope(runs: Sequence[RunData]) -> float:
     return float(np.median(slopes)) if len(slopes) else float("nan")
 
 
+def median_slopes(items: Sequence[RunData], counts: np.ndarray) -> np.ndarray:
+    """:func:`median_slope` of every resample at once (item j drawn ``counts[b, j]`` times)."""
+    slopes = [probe_points(r)[1] for r in items]
+    return weighted_medians([s[np.isfinite(s)] for s in slopes], counts)
+
+
 def slope_estimate(runs: Sequence[RunData], seed: int = 0) -> Estimate:
     """The median η-slope over every probed update of the cell, with a 95 % bootstrap interval
     over its runs (within p₀), or, where no p₀ has two runs (a deterministic cell), over its
     probed updates."""
     if any(len(s) >= 2 for s in by_p0(runs)):
-        return stratified_bootstrap(by_p0(runs), median_slope, seed=seed)
+        return stratified_bootstrap(by_p0(runs), median_slope, seed=seed, batch_statistic=median_slopes)
     slopes = np.concatenate([probe_points(r)[1] for r in runs]) if runs else np.array([])
     slopes = slopes[np.isfinite(slopes)]
     if not len(slopes):

@@ -8,6 +8,7 @@ import base64
 import csv
 import html
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -264,66 +265,149 @@ def make_plots(runs: Sequence[RunData], cells: Sequence[CellResult], out: Path,
                well_cells: Sequence[WellCell] = ()) -> list[tuple[str, Path]]:
     """Every plot of the report; returns (caption, path) pairs in report order."""
     by_cell = {c.cell: c for c in cells}
-    plots = []
+    items: list[tuple[str, Path, Any]] = []
     for (env, mode), by_policy in sorted(_groups(runs).items()):
-        tag = f"{env}_{mode}"
-        items = [
-            (f"Static law ({env}, {mode})", out / f"static_law_{tag}.png",
-             lambda p: plot_static_law(p, env, mode, by_policy)),
-            (f"Price check ({env}, {mode})", out / f"price_check_{tag}.png",
-             lambda p: policy_panels(p, f"Price check: predicted vs realised ΔP ({env}, {mode})", by_policy,
-                                     draw_price_check, "|realised ΔP|", "|predicted ΔP| = η·|NTCov_M(P, U)|", "xy")),
-            (f"Price check residuals ({env}, {mode})", out / f"price_residual_{tag}.png",
-             lambda p: policy_panels(p, f"Price check: relative residual (realised − predicted)/|predicted| of ΔP "
-                                        f"({env}, {mode}); dashed: the first-order bound ±{FIRST_ORDER_TOLERANCE:g}",
-                                     by_policy, draw_price_residual, "P before the update",
-                                     "(realised − predicted)/|predicted|", "x")),
-            (f"Escape times ({env}, {mode})", out / f"escape_{tag}.png",
-             lambda p: policy_panels(p, f"Escape time T(p₀) to P = ½ ({env}, {mode})", by_policy,
-                                     draw_escape(by_cell, env, mode), "p₀", "updates to reach P = ½", "xy")),
-            (f"Extinction ({env}, {mode})", out / f"extinction_{tag}.png",
-             lambda p: policy_panels(p, f"Extinction: P(t) when the behaviour is punished ({env}, {mode}); "
-                                        "1/t decay is a line of slope −1 here, exponential decay bends down",
-                                     by_policy, draw_extinction, "update t", "P", "xy")),
-            (f"Price check across training ({env}, {mode})", out / f"eta_slope_{tag}.png",
-             lambda p: policy_panels(p, f"Slope of the Price error against η at every probed update ({env}, "
-                                        f"{mode}); 1 for a first-order prediction", by_policy, draw_eta_slope,
-                                     "P before the update", "d log|error| / d log η", "x")),
-            (f"Scale factor κ(t) ({env}, {mode})", out / f"kappa_{tag}.png",
-             lambda p: policy_panels(p, f"Scale factor κ(t)/κ(0) = ‖∇z‖² over training ({env}, {mode})",
-                                     by_policy, draw_kappa, "update t", "κ(t)/κ(0)")),
-        ]
-        if mode == "sampled":
-            items.append((f"Gradient noise ({env}, {mode})", out / f"noise_{tag}.png",
-                          lambda p: policy_panels(p, f"Spread of ΔP − E[ΔP] per decade of P ({env}, {mode}): realised "
-                                                     "against the minibatch and the isotropic noise model", by_policy,
-                                                  draw_noise, "P", "spread of ΔP", "xy")))
-        plots += draw_items(out, items)
+        items += group_plot_items(out, env, mode, by_policy, by_cell)
     if well_cells:
-        plots += draw_items(out, [(WELL_TITLE, out / "gravity_well.png", lambda p: plot_well(p, runs, well_cells))])
-    return plots
+        items.append((WELL_TITLE, out / "gravity_well.png", lambda p: plot_well(p, runs, well_cells)))
+    return draw_items(out, items)
+
+
+def group_plot_items(out: Path, env: str, mode: str, by_policy: dict, by_cell: dict) -> list[tuple[str, Path, Any]]:
+    """The (caption, path, draw) items of one environment and gradient mode's plots."""
+    tag = f"{env}_{mode}"
+    items = [
+        (f"Static law ({env}, {mode})", out / f"static_law_{tag}.png",
+         lambda p: plot_static_law(p, env, mode, by_policy)),
+        (f"Price check ({env}, {mode})", out / f"price_check_{tag}.png",
+         lambda p: policy_panels(p, f"Price check: predicted vs realised ΔP ({env}, {mode})", by_policy,
+                                 draw_price_check, "|realised ΔP|", "|predicted ΔP| = η·|NTCov_M(P, U)|", "xy")),
+        (f"Price check residuals ({env}, {mode})", out / f"price_residual_{tag}.png",
+         lambda p: policy_panels(p, f"Price check: relative residual (realised − predicted)/|predicted| of ΔP "
+                                    f"({env}, {mode}); dashed: the first-order bound ±{FIRST_ORDER_TOLERANCE:g}",
+                                 by_policy, draw_price_residual, "P before the update",
+                                 "(realised − predicted)/|predicted|", "x")),
+        (f"Escape times ({env}, {mode})", out / f"escape_{tag}.png",
+         lambda p: policy_panels(p, f"Escape time T(p₀) to P = ½ ({env}, {mode})", by_policy,
+                                 draw_escape(by_cell, env, mode), "p₀", "updates to reach P = ½", "xy")),
+        (f"Extinction ({env}, {mode})", out / f"extinction_{tag}.png",
+         lambda p: policy_panels(p, f"Extinction: P(t) when the behaviour is punished ({env}, {mode}); "
+                                    "1/t decay is a line of slope −1 here, exponential decay bends down",
+                                 by_policy, draw_extinction, "update t", "P", "xy")),
+        (f"Price check across training ({env}, {mode})", out / f"eta_slope_{tag}.png",
+         lambda p: policy_panels(p, f"Slope of the Price error against η at every probed update ({env}, "
+                                    f"{mode}); 1 for a first-order prediction", by_policy, draw_eta_slope,
+                                 "P before the update", "d log|error| / d log η", "x")),
+        (f"Scale factor κ(t) ({env}, {mode})", out / f"kappa_{tag}.png",
+         lambda p: policy_panels(p, f"Scale factor κ(t)/κ(0) = ‖∇z‖² over training ({env}, {mode})",
+                                 by_policy, draw_kappa, "update t", "κ(t)/κ(0)")),
+    ]
+    if mode == "sampled":
+        items.append((f"Gradient noise ({env}, {mode})", out / f"noise_{tag}.png",
+                      lambda p: policy_panels(p, f"Spread of ΔP − E[ΔP] per decade of P ({env}, {mode}): realised "
+                                                 "against the minibatch and the isotropic noise model", by_policy,
+                                              draw_noise, "P", "spread of ΔP", "xy")))
+    return items
 
 
 def draw_items(out: Path, items: Sequence[tuple[str, Path, Any]]) -> list[tuple[str, Path]]:
     """Draw each (caption, path, draw) item into ``out``, each path refused if ntrl did not write it
     and recorded before it is written (see write_report); a plot that cannot be drawn is left out
-    with a warning. Returns the (caption, path) pairs drawn."""
+    with a warning. Returns the (caption, path) pairs drawn, in the items' order. Where this
+    machine has a second core, a forked helper process draws every other item meanwhile
+    (:func:`draw_with_helper`)."""
     from ntrl.run_dirs import record_written_files, refuse_foreign_targets
 
     refuse_foreign_targets(out, [path.name for _, path, _ in items])
     record_written_files(out, [path for _, path, _ in items])
+    parallel = len(items) >= 2 and (os.cpu_count() or 1) >= 2 and hasattr(os, "fork")
+    errors = draw_with_helper(items) if parallel else {i: draw_item(*items[i]) for i in range(len(items))}
     plots = []
-    for caption, path, draw in items:
-        try:
-            draw(path)
-        except ValueError as e:  # e.g. nothing positive to put on a log axis in a degenerate grid
-            import matplotlib.pyplot as plt
-
-            plt.close("all")
-            print(f"ntrl: warning: the plot {path.name} was left out: {e}", file=sys.stderr)
+    for i, (caption, path, _) in enumerate(items):
+        if errors[i] is not None:  # e.g. nothing positive to put on a log axis in a degenerate grid
+            print(f"ntrl: warning: the plot {path.name} was left out: {errors[i]}", file=sys.stderr)
             continue
         plots.append((caption, path))
     return plots
+
+
+def draw_item(caption: str, path: Path, draw: Any) -> str | None:
+    """Draw one plot: None, or why it could not be drawn (a ValueError's message)."""
+    try:
+        draw(path)
+    except ValueError as e:
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+        return str(e)
+    return None
+
+
+HELPER_GRACE_S = 60.0  # the least time the plotting helper gets beyond this process's share
+
+
+def draw_with_helper(items: Sequence[tuple[str, Path, Any]]) -> dict[int, str | None]:
+    """:func:`draw_item` of every item, the odd-numbered ones in a forked child process (it shares
+    this process's data as it stands, so nothing is pickled) while this one draws the others: the
+    plots take about half the time on two cores. The child answers through a pipe with what it
+    drew; whatever it did not draw (it died, could not fork, or took more than five times as long
+    as this process and at least :data:`HELPER_GRACE_S`, and was stopped) is drawn here after it.
+    A Ctrl-C here stops the child before it is raised."""
+    import json
+    import select
+    import signal
+    import time
+
+    mine, theirs = list(range(0, len(items), 2)), list(range(1, len(items), 2))
+    try:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+    except OSError:
+        return {i: draw_item(*items[i]) for i in range(len(items))}
+    if pid == 0:  # the child: draw, answer, and leave without running anything of the parent's
+        code = 1
+        try:
+            os.close(read_end)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C ends it; the parent reports it
+            answer = {i: draw_item(*items[i]) for i in theirs}
+            with os.fdopen(write_end, "w", encoding="utf-8") as f:
+                json.dump(answer, f)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    errors: dict[int, str | None] = {}
+    try:
+        start = time.monotonic()
+        errors.update({i: draw_item(*items[i]) for i in mine})
+        # the child draws as many plots as this process: one that takes far longer is stuck (a
+        # lock some other thread held when it was forked); its plots are then drawn here
+        deadline = time.monotonic() + max(HELPER_GRACE_S, 5 * (time.monotonic() - start))
+        chunks = []
+        with os.fdopen(read_end, "rb") as f:
+            while (left := deadline - time.monotonic()) > 0 and select.select([f], [], [], left)[0]:
+                chunk = os.read(f.fileno(), 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        text = b"".join(chunks).decode("utf-8", "replace")
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pid = 0
+    except BaseException:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise
+    try:
+        errors.update({int(i): e for i, e in json.loads(text).items()})
+    except ValueError:
+        pass  # the child died before it answered: its plots are drawn below
+    for i in theirs:
+        if i not in errors:
+            errors[i] = draw_item(*items[i])
+    return errors
 
 
 # ---------------------------------------------------------------------------- tables
@@ -636,7 +720,7 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
     import wandb
 
     from ntrl.run_dirs import ntrl_wandb_dir
-    from ntrl.wandb_sink import WandbSink
+    from ntrl.wandb_sink import WandbSink, table
 
     if ntrl_wandb_dir(study_dir) is None:  # it has said why
         return None
@@ -672,12 +756,12 @@ def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequ
                 rows = residual_rows(env, gmode, pol, opt, rs)
                 residuals.extend(rows)
                 if rows:
-                    t = wandb.Table(columns=RESIDUAL_COLUMNS, data=rows)
+                    t = table(RESIDUAL_COLUMNS, rows)
                     data[f"price_residual/{env}_{gmode}_{pol}/{opt}"] = wandb.plot.scatter(
                         t, "P", "relative_residual",
                         title=f"(realised − predicted)/|predicted| ΔP against P: {env} {gmode} {pol}, {opt}")
     if residuals:
-        data["price_residual"] = wandb.Table(columns=RESIDUAL_COLUMNS, data=residuals)
+        data["price_residual"] = table(RESIDUAL_COLUMNS, residuals)
     if well_cells:
         data["gravity_well"] = wandb.Table(columns=WELL_COLUMNS, data=well_numbers(well_cells))
         data["gravity_well/min_p"] = wandb.plot.line_series(

@@ -99,10 +99,16 @@ def stratified_bootstrap(
     statistic: Callable[[list[Any]], float],
     n_resamples: int = 999,
     seed: int = 0,
+    batch_statistic: Callable[[list[Any], np.ndarray], np.ndarray] | None = None,
 ) -> Estimate:
     """95 % percentile CI of ``statistic(items)`` resampling items within each stratum (scipy).
 
     ``strata`` is a list of lists of items (runs); strata of one item are held fixed.
+    ``batch_statistic(items, counts)``, where given, computes the statistic of every resample at
+    once: ``items`` all the items, stratum after stratum, and ``counts`` (resamples, items) how
+    many times each resample draws each one; it must give ``statistic`` of each resample's items
+    (to rounding). The resamples are the same either way (scipy draws them before it applies the
+    statistic; tested).
     """
     strata = [list(s) for s in strata if len(s) > 0]
     items = [x for s in strata for x in s]
@@ -120,12 +126,102 @@ def stratified_bootstrap(
             chosen.extend(strata[k][int(i)] for i in idx)
         return statistic(chosen)
 
+    if batch_statistic is not None:
+        starts = np.cumsum([0] + [len(s) for s in strata])
+
+        def batch_stat(*index_arrays, axis=-1):  # each (resamples, n_k): the drawn indices of free stratum k
+            counts = np.zeros((index_arrays[0].shape[0], len(items)), dtype=np.int64)
+            for i, s in enumerate(strata):
+                if i not in free:
+                    counts[:, starts[i]:starts[i + 1]] = 1
+            for k, idx in zip(free, index_arrays):
+                counts[:, starts[k]:starts[k + 1]] = (idx[:, :, None] == np.arange(len(strata[k]))).sum(1)
+            return batch_statistic(items, counts)
+
     data = tuple(np.arange(len(strata[k])) for k in free)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = stats.bootstrap(data, stat, vectorized=False, paired=False, n_resamples=n_resamples,
-                              method="percentile", confidence_level=0.95, random_state=np.random.default_rng(seed))
+        res = stats.bootstrap(data, stat if batch_statistic is None else batch_stat,
+                              vectorized=batch_statistic is not None, paired=False,
+                              n_resamples=n_resamples, method="percentile", confidence_level=0.95,
+                              random_state=np.random.default_rng(seed))
     return _percentile_estimate(res, value, len(items))
+
+
+def resampled(items: Sequence[Any], counts: np.ndarray) -> list[Any]:
+    """The items one resample draws: item j ``counts[j]`` times."""
+    return [x for x, c in zip(items, counts) for _ in range(int(c))]
+
+
+def weighted_medians(values: Sequence[np.ndarray], counts: np.ndarray) -> np.ndarray:
+    """The median of each resample's pooled values, item j's ``values[j]`` drawn ``counts[b, j]``
+    times by resample b: np.median's number (the middle value, or the mean of the two middle
+    ones) without pooling. With v the values of all items sorted and C[i, j] how many of item j's
+    are ≤ v_i, resample b has Σ_j counts[b, j]·C[i, j] values ≤ v_i, nondecreasing in i: its
+    k-th smallest value is v_i for the least i where that exceeds k, found by bisection for all
+    resamples at once. nan for a resample that draws no value."""
+    B = len(counts)
+    v = np.sort(np.concatenate(values)) if len(values) else np.zeros(0)
+    if not len(v):
+        return np.full(B, np.nan)
+    C = np.stack([np.searchsorted(np.sort(x), v, side="right") for x in values], axis=1)  # (values, items)
+    n = counts @ np.array([len(x) for x in values])
+
+    def kth(k: np.ndarray) -> np.ndarray:
+        k = np.where(n > 0, k, -1)  # a resample without values: any index (its median is nan)
+        lo, hi = np.zeros(B, dtype=np.int64), np.full(B, len(v) - 1)
+        while (lo < hi).any():
+            mid = (lo + hi) // 2
+            above = (C[mid] * counts).sum(1) > k
+            lo, hi = np.where(above, lo, mid + 1), np.where(above, mid, hi)
+        return v[lo]
+
+    return np.where(n > 0, (kth((n - 1) // 2) + kth(n // 2)) / 2, np.nan)
+
+
+def power_law_exponents(n: np.ndarray, lo: np.ndarray, hi: np.ndarray, XtX: np.ndarray, Xty: np.ndarray,
+                        min_points: int, exact: Callable[[int], float], unsure: np.ndarray | None = None,
+                        max_condition: float = 1e6) -> np.ndarray:
+    """The exponent a (coefficient 1) of the least-squares fit ln y ≈ X β of each resample b's
+    points from their moments: the number of points ``n`` (B,), the least and largest ln p
+    ``lo``, ``hi``, XᵀX (B, 3, 3) and Xᵀ ln y (B, 3) (:func:`summed_moments`), by the normal
+    equations XᵀX β = Xᵀ ln y scaled to a unit diagonal. nan where there are fewer than
+    ``min_points`` points or they span less than half a unit of ln p (as the scalar statistic
+    decides). A resample whose scaled XᵀX has a condition number above ``max_condition`` (the
+    normal equations square the design's: above 10⁶ they would keep fewer than 10 digits), or
+    that ``unsure`` marks, is fitted by ``exact(b)``, the scalar statistic."""
+    out = np.full(len(n), np.nan)
+    ok = (n >= min_points) & (hi - lo >= 0.5)
+    fallback = np.zeros(len(n), bool) if unsure is None else np.asarray(unsure, bool).copy()
+    rows = np.flatnonzero(ok & ~fallback)
+    if len(rows):
+        A, c = XtX[rows], Xty[rows]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = 1 / np.sqrt(np.diagonal(A, axis1=1, axis2=2))
+            As = A * d[:, :, None] * d[:, None, :]
+            finite = np.isfinite(As).all(axis=(1, 2)) & np.isfinite(c * d).all(1)
+            cond = np.full(len(rows), np.inf)
+            cond[finite] = np.linalg.cond(As[finite])
+        good = cond <= max_condition
+        if good.any():
+            beta = np.linalg.solve(As[good], (c[good] * d[good])[:, :, None])[:, :, 0] * d[good]
+            out[rows[good]] = beta[:, 1]
+        fallback[rows[~good]] = True
+    for b in np.flatnonzero(fallback):
+        out[b] = exact(int(b))
+    return out
+
+
+def summed_moments(counts: np.ndarray, n: np.ndarray, lo: np.ndarray, hi: np.ndarray, XtX: np.ndarray,
+                   Xty: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The moments of each resample's pooled points (:func:`power_law_exponents`' first five
+    arguments) from each item's, item j drawn ``counts[b, j]`` times: the points and the normal
+    equations add up, Σ_j c_bj n_j, Σ_j c_bj X_jᵀX_j, Σ_j c_bj X_jᵀy_j; the range of ln p is that
+    of the items drawn at all (±inf for none)."""
+    w = counts.astype(float)
+    drawn = counts > 0
+    return (counts @ n, np.where(drawn, lo, np.inf).min(1), np.where(drawn, hi, -np.inf).max(1),
+            np.einsum("bj,jkl->bkl", w, XtX), w @ Xty)
 
 
 def median_bootstrap(values: Sequence[float], n_resamples: int = 999, seed: int = 0) -> Estimate:
