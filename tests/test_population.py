@@ -439,3 +439,21 @@ def test_study_chunks_are_sized_to_fit_each_workers_share_of_memory(monkeypatch,
     assert sorted(s.run_id for _, u in units for s in u) == sorted(s.run_id for s in specs)
     monkeypatch.setattr(trainer, "memory_limit", lambda device, max_memory: 10**6 * per)
     assert len(work_units(study, specs, tmp_path, workers=2, population=True)) == 2  # one per worker
+
+
+def test_the_wandb_history_of_a_long_population_is_thinned_log_evenly():
+    """history_due: every tracked update up to HISTORY_SPACING, then rows about 1 % of t apart; a
+    member tracked every 10th update over 50,000 gives ~460 rows rather than 5,000, the spacing
+    never below the tracking's and never above about 1 % of t."""
+    from ntrl.population.trainer import HISTORY_SPACING, history_due
+
+    logged, last = [], None
+    for t in range(0, 50_000, 10):
+        if history_due(t, last):
+            logged.append(t)
+            last = t
+    assert logged[:10] == list(range(0, 100, 10))  # at first every tracked update
+    assert 400 < len(logged) < 600
+    gaps = [b - a for a, b in zip(logged, logged[1:])]
+    assert all(g <= max(10, 10 + a // HISTORY_SPACING) for a, g in zip(logged, gaps))  # at most a step past 1 %
+    assert all(g >= min(10, a // HISTORY_SPACING) for a, g in zip(logged, gaps))
