@@ -525,3 +525,27 @@ def test_queued_records_survive_a_ctrl_c_while_they_are_delivered(tmp_path):
         assert [r["update"] for r in records] == [0, 1, 2]
         assert [r["P/value"] for r in records] == [[0.1, 0.2, 0.3][i] * (t + 1) for t in range(3)]
         assert [k[0] for k in st.kept] == [0, 1, 2] and st.n_records == 3
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sign"])
+def test_an_overflowing_gradient_ends_an_adam_or_sign_member_as_its_single_run_ends(tmp_path, optimizer):
+    """reward = 1e308: some entries of g = Jᵀc_U overflow. Adam and sign descent form g in full,
+    and the member's test reads it there: it must stop the member where, and as, its single run
+    stops, the other members untouched."""
+    from ntrl.population import train_population
+    from ntrl.train import train
+
+    def cfg(out, i, big):
+        return BanditConfig(policy="mlp", optimizer=optimizer, p0=0.01, lr=0.01, steps=5,
+                            reward_do=1e308 if big else 1.0, reward_dont=-1e308 if big else 0.0, track_every=1,
+                            width=8, wandb="disabled", out=str(out), run_name=f"m{i}")
+
+    with pytest.raises(Exception, match="non-finite"):
+        train(cfg(tmp_path / "per", 1, True), progress=False)
+    single = json.loads((tmp_path / "per" / "m1" / "summary.json").read_text())
+    pop = train_population([cfg(tmp_path / "pop", i, i == 1) for i in range(3)], progress=False)
+    member = pop.results[1].summary
+    assert (member["status"], member["updates"]) == (single["status"], single["updates"])
+    assert member["status"] == "failed" and "gradient" in member["error"]
+    assert [pop.results[i].summary["status"] for i in (0, 2)] == ["finished", "finished"]
+    assert [len(read_records(pop.results[i].run_dir)) for i in (0, 1, 2)] == [5, member["updates"], 5]

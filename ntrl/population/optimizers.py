@@ -31,7 +31,7 @@ class BatchedPlan:
     """The step about to be taken: Δθ = lr · direction; ``diagonal`` is M's diagonal for Adam and
     sign descent, ``fisher`` the metric for NPG (None otherwise: M = I)."""
 
-    direction: Tensor
+    direction: Tensor | None  # None in an untracked Adam plan: its step needs only adam_state
     diagonal: Tensor | None = None
     fisher: BatchedInverseFisher | None = None
     adam_state: tuple[Tensor, Tensor, Tensor] | None = None  # (m, v, √v̂ + ε) after this step
@@ -59,11 +59,13 @@ class BatchedOptimizer:
             if value is not None:
                 setattr(self, name, value[keep])
 
-    def plan(self, g: Tensor, fisher: BatchedInverseFisher | None = None) -> BatchedPlan:
+    def plan(self, g: Tensor, fisher: BatchedInverseFisher | None = None, tracked: bool = True) -> BatchedPlan:
+        """The step for gradients g (M, P). Without ``tracked``, only what the step itself needs:
+        no metric diagonal, and for Adam no direction (the step divides m by √v̂ + ε itself)."""
         if self.name == "sgd":
             return BatchedPlan(g)
         if self.name == "sign":
-            return BatchedPlan(torch.sign(g), diagonal=sign_metric(g))
+            return BatchedPlan(torch.sign(g), diagonal=sign_metric(g) if tracked else None)
         if self.name == "npg":
             if fisher is None:
                 raise ValueError("npg needs the Fisher metric of each member")
@@ -74,6 +76,8 @@ class BatchedOptimizer:
         b1, b2 = self.beta1[:, None], self.beta2[:, None]
         m = torch.lerp(m, gp, 1 - b1)
         v = v * b2 + (1 - b2) * gp * gp
+        if not tracked:  # √v̂ + ε as adam_metric_and_direction forms it
+            return BatchedPlan(None, adam_state=(m, v, v.sqrt() / (1 - b2 ** (self.t + 1)) ** 0.5 + self.eps[:, None]))
         d, direction, denom = adam_metric_and_direction(m, v, b1, b2, self.t + 1, self.eps[:, None])
         return BatchedPlan(direction, diagonal=d, adam_state=(m, v, denom))
 

@@ -622,7 +622,7 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
     rows = pop.log_prob_rows(q, grads[-N * K:]) if need_fisher else None
     fisher, fisher0 = pop.fishers(q, rows, first.optimizer == "npg", tracked and first.fisher) \
         if need_fisher else (None, None)
-    plan = pop.optimizer.plan(torch.where(bad_g[:, None], torch.zeros_like(g), g) if any_bad else g, fisher)
+    plan = pop.optimizer.plan(torch.where(bad_g[:, None], torch.zeros_like(g), g) if any_bad else g, fisher, tracked)
     before = None
     if tracked:
         before = tracked_stats(q, prop_grads, z_grads, g, plan, pop.optimizer.lr, fisher0,
@@ -682,7 +682,10 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
     cU = cots[0]
     opt = pop.optimizer
     G = jac.gram if tracked or opt.name == "npg" else None  # an untracked SGD, Adam or sign step needs none
-    bad_g = ~jac.finite_gradient(cU)  # entry by entry, as the per-run path tests g (‖g‖² overflows sooner)
+    # whether g = Jᵀc_U is finite entry by entry, as the per-run path tests g (‖g‖² overflows
+    # sooner): read off g itself where the step forms it (Adam, sign descent), else from the factors
+    g = jac.materialize(cU, pop.stacked.n_params) if opt.name in ("adam", "sign") else None
+    bad_g = ~(torch.isfinite(g).all(1) if g is not None else jac.finite_gradient(cU))
     any_bad = bool(bad_g.any())
     c_step = torch.where(bad_g[:, None], torch.zeros_like(cU), cU) if any_bad else cU
     fisher = fisher0 = None
@@ -700,8 +703,8 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
         beta = fisher.apply(c_step)
         if any_bad:  # a bad member's Fisher is NaN: it takes no step (it is stopped below)
             beta = torch.where(bad_g[:, None], torch.zeros_like(beta), beta)
-    else:
-        plan = opt.plan(jac.materialize(c_step, pop.stacked.n_params))
+    else:  # a bad member's g is zero: its moments stay finite (it is stopped below)
+        plan = opt.plan(torch.where(bad_g[:, None], torch.zeros_like(g), g) if any_bad else g, tracked=tracked)
     before = None
     if tracked:
         lr = opt.lr
