@@ -759,9 +759,9 @@ def log_finished_population(configs: Sequence[TrainConfig], summaries: Sequence[
     """Log a population that trained elsewhere (a Ray worker, W&B off) to its one W&B run from
     the members' files, as :func:`train_population` logs while it trains: at the tracked updates
     :func:`history_due` picks, the median (the lower middle value) of P after the step over the
-    members it recorded, and how many members were training, then the members' tables. Writes each member's summary
-    (``summaries``, with the W&B run's directory and mode) as its summary.json, the last file of a
-    complete run, and returns them."""
+    members it recorded, and how many members were training, then the members' tables. Writes
+    each member's summary (``summaries``, with the W&B run's directory and mode) as its
+    summary.json, the last file of a complete run, and returns them."""
     sink = population_sink(wandb_parent, configs[0], wandb_name, wandb_config)
     records = [read_records(Path(c.out) / c.run_name) for c in configs]
     after: dict[int, list[float]] = {}

@@ -195,7 +195,8 @@ def drift_moments(items: Sequence[RunData], counts: np.ndarray, bins_per_decade:
     k = [np.floor(lg * bins_per_decade).astype(np.int64) for lg in logs]
     B = len(counts)
     if not any(len(x) for x in k):
-        return np.zeros(B, np.int64), np.full(B, np.inf), np.full(B, -np.inf), np.zeros((B, 3, 3)), np.zeros((B, 3)), None
+        return (np.zeros(B, np.int64), np.full(B, np.inf), np.full(B, -np.inf), np.zeros((B, 3, 3)), np.zeros((B, 3)),
+                None)
     k0 = min(int(x.min()) for x in k if len(x))
     nb = max(int(x.max()) for x in k if len(x)) - k0 + 1
     by_bin = lambda weights: np.array([np.bincount(x - k0, weights=wt, minlength=nb)  # noqa: E731
