@@ -170,6 +170,28 @@ def test_a_non_finite_member_gets_nan_not_an_error():
     assert torch.isfinite(out[[0, 2]]).all() and torch.isnan(out[1])
 
 
+def test_the_finite_gradient_test_is_jtc_tested_entry_by_entry():
+    """finite_gradient(c) is whether every entry of Jᵀc is finite, per member: for cotangents from
+    ordinary to overflowing (finite factors whose product is not), with ±inf and NaN, on its fast
+    path (every factor at most 1e150) and off it (one member's large factors send all members the
+    layer-by-layer way), against Jᵀc formed in full."""
+    obs, policies, sp, theta = population(2)
+    ss = StackedSequential.plan(sp.module, sp.names, sp.sizes)
+    z, fwd = ss.forward(theta, obs)
+    seen = set()
+    for scales, big_input in (([1.0, 1.0, 1.0], 1.0), ([1.0, 1e140, 1.0], 1.0), ([1.0, 1e160, 1.0], 1.0),
+                              ([1e300, 1.0, 1e149], 1.0), ([math.inf, 1.0, 1.0], 1.0), ([1.0, math.nan, 1.0], 1.0),
+                              ([1e308, 1e308, 1.0], 1.0), ([1e220, 1.0, 1e100], 1e100)):
+        jac = ss.jacobian(fwd)
+        jac.inputs = [jac.inputs[0] * big_input, *jac.inputs[1:]]  # an input of 1e100: products of finite factors overflow
+        c = torch.tensor([[1.0, -1.0]] * 3, dtype=F64) * torch.tensor(scales, dtype=F64)[:, None]
+        want = torch.isfinite(jac.materialize(c, sp.n_params)).all(1)
+        got = jac.finite_gradient(c)
+        assert got.tolist() == want.tolist(), scales
+        seen.add(tuple(want.tolist()))
+    assert (True, True, True) in seen and len(seen) >= 3  # both answers, on both paths
+
+
 def test_which_populations_take_the_structured_path(tmp_path):
     """Exact bandit MLPs take the factored Jacobian, single-logit and one-state tabular policies
     (exact or sampled) the selection (so the per-run equality tests of tests/test_population.py

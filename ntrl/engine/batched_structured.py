@@ -180,6 +180,9 @@ class Forward:
     views: list[tuple[Tensor, Tensor | None]]  # (W_l, b_l) per Linear layer: views into θ
 
 
+NO_OVERFLOW = 1e150  # factors at most this large multiply to at most 1e300, below float64's 1.8e308
+
+
 class LogitJacobian:
     """J = ∂z/∂θ of every member in factored form (see the module docstring)."""
 
@@ -210,7 +213,11 @@ class LogitJacobian:
 
     def finite_gradient(self, c: Tensor) -> Tensor:
         """Whether every entry of Jᵀc is finite, per member (M,): no layer's Δc or input a holds a
-        NaN or ±inf, and no product (Δc)_i a_j overflows (max |Δc| · max |a| is finite)."""
+        NaN or ±inf, and no product (Δc)_i a_j overflows (max |Δc| · max |a| is finite). First for
+        all members at once: where every |c|, |Δc| and |a| is at most :data:`NO_OVERFLOW` (a NaN
+        is not), no product can overflow, and every member passes; otherwise layer by layer."""
+        if bool((torch.cat([c, *self.combinations(c), *self.inputs], 1).abs().amax(1) <= NO_OVERFLOW).all()):
+            return torch.ones(c.shape[0], dtype=torch.bool, device=c.device)
         ok = torch.isfinite(c).all(1)
         for a, d in zip(self.inputs, self.combinations(c)):
             ok &= torch.isfinite(d.abs().amax(1) * a.abs().amax(1))
