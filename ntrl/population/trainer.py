@@ -882,15 +882,15 @@ def eta_probe(pop: "_Population", q: dict[str, Any], plan, ntcov: Tensor,
     M = pop.theta.shape[0]
     with torch.no_grad():
         base = q["P"].detach()
-        lrs = torch.stack([lr * s for s in scales], 1)
-        # the logits at every scale from one forward pass of the members stacked scale by scale (on
-        # the structured path each member's logits are the same bytes in a stack of any size:
-        # batched_structured.matvec; tested with the η-probe on)
-        Z = pop.logits_at(torch.cat([pop.theta + (lr * s)[:, None] * d for s in scales]))
+        lrs = lr[:, None] * torch.tensor(scales, dtype=lr.dtype, device=lr.device)  # (M, S): η·s
+        # the logits at every scale from one forward pass of the members stacked scale by scale,
+        # θ + (η s) d in one broadcast product (on the structured path each member's logits are the
+        # same bytes in a stack of any size: batched_structured.matvec; tested with the η-probe on)
+        Z = pop.logits_at((pop.theta + lrs.T[:, :, None] * d).reshape(len(scales) * M, -1))
         probability = getattr(pop.model, "probability", None)  # P alone, of all the scales' rows at once
-        P = probability(Z).split(M) if probability is not None else \
-            [pop.model.quantities(z)["P"] for z in Z.split(M)]
-        real = torch.stack([p - base for p in P], 1)
+        P = probability(Z).reshape(len(scales), M) if probability is not None else \
+            torch.stack([pop.model.quantities(z)["P"] for z in Z.split(M)])
+        real = (P - base).T
     return {"P/probe_lr": lrs, "P/probe_real": real, "P/probe_pred": lrs * ntcov[:, None]}
 
 
