@@ -359,10 +359,12 @@ def draw_with_helper(items: Sequence[tuple[str, Path, Any]]) -> dict[int, str | 
     import time
 
     mine, theirs = list(range(0, len(items), 2)), list(range(1, len(items), 2))
+    read_end, write_end = os.pipe()
     try:
-        read_end, write_end = os.pipe()
         pid = os.fork()
     except OSError:
+        os.close(read_end)
+        os.close(write_end)
         return {i: draw_item(*items[i]) for i in range(len(items))}
     if pid == 0:  # the child: draw, answer, and leave without running anything of the parent's
         code = 1
@@ -376,6 +378,7 @@ def draw_with_helper(items: Sequence[tuple[str, Path, Any]]) -> dict[int, str | 
         finally:
             os._exit(code)
     os.close(write_end)
+    answers = os.fdopen(read_end, "rb")
     errors: dict[int, str | None] = {}
     try:
         start = time.monotonic()
@@ -384,12 +387,11 @@ def draw_with_helper(items: Sequence[tuple[str, Path, Any]]) -> dict[int, str | 
         # lock some other thread held when it was forked); its plots are then drawn here
         deadline = time.monotonic() + max(HELPER_GRACE_S, 5 * (time.monotonic() - start))
         chunks = []
-        with os.fdopen(read_end, "rb") as f:
-            while (left := deadline - time.monotonic()) > 0 and select.select([f], [], [], left)[0]:
-                chunk = os.read(f.fileno(), 1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
+        while (left := deadline - time.monotonic()) > 0 and select.select([answers], [], [], left)[0]:
+            chunk = os.read(answers.fileno(), 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
         text = b"".join(chunks).decode("utf-8", "replace")
         if time.monotonic() >= deadline:
             os.kill(pid, signal.SIGKILL)
@@ -400,6 +402,8 @@ def draw_with_helper(items: Sequence[tuple[str, Path, Any]]) -> dict[int, str | 
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         raise
+    finally:
+        answers.close()
     try:
         errors.update({int(i): e for i, e in json.loads(text).items()})
     except ValueError:
