@@ -93,8 +93,13 @@ def test_price_error_scales_with_eta(cells):
         assert len(c.price.slope_by_p) >= 3  # read per decade of P, over the whole trajectory
 
 
-def test_report_files(study_dir):
+def test_report_files(study_dir, capsys):
     paths = analyse_and_report(study_dir, wandb_mode="disabled")
+    assert capsys.readouterr().err == ""  # quiet unless asked
+    analyse_and_report(study_dir, wandb_mode="disabled", progress=True)
+    said = capsys.readouterr().err  # what it is doing, after the runs' progress bar, step by step
+    assert said.index("reading the runs") < said.index(" runs (fits and bootstrap") < said.index("writing the report")
+    assert "W&B" not in said  # no summary run with W&B disabled
     html = (study_dir / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5 and "src='http" not in html and 'src="http' not in html
     md = (study_dir / "report.md").read_text()

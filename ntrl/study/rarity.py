@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode:
             read_study_file(study_dir)
             with study_lock(study_dir):
                 remembered_wandb_settings(study_dir)
-                paths = analyse_and_report(study_dir, wandb_mode)
+                paths = analyse_and_report(study_dir, wandb_mode, progress)
         else:
             from ntrl.study.ray_executor import ray_connected
 
@@ -55,7 +56,7 @@ def rarity(study: StudyConfig, study_dir: Path, *, workers: int = 2, wandb_mode:
                          verbose=verbose, population=population, device=device, executor=executor,
                          ray_address=ray_address)
                 ray_stack.close()
-                paths = analyse_and_report(study_dir, wandb_mode)
+                paths = analyse_and_report(study_dir, wandb_mode, progress)
     except KeyboardInterrupt as e:
         if isinstance(e, StudyInterrupted):
             raise
@@ -103,21 +104,31 @@ def remembered_wandb_settings(study_dir: Path) -> None:
             os.environ[key] = value
 
 
-def analyse_and_report(out: Path, wandb_mode: str = "offline") -> dict:
-    """Analyse the runs in ``out``, write the report, log the W&B summary run."""
+def analyse_and_report(out: Path, wandb_mode: str = "offline", progress: bool = False) -> dict:
+    """Analyse the runs in ``out``, write the report, log the W&B summary run; ``progress``: say
+    on stderr what it is doing (these take seconds to minutes, after the runs' progress bar)."""
     from ntrl.study.analysis import analyse, load_study
     from ntrl.study.report import VERDICT_COLUMNS, log_summary_run, text_table, verdict_rows, write_report
     from ntrl.study.well import WELL_TITLE, WELL_VERDICT_COLUMNS, analyse_well, well_verdicts
 
+    def say(text: str) -> None:
+        if progress:
+            print(f"ntrl: {text}", file=sys.stderr, flush=True)
+
+    say(f"reading the runs of {out} ...")
     study, runs = load_study(out)
+    say(f"analysing {len(runs)} runs (fits and bootstrap intervals) ...")
     cells = analyse(runs, study.batch_size)
     well_cells = analyse_well(runs, study.well_p0s)
+    say("writing the report and its plots ...")
     paths = write_report(out, study, runs, cells, well_cells)
     short = [r[:8] for r in verdict_rows(cells)]
     paths["table"] = text_table(VERDICT_COLUMNS[:8], short)
     if well_cells:
         paths["table"] += (f"\n\n{WELL_TITLE}, rewards (1, 0.9, 0), start (p₀, 0.95 − p₀, 0.05):\n"
                            + text_table(WELL_VERDICT_COLUMNS, well_verdicts(well_cells)))
+    if wandb_mode != "disabled":
+        say("logging the W&B summary run ...")
     paths["wandb"] = log_summary_run(out, study, runs, cells, mode=wandb_mode, well_cells=well_cells)
     paths["cells"] = cells
     return paths
