@@ -457,3 +457,45 @@ def test_the_wandb_history_of_a_long_population_is_thinned_log_evenly():
     gaps = [b - a for a, b in zip(logged, logged[1:])]
     assert all(g <= max(10, 10 + a // HISTORY_SPACING) for a, g in zip(logged, gaps))  # at most a step past 1 %
     assert all(g >= min(10, a // HISTORY_SPACING) for a, g in zip(logged, gaps))
+
+
+def test_the_stop_watch_asks_the_same_rows_in_python_as_in_numpy(monkeypatch):
+    """StopWatch.rows_to_check compares a few members in Python and more with numpy: both must pick
+    the same rows, NaN and ±inf included, as members move, are refreshed and are dropped."""
+    import math
+    import random
+    from types import SimpleNamespace
+
+    from ntrl.population import trainer
+
+    rng = random.Random(0)
+    members = []
+    for _ in range(8):
+        p0 = rng.choice([1e-3, 0.2, 0.6])
+        members.append(SimpleNamespace(
+            p_start=p0, p_min=p0 * rng.choice([1, 0.5]), crossed=rng.choice([None, 3]), p_back_at=rng.choice([None, 7]),
+            config=SimpleNamespace(stop_at_p=rng.choice([None, 0.5]), stop_below_p=rng.choice([None, 1e-4]),
+                                   steps=rng.choice([10, 1000]))))
+    watch = trainer.StopWatch(members)
+    values = [math.nan, math.inf, -math.inf, 0.0, 1e-5, 1e-4, 5e-4, 1e-3, 0.1, 0.2, 0.3, 0.5, 0.6, 0.9]
+    picked = set()
+
+    def both(p, t):
+        python = watch.rows_to_check(p, t)
+        monkeypatch.setattr(trainer, "FEW_MEMBERS", 0)  # numpy for any number of members
+        numpy = watch.rows_to_check(p, t)
+        monkeypatch.setattr(trainer, "FEW_MEMBERS", 8)
+        assert python == numpy, (p, t)
+        return python
+
+    for t in range(60):
+        rows = both([rng.choice(values) for _ in watch.rows], t)
+        picked.update(rows)
+        for r in rows[:2]:  # as the trainer does: the member's state moves, then its row is refreshed
+            st = members[r]
+            st.p_min, st.crossed, st.p_back_at = st.p_min / 2, st.crossed or t, None
+            watch.refresh(r, st)
+        if t == 30:
+            watch.select([0, 3, 5, 7])
+            members = [members[i] for i in (0, 3, 5, 7)]
+    assert 0 < len(picked) and len(watch.rows) == 4

@@ -1088,8 +1088,17 @@ class StopWatch:
         self.stop_below = np.array([-inf if st.config.stop_below_p is None else st.config.stop_below_p
                                     for st in members], dtype=float)
         self.steps = np.array([st.config.steps for st in members])
+        self._rows()
+
+    FIELDS = ("p_start", "p_min", "uncrossed", "not_back", "stop_at", "stop_below", "steps")
+
+    def _rows(self) -> None:
+        """The same values as Python numbers, row by row (for a few members)."""
+        self.rows = [list(r) for r in zip(*(getattr(self, name).tolist() for name in self.FIELDS))]
 
     def rows_to_check(self, p: Sequence[float], t: int) -> list[int]:
+        if len(p) <= FEW_MEMBERS:  # numpy's cost per call is more than Python's comparisons here
+            return [i for i, (x, r) in enumerate(zip(p, self.rows)) if self.changes(float(x), t, *r)]
         p = np.asarray(p, dtype=float)
         with np.errstate(invalid="ignore"):
             check = (~np.isfinite(p) | (self.uncrossed & (p >= 0.5) & (self.p_start < 0.5)) | (p < self.p_min)
@@ -1097,14 +1106,26 @@ class StopWatch:
                      | (p >= self.stop_at) | (p <= self.stop_below) | (t + 1 >= self.steps))
         return np.flatnonzero(check).tolist()
 
+    @staticmethod
+    def changes(x: float, t: int, p_start: float, p_min: float, uncrossed: bool, not_back: bool, stop_at: float,
+                stop_below: float, steps: int) -> bool:
+        """:meth:`rows_to_check`'s test of one member, P = x after update t."""
+        return (not math.isfinite(x) or (uncrossed and x >= 0.5 and p_start < 0.5) or x < p_min
+                or (not_back and p_min < p_start <= x) or x >= stop_at or x <= stop_below or t + 1 >= steps)
+
     def refresh(self, row: int, st: MemberState) -> None:
         self.p_min[row] = st.p_min
         self.uncrossed[row] = st.crossed is None
         self.not_back[row] = st.p_back_at is None
+        self.rows[row][1:4] = [st.p_min, st.crossed is None, st.p_back_at is None]
 
     def select(self, keep: list[int]) -> None:
-        for name in ("p_start", "p_min", "uncrossed", "not_back", "stop_at", "stop_below", "steps"):
+        for name in self.FIELDS:
             setattr(self, name, getattr(self, name)[keep])
+        self._rows()
+
+
+FEW_MEMBERS = 8  # up to this many members, StopWatch compares in Python
 
 
 def stopping(st: MemberState, p: float, t: int) -> tuple[str, str | None, float, int] | None:
