@@ -91,12 +91,22 @@ class SparsePattern:
         """The entries, given in COO order, in this pattern's CSR order."""
         return np.ascontiguousarray(data[self.order], dtype=np.float64)
 
-    def matvec(self, data: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """y = M x for the matrix M with this pattern and entries ``data`` (already CSR-ordered)."""
+    def matvec(self, data: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """y = M x for the matrix M with this pattern and entries ``data`` (already CSR-ordered),
+        into ``out`` where given (a contiguous float64 vector, zeroed here: a recursion's new
+        array of a few hundred kB per step cost more in page faults than the product)."""
         n, m = self.shape
         if _csr_matvec is None:
-            return sp.csr_matrix((data, self.indices, self.indptr), shape=self.shape) @ x
-        y = np.zeros(n)
+            y = sp.csr_matrix((data, self.indices, self.indptr), shape=self.shape) @ x
+            if out is None:
+                return y
+            out[:] = y
+            return out
+        if out is None:
+            y = np.zeros(n)
+        else:
+            y = out
+            y.fill(0.0)
         _csr_matvec(n, m, self.indptr, self.indices, data, np.ascontiguousarray(x, dtype=np.float64), y)
         return y
 
@@ -126,7 +136,7 @@ class FiniteHorizonVisitation(torch.autograd.Function):
         mus = np.empty((H, M * model.n_states))
         mus[0] = np.tile(model.initial_np, M)
         for t in range(1, H):
-            mus[t] = fwd.matvec(w_T, mus[t - 1])  # μ_{t+1} = P_πᵀ μ_t
+            fwd.matvec(w_T, mus[t - 1], out=mus[t])  # μ_{t+1} = P_πᵀ μ_t
         ctx.mus, ctx.w, ctx.model, ctx.M, ctx.batched = mus, w, model, M, batched  # P_π's entries in COO order
         ctx.w_sorted = None  # in P_π's CSR order: sorted by the first backward pass that needs it
         d = mus.sum(0) / H
@@ -148,8 +158,9 @@ class FiniteHorizonVisitation(torch.autograd.Function):
             raise RuntimeError(FIRST_ORDER_ONLY) from e
         nus = np.empty_like(mus)  # nus[t] = ν_t
         nus[H - 1] = g
+        product = np.empty(nus.shape[1])
         for t in range(H - 2, -1, -1):
-            nus[t] = g + back.matvec(w, nus[t + 1])  # ν_t = ḡ/H + P_π ν_{t+1}
+            np.add(g, back.matvec(w, nus[t + 1], out=product), out=nus[t])  # ν_t = ḡ/H + P_π ν_{t+1}
         # ∂L/∂π(a|s) = Σ_t μ_t(s) Q_t(s, a) with Q_t(s, a) = Σ_s' T(s'|s, a) ν_{t+1}(s'), per member;
         # Q comes out as (S, A, M, H − 1), so that each (s, m) block Q[s, :, m, :] is a matrix BLAS
         # reads in place (row stride M·(H − 1)), without a copy of Q
