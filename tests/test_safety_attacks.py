@@ -30,7 +30,9 @@ def files(root: Path) -> dict[str, bytes]:
 
 
 def one_line(capsys, start: str = "ntrl: error: ") -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+    """The one line of stderr, beside the study's progress lines ("ntrl: analysing 2 runs ...")."""
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not (line.startswith("ntrl: ") and line.endswith(" ...") and not line.startswith(start))]
     assert len(err) == 1 and err[0].startswith(start), err
     return err[0]
 
