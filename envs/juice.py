@@ -125,7 +125,7 @@ def n_observation_indices(radius: int) -> int:
 
 
 def _move(agent: np.ndarray, action: np.ndarray, size: int) -> np.ndarray:
-    return np.clip(agent + MOVES[action], 0, size - 1)
+    return np.minimum(np.maximum(agent + MOVES[action], 0), size - 1)  # np.clip's values, without its overhead
 
 
 def _respawn(agent_cell: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -357,24 +357,30 @@ class JuiceGridworldVector(VectorEnv):
         obs, seen = observe(self.agent, self.juice, self.visible, self.view_radius)
         return obs, {"juice_seen": seen, "_juice_seen": np.ones(self.num_envs, dtype=bool)}
 
-    def step(self, actions):
+    def _check_actions(self, actions) -> np.ndarray:
         actions = np.asarray(actions, dtype=np.int64).reshape(self.num_envs)
         if ((actions < 0) | (actions >= N_ACTIONS)).any():
             raise ValueError("actions must be integers in [0, 4] (up, down, left, right, stay)")
+        return actions
+
+    def _advance(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The dynamics of one step, autoreset included: (reward, ate, done), where ``done``
+        marks the sub-environments that ended last step and start again now (reward 0)."""
         n, B = self.size, self.num_envs
-        obs, seen = observe(self.agent, self.juice, self.visible, self.view_radius)
-        approached = approach_mask(obs, self.view_radius)[np.arange(B), actions]
         self.agent = _move(self.agent, actions, n)
         ate = (self.agent == self.juice).all(-1)
         reward = np.where(ate & self.visible, self.reward, 0.0)
-        visible = np.empty(B, dtype=bool)
-        for block, rng in self._blocks():  # each block's draws in the order of a vector env of its own
-            idx = np.flatnonzero(ate[block]) + block.start
-            if len(idx):
+        uniforms = np.empty(B)
+        blocks = self._blocks()
+        # which blocks have a juice to respawn (one test for all of them)
+        eaten = ate.reshape(len(blocks), -1).any(1).tolist() if ate.any() else [False] * len(blocks)
+        for (block, rng), respawn in zip(blocks, eaten):  # each block's draws in the order of a vector env of its own
+            if respawn:
+                idx = np.flatnonzero(ate[block]) + block.start
                 j = _respawn(self.agent[idx, 0] * n + self.agent[idx, 1], n, rng)
                 self.juice[idx] = np.stack(divmod(j, n), -1)
-            visible[block] = rng.random(block.stop - block.start) >= self.hide_prob
-        self.visible = visible
+            rng.random(out=uniforms[block])  # the stream of rng.random(block size)
+        self.visible = uniforms >= self.hide_prob
         self.t += 1
         truncated = self.t >= self.horizon
         # next-step autoreset: sub-environments that ended last step start again now
@@ -383,11 +389,35 @@ class JuiceGridworldVector(VectorEnv):
             self._reset_some(done)
             reward[done] = 0.0
             truncated[done] = False
+        self.prev_done = truncated
+        return reward, ate, done
+
+    def step(self, actions):
+        actions = self._check_actions(actions)
+        obs, seen = observe(self.agent, self.juice, self.visible, self.view_radius)
+        approached = approach_mask(obs, self.view_radius)[np.arange(self.num_envs), actions]
+        reward, ate, done = self._advance(actions)
+        if done.any():
             seen, approached, ate = seen & ~done, approached & ~done, ate & ~done
-        self.prev_done = truncated.copy()
         obs, _ = observe(self.agent, self.juice, self.visible, self.view_radius)
-        terminated = np.zeros(B, dtype=bool)
-        mask = np.ones(B, dtype=bool)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = self.prev_done.copy()
+        mask = np.ones(self.num_envs, dtype=bool)
         info = {"juice_seen": seen, "approached": approached, "ate": ate,
                 "_juice_seen": mask, "_approached": mask, "_ate": mask}
         return obs, reward, terminated, truncated, info
+
+    def observation_keys(self) -> np.ndarray:
+        """(num_envs,) int64: :func:`observation_index` of each sub-environment's observation,
+        formed from its state without the float observation."""
+        r = self.view_radius
+        delta = self.juice - self.agent
+        seen = self.visible & (np.abs(delta).sum(-1) <= r)
+        return np.where(seen, 1 + (delta[:, 0] + r) * (2 * r + 1) + (delta[:, 1] + r), 0)
+
+    def step_keys(self, actions) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`step` for a caller that needs only (the new observations' keys
+        (:meth:`observation_keys`), the rewards): the same dynamics and draws, without forming
+        the float observations, the approach masks or ``info``."""
+        reward, _, _ = self._advance(self._check_actions(actions))
+        return self.observation_keys(), reward

@@ -166,3 +166,28 @@ def test_blocks_of_one_vector_env_draw_what_vector_envs_of_their_own_draw():
         want = [env.step(actions[i * B:(i + 1) * B]) for i, env in enumerate(alone)]
         for k in range(4):
             assert np.array_equal(got[k], np.concatenate([w[k] for w in want]))
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_step_keys_is_step_without_the_float_observations(radius):
+    """``step_keys`` (the population's rollouts) steps as ``step`` does, from the same draws, and
+    gives the keys ``observation_index`` gives of ``step``'s observations, over several episodes
+    (truncation and autoreset), with blocks of their own generators."""
+    kw = dict(size=5, view_radius=radius, horizon=7, hide_prob=0.3)
+    envs = [JuiceGridworldVector(num_envs=12, **kw) for _ in range(2)]
+    for env in envs:
+        env.seed_blocks([3, 4, 5], [1.0, -1.0, 0.5])
+    obs, _ = envs[0].reset()
+    envs[1].reset()
+    assert np.array_equal(envs[1].observation_keys(), observation_index(obs, radius))
+    rng = np.random.default_rng(1)
+    seen_any = False
+    for _ in range(30):
+        actions = rng.integers(0, 5, size=12)
+        obs, reward, *_ = envs[0].step(actions)
+        keys, reward_k = envs[1].step_keys(actions)
+        assert np.array_equal(keys, observation_index(obs, radius)) and np.array_equal(reward, reward_k)
+        seen_any |= bool((keys > 0).any())
+    assert seen_any
+    with pytest.raises(ValueError, match="actions must be integers"):
+        envs[1].step_keys(np.full(12, 5))

@@ -229,7 +229,8 @@ class JuiceModel:
     def from_configs(cls, configs: Sequence[Any], device: torch.device) -> "JuiceModel":
         """The exact model of the members' shared gridworld, with each member's reward."""
         from ntrl.envs.juice import (
-            MAX_TABULAR_STATES, approach_mask, observation_index, seen_observations, tabular_model,
+            MAX_TABULAR_STATES, approach_mask, n_observation_indices, observation_index, seen_observations,
+            tabular_model,
         )
 
         first = configs[0]
@@ -240,8 +241,9 @@ class JuiceModel:
                                  first.view_radius)
         order = np.argsort(keys, kind="stable") if first.mode == "sampled" else None
         model = cls(mdps[0], rewards, probe_obs, approach_mask(probe_obs, first.view_radius), device, order)
-        model.radius = int(first.view_radius)
-        model.row_of_key = {int(k): i for i, k in enumerate(keys if order is None else keys[order])}
+        # each observation key's row of the model (−1: a key no state of the model shows)
+        model.key_rows = np.full(n_observation_indices(first.view_radius), -1, dtype=np.int64)
+        model.key_rows[keys if order is None else keys[order]] = np.arange(len(keys))
         return model
 
     def start_sampling(self, configs: Sequence[Any], env_seeds: Sequence[int]) -> None:
@@ -266,34 +268,43 @@ class JuiceModel:
     def sample(self, logits_of, q: dict[str, Tensor], batch_size: int, baseline: str, action_rngs: list,
                noise_rngs: list) -> SampledBatch:
         """One episode in each of every member's ``batch_size`` gridworlds, stepped as the per-run
-        path steps them (:func:`ntrl.experiments.juice.collect_vector_batch`): the policy of all
-        members in one forward pass per time step (``logits_of(obs)``, obs (M, B, 3)), the actions
-        from each member's own stream, one step of the shared vector env, and the episodes
+        path steps them (:func:`ntrl.experiments.juice.collect_vector_batch`), from the same streams.
+
+        The policy is fixed during the rollout and every observation is one of the model's, so
+        π(·|o) = softmax(Z) of ``q["Z"]`` is looked up, not recomputed (``logits_of`` unused), by
+        each observation's key (:meth:`JuiceGridworldVector.step_keys`). Each member's H·B action
+        uniforms are drawn at once, which is the stream the per-run path draws B at a time, and the
+        action is the inverse CDF of :func:`ntrl.agents.reinforce.sample_actions`,
+        min(#{k: u·c_K ≥ c_k}, K − 1) with c the cumulative sums of π(·|o). The episodes are then
         aggregated by :func:`ntrl.agents.reinforce.aggregate_episodes`, per observation of the model."""
         from ntrl.agents.reinforce import aggregate_episodes
-        from ntrl.envs.juice import observation_index
 
         M, H, B, K, N = len(action_rngs), self.horizon, batch_size, self.n_actions, self.n_states
-        obs = self.venv.reset()[0].reshape(M, B, -1)
-        O = np.empty((H, M, B, obs.shape[-1]), dtype=np.float32)
+        with torch.no_grad():
+            cum = np.cumsum(torch.softmax(q["Z"].detach()[:, :N].to(torch.float64), dim=-1).cpu().numpy(), axis=2)
+        u = np.stack([rng.random(H * B).reshape(H, B) for rng in action_rngs], axis=1)  # (H, M, B)
+        member = np.arange(M)[:, None]
+        self.venv.reset()
+        keys = np.empty((H, M, B), dtype=np.int64)
         A = np.empty((H, M, B), dtype=np.int64)
         Rw = np.empty((H, M, B))
+        keys[0] = self.venv.observation_keys().reshape(M, B)
         for t in range(H):
-            with torch.no_grad():
-                probs = torch.softmax(logits_of(torch.as_tensor(obs)).to(torch.float64), dim=-1).cpu().numpy()
-            O[t] = obs
-            for m in range(M):
-                A[t, m] = sample_actions(probs[m], action_rngs[m])
-            nxt, reward, *_ = self.venv.step(A[t].reshape(-1))
-            obs, Rw[t] = nxt.reshape(M, B, -1), reward.reshape(M, B)
+            c = cum[member, self.key_rows[keys[t]]]  # (M, B, K)
+            A[t] = np.minimum((u[t, :, :, None] * c[:, :, -1:] >= c).sum(axis=2), K - 1)
+            nxt, reward = self.venv.step_keys(A[t].reshape(-1))
+            Rw[t] = reward.reshape(M, B)
+            if t + 1 < H:
+                keys[t + 1] = nxt.reshape(M, B)
+        if (self.key_rows[keys] < 0).any():  # the model enumerates every reachable state: a bug if not
+            raise RuntimeError("an episode reached an observation the juice gridworld's exact model does not have")
         C = np.zeros((M, N, K))
         C_episode = np.zeros((M, B, N, K))
         counts = np.zeros((M, N))
         returns = np.empty(M)
         for m in range(M):
-            keys = observation_index(O[:, m].reshape(H * B, -1), self.radius).reshape(H, B)
-            agg = aggregate_episodes(keys, A[:, m], Rw[:, m], K, baseline)
-            rows = [self.row_of_key[int(k)] for k in agg["keys"]]
+            agg = aggregate_episodes(keys[:, m], A[:, m], Rw[:, m], K, baseline)
+            rows = self.key_rows[agg["keys"]]
             C[m, rows], C_episode[m][:, rows], counts[m, rows] = agg["C"], agg["C_episode"], agg["counts"]
             returns[m] = agg["returns"].mean()
         dev = self.rewards.device
@@ -352,6 +363,19 @@ class JuiceModel:
         weights = torch.zeros(Z.shape[0], n, dtype=d.dtype, device=d.device).index_add(1, self.obs_index, d.detach())
         return {"U": self.horizon * R, "P": P, "F": F, "R": R, "P_probe": P_probe, "z": set_log_odds(Zp, self.probe_mask),
                 "logp": logp, "weights": weights}
+
+    def probability(self, Z: Tensor) -> Tensor:
+        """P (rows,) alone, from logits (rows, distinct observations + probes, A) of any number of
+        rows (the η-probe's members at every scale), as :meth:`quantities` computes it: one
+        visitation per block of as many rows as the population has members (one block-diagonal
+        chain of all the rows is slower: its vectors no longer fit in the cache)."""
+        out = []
+        for z in Z.split(max(1, self.rewards.shape[0])):
+            pi = torch.log_softmax(z[:, :self.n_states], dim=-1).exp()[:, self.obs_index]
+            d = self.visitation(pi)
+            F = (d * self.seen).sum(1)
+            out.append((d * self.seen * (pi * self.approach).sum(-1)).sum(1) / F)
+        return torch.cat(out)
 
 
 def population_model(configs: Sequence[Any], device: torch.device):
