@@ -109,7 +109,8 @@ class RarityArgs:
     tags: list[str] = field(default_factory=list, metadata={"help": "W&B tags of every run of the study (repeat the "
                                                                     "flag; without it: WANDB_TAGS, comma-separated)"})
     analyse_only: bool = field(default=False, metadata={"help": "only analyse and report the runs already there"})
-    population: bool = field(default=True, metadata={"help": "train the cells populations support (bandit) as "
+    population: bool = field(default=True, metadata={"help": "train the cells populations support (bandit, "
+                                                            "K-armed bandit and juice, exact and sampled) as "
                                                             "batched population chunks; --no-population runs "
                                                             "every run on its own"})
     device: Literal["cpu", "cuda", "auto"] = field(default="cpu", metadata={"help": "where populations train "

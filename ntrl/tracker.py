@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntrl.engine.metrics import Euclidean, InverseFisher, Metric
+from ntrl.engine.metrics import Euclidean, InverseFisher, Metric, scaled_inner, scaled_norm
 from ntrl.properties import Property
 from ntrl.engine.tangent import TangentEngine, TangentStats
 
@@ -386,11 +386,13 @@ class Tracker:
             cs.append(c)
             vs.append(v)
             out[f"{X.name}/noise_sd"] = lr * math.sqrt(float((c**2).sum()) / (B * (B - 1)))
-            out[f"{X.name}/noise_sd_iso"] = lr * math.sqrt(trace / n_params * float(v @ v))
+            # η·sqrt(tr Σ / P)·‖v‖ without squaring v: a huge v (the inverse Fisher of a nearly
+            # deterministic policy) times tr Σ = 0 is 0, not 0·inf
+            out[f"{X.name}/noise_sd_iso"] = lr * math.sqrt(trace / n_params) * float(scaled_norm(v))
         if len(cs) >= 2:
             a, b = self.properties[0].name, self.properties[1].name
             out[f"noise/cov_{a}_{b}"] = lr**2 * float(cs[0] @ cs[1]) / (B * (B - 1))
-            out[f"noise/cov_{a}_{b}_iso"] = lr**2 * trace / n_params * float(vs[0] @ vs[1])
+            out[f"noise/cov_{a}_{b}_iso"] = lr**2 * float(scaled_inner(trace / n_params, vs[0], vs[1]))
         return out
 
     def after(self, pending: PendingUpdate) -> dict[str, Any]:

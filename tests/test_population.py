@@ -537,3 +537,33 @@ def test_the_stop_watch_asks_the_same_rows_in_python_as_in_numpy(monkeypatch):
             watch.select([0, 3, 5, 7])
             members = [members[i] for i in (0, 3, 5, 7)]
     assert 0 < len(picked) and len(watch.rows) == 4
+
+
+def test_isotropic_noise_of_a_huge_metric_direction_is_finite_where_it_should_be():
+    """The isotropic spread η·sqrt(tr Σ / P)·‖v‖ and covariance η²·(tr Σ / P)·v_X·v_Y, with v = M∇X
+    near 10¹⁸⁹ (the inverse Fisher of a nearly deterministic policy: a sampled NPG juice run of the
+    full grid whose P fell to 0): 0 where tr Σ = 0, where before 0·inf made it NaN and stopped the
+    run; finite where the result is; the plain formula where nothing overflows. The per-run
+    tracker and the population use the same helpers."""
+    from types import SimpleNamespace
+
+    from ntrl.engine.metrics import scaled_inner, scaled_norm
+    from ntrl.population.trainer import noise_spread
+
+    v = torch.tensor([[3e188, -4e188], [3.0, 4.0]], dtype=torch.float64)
+    assert torch.equal(scaled_norm(v), torch.tensor([5e188, 5.0], dtype=torch.float64))
+    assert torch.equal(scaled_norm(torch.zeros(2, 3, dtype=torch.float64)), torch.zeros(2, dtype=torch.float64))
+    c = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    assert torch.equal(scaled_inner(c, v, v)[:1], torch.zeros(1, dtype=torch.float64))
+    assert float(scaled_inner(c, v, v)[1]) == pytest.approx(50.0, rel=1e-15)
+    assert float(scaled_inner(1e-300, v[:1], v[:1])[0]) == pytest.approx(2.5e77, rel=1e-12)
+    assert not torch.isfinite(torch.sqrt((v[:1] ** 2).sum() * 0.0))  # what the plain formula gave
+
+    M, B, N, K, P = 2, 4, 1, 2, 2
+    batch = SimpleNamespace(C_episode=torch.zeros(M, B, N, K, dtype=torch.float64))  # every episode alike: tr Σ = 0
+    rows = torch.ones(M, N, K, P, dtype=torch.float64)
+    plan = SimpleNamespace(fisher=None, diagonal=torch.full((M, P), 1e189, dtype=torch.float64))
+    grads = {"P": torch.ones(M, P, dtype=torch.float64), "F": torch.ones(M, P, dtype=torch.float64)}
+    out = noise_spread(batch, rows, grads, plan, torch.full((M,), 0.1, dtype=torch.float64))
+    for key in ("P/noise_sd_iso", "F/noise_sd_iso", "noise/cov_P_F_iso", "P/noise_sd", "noise/trace_sigma"):
+        assert torch.equal(out[key], torch.zeros(M, dtype=torch.float64)), key

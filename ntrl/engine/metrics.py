@@ -23,6 +23,24 @@ if TYPE_CHECKING:  # pragma: no cover
     from ntrl.engine.tangent import TangentEngine
 
 
+def scaled_norm(v: Tensor) -> Tensor:
+    """‖v‖ over the last axis as s·‖v/s‖ with s = max|v| (0 where v = 0), so that it is finite
+    wherever ‖v‖ is: the squares of a v near 10¹⁵⁴ or beyond (an inverse Fisher of a nearly
+    deterministic policy) overflow, and the plain Σv² would be inf."""
+    s = v.abs().amax(-1)
+    unit = v / torch.where(s > 0, s, torch.ones_like(s))[..., None]
+    return s * unit.square().sum(-1).sqrt()
+
+
+def scaled_inner(c: Tensor | float, a: Tensor, b: Tensor) -> Tensor:
+    """c·(a·b) over the last axis, formed as ((c·s_a)·s_b)·(â·b̂) with s = max|·| and â = a/s_a,
+    so that it is finite wherever the result is: c = 0 gives 0 however large a and b are."""
+    sa, sb = a.abs().amax(-1), b.abs().amax(-1)
+    ua = a / torch.where(sa > 0, sa, torch.ones_like(sa))[..., None]
+    ub = b / torch.where(sb > 0, sb, torch.ones_like(sb))[..., None]
+    return ((c * sa) * sb) * (ua * ub).sum(-1)
+
+
 class Metric(ABC):
     """A symmetric positive semi-definite preconditioner M."""
 

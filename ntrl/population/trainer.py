@@ -58,6 +58,7 @@ from ntrl.engine.batched import (
 from ntrl.engine.batched_structured import (
     LogitInverseFisher, LogitSelection, StackedSequential, fisher_ntvar, quad,
 )
+from ntrl.engine.metrics import scaled_inner, scaled_norm
 from ntrl.population.models import SampledBatch, population_model
 from ntrl.population.optimizers import BatchedOptimizer
 from ntrl.records import (
@@ -926,11 +927,11 @@ def noise_spread(batch: SampledBatch, rows: Tensor, prop_grads: dict[str, Tensor
         cs.append(c)
         vs.append(v)
         out[f"{name}/noise_sd"] = lr * ((c**2).sum(1) / (B * (B - 1))).sqrt()
-        out[f"{name}/noise_sd_iso"] = lr * (trace / n_params * (v**2).sum(1)).sqrt()
+        out[f"{name}/noise_sd_iso"] = lr * (trace / n_params).sqrt() * scaled_norm(v)  # as the per-run tracker
     if len(cs) >= 2:
         a, b = list(prop_grads)[:2]
         out[f"noise/cov_{a}_{b}"] = lr**2 * (cs[0] * cs[1]).sum(1) / (B * (B - 1))
-        out[f"noise/cov_{a}_{b}_iso"] = lr**2 * trace / n_params * (vs[0] * vs[1]).sum(1)
+        out[f"noise/cov_{a}_{b}_iso"] = lr**2 * scaled_inner(trace / n_params, vs[0], vs[1])
     return out
 
 

@@ -1,0 +1,157 @@
+"""Juice populations (issue 12, run 12): each new path against the one it replaced, in one run, as
+ratios of the medians of interleaved rounds.
+
+1. A sampled population's rollout, ``JuiceModel.sample`` (π looked up by observation key from one
+   softmax of the update's logits, each member's H·B action uniforms drawn at once, the vector env
+   stepped by ``step_keys``), against the per-step rollout it replaced (kept here as
+   ``per_step_sample``, the named baseline: a forward pass of every member's policy, one
+   ``sample_actions`` per member and a full ``step`` per time step, then ``observation_index``),
+   tabular and MLP policies, 5 and 30 members of 32 episodes of 50 steps.
+2. The gradients of a tracked exact update (U, P, F, P_probe, the log-odds at the four probe
+   observations and the 25 logits of the Fisher), split at the logits
+   (``member_gradients_through``: a reverse pass through the model per output, then one batched
+   pass through the network) against one reverse pass per output (``member_gradients``, the named
+   baseline), the MLP (2 × 64), 5 and 30 members.
+
+    .venv/bin/python benchmarks/bench_juice_population.py      # about two minutes
+
+Each pair is checked to give the same numbers first: the rollouts the same batch (equal arrays,
+from generators in equal states), the gradients to 1e-12."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_population import juice_configs  # noqa: E402
+
+
+def per_step_sample(model, pop, batch_size: int, baseline: str, radius: int):
+    """The rollout before run 12 (``JuiceModel.sample`` of commit 752f675): the policy of all
+    members in one forward pass per time step, each member's actions by ``sample_actions``, one
+    full ``step`` of the vector env, then each member's keys by ``observation_index``."""
+    from ntrl.agents.reinforce import aggregate_episodes, sample_actions
+    from ntrl.envs.juice import observation_index
+
+    action_rngs = pop.action_rngs
+    M, H, B, K, N = len(action_rngs), model.horizon, batch_size, model.n_actions, model.n_states
+    obs = model.venv.reset()[0].reshape(M, B, -1)
+    O = np.empty((H, M, B, obs.shape[-1]), dtype=np.float32)
+    A = np.empty((H, M, B), dtype=np.int64)
+    Rw = np.empty((H, M, B))
+    for t in range(H):
+        with torch.no_grad():
+            probs = torch.softmax(pop.logits_of(torch.as_tensor(obs)).to(torch.float64), dim=-1).cpu().numpy()
+        O[t] = obs
+        for m in range(M):
+            A[t, m] = sample_actions(probs[m], action_rngs[m])
+        nxt, reward, *_ = model.venv.step(A[t].reshape(-1))
+        obs, Rw[t] = nxt.reshape(M, B, -1), reward.reshape(M, B)
+    C_episode = np.zeros((M, B, N, K))
+    for m in range(M):
+        keys = observation_index(O[:, m].reshape(H * B, -1), radius).reshape(H, B)
+        agg = aggregate_episodes(keys, A[:, m], Rw[:, m], K, baseline)
+        C_episode[m][:, model.key_rows[agg["keys"]]] = agg["C_episode"]
+    return C_episode
+
+
+def population(policy: str, mode: str, members: int, out: str):
+    from ntrl.population.trainer import _Population
+
+    configs = [c.validate() for c in juice_configs(out, members, 10, policy, mode)]
+    return _Population(configs, torch.device("cpu")), configs[0]
+
+
+def streams(pop):
+    """The generators a rollout draws from, to restore between the two paths."""
+    return copy.deepcopy((pop.action_rngs, pop.model.venv.block_rngs))
+
+
+def restore(pop, saved) -> None:
+    action, blocks = copy.deepcopy(saved)
+    pop.action_rngs[:] = action
+    pop.model.venv.set_block_generators(blocks)
+
+
+def median_ms(f, rounds: int) -> float:
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        f()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out) * 1e3
+
+
+def rollout(policy: str, members: int, rounds: int) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as d:
+        pop, first = population(policy, "sampled", members, d)
+        q = pop.forward()
+        saved = streams(pop)
+        new = pop.model.sample(pop.logits_of, q, first.batch_size, first.baseline, pop.action_rngs, pop.noise_rngs)
+        restore(pop, saved)
+        old = per_step_sample(pop.model, pop, first.batch_size, first.baseline, first.view_radius)
+        assert np.array_equal(new.C_episode.numpy(), old), "the two rollouts differ"
+        a, b = [], []
+        for _ in range(rounds):  # interleaved: a slow spell of the VM counts in both
+            a.append(median_ms(lambda: pop.model.sample(pop.logits_of, q, first.batch_size, first.baseline,
+                                                        pop.action_rngs, pop.noise_rngs), 1))
+            b.append(median_ms(lambda: per_step_sample(pop.model, pop, first.batch_size, first.baseline, first.view_radius), 1))
+        pop.model.close()
+        return statistics.median(a), statistics.median(b)
+
+
+def gradients(members: int, rounds: int) -> tuple[float, float]:
+    from ntrl.engine.batched import member_gradients, member_gradients_through
+
+    with tempfile.TemporaryDirectory() as d:
+        pop, _ = population("mlp", "exact", members, d)
+        N, K = pop.model.n_states, pop.model.n_actions
+
+        def tracked_outputs():
+            q = pop.forward()
+            outs = [q["U"], q["P"], q["F"], q["P_probe"]] + [q["z"][:, i] for i in range(pop.model.n_z)]
+            return outs, q
+
+        def new():
+            outs, q = tracked_outputs()
+            return member_gradients_through(outs, q["Z"], q["leaves"], N * K)
+
+        def old():
+            outs, q = tracked_outputs()
+            return member_gradients(outs + [q["Z"][:, o, a] for o in range(N) for a in range(K)], q["leaves"])
+
+        for x, y in zip(new(), old()):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-300)
+        fwd = []
+        a, b = [], []
+        for _ in range(rounds):
+            a.append(median_ms(new, 1))
+            b.append(median_ms(old, 1))
+            fwd.append(median_ms(tracked_outputs, 1))  # the forward pass both include
+        f = statistics.median(fwd)
+        return statistics.median(a) - f, statistics.median(b) - f
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    for policy in ("tabular", "mlp"):
+        for members in (5, 30):
+            new, old = rollout(policy, members, rounds=7)
+            print(f"rollout, {policy}, {members} members × 32 episodes: {new:.1f} ms against {old:.1f} ms, "
+                  f"{old / new:.1f}×", flush=True)
+    for members in (5, 30):
+        new, old = gradients(members, rounds=7)
+        print(f"tracked gradients, exact MLP, {members} members (forward pass subtracted): {new:.1f} ms against "
+              f"{old:.1f} ms, {old / new:.1f}×", flush=True)
+
+
+if __name__ == "__main__":
+    main()
