@@ -307,44 +307,6 @@ def test_batched_engine_agrees_with_the_torch_func_reference():
         assert float(fisher.ntvar(gP)[m]) == pytest.approx(float(want), rel=1e-10)
 
 
-@pytest.mark.parametrize("policy", ["tabular", "mlp"])
-def test_gradients_through_the_logits_equal_one_reverse_pass_per_output(policy):
-    """The juice update's gradients split at the logits (each output's cotangent at Z, then one
-    batched pass through the network for all of them and for every logit) equal one reverse pass
-    per output, to 1e-12 in float64, on a juice model with three members of different rewards."""
-    from ntrl.engine.batched import member_gradients_through
-    from ntrl.population.models import JuiceModel
-
-    cfgs = juice_configs("unused", policy, "sgd")
-    policies = []
-    for c in cfgs:
-        exp = c.build()
-        exp.env.close()
-        policies.append(exp.policy)
-    model = JuiceModel.from_configs(cfgs, torch.device("cpu"))
-    sp = StackedPolicy(policies[0])
-    theta = torch.stack([sp.flatten(p) for p in policies])
-
-    def outputs_and_leaves():
-        leaves = sp.leaves(theta)
-        with torch.enable_grad():
-            Z = sp.logits(leaves, model.obs)
-            q = model.quantities(Z)
-        N, K = model.n_states, model.n_actions
-        return [q["U"], q["P"], q["F"], q["P_probe"], q["z"][:, 0]], Z, leaves, N * K
-
-    outputs, Z, leaves, n = outputs_and_leaves()
-    got = member_gradients_through(outputs, Z, leaves, n)
-    outputs, Z, leaves, n = outputs_and_leaves()
-    N, K = model.n_states, model.n_actions
-    want = member_gradients(outputs + [Z[:, o, a] for o in range(N) for a in range(K)], leaves)
-    assert len(got) == len(want) == len(outputs) + n
-    for g, w in zip(got, want):
-        assert g.shape == w.shape == theta.shape
-        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-300)
-    assert all(float(w.abs().max()) > 0 for w in want[:3])
-
-
 def test_study_verdicts_are_the_same_with_and_without_populations(tmp_path):
     """A four-cell grid: the verdict table ntrl rarity prints, by population chunks and by single
     runs."""

@@ -52,9 +52,7 @@ import torch
 from torch import Tensor
 
 from ntrl.config import ConfigError, TrainConfig
-from ntrl.engine.batched import (
-    BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients, member_gradients_through,
-)
+from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients
 from ntrl.engine.batched_structured import (
     LogitInverseFisher, LogitSelection, StackedSequential, fisher_ntvar, quad,
 )
@@ -607,19 +605,16 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
     if pop.selection is not None:  # one state (N = 1)
         grads = [pop.selection.gradient(c) for c in output_cotangents(pop, q, U, tracked, K if need_fisher else 0)]
     else:
-        outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else [])
-        n_logits = N * K if need_fisher else 0
-        # exact: U = c·R (the model's utility_scale c: 1 on the bandits, H on the juice gridworld),
-        # so ∇R = ∇U/c, without another reverse pass (through the juice model's visitation)
-        r = 1 + names.index("R") if tracked and not pop.sampled and "R" in names else None
-        if r is not None:
-            outputs = outputs[:r] + outputs[r + 1:]
-        if len(outputs) + n_logits > 1:  # one batched pass through the network for all of them
-            grads = member_gradients_through(outputs, q["Z"], q["leaves"], n_logits)
+        outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else []) + \
+            ([q["Z"][:, o, a] for o in range(N) for a in range(K)] if need_fisher else [])
+        if tracked and not pop.sampled and "R" in names:
+            # exact: U = c·R (the model's utility_scale c: 1 on the bandits, H on the juice gridworld),
+            # so ∇R = ∇U/c, without another reverse pass (through the juice model's visitation)
+            r = 1 + names.index("R")
+            grads = member_gradients(outputs[:r] + outputs[r + 1:], q["leaves"])
+            grads.insert(r, grads[0] / pop.model.utility_scale)
         else:
             grads = member_gradients(outputs, q["leaves"])
-        if r is not None:
-            grads.insert(r, grads[0] / pop.model.utility_scale)
     g = grads[0]
     prop_grads = dict(zip(names, grads[1:1 + len(names)])) if tracked else {}
     z_grads = grads[1 + len(names):1 + len(names) + n_z] if tracked else []
