@@ -1,18 +1,24 @@
-"""Juice populations (issue 12, run 12): the sampled rollout against the one it replaced, in one
-run, as ratios of the medians of interleaved rounds.
+"""Juice populations (issue 12, run 12): each new path against the one it replaced, in one run, as
+ratios of the medians of interleaved rounds.
 
-A sampled population's rollout, ``JuiceModel.sample`` (π looked up by observation key from one
-softmax of the update's logits, each member's H·B action uniforms drawn at once, the vector env
-stepped by ``step_keys``), against the per-step rollout it replaced (kept here as
-``per_step_sample``, the named baseline: a forward pass of every member's policy, one
-``sample_actions`` per member and a full ``step`` per time step, then ``observation_index``),
-tabular and MLP policies, 5 and 30 members of 32 episodes of 50 steps.
+1. A sampled population's rollout, ``JuiceModel.sample`` (π looked up by observation key from
+   one softmax of the update's logits, each member's H·B action uniforms drawn at once, the vector
+   env stepped by ``step_keys``), against the per-step rollout it replaced (kept here as
+   ``per_step_sample``, the named baseline: a forward pass of every member's policy, one
+   ``sample_actions`` per member and a full ``step`` per time step, then ``observation_index``),
+   tabular and MLP policies, 5 and 30 members of 32 episodes of 50 steps.
+2. An update's gradients split at the logits (``member_gradients_through``: a reverse pass
+   through the model per output, then one batched pass through the network for all of them and
+   the 25 logits of the Fisher) against one reverse pass per output (``member_gradients``, the
+   named baseline), the MLP (2 × 64): an untracked sampled NPG update (U and the logits) and a
+   tracked exact one (U, P, F, P_probe, the log-odds at the four probe observations and the
+   logits), 1, 2, 5 and 30 members. The population takes the split for at most
+   ``SPLIT_MEMBERS`` members.
 
-    .venv/bin/python benchmarks/bench_juice_population.py      # about a minute
+    .venv/bin/python benchmarks/bench_juice_population.py      # about two minutes
 
-Both are checked to give the same batch first (equal arrays, from generators in equal states).
-A variant that split the tracked update's gradients at the logits (one batched pass through the
-network for every output) was measured here and dropped: 1.2× at 5 members, 0.8× at 30."""
+Each pair is checked to give the same numbers first: the rollouts the same batch (equal arrays,
+from generators in equal states), the gradients to 1e-12."""
 
 from __future__ import annotations
 
@@ -104,6 +110,41 @@ def rollout(policy: str, members: int, rounds: int) -> tuple[float, float]:
         return statistics.median(a), statistics.median(b)
 
 
+def gradients(mode: str, members: int, rounds: int) -> tuple[float, float]:
+    """(ms split at the logits, ms one pass per output), the forward pass they share subtracted."""
+    from ntrl.engine.batched import member_gradients, member_gradients_through
+
+    tracked = mode == "exact"
+    with tempfile.TemporaryDirectory() as d:
+        pop, _ = population("mlp", mode, members, d)
+        N, K = pop.model.n_states, pop.model.n_actions
+
+        def outputs():
+            q = pop.forward()
+            outs = [q["U"]] + ([q["P"], q["F"], q["P_probe"]] + [q["z"][:, i] for i in range(pop.model.n_z)]
+                               if tracked else [])
+            return outs, q
+
+        def new():
+            outs, q = outputs()
+            return member_gradients_through(outs, q["Z"], q["leaves"], N * K)
+
+        def old():
+            outs, q = outputs()
+            return member_gradients(outs + [q["Z"][:, o, a] for o in range(N) for a in range(K)], q["leaves"])
+
+        for x, y in zip(new(), old()):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-300)
+        a, b, f = [], [], []
+        for _ in range(rounds):
+            a.append(median_ms(new, 1))
+            b.append(median_ms(old, 1))
+            f.append(median_ms(outputs, 1))
+        pop.model.close()
+        fwd = statistics.median(f)
+        return statistics.median(a) - fwd, statistics.median(b) - fwd
+
+
 def main() -> None:
     torch.set_num_threads(1)
     for policy in ("tabular", "mlp"):
@@ -111,6 +152,11 @@ def main() -> None:
             new, old = rollout(policy, members, rounds=7)
             print(f"rollout, {policy}, {members} members × 32 episodes: {new:.1f} ms against {old:.1f} ms, "
                   f"{old / new:.1f}×", flush=True)
+    for mode, what in (("sampled", "untracked sampled NPG"), ("exact", "tracked exact")):
+        for members in (1, 2, 5, 30):
+            new, old = gradients(mode, members, rounds=9)
+            print(f"gradients, {what} MLP update, {members} member(s): split {new:.2f} ms against {old:.2f} ms, "
+                  f"{old / new:.2f}×", flush=True)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,31 @@ def member_gradients(outputs: list[Tensor], leaves: list[Tensor]) -> list[Tensor
     return grads
 
 
+def member_gradients_through(outputs: list[Tensor], Z: Tensor, leaves: list[Tensor], n_logits: int = 0) -> list[Tensor]:
+    """:func:`member_gradients` of ``outputs`` (each (M,), a function of θ through the logits Z
+    (M, N, K) alone), then of the first ``n_logits`` logits Z[:, o, a] in (o, a) order, by the chain
+    rule split at Z: each output's cotangent c_X = ∂(Σ_m X_m)/∂Z by one reverse pass through the
+    model only, the logits' cotangents the unit tensors e_{o,a}, and then ∇θ_m X_m = J_mᵀ c_X for all
+    of them in one batched reverse pass through the network (``is_grads_batched``), instead of a
+    pass through the network per output. Frees the graph. Faster for one or two members, where
+    each reverse pass costs mostly its fixed overhead; slower for many, where the batched pass's
+    tensors leave the cache (``benchmarks/bench_juice_population.py``)."""
+    M = Z.shape[0]
+    cots = []
+    for x in outputs:
+        c = torch.autograd.grad(x.sum(), Z, retain_graph=True, allow_unused=True)[0] if x.requires_grad else None
+        cots.append(torch.zeros_like(Z) if c is None else c)
+    if n_logits:
+        units = torch.zeros(n_logits, M, Z[0].numel(), dtype=Z.dtype, device=Z.device)
+        units[torch.arange(n_logits), :, torch.arange(n_logits)] = 1.0
+        cots.extend(units.reshape(n_logits, *Z.shape).unbind(0))
+    parts = torch.autograd.grad(Z, leaves, grad_outputs=torch.stack(cots), is_grads_batched=True, allow_unused=True)
+    flat = torch.cat([(p if p is not None else torch.zeros(len(cots), *leaf.shape, dtype=leaf.dtype,
+                                                            device=leaf.device)).reshape(len(cots), M, -1)
+                      for p, leaf in zip(parts, leaves)], dim=2)
+    return list(flat.unbind(0))
+
+
 @dataclass
 class BatchedInverseFisher:
     """M_m = (F_m + λ_m I)⁻¹, or F_m⁺ where λ_m = 0, for every member (see the module docstring).
