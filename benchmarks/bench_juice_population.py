@@ -12,7 +12,7 @@ ratios of the medians of interleaved rounds.
    the 25 logits of the Fisher) against one reverse pass per output (``member_gradients``, the
    named baseline), the MLP (2 × 64): an untracked sampled NPG update (U and the logits) and a
    tracked exact one (U, P, F, P_probe, the log-odds at the four probe observations and the
-   logits), 1, 2, 5 and 30 members. The population takes the split for at most
+   logits), 1, 2, 5, 8, 16 and 30 members. The population takes the split for at most
    ``SPLIT_MEMBERS`` members.
 
     .venv/bin/python benchmarks/bench_juice_population.py      # about two minutes
@@ -153,7 +153,7 @@ def main() -> None:
             print(f"rollout, {policy}, {members} members × 32 episodes: {new:.1f} ms against {old:.1f} ms, "
                   f"{old / new:.1f}×", flush=True)
     for mode, what in (("sampled", "untracked sampled NPG"), ("exact", "tracked exact")):
-        for members in (1, 2, 5, 30):
+        for members in (1, 2, 5, 8, 16, 30):
             new, old = gradients(mode, members, rounds=9)
             print(f"gradients, {what} MLP update, {members} member(s): split {new:.2f} ms against {old:.2f} ms, "
                   f"{old / new:.2f}×", flush=True)

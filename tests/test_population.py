@@ -309,7 +309,7 @@ def test_batched_engine_agrees_with_the_torch_func_reference():
 
 @pytest.mark.parametrize("policy", ["tabular", "mlp"])
 def test_gradients_through_the_logits_equal_one_reverse_pass_per_output(policy):
-    """The gradients of an update of one or two members split at the logits (each output's
+    """The gradients of an update of a few members split at the logits (each output's
     cotangent at Z, then one batched pass through the network for all of them and for every
     logit) equal one reverse pass per output, to 1e-12 in float64, on a juice model with three
     members of different rewards."""
@@ -346,7 +346,7 @@ def test_gradients_through_the_logits_equal_one_reverse_pass_per_output(policy):
 
 
 @pytest.mark.parametrize("mode", ["exact", "sampled"])
-def test_one_or_two_juice_members_take_the_split_gradients_and_equal_their_runs(tmp_path, mode, monkeypatch):
+def test_a_few_juice_members_take_the_split_gradients_and_equal_their_runs(tmp_path, mode, monkeypatch):
     """Populations of at most SPLIT_MEMBERS members take their gradients through the logits
     (spied on here): NPG on the juice MLP, tracked with the Fisher, every record equal to its run's."""
     import ntrl.population.trainer as trainer

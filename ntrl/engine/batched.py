@@ -95,9 +95,9 @@ def member_gradients_through(outputs: list[Tensor], Z: Tensor, leaves: list[Tens
     rule split at Z: each output's cotangent c_X = ∂(Σ_m X_m)/∂Z by one reverse pass through the
     model only, the logits' cotangents the unit tensors e_{o,a}, and then ∇θ_m X_m = J_mᵀ c_X for all
     of them in one batched reverse pass through the network (``is_grads_batched``), instead of a
-    pass through the network per output. Frees the graph. Faster for one or two members, where
-    each reverse pass costs mostly its fixed overhead; slower for many, where the batched pass's
-    tensors leave the cache (``benchmarks/bench_juice_population.py``)."""
+    pass through the network per output. Frees the graph. Faster for a few members, where
+    each reverse pass costs mostly its fixed overhead; slower for many (on the juice MLP from about
+    sixteen), where the batched pass's tensors leave the cache (``benchmarks/bench_juice_population.py``)."""
     M = Z.shape[0]
     cots = []
     for x in outputs:

@@ -1134,8 +1134,9 @@ class StopWatch:
 
 FEW_MEMBERS = 8  # up to this many members, StopWatch compares in Python
 # up to this many members, an update's gradients come from one batched pass through the network
-# (member_gradients_through: 2.4× for one sampled NPG member's 26, about even at five, 0.7× at 30)
-SPLIT_MEMBERS = 2
+# (member_gradients_through; benchmarks/bench_juice_population.py, the juice MLP: 3.1× for one
+# member's untracked sampled NPG update, 1.2× at eight, even at sixteen, 0.75× at thirty)
+SPLIT_MEMBERS = 8
 
 
 def stopping(st: MemberState, p: float, t: int) -> tuple[str, str | None, float, int] | None:
