@@ -46,7 +46,13 @@ def session_processes(sid: int) -> list[int]:
     return pids
 
 
-def wait_gone(sid: int, limit_s: float = 5.0) -> list[int]:
+def wait_gone(sid: int, limit_s: float = 30.0) -> list[int]:
+    """The session's processes still alive after ``limit_s``: none, once a killed study's workers
+    have seen their parent gone. A worker spawned just before the kill is still importing (under
+    the test suite's load, seconds) when its parent dies; it exits as soon as its initializer runs
+    (``ntrl.study.lock.worker_init``), hence a limit well above that. A CI run on 2026-12-03 found
+    one process still alive after the 5 s this limit used to be (most likely such a worker: the
+    test passed three times alone right after)."""
     end = time.time() + limit_s
     while time.time() < end:
         left = session_processes(sid)
