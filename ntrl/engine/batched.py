@@ -71,12 +71,6 @@ class StackedPolicy:
         return vmap(lambda p: functional_call(self.module, p, (obs,)))(blocks)
 
 
-    def logits_per_member(self, theta: Tensor, obs: Tensor) -> Tensor:
-        """Z[m] = f(θ_m; obs_m) with each member's own observations, θ (M, P), obs (M, B, d) →
-        (M, B, K): one vmap of ``functional_call`` over the members (sampled rollouts)."""
-        return vmap(lambda p, o: functional_call(self.module, p, (o,)))(self.unflatten(theta), obs)
-
-
 def member_gradients(outputs: list[Tensor], leaves: list[Tensor]) -> list[Tensor]:
     """∇θ_m of each output X of shape (M,), per member: the rows of ∂(Σ_m X_m)/∂θ, shape (M, P),
     one reverse pass per output, from the parameter blocks ``leaves`` (:meth:`StackedPolicy.leaves`)."""

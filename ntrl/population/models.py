@@ -158,11 +158,10 @@ class BanditModel:
         c_P, c_z = (torch.ops.aten._log_softmax_backward_data(x, logp, 1, logp.dtype) for x in (g_P, g_z))
         return [c_U, c_P, c_U, c_z]
 
-    def sample(self, logits_of, q: dict[str, Tensor], batch_size: int, baseline: str, action_rngs: list,
+    def sample(self, q: dict[str, Tensor], batch_size: int, baseline: str, action_rngs: list,
                noise_rngs: list) -> SampledBatch:
         """One batch of ``batch_size`` one-step episodes per member, from its own streams, with
-        π = softmax(z) at the one state as the per-run sampler computes it (``logits_of`` unused:
-        the state's logits are ``q["Z"]``)."""
+        π = softmax(z) at the one state (the logits ``q["Z"]``) as the per-run sampler computes it."""
         probs = torch.softmax(q["Z"].detach()[:, 0], dim=-1).cpu().numpy()
         M = probs.shape[0]
         actions = np.empty((M, batch_size), dtype=np.int64)
@@ -265,13 +264,13 @@ class JuiceModel:
             self.venv.close()
             self.venv = None
 
-    def sample(self, logits_of, q: dict[str, Tensor], batch_size: int, baseline: str, action_rngs: list,
+    def sample(self, q: dict[str, Tensor], batch_size: int, baseline: str, action_rngs: list,
                noise_rngs: list) -> SampledBatch:
         """One episode in each of every member's ``batch_size`` gridworlds, stepped as the per-run
         path steps them (:func:`ntrl.experiments.juice.collect_vector_batch`), from the same streams.
 
         The policy is fixed during the rollout and every observation is one of the model's, so
-        π(·|o) = softmax(Z) of ``q["Z"]`` is looked up, not recomputed (``logits_of`` unused), by
+        π(·|o) = softmax(Z) of ``q["Z"]`` is looked up, not recomputed, by
         each observation's key (:meth:`JuiceGridworldVector.step_keys`). Each member's H·B action
         uniforms are drawn at once, which is the stream the per-run path draws B at a time, and the
         action is the inverse CDF of :func:`ntrl.agents.reinforce.sample_actions`,
@@ -286,17 +285,19 @@ class JuiceModel:
         member = np.arange(M)[:, None]
         self.venv.reset()
         keys = np.empty((H, M, B), dtype=np.int64)
+        rows = np.empty((H, M, B), dtype=np.int64)  # each observation's row of the model
         A = np.empty((H, M, B), dtype=np.int64)
         Rw = np.empty((H, M, B))
         keys[0] = self.venv.observation_keys().reshape(M, B)
         for t in range(H):
-            c = cum[member, self.key_rows[keys[t]]]  # (M, B, K)
+            rows[t] = self.key_rows[keys[t]]
+            c = cum[member, rows[t]]  # (M, B, K)
             A[t] = np.minimum((u[t, :, :, None] * c[:, :, -1:] >= c).sum(axis=2), K - 1)
             nxt, reward = self.venv.step_keys(A[t].reshape(-1))
             Rw[t] = reward.reshape(M, B)
             if t + 1 < H:
                 keys[t + 1] = nxt.reshape(M, B)
-        if (self.key_rows[keys] < 0).any():  # the model enumerates every reachable state: a bug if not
+        if rows.min() < 0:  # the model enumerates every reachable state: a bug if not
             raise RuntimeError("an episode reached an observation the juice gridworld's exact model does not have")
         C = np.zeros((M, N, K))
         C_episode = np.zeros((M, B, N, K))
@@ -304,8 +305,8 @@ class JuiceModel:
         returns = np.empty(M)
         for m in range(M):
             agg = aggregate_episodes(keys[:, m], A[:, m], Rw[:, m], K, baseline)
-            rows = self.key_rows[agg["keys"]]
-            C[m, rows], C_episode[m][:, rows], counts[m, rows] = agg["C"], agg["C_episode"], agg["counts"]
+            seen = self.key_rows[agg["keys"]]  # the rows of the observations member m's episodes saw
+            C[m, seen], C_episode[m][:, seen], counts[m, seen] = agg["C"], agg["C_episode"], agg["counts"]
             returns[m] = agg["returns"].mean()
         dev = self.rewards.device
         return SampledBatch(torch.as_tensor(C_episode, device=dev), returns, C=torch.as_tensor(C, device=dev),

@@ -357,19 +357,13 @@ class _Population:
             return self.selection.logits(theta)[:, None, :]
         return self.stacked.logits(theta, self.model.obs)
 
-    def logits_of(self, obs: Tensor) -> Tensor:
-        """Each member's logits at its own observations, obs (M, B, d) → (M, B, K)."""
-        if self.selection is not None:  # the one state's logits, whatever the observation
-            return self.selection.logits(self.theta.detach())[:, None, :].expand(-1, obs.shape[1], -1)
-        return self.stacked.logits_per_member(self.theta.detach(), obs.to(self.device))
-
     def utility(self, q: dict[str, Any], batch_size: int, baseline: str) -> tuple[Tensor, SampledBatch | None]:
         """The utility each member ascends at this update, and (sampled) the batch of episodes
         behind it, drawn from each member's own streams as the per-run sampler draws them (None
         when exact: the return is then U itself)."""
         if not self.sampled:
             return q["U"], None
-        batch = self.model.sample(self.logits_of, q, batch_size, baseline, self.action_rngs, self.noise_rngs)
+        batch = self.model.sample(q, batch_size, baseline, self.action_rngs, self.noise_rngs)
         if batch.weights is not None:  # the Fisher over the batch's states, as the per-run path takes it
             q["weights"] = batch.weights
         return self.model.surrogate(q["logp"], batch), batch
