@@ -14,19 +14,21 @@ ratios of the medians of interleaved rounds.
    tracked exact one (U, P, F, P_probe, the log-odds at the four probe observations and the
    logits), 1, 2, 5, 8, 16 and 30 members. The population takes the split for at most
    ``SPLIT_MEMBERS`` members.
+3. The η-probe's P at six scales (``JuiceModel.probability``: a visitation per block of M rows, P
+   alone) against the model's quantities per block (the probe's previous code, the named
+   baseline) and against one visitation of a block-diagonal chain of all 6M rows, exact juice
+   MLP, 5 and 30 members.
 
     .venv/bin/python benchmarks/bench_juice_population.py      # about two minutes
 
 Each pair is checked to give the same numbers first: the rollouts the same batch (equal arrays,
-from generators in equal states), the gradients to 1e-12."""
+from generators in equal states), the gradients to 1e-12, the probe's P bit for bit."""
 
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +36,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_population import juice_configs  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 
 def per_step_sample(model, pop, batch_size: int, baseline: str, radius: int):
     """The rollout before run 12 (``JuiceModel.sample`` of commit 752f675): the policy of all
     members in one forward pass per time step, each member's actions by ``sample_actions``, one
     full ``step`` of the vector env, then each member's keys by ``observation_index``."""
+    from torch.func import functional_call, vmap
+
     from ntrl.agents.reinforce import aggregate_episodes, sample_actions
     from ntrl.envs.juice import observation_index
+
+    sp = pop.stacked
+    blocks = sp.unflatten(pop.theta.detach())
 
     action_rngs = pop.action_rngs
     M, H, B, K, N = len(action_rngs), model.horizon, batch_size, model.n_actions, model.n_states
@@ -51,7 +59,8 @@ def per_step_sample(model, pop, batch_size: int, baseline: str, radius: int):
     Rw = np.empty((H, M, B))
     for t in range(H):
         with torch.no_grad():
-            probs = torch.softmax(pop.logits_of(torch.as_tensor(obs)).to(torch.float64), dim=-1).cpu().numpy()
+            Z = vmap(lambda p, o: functional_call(sp.module, p, (o,)))(blocks, torch.as_tensor(obs))  # each member's own obs
+            probs = torch.softmax(Z.to(torch.float64), dim=-1).cpu().numpy()
         O[t] = obs
         for m in range(M):
             A[t, m] = sample_actions(probs[m], action_rngs[m])
@@ -83,31 +92,24 @@ def restore(pop, saved) -> None:
     pop.model.venv.set_block_generators(blocks)
 
 
-def median_ms(f, rounds: int) -> float:
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        f()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out) * 1e3
-
-
 def rollout(policy: str, members: int, rounds: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as d:
         pop, first = population(policy, "sampled", members, d)
         q = pop.forward()
         saved = streams(pop)
-        new = pop.model.sample(pop.logits_of, q, first.batch_size, first.baseline, pop.action_rngs, pop.noise_rngs)
+
+        def new():
+            return pop.model.sample(q, first.batch_size, first.baseline, pop.action_rngs, pop.noise_rngs)
+
+        def old():
+            return per_step_sample(pop.model, pop, first.batch_size, first.baseline, first.view_radius)
+
+        batch = new()
         restore(pop, saved)
-        old = per_step_sample(pop.model, pop, first.batch_size, first.baseline, first.view_radius)
-        assert np.array_equal(new.C_episode.numpy(), old), "the two rollouts differ"
-        a, b = [], []
-        for _ in range(rounds):  # interleaved: a slow spell of the VM counts in both
-            a.append(median_ms(lambda: pop.model.sample(pop.logits_of, q, first.batch_size, first.baseline,
-                                                        pop.action_rngs, pop.noise_rngs), 1))
-            b.append(median_ms(lambda: per_step_sample(pop.model, pop, first.batch_size, first.baseline, first.view_radius), 1))
+        assert np.array_equal(batch.C_episode.numpy(), old()), "the two rollouts differ"
+        t = interleaved_medians({"new": new, "old": old}, rounds)
         pop.model.close()
-        return statistics.median(a), statistics.median(b)
+        return t["new"] * 1e3, t["old"] * 1e3
 
 
 def gradients(mode: str, members: int, rounds: int) -> tuple[float, float]:
@@ -135,14 +137,36 @@ def gradients(mode: str, members: int, rounds: int) -> tuple[float, float]:
 
         for x, y in zip(new(), old()):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-300)
-        a, b, f = [], [], []
-        for _ in range(rounds):
-            a.append(median_ms(new, 1))
-            b.append(median_ms(old, 1))
-            f.append(median_ms(outputs, 1))
+        t = interleaved_medians({"new": new, "old": old, "forward": outputs}, rounds)
         pop.model.close()
-        fwd = statistics.median(f)
-        return statistics.median(a) - fwd, statistics.median(b) - fwd
+        return (t["new"] - t["forward"]) * 1e3, (t["old"] - t["forward"]) * 1e3
+
+
+def probe(members: int, rounds: int, scales: int = 6) -> dict[str, float]:
+    """ms for P at the η-probe's ``scales``·M rows of exact juice MLP members: ``JuiceModel.probability``
+    (a visitation per block of M rows, P alone), against the probe's previous code (the model's
+    quantities per block of M rows, the named baseline) and against one visitation of a single
+    block-diagonal chain of all the rows (the model's ``probability`` with as many rows as members)."""
+    with tempfile.TemporaryDirectory() as d:
+        pop, _ = population("mlp", "exact", members, d)
+        model = pop.model
+        M = pop.theta.shape[0]
+        with torch.no_grad():
+            theta = pop.theta.repeat(scales, 1) * (1 + 1e-3 * torch.arange(scales * M, dtype=torch.float64)[:, None] / M)
+            Z = pop.logits_at(theta)
+        one_chain = copy.copy(model)
+        one_chain.rewards = model.rewards.repeat(scales, 1, 1)  # the block size probability() reads
+
+        def old():
+            return torch.cat([model.quantities(z)["P"] for z in Z.split(M)])
+
+        with torch.no_grad():
+            want = old()
+            assert torch.equal(model.probability(Z), want) and torch.equal(one_chain.probability(Z), want)
+            t = interleaved_medians({"new": lambda: model.probability(Z), "old": old,
+                                     "one chain": lambda: one_chain.probability(Z)}, rounds)
+        model.close()
+        return {k: v * 1e3 for k, v in t.items()}
 
 
 def main() -> None:
@@ -157,6 +181,11 @@ def main() -> None:
             new, old = gradients(mode, members, rounds=9)
             print(f"gradients, {what} MLP update, {members} member(s): split {new:.2f} ms against {old:.2f} ms, "
                   f"{old / new:.2f}×", flush=True)
+    for members in (5, 30):
+        t = probe(members, rounds=9)
+        print(f"η-probe's P at 6 scales, exact MLP, {members} members: {t['new']:.2f} ms against {t['old']:.2f} ms "
+              f"(quantities per block), {t['old'] / t['new']:.2f}×; one chain of all rows {t['one chain']:.2f} ms, "
+              f"{t['one chain'] / t['new']:.2f}× as long", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,29 +15,19 @@ Each pair is also checked to give the same numbers (the fits to 1e-10, the table
 
 from __future__ import annotations
 
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 
-
-def timed(f, rounds: int) -> list[float]:
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        f()
-        out.append(time.perf_counter() - t)
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved_medians  # noqa: E402
 
 
 def compare(name: str, new, old, rounds: int = 5) -> None:
-    new(), old()  # warm-up (caches, imports)
-    a, b = [], []
-    for _ in range(rounds):  # interleaved: a slow spell of the VM counts in both
-        a += timed(new, 1)
-        b += timed(old, 1)
-    ma, mb = statistics.median(a), statistics.median(b)
-    print(f"{name}: {ma * 1e3:.2f} ms against {mb * 1e3:.2f} ms, {mb / ma:.1f}×")
+    """Medians of interleaved rounds after a warm-up call each (benchmarks/timing.py)."""
+    t = interleaved_medians({"new": new, "old": old}, rounds)
+    print(f"{name}: {t['new'] * 1e3:.2f} ms against {t['old'] * 1e3:.2f} ms, {t['old'] / t['new']:.1f}×")
 
 
 def synthetic_runs():
