@@ -268,7 +268,7 @@ def table(columns: list[str], rows: list[list[Any]]) -> Any:
     """A wandb.Table of ``rows``. Where every column holds values of one plain type (str, int or
     float; no None, no bool), the column types are declared (``dtype``; ``optional`` only for a
     column with a NaN, which W&B types as None): W&B then checks each row against them instead of
-    inferring them row by row (3.0× for 4,000 rows of ten, `benchmarks/bench_study.py`; a
+    inferring them row by row (3.0–3.1× for 4,000 rows of ten in two runs of `benchmarks/bench_study.py`; a
     population's curves table has up to 200,000 rows), and the logged table is the same but for
     its column types, "String" where they were "None or String". Any other rows: W&B infers the
     types, as it does by default."""

@@ -1128,8 +1128,8 @@ class StopWatch:
 
 FEW_MEMBERS = 8  # up to this many members, StopWatch compares in Python
 # up to this many members, an update's gradients come from one batched pass through the network
-# (member_gradients_through; benchmarks/bench_juice_population.py, the juice MLP: 3.1× for one
-# member's untracked sampled NPG update, 1.2× at eight, even at sixteen, 0.75× at thirty)
+# (member_gradients_through; benchmarks/bench_juice_population.py, the juice MLP, two runs: 3.1–3.8×
+# for one member's untracked sampled NPG update, 1.2–1.3× at eight, 1.0–1.2× at sixteen, 0.73–0.77× at thirty)
 SPLIT_MEMBERS = 8
 
 
