@@ -590,3 +590,19 @@ def test_isotropic_noise_of_a_huge_metric_direction_is_finite_where_it_should_be
     out = noise_spread(batch, rows, grads, plan, torch.full((M,), 0.1, dtype=torch.float64))
     for key in ("P/noise_sd_iso", "F/noise_sd_iso", "noise/cov_P_F_iso", "P/noise_sd", "noise/trace_sigma"):
         assert torch.equal(out[key], torch.zeros(M, dtype=torch.float64)), key
+
+
+def test_a_sampled_juice_observation_outside_the_exact_model_is_an_error(tmp_path):
+    """The rollout reads π by each observation's row of the exact model; an observation with no
+    row (a key the model lacks) is a RuntimeError naming it, not the policy of another row."""
+    from ntrl.population.trainer import _Population
+
+    configs = [c.validate() for c in juice_sampled_configs(tmp_path, "tabular", "sgd")]
+    pop = _Population(configs, torch.device("cpu"))
+    try:
+        q = pop.forward()
+        pop.model.key_rows[0] = -1  # "juice not seen", the commonest observation
+        with pytest.raises(RuntimeError, match="observation the juice gridworld's exact model does not have"):
+            pop.model.sample(q, configs[0].batch_size, configs[0].baseline, pop.action_rngs, pop.noise_rngs)
+    finally:
+        pop.model.close()
