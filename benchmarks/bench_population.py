@@ -32,6 +32,7 @@ a single run, with the other speed and memory numbers of the issue, as ratios me
 7. **Tracker overhead in an exact juice population** (``--juice``): 30 members, tracked every 10th
    update against update 0 only, per update by the same difference as in 2, without and with the
    study's η-probe (six more evaluations of the model per tracked update). Target: at most 10 %.
+   7b reads it inside one run, as 2b does (200 updates of the tabular members, 100 of the MLP).
 8. **A few members, the study's long tails**: a population of 1 single-logit, 1 MLP and 5 MLP
    bandit members as the quick study trains them (exact SGD from p₀ = 5·10⁻⁶, tracked every 10th
    update, the η-probe at six scales), its update against one single run's update of the same
@@ -51,6 +52,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,8 +81,10 @@ def population_update_seconds(members: int, updates: int, repeats: int = 3, **kw
                for _ in range(repeats))
 
 
-def in_run_overhead(members: int = 256, updates: int = 2000, every: int = 10) -> dict[str, float]:
-    """Tracker overhead read inside one run tracked every ``every``-th update, from the time of
+def in_run_overhead(members: int = 256, updates: int = 2000, every: int = 10,
+                    make_configs: Callable[[str, int, int], list] | None = None) -> dict[str, float]:
+    """Tracker overhead read inside one run tracked every ``every``-th update (``make_configs(out,
+    members, steps)``: the population's configs; by default :func:`configs`' bandit MLP members), from the time of
     each iteration of the update loop (stamped where the loop asks which members track: the
     loop's first step): ``paired``, the median tracked iteration against the median untracked
     one, (T̃_tracked − T̃_untracked)/(every · T̃_untracked), tracked and untracked iterations
@@ -98,15 +102,18 @@ def in_run_overhead(members: int = 256, updates: int = 2000, every: int = 10) ->
     original = trainer._Population.tracking
 
     def stamped(self, t):
-        stamps.append(time.perf_counter())
+        stamps.append(time.time())  # the clock of the loop's own time, train_seconds
         return original(self, t)
 
     def run(schedule) -> tuple[np.ndarray, float]:
         stamps.clear()
         with tempfile.TemporaryDirectory() as d:
-            r = train_population(configs(d, members, updates + 10), schedule=schedule, progress=False)
+            r = train_population((make_configs or configs)(d, members, updates + 10), schedule=schedule, progress=False)
         dt = np.diff(stamps)[10:]  # iterations 10 … (the last one, which stops every member, left out)
-        return dt, r.train_seconds - (stamps[-1] - stamps[10]) if len(stamps) > 10 else 0.0
+        # the loop starts just before its first stamp: what follows the last stamp is the last
+        # iteration and finishing the members (the first iterations' warm-up left out: the first
+        # run of a process took 0.9 s longer to its first juice update)
+        return dt, r.train_seconds - (stamps[-1] - stamps[0])
 
     trainer._Population.tracking = stamped
     try:
@@ -202,6 +209,17 @@ def juice_ratio(policy: str, mode: str, members: int = 30, updates: int = 100) -
     with tempfile.TemporaryDirectory() as d:
         r = train_population(juice_configs(d, members, updates, policy, mode), progress=False)
     return r.train_seconds / (members * updates) * 1e3, one * 1e3
+
+
+def juice_in_run_overhead(policy: str, probe: bool, members: int = 30, updates: int = 200) -> dict[str, float]:
+    """:func:`in_run_overhead` of an exact juice population of ``members``, SGD, tracked every 10th
+    update, with or without the study's η-probe."""
+
+    def make(out: str, n: int, steps: int) -> list:
+        cfgs = juice_configs(out, n, steps, policy, "exact")
+        return cfgs if probe else [dataclasses.replace(c, price_scales=[]) for c in cfgs]
+
+    return in_run_overhead(members, updates, make_configs=make)
 
 
 def juice_tracker_overhead(policy: str, probe: bool, members: int = 30, updates: int = 50) -> tuple[float, float]:
@@ -320,6 +338,13 @@ def main() -> None:
                 print(f"7. tracker overhead, juice {policy} exact, 30 members tracked every 10th update vs update 0 "
                       f"only ({'with' if probe else 'without'} the study's η-probe): {tracked:.1f} vs {untracked:.1f} "
                       f"ms per update, {100 * (tracked / untracked - 1):.1f} % (target ≤ 10 %)")
+                inside = juice_in_run_overhead(policy, probe, updates=200 if policy == "tabular" else 100)
+                res[f"juice_{policy}_exact_tracker_overhead_in_run{'_probe' if probe else ''}"] = inside
+                print(f"7b. the same read inside one run: a tracked iteration {inside['tracked_iteration_ms']:.1f} ms "
+                      f"against an untracked one's {inside['untracked_iteration_ms']:.1f} ms (medians): "
+                      f"{100 * inside['paired']:.1f} %; with every cost of the loop {100 * inside['all_costs']:.1f} %; "
+                      f"with stopping the members {100 * (inside['all_costs'] + inside['finish_share']):.1f} % in all "
+                      f"(target ≤ 10 %)")
     for policy, k in (("single_logit", 1), ("mlp", 1), ("mlp", 5)):
         pop, one = tail_ratio(policy, k)
         res[f"tail_{policy}_{k}"] = {"population_update_ms": pop * 1e3, "single_update_ms": one * 1e3, "ratio": pop / one}

@@ -345,6 +345,59 @@ def test_gradients_through_the_logits_equal_one_reverse_pass_per_output(policy):
     assert all(float(w.abs().max()) > 0 for w in want[:3])
 
 
+@pytest.mark.parametrize("policy", ["tabular", "mlp"])
+def test_the_juice_p_gradient_from_u_and_f_equals_its_reverse_pass(tmp_path, policy, monkeypatch):
+    """Where every member's reward is paid exactly for an approach (view radius 1), a tracked
+    exact update forms ∇P = (∇U/(H·r) − P·∇F)/F instead of a reverse pass through the
+    visitation. Each time, against that reverse pass: U/(H·r) = F·P is a product, and the
+    subtraction's rounding is a few ulps of |∇(F·P)|/F, which at P ≤ ½ is at most a few times
+    |∇P|: 1e-12 normwise leaves two orders of magnitude. Rewards +1, −1 and 2.5, P from 10⁻⁹ to 10⁻²."""
+    from ntrl.experiments.juice import JuiceConfig
+    from ntrl.population import trainer
+
+    derive, compared = trainer.derived_gradients, []
+
+    def checked(pop, q, names):
+        derived = derive(pop, q, names)
+        if "P" in derived:
+            parts = torch.autograd.grad(q["P"].sum(), q["leaves"], retain_graph=True, allow_unused=True)
+            want = torch.cat([(g if g is not None else torch.zeros_like(leaf)).reshape(len(q["P"]), -1)
+                              for g, leaf in zip(parts, q["leaves"])], dim=1)
+            of = derived["P"]
+
+            def compare(grads):
+                got = of(grads)
+                compared.append(float(((got - want).norm(dim=1) / want.norm(dim=1)).max()))
+                return got
+            derived["P"] = compare
+        return derived
+
+    monkeypatch.setattr(trainer, "derived_gradients", checked)
+    cfgs = [JuiceConfig(policy=policy, optimizer="sgd", p0=p0, lr=JUICE_LRS[policy]["sgd"], reward=r, steps=9,
+                        seed=i, track_every=1, width=16, decomposition=False, wandb="disabled", out=str(tmp_path),
+                        run_name=f"m{i}", price_scales=[])
+            for i, (p0, r) in enumerate([(0.01, 1.0), (1e-4, -1.0), (1e-9, 2.5)])]
+    assert not train_population(cfgs, progress=False).failures
+    assert len(compared) == 9 and max(compared) < 1e-12, compared
+
+
+def test_the_juice_p_gradient_is_derived_only_where_the_reward_is_paid_for_approaches():
+    """r(s, a) = r·approach(s, a) holds at view radius 1 for every r ≠ 0; not at radius 2 (an
+    approach from two cells away pays nothing), and not for r = 0 (∇U says nothing of ∇P)."""
+    from ntrl.experiments.juice import JuiceConfig
+    from ntrl.population.models import JuiceModel
+
+    def rewards_of(radius, rewards):
+        cfgs = [JuiceConfig(policy="tabular", p0=0.1, reward=r, view_radius=radius, wandb="disabled", out="unused")
+                for r in rewards]
+        r = JuiceModel.from_configs(cfgs, torch.device("cpu")).approach_reward
+        return None if r is None else r.tolist()
+
+    assert rewards_of(1, [1.0, -1.0, 2.5]) == [1.0, -1.0, 2.5]
+    assert rewards_of(1, [1.0, 0.0]) is None
+    assert rewards_of(2, [1.0, -1.0]) is None
+
+
 @pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("mode", ["exact", "sampled"])
 def test_a_few_juice_members_take_the_split_gradients_and_equal_their_runs(tmp_path, mode, split, monkeypatch):

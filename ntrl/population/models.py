@@ -223,6 +223,7 @@ class JuiceModel:
         self.mdp = mdp
         self.utility_scale = float(self.horizon)  # J = H·R
         self.venv = None  # sampled mode: the members' gridworlds, a block of them each (start_sampling)
+        self.approach_reward = None  # (M,) r where every member's reward is r·approach (approach_rewards)
 
     @classmethod
     def from_configs(cls, configs: Sequence[Any], device: torch.device) -> "JuiceModel":
@@ -240,6 +241,7 @@ class JuiceModel:
                                  first.view_radius)
         order = np.argsort(keys, kind="stable") if first.mode == "sampled" else None
         model = cls(mdps[0], rewards, probe_obs, approach_mask(probe_obs, first.view_radius), device, order)
+        model.approach_reward = approach_rewards(mdps[0], rewards, [float(c.reward) for c in configs], device)
         # each observation key's row of the model (−1: a key no state of the model shows)
         model.key_rows = np.full(n_observation_indices(first.view_radius), -1, dtype=np.int64)
         model.key_rows[keys if order is None else keys[order]] = np.arange(len(keys))
@@ -324,6 +326,8 @@ class JuiceModel:
 
     def select(self, keep: Tensor) -> None:
         self.rewards = self.rewards[keep]
+        if self.approach_reward is not None:
+            self.approach_reward = self.approach_reward[keep]
         if self.venv is not None:  # the kept members' blocks, with their generators as they stand
             from ntrl.envs.juice import JuiceGridworldVector
 
@@ -377,6 +381,19 @@ class JuiceModel:
             F = (d * self.seen).sum(1)
             out.append((d * self.seen * (pi * self.approach).sum(-1)).sum(1) / F)
         return torch.cat(out)
+
+
+def approach_rewards(mdp, rewards: Tensor, values: Sequence[float], device: torch.device) -> Tensor | None:
+    """The members' rewards r (M,) where each member's reward is paid exactly for an approach,
+    r(s, a) = r·approach(s, a) with r ≠ 0 (the gridworld's view radius 1: a seen juice is one move
+    away, and the move that approaches it eats it), so that R = r·F·P as functions of θ; else None.
+    Then ∇P = (∇U/(H·r) − P·∇F)/F from ∇U and ∇F (U = H·R = H·r·F·P), without a reverse pass
+    through the visitation for P."""
+    r = torch.tensor(values, dtype=torch.float64)
+    approach = torch.as_tensor(np.asarray(mdp.approach), dtype=torch.float64)
+    if not bool((r != 0).all()) or not all(torch.equal(rewards[m].cpu(), r[m] * approach) for m in range(len(values))):
+        return None
+    return r.to(device)
 
 
 def population_model(configs: Sequence[Any], device: torch.device):
