@@ -34,6 +34,9 @@ as :class:`ntrl.experiments.juice.JuiceQuantities` computes it per run): with π
     Fisher states: the distinct observations, weighted by w_o = Σ_{s: o(s)=o} d(s)
 
 each member with its own reward r (so that rewarded and punished runs of a cell share a chunk).
+Where each member's reward is paid exactly for an approach (view radius 1: r(s, a) =
+r·approach(s, a), :func:`approach_rewards`), R = r·F·P, and a tracked exact update forms ∇P from
+∇U and ∇F instead of a reverse pass of its own (:func:`ntrl.population.trainer.derived_gradients`).
 On the CPU the visitation is the per-run path's adjoint node,
 :class:`~ntrl.engine.exact_model.FiniteHorizonVisitation`, over M copies of the chain at once;
 on a GPU the recursion runs in torch ops, batched over the members.
