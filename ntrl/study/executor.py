@@ -392,6 +392,7 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
         failures = []
         # Ray: sized in this machine's memory; a task's population checks its own device's before it trains
         units = work_units(study, todo, runs_dir, slots, population, device=device if executor == "local" else "cpu")
+        runs_progress = RunsProgress(runs_dir, [s for _, unit in units for s in unit], bar) if bar is not None else None
         wandb_parent = None
         if wandb_mode != "disabled" and any(kind == "population" for kind, _ in units):
             from ntrl.run_dirs import ntrl_wandb_dir
@@ -402,8 +403,9 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
                 from ntrl.study.ray_executor import ray_unit_results
 
                 results = ray_unit_results(study, units, out, slots, wandb_mode, verbose, device, wandb_parent)
-            else:
-                results = local_unit_results(study, units, runs_dir, workers, wandb_mode, verbose, device, wandb_parent)
+            else:  # the workers write their runs here as they go: the bar counts each as it stops
+                results = local_unit_results(study, units, runs_dir, workers, wandb_mode, verbose, device, wandb_parent,
+                                             heartbeat=runs_progress.poll if runs_progress is not None else None)
             interrupted = False
             try:
                 with contextlib.closing(results):
@@ -416,8 +418,8 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
                                 failures.append((spec, e))
                                 if on_error is not None:
                                     on_error(spec, e)
-                        if bar is not None:
-                            bar.update(len(unit))
+                        if runs_progress is not None:
+                            runs_progress.unit_done(unit)
             except KeyboardInterrupt:
                 interrupted = True
             if interrupted:
@@ -436,11 +438,68 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
 UnitResult = list[tuple[dict[str, Any], "dict[str, Any] | None", "BaseException | str | None"]]
 
 
+class RunsProgress:
+    """The study's progress bar, counting runs as they finish: a unit's runs when it returns
+    (:meth:`unit_done`), and before that (:meth:`poll`, the executor's heartbeat) each run of a
+    unit still training whose complete summary has appeared since the study began, as a
+    population's members write theirs when they stop. Each run counts once. While few cells are
+    left, the bar names them and how many of their runs are still to finish."""
+
+    CELLS_NAMED = 3  # name the cells left while there are at most this many
+
+    def __init__(self, runs_dir: Path, specs: list[RunSpec], bar: Any) -> None:
+        import time
+
+        self.runs_dir, self.bar = runs_dir, bar
+        self.left: dict[str, RunSpec] = {s.run_id: s for s in specs}
+        self.since = time.time() - 1.0  # a summary older than the study's start is a former attempt's
+        self._name_cells()
+
+    def poll(self) -> None:
+        """Count the runs still training whose complete summary is now there."""
+        done = []
+        for run_id in self.left:
+            path = self.runs_dir / run_id / "summary.json"
+            try:
+                fresh = path.stat().st_mtime >= self.since
+            except OSError:
+                continue
+            if fresh and completed_summary(path.parent) is not None:
+                done.append(run_id)
+        self._count(done)
+
+    def unit_done(self, unit: list[RunSpec]) -> None:
+        """A unit returned: its runs not counted yet count now."""
+        self._count([s.run_id for s in unit if s.run_id in self.left])
+
+    def _count(self, run_ids: list[str]) -> None:
+        for run_id in run_ids:
+            del self.left[run_id]
+        if run_ids:
+            self._name_cells()
+            self.bar.update(len(run_ids))
+
+    def _name_cells(self) -> None:
+        cells: dict[tuple, int] = {}
+        for spec in self.left.values():
+            cells[spec.cell] = cells.get(spec.cell, 0) + 1
+        text = "; ".join(f"{' '.join(cell)}: {n} left" for cell, n in cells.items()) \
+            if 0 < len(cells) <= self.CELLS_NAMED else ""
+        self.bar.set_postfix_str(text, refresh=False)
+
+
+HEARTBEAT_SECONDS = 2.0  # how often a study looks for runs finished inside units still training
+
+
 def in_flight(units: list[tuple[str, list[RunSpec]]], slots: int, submit: Callable[[str, list[RunSpec]], Any],
-              wait_some: Callable[[set], tuple[set, set]]) -> Iterator[tuple[Any, list[RunSpec]]]:
+              wait_some: Callable[[set, float | None], tuple[set, set]],
+              heartbeat: Callable[[], None] | None = None) -> Iterator[tuple[Any, list[RunSpec]]]:
     """Keep ``slots`` units submitted at a time (a huge grid neither starts nor stops all at
-    once): ``submit(kind, unit)`` gives a handle, ``wait_some(pending)`` the (finished, pending)
-    handles; yields (handle, unit) per finished unit, after submitting the next."""
+    once): ``submit(kind, unit)`` gives a handle, ``wait_some(pending, timeout)`` the (finished,
+    pending) handles, none finished when ``timeout`` seconds (None: no limit) pass first; yields
+    (handle, unit) per finished unit, after submitting the next. ``heartbeat()``, where given, is
+    called every :data:`HEARTBEAT_SECONDS` while no unit finishes (the study's progress bar counts
+    a population's members as they stop, :class:`RunsProgress`)."""
     queue, owner, pending = iter(units), {}, set()
 
     def submit_next() -> None:
@@ -453,21 +512,24 @@ def in_flight(units: list[tuple[str, list[RunSpec]]], slots: int, submit: Callab
     for _ in range(slots):
         submit_next()
     while pending:
-        finished, rest = wait_some(pending)
+        finished, rest = wait_some(pending, HEARTBEAT_SECONDS if heartbeat is not None else None)
         pending.clear()
         pending.update(rest)
+        if not finished and heartbeat is not None:
+            heartbeat()
         for handle in finished:
             submit_next()
             yield handle, owner.pop(handle)
 
 
 def local_unit_results(study: StudyConfig, units: list[tuple[str, list[RunSpec]]], runs_dir: Path, workers: int,
-                       wandb_mode: str, verbose: bool, device: str,
-                       wandb_parent: str | None) -> Iterator[tuple[list[RunSpec], UnitResult]]:
+                       wandb_mode: str, verbose: bool, device: str, wandb_parent: str | None,
+                       heartbeat: Callable[[], None] | None = None) -> Iterator[tuple[list[RunSpec], UnitResult]]:
     """The local executor: the units in a process pool of ``workers``, each unit's
     (spec, summary, error) per run as it finishes. The workers write their runs into ``runs_dir``
     themselves and end with this process; when the consumer stops early (Ctrl-C, SIGTERM, an
-    error) the running ones are killed and the queued ones dropped."""
+    error) the running ones are killed and the queued ones dropped. ``heartbeat``: see
+    :func:`in_flight`."""
     import multiprocessing as mp
 
     from ntrl.study.lock import worker_init
@@ -486,13 +548,13 @@ def local_unit_results(study: StudyConfig, units: list[tuple[str, list[RunSpec]]
                                    wandb_mode, verbose, device, wandb_parent, os.getpid())
             return pool.submit(run_one, study_dict, asdict(unit[0]), str(runs_dir), wandb_mode, os.getpid(), verbose)
 
-    def wait_some(pending: set) -> tuple[set, set]:
-        finished, rest = wait(pending, return_when=FIRST_COMPLETED)
+    def wait_some(pending: set, timeout: float | None) -> tuple[set, set]:
+        finished, rest = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
         return set(finished), set(rest)
 
     stopped = True
     try:
-        for fut, unit in in_flight(units, 2 * max(1, workers), submit, wait_some):
+        for fut, unit in in_flight(units, 2 * max(1, workers), submit, wait_some, heartbeat):
             try:
                 result = fut.result()
             except Exception as e:  # a failed unit is reported; the others go on

@@ -384,8 +384,8 @@ def ray_unit_results(study: StudyConfig, units: list[tuple[str, list[RunSpec]]],
         kinds[ref] = kind
         return ref
 
-    def wait_some(pending: set) -> tuple[set, set]:
-        ready, rest = ray.wait(list(pending), num_returns=1)
+    def wait_some(pending: set, timeout: float | None) -> tuple[set, set]:
+        ready, rest = ray.wait(list(pending), num_returns=1, timeout=timeout)
         return set(ready), set(rest)
 
     for ref, unit in in_flight(units, 2 * cpus, submit, wait_some):

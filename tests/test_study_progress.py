@@ -1,0 +1,96 @@
+"""The study's progress bar counts runs as they finish, a population's members included, not a
+whole chunk at once when it returns (a chunk of a `--full` study trains for up to half an hour)."""
+
+from __future__ import annotations
+
+import json
+
+from ntrl.study import StudyConfig, enumerate_runs, run_study
+from ntrl.study import executor
+from ntrl.study.executor import HEARTBEAT_SECONDS, RunsProgress, in_flight
+
+
+class FakeBar:
+    def __init__(self) -> None:
+        self.n, self.postfix = 0, ""
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.postfix = text
+
+
+def test_in_flight_beats_while_no_unit_finishes():
+    units = [("run", [f"u{i}"]) for i in range(3)]
+    timeouts, beats, polls = [], [], iter([0, 0, 1, 0, 1, 1])  # 1: one unit finishes
+
+    def wait_some(pending, timeout):
+        timeouts.append(timeout)
+        if next(polls):
+            first = min(pending)
+            return {first}, pending - {first}
+        return set(), set(pending)
+
+    handles = iter(range(100))
+    done = [unit for _, unit in in_flight(units, 2, lambda kind, unit: next(handles), wait_some,
+                                          heartbeat=lambda: beats.append(1))]
+    assert sorted(u[0] for u in done) == ["u0", "u1", "u2"]
+    assert len(beats) == 3 and set(timeouts) == {HEARTBEAT_SECONDS}
+    # without a heartbeat the executor waits without a limit, as before
+    timeouts.clear()
+    polls = iter([1, 1, 1])
+    assert len(list(in_flight(units, 2, lambda kind, unit: next(handles), wait_some))) == 3
+    assert set(timeouts) == {None}
+
+
+def write_summary(runs_dir, spec, status):
+    (runs_dir / spec.run_id).mkdir(parents=True, exist_ok=True)
+    (runs_dir / spec.run_id / "summary.json").write_text(json.dumps({"status": status, "spec": {}}))
+
+
+def test_runs_progress_counts_each_finished_run_once(tmp_path):
+    study = StudyConfig(name="t", policies=["single_logit", "mlp"], optimizers=["sgd", "npg"], p0s=[0.05, 0.005],
+                        seeds=2, directions=["rewarded"]).validate()
+    specs = enumerate_runs(study)
+    old = specs[1]
+    write_summary(tmp_path, old, "interrupted")  # a former attempt's: not complete, not counted
+    bar = FakeBar()
+    progress = RunsProgress(tmp_path, specs, bar)
+    assert bar.postfix == ""  # more than three cells left
+    progress.poll()
+    assert bar.n == 0
+    write_summary(tmp_path, specs[0], "finished")
+    write_summary(tmp_path, specs[2], "failed")  # a failed member counts when its unit returns
+    progress.poll()
+    progress.poll()
+    assert bar.n == 1
+    progress.unit_done(specs[:3])  # specs[0] was counted already
+    assert bar.n == 3
+    rest = specs[3:]
+    last_cell = [s for s in rest if s.cell == rest[-1].cell]
+    progress.unit_done([s for s in rest if s.cell != rest[-1].cell])
+    assert bar.n == len(specs) - len(last_cell)
+    assert bar.postfix == f"{' '.join(rest[-1].cell)}: {len(last_cell)} left"
+    progress.unit_done(last_cell)
+    assert bar.n == len(specs) and bar.postfix == ""
+
+
+def test_a_study_counts_a_populations_members_before_its_chunk_returns(tmp_path, monkeypatch):
+    """One chunk of single-logit SGD members whose escapes take from a few to thousands of
+    updates: the bar counts the first ones while the chunk still trains."""
+    monkeypatch.setattr(executor, "HEARTBEAT_SECONDS", 0.05)
+    counted_by_poll = []
+    poll = RunsProgress.poll
+
+    def recording(self):
+        before = len(self.left)
+        poll(self)
+        counted_by_poll.append(before - len(self.left))
+
+    monkeypatch.setattr(RunsProgress, "poll", recording)
+    study = StudyConfig(name="t", policies=["single_logit"], optimizers=["sgd"], p0s=[0.05, 0.005, 5e-5],
+                        seeds=1, directions=["rewarded"], track_every=50).validate()
+    results = run_study(study, tmp_path, workers=1, wandb_mode="disabled", progress=True)
+    assert len(results) == 3
+    assert sum(counted_by_poll) >= 1, counted_by_poll
