@@ -83,10 +83,9 @@ def plot_static_law(path: Path, env: str, mode: str, by_policy) -> None:
                 ax.loglog(p, y, ".", ms=2.5, alpha=0.6, color=color_of(opt, list(by_opt)), label=opt)
                 allp += p
                 ally += y
-            if allp:
-                grid = np.logspace(np.log10(min(allp)), np.log10(max(allp)), 50)
-                k = int(np.argmin(np.abs(np.log(allp) - np.median(np.log(allp)))))
-                p_ref, y_ref = allp[k], ally[k]
+            guide = law_guide_anchor(allp, ally)
+            if guide is not None:
+                grid, p_ref, y_ref = guide
                 for law, f, style in (("∝ p²(1−p)²", lambda q: (q * (1 - q)) ** 2, "k--"),
                                       ("∝ p(1−p)", lambda q: q * (1 - q), "k:")):
                     ax.loglog(grid, y_ref * f(grid) / f(p_ref), style, lw=1, label=law)
@@ -96,6 +95,28 @@ def plot_static_law(path: Path, env: str, mode: str, by_policy) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+GUIDE_BAND = 0.25  # decades of p either side of the guides' anchor whose points set its height
+
+
+def law_guide_anchor(p: list[float], y: list[float]) -> tuple[np.ndarray, float, float] | None:
+    """Where the static-law guides go on a log–log panel of points (p, y): 50 log-spaced p over
+    the points' range, and the point (p_ref, y_ref) both guides pass through, p_ref at the median
+    log p and y_ref the median y of the points within :data:`GUIDE_BAND` decades of it, or of the
+    nearest ones where none is that near (not one point's: a few runs' dips, NPG's on the juice
+    MLP, would carry the guides with them). From the
+    points a log–log axis can show, p and y positive and finite (a run whose P fell to exactly 0
+    has none); None where there are none."""
+    p_arr, y_arr = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
+    shown = np.isfinite(p_arr) & np.isfinite(y_arr) & (p_arr > 0) & (y_arr > 0)
+    if not shown.any():
+        return None
+    log_p, log_y = np.log10(p_arr[shown]), np.log10(y_arr[shown])
+    centre = float(np.median(log_p))
+    distance = np.abs(log_p - centre)
+    near = distance <= max(GUIDE_BAND, float(distance.min()))
+    return np.logspace(log_p.min(), log_p.max(), 50), 10.0**centre, 10.0 ** float(np.median(log_y[near]))
 
 
 def policy_panels(path: Path, title: str, by_policy, draw, xlabel: str, ylabel: str,
