@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
@@ -448,8 +449,6 @@ class RunsProgress:
     CELLS_NAMED = 3  # name the cells left while there are at most this many
 
     def __init__(self, runs_dir: Path, specs: list[RunSpec], bar: Any) -> None:
-        import time
-
         self.runs_dir, self.bar = runs_dir, bar
         self.left: dict[str, RunSpec] = {s.run_id: s for s in specs}
         self.since = time.time() - 1.0  # a summary older than the study's start is a former attempt's

@@ -105,9 +105,8 @@ def law_guide_anchor(p: list[float], y: list[float]) -> tuple[np.ndarray, float,
     the points' range, and the point (p_ref, y_ref) both guides pass through, p_ref at the median
     log p and y_ref the median y of the points within :data:`GUIDE_BAND` decades of it, or of the
     nearest ones where none is that near (not one point's: a few runs' dips, NPG's on the juice
-    MLP, would carry the guides with them). From the
-    points a log–log axis can show, p and y positive and finite (a run whose P fell to exactly 0
-    has none); None where there are none."""
+    MLP, would carry the guides with them). From the points a log–log axis can show, p and y
+    positive and finite (a run whose P fell to exactly 0 has none); None where there are none."""
     p_arr, y_arr = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
     shown = np.isfinite(p_arr) & np.isfinite(y_arr) & (p_arr > 0) & (y_arr > 0)
     if not shown.any():
