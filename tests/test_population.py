@@ -350,8 +350,9 @@ def test_the_juice_p_gradient_from_u_and_f_equals_its_reverse_pass(tmp_path, pol
     """Where every member's reward is paid exactly for an approach (view radius 1), a tracked
     exact update forms ∇P = (∇U/(H·r) − P·∇F)/F instead of a reverse pass through the
     visitation. Each time, against that reverse pass: U/(H·r) = F·P is a product, and the
-    subtraction's rounding is a few ulps of |∇(F·P)|/F, which at P ≤ ½ is at most a few times
-    |∇P|: 1e-12 normwise leaves two orders of magnitude. Rewards +1, −1 and 2.5, P from 10⁻⁹ to 10⁻²."""
+    subtraction's rounding is a few ulps of |∇(F·P)|/F = |∇P + P·∇F/F|, which for P ≤ ½ stays
+    within a few times |∇P| here (measured: at most 3.4·10⁻¹⁴ normwise): 1e-12 leaves more than
+    an order of magnitude. Rewards +1, −1 and 2.5, P from 10⁻⁹ to 10⁻²."""
     from ntrl.experiments.juice import JuiceConfig
     from ntrl.population import trainer
 
@@ -396,6 +397,26 @@ def test_the_juice_p_gradient_is_derived_only_where_the_reward_is_paid_for_appro
     assert rewards_of(1, [1.0, -1.0, 2.5]) == [1.0, -1.0, 2.5]
     assert rewards_of(1, [1.0, 0.0]) is None
     assert rewards_of(2, [1.0, -1.0]) is None
+
+
+def test_the_juice_p_gradient_is_derived_only_while_every_p_is_at_most_a_half():
+    """Above ½ the subtraction in ∇P = (∇U/(H·r) − P·∇F)/F loses digits as P → 1: the update then
+    takes P's reverse pass (∇R = ∇U/H is derived at any P)."""
+    from types import SimpleNamespace
+
+    from ntrl.population.trainer import derived_gradients
+
+    pop = SimpleNamespace(model=SimpleNamespace(approach_reward=torch.tensor([1.0, -1.0], dtype=torch.float64),
+                                                utility_scale=50.0))
+    names = ("P", "F", "R", "P_probe")
+
+    def derived(P):
+        q = {"P": torch.tensor(P, dtype=torch.float64), "F": torch.tensor([0.3, 0.2], dtype=torch.float64)}
+        return list(derived_gradients(pop, q, names))
+
+    assert derived([0.5, 1e-6]) == ["P", "R"]
+    assert derived([0.51, 1e-6]) == ["R"]
+    assert derived([float("nan"), 1e-6]) == ["R"]
 
 
 @pytest.mark.parametrize("split", [True, False])
