@@ -382,6 +382,27 @@ def test_the_juice_p_gradient_from_u_and_f_equals_its_reverse_pass(tmp_path, pol
     assert len(compared) == 9 and max(compared) < 1e-12, compared
 
 
+def test_juice_members_that_stop_early_leave_the_rest_equal_to_their_runs(tmp_path):
+    """A member that reaches ½ in its first updates leaves the population (the model keeps the
+    other members' rewards, and with them r of the derived ∇P): the others' records still equal
+    their runs'."""
+    from ntrl.experiments.juice import JuiceConfig
+
+    def configs(out):
+        return [JuiceConfig(policy="tabular", optimizer="sgd", p0=p0, lr=JUICE_LRS["tabular"]["sgd"], reward=r,
+                            steps=10, seed=i, track_every=1, decomposition=False, wandb="disabled", out=str(out),
+                            run_name=f"m{i}", price_scales=[], stop_at_p=0.5 if r > 0 else None)
+                for i, (p0, r) in enumerate([(1e-3, 1.0), (0.45, 1.0), (1e-2, -2.0), (1e-4, 3.0)])]
+
+    per = [train(c, progress=False) for c in configs(tmp_path / "per")]
+    pop = train_population(configs(tmp_path / "pop"), progress=False)
+    assert not pop.failures
+    assert per[1].summary["updates"] < 10 and per[1].summary["status"] == "stopped_at_p"  # it stops early
+    for r1, r2 in zip(per, pop.results):
+        assert r2.summary["updates"] == r1.summary["updates"]
+        assert_records_equal(read_records(r1.run_dir), read_records(r2.run_dir))
+
+
 def test_the_juice_p_gradient_is_derived_only_where_the_reward_is_paid_for_approaches():
     """r(s, a) = r·approach(s, a) holds at view radius 1 for every r ≠ 0; not at radius 2 (an
     approach from two cells away pays nothing), and not for r = 0 (∇U says nothing of ∇P)."""

@@ -44,6 +44,26 @@ def test_in_flight_beats_while_no_unit_finishes():
     assert set(timeouts) == {None}
 
 
+def test_in_flight_beats_on_time_while_units_keep_finishing(monkeypatch):
+    """Short units that finish less than a heartbeat apart do not starve the heartbeat: a long
+    population chunk beside them still has its members counted as they stop."""
+    clock = [0.0]
+    monkeypatch.setattr(executor.time, "monotonic", lambda: clock[0])
+    units = [("run", [f"u{i}"]) for i in range(12)]
+
+    def wait_some(pending, timeout):  # one unit finishes every 0.9 s
+        clock[0] += 0.9
+        first = min(pending)
+        return {first}, pending - {first}
+
+    beats = []
+    handles = iter(range(100))
+    assert len(list(in_flight(units, 2, lambda kind, unit: next(handles), wait_some,
+                              heartbeat=lambda: beats.append(clock[0])))) == 12
+    # 12 waits of 0.9 s: a beat at 2.7, 5.4, 8.1 and 10.8 s, each at least HEARTBEAT_SECONDS apart
+    assert len(beats) == 4 and all(b - a >= HEARTBEAT_SECONDS for a, b in zip([0.0] + beats, beats))
+
+
 def write_summary(runs_dir, spec, status):
     (runs_dir / spec.run_id).mkdir(parents=True, exist_ok=True)
     (runs_dir / spec.run_id / "summary.json").write_text(json.dumps({"status": status, "spec": {}}))

@@ -450,22 +450,15 @@ class RunsProgress:
 
     def __init__(self, runs_dir: Path, specs: list[RunSpec], bar: Any) -> None:
         self.runs_dir, self.bar = runs_dir, bar
+        # runs still to finish (none of them had a complete summary when the study began: those
+        # are done and not in any unit)
         self.left: dict[str, RunSpec] = {s.run_id: s for s in specs}
-        self.since = time.time() - 1.0  # a summary older than the study's start is a former attempt's
         self._name_cells()
 
     def poll(self) -> None:
-        """Count the runs still training whose complete summary is now there."""
-        done = []
-        for run_id in self.left:
-            path = self.runs_dir / run_id / "summary.json"
-            try:
-                fresh = path.stat().st_mtime >= self.since
-            except OSError:
-                continue
-            if fresh and completed_summary(path.parent) is not None:
-                done.append(run_id)
-        self._count(done)
+        """Count the runs still to finish whose complete summary is now there (a former
+        attempt's incomplete one is not: :func:`completed_summary`)."""
+        self._count([run_id for run_id in self.left if completed_summary(self.runs_dir / run_id) is not None])
 
     def unit_done(self, unit: list[RunSpec]) -> None:
         """A unit returned: its runs not counted yet count now."""
@@ -497,9 +490,10 @@ def in_flight(units: list[tuple[str, list[RunSpec]]], slots: int, submit: Callab
     once): ``submit(kind, unit)`` gives a handle, ``wait_some(pending, timeout)`` the (finished,
     pending) handles, none finished when ``timeout`` seconds (None: no limit) pass first; yields
     (handle, unit) per finished unit, after submitting the next. ``heartbeat()``, where given, is
-    called every :data:`HEARTBEAT_SECONDS` while no unit finishes (the study's progress bar counts
-    a population's members as they stop, :class:`RunsProgress`)."""
+    called about every :data:`HEARTBEAT_SECONDS`, whether or not units finish meanwhile (the study's
+    progress bar counts a population's members as they stop, :class:`RunsProgress`)."""
     queue, owner, pending = iter(units), {}, set()
+    last_beat = time.monotonic()
 
     def submit_next() -> None:
         kind, unit = next(queue, (None, None))
@@ -514,8 +508,9 @@ def in_flight(units: list[tuple[str, list[RunSpec]]], slots: int, submit: Callab
         finished, rest = wait_some(pending, HEARTBEAT_SECONDS if heartbeat is not None else None)
         pending.clear()
         pending.update(rest)
-        if not finished and heartbeat is not None:
+        if heartbeat is not None and (not finished or time.monotonic() - last_beat >= HEARTBEAT_SECONDS):
             heartbeat()
+            last_beat = time.monotonic()
         for handle in finished:
             submit_next()
             yield handle, owner.pop(handle)
