@@ -412,7 +412,7 @@ def test_the_juice_p_gradient_is_derived_only_where_the_reward_is_paid_for_appro
     def rewards_of(radius, rewards):
         cfgs = [JuiceConfig(policy="tabular", p0=0.1, reward=r, view_radius=radius, wandb="disabled", out="unused")
                 for r in rewards]
-        r = JuiceModel.from_configs(cfgs, torch.device("cpu")).approach_reward
+        r = JuiceModel.from_configs(cfgs, torch.device("cpu")).approach_reward()
         return None if r is None else r.tolist()
 
     assert rewards_of(1, [1.0, -1.0, 2.5]) == [1.0, -1.0, 2.5]
@@ -427,7 +427,7 @@ def test_the_juice_p_gradient_is_derived_only_while_every_p_is_at_most_a_half():
 
     from ntrl.population.trainer import derived_gradients
 
-    pop = SimpleNamespace(model=SimpleNamespace(approach_reward=torch.tensor([1.0, -1.0], dtype=torch.float64),
+    pop = SimpleNamespace(model=SimpleNamespace(approach_reward=lambda: torch.tensor([1.0, -1.0], dtype=torch.float64),
                                                 utility_scale=50.0))
     names = ("P", "F", "R", "P_probe")
 
@@ -435,7 +435,7 @@ def test_the_juice_p_gradient_is_derived_only_while_every_p_is_at_most_a_half():
         q = {"P": torch.tensor(P, dtype=torch.float64), "F": torch.tensor([0.3, 0.2], dtype=torch.float64)}
         return list(derived_gradients(pop, q, names))
 
-    assert derived([0.5, 1e-6]) == ["P", "R"]
+    assert sorted(derived([0.5, 1e-6])) == ["P", "R"]
     assert derived([0.51, 1e-6]) == ["R"]
     assert derived([float("nan"), 1e-6]) == ["R"]
 

@@ -35,7 +35,7 @@ as :class:`ntrl.experiments.juice.JuiceQuantities` computes it per run): with π
 
 each member with its own reward r (so that rewarded and punished runs of a cell share a chunk).
 Where each member's reward is paid exactly for an approach (view radius 1: r(s, a) =
-r·approach(s, a), :func:`approach_rewards`), R = r·F·P, and a tracked exact update forms ∇P from
+r·approach(s, a), :meth:`JuiceModel.approach_reward`), R = r·F·P, and a tracked exact update forms ∇P from
 ∇U and ∇F instead of a reverse pass of its own (:func:`ntrl.population.trainer.derived_gradients`).
 On the CPU the visitation is the per-run path's adjoint node,
 :class:`~ntrl.engine.exact_model.FiniteHorizonVisitation`, over M copies of the chain at once;
@@ -226,7 +226,7 @@ class JuiceModel:
         self.mdp = mdp
         self.utility_scale = float(self.horizon)  # J = H·R
         self.venv = None  # sampled mode: the members' gridworlds, a block of them each (start_sampling)
-        self.approach_reward = None  # (M,) r where every member's reward is r·approach (approach_rewards)
+        self.approach_entry = None  # (s, a) of an approach where every member's reward is r·approach (approach_entry)
 
     @classmethod
     def from_configs(cls, configs: Sequence[Any], device: torch.device) -> "JuiceModel":
@@ -244,7 +244,7 @@ class JuiceModel:
                                  first.view_radius)
         order = np.argsort(keys, kind="stable") if first.mode == "sampled" else None
         model = cls(mdps[0], rewards, probe_obs, approach_mask(probe_obs, first.view_radius), device, order)
-        model.approach_reward = approach_rewards(mdps[0], rewards, [float(c.reward) for c in configs], device)
+        model.approach_entry = approach_entry(mdps[0], rewards)
         # each observation key's row of the model (−1: a key no state of the model shows)
         model.key_rows = np.full(n_observation_indices(first.view_radius), -1, dtype=np.int64)
         model.key_rows[keys if order is None else keys[order]] = np.arange(len(keys))
@@ -329,8 +329,6 @@ class JuiceModel:
 
     def select(self, keep: Tensor) -> None:
         self.rewards = self.rewards[keep]
-        if self.approach_reward is not None:
-            self.approach_reward = self.approach_reward[keep]
         if self.venv is not None:  # the kept members' blocks, with their generators as they stand
             from ntrl.envs.juice import JuiceGridworldVector
 
@@ -372,6 +370,12 @@ class JuiceModel:
         return {"U": self.horizon * R, "P": P, "F": F, "R": R, "P_probe": P_probe, "z": set_log_odds(Zp, self.probe_mask),
                 "logp": logp, "weights": weights}
 
+    def approach_reward(self) -> Tensor | None:
+        """Each member's reward r (M,) where every member's is paid exactly for an approach
+        (:func:`approach_entry`), else None: then R = r·F·P, and a tracked exact update derives ∇P
+        from ∇U and ∇F (:func:`ntrl.population.trainer.derived_gradients`)."""
+        return None if self.approach_entry is None else self.rewards[:, self.approach_entry[0], self.approach_entry[1]]
+
     def probability(self, Z: Tensor) -> Tensor:
         """P (rows,) alone, from logits (rows, distinct observations + probes, A) of any number of
         rows (the η-probe's members at every scale), as :meth:`quantities` computes it: one
@@ -386,17 +390,20 @@ class JuiceModel:
         return torch.cat(out)
 
 
-def approach_rewards(mdp, rewards: Tensor, values: Sequence[float], device: torch.device) -> Tensor | None:
-    """The members' rewards r (M,) where each member's reward is paid exactly for an approach,
-    r(s, a) = r·approach(s, a) with r ≠ 0 (the gridworld's view radius 1: a seen juice is one move
-    away, and the move that approaches it eats it), so that R = r·F·P as functions of θ; else None.
-    Then ∇P = (∇U/(H·r) − P·∇F)/F from ∇U and ∇F (U = H·R = H·r·F·P), without a reverse pass
-    through the visitation for P."""
-    r = torch.tensor(values, dtype=torch.float64)
+def approach_entry(mdp, rewards: Tensor) -> tuple[int, int] | None:
+    """A state and action (s, a) that approach, where each member's reward is paid exactly for an
+    approach, r(s, a) = r·approach(s, a) with r ≠ 0 (the gridworld's view radius 1: a seen juice is
+    one move away, and the move that approaches it eats it), so that R = r·F·P as functions of θ
+    and each member's r is its reward at (s, a); else None (checked on the model's arrays)."""
     approach = torch.as_tensor(np.asarray(mdp.approach), dtype=torch.float64)
-    if not bool((r != 0).all()) or not all(torch.equal(rewards[m].cpu(), r[m] * approach) for m in range(len(values))):
+    hits = approach.nonzero()
+    if len(hits) == 0:
         return None
-    return r.to(device)
+    s, a = (int(i) for i in hits[0])
+    r = rewards[:, s, a].cpu()
+    if not bool((r != 0).all()) or not torch.equal(rewards.cpu(), r[:, None, None] * approach):
+        return None
+    return s, a
 
 
 def population_model(configs: Sequence[Any], device: torch.device):

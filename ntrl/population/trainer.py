@@ -601,22 +601,20 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
     if pop.selection is not None:  # one state (N = 1)
         grads = [pop.selection.gradient(c) for c in output_cotangents(pop, q, U, tracked, K if need_fisher else 0)]
     else:
-        outputs = [U] + ([q[x] for x in names] + [q["z"][:, i] for i in range(n_z)] if tracked else [])
-        n_logits = N * K if need_fisher else 0
+        named = {"U": U, **({x: q[x] for x in names} if tracked else {})}
         derived = derived_gradients(pop, q, names) if tracked and not pop.sampled else {}
-        slots = [1 + names.index(x) for x in derived]  # the derived outputs' places, left out of the passes
-        outputs = [x for i, x in enumerate(outputs) if i not in slots]
+        passes = [x for x in named if x not in derived]  # the outputs that take a reverse pass
+        outputs = [named[x] for x in passes] + ([q["z"][:, i] for i in range(n_z)] if tracked else [])
+        n_logits = N * K if need_fisher else 0
         if pop.theta.shape[0] <= SPLIT_MEMBERS and len(outputs) + n_logits > 1:
             grads = member_gradients_through(outputs, q["Z"], q["leaves"], n_logits)
         else:
             logits = [q["Z"][:, o, a] for o in range(N) for a in range(K)] if n_logits else []
             grads = member_gradients(outputs + logits, q["leaves"])
-        if derived:
-            for i in sorted(slots):
-                grads.insert(i, None)
-            by_name = {"U": grads[0], **dict(zip(names, grads[1:1 + len(names)]))}
-            for i, (x, of) in zip(slots, derived.items()):
-                grads[i] = of(by_name)
+        if derived:  # back in the order U, the properties, the log-odds, the logits
+            by_name = dict(zip(passes, grads))
+            by_name.update({x: of(by_name) for x, of in derived.items()})
+            grads = [by_name[x] for x in named] + grads[len(passes):]
     g = grads[0]
     prop_grads = dict(zip(names, grads[1:1 + len(names)])) if tracked else {}
     z_grads = grads[1 + len(names):1 + len(names) + n_z] if tracked else []
@@ -647,7 +645,7 @@ def derived_gradients(pop: _Population, q: dict[str, Any], names: Sequence[str])
     gradients by name), so that a tracked update takes no reverse pass for them (each one through
     the juice model's visitation): U = c·R (the model's utility_scale c: 1 on the bandits, H on the
     juice gridworld), so ∇R = ∇U/c; and where each member's reward is paid exactly for an approach
-    (:func:`~ntrl.population.models.approach_rewards`), U = H·r·F·P, so
+    (:meth:`~ntrl.population.models.JuiceModel.approach_reward`), U = H·r·F·P, so
     ∇P = (∇U/(H·r) − P·∇F)/F, taken while every member's P ≤ ½ (the study's runs stop at ½):
     ∇U/(H·r) = F·∇P + P·∇F, and the subtraction loses digits as P·∇F outgrows F·∇P, which happens
     as P → 1 (∇P ∝ P(1 − P)); below ½ it agrees with the reverse pass for P to a few 10⁻¹⁴
@@ -655,12 +653,12 @@ def derived_gradients(pop: _Population, q: dict[str, Any], names: Sequence[str])
     derived: dict[str, Callable] = {}
     if "R" in names:
         derived["R"] = lambda g: g["U"] / pop.model.utility_scale
-    r = getattr(pop.model, "approach_reward", None)
+    r = pop.model.approach_reward() if hasattr(pop.model, "approach_reward") else None
     if r is not None and "P" in names and "F" in names:
         P, F, Hr = q["P"].detach()[:, None], q["F"].detach()[:, None], (pop.model.utility_scale * r)[:, None]
         if bool((F > 0).all() & (P <= 0.5).all()):
             derived["P"] = lambda g: (g["U"] / Hr - P * g["F"]) / F
-    return dict(sorted(derived.items(), key=lambda item: names.index(item[0])))
+    return derived
 
 
 def logit_cotangents(outputs: list[Tensor], Z: Tensor) -> list[Tensor]:
