@@ -4,6 +4,7 @@ whole chunk at once when it returns (a chunk of a `--full` study trains for up t
 from __future__ import annotations
 
 import json
+import os
 
 from ntrl.study import StudyConfig, enumerate_runs, run_study
 from ntrl.study import executor
@@ -69,10 +70,11 @@ def write_summary(runs_dir, spec, status):
     (runs_dir / spec.run_id / "summary.json").write_text(json.dumps({"status": status, "spec": {}}))
 
 
-def test_runs_progress_counts_each_finished_run_once(tmp_path):
+def test_runs_progress_counts_each_finished_run_once(tmp_path, monkeypatch):
     study = StudyConfig(name="t", policies=["single_logit", "mlp"], optimizers=["sgd", "npg"], p0s=[0.05, 0.005],
                         seeds=2, directions=["rewarded"]).validate()
     specs = enumerate_runs(study)
+    real_read = executor.completed_summary
     old = specs[1]
     write_summary(tmp_path, old, "interrupted")  # a former attempt's: not complete, not counted
     bar = FakeBar()
@@ -85,7 +87,15 @@ def test_runs_progress_counts_each_finished_run_once(tmp_path):
     progress.poll()
     progress.poll()
     assert bar.n == 1
-    progress.unit_done(specs[:3])  # specs[0] was counted already
+    reads = []
+    monkeypatch.setattr(executor, "completed_summary", lambda d: reads.append(d.name) or real_read(d))
+    progress.poll()
+    assert reads == []  # the incomplete summaries seen before are not read again while unchanged
+    write_summary(tmp_path, old, "finished")  # rewritten, now complete
+    os.utime(tmp_path / old.run_id / "summary.json", ns=(1, 1))  # a new mtime, whatever the clock's grain
+    progress.poll()
+    assert reads == [old.run_id] and bar.n == 2
+    progress.unit_done(specs[:3])  # specs[0] and specs[1] were counted already
     assert bar.n == 3
     rest = specs[3:]
     last_cell = [s for s in rest if s.cell == rest[-1].cell]

@@ -453,12 +453,26 @@ class RunsProgress:
         # runs still to finish (none of them had a complete summary when the study began: those
         # are done and not in any unit)
         self.left: dict[str, RunSpec] = {s.run_id: s for s in specs}
+        self.incomplete: dict[str, int] = {}  # the mtime of each summary read and found incomplete
         self._name_cells()
 
     def poll(self) -> None:
         """Count the runs still to finish whose complete summary is now there (a former
-        attempt's incomplete one is not: :func:`completed_summary`)."""
-        self._count([run_id for run_id in self.left if completed_summary(self.runs_dir / run_id) is not None])
+        attempt's incomplete one is not: :func:`completed_summary`; it is read again only once
+        its file has changed)."""
+        done = []
+        for run_id in self.left:
+            try:
+                mtime = (self.runs_dir / run_id / "summary.json").stat().st_mtime_ns
+            except OSError:
+                continue
+            if self.incomplete.get(run_id) == mtime:
+                continue
+            if completed_summary(self.runs_dir / run_id) is not None:
+                done.append(run_id)
+            else:
+                self.incomplete[run_id] = mtime
+        self._count(done)
 
     def unit_done(self, unit: list[RunSpec]) -> None:
         """A unit returned: its runs not counted yet count now."""
