@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from ntrl.agents.optimizers import OPTIMIZERS
 from ntrl.agents.policies import ACTIVATIONS, POLICY_KINDS
 from ntrl.agents.reinforce import BASELINES, GRADIENT_MODES
 from ntrl.wandb_sink import WANDB_MODES
+
+if TYPE_CHECKING:
+    from ntrl.tracker import TrackSchedule
 
 DTYPES = ("float64", "float32")
 # Fields that say where a run is written and logged rather than how it trains.
@@ -205,7 +208,7 @@ class TrainConfig:
         """The W&B run's project, entity and tags (:class:`ntrl.wandb_sink.WandbSink`'s keywords)."""
         return {"project": self.wandb_project, "entity": self.wandb_entity, "tags": list(self.tags)}
 
-    def track_schedule(self) -> "TrackSchedule":
+    def track_schedule(self) -> TrackSchedule:
         """Which updates this run tracks (--track-every, or log-spaced with --track-per-decade)."""
         from ntrl.tracker import TrackSchedule
 

@@ -23,6 +23,17 @@ def _seed_torch():
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _sb3_logs_in_pytest_tmp(tmp_path_factory):
+    """SB3's default logger makes an empty folder, $SB3_LOGDIR or else /tmp/SB3-<date>, at every
+    learn() of a model without a logger of its own (the tests that build PPO and A2C directly,
+    and rl_zoo3's subprocess, which inherits the variable): put them in pytest's own temporary
+    directory, which pytest rotates, rather than leave a few dozen in /tmp at every run."""
+    if "SB3_LOGDIR" not in os.environ:
+        os.environ["SB3_LOGDIR"] = str(tmp_path_factory.mktemp("sb3_logs"))
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     # the networks here are tiny: with pytest-xdist's workers, extra threads only add contention
     torch.set_num_threads(1)

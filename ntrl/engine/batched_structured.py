@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ntrl.engine.metrics import kept_singular
-from ntrl.engine.structured import StructuredBackend, StructuredUnsupported, _Act, _Linear
+from ntrl.engine.structured import StructuredBackend, StructuredUnsupported, _Linear
 
 
 @dataclass

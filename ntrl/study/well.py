@@ -173,7 +173,7 @@ def plot_well(path: Path, runs: Sequence[RunData], cells: Sequence[WellCell]) ->
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    fig.suptitle(f"The softmax gravity well: rewards (1, 0.9, 0) from π₀ = (p₀, 0.95 − p₀, 0.05), exact gradients")
+    fig.suptitle("The softmax gravity well: rewards (1, 0.9, 0) from π₀ = (p₀, 0.95 − p₀, 0.05), exact gradients")
     labels = {(c.policy, c.optimizer): c.label for c in cells}
     for r in runs:
         if r.spec.direction != "well":
