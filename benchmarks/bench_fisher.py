@@ -1,6 +1,9 @@
 """The exact inverse-Fisher factorisation: ``ntrl.engine.metrics.right_singular`` (QR of Aᵀ, then the
 SVD of the small triangular factor) against ``torch.linalg.svd`` of A, on the Fisher rows the
-tracker factors.
+tracker factors; and for a population's batch of such Fishers (30 members, as a study's juice
+chunk), ``HouseholderSVD`` (the same QR and SVD, Vh kept as Householder reflectors) against
+``right_singular`` (Vh formed), each with what a tracked update then does with it: the directional
+derivatives Vh ∇X of three properties' gradients.
 
     .venv/bin/python benchmarks/bench_fisher.py            # about 10 s
 
@@ -17,7 +20,7 @@ import time
 import torch
 
 from ntrl.experiments.juice import JuiceConfig
-from ntrl.engine.metrics import AllLogProbs, right_singular
+from ntrl.engine.metrics import AllLogProbs, HouseholderSVD, right_singular
 from ntrl.engine.tangent import TangentEngine
 from timing import interleaved_medians
 
@@ -48,6 +51,21 @@ def main() -> None:
         t = {k: 1e3 * v for k, v in interleaved_medians(
             {"svd": lambda: torch.linalg.svd(A, full_matrices=False), "qr": lambda: right_singular(A)}, 200).items()}
         print(f"| {name} | {A.shape[0]} × {A.shape[1]} | {t['svd']:.2f} | {t['qr']:.2f} | {t['svd'] / t['qr']:.2f} |")
+    print()
+    A = cases["juice distinct observations"]
+    batch = torch.stack([A * (1 + 0.01 * i) for i in range(30)])  # 30 members' Fishers
+    grads = torch.randn(30, A.shape[1], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def formed():
+        _, Vh = right_singular(batch)
+        return Vh @ grads
+
+    t = {k: 1e3 * v for k, v in interleaved_medians(
+        {"formed": formed, "reflectors": lambda: HouseholderSVD(batch).project(grads)}, 40).items()}
+    print("| Fishers | right_singular, Vh ∇X (ms) | HouseholderSVD, Vh ∇X (ms) | formed / reflectors |")
+    print("|---|---|---|---|")
+    print(f"| 30 × ({A.shape[0]} × {A.shape[1]}) | {t['formed']:.2f} | {t['reflectors']:.2f} | "
+          f"{t['formed'] / t['reflectors']:.2f} |")
 
 
 if __name__ == "__main__":

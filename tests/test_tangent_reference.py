@@ -237,6 +237,30 @@ def test_inverse_fisher_does_not_amplify_rounding_noise():
     assert (noisy - step).norm() < 1e-6 * step.norm()
 
 
+@pytest.mark.parametrize("shape", [(3, 6, 40), (2, 25, 300), (2, 9, 5)])
+def test_householder_svd_applies_the_right_singular_vectors_it_never_forms(shape):
+    """HouseholderSVD (the population's inverse Fisher) keeps Vh as reflectors: its S are
+    right_singular's, and Vh v and Vhᵀ c, applied through the reflectors, are the products with
+    right_singular's formed Vh, for batches of short, wide and tall matrices with singular values
+    over 14 decades (the QR and the small SVD are the same; only Q's application differs)."""
+    from ntrl.engine.metrics import HouseholderSVD, right_singular
+
+    g = torch.Generator().manual_seed(sum(shape))
+    M, m, n = shape
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(M, m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(M, n, k, generator=g, dtype=torch.float64))
+    A = U @ torch.diag_embed(torch.logspace(0, -14, k, dtype=torch.float64).expand(M, k)) @ V.mT
+    f = HouseholderSVD(A)
+    S, Vh = right_singular(A)
+    assert torch.allclose(f.S, S, rtol=1e-14, atol=0)
+    X = torch.randn(M, n, 3, generator=g, dtype=torch.float64)
+    C = torch.randn(M, k, 3, generator=g, dtype=torch.float64)
+    assert torch.allclose(f.project(X), Vh @ X, rtol=0, atol=1e-13 * float(X.abs().max()))
+    assert torch.allclose(f.lift(C), Vh.mT @ C, rtol=0, atol=1e-13 * float(C.abs().max()))
+    assert torch.allclose(f.project(f.lift(C)), C, rtol=0, atol=1e-13 * float(C.abs().max()))  # orthonormal rows
+
+
 @pytest.mark.parametrize("shape", [(6, 40), (25, 300), (9, 5)])
 def test_right_singular_matches_a_direct_svd(shape):
     """The QR route gives the singular values and the projector onto the row space that

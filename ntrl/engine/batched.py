@@ -17,8 +17,10 @@ and the Fisher of member m over states s with weights w_s,
 
     F_m = A_mᵀ A_m,   rows of A_m: √(w_s π(a|s)) ∇log π(a|s),  ∇log π(a|s) = ∇z_{s,a} − Σ_b π(b|s) ∇z_{s,b},
 
-whose pseudo-inverse (or damped inverse) is formed exactly as :class:`ntrl.engine.metrics.InverseFisher`
-forms it (QR of Aᵀ, SVD of the small factor, singular values below 100·√eps·S_max dropped), batched.
+whose pseudo-inverse (or damped inverse) is formed as :class:`ntrl.engine.metrics.InverseFisher`
+forms it (QR of Aᵀ, SVD of the small factor, singular values below 100·√eps·S_max dropped), batched,
+with its right singular vectors applied through the QR's Householder reflectors rather than formed
+(:class:`ntrl.engine.metrics.HouseholderSVD`).
 ``tests/test_population.py`` checks all of it against the per-run engine and its torch.func reference
 in float64.
 """
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ntrl.engine.metrics import kept_singular, right_singular
+from ntrl.engine.metrics import HouseholderSVD, kept_singular
 
 
 class StackedPolicy:
@@ -112,11 +114,11 @@ def member_gradients_through(outputs: list[Tensor], Z: Tensor, leaves: list[Tens
 class BatchedInverseFisher:
     """M_m = (F_m + λ_m I)⁻¹, or F_m⁺ where λ_m = 0, for every member (see the module docstring).
 
-    ``Vh`` (M, r, P) holds the right singular vectors of A_m, ``inv`` (M, r) the weights
-    1/(S² + λ) of the kept singular values and 0 for the dropped ones, ``keep`` (M, r) which are
-    kept, ``damping`` (M,) λ."""
+    ``svd`` holds A_m's factors (:class:`ntrl.engine.metrics.HouseholderSVD`: its right singular
+    vectors v_k are applied, not formed), ``inv`` (M, r) the weights 1/(S² + λ) of the kept
+    singular values and 0 for the dropped ones, ``keep`` (M, r) which are kept, ``damping`` (M,) λ."""
 
-    Vh: Tensor
+    svd: HouseholderSVD
     inv: Tensor
     keep: Tensor
     damping: Tensor
@@ -128,34 +130,39 @@ class BatchedInverseFisher:
         the states' weights (M, N) and π(a|s) (M, N, K)."""
         M, N, K, P = rows.shape
         scale = (weights[:, :, None] * probs).clamp_min(0).sqrt()
-        S, Vh = right_singular((rows * scale[..., None]).reshape(M, N * K, P))
+        svd = HouseholderSVD((rows * scale[..., None]).reshape(M, N * K, P))
+        S = svd.S
         keep = kept_singular(S, rtol)
         damping = damping.to(S.dtype)
         inv = torch.where(keep, 1.0 / (S**2 + damping[:, None]), torch.zeros_like(S))
-        return cls(Vh, inv, keep, damping)
+        return cls(svd, inv, keep, damping)
 
     def apply(self, v: Tensor) -> Tensor:
-        """M_m v_m for vectors v of shape (M, P)."""
-        coef = torch.einsum("mrp,mp->mr", self.Vh, v)
-        out = torch.einsum("mr,mrp->mp", coef * self.inv, self.Vh)
+        """M_m v_m for vectors v of shape (M, P): Σ_k w_k C_k v_k, plus (v − Σ_{k kept} C_k v_k)/λ
+        where damped, with C_k = v_k·v (both sums lifted in one pass)."""
+        coef = self.svd.project(v[..., None])[..., 0]  # (M, r)
         damped = self.damping > 0
-        if bool(damped.any()):
-            kept = torch.einsum("mr,mrp->mp", coef * self.keep, self.Vh)
-            lam = torch.where(damped, self.damping, torch.ones_like(self.damping))
-            out = out + torch.where(damped[:, None], (v - kept) / lam[:, None], torch.zeros_like(v))
-        return out
+        if not bool(damped.any()):
+            return self.svd.lift((coef * self.inv)[..., None])[..., 0]
+        both = self.svd.lift(torch.stack([coef * self.inv, coef * self.keep], -1))
+        lam = torch.where(damped, self.damping, torch.ones_like(self.damping))
+        return both[..., 0] + torch.where(damped[:, None], (v - both[..., 1]) / lam[:, None], torch.zeros_like(v))
 
     def ntvar(self, grad: Tensor) -> Tensor:
-        """∇X_m · M_m ∇X_m for gradients of shape (M, P), from the directional derivatives
-        C_k = ∇X·v_k: Σ_k w_k C_k² + (‖∇X‖² − Σ_{k kept} C_k²)/λ."""
-        C = torch.einsum("mp,mrp->mr", grad, self.Vh)
-        out = (C**2 * self.inv).sum(-1)
+        """∇X_m · M_m ∇X_m for gradients of shape (M, P) (:meth:`ntvars` of one)."""
+        return self.ntvars([grad])[0]
+
+    def ntvars(self, grads: list[Tensor]) -> list[Tensor]:
+        """∇X_m · M_m ∇X_m for each of several gradients (M, P), from the directional derivatives
+        C_k = ∇X·v_k of all of them at once: Σ_k w_k C_k² + (‖∇X‖² − Σ_{k kept} C_k²)/λ."""
+        C = self.svd.project(torch.stack(grads, -1))  # (M, r, n)
+        out = (C**2 * self.inv[..., None]).sum(1)
         damped = self.damping > 0
         if bool(damped.any()):
-            rest = (grad**2).sum(-1) - (C**2 * self.keep).sum(-1)
+            rest = torch.stack([(g**2).sum(-1) for g in grads], -1) - (C**2 * self.keep[..., None]).sum(1)
             lam = torch.where(damped, self.damping, torch.ones_like(self.damping))
-            out = out + torch.where(damped, rest / lam, torch.zeros_like(out))
-        return out
+            out = out + torch.where(damped[:, None], rest / lam[:, None], torch.zeros_like(out))
+        return list(out.unbind(-1))
 
 
 def log_prob_rows(jacobian_rows: Tensor, probs: Tensor) -> Tensor:

@@ -864,16 +864,20 @@ def tracked_stats(q: dict[str, Any], prop_grads: dict[str, Tensor], z_grads: lis
     and in sampled mode (``utility_scale`` c given, J = c·R) the expected change η·∇X·M∇J."""
     before: dict[str, Any] = {}
     j = metric_apply(plan, utility_scale * prop_grads["R"]) if utility_scale is not None else None
-    for name, Gx in prop_grads.items():
+    grads = list(prop_grads.values())
+    # NTVar in a Fisher metric: every property's at once (one pass over the metric's factors)
+    in_opt = plan.fisher.ntvars(grads) if plan.fisher is not None else None
+    in_fisher = None if fisher0 is None else in_opt if fisher0 is plan.fisher else fisher0.ntvars(grads)
+    for i, (name, Gx) in enumerate(prop_grads.items()):
         euc = (Gx**2).sum(1)
-        if plan.fisher is not None:
-            opt = plan.fisher.ntvar(Gx)
+        if in_opt is not None:
+            opt = in_opt[i]
         elif plan.diagonal is not None:
             opt = (Gx**2 * plan.diagonal).sum(1)
         else:
             opt = euc
         ntcov_opt = (Gx * plan.direction).sum(1)
-        before[name] = stat_fields(q[name], euc, opt, None if fisher0 is None else fisher0.ntvar(Gx), (Gx * g).sum(1),
+        before[name] = stat_fields(q[name], euc, opt, None if in_fisher is None else in_fisher[i], (Gx * g).sum(1),
                                    ntcov_opt, lr, None if j is None else lr * (Gx * j).sum(1))
     before["kappa"] = kappa_field([(Gz**2).sum(1) for Gz in z_grads])
     return before
