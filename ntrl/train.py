@@ -463,8 +463,15 @@ def first_order_text(pc: dict[str, Any]) -> str:
     if not isinstance(outside, (int, float)) or not math.isfinite(outside):
         return ""
     bound = f"|realised − predicted| > {FIRST_ORDER_TOLERANCE:g}·|predicted|"
-    text = (f" {outside:.0%} of the tracked updates were outside the first-order regime ({bound})"
-            if outside > 0 else f" Every tracked update was first-order (none had {bound})")
+    n = pc.get("n")
+    if outside > 0 and isinstance(n, int) and n > 0:  # a count: "0%" would read as none
+        count = round(outside * n)
+        text = f" {count} of the {n} tracked updates ({outside:.1%}) {'was' if count == 1 else 'were'} outside " \
+               f"the first-order regime ({bound})"
+    elif outside > 0:
+        text = f" {outside:.1%} of the tracked updates were outside the first-order regime ({bound})"
+    else:
+        text = f" Every tracked update was first-order (none had {bound})"
     lr, top = pc.get("first_order_lr"), pc.get("probed_lr_max")
     most = f"{1 - FIRST_ORDER_SHARE:.0%} of the probed updates"
     if isinstance(lr, (int, float)) and math.isfinite(lr):

@@ -29,6 +29,10 @@ def test_r2_set_by_a_few_steps_is_explained():
     assert pc["r2"] < 0 and pc["median_rel_error"] < 1e-3 and pc["top_miss_updates"] == [40]
     text = price_check_text(pc)
     assert "R² is set by a few large steps: the largest miss (update 40) makes up 100% of the squared error" in text
+    # one of a hundred: said as a count, never as "0%" (which a rounded share of 1/300 would print)
+    assert "1 of the 100 tracked updates (1.0%) was outside the first-order regime" in text
+    one_in_300 = price_check_text(price_check(records + [{**records[0], "update": 100 + t} for t in range(200)]))
+    assert "1 of the 300 tracked updates (0.3%) was outside the first-order regime" in one_in_300
 
 
 def test_dqn_is_told_that_ntrl_tracks_actor_policies():

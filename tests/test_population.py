@@ -246,10 +246,92 @@ def test_a_member_that_goes_non_finite_is_stopped_and_the_rest_continue(tmp_path
 
 
 def test_a_population_too_large_for_memory_is_refused_before_anything_is_written(tmp_path):
+    from ntrl.population.trainer import config_member_bytes
+
     cfgs = member_configs(tmp_path / "pop", "mlp", "sgd", "exact", width=64)
-    with pytest.raises(ConfigError, match=r"needs about .* GiB, above the limit of .* GiB; use at most \d+ members"):
-        train_population(cfgs, progress=False, max_memory=10_000)
+    _, per = config_member_bytes(cfgs[0])
+    with pytest.raises(ConfigError, match=r"needs about [\d.]+ MiB, above the limit of [\d.]+ MiB; use at most 2 members"):
+        train_population(cfgs, progress=False, max_memory=int(2.5 * per))
     assert not (tmp_path / "pop").exists()
+
+
+@pytest.mark.parametrize("max_memory", [0, -5, float("nan")])
+def test_a_memory_limit_that_is_no_number_of_bytes_is_refused(tmp_path, max_memory):
+    cfg = member_configs(tmp_path / "pop", "single_logit", "sgd", "exact")[0]
+    with pytest.raises(ConfigError, match="max_memory: must be a number of bytes > 0"):
+        train_population([cfg], progress=False, max_memory=max_memory)
+    assert not (tmp_path / "pop").exists()
+
+
+def test_a_limit_that_not_even_one_member_fits_says_so(tmp_path):
+    cfg = member_configs(tmp_path / "pop", "mlp", "sgd", "exact", width=64)[0]
+    with pytest.raises(ConfigError, match=r"a population of 1 member of \d+ parameters needs about [\d.]+ KiB, above "
+                                          r"the limit of 1000 bytes; not even one member fits: one needs about"):
+        train_population([cfg], progress=False, max_memory=1000)
+    assert not (tmp_path / "pop").exists()
+
+
+def test_bad_population_input_names_the_member_and_writes_nothing(tmp_path):
+    """Each refusal says which member and what to change, before anything is written."""
+    out = tmp_path / "pop"
+    cfgs = member_configs(out, "single_logit", "sgd", "exact")
+    with pytest.raises(ConfigError, match=r"--lr: member 1 \(m1\): must be a finite number > 0, got -1"):
+        train_population([cfgs[0], dataclasses.replace(cfgs[1], lr=-1.0), cfgs[2]], progress=False)
+    with pytest.raises(ConfigError, match=r"members 0 and 2 both write .*m0"):
+        train_population([cfgs[0], cfgs[1], dataclasses.replace(cfgs[2], run_name="m0")], progress=False)
+    with pytest.raises(ConfigError, match="--threads: members of one population must share it"):
+        train_population([cfgs[0], dataclasses.replace(cfgs[1], threads=2)], progress=False)
+    with pytest.raises(ConfigError, match="a population takes a list of configs .* got BanditConfig"):
+        train_population(cfgs[0], progress=False)
+    with pytest.raises(ConfigError, match="schedule: must be a TrackSchedule .* got 'every10'"):
+        train_population(cfgs, schedule="every10", progress=False)
+    assert not out.exists()
+
+
+def test_a_schedule_given_to_the_population_is_in_each_members_config(tmp_path):
+    """config.json says how the records were tracked: the schedule's fields, not the config's."""
+    cfgs = member_configs(tmp_path, "single_logit", "sgd", "exact", steps=30)
+    pop = train_population(cfgs, schedule=TrackSchedule(per_decade=3), progress=False)
+    for r in pop.results:
+        written = json.loads((r.run_dir / "config.json").read_text())
+        assert (written["track_every"], written["track_per_decade"]) == (1, 3)
+        again = read_records(train(BanditConfig(**{**written, "out": str(tmp_path / "again")}), progress=False).run_dir)
+        assert [x["update"] for x in again] == [x["update"] for x in read_records(r.run_dir)]
+
+
+def test_an_error_that_stops_the_population_is_in_every_summary(tmp_path, monkeypatch):
+    """A member's summary says what stopped the population, with P where its parameters are."""
+    from ntrl.population import trainer
+
+    cfgs = [dataclasses.replace(c, stop_below_p=None)
+            for c in member_configs(tmp_path, "single_logit", "sgd", "exact", steps=100)]
+    calls = {"n": 0}
+    original = trainer._Population.utility
+
+    def fails_at_the_fourth(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("disk on fire")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(trainer._Population, "utility", fails_at_the_fourth)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train_population(cfgs, progress=False)
+    for c in cfgs:
+        summary = json.loads((tmp_path / c.run_name / "summary.json").read_text())
+        assert summary["status"] == "failed" and summary["updates"] == 3
+        assert summary["error"] == "the population stopped at update 3: RuntimeError: disk on fire"
+        alone = train(dataclasses.replace(c, steps=3, out=str(tmp_path / "alone")), progress=False)
+        assert summary["p_end"] == pytest.approx(alone.summary["p_end"], rel=1e-12)  # P after its 3 updates
+
+
+def test_a_member_that_fails_is_said_as_it_happens(tmp_path, capsys):
+    cfgs = [BanditConfig(policy="single_logit", optimizer="sgd", p0=0.01, lr=lr, steps=20, track_every=1,
+                         reward_do=r, wandb="disabled", out=str(tmp_path), run_name=f"m{i}")
+            for i, (lr, r) in enumerate([(1.0, 1.0), (1e308, 1e10)])]
+    train_population(cfgs, progress=True)
+    err = capsys.readouterr().err
+    assert "ntrl: member 1 (m1) stopped:" in err and "non-finite" in err and "the others go on" in err
 
 
 def test_members_must_share_the_architecture(tmp_path):
@@ -532,7 +614,10 @@ def test_an_interrupted_population_keeps_every_members_records_and_summary(tmp_p
         run_dir = tmp_path / c.run_name
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "interrupted" and summary["updates"] == 5
-        assert [r["update"] for r in read_records(run_dir)] == [0, 1, 2, 3, 4]
+        records = read_records(run_dir)
+        assert [r["update"] for r in records] == [0, 1, 2, 3, 4]
+        # P where its parameters are, as the per-run path's interrupted summary gives it
+        assert summary["p_end"] == pytest.approx(records[-1]["P/value"] + records[-1]["P/real_delta"], rel=1e-12)
 
 
 @pytest.mark.parametrize("policy", ["single_logit", "mlp"])

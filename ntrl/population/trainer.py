@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 MEMBER_FIELDS = ("axes", "p0", "lr", "seed", "steps", "stop_at_p", "stop_below_p", "reward_do", "reward_dont", "reward", "rewards",
                  "start", "noise_std",
                  "npg_damping", "adam_beta1", "adam_beta2", "adam_eps", "track_every", "track_per_decade", "out",
-                 "run_name", "force", "threads")
+                 "run_name", "force")
 SUPPORTED = {("bandit", "exact"), ("bandit", "sampled"), ("kbandit", "exact"), ("kbandit", "sampled"),
              ("juice", "exact"), ("juice", "sampled")}
 DEVICES = ("cpu", "cuda", "auto")
@@ -128,6 +128,8 @@ def memory_limit(device: torch.device, max_memory: int | None) -> int:
     (CUDA's free memory; on the host MemAvailable, which counts the page cache the kernel would
     give back, unlike the free pages)."""
     if max_memory is not None:
+        if not (isinstance(max_memory, (int, float)) and math.isfinite(max_memory) and max_memory > 0):
+            raise ConfigError("max_memory", f"must be a number of bytes > 0, got {max_memory!r}")
         return int(max_memory)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -161,12 +163,48 @@ def members_that_fit(config: TrainConfig, device: str = "cpu", share: float = 1.
 def check_memory(config: TrainConfig, members: int, device: torch.device, max_memory: int | None) -> None:
     """Refuse, with the estimate and the limit, a population of ``members`` like ``config`` that
     would not fit (:func:`member_bytes`, :func:`memory_limit`)."""
-    n_params, per = config_member_bytes(config)
     limit = memory_limit(device, max_memory)
+    n_params, per = config_member_bytes(config)
     if members * per > limit:
-        raise ConfigError("--population", f"a population of {members} members of {n_params} parameters needs about "
-                                          f"{members * per / 2**30:.2f} GiB, above the limit of {limit / 2**30:.2f} GiB; "
-                                          f"use at most {max(1, limit // per)} members per population")
+        fits = limit // per
+        advice = f"use at most {fits} members per population" if fits else \
+            f"not even one member fits: one needs about {byte_size(per)}"
+        raise ConfigError("--population", f"a population of {members} member{'s' if members != 1 else ''} of "
+                                          f"{n_params} parameters needs about {byte_size(members * per)}, above the "
+                                          f"limit of {byte_size(limit)}; {advice}")
+
+
+def byte_size(n: float) -> str:
+    """``n`` bytes in GiB, MiB or KiB, whichever shows it with a digit before the point."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def validated_members(configs: Sequence[TrainConfig], schedule: TrackSchedule | None = None) -> list[TrainConfig]:
+    """Each member's config validated (an error names the member by index and run name), with
+    ``schedule`` written into every one where it is given (``track_every``, ``track_per_decade``),
+    so that each member's config.json says how its records were tracked."""
+    if isinstance(configs, TrainConfig) or not all(isinstance(c, TrainConfig) for c in configs):
+        got = type(configs).__name__ if isinstance(configs, TrainConfig) else \
+            ", ".join(sorted({type(c).__name__ for c in configs if not isinstance(c, TrainConfig)}))
+        raise ConfigError("--population", f"a population takes a list of configs (BanditConfig, JuiceConfig, ...), "
+                                          f"one per member; got {got}")
+    if schedule is not None:
+        if not isinstance(schedule, TrackSchedule):
+            raise ConfigError("schedule", f"must be a TrackSchedule (every=k, or per_decade=n), got {schedule!r}")
+        configs = [dataclasses.replace(c, track_every=schedule.every, track_per_decade=schedule.per_decade)
+                   for c in configs]
+    out = []
+    for i, c in enumerate(configs):
+        try:
+            out.append(c.validate())
+        except ConfigError as e:
+            if len(configs) == 1:
+                raise
+            raise ConfigError(e.flag, f"member {i} ({c.run_name or 'unnamed'}): {e.message}") from None
+    return out
 
 
 def check_compatible(configs: Sequence[TrainConfig]) -> None:
@@ -188,7 +226,12 @@ def check_compatible(configs: Sequence[TrainConfig]) -> None:
             raise ConfigError("--population", reason)
     names = [Path(c.out) / (c.run_name or c.default_run_name()) for c in configs]
     if len(set(names)) != len(names):
-        raise ConfigError("--run-name", "members of one population need distinct run directories")
+        seen: dict[Path, int] = {}
+        i, j = next((seen[n], k) for k, n in enumerate(names) if seen.setdefault(n, k) != k)
+        repeats = len(names) - len(set(names))
+        raise ConfigError("--run-name", f"members of one population need distinct run directories: members {i} and "
+                                        f"{j} both write {names[j]}"
+                                        + (f" ({repeats - 1} more such repeats)" if repeats > 1 else ""))
 
 
 @dataclass
@@ -448,7 +491,8 @@ def train_population(
 ) -> PopulationResult:
     """Train every config of ``configs`` as one population; write each member's run directory.
 
-    Each member is tracked on its config's schedule, or on ``schedule`` when one is given.
+    Each member is tracked on its config's schedule, or on ``schedule`` when one is given (then
+    written into each member's config.json).
     ``wandb_parent``: the directory whose ``wandb/`` (made and marked as ntrl's,
     or already ntrl's) holds the population's one W&B run, in the configs' W&B mode; without it the
     population logs no W&B run. ``max_memory``: bytes the population may use (default: half the
@@ -460,7 +504,7 @@ def train_population(
     goes to appending). ``before_summary`` is called before the summaries of the members that stop
     together are written (a study's worker ends there if its parent has died, so that nothing
     completes after a kill)."""
-    configs = [c.validate() for c in configs]
+    configs = validated_members(configs, schedule)
     check_compatible(configs)
     first = configs[0]
     dev = resolve_device(device)
@@ -476,7 +520,7 @@ def train_population(
     if dev.type == "cpu":
         keep_freed_memory()
     pop = _Population(configs, dev)
-    if schedule is not None:
+    if schedule is not None:  # itself, not only its fields in the configs: a subclass may track otherwise
         pop.schedules = [schedule] * len(configs)
     members = []
     for i, c in enumerate(configs):
@@ -494,6 +538,7 @@ def train_population(
                    dynamic_ncols=True)
     curve_points = max(2, CURVE_ROWS // len(configs))  # per member, in the W&B curves table
     pending = PendingRecords(members)
+    crash = None  # what stopped the whole population, if an error did
     last_flush = loop_start = time.time()
     flush_interval = flush_seconds
     t = 0
@@ -546,6 +591,10 @@ def train_population(
                     st = members[pop.alive[row]]
                     st.error = message
                     ending.append((st, status, updates, p_end))
+                    if message and bar is not None:  # said as it happens, not only in the result
+                        rest = "; the others go on" if len(pop.alive) > len(done) else ""
+                        bar.write(f"ntrl: member {pop.alive[row]} ({st.run_dir.name}) stopped: {message}{rest}",
+                                  file=sys.stderr)
                 pop.write_returns(members, [pop.alive[row] for row in sorted(done)], first.batch_size)
                 finish_members(ending, sink, curve_points, pending)
                 keep = [r for r in range(len(pop.alive)) if r not in done]
@@ -566,6 +615,9 @@ def train_population(
                     bar.set_postfix(active=len(pop.alive), P=f"{float(q['P'].detach().median()):.4g}", refresh=False)
     except KeyboardInterrupt:
         interrupted = True
+    except BaseException as e:  # stops every member still training: each summary says why
+        crash = f"the population stopped at update {t}: {type(e).__name__}: {e}"
+        raise
     finally:
         loop_seconds = time.time() - loop_start
         if bar is not None:
@@ -574,8 +626,11 @@ def train_population(
         # (not those whose summary is written: an interrupt while the finished ones are dropped)
         still = [i for i in pop.alive if not members[i].written]
         pop.write_returns(members, still, first.batch_size)
-        finish_members([(members[i], "interrupted" if interrupted else "failed", t, math.nan) for i in still],
-                       sink, curve_points, pending)
+        p_now = current_p(pop, len(still) > 0)
+        for i in still:
+            members[i].error = members[i].error or crash
+        finish_members([(members[i], "interrupted" if interrupted else "failed", t, p_now.get(i, math.nan))
+                        for i in still], sink, curve_points, pending)
         pop.model.close()
         wandb_dir = sink.directory  # None once finished
         close_population_sink(sink, members, t)
@@ -585,6 +640,19 @@ def train_population(
     results = [RunResult(st.run_dir, st.summary, st.summary["wandb_dir"], target_label(st.config)) for st in members]
     failures = [(i, st.run_dir.name, st.error) for i, st in enumerate(members) if st.error]
     return PopulationResult(results, failures, wandb_dir, t, time.time() - start, loop_seconds)
+
+
+def current_p(pop: _Population, wanted: bool = True) -> dict[int, float]:
+    """P at the parameters the members still training hold now (member index → P), as the
+    per-run path evaluates P for the summary of a run that stops early; {} where it cannot be
+    evaluated (the error that stopped the population may be the evaluation's own)."""
+    if not wanted or not pop.alive:
+        return {}
+    try:
+        with torch.no_grad():
+            return dict(zip(pop.alive, _floats(pop.forward()["P"])))
+    except (Exception, KeyboardInterrupt):  # noqa: BLE001 - the summaries are written either way, P unknown
+        return {}
 
 
 def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None, tracked: bool,
