@@ -408,6 +408,8 @@ def report_errors(run: Callable[[], str]) -> int:
 
 def run_train(cls: type, flags: Any, args: list[str]) -> str:
     config = to_config(cls, flags).validate()
+    if {"track_every", "track_per_decade"} <= set(given_flags(args)):  # one schedule; never one ignored
+        raise UsageError("--track-per-decade", "tracks log-spaced, --track-every every k-th update; give one of them")
     if flags.verbose:
         from ntrl.verbose import enable_verbose
 

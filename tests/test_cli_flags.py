@@ -129,6 +129,8 @@ def test_booleans_are_flag_pairs(tmp_path, monkeypatch):
      "ntrl: error: --optimizer: applies to --algo reinforce only; --algo ppo uses --lr, --steps"),
     (["train", "--env", "CartPole-v1", "--algo", "a2c", "--no-fisher"],
      "ntrl: error: --fisher: applies to --algo reinforce only; --algo a2c uses --lr"),
+    (["train", "bandit", "--track-every", "10", "--track-per-decade", "10"],
+     "ntrl: error: --track-per-decade: tracks log-spaced, --track-every every k-th update; give one of them"),
 ])
 def test_every_seam_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, line):
     monkeypatch.chdir(tmp_path)
