@@ -610,6 +610,9 @@ def test_an_interrupted_population_keeps_every_members_records_and_summary(tmp_p
             for c in member_configs(tmp_path, "single_logit", "sgd", "exact", steps=100)]
     with pytest.raises(RunInterrupted, match="interrupted at update 5"):
         train_population(cfgs, schedule=_InterruptAt(), progress=False)
+    with pytest.raises(ConfigError, match=r"m0 already holds a run; pass --force .* \(so are 2 more members' run "
+                                          r"directories: m1, m2\)"):  # a rerun names every member it would replace
+        train_population(cfgs, progress=False)
     for c in cfgs:
         run_dir = tmp_path / c.run_name
         summary = json.loads((run_dir / "summary.json").read_text())

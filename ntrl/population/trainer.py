@@ -207,6 +207,25 @@ def validated_members(configs: Sequence[TrainConfig], schedule: TrackSchedule | 
     return out
 
 
+def check_members_run_dirs(configs: Sequence[TrainConfig]) -> None:
+    """Every member's run directory may take its run (:func:`ntrl.run_dirs.check_run_dir`), or
+    one ConfigError: the first refusal, and how many more members are refused (a rerun of an
+    interrupted population finds every one of them)."""
+    refusals = []
+    for c in configs:
+        run_dir = Path(c.out) / (c.run_name or c.default_run_name())
+        try:
+            check_run_dir(run_dir, c.force)
+        except ConfigError as e:
+            refusals.append((run_dir.name, e))
+    if refusals:
+        first = refusals[0][1]
+        others = [name for name, _ in refusals[1:]]
+        more = f" (so are {len(others)} more members' run directories: {', '.join(others[:3])}" \
+               f"{', ...' if len(others) > 3 else ''})" if others else ""
+        raise ConfigError(first.flag, first.message + more)
+
+
 def check_compatible(configs: Sequence[TrainConfig]) -> None:
     """Members must agree on every field but :data:`MEMBER_FIELDS` (ConfigError otherwise)."""
     if not configs:
@@ -510,8 +529,7 @@ def train_population(
     dev = resolve_device(device)
     torch.set_num_threads(first.threads)
     check_memory(first, len(configs), dev, max_memory)
-    for c in configs:
-        check_run_dir(Path(c.out) / (c.run_name or c.default_run_name()), c.force)
+    check_members_run_dirs(configs)
     if wandb_parent is not None:
         check_out_dir(wandb_parent, "wandb_parent")
     log.info("tangent engine: population backend (ntrl.engine.batched, %d members on %s) for 'P', 'R' and "
