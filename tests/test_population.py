@@ -281,8 +281,11 @@ def test_bad_population_input_names_the_member_and_writes_nothing(tmp_path):
         train_population([cfgs[0], cfgs[1], dataclasses.replace(cfgs[2], run_name="m0")], progress=False)
     with pytest.raises(ConfigError, match="--threads: members of one population must share it"):
         train_population([cfgs[0], dataclasses.replace(cfgs[1], threads=2)], progress=False)
-    with pytest.raises(ConfigError, match="a population takes a list of configs .* got BanditConfig"):
+    with pytest.raises(ConfigError, match=r"a population takes a list of configs, one per member; got one "
+                                          r"BanditConfig \(pass \[config\]\)"):
         train_population(cfgs[0], progress=False)
+    with pytest.raises(ConfigError, match="a population takes a list of configs .* got dict"):
+        train_population([cfgs[0], cfgs[1].to_dict()], progress=False)
     with pytest.raises(ConfigError, match="schedule: must be a TrackSchedule .* got 'every10'"):
         train_population(cfgs, schedule="every10", progress=False)
     assert not out.exists()
@@ -291,7 +294,7 @@ def test_bad_population_input_names_the_member_and_writes_nothing(tmp_path):
 def test_a_schedule_given_to_the_population_is_in_each_members_config(tmp_path):
     """config.json says how the records were tracked: the schedule's fields, not the config's."""
     cfgs = member_configs(tmp_path, "single_logit", "sgd", "exact", steps=30)
-    pop = train_population(cfgs, schedule=TrackSchedule(per_decade=3), progress=False)
+    pop = train_population(iter(cfgs), schedule=TrackSchedule(per_decade=3), progress=False)  # any iterable
     for r in pop.results:
         written = json.loads((r.run_dir / "config.json").read_text())
         assert (written["track_every"], written["track_per_decade"]) == (1, 3)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import os
 import statistics
 import sys
@@ -128,7 +129,8 @@ def memory_limit(device: torch.device, max_memory: int | None) -> int:
     (CUDA's free memory; on the host MemAvailable, which counts the page cache the kernel would
     give back, unlike the free pages)."""
     if max_memory is not None:
-        if not (isinstance(max_memory, (int, float)) and math.isfinite(max_memory) and max_memory > 0):
+        if isinstance(max_memory, bool) or not isinstance(max_memory, numbers.Real) or \
+                not (math.isfinite(max_memory) and max_memory > 0):
             raise ConfigError("max_memory", f"must be a number of bytes > 0, got {max_memory!r}")
         return int(max_memory)
     if device.type == "cuda":
@@ -186,11 +188,14 @@ def validated_members(configs: Sequence[TrainConfig], schedule: TrackSchedule | 
     """Each member's config validated (an error names the member by index and run name), with
     ``schedule`` written into every one where it is given (``track_every``, ``track_per_decade``),
     so that each member's config.json says how its records were tracked."""
-    if isinstance(configs, TrainConfig) or not all(isinstance(c, TrainConfig) for c in configs):
-        got = type(configs).__name__ if isinstance(configs, TrainConfig) else \
-            ", ".join(sorted({type(c).__name__ for c in configs if not isinstance(c, TrainConfig)}))
+    if isinstance(configs, TrainConfig):
+        raise ConfigError("--population", f"a population takes a list of configs, one per member; got one "
+                                          f"{type(configs).__name__} (pass [config])")
+    configs = list(configs)
+    wrong = sorted({type(c).__name__ for c in configs if not isinstance(c, TrainConfig)})
+    if wrong:
         raise ConfigError("--population", f"a population takes a list of configs (BanditConfig, JuiceConfig, ...), "
-                                          f"one per member; got {got}")
+                                          f"one per member; got {', '.join(wrong)}")
     if schedule is not None:
         if not isinstance(schedule, TrackSchedule):
             raise ConfigError("schedule", f"must be a TrackSchedule (every=k, or per_decade=n), got {schedule!r}")
