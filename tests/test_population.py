@@ -647,6 +647,8 @@ def test_ctrl_c_while_finished_members_are_dropped_keeps_every_summary(tmp_path,
     assert [s["status"] for s in summaries] == ["finished", "interrupted", "interrupted"]
     assert [s["updates"] for s in summaries] == [3, 3, 3]
     assert all(isinstance(s["return_first"], float) and isinstance(s["return_last"], float) for s in summaries)
+    # θ's rows were half selected: P is not read from rows that are not the members' own
+    assert [s["p_end"] is None for s in summaries] == [False, True, True]
 
 
 def test_wandb_goes_only_into_a_wandb_directory_of_ntrls(tmp_path, capfd):

@@ -668,8 +668,10 @@ def train_population(
 def current_p(pop: _Population, wanted: bool = True) -> dict[int, float]:
     """P at the parameters the members still training hold now (member index → P), as the
     per-run path evaluates P for the summary of a run that stops early; {} where it cannot be
-    evaluated (the error that stopped the population may be the evaluation's own)."""
-    if not wanted or not pop.alive:
+    evaluated (the error that stopped the population may be the evaluation's own) or where the
+    rows of θ are not yet the members' (an interrupt while :meth:`_Population.select` drops the
+    finished ones: it selects θ, the model and the optimizer before the list of members)."""
+    if not wanted or not pop.alive or pop.theta.shape[0] != len(pop.alive):  # an interrupt inside select
         return {}
     try:
         with torch.no_grad():
