@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from ntrl.agents.optimizers import OPTIMIZERS
@@ -229,6 +230,10 @@ class TrainConfig:
         and :meth:`settings_hash` (so that a run with other settings is not refused as a re-run)."""
         return (f"{self.env}-{self.policy}-{self.optimizer}-{self.mode}-p0={self.p0:g}-lr={self.lr:g}-seed{self.seed}"
                 f"-{self.settings_hash()}")
+
+    def run_dir(self) -> Path:
+        """Where the run is written: ``out``/(``run_name`` or :meth:`default_run_name`)."""
+        return Path(self.out) / (self.run_name or self.default_run_name())
 
     def to_dict(self) -> dict:
         return asdict(self)

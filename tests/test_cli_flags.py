@@ -156,6 +156,7 @@ def test_learning_rate_defaults_follow_the_algorithm(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)  # conftest's: SB3's default logger would write there instead
     extra = ["--n-steps", "16"] if algo != "reinforce" else []
     assert main(["train", "--env", "CartPole-v1", "--algo", algo, "--run-name", algo, *extra, *FAST]) == 0
     assert json.loads((tmp_path / "runs" / algo / "config.json").read_text())["lr"] == lr

@@ -112,6 +112,24 @@ def test_member_records_equal_the_per_run_records(tmp_path, policy, optimizer, m
     assert statuses[0] in ("stopped_at_p", "finished") and statuses[2] in ("stopped_at_p", "finished")
 
 
+@pytest.mark.parametrize("policy, mode", [("tabular", "exact"), ("single_logit", "sampled"), ("escort", "exact")])
+def test_damped_npg_members_on_the_general_path_equal_their_runs(tmp_path, policy, mode):
+    """NPG with each member's own damping λ (0.1, 0, 0.05) on the batched engine's path (not
+    the structured one), where BatchedInverseFisher's damped step and NTVars are taken: the
+    damped and undamped members in one population, each equal to its run."""
+    def cfgs(out):
+        return [dataclasses.replace(c, npg_damping=lam)
+                for c, lam in zip(member_configs(out, policy, "npg", mode), (0.1, 0.0, 0.05))]
+
+    per = [train(c, progress=False) for c in cfgs(tmp_path / "per")]
+    pop = train_population(cfgs(tmp_path / "pop"), progress=False)
+    assert not pop.failures
+    for r1, r2 in zip(per, pop.results):
+        assert_records_equal(read_records(r1.run_dir), read_records(r2.run_dir))
+    damped = read_records(pop.results[0].run_dir)[1]
+    assert damped["P/ntvar_opt"] != pytest.approx(damped["P/ntvar_fisher"], rel=1e-6)  # λ changed the metric
+
+
 def kbandit_configs(out, policy, optimizer, mode, steps=40):
     """Three K-armed members from gravity-well starts (p₀, 0.95 − p₀, 0.05) with their own rewards,
     learning rates and stopping rules."""
@@ -613,8 +631,8 @@ def test_an_interrupted_population_keeps_every_members_records_and_summary(tmp_p
             for c in member_configs(tmp_path, "single_logit", "sgd", "exact", steps=100)]
     with pytest.raises(RunInterrupted, match="interrupted at update 5"):
         train_population(cfgs, schedule=_InterruptAt(), progress=False)
-    with pytest.raises(ConfigError, match=r"m0 already holds a run; pass --force .* \(so are 2 more members' run "
-                                          r"directories: m1, m2\)"):  # a rerun names every member it would replace
+    with pytest.raises(ConfigError, match=r"m0 already holds a run; pass --force .* \(2 more members are refused, "
+                                          r"each for its own run directory: \S*/m1, \S*/m2\)"):  # every one
         train_population(cfgs, progress=False)
     for c in cfgs:
         run_dir = tmp_path / c.run_name
@@ -624,6 +642,31 @@ def test_an_interrupted_population_keeps_every_members_records_and_summary(tmp_p
         assert [r["update"] for r in records] == [0, 1, 2, 3, 4]
         # P where its parameters are, as the per-run path's interrupted summary gives it
         assert summary["p_end"] == pytest.approx(records[-1]["P/value"] + records[-1]["P/real_delta"], rel=1e-12)
+
+
+def test_ctrl_c_after_a_step_counts_it_as_the_per_run_path_does(tmp_path, monkeypatch):
+    """Ctrl-C between update 6's step and its records: the summary counts the step taken (7
+    updates, as the per-run path counts a step once taken) and gives P after it."""
+    from ntrl.population import trainer
+    from ntrl.train import RunInterrupted
+
+    cfgs = [dataclasses.replace(c, stop_below_p=None)
+            for c in member_configs(tmp_path, "single_logit", "sgd", "exact", steps=100)]
+    original = trainer.record_fields
+
+    def interrupted_at_6(t, *a, **k):
+        if t == 6:
+            raise KeyboardInterrupt
+        return original(t, *a, **k)
+
+    monkeypatch.setattr(trainer, "record_fields", interrupted_at_6)
+    with pytest.raises(RunInterrupted):
+        train_population(cfgs, progress=False)
+    for c in cfgs:
+        summary = json.loads((tmp_path / c.run_name / "summary.json").read_text())
+        alone = train(dataclasses.replace(c, steps=7, out=str(tmp_path / "alone")), progress=False)
+        assert summary["status"] == "interrupted" and summary["updates"] == 7
+        assert summary["p_end"] == pytest.approx(alone.summary["p_end"], rel=1e-12)
 
 
 @pytest.mark.parametrize("policy", ["single_logit", "mlp"])

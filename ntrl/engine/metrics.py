@@ -108,8 +108,9 @@ class HouseholderSVD:
 
     each Q or Qᵀ as the k reflectors applied to the vectors (``torch.ormqr``). Forming Q (the
     other half of ``torch.linalg.qr``) and Q U_R costs more than the factorisation itself: for a
-    population's juice Fishers, 30 × (25 × 4741), 23 ms against 55 ms, and each application reads
-    the reflectors as a product with Vh reads Vh (``benchmarks/bench_fisher.py``)."""
+    population's juice Fishers, 30 × (25 × 4741), with three properties' directional derivatives,
+    31 ms against 64 ms (``benchmarks/bench_fisher.py``); an application reads the reflectors as a
+    product with Vh reads Vh."""
 
     def __init__(self, A: Tensor):
         self.reflectors, self.tau = torch.geqrf(A.mT)  # (…, n, m): R in the upper triangle of the first k rows

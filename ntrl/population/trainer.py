@@ -187,7 +187,9 @@ def byte_size(n: float) -> str:
 def validated_members(configs: Sequence[TrainConfig], schedule: TrackSchedule | None = None) -> list[TrainConfig]:
     """Each member's config validated (an error names the member by index and run name), with
     ``schedule`` written into every one where it is given (``track_every``, ``track_per_decade``),
-    so that each member's config.json says how its records were tracked."""
+    so that each member's config.json says how its records were tracked (a subclass of
+    TrackSchedule with a rule of its own is written as its two fields), and a member without a
+    run name gets the default name of those settings, as ``ntrl train`` would give it."""
     if isinstance(configs, TrainConfig):
         raise ConfigError("--population", f"a population takes a list of configs, one per member; got one "
                                           f"{type(configs).__name__} (pass [config])")
@@ -218,16 +220,16 @@ def check_members_run_dirs(configs: Sequence[TrainConfig]) -> None:
     interrupted population finds every one of them)."""
     refusals = []
     for c in configs:
-        run_dir = Path(c.out) / (c.run_name or c.default_run_name())
+        run_dir = c.run_dir()
         try:
             check_run_dir(run_dir, c.force)
         except ConfigError as e:
-            refusals.append((run_dir.name, e))
+            refusals.append((run_dir, e))
     if refusals:
         first = refusals[0][1]
-        others = [name for name, _ in refusals[1:]]
-        more = f" (so are {len(others)} more members' run directories: {', '.join(others[:3])}" \
-               f"{', ...' if len(others) > 3 else ''})" if others else ""
+        others = [str(d) for d, _ in refusals[1:]]
+        more = f" ({len(others)} more member{'s are' if len(others) > 1 else ' is'} refused, each for its own run " \
+               f"directory: {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
         raise ConfigError(first.flag, first.message + more)
 
 
@@ -248,7 +250,7 @@ def check_compatible(configs: Sequence[TrainConfig]) -> None:
         reason = unsupported_reason(c)
         if reason:
             raise ConfigError("--population", reason)
-    names = [Path(c.out) / (c.run_name or c.default_run_name()) for c in configs]
+    names = [c.run_dir() for c in configs]
     if len(set(names)) != len(names):
         seen: dict[Path, int] = {}
         i, j = next((seen[n], k) for k, n in enumerate(names) if seen.setdefault(n, k) != k)
@@ -562,6 +564,7 @@ def train_population(
     curve_points = max(2, CURVE_ROWS // len(configs))  # per member, in the W&B curves table
     pending = PendingRecords(members)
     crash = None  # what stopped the whole population, if an error did
+    updates_taken = 0  # t, or t + 1 from update t's step to the end of its iteration
     last_flush = loop_start = time.time()
     flush_interval = flush_seconds
     t = 0
@@ -584,6 +587,7 @@ def train_population(
             update = structured_update if pop.structured is not None else general_update
             bad_g, before, take_step = update(pop, q, U, batch, tracked, first)
             take_step()
+            updates_taken = t + 1  # as the per-run path counts a step once taken
             p_before = q["P"].detach()
             q = pop.forward()
             p_after = _floats(q["P"])
@@ -652,8 +656,8 @@ def train_population(
         p_now = current_p(pop, len(still) > 0)
         for i in still:
             members[i].error = members[i].error or crash
-        finish_members([(members[i], "interrupted" if interrupted else "failed", t, p_now.get(i, math.nan))
-                        for i in still], sink, curve_points, pending)
+        finish_members([(members[i], "interrupted" if interrupted else "failed", updates_taken,
+                         p_now.get(i, math.nan)) for i in still], sink, curve_points, pending)
         pop.model.close()
         wandb_dir = sink.directory  # None once finished
         close_population_sink(sink, members, t)
