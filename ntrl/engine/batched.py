@@ -165,6 +165,10 @@ class BatchedInverseFisher:
         return list(out.unbind(-1))
 
 
-def log_prob_rows(jacobian_rows: Tensor, probs: Tensor) -> Tensor:
-    """∇log π(a|s) = ∇z_{s,a} − Σ_b π(b|s) ∇z_{s,b} from logit gradients (M, N, K, P) and π (M, N, K)."""
-    return jacobian_rows - (probs[..., None] * jacobian_rows).sum(dim=2, keepdim=True)
+def log_prob_rows(jacobian_rows: Tensor, probs: Tensor, overwrite: bool = False) -> Tensor:
+    """∇log π(a|s) = ∇z_{s,a} − Σ_b π(b|s) ∇z_{s,b} from logit gradients (M, N, K, P) and π (M, N, K).
+    The mean Σ_b π_b ∇z_b is one contraction (no (M, N, K, P) temporary); ``overwrite``: the rows
+    are written into ``jacobian_rows`` (a tensor the caller owns) instead of a new tensor, which
+    halves the memory traffic of a population's Fisher rows (25 × 4741 per member on the juice MLP)."""
+    mean = torch.einsum("mnkp,mnk->mnp", jacobian_rows, probs)[:, :, None]
+    return jacobian_rows.sub_(mean) if overwrite else jacobian_rows - mean

@@ -443,7 +443,7 @@ class _Population:
         gradients of the N·K logits (ordered by state, then action)."""
         probs = q["logp"].detach().exp()  # (M, N, K)
         M, N, K = probs.shape
-        return log_prob_rows(torch.stack(logit_grads, dim=1).reshape(M, N, K, -1), probs)
+        return log_prob_rows(torch.stack(logit_grads, dim=1).reshape(M, N, K, -1), probs, overwrite=True)
 
     def fishers(self, q: dict[str, Any], rows: Tensor, npg: bool,
                 track: bool) -> tuple[BatchedInverseFisher | None, BatchedInverseFisher | None]:
