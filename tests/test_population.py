@@ -669,6 +669,58 @@ def test_ctrl_c_after_a_step_counts_it_as_the_per_run_path_does(tmp_path, monkey
         assert summary["p_end"] == pytest.approx(alone.summary["p_end"], rel=1e-12)
 
 
+def test_resume_trains_only_the_members_a_population_left_unfinished(tmp_path):
+    """An interrupted population, resumed: the members that had finished are read back, not
+    trained (their files untouched); the others train from the start in their run directories,
+    and every member's records and summary equal an uninterrupted population's."""
+    from ntrl.train import RunInterrupted
+
+    def cfgs(out):
+        return [BanditConfig(policy="single_logit", optimizer="sgd", p0=p0, lr=2.0, steps=60, seed=i, track_every=3,
+                             stop_at_p=0.5, wandb="disabled", out=str(out), run_name=f"m{i}")
+                for i, p0 in enumerate([0.3, 0.01, 0.2, 1e-3])]
+
+    whole = train_population(cfgs(tmp_path / "whole"), progress=False)
+    crossed = [r.summary["updates"] for r in whole.results]
+    assert min(crossed) < 10 < max(crossed)  # some stop before update 10, some after
+    class InterruptAt5(TrackSchedule):  # the configs' own schedule, and Ctrl-C at update 5
+        def tracks(self, t: int) -> bool:
+            if t == 5:
+                raise KeyboardInterrupt
+            return super().tracks(t)
+
+    with pytest.raises(RunInterrupted):
+        train_population(cfgs(tmp_path / "pop"), schedule=InterruptAt5(every=3), progress=False)
+    finished = [i for i, n in enumerate(crossed) if n <= 5]
+    assert finished and len(finished) < 4
+    before = {i: (tmp_path / "pop" / f"m{i}" / "summary.json").stat().st_mtime_ns for i in finished}
+    with pytest.raises(ConfigError, match="already holds a run"):  # without resume: refused, as before
+        train_population(cfgs(tmp_path / "pop"), progress=False)
+    resumed = train_population(cfgs(tmp_path / "pop"), progress=False, resume=True)
+    assert not resumed.failures
+    for i, (r, w) in enumerate(zip(resumed.results, whole.results)):
+        assert r.run_dir == tmp_path / "pop" / f"m{i}"
+        if i in finished:
+            assert (r.run_dir / "summary.json").stat().st_mtime_ns == before[i]
+        assert read_records(r.run_dir) == [{**x} for x in read_records(w.run_dir)]
+        for key in ("status", "updates", "p_end", "crossed_half_at"):
+            assert r.summary[key] == w.summary[key], (i, key)
+    again = train_population(cfgs(tmp_path / "pop"), progress=False, resume=True)  # all complete: nothing trains
+    assert again.updates == 0 and [r.summary for r in again.results] == [r.summary for r in resumed.results]
+
+
+def test_resume_refuses_a_complete_run_of_other_settings(tmp_path):
+    cfg = BanditConfig(policy="single_logit", optimizer="sgd", p0=0.3, lr=2.0, steps=5, wandb="disabled",
+                       out=str(tmp_path), run_name="m0")
+    train_population([cfg], progress=False)
+    records = (tmp_path / "m0" / "records.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=r"m0 holds a complete run of other settings \(lr differ\)"):
+        train_population([dataclasses.replace(cfg, lr=1.0)], progress=False, resume=True)
+    assert (tmp_path / "m0" / "records.jsonl").read_bytes() == records
+    forced = train_population([dataclasses.replace(cfg, lr=1.0, force=True)], progress=False, resume=True)
+    assert forced.results[0].summary["updates"] == 5 and json.loads((tmp_path / "m0" / "config.json").read_text())["lr"] == 1.0
+
+
 @pytest.mark.parametrize("policy", ["single_logit", "mlp"])
 def test_ctrl_c_while_finished_members_are_dropped_keeps_every_summary(tmp_path, monkeypatch, policy):
     """Ctrl-C lands while the population drops the member that just finished (select): the

@@ -36,6 +36,7 @@ schedule asks for it, and only the members whose schedule asks for it write a re
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import numbers
@@ -63,13 +64,13 @@ from ntrl.engine.metrics import scaled_inner, scaled_norm
 from ntrl.population.models import SampledBatch, population_model
 from ntrl.population.optimizers import BatchedOptimizer
 from ntrl.records import (
-    CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, finite_rows, nonfinite_field, read_records, record_line,
+    CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, finite_rows, json_file_bytes, nonfinite_field, read_records, record_line,
     record_lines, write_json_atomic, write_json_many_atomic,
 )
 from ntrl.run_dirs import check_out_dir, check_run_dir, ntrl_wandb_dir
 from ntrl.tracker import TrackSchedule, first_order
 from ntrl.train import (
-    RunInterrupted, RunResult, prepare_run_dir, price_check, price_check_of_columns, run_summary, split_seed,
+    COMPLETE, RunInterrupted, RunResult, prepare_run_dir, price_check, price_check_of_columns, run_summary, split_seed,
 )
 from ntrl.wandb_sink import WandbSink
 
@@ -514,8 +515,15 @@ def train_population(
     flush_seconds: float = 1.0,
     summary_extra: Sequence[dict[str, Any]] | None = None,
     before_summary: Callable[[], None] | None = None,
+    resume: bool = False,
 ) -> PopulationResult:
     """Train every config of ``configs`` as one population; write each member's run directory.
+
+    ``resume``: a member whose run directory already holds a complete run of its settings (its
+    summary.json says it finished or stopped at a threshold, its config.json is this config's
+    but for ``force``) is not trained again, and its result is read back; a member whose run of
+    ntrl's was cut short (interrupted, failed, or no summary) is trained again from the start in
+    its place; the others train as they would without it (:func:`resume_population`).
 
     Each member is tracked on its config's schedule, or on ``schedule`` when one is given (then
     written into each member's config.json).
@@ -532,6 +540,11 @@ def train_population(
     completes after a kill)."""
     configs = validated_members(configs, schedule)
     check_compatible(configs)
+    if resume:
+        return resume_population(configs, schedule=schedule, device=device, progress=progress,
+                                 wandb_parent=wandb_parent, wandb_name=wandb_name, wandb_config=wandb_config,
+                                 max_memory=max_memory, flush_seconds=flush_seconds, summary_extra=summary_extra,
+                                 before_summary=before_summary)
     first = configs[0]
     dev = resolve_device(device)
     torch.set_num_threads(first.threads)
@@ -667,6 +680,57 @@ def train_population(
     results = [RunResult(st.run_dir, st.summary, st.summary["wandb_dir"], target_label(st.config)) for st in members]
     failures = [(i, st.run_dir.name, st.error) for i, st in enumerate(members) if st.error]
     return PopulationResult(results, failures, wandb_dir, t, time.time() - start, loop_seconds)
+
+
+def completed_member(config: TrainConfig) -> dict[str, Any] | None:
+    """The summary of a complete run of ``config`` in its run directory: summary.json with a
+    complete status (:data:`ntrl.train.COMPLETE`) and config.json this config's but for
+    ``force``; None where there is none (no directory, no or an incomplete summary). A complete
+    run of other settings is a ConfigError (resuming would mix two experiments), or, with
+    ``force``, None: it is replaced."""
+    run_dir = config.run_dir()
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+        written = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(summary, dict) and summary.get("status") in COMPLETE and isinstance(written, dict)):
+        return None
+    wanted = json.loads(json_file_bytes(config.to_dict()))
+    differ = sorted(k for k in set(wanted) | set(written) if k != "force" and wanted.get(k) != written.get(k))
+    if differ and config.force:  # to be replaced, as without resume
+        return None
+    if differ:
+        raise ConfigError("--run-name", f"{run_dir} holds a complete run of other settings ({', '.join(differ[:4])}"
+                                        f"{', ...' if len(differ) > 4 else ''} differ), so resuming would mix two "
+                                        f"experiments; give this member another run name")
+    return summary
+
+
+def resume_population(configs: list[TrainConfig], **kwargs: Any) -> PopulationResult:
+    """:func:`train_population` of the members without a complete run of their settings
+    (:func:`completed_member`), each run of ntrl's that was cut short replaced (``force``), and
+    the complete ones' results read back; results and failures in the order of ``configs``."""
+    start = time.time()
+    done = {i: s for i, c in enumerate(configs) if (s := completed_member(c)) is not None}
+    todo = [i for i in range(len(configs)) if i not in done]
+    trained = None
+    if todo:
+        extra = kwargs.pop("summary_extra")
+        again = [dataclasses.replace(configs[i], force=True) if configs[i].run_dir().exists() else configs[i]
+                 for i in todo]
+        trained = train_population(again, summary_extra=[extra[i] for i in todo] if extra else None, **kwargs)
+    results: list[RunResult | None] = [None] * len(configs)
+    for i, summary in done.items():
+        results[i] = RunResult(configs[i].run_dir(), summary, summary.get("wandb_dir"), target_label(configs[i]))
+    failures = []
+    if trained is not None:
+        for i, r in zip(todo, trained.results):
+            results[i] = r
+        failures = [(todo[j], name, error) for j, name, error in trained.failures]
+    return PopulationResult(results, failures, trained.wandb_dir if trained else None,
+                            trained.updates if trained else 0, time.time() - start,
+                            trained.train_seconds if trained else 0.0)
 
 
 def current_p(pop: _Population, wanted: bool = True) -> dict[int, float]:
