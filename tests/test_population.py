@@ -719,6 +719,14 @@ def test_resume_refuses_a_complete_run_of_other_settings(tmp_path):
     assert (tmp_path / "m0" / "records.jsonl").read_bytes() == records
     forced = train_population([dataclasses.replace(cfg, lr=1.0, force=True)], progress=False, resume=True)
     assert forced.results[0].summary["updates"] == 5 and json.loads((tmp_path / "m0" / "config.json").read_text())["lr"] == 1.0
+    # a directory that looks like a complete run but is not ntrl's (no marker) is not read back
+    theirs = tmp_path / "theirs" / "m0"
+    theirs.mkdir(parents=True)
+    for name in ("config.json", "summary.json"):
+        (theirs / name).write_bytes((tmp_path / "m0" / name).read_bytes())
+    with pytest.raises(ConfigError, match="holds files that ntrl did not write"):
+        train_population([dataclasses.replace(cfg, lr=1.0, out=str(tmp_path / "theirs"))], progress=False, resume=True)
+    assert sorted(p.name for p in theirs.iterdir()) == ["config.json", "summary.json"]
 
 
 @pytest.mark.parametrize("policy", ["single_logit", "mlp"])

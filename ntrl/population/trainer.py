@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntrl.config import ConfigError, TrainConfig
+from ntrl.config import PLACEMENT_FIELDS, ConfigError, TrainConfig
 from ntrl.engine.batched import (
     BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients, member_gradients_through,
 )
@@ -67,7 +67,7 @@ from ntrl.records import (
     CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, finite_rows, json_file_bytes, nonfinite_field, read_records, record_line,
     record_lines, write_json_atomic, write_json_many_atomic,
 )
-from ntrl.run_dirs import check_out_dir, check_run_dir, ntrl_wandb_dir
+from ntrl.run_dirs import RUN_KIND, check_out_dir, check_run_dir, marker_kind, ntrl_wandb_dir
 from ntrl.tracker import TrackSchedule, first_order
 from ntrl.train import (
     COMPLETE, RunInterrupted, RunResult, prepare_run_dir, price_check, price_check_of_columns, run_summary, split_seed,
@@ -521,7 +521,7 @@ def train_population(
 
     ``resume``: a member whose run directory already holds a complete run of its settings (its
     summary.json says it finished or stopped at a threshold, its config.json is this config's
-    but for ``force``) is not trained again, and its result is read back; a member whose run of
+    but for where it is written and logged) is not trained again, and its result is read back; a member whose run of
     ntrl's was cut short (interrupted, failed, or no summary) is trained again from the start in
     its place; the others train as they would without it (:func:`resume_population`).
 
@@ -683,12 +683,15 @@ def train_population(
 
 
 def completed_member(config: TrainConfig) -> dict[str, Any] | None:
-    """The summary of a complete run of ``config`` in its run directory: summary.json with a
-    complete status (:data:`ntrl.train.COMPLETE`) and config.json this config's but for
-    ``force``; None where there is none (no directory, no or an incomplete summary). A complete
+    """The summary of a complete run of ``config`` in its run directory, a run directory of
+    ntrl's: summary.json with a complete status (:data:`ntrl.train.COMPLETE`) and config.json
+    this config's but for where it is written and logged (:data:`ntrl.config.PLACEMENT_FIELDS`);
+    None where there is none (no directory, not ntrl's, no or an incomplete summary). A complete
     run of other settings is a ConfigError (resuming would mix two experiments), or, with
     ``force``, None: it is replaced."""
     run_dir = config.run_dir()
+    if run_dir.is_symlink() or marker_kind(run_dir) != RUN_KIND:  # no run of ntrl's: checked as any other
+        return None
     try:
         summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
         written = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -697,7 +700,8 @@ def completed_member(config: TrainConfig) -> dict[str, Any] | None:
     if not (isinstance(summary, dict) and summary.get("status") in COMPLETE and isinstance(written, dict)):
         return None
     wanted = json.loads(json_file_bytes(config.to_dict()))
-    differ = sorted(k for k in set(wanted) | set(written) if k != "force" and wanted.get(k) != written.get(k))
+    differ = sorted(k for k in set(wanted) | set(written)
+                    if k not in PLACEMENT_FIELDS and wanted.get(k) != written.get(k))
     if differ and config.force:  # to be replaced, as without resume
         return None
     if differ:
