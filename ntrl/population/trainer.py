@@ -231,6 +231,8 @@ def check_members_run_dirs(configs: Sequence[TrainConfig]) -> None:
         others = [str(d) for d, _ in refusals[1:]]
         more = f" ({len(others)} more member{'s are' if len(others) > 1 else ' is'} refused, each for its own run " \
                f"directory: {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
+        if len(configs) > 1 and any("already holds a run" in e.message for _, e in refusals):
+            more += "; train_population(..., resume=True) trains only the members without a complete run"
         raise ConfigError(first.flag, first.message + more)
 
 
