@@ -100,7 +100,8 @@ def first_order(real: Any, pred: Any) -> Any:
 def record_slope(rec: dict[str, Any]) -> float:
     """The log–log slope of a record's η-probe relative error |real − pred| / |real| against η,
     over the scales s ≤ 1 (the step's own η and below); nan where fewer than two errors are
-    positive. 1 for a first-order prediction, whose error is O(η²) against a change O(η)."""
+    positive, or where they are all at one η (no slope against η). 1 for a first-order
+    prediction, whose error is O(η²) against a change O(η)."""
     lrs, real, pred = rec.get("P/probe_lr"), rec.get("P/probe_real"), rec.get("P/probe_pred")
     if not lrs or real is None or pred is None:
         return float("nan")
@@ -108,9 +109,10 @@ def record_slope(rec: dict[str, Any]) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         err = np.abs(real - pred) / np.abs(real)
     ok = (lrs <= rec["lr"] * (1 + 1e-12)) & np.isfinite(err) & (err > 0)
-    if ok.sum() < 2:
+    x = np.log(lrs[ok])
+    if ok.sum() < 2 or not np.ptp(x) > 0:
         return float("nan")
-    return float(np.polyfit(np.log(lrs[ok]), np.log(err[ok]), 1)[0])
+    return float(np.polyfit(x, np.log(err[ok]), 1)[0])
 
 
 def record_slopes(records: Sequence[dict[str, Any]]) -> np.ndarray:
@@ -119,8 +121,8 @@ def record_slopes(records: Sequence[dict[str, Any]]) -> np.ndarray:
 
         slope = Σ (x − x̄)(y − ȳ) / Σ (x − x̄)²,
 
-    np.polyfit's degree-1 coefficient (to rounding); any other record (a ragged probe, or usable
-    scales of one η) by :func:`record_slope` itself."""
+    np.polyfit's degree-1 coefficient (to rounding), nan where the usable scales are all one η;
+    a ragged probe by :func:`record_slope` itself."""
     out = np.full(len(records), np.nan)
     rows: list[int] = []
     for i, rec in enumerate(records):
@@ -149,10 +151,7 @@ def record_slopes(records: Sequence[dict[str, Any]]) -> np.ndarray:
         dy = np.where(ok, y - (y.sum(1) / n)[:, None], 0.0)
         sxx = (dx * dx).sum(1)
         slope = (dx * dy).sum(1) / sxx
-    rows_a = np.array(rows)
-    out[rows_a] = np.where(n >= 2, slope, np.nan)
-    for i in rows_a[(n >= 2) & ~(sxx > 0)]:  # every usable scale the same η: np.polyfit decides
-        out[i] = record_slope(records[i])
+    out[np.array(rows)] = np.where((n >= 2) & (sxx > 0), slope, np.nan)  # sxx = 0: one η, no slope
     return out
 
 

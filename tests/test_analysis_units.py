@@ -293,7 +293,7 @@ def test_record_slopes_are_record_slope_of_each_record():
         {"lr": lr, "P/probe_lr": [0.4, 0.2, 0.1, 0.05], "P/probe_real": [1.0, 1.0, 1.0, 1.0], "P/probe_pred": [1.0] * 4},  # no error
         {"lr": lr, "P/probe_lr": [0.4, 0.2, 0.1, 0.05], "P/probe_real": [1, 1, 1, 2.0], "P/probe_pred": [1, 1, 1.5, 1]},  # two
         {"lr": lr, "P/probe_lr": [0.4, 0.2, 0.1, 0.05], "P/probe_real": [1, 1, 0, 2.0], "P/probe_pred": [1, 1, 1.5, 1]},  # one
-        {"lr": lr, "P/probe_lr": [0.1, 0.1, 0.1], "P/probe_real": [1, 2, 3.0], "P/probe_pred": [1.5, 1, 1]},  # one η
+        {"lr": lr, "P/probe_lr": [0.1, 0.1, 0.1], "P/probe_real": [1, 2, 3.0], "P/probe_pred": [1.5, 1, 1]},  # one η: nan
     ]
     ragged = records[:3] + [{"lr": lr, "P/probe_lr": [0.1, 0.05], "P/probe_real": [1.0, 2.0], "P/probe_pred": [1.5, 1.0]}]
     for recs in (records, ragged, records[:300]):
@@ -302,3 +302,4 @@ def test_record_slopes_are_record_slope_of_each_record():
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         np.testing.assert_allclose(got[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-12)
     assert np.isfinite(want).sum() == 300 and not np.isnan(record_slopes(records)[303])
+    assert np.isnan(record_slopes(records)[305]) and np.isnan(record_slope(records[305]))  # one η: no slope
