@@ -523,9 +523,10 @@ def train_population(
 
     ``resume``: a member whose run directory already holds a complete run of its settings (its
     summary.json says it finished or stopped at a threshold, its config.json is this config's
-    but for where it is written and logged) is not trained again, and its result is read back; a member whose run of
-    ntrl's was cut short (interrupted, failed, or no summary) is trained again from the start in
-    its place; the others train as they would without it (:func:`resume_population`).
+    but for where it is written and logged) is not trained again, and its result is read back;
+    a member whose run of ntrl's was cut short (interrupted, failed, or no summary) is trained
+    again from the start in its place; the others train as they would without it
+    (:func:`resume_population`).
 
     Each member is tracked on its config's schedule, or on ``schedule`` when one is given (then
     written into each member's config.json).
