@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from ntrl.tracker import TrackSchedule
 
 DTYPES = ("float64", "float32")
+
+
+def training_settings(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a config (``to_dict()``, or a run's config.json) that say how it trains: all
+    but where it is written and logged (:data:`PLACEMENT_FIELDS`) and the torch thread count."""
+    return {k: v for k, v in fields.items() if k not in PLACEMENT_FIELDS and k != "threads"}
 # Fields that say where a run is written and logged rather than how it trains.
 PLACEMENT_FIELDS = ("out", "run_name", "force", "wandb", "group", "wandb_project", "wandb_entity", "tags", "axes")
 ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8}  # torch.optim.Adam's
@@ -221,8 +227,7 @@ class TrainConfig:
         import hashlib
         import json
 
-        settings = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS and k != "threads"}
-        text = json.dumps(settings, sort_keys=True, default=str)
+        text = json.dumps(training_settings(self.to_dict()), sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:6]
 
     def default_run_name(self) -> str:

@@ -717,6 +717,13 @@ def test_resume_refuses_a_complete_run_of_other_settings(tmp_path):
     with pytest.raises(ConfigError, match=r"m0 holds a complete run of other settings \(lr differ\)"):
         train_population([dataclasses.replace(cfg, lr=1.0)], progress=False, resume=True)
     assert (tmp_path / "m0" / "records.jsonl").read_bytes() == records
+    same = train_population([dataclasses.replace(cfg, threads=2)], progress=False, resume=True)  # no training setting
+    assert same.updates == 0 and (tmp_path / "m0" / "records.jsonl").read_bytes() == records
+    # a member that fails while others are read back is reported by its index among the configs
+    bad = BanditConfig(policy="single_logit", optimizer="sgd", p0=0.01, lr=1e308, reward_do=1e10, steps=5,
+                       track_every=1, wandb="disabled", out=str(tmp_path), run_name="m1")
+    mixed = train_population([cfg, bad], progress=False, resume=True)
+    assert [(i, name) for i, name, _ in mixed.failures] == [(1, "m1")] and mixed.results[0].summary == same.results[0].summary
     forced = train_population([dataclasses.replace(cfg, lr=1.0, force=True)], progress=False, resume=True)
     assert forced.results[0].summary["updates"] == 5 and json.loads((tmp_path / "m0" / "config.json").read_text())["lr"] == 1.0
     # a directory that looks like a complete run but is not ntrl's (no marker) is not read back

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ntrl.config import PLACEMENT_FIELDS, ConfigError, TrainConfig
+from ntrl.config import ConfigError, TrainConfig, training_settings
 from ntrl.engine.batched import (
     BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients, member_gradients_through,
 )
@@ -522,11 +522,12 @@ def train_population(
     """Train every config of ``configs`` as one population; write each member's run directory.
 
     ``resume``: a member whose run directory already holds a complete run of its settings (its
-    summary.json says it finished or stopped at a threshold, its config.json is this config's
-    but for where it is written and logged) is not trained again, and its result is read back;
-    a member whose run of ntrl's was cut short (interrupted, failed, or no summary) is trained
-    again from the start in its place; the others train as they would without it
-    (:func:`resume_population`).
+    summary.json says it finished or stopped at a threshold, its config.json has this config's
+    training settings) is not trained again, and its result is read back; a member whose run of
+    ntrl's was cut short (interrupted, failed, or no summary) is trained again from the start in
+    its place, as ``force`` would; the others train as they would without it
+    (:func:`resume_population`). Nothing guards a run another process is still training: resume
+    a population only once the process that trained it has stopped.
 
     Each member is tracked on its config's schedule, or on ``schedule`` when one is given (then
     written into each member's config.json).
@@ -688,7 +689,8 @@ def train_population(
 def completed_member(config: TrainConfig) -> dict[str, Any] | None:
     """The summary of a complete run of ``config`` in its run directory, a run directory of
     ntrl's: summary.json with a complete status (:data:`ntrl.train.COMPLETE`) and config.json
-    this config's but for where it is written and logged (:data:`ntrl.config.PLACEMENT_FIELDS`);
+    this config's in every training setting (:func:`ntrl.config.training_settings`: not where
+    it is written and logged, not the thread count; a field the file lacks counts as differing);
     None where there is none (no directory, not ntrl's, no or an incomplete summary). A complete
     run of other settings is a ConfigError (resuming would mix two experiments), or, with
     ``force``, None: it is replaced."""
@@ -702,9 +704,8 @@ def completed_member(config: TrainConfig) -> dict[str, Any] | None:
         return None
     if not (isinstance(summary, dict) and summary.get("status") in COMPLETE and isinstance(written, dict)):
         return None
-    wanted = json.loads(json_file_bytes(config.to_dict()))
-    differ = sorted(k for k in set(wanted) | set(written)
-                    if k not in PLACEMENT_FIELDS and wanted.get(k) != written.get(k))
+    wanted, written = training_settings(json.loads(json_file_bytes(config.to_dict()))), training_settings(written)
+    differ = sorted(k for k in set(wanted) | set(written) if wanted.get(k) != written.get(k))
     if differ and config.force:  # to be replaced, as without resume
         return None
     if differ:
