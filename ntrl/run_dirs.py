@@ -194,6 +194,11 @@ def marker_kind(directory: Path) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
+def is_ntrl_run(directory: Path) -> bool:
+    """Whether ``directory`` is a run directory of ntrl's: itself, not a link, with a run marker."""
+    return not directory.is_symlink() and marker_kind(directory) == RUN_KIND
+
+
 def marker_files(directory: Path) -> list[str]:
     """The plain file names ntrl recorded in ``directory``'s marker as written by it."""
     files = _marker(directory).get("files", [])

@@ -67,7 +67,7 @@ from ntrl.records import (
     CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, finite_rows, json_file_bytes, nonfinite_field, read_records, record_line,
     record_lines, write_json_atomic, write_json_many_atomic,
 )
-from ntrl.run_dirs import RUN_KIND, check_out_dir, check_run_dir, marker_kind, ntrl_wandb_dir
+from ntrl.run_dirs import check_out_dir, check_run_dir, is_ntrl_run, ntrl_wandb_dir
 from ntrl.tracker import TrackSchedule, first_order
 from ntrl.train import (
     COMPLETE, RunInterrupted, RunResult, prepare_run_dir, price_check, price_check_of_columns, run_summary, split_seed,
@@ -231,7 +231,7 @@ def check_members_run_dirs(configs: Sequence[TrainConfig]) -> None:
         others = [str(d) for d, _ in refusals[1:]]
         more = f" ({len(others)} more member{'s are' if len(others) > 1 else ' is'} refused, each for its own run " \
                f"directory: {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
-        if len(configs) > 1 and any("already holds a run" in e.message for _, e in refusals):
+        if len(configs) > 1 and any(is_ntrl_run(d) for d, _ in refusals):
             more += "; train_population(..., resume=True) trains only the members without a complete run"
         raise ConfigError(first.flag, first.message + more)
 
@@ -670,7 +670,7 @@ def train_population(
         # (not those whose summary is written: an interrupt while the finished ones are dropped)
         still = [i for i in pop.alive if not members[i].written]
         pop.write_returns(members, still, first.batch_size)
-        p_now = current_p(pop, len(still) > 0)
+        p_now = current_p(pop) if still else {}
         for i in still:
             members[i].error = members[i].error or crash
         finish_members([(members[i], "interrupted" if interrupted else "failed", updates_taken,
@@ -695,7 +695,7 @@ def completed_member(config: TrainConfig) -> dict[str, Any] | None:
     run of other settings is a ConfigError (resuming would mix two experiments), or, with
     ``force``, None: it is replaced."""
     run_dir = config.run_dir()
-    if run_dir.is_symlink() or marker_kind(run_dir) != RUN_KIND:  # no run of ntrl's: checked as any other
+    if not is_ntrl_run(run_dir):  # checked as any other directory is
         return None
     try:
         summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
@@ -741,13 +741,13 @@ def resume_population(configs: list[TrainConfig], **kwargs: Any) -> PopulationRe
                             trained.train_seconds if trained else 0.0)
 
 
-def current_p(pop: _Population, wanted: bool = True) -> dict[int, float]:
+def current_p(pop: _Population) -> dict[int, float]:
     """P at the parameters the members still training hold now (member index → P), as the
     per-run path evaluates P for the summary of a run that stops early; {} where it cannot be
     evaluated (the error that stopped the population may be the evaluation's own) or where the
     rows of θ are not yet the members' (an interrupt while :meth:`_Population.select` drops the
     finished ones: it selects θ, the model and the optimizer before the list of members)."""
-    if not wanted or not pop.alive or pop.theta.shape[0] != len(pop.alive):  # an interrupt inside select
+    if not pop.alive or pop.theta.shape[0] != len(pop.alive):  # an interrupt inside select
         return {}
     try:
         with torch.no_grad():
