@@ -339,9 +339,25 @@ class Terminated(KeyboardInterrupt):
 _TERMINATED: list[int] = []
 
 
+def _quiet_from_now() -> None:
+    """Once ntrl is asked to stop, no more warnings: an interrupt that lands inside a module's
+    import makes some print one as they unwind (Cython's "failed to patch module with custom
+    type", seen on SIGTERM while Ray imports), and the user is owed one line, ntrl's own."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+
+
 def _raise_terminated(signum, frame) -> None:
     _TERMINATED.append(signum)
+    _quiet_from_now()
     raise Terminated()
+
+
+def _raise_interrupt(signum, frame) -> None:
+    """Ctrl-C as Python's own handler raises it, after :func:`_quiet_from_now`."""
+    _quiet_from_now()
+    raise KeyboardInterrupt
 
 
 def _redeliver_lost_interrupt(unraisable) -> None:
@@ -374,6 +390,8 @@ def install_signal_handlers() -> None:
     global _previous_unraisablehook
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_terminated)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored
+        signal.signal(signal.SIGINT, _raise_interrupt)
     if sys.unraisablehook is not _redeliver_lost_interrupt:
         _previous_unraisablehook = sys.unraisablehook
         sys.unraisablehook = _redeliver_lost_interrupt

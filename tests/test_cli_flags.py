@@ -238,3 +238,26 @@ def test_the_grid_flags_help_counts_the_grids_runs():
     helps = {f.name: f.metadata["help"] for f in dataclasses.fields(RarityArgs)}
     assert f"({len(enumerate_runs(StudyConfig.quick()))} runs)" in helps["quick"]
     assert f"({len(enumerate_runs(StudyConfig.full()))} runs)" in helps["full"]
+
+
+@pytest.mark.parametrize("handler", ["_raise_interrupt", "_raise_terminated"])
+def test_once_asked_to_stop_ntrl_prints_no_more_warnings(handler, monkeypatch):
+    """An interrupt that lands inside an import makes some modules warn as they unwind (Cython's
+    "failed to patch module with custom type" on SIGTERM while Ray imports): after ntrl's Ctrl-C
+    or SIGTERM handler has run, a warning prints nothing, so the user sees ntrl's one line."""
+    import signal
+    import warnings
+
+    from ntrl import cli
+
+    monkeypatch.setattr(cli, "_TERMINATED", [])
+    with warnings.catch_warnings():
+        with pytest.raises(KeyboardInterrupt):
+            getattr(cli, handler)(signal.SIGTERM, None)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.warn("Cython module failed to patch module with custom type", RuntimeWarning)
+        assert seen == []
+    with warnings.catch_warnings(record=True) as seen:  # and only then
+        warnings.simplefilter("always")
+        warnings.warn("before any interrupt", RuntimeWarning)
+    assert len(seen) == 1
