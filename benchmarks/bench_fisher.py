@@ -3,7 +3,8 @@ SVD of the small triangular factor) against ``torch.linalg.svd`` of A, on the Fi
 tracker factors; and for a population's batch of such Fishers (30 members, as a study's juice
 chunk), ``HouseholderSVD`` (the same QR and SVD, Vh kept as Householder reflectors) against
 ``right_singular`` (Vh formed), each with what a tracked update then does with it: the directional
-derivatives Vh ∇X of three properties' gradients.
+derivatives Vh ∇X of three properties' gradients; and the Fisher rows ∇log π formed from the
+members' logit gradients into a new tensor or over the stacked gradients (``log_prob_rows``).
 
     .venv/bin/python benchmarks/bench_fisher.py            # about 10 s
 
@@ -66,6 +67,30 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| 30 × ({A.shape[0]} × {A.shape[1]}) | {t['formed']:.2f} | {t['reflectors']:.2f} | "
           f"{t['formed'] / t['reflectors']:.2f} |")
+    print()
+    # the rows ∇log π = ∇z − Σ_b π_b ∇z_b of the same 30 members from their 25 logit gradients, as a
+    # population forms them: stacked, then into a new tensor, or over the stacked gradients
+    from ntrl.engine.batched import log_prob_rows
+
+    gen = torch.Generator().manual_seed(2)
+    logit_grads = [torch.randn(30, A.shape[1], dtype=torch.float64, generator=gen) for _ in range(25)]
+    probs = torch.softmax(torch.randn(30, 5, 5, dtype=torch.float64, generator=gen), -1)
+
+    def stacked():
+        return torch.stack(logit_grads, 1).reshape(30, 5, 5, -1)
+
+    def former():  # the expression log_prob_rows had before: a (30, 5, 5, P) temporary and a new tensor
+        J = stacked()
+        return J - (probs[..., None] * J).sum(dim=2, keepdim=True)
+
+    t = {k: 1e3 * v for k, v in interleaved_medians(
+        {"former": former, "new": lambda: log_prob_rows(stacked(), probs),
+         "over": lambda: log_prob_rows(stacked(), probs, overwrite=True)}, 40).items()}
+    print("| Fisher rows from logit gradients | former expression (ms) | log_prob_rows, a new tensor (ms) | "
+          "overwrite=True (ms) | former / overwrite |")
+    print("|---|---|---|---|---|")
+    print(f"| 30 × 25 × {A.shape[1]} | {t['former']:.2f} | {t['new']:.2f} | {t['over']:.2f} | "
+          f"{t['former'] / t['over']:.2f} |")
 
 
 if __name__ == "__main__":
