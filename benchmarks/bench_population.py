@@ -22,8 +22,9 @@ a single run, with the other speed and memory numbers of the issue, as ratios me
    trains it, minus that of a process that only imports ntrl and torch. Target: under 2 GiB.
 4. **`ntrl rarity --quick`**, end to end in fresh processes (W&B offline, 2 workers), with
    populations (the default) and with ``--no-population`` (today's per-run pool). Target: 10×.
-5. **GPU**: with CUDA present, the 1024-member population on the GPU and a 16384-member one;
-   without, the line says so and the rest runs.
+5. **GPU**: with CUDA present, the 1024-member population on the GPU (``bench_population_gpu.py``
+   measures more: wider populations, the CPU on the same machine, juice); without, the line says
+   so and the rest runs.
 6. **Juice gridworld populations** (``--juice``): a chunk of the study's size (30 members, the
    study's tracking: every 5th update, the η-probe at six scales) of each juice cell kind (exact
    and sampled, tabular and MLP, SGD), its update loop over members × updates against one single

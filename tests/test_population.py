@@ -53,7 +53,7 @@ def member_configs(out, policy, optimizer, mode, steps=45, width=16, **kw):
 
 
 def assert_records_equal(a: list[dict], b: list[dict], rtol: float = 1e-12, sign: bool = False,
-                         floor: float = 0.0, atol: float = 0.0) -> None:
+                         floor: float = 0.0, atol: float = 0.0, inner: float | None = None) -> None:
     """Every field of every record equal to ``rtol``: relative to the value itself, or for the
     differences of values of size |X| (realised changes, residuals, the probe's realised
     changes) relative to |X| before or after the step. ``sign``: sign descent's NTVar in its own metric,
@@ -64,7 +64,9 @@ def assert_records_equal(a: list[dict], b: list[dict], rtol: float = 1e-12, sign
     size of the returns that the leave-one-out baseline makes cancel (U ≈ 0 up to rounding), so it
     is held to 1e-12 of at least 1. ``floor``: an absolute scale below which a value counts as 0
     (the predicted spread of an update whose batch had no variance is rounding, 1e-33); ``atol``:
-    an absolute tolerance on top, for values that are rounding-level cancellations."""
+    an absolute tolerance on top, for values that are rounding-level cancellations. ``inner``: the
+    tolerance of NTCov in each metric and of the prediction η·NTCov_M, inner products of two
+    gradients whose rounding is relative to Σ_k |∂_k X ∂_k U|, not to the sum (``rtol`` if not given)."""
     assert len(a) == len(b)
     for ra, rb in zip(a, b):
         assert list(ra) == list(rb)  # the same fields in the same order
@@ -90,6 +92,8 @@ def assert_records_equal(a: list[dict], b: list[dict], rtol: float = 1e-12, sign
                 scale = max(scale, 1.0) if k == "U" else max(scale, floor)
                 weighted = k.endswith(("ntvar_opt", "expected_delta", "noise_sd", "noise_sd_iso")) or k.startswith("noise/")
                 tol = 1e-9 if sign and weighted else rtol
+                if inner is not None and k.endswith(("ntcov_euc", "ntcov_opt", "pred_delta")):
+                    tol = max(tol, inner)
                 assert abs(xi - yi) <= tol * scale + atol, (ra["update"], k, x, y)
 
 

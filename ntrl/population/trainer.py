@@ -343,8 +343,9 @@ class _Population:
             exp = c.build()
             exp.env.close()
             policies.append(exp.policy)
-        self.stacked = StackedPolicy(policies[0].to(device))
+        self.stacked = StackedPolicy(policies[0])
         self.theta = torch.stack([self.stacked.flatten(p) for p in policies]).to(device)
+        self.stacked.module.to(device)  # only now: Module.to moves member 0's parameters in place
         self.model = population_model(configs, device)
         # exact training at one shared state (the bandits) of a Sequential network: the structured
         # path (ntrl.engine.batched_structured), which never forms a per-member gradient it can avoid
