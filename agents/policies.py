@@ -237,7 +237,7 @@ def make_policy(
         raise ValueError(f"target action must be in [0, {n_actions - 1}], got {target}")
     z0 = initial_logits(p0, target, n_actions, start)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator alone, which fork_rng restores
         if kind == "single_logit":
             if n_actions != 2:
                 raise ValueError(f"single-logit policy needs 2 actions, the env has {n_actions}")

@@ -176,9 +176,15 @@ def write_json_many_atomic(items: Iterable[tuple[str | os.PathLike, Any]],
     before any of them appears: a summary's records) are synced (:func:`sync_file_systems`), then
     each is renamed into place. Never half-written, as one by one, at the cost of one sync instead
     of one per file."""
+    write_bytes_many_atomic([(p, json_file_bytes(obj)) for p, obj in items], sync_also)
+
+
+def write_bytes_many_atomic(items: Iterable[tuple[str | os.PathLike, bytes]],
+                            sync_also: Iterable[str | os.PathLike] = ()) -> None:
+    """:func:`write_json_many_atomic` for files given as bytes: each written to a temporary name,
+    all synced at once (with ``sync_also``), then each renamed into place in the order given."""
     sync_also = [p for p in sync_also if os.path.exists(p)]
-    _replace_atomically([(p, json_file_bytes(obj)) for p, obj in items],
-                        lambda temps: sync_file_systems(temps + sync_also))
+    _replace_atomically(list(items), lambda temps: sync_file_systems(temps + sync_also))
 
 
 def sync_file_systems(paths: Iterable[str | os.PathLike]) -> None:

@@ -172,9 +172,14 @@ def ntrl_wandb_dir(parent: Path) -> Path | None:
     return wandb_dir
 
 
+def marker_contents(kind: str) -> dict[str, str]:
+    """What the marker of a directory of ``kind`` ("run" or "study") says."""
+    return {"kind": kind, "ntrl": ntrl_version()}
+
+
 def write_marker(directory: Path, kind: str) -> None:
     """Mark ``directory`` as made by ntrl (kind "run" or "study")."""
-    write_json_atomic(directory / MARKER, {"kind": kind, "ntrl": ntrl_version()})
+    write_json_atomic(directory / MARKER, marker_contents(kind))
 
 
 def _marker(directory: Path) -> dict:

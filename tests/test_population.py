@@ -366,6 +366,98 @@ def test_members_must_share_the_architecture(tmp_path):
         train_population([a, b], progress=False)
 
 
+def small_population(out, members=4, steps=6):
+    return [BanditConfig(policy="mlp", optimizer="sgd", p0=0.01, lr=0.1, steps=steps, width=8, track_every=2, seed=i,
+                         wandb="disabled", out=str(out), run_name=f"m{i}") for i in range(members)]
+
+
+def test_the_setup_of_a_population_has_a_progress_bar(tmp_path, capsys):
+    """Thousands of members take a while to build and to get their run directories (16384: 47 s
+    on a GPU machine's host): the bar says which of the two it is doing, a member at a time."""
+    train_population(small_population(tmp_path), progress=True)
+    err = capsys.readouterr().err
+    assert "population: building members" in err and "population: writing run directories" in err
+
+
+def test_the_garbage_collector_is_paused_for_the_setup_alone(tmp_path, monkeypatch):
+    """Python's collector is off while the members are built (each full collection walks every
+    object alive) and as it was afterwards: on again, or still off where the caller had it off."""
+    import gc
+
+    from ntrl.population import trainer
+
+    during = []
+    original = trainer._Population.__init__
+
+    def init(self, *args, **kwargs):
+        during.append(gc.isenabled())
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer._Population, "__init__", init)
+    assert gc.isenabled()
+    train_population(small_population(tmp_path / "a"), progress=False)
+    assert during == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        train_population(small_population(tmp_path / "b"), progress=False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_populations_run_directories_are_complete_before_it_trains(tmp_path, monkeypatch):
+    """Each member's directory holds its marker, its config.json and an empty records file before
+    the first update, written with one sync for all (no fsync of each file)."""
+    from ntrl.population import trainer
+    from ntrl.run_dirs import MARKER, marker_kind
+
+    fsyncs = []
+    monkeypatch.setattr("ntrl.records.os.fsync", lambda fd: fsyncs.append(fd))
+    seen = {}
+    original = trainer._Population.forward
+
+    def forward(self):
+        if not seen:
+            for i in range(4):
+                d = tmp_path / f"m{i}"
+                seen[i] = (marker_kind(d), json.loads((d / "config.json").read_text())["seed"],
+                           (d / "records.jsonl").read_bytes(), (d / MARKER).is_file())
+            seen["fsyncs before training"] = len(fsyncs)
+        return original(self)
+
+    monkeypatch.setattr(trainer._Population, "forward", forward)
+    train_population(small_population(tmp_path), progress=False)
+    assert seen.pop("fsyncs before training") == 0  # syncfs once (Linux), not an fsync a file
+    assert seen == {i: ("run", i, b"", True) for i in range(4)}
+
+
+def test_a_population_stopped_while_writing_its_run_directories_can_be_run_again(tmp_path, monkeypatch):
+    """The files go into place markers first: an error (or a kill) part-way leaves directories
+    that are empty or marked as ntrl's, never a config.json without a marker, which would be a
+    directory ntrl refuses as not its own. Resuming then trains every member."""
+    import os
+
+    from ntrl.run_dirs import MARKER
+
+    renames = []
+    real = os.replace
+
+    def failing(src, dst):
+        if len(renames) == 6:  # the 4 markers and 2 of the config.json files
+            raise OSError(28, "No space left on device")
+        renames.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr("ntrl.records.os.replace", failing)
+    with pytest.raises(OSError, match="No space"):
+        train_population(small_population(tmp_path), progress=False)
+    assert [Path(d).name for d in renames] == [MARKER] * 4 + ["config.json"] * 2
+    monkeypatch.setattr("ntrl.records.os.replace", real)
+    result = train_population(small_population(tmp_path), progress=False, resume=True)
+    assert not result.failures and [r.summary["status"] for r in result.results] == ["finished"] * 4
+    assert [len(read_records(r.run_dir)) for r in result.results] == [3] * 4
+
+
 def test_log_spaced_tracking_schedule(tmp_path):
     cfg = BanditConfig(policy="single_logit", optimizer="sgd", p0=0.2, lr=0.5, steps=1000, reward_do=-1.0,
                        reward_dont=1.0, wandb="disabled", out=str(tmp_path), run_name="x")
