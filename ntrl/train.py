@@ -166,8 +166,9 @@ def prepare_run_dirs(configs: Sequence[TrainConfig], made: Callable[[], None] | 
     given its config.json and an empty records file, with one sync for all of them
     (:func:`ntrl.records.write_bytes_many_atomic`) instead of two fsyncs a run. Every directory is
     made first (``made`` is called after each), then the files are renamed into place, the markers
-    before the rest: a kill in between leaves run directories that are empty, or hold only ntrl's
-    leftovers, or are marked as ntrl's, and a rerun takes each of them."""
+    before the rest: a kill in between leaves run directories that are empty or hold only ntrl's
+    leftovers (which any rerun takes), or are marked as ntrl's (which a resumed population trains
+    again, :func:`ntrl.population.trainer.resume_population`), never a config.json without its marker."""
     run_dirs = []
     for config in configs:
         run_dirs.append(_make_run_dir(config, mark=False))
