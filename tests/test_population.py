@@ -379,6 +379,25 @@ def test_the_setup_of_a_population_has_a_progress_bar(tmp_path, capsys):
     assert "population: building members" in err and "population: writing run directories" in err
 
 
+@pytest.mark.parametrize("env, policy", [("bandit", "mlp"), ("bandit", "single_logit"), ("juice", "mlp"),
+                                         ("juice", "tabular")])
+def test_a_population_is_built_on_another_device_without_mixing_devices(tmp_path, env, policy):
+    """The members' parameters are read on the host before the stacked module moves to the
+    device (``nn.Module.to`` moves member 0's in place): the first CUDA run failed there, with
+    member 0's θ on the GPU and the others' on the host. Checked here on torch's meta device,
+    which has no data and no GPU: everything the population holds is on it."""
+    from ntrl.experiments.juice import JuiceConfig
+    from ntrl.population.trainer import _Population
+
+    cls = BanditConfig if env == "bandit" else JuiceConfig
+    configs = [cls(policy=policy, optimizer="sgd", p0=0.01, lr=0.1, steps=3, width=8, seed=i, wandb="disabled",
+                   out=str(tmp_path), run_name=f"m{i}") for i in range(3)]
+    pop = _Population(configs, torch.device("meta"))
+    assert pop.theta.device.type == "meta" and pop.theta.shape[0] == 3
+    assert {p.device.type for p in pop.stacked.module.parameters()} == {"meta"}
+    assert not any(tmp_path.iterdir())  # building writes nothing
+
+
 def test_the_garbage_collector_is_paused_for_the_setup_alone(tmp_path, monkeypatch):
     """Python's collector is off while the members are built (each full collection walks every
     object alive) and as it was afterwards: on again, or still off where the caller had it off."""
