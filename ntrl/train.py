@@ -6,6 +6,7 @@ Readable top to bottom; ``scripts/train_bandit.py`` and ``ntrl train <env>`` bot
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -17,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ntrl.config import PLACEMENT_FIELDS, TrainConfig
+from ntrl.config import PLACEMENT_FIELDS, ConfigError, TrainConfig
 from ntrl.records import (
     CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, RecordWriter, json_file_bytes, nonfinite_field, read_records,
     write_bytes_many_atomic, write_json_atomic,
@@ -163,20 +164,51 @@ def _make_run_dir(config: TrainConfig, mark: bool) -> Path:
 
 def prepare_run_dirs(configs: Sequence[TrainConfig], made: Callable[[], None] | None = None) -> list[Path]:
     """:func:`prepare_run_dir` for many runs (a population's members), each run directory also
-    given its config.json and an empty records file, with one sync for all of them
-    (:func:`ntrl.records.write_bytes_many_atomic`) instead of two fsyncs a run. Every directory is
-    made first (``made`` is called after each), then the files are renamed into place, the markers
-    before the rest: a kill in between leaves run directories that are empty or hold only ntrl's
-    leftovers (which any rerun takes), or are marked as ntrl's (which a resumed population trains
-    again, :func:`ntrl.population.trainer.resume_population`), never a config.json without its marker."""
-    run_dirs = []
-    for config in configs:
-        run_dirs.append(_make_run_dir(config, mark=False))
-        if made is not None:
-            made()
-    marker = json_file_bytes(marker_contents(RUN_KIND))
-    write_bytes_many_atomic([(d / MARKER, marker) for d in run_dirs]
-                            + [(d / CONFIG_FILE, json_file_bytes(c.to_dict())) for d, c in zip(run_dirs, configs)]
+    given its config.json and an empty records file, with two syncs in all
+    (:func:`ntrl.records.write_bytes_many_atomic`) instead of two fsyncs a run.
+
+    Every directory is made first (``made`` is called after each); then every marker goes into
+    place, synced, before any other file is written. A kill before the markers are in place leaves
+    directories that are empty or hold only a marker's temporary file, which any rerun takes; a
+    kill after leaves runs of ntrl's, cut short, which a resumed population trains again
+    (:func:`ntrl.population.trainer.resume_population`) or ``force`` replaces: never a directory
+    that ntrl refuses as not its own. Two runs that reach one directory by different paths (a
+    symbolic link, ``a/../a``, a case-insensitive file system) are refused before anything is
+    written into it. If making or writing fails, the directories this call made that are still
+    empty are removed again."""
+    run_dirs: list[Path] = []
+    created: list[Path] = []  # directories this call made, innermost last
+    seen: dict[tuple[int, int], int] = {}
+    try:
+        for i, config in enumerate(configs):
+            out = Path(config.out)
+            missing = []
+            probe = out
+            while not probe.exists() and probe != probe.parent:
+                missing.append(probe)
+                probe = probe.parent
+            name = check_name(config.run_name or config.default_run_name(), "--run-name")
+            if not (out / name).exists():
+                missing.insert(0, out / name)
+            run_dir = _make_run_dir(config, mark=False)
+            created += reversed(missing)
+            st = run_dir.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                raise ConfigError("--run-name", f"members of one population need distinct run directories: members "
+                                                f"{seen[st.st_dev, st.st_ino]} and {i} both write {run_dir} (by different "
+                                                f"paths to one directory)")
+            seen[st.st_dev, st.st_ino] = i
+            run_dirs.append(run_dir)
+            if made is not None:
+                made()
+        marker = json_file_bytes(marker_contents(RUN_KIND))
+        write_bytes_many_atomic([(d / MARKER, marker) for d in run_dirs])
+    except BaseException:
+        for d in reversed(created):  # rmdir removes an empty directory only: nothing anyone wrote
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    write_bytes_many_atomic([(d / CONFIG_FILE, json_file_bytes(c.to_dict())) for d, c in zip(run_dirs, configs)]
                             + [(d / RECORDS_FILE, b"") for d in run_dirs])
     return run_dirs
 

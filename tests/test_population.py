@@ -398,6 +398,75 @@ def test_a_population_is_built_on_another_device_without_mixing_devices(tmp_path
     assert not any(tmp_path.iterdir())  # building writes nothing
 
 
+KILL_AT_SYNC = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import ntrl.records
+from test_population import small_population
+from ntrl.population import train_population
+syncs = []
+real = ntrl.records.sync_file_systems
+def sync(paths):
+    paths = list(paths)
+    syncs.append(1)
+    if len(syncs) == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(paths)
+ntrl.records.sync_file_systems = sync
+train_population(small_population({out!r}), progress=False)
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])  # while the markers are written, then the configs and records
+def test_a_population_killed_while_writing_its_run_directories_is_resumed(tmp_path, kill_at):
+    """A hard kill (no cleanup runs) during the first sync leaves every directory with temporary
+    files of its marker at most, during the second with its marker in place: a resumed population
+    trains every member either way. (With one batch for all three files, a kill left the
+    config's temporary file beside no marker, which ntrl refuses even with --force.)"""
+    import subprocess
+    import sys
+
+    code = KILL_AT_SYNC.format(tests=str(Path(__file__).parent), kill_at=kill_at, out=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    left = {p.name for d in tmp_path.iterdir() for p in d.iterdir()}
+    assert left and all(name.endswith(".tmp") for name in left - {".ntrl-run"}), left
+    result = train_population(small_population(tmp_path), progress=False, resume=True)
+    assert not result.failures and [r.summary["status"] for r in result.results] == ["finished"] * 4
+
+
+def test_two_members_that_reach_one_directory_by_different_paths_are_refused(tmp_path):
+    """``out`` and ``out/../out`` (or a link to ``out``) name one run directory: refused before
+    anything is written, as two members of the same run name are."""
+    from ntrl.config import ConfigError
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    for other in (tmp_path / "real" / ".." / "real", tmp_path / "link"):
+        a, b = small_population(tmp_path / "real", members=1) + small_population(other, members=1)
+        with pytest.raises(ConfigError, match="distinct run directories: members 0 and 1"):
+            train_population([a, b], progress=False)
+        assert not any((tmp_path / "real").iterdir())
+
+
+def test_run_directories_made_for_a_population_that_fails_are_removed_again(tmp_path, monkeypatch):
+    """Directories ``prepare_run_dirs`` made (the run directories and a missing ``out``) are
+    removed again when writing the markers fails, where they are still empty; a directory that
+    was there before stays."""
+    from ntrl.train import prepare_run_dirs
+
+    (tmp_path / "kept").mkdir()
+    configs = small_population(tmp_path / "new" / "out") + small_population(tmp_path / "kept")
+
+    def failing(items, sync_also=()):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ntrl.train.write_bytes_many_atomic", failing)
+    with pytest.raises(OSError, match="No space"):
+        prepare_run_dirs(configs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
 def test_the_garbage_collector_is_paused_for_the_setup_alone(tmp_path, monkeypatch):
     """Python's collector is off while the members are built (each full collection walks every
     object alive) and as it was afterwards: on again, or still off where the caller had it off."""
@@ -424,9 +493,10 @@ def test_the_garbage_collector_is_paused_for_the_setup_alone(tmp_path, monkeypat
         gc.enable()
 
 
+@pytest.mark.skipif(__import__("sys").platform != "linux", reason="one syncfs stands for the fsyncs on Linux only")
 def test_a_populations_run_directories_are_complete_before_it_trains(tmp_path, monkeypatch):
     """Each member's directory holds its marker, its config.json and an empty records file before
-    the first update, written with one sync for all (no fsync of each file)."""
+    the first update, written with two syncs in all (no fsync of each file)."""
     from ntrl.population import trainer
     from ntrl.run_dirs import MARKER, marker_kind
 

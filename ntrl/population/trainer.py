@@ -255,7 +255,7 @@ def check_compatible(configs: Sequence[TrainConfig]) -> None:
         reason = unsupported_reason(c)
         if reason:
             raise ConfigError("--population", reason)
-    names = [c.run_dir() for c in configs]
+    names = [Path(os.path.realpath(c.run_dir())) for c in configs]  # a/../a and links: one directory
     if len(set(names)) != len(names):
         seen: dict[Path, int] = {}
         i, j = next((seen[n], k) for k, n in enumerate(names) if seen.setdefault(n, k) != k)
