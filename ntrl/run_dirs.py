@@ -284,7 +284,22 @@ def replace_run_dir(run_dir: Path, force: bool, flag: str = "--run-name", kind: 
             if not child.is_symlink():
                 child.unlink()
     elif state == "replace":
-        shutil.rmtree(run_dir)
+        remove_marked_dir(run_dir)
+
+
+def remove_marked_dir(directory: Path) -> None:
+    """Remove a directory of ntrl's with its marker last: a kill part-way leaves a directory that
+    is still marked as ntrl's (which --force or a resume takes) or empty, never files without the
+    marker that vouches for them (which ntrl would refuse as not its own)."""
+    for child in sorted(directory.iterdir()):
+        if child.name == MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    (directory / MARKER).unlink(missing_ok=True)
+    directory.rmdir()
 
 
 # What a run directory holds when ntrl alone wrote it (W&B writes inside wandb/).

@@ -200,3 +200,35 @@ def test_a_run_directory_killed_between_making_and_marking_is_reused(sandbox):
     (sandbox / "A" / "out" / "other" / ".ntrl-runaway.tmp").write_text("the user's")
     assert main(["train", "bandit", "--out", "A/out", "--run-name", "other", "--force", *FAST]) == 2
     assert (sandbox / "A" / "out" / "other" / ".ntrl-runaway.tmp").read_text() == "the user's"
+
+
+def test_a_run_directory_replaced_with_force_loses_its_marker_last(tmp_path, monkeypatch):
+    """--force removes a run of ntrl's with its marker last: a kill part-way (here an interrupt at
+    the second file) leaves a directory still marked as ntrl's, which the next --force replaces,
+    never config.json or records without the marker (which ntrl would refuse as not its own)."""
+    from ntrl.run_dirs import RUN_KIND, check_run_dir, marker_kind, remove_marked_dir, write_marker
+
+    run = tmp_path / "r"
+    run.mkdir()
+    write_marker(run, RUN_KIND)
+    for name in ("config.json", "records.jsonl", "summary.json"):
+        (run / name).write_text("{}")
+    (run / "wandb").mkdir()
+    (run / "wandb" / "x").write_text("w")
+    removed = []
+    real = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if len(removed) == 1:
+            raise KeyboardInterrupt
+        removed.append(self.name)
+        real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):
+        remove_marked_dir(run)
+    monkeypatch.setattr(Path, "unlink", real)
+    assert removed == ["config.json"] and marker_kind(run) == RUN_KIND
+    assert check_run_dir(run, force=True) == "replace"
+    remove_marked_dir(run)
+    assert not run.exists()

@@ -220,11 +220,12 @@ def removal_plan(out: Path) -> list[Path]:
 
 
 def remove_study_outputs(plan: list[Path], out: Path) -> None:
-    """Remove what :func:`removal_plan` listed (and runs/ once it is empty)."""
-    import shutil
+    """Remove what :func:`removal_plan` listed (and runs/ once it is empty): each directory, a run's
+    or the W&B one, with its marker last (:func:`ntrl.run_dirs.remove_marked_dir`)."""
+    from ntrl.run_dirs import remove_marked_dir
 
     for path in plan:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        remove_marked_dir(path) if path.is_dir() else path.unlink()
     runs = out / "runs"
     if runs.is_dir() and not runs.is_symlink() and not any(runs.iterdir()):
         runs.rmdir()
