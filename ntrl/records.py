@@ -180,11 +180,13 @@ def write_json_many_atomic(items: Iterable[tuple[str | os.PathLike, Any]],
 
 
 def write_bytes_many_atomic(items: Iterable[tuple[str | os.PathLike, bytes]],
-                            sync_also: Iterable[str | os.PathLike] = ()) -> None:
+                            sync_also: Iterable[str | os.PathLike] = (),
+                            written: Callable[[], None] | None = None) -> None:
     """:func:`write_json_many_atomic` for files given as bytes: each written to a temporary name,
-    all synced at once (with ``sync_also``), then each renamed into place in the order given."""
+    all synced at once (with ``sync_also``), then each renamed into place in the order given.
+    ``written``: called after each file's temporary copy is written (a progress bar)."""
     sync_also = [p for p in sync_also if os.path.exists(p)]
-    _replace_atomically(list(items), lambda temps: sync_file_systems(temps + sync_also))
+    _replace_atomically(list(items), lambda temps: sync_file_systems(temps + sync_also), written)
 
 
 def sync_file_systems(paths: Iterable[str | os.PathLike]) -> None:
@@ -227,10 +229,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     _replace_atomically([(path, data)], _fsync_each)
 
 
-def _replace_atomically(items: list[tuple[str | os.PathLike, bytes]], sync: Callable[[list[str]], None]) -> None:
-    """Write each (path, data) to a fresh temporary file beside it, ``sync`` the temporary files,
-    then rename each into place; on any error remove the temporary files, and leave every path as
-    it was that was not renamed yet."""
+def _replace_atomically(items: list[tuple[str | os.PathLike, bytes]], sync: Callable[[list[str]], None],
+                        written: Callable[[], None] | None = None) -> None:
+    """Write each (path, data) to a fresh temporary file beside it (calling ``written`` after each),
+    ``sync`` the temporary files, then rename each into place; on any error remove the temporary
+    files, and leave every path as it was that was not renamed yet."""
     import tempfile
 
     temps: list[tuple[str, Path]] = []
@@ -242,6 +245,8 @@ def _replace_atomically(items: list[tuple[str | os.PathLike, bytes]], sync: Call
             temps.append((tmp, path))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            if written is not None:
+                written()
         sync([tmp for tmp, _ in temps])
         for tmp, path in temps:
             os.chmod(tmp, 0o644)

@@ -162,12 +162,15 @@ def _make_run_dir(config: TrainConfig, mark: bool) -> Path:
     return run_dir
 
 
-def prepare_run_dirs(configs: Sequence[TrainConfig], made: Callable[[], None] | None = None) -> list[Path]:
+def prepare_run_dirs(configs: Sequence[TrainConfig], made: Callable[[], None] | None = None,
+                     files: Callable[[], None] | None = None) -> list[Path]:
     """:func:`prepare_run_dir` for many runs (a population's members), each run directory also
     given its config.json and an empty records file, with two syncs in all
     (:func:`ntrl.records.write_bytes_many_atomic`) instead of two fsyncs a run.
 
-    Every directory is made first (``made`` is called after each); then every marker goes into
+    Every directory is made first (``made`` is called after each); then its three files are written
+    (``files()`` is called before the first of them, a progress bar's next phase, and ``made`` after
+    each file): every marker goes into
     place, synced, before any other file is written. A kill before the markers are in place leaves
     directories that are empty or hold only a marker's temporary file, which any rerun takes; a
     kill after leaves runs of ntrl's, cut short, which a resumed population trains again
@@ -201,15 +204,17 @@ def prepare_run_dirs(configs: Sequence[TrainConfig], made: Callable[[], None] | 
             run_dirs.append(run_dir)
             if made is not None:
                 made()
+        if files is not None:
+            files()
         marker = json_file_bytes(marker_contents(RUN_KIND))
-        write_bytes_many_atomic([(d / MARKER, marker) for d in run_dirs])
+        write_bytes_many_atomic([(d / MARKER, marker) for d in run_dirs], written=made)
     except BaseException:
         for d in reversed(created):  # rmdir removes an empty directory only: nothing anyone wrote
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise
     write_bytes_many_atomic([(d / CONFIG_FILE, json_file_bytes(c.to_dict())) for d, c in zip(run_dirs, configs)]
-                            + [(d / RECORDS_FILE, b"") for d in run_dirs])
+                            + [(d / RECORDS_FILE, b"") for d in run_dirs], written=made)
     return run_dirs
 
 

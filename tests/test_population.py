@@ -376,7 +376,8 @@ def test_the_setup_of_a_population_has_a_progress_bar(tmp_path, capsys):
     on a GPU machine's host): the bar says which of the two it is doing, a member at a time."""
     train_population(small_population(tmp_path), progress=True)
     err = capsys.readouterr().err
-    assert "population: building members" in err and "population: writing run directories" in err
+    assert "population: building members" in err and "population: making run directories" in err
+    assert "population: writing their files" in err
 
 
 @pytest.mark.parametrize("env, policy", [("bandit", "mlp"), ("bandit", "single_logit"), ("juice", "mlp"),
@@ -458,7 +459,7 @@ def test_run_directories_made_for_a_population_that_fails_are_removed_again(tmp_
     (tmp_path / "kept").mkdir()
     configs = small_population(tmp_path / "new" / "out") + small_population(tmp_path / "kept")
 
-    def failing(items, sync_also=()):
+    def failing(items, sync_also=(), written=None):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("ntrl.train.write_bytes_many_atomic", failing)

@@ -511,26 +511,31 @@ class _Population:
 
 
 class SetupProgress:
-    """The bar of a population's setup, before its first update: building the members' policies,
-    then making their run directories, a member at a time (it goes away when the training's own bar
-    starts). Thousands of members take a while: 16384 took 47 s on a GPU machine's host
-    (benchmarks/RESULTS.md, run 15)."""
-
-    PHASES = ("building members", "writing run directories")
+    """The bar of a population's setup, before its first update: building the members' policies
+    and making their run directories, a member at a time, then writing the directories' three
+    files each (it goes away when the training's own bar starts). Thousands of members take a
+    while: 16384 took 47 s on a GPU machine's host (benchmarks/RESULTS.md, run 15)."""
 
     def __init__(self, members: int, name: str):
         from tqdm.auto import tqdm
 
-        self.name = name
-        self.bar = tqdm(total=members, desc=f"{name}: {self.PHASES[0]}", unit="member", file=sys.stderr,
+        self.name, self.members = name, members
+        self.bar = tqdm(total=members, desc=f"{name}: building members", unit="member", file=sys.stderr,
                         dynamic_ncols=True, leave=False)
 
     def tick(self) -> None:
         self.bar.update(1)
 
     def next_phase(self) -> None:
+        """From building the members to making their run directories."""
         self.bar.reset()
-        self.bar.set_description(f"{self.name}: {self.PHASES[1]}")
+        self.bar.set_description(f"{self.name}: making run directories")
+
+    def files_phase(self) -> None:
+        """From making the run directories to writing their files (marker, config.json, records)."""
+        self.bar.unit = "file"
+        self.bar.set_description(f"{self.name}: writing their files", refresh=False)
+        self.bar.reset(total=3 * self.members)
 
     def close(self) -> None:
         self.bar.close()
@@ -616,7 +621,8 @@ def train_population(
                 pop.schedules = [schedule] * len(configs)
             if setup:
                 setup.next_phase()
-            run_dirs = prepare_run_dirs(configs, made=setup.tick if setup else None)
+            run_dirs = prepare_run_dirs(configs, made=setup.tick if setup else None,
+                                        files=setup.files_phase if setup else None)
             members = [MemberState(c, run_dir, extra=dict(summary_extra[i]) if summary_extra else {},
                                    before_summary=before_summary) for i, (c, run_dir) in enumerate(zip(configs, run_dirs))]
     finally:
