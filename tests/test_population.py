@@ -468,6 +468,16 @@ def test_run_directories_made_for_a_population_that_fails_are_removed_again(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
+def test_a_population_without_a_wandb_parent_says_in_each_config_that_it_logs_no_wandb_run(tmp_path):
+    """Without ``wandb_parent`` a population logs no W&B run: config.json says ``wandb: disabled``,
+    as the summary's ``wandb_mode`` does, whatever mode the configs asked for."""
+    configs = [dataclasses.replace(c, wandb="offline") for c in small_population(tmp_path, members=2)]
+    result = train_population(configs, progress=False)
+    for r in result.results:
+        assert json.loads((r.run_dir / "config.json").read_text())["wandb"] == "disabled"
+        assert r.summary["wandb_mode"] == "disabled" and r.summary["wandb_dir"] is None
+
+
 def test_the_garbage_collector_is_paused_for_the_setup_alone(tmp_path, monkeypatch):
     """Python's collector is off while the members are built (each full collection walks every
     object alive) and as it was afterwards: on again, or still off where the caller had it off."""

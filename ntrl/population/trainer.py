@@ -596,6 +596,8 @@ def train_population(
     completes after a kill)."""
     configs = validated_members(configs, schedule)
     check_compatible(configs)
+    if wandb_parent is None:  # no W&B run: each member's config.json says so, as its summary does
+        configs = [c if c.wandb == "disabled" else dataclasses.replace(c, wandb="disabled") for c in configs]
     if resume:
         return resume_population(configs, schedule=schedule, device=device, progress=progress,
                                  wandb_parent=wandb_parent, wandb_name=wandb_name, wandb_config=wandb_config,
