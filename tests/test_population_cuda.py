@@ -1,5 +1,6 @@
 """Populations on a CUDA device (issue 12): a member trained on the GPU has its run's records, as
-on the CPU. Skipped where torch sees no CUDA device (CI has none); run on a GPU machine with
+on the CPU. Skipped where torch sees no CUDA device (CI has none), but for the check that the GPU
+benchmark skips cleanly there; run on a GPU machine with
 
     python -m pytest -q tests/test_population_cuda.py
 
@@ -23,7 +24,23 @@ from ntrl.train import train
 from test_population import (assert_records_equal, juice_configs, juice_sampled_configs, kbandit_configs,
                              member_configs)
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_the_gpu_benchmark_skips_cleanly_without_a_gpu(tmp_path):
+    """benchmarks/bench_population_gpu.py says in one line that there is no CUDA device, writes
+    nothing and exits 0 (the issue: "without a GPU it skips cleanly")."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_population_gpu.py"
+    proc = subprocess.run([sys.executable, str(script), "--json", str(tmp_path / "gpu.json")], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "bench_population_gpu: no CUDA device here; skipped" and not proc.stderr.strip()
+    assert not any(tmp_path.iterdir())
 
 
 def assert_population_equals_runs(per, pop, **tol) -> None:
@@ -35,6 +52,7 @@ def assert_population_equals_runs(per, pop, **tol) -> None:
         assert r2.summary["p_end"] == pytest.approx(r1.summary["p_end"], rel=1e-12, abs=1e-300), i
 
 
+@needs_cuda
 @pytest.mark.parametrize("mode", ["exact", "sampled"])
 @pytest.mark.parametrize("optimizer", ["sgd", "npg", "sign", "adam"])
 @pytest.mark.parametrize("policy", ["single_logit", "tabular", "mlp", "escort"])
@@ -46,6 +64,7 @@ def test_bandit_members_on_the_gpu_equal_their_cpu_runs(tmp_path, policy, optimi
     assert_population_equals_runs(per, pop)
 
 
+@needs_cuda
 @pytest.mark.parametrize("optimizer, mode", [("sgd", "exact"), ("npg", "exact"), ("adam", "exact"), ("sgd", "sampled")])
 @pytest.mark.parametrize("policy", ["tabular", "mlp"])
 def test_kbandit_members_on_the_gpu_equal_their_cpu_runs(tmp_path, policy, optimizer, mode):
@@ -54,6 +73,7 @@ def test_kbandit_members_on_the_gpu_equal_their_cpu_runs(tmp_path, policy, optim
     assert_population_equals_runs(per, pop, atol=1e-15 if mode == "sampled" else 0.0)
 
 
+@needs_cuda
 @pytest.mark.parametrize("optimizer", ["sgd", "npg", "sign", "adam"])
 @pytest.mark.parametrize("policy", ["tabular", "mlp"])
 def test_exact_juice_members_on_the_gpu_equal_their_cpu_runs(tmp_path, policy, optimizer):
@@ -68,6 +88,7 @@ def test_exact_juice_members_on_the_gpu_equal_their_cpu_runs(tmp_path, policy, o
     assert_population_equals_runs(per, pop, sign=optimizer == "sign", inner=1e-10)
 
 
+@needs_cuda
 @pytest.mark.parametrize("optimizer", ["sgd", "npg"])
 @pytest.mark.parametrize("policy", ["tabular", "mlp"])
 def test_sampled_juice_members_on_the_gpu_equal_their_cpu_runs(tmp_path, policy, optimizer):
@@ -79,6 +100,7 @@ def test_sampled_juice_members_on_the_gpu_equal_their_cpu_runs(tmp_path, policy,
     assert_population_equals_runs(per, pop, rtol=rtol, floor=1e-20)
 
 
+@needs_cuda
 def test_p_down_to_1e_minus_12_stays_finite_on_the_gpu(tmp_path):
     cfg = BanditConfig(policy="mlp", optimizer="npg", p0=1e-12, lr=0.1, steps=5, width=8, track_every=1,
                        wandb="disabled", out=str(tmp_path), run_name="x")
@@ -88,6 +110,7 @@ def test_p_down_to_1e_minus_12_stays_finite_on_the_gpu(tmp_path):
     assert recs[0]["P/ntvar_fisher"] == pytest.approx(1e-12 * (1 - 1e-12), rel=1e-6)  # p(1 − p), SCIENCE.md §1
 
 
+@needs_cuda
 def test_a_member_that_goes_non_finite_on_the_gpu_is_stopped_and_the_rest_continue(tmp_path):
     cfgs = [BanditConfig(policy="mlp", optimizer="sgd", p0=0.01, lr=lr, steps=20, track_every=1, width=8,
                          reward_do=r, wandb="disabled", out=str(tmp_path), run_name=f"m{i}")
@@ -97,6 +120,7 @@ def test_a_member_that_goes_non_finite_on_the_gpu_is_stopped_and_the_rest_contin
     assert [pop.results[i].summary["status"] for i in (0, 2)] == ["finished", "finished"]
 
 
+@needs_cuda
 def test_a_population_larger_than_the_gpus_memory_is_refused_before_anything_is_written(tmp_path):
     """The limit on a GPU is half its free memory (``memory_limit``): ask for more members of a
     wide MLP than that holds."""
@@ -113,6 +137,7 @@ def test_a_population_larger_than_the_gpus_memory_is_refused_before_anything_is_
     assert not (tmp_path / "out").exists()
 
 
+@needs_cuda
 def test_ntrl_train_device_cuda_writes_the_runs_records(tmp_path):
     """``ntrl train bandit --device cuda`` trains a population of one on the GPU; its records are
     the CPU run's."""
@@ -127,6 +152,7 @@ def test_ntrl_train_device_cuda_writes_the_runs_records(tmp_path):
     assert_records_equal(cpu, gpu)
 
 
+@needs_cuda
 def test_study_verdicts_on_the_gpu_are_the_cpus(tmp_path):
     """The verdict table of a four-cell grid, by population chunks on the GPU and by single runs."""
     from ntrl.study.executor import run_study
