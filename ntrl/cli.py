@@ -351,13 +351,31 @@ def _quiet_from_now() -> None:
 def _raise_terminated(signum, frame) -> None:
     _TERMINATED.append(signum)
     _quiet_from_now()
+    if _IN_UNRAISABLE_HOOK:  # raised here it would be lost too: sent again in a moment
+        _send_again(signum)
+        return
     raise Terminated()
 
 
 def _raise_interrupt(signum, frame) -> None:
     """Ctrl-C as Python's own handler raises it, after :func:`_quiet_from_now`."""
     _quiet_from_now()
+    if _IN_UNRAISABLE_HOOK:
+        _send_again(signum)
+        return
     raise KeyboardInterrupt
+
+
+def _send_again(signum: int) -> None:
+    """Send ``signum`` to this process again 10 ms from now, from another thread."""
+    import threading
+
+    timer = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
+
+
+_IN_UNRAISABLE_HOOK = False  # the handlers above send a signal that lands inside the hook again
 
 
 def _redeliver_lost_interrupt(unraisable) -> None:
@@ -365,18 +383,21 @@ def _redeliver_lost_interrupt(unraisable) -> None:
     arrived while Python ran code whose exceptions it can only print (a weakref callback inside an
     import, a ``__del__``) would be lost, and the command run on; the same signal is sent again,
     to be raised where the command can stop: a moment later, from another thread, as a signal
-    raised now, inside this hook, would be lost the same way. Anything else goes to the previous
-    hook."""
+    raised now, inside this hook, would be lost the same way. On a busy machine that moment can
+    come while this hook still runs (a CI run lost a SIGTERM so): the handlers then send it once
+    more rather than raise it here. Anything else goes to the previous hook."""
     import signal
-    import threading
 
-    if isinstance(unraisable.exc_value, KeyboardInterrupt):
-        terminated = isinstance(unraisable.exc_value, Terminated) and _TERMINATED
-        timer = threading.Timer(0.01, os.kill, (os.getpid(), _TERMINATED[-1] if terminated else signal.SIGINT))
-        timer.daemon = True
-        timer.start()
-        return
-    _previous_unraisablehook(unraisable)
+    global _IN_UNRAISABLE_HOOK
+    _IN_UNRAISABLE_HOOK = True
+    try:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            terminated = isinstance(unraisable.exc_value, Terminated) and _TERMINATED
+            _send_again(_TERMINATED[-1] if terminated else signal.SIGINT)
+        else:
+            _previous_unraisablehook(unraisable)
+    finally:
+        _IN_UNRAISABLE_HOOK = False  # the last statement: no call after it where a handler could run
 
 
 _previous_unraisablehook = sys.unraisablehook
