@@ -104,24 +104,30 @@ def made_dirs(path: Path, flag: str = "--out") -> Iterator[Path]:
     """Create ``path`` (and its missing parents); if the body raises, remove again the
     directories this call created, as long as they are still empty. OSErrors from creating
     become a ConfigError naming ``flag``."""
-    created = []
-    probe = path
-    while not probe.exists():
-        created.append(probe)
-        probe = probe.parent
+    created = missing_dirs(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        _remove_empty(created)
+        remove_empty_dirs(created)
         raise ConfigError(flag, f"cannot create {path}: {e.strerror or e}") from None
     try:
         yield path
     except BaseException:
-        _remove_empty(created)
+        remove_empty_dirs(created)
         raise
 
 
-def _remove_empty(dirs: list[Path]) -> None:
+def missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, innermost first (what making it creates)."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove ``dirs`` (innermost first) while they are empty; stop at the first that is not."""
     for d in dirs:  # innermost first
         try:
             d.rmdir()

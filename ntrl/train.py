@@ -6,7 +6,6 @@ Readable top to bottom; ``scripts/train_bandit.py`` and ``ntrl train <env>`` bot
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import math
@@ -24,7 +23,8 @@ from ntrl.records import (
     write_bytes_many_atomic, write_json_atomic,
 )
 from ntrl.run_dirs import (
-    MARKER, RUN_KIND, check_name, check_out_dir, inside, made_dirs, marker_contents, replace_run_dir, write_marker,
+    MARKER, RUN_KIND, check_name, check_out_dir, inside, made_dirs, marker_contents, missing_dirs, remove_empty_dirs,
+    replace_run_dir, write_marker,
 )
 from ntrl.engine.tangent import TangentEngine
 from ntrl.tracker import (
@@ -149,16 +149,21 @@ def prepare_run_dir(config: TrainConfig) -> Path:
     return _make_run_dir(config, mark=True)
 
 
-def _make_run_dir(config: TrainConfig, mark: bool) -> Path:
+def _make_run_dir(config: TrainConfig, mark: bool, created: list[list[Path]] | None = None) -> Path:
+    """The run directory of ``config``, made (and ``mark``-ed); ``created`` gets the directories
+    this made (the run directory and ``out``'s missing parents, innermost first)."""
     out = check_out_dir(config.out)
     name = check_name(config.run_name or config.default_run_name(), "--run-name")
     run_dir = Path(config.out) / name
+    missing = missing_dirs(out / name)
     with made_dirs(out):
         replace_run_dir(out / name, config.force)
         (out / name).mkdir(exist_ok=True)
         inside(out / name, out)
         if mark:
             write_marker(out / name, RUN_KIND)
+    if created is not None:
+        created.append(missing)
     return run_dir
 
 
@@ -168,10 +173,9 @@ def prepare_run_dirs(configs: Sequence[TrainConfig], made: Callable[[], None] | 
     given its config.json and an empty records file, with two syncs in all
     (:func:`ntrl.records.write_bytes_many_atomic`) instead of two fsyncs a run.
 
-    Every directory is made first (``made`` is called after each); then its three files are written
-    (``files()`` is called before the first of them, a progress bar's next phase, and ``made`` after
-    each file): every marker goes into
-    place, synced, before any other file is written. A kill before the markers are in place leaves
+    Every directory is made first, then the three files of each are written: every marker goes
+    into place, synced, before any other file is written. For a progress bar, ``made`` is called
+    after each directory and after each file, ``files`` once between the two. A kill before the markers are in place leaves
     directories that are empty or hold only a marker's temporary file, which any rerun takes; a
     kill after leaves runs of ntrl's, cut short, which a resumed population trains again
     (:func:`ntrl.population.trainer.resume_population`) or ``force`` replaces: never a directory
@@ -180,21 +184,11 @@ def prepare_run_dirs(configs: Sequence[TrainConfig], made: Callable[[], None] | 
     written into it. If making or writing fails, the directories this call made that are still
     empty are removed again."""
     run_dirs: list[Path] = []
-    created: list[Path] = []  # directories this call made, innermost last
+    created: list[list[Path]] = []  # per run, the directories this call made
     seen: dict[tuple[int, int], int] = {}
     try:
         for i, config in enumerate(configs):
-            out = Path(config.out)
-            missing = []
-            probe = out
-            while not probe.exists() and probe != probe.parent:
-                missing.append(probe)
-                probe = probe.parent
-            name = check_name(config.run_name or config.default_run_name(), "--run-name")
-            if not (out / name).exists():
-                missing.insert(0, out / name)
-            run_dir = _make_run_dir(config, mark=False)
-            created += reversed(missing)
+            run_dir = _make_run_dir(config, mark=False, created=created)
             st = run_dir.stat()
             if (st.st_dev, st.st_ino) in seen:
                 raise ConfigError("--run-name", f"members of one population need distinct run directories: members "
@@ -209,9 +203,8 @@ def prepare_run_dirs(configs: Sequence[TrainConfig], made: Callable[[], None] | 
         marker = json_file_bytes(marker_contents(RUN_KIND))
         write_bytes_many_atomic([(d / MARKER, marker) for d in run_dirs], written=made)
     except BaseException:
-        for d in reversed(created):  # rmdir removes an empty directory only: nothing anyone wrote
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        for dirs in reversed(created):  # rmdir removes an empty directory only: nothing anyone wrote
+            remove_empty_dirs(dirs)
         raise
     write_bytes_many_atomic([(d / CONFIG_FILE, json_file_bytes(c.to_dict())) for d, c in zip(run_dirs, configs)]
                             + [(d / RECORDS_FILE, b"") for d in run_dirs], written=made)
