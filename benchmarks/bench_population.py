@@ -44,6 +44,7 @@ a single run, with the other speed and memory numbers of the issue, as ratios me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -53,7 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,6 +83,31 @@ def population_update_seconds(members: int, updates: int, repeats: int = 3, **kw
                for _ in range(repeats))
 
 
+@contextlib.contextmanager
+def stamped_iterations(clock: Callable[[], float] = time.time) -> Iterator[list[float]]:
+    """The times (``clock()``) at which a population's update loop starts each iteration, stamped
+    where the loop asks which members track (its first step), for every population trained inside
+    the ``with``; on a CUDA device after the previous iteration's kernels are done."""
+    from ntrl.population import trainer
+
+    stamps: list[float] = []
+    original = trainer._Population.tracking
+
+    def stamped(self, t):
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+        stamps.append(clock())
+        return original(self, t)
+
+    trainer._Population.tracking = stamped
+    try:
+        yield stamps
+    finally:
+        trainer._Population.tracking = original
+
+
 def in_run_overhead(members: int = 256, updates: int = 2000, every: int = 10,
                     make_configs: Callable[[str, int, int], list] | None = None) -> dict[str, float]:
     """Tracker overhead read inside one run tracked every ``every``-th update (``make_configs(out,
@@ -97,14 +123,6 @@ def in_run_overhead(members: int = 256, updates: int = 2000, every: int = 10,
     import numpy as np
 
     from ntrl.population import TrackSchedule, train_population
-    from ntrl.population import trainer
-
-    stamps: list[float] = []
-    original = trainer._Population.tracking
-
-    def stamped(self, t):
-        stamps.append(time.time())  # the clock of the loop's own time, train_seconds
-        return original(self, t)
 
     def run(schedule) -> tuple[np.ndarray, float]:
         stamps.clear()
@@ -116,12 +134,9 @@ def in_run_overhead(members: int = 256, updates: int = 2000, every: int = 10,
         # run of a process took 0.9 s longer to its first juice update)
         return dt, r.train_seconds - (stamps[-1] - stamps[0])
 
-    trainer._Population.tracking = stamped
-    try:
+    with stamped_iterations() as stamps:  # time.time: the clock of the loop's own time, train_seconds
         tracked, finish_tracked = run(TrackSchedule(every=every))
         untracked, finish_untracked = run(TrackSchedule(every=10**9))
-    finally:
-        trainer._Population.tracking = original
     t = np.arange(10, 10 + len(tracked))
     base = float(np.median(tracked[t % every != 0]))
     paired = (float(np.median(tracked[t % every == 0])) - base) / every / base

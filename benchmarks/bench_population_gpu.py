@@ -40,6 +40,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_population as bp  # noqa: E402  (the same configs and single-run timing)
+from bench_population import stamped_iterations  # noqa: E402
 
 
 def iteration_seconds(make_configs: Callable[[str, int, int], list], members: int, updates: int, every: int,
@@ -51,28 +52,14 @@ def iteration_seconds(make_configs: Callable[[str, int, int], list], members: in
     import torch
 
     from ntrl.population import TrackSchedule, train_population
-    from ntrl.population import trainer
-
-    stamps: list[float] = []
-    original = trainer._Population.tracking
-
-    def stamped(self, t):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the iteration's kernels done before its time is read
-        stamps.append(time.perf_counter())
-        return original(self, t)
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer._Population.tracking = stamped
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter()
-            r = train_population(make_configs(d, members, updates + 11), schedule=TrackSchedule(every=every),
-                                 progress=False, device=device)
-            wall = time.perf_counter() - t0
-    finally:
-        trainer._Population.tracking = original
+    with stamped_iterations(time.perf_counter) as stamps, tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        r = train_population(make_configs(d, members, updates + 11), schedule=TrackSchedule(every=every),
+                             progress=False, device=device)
+        wall = time.perf_counter() - t0
     assert not r.failures, r.failures[:3]
     dt = np.diff(stamps)[10:]
     t = np.arange(10, 10 + len(dt))
