@@ -450,6 +450,22 @@ def test_two_members_that_reach_one_directory_by_different_paths_are_refused(tmp
         assert not any((tmp_path / "real").iterdir())
 
 
+def test_run_directories_are_told_apart_by_the_directory_not_the_path(tmp_path):
+    """prepare_run_dirs compares the directories it made (device and inode), which catches what a
+    path comparison cannot (a bind mount, a case-insensitive file system): here a link, given to
+    it directly, past the population's own check of the paths. The directory it made is removed
+    again."""
+    from ntrl.config import ConfigError
+    from ntrl.train import prepare_run_dirs
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    configs = small_population(tmp_path / "real", members=1) + small_population(tmp_path / "link", members=1)
+    with pytest.raises(ConfigError, match=r"members 0 and 1 both write .* \(by different paths"):
+        prepare_run_dirs(configs)
+    assert not any((tmp_path / "real").iterdir())
+
+
 def test_run_directories_made_for_a_population_that_fails_are_removed_again(tmp_path, monkeypatch):
     """Directories ``prepare_run_dirs`` made (the run directories and a missing ``out``) are
     removed again when writing the markers fails, where they are still empty; a directory that
