@@ -44,18 +44,62 @@ def start(grid: Path, out: Path, *extra: str) -> subprocess.Popen:
 
 
 def session_processes(sid: int) -> list[str]:
-    """Command lines of the live processes of session ``sid``."""
+    """Command lines of the live processes of session ``sid``, and of the reaper of the driver
+    ``sid`` (a driver started as a session leader), which runs in a session of its own."""
     out = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-            if fields[0] != "Z" and int(fields[3]) == sid:
-                out.append(Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode()[:80])
+            cmd = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+            reaper = len(cmd) > 3 and cmd[2].endswith(b"ntrl/study/reaper.py") and cmd[3] == str(sid).encode()
+            if fields[0] != "Z" and (int(fields[3]) == sid or reaper):
+                out.append(b" ".join(cmd).decode()[:80])
         except (OSError, IndexError, ValueError):
             continue
     return out
+
+
+def test_the_reaper_is_out_of_reach_of_a_terminal_s_ctrl_c_to_the_driver_s_process_group():
+    """A Ctrl-C sent to the driver's process group while the reaper's Python starts would kill it
+    before it ignores SIGINT (a CI run saw "Fatal Python error: init_import_site" so), and leave
+    Ray's processes unreaped: the reaper runs in a session of its own, and ends when let go."""
+    from ntrl.study.reaper import start_reaper, stop_reaper
+
+    reaper = start_reaper(tempfile.gettempdir())
+    try:
+        assert os.getsid(reaper.pid) == reaper.pid != os.getsid(0)
+        assert os.getpgid(reaper.pid) != os.getpgid(0)
+        assert any("reaper.py" in p for p in session_processes(os.getpid()))  # the tests still see it
+    finally:
+        stop_reaper(reaper)
+    assert reaper.returncode == 0
+
+
+def test_ctrl_c_during_ray_init_waits_for_its_end_and_an_ignored_one_stays_ignored():
+    """signals_deferred: Ctrl-C inside the body is raised once the body is done; where this
+    process ignores Ctrl-C (a job a shell started with ``&``), it is ignored inside too, as
+    everywhere else in ntrl, and the ignoring is kept."""
+    from ntrl.study.ray_executor import signals_deferred
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        body_ended = False
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                body_ended = True
+        assert body_ended and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def processes_titled(title: str) -> list[int]:

@@ -310,21 +310,23 @@ def start_local_ray(ray, workers: int):
 def signals_deferred() -> Iterator[None]:
     """Ctrl-C and SIGTERM wait until the body (ray.init) is done, then act as ntrl's handlers say:
     raised inside ray.init they can crash its threads or be swallowed by a fork callback. Not a
-    blocked mask, which Ray's processes would inherit. ray.init installs a SIGTERM handler of its
-    own that exits; ntrl's is put back."""
+    blocked mask, which Ray's processes would inherit. A signal this process ignores (Ctrl-C in a
+    job a shell started with ``&``) stays ignored. ray.init installs a SIGTERM handler of its own
+    that exits; ntrl's is put back."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    deferred = [sig for sig, handler in old.items() if handler is not signal.SIG_IGN]
     arrived: list[int] = []
-    for sig in old:
+    for sig in deferred:
         signal.signal(sig, lambda signum, frame: arrived.append(signum))
     try:
         yield
     except SystemExit as e:  # ray.init's own SIGTERM handler
-        if e.code != signal.SIGTERM:
+        if e.code != signal.SIGTERM or signal.SIGTERM not in deferred:
             raise
         arrived.append(signal.SIGTERM)
     finally:

@@ -109,9 +109,13 @@ def become_subreaper() -> None:
 
 def start_reaper(ray_dir: str) -> subprocess.Popen:
     """Start the reaper for this process; close its stdin (:func:`stop_reaper`) to let it act."""
-    # run as a file in isolated mode: no import of ntrl (and torch), nothing from the working directory
+    # run as a file in isolated mode: no import of ntrl (and torch), nothing from the working directory;
+    # in a session of its own, so that a terminal's Ctrl-C to the driver's process group does not reach
+    # it while Python starts, before main() ignores SIGINT (a CI run saw it die so, printing "Fatal
+    # Python error: init_import_site" into the driver's stderr)
     return subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()), ray_dir],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, close_fds=True,
+                            start_new_session=True)
 
 
 def stop_reaper(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
