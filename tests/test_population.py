@@ -931,6 +931,16 @@ def test_resume_refuses_a_complete_run_of_other_settings(tmp_path):
     assert (tmp_path / "m0" / "records.jsonl").read_bytes() == records
     same = train_population([dataclasses.replace(cfg, threads=2)], progress=False, resume=True)  # no training setting
     assert same.updates == 0 and (tmp_path / "m0" / "records.jsonl").read_bytes() == records
+    # a config.json written before a field existed lacks it: it trained as the field's default says ...
+    written = (tmp_path / "m0" / "config.json").read_bytes()
+    old = json.loads(written)
+    del old["stop_below_p"], old["noise_std"]
+    (tmp_path / "m0" / "config.json").write_text(json.dumps(old))
+    assert train_population([cfg], progress=False, resume=True).updates == 0
+    # ... so a run that sets it otherwise is of other settings
+    with pytest.raises(ConfigError, match=r"other settings \(noise_std differ\)"):
+        train_population([dataclasses.replace(cfg, noise_std=0.5)], progress=False, resume=True)
+    (tmp_path / "m0" / "config.json").write_bytes(written)
     # a member that fails while others are read back is reported by its index among the configs
     bad = BanditConfig(policy="single_logit", optimizer="sgd", p0=0.01, lr=1e308, reward_do=1e10, steps=5,
                        track_every=1, wandb="disabled", out=str(tmp_path), run_name="m1")

@@ -749,7 +749,9 @@ def completed_member(config: TrainConfig) -> dict[str, Any] | None:
     """The summary of a complete run of ``config`` in its run directory, a run directory of
     ntrl's: summary.json with a complete status (:data:`ntrl.train.COMPLETE`) and config.json
     this config's in every training setting (:func:`ntrl.config.training_settings`: not where
-    it is written and logged, not the thread count; a field the file lacks counts as differing);
+    it is written and logged, not the thread count; a field the file lacks, written by an ntrl
+    before that field existed, counts as its default, as a study file's does: a new field's
+    default keeps the behaviour of the code before it);
     None where there is none (no directory, not ntrl's, no or an incomplete summary). A complete
     run of other settings is a ConfigError (resuming would mix two experiments), or, with
     ``force``, None: it is replaced."""
@@ -763,6 +765,7 @@ def completed_member(config: TrainConfig) -> dict[str, Any] | None:
         return None
     if not (isinstance(summary, dict) and summary.get("status") in COMPLETE and isinstance(written, dict)):
         return None
+    written = {**json_defaults(type(config)), **written}
     wanted, written = training_settings(json.loads(json_file_bytes(config.to_dict()))), training_settings(written)
     differ = sorted(k for k in set(wanted) | set(written) if wanted.get(k) != written.get(k))
     if differ and config.force:  # to be replaced, as without resume
@@ -772,6 +775,17 @@ def completed_member(config: TrainConfig) -> dict[str, Any] | None:
                                         f"{', ...' if len(differ) > 4 else ''} differ), so resuming would mix two "
                                         f"experiments; give this member another run name")
     return summary
+
+
+def json_defaults(cls: type) -> dict[str, Any]:
+    """The default of each field of the dataclass ``cls`` that has one, as config.json holds it."""
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return json.loads(json_file_bytes(defaults))
 
 
 def resume_population(configs: list[TrainConfig], **kwargs: Any) -> PopulationResult:
