@@ -102,6 +102,49 @@ def test_ctrl_c_during_ray_init_waits_for_its_end_and_an_ignored_one_stays_ignor
         signal.signal(signal.SIGINT, before)
 
 
+SIGTERM_AS_RAY_INIT_RETURNS = """
+import logging, os, signal, sys, time
+from ntrl.study.ray_executor import require_ray
+
+class Mine(Exception):
+    pass
+
+def mine(signum, frame):
+    raise Mine()
+
+signal.signal(signal.SIGTERM, mine)
+ray = require_ray()
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.ERROR)
+try:  # the moment before signals_deferred would put ntrl's handler back: whose handler has SIGTERM?
+    print("kept", signal.getsignal(signal.SIGTERM) is mine)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(2.0)
+    print("not stopped")
+except Mine:
+    print("mine")
+except SystemExit as e:  # ray.init's Python handler
+    print("ray's", e.code)
+finally:
+    ray.shutdown()
+print("environment", "RAY_DISABLE_FAILURE_SIGNAL_HANDLER" in os.environ)
+"""
+
+
+def test_ray_init_in_the_driver_keeps_the_driver_s_sigterm_handler():
+    """ray.init would install two SIGTERM handlers of its own in the driver, in place of ntrl's:
+    a Python one that calls sys.exit wherever ray.init is (a SIGTERM after its core worker
+    started left it half set up, and the driver crashed on exit, -11), and Ray's C++ failure-
+    signal handler (a C++ stack, then abort, -6). require_ray keeps both out of the driver, and
+    only there (not through the environment Ray's own processes inherit): the handler before
+    ray.init is the one a SIGTERM after it reaches."""
+    pytest.importorskip("ray")
+    out = subprocess.run([sys.executable, "-c", SIGTERM_AS_RAY_INIT_RETURNS], env=env(), capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.split() == ["kept", "True", "mine", "environment", "False"], \
+        (out.returncode, out.stdout, out.stderr[-2000:])
+    assert "SIGTERM received" not in out.stderr, out.stderr[-2000:]
+
+
 def processes_titled(title: str) -> list[int]:
     pids = []
     for entry in os.scandir("/proc"):

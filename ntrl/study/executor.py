@@ -336,19 +336,35 @@ def run_study(
 
 @contextlib.contextmanager
 def signals_held():
-    """Hold SIGINT, SIGTERM and SIGHUP back for the body (they are delivered when it ends)."""
+    """Hold SIGINT, SIGTERM and SIGHUP back for the body (they are delivered when it ends).
+
+    Blocked in this thread, so that a process the body starts inherits them blocked. That alone
+    holds back only what the kernel gives this thread: a signal to the process goes to any
+    thread that does not block it (Ray's C++ threads, a progress bar's monitor), and Python then
+    runs the handler in this thread all the same, inside the body (a SIGTERM so cut ray.shutdown
+    short, and the driver crashed as it exited). So the body also runs under handlers that only
+    note such a signal, and each noted one is raised again, under the handler of before, once
+    the body is done. A signal this process ignores stays ignored."""
     import signal
     import threading
 
-    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    old = {sig: handler for sig in sigs if (handler := signal.getsignal(sig)) not in (signal.SIG_IGN, None)}
+    arrived: list[int] = []
     try:
+        for sig in old:
+            signal.signal(sig, lambda signum, frame: arrived.append(signum))
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(arrived):  # pending, as this thread blocks it, until the mask is restored
+            signal.raise_signal(sig)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def progress_line(study: StudyConfig, study_dir: Path) -> str:

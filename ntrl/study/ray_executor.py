@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -49,12 +50,31 @@ INSTALL_HINT = "pip install 'ntrl[ray]' (in a checkout: .venv/bin/pip install -e
 
 
 def require_ray():
-    """The ray module, or a ConfigError that says how to install it."""
+    """The ray module, or a ConfigError that says how to install it.
+
+    ntrl's driver handles SIGTERM itself (records kept, one line, exit 143), so in this process
+    ray.init installs no SIGTERM handler of its own: neither its Python one (``sys.exit``, raised
+    wherever ray.init then is: a SIGTERM landing after its core worker started left that worker
+    running, half set up, and the driver crashed as it exited, exit -11) nor its C++ failure-signal
+    handler (which printed a C++ stack and aborted, exit -6). 4 and 6 of 30 SIGTERMs sent near
+    the end of ray.init ended so. With both off, ntrl's handler stays in place and
+    :func:`signals_deferred` holds the signal until ray.init is done. Only this process is
+    changed: Ray's own processes import Ray afresh and keep both."""
     try:
         import ray
     except ImportError:
         raise ConfigError("--executor", f"ray needs the optional extra, which is not installed: {INSTALL_HINT}") from None
+    constants, utils = sys.modules.get("ray._private.ray_constants"), sys.modules.get("ray._private.utils")
+    if hasattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):  # read by ray.init as it connects
+        constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    if callable(getattr(utils, "set_sigterm_handler", None)):  # called by ray.init, in the main thread
+        utils.set_sigterm_handler = _keep_ntrls_sigterm_handler
     return ray
+
+
+def _keep_ntrls_sigterm_handler(handler: Any) -> None:
+    """What ``ray._private.utils.set_sigterm_handler`` does in ntrl's driver: nothing (see
+    :func:`require_ray`)."""
 
 
 def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
@@ -311,8 +331,9 @@ def signals_deferred() -> Iterator[None]:
     """Ctrl-C and SIGTERM wait until the body (ray.init) is done, then act as ntrl's handlers say:
     raised inside ray.init they can crash its threads or be swallowed by a fork callback. Not a
     blocked mask, which Ray's processes would inherit. A signal this process ignores (Ctrl-C in a
-    job a shell started with ``&``) stays ignored. ray.init installs a SIGTERM handler of its own
-    that exits; ntrl's is put back."""
+    job a shell started with ``&``) stays ignored. A SIGTERM handler that ray.init installs
+    (:func:`require_ray` keeps it from doing so; a Ray that did it some other way) is replaced by
+    ntrl's again, and its ``SystemExit`` taken as the SIGTERM it stands for."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
