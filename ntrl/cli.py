@@ -385,10 +385,11 @@ def _redeliver_lost_interrupt(unraisable) -> None:
     to be raised where the command can stop: a moment later, from another thread, as a signal
     raised now, inside this hook, would be lost the same way. On a busy machine that moment can
     come while this hook still runs (a CI run lost a SIGTERM so): the handlers then send it once
-    more rather than raise it here. A ``SystemExit(SIGTERM)`` or ``SystemExit(SIGHUP)`` is the same
-    signal turned into an exit by a library's handler (``ray.init`` installs one that calls
-    ``sys.exit(signum)``; a CI run lost a SIGTERM to it inside logging's lock release): it is sent
-    again too, for ntrl's handler, once restored, to raise. Anything else goes to the previous hook."""
+    more rather than raise it here. A ``SystemExit(SIGTERM)`` is SIGTERM turned into an exit by a
+    library's handler (``ray.init`` installs one that calls ``sys.exit(signum)``; a CI run lost a
+    SIGTERM to it inside logging's lock release): it is sent again too, for ntrl's handler, once
+    restored, to raise. (Not SIGHUP's 1, which is also the plain ``sys.exit(1)`` of a failure.)
+    Anything else goes to the previous hook."""
     import signal
 
     global _IN_UNRAISABLE_HOOK
@@ -398,8 +399,8 @@ def _redeliver_lost_interrupt(unraisable) -> None:
         if isinstance(exc, KeyboardInterrupt):
             terminated = isinstance(exc, Terminated) and _TERMINATED
             _send_again(_TERMINATED[-1] if terminated else signal.SIGINT)
-        elif isinstance(exc, SystemExit) and exc.code in (signal.SIGTERM, signal.SIGHUP):
-            _send_again(int(exc.code))
+        elif isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+            _send_again(signal.SIGTERM)
         else:
             _previous_unraisablehook(unraisable)
     finally:

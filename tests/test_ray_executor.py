@@ -61,13 +61,15 @@ def session_processes(sid: int) -> list[str]:
     return out
 
 
-def test_the_reaper_is_out_of_reach_of_a_terminal_s_ctrl_c_to_the_driver_s_process_group():
+def test_the_reaper_is_out_of_reach_of_a_terminal_s_ctrl_c_to_the_driver_s_process_group(tmp_path):
     """A Ctrl-C sent to the driver's process group while the reaper's Python starts would kill it
     before it ignores SIGINT (a CI run saw "Fatal Python error: init_import_site" so), and leave
     Ray's processes unreaped: the reaper runs in a session of its own, and ends when let go."""
     from ntrl.study.reaper import start_reaper, stop_reaper
 
-    reaper = start_reaper(tempfile.gettempdir())
+    # as Ray's package directory, one that no process's command line names: it kills none of this
+    # test's (a CI run gave it /tmp, and it killed the W&B service and resource tracker of the tests)
+    reaper = start_reaper(str(tmp_path / "no-ray-here"))
     try:
         assert os.getsid(reaper.pid) == reaper.pid != os.getsid(0)
         assert os.getpgid(reaper.pid) != os.getpgid(0)

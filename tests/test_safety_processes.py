@@ -342,3 +342,86 @@ def test_a_signal_held_back_is_held_back_where_another_thread_takes_it():
     out = subprocess.run([sys.executable, "-c", HELD_WHILE_ANOTHER_THREAD_TAKES_IT], capture_output=True, text=True,
                          timeout=60)
     assert out.stdout.split() == ["body", "done", "raised", "after", "True", "True", "True"], (out.stdout, out.stderr)
+
+
+HELD_AND_ASKED_TWICE = """
+import os, signal, threading, time
+from ntrl.study.executor import signals_held
+
+class Mine(Exception):
+    pass
+
+def mine(signum, frame):
+    raise Mine()
+
+signal.signal(signal.SIGTERM, mine)
+threading.Thread(target=time.sleep, args=(10,), daemon=True).start()
+try:
+    with signals_held():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)
+        print("once")
+        os.kill(os.getpid(), signal.SIGTERM)  # asked again: at once
+        time.sleep(0.3)
+        print("body done")
+except Mine:
+    print("raised")
+print(signal.getsignal(signal.SIGTERM) is mine, signal.pthread_sigmask(signal.SIG_BLOCK, []) == set())
+"""
+
+
+def test_a_signal_held_back_acts_at_once_when_it_comes_again():
+    """The user asked twice: a clean-up that hangs (ray.shutdown) can still be stopped."""
+    out = subprocess.run([sys.executable, "-c", HELD_AND_ASKED_TWICE], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["once", "raised", "True", "True"], (out.stdout, out.stderr)
+
+
+HANDLER_RUNS_WHILE_PUT_BACK = """
+import signal
+from ntrl.study.executor import signals_held
+
+def on_int(signum, frame):
+    raise KeyboardInterrupt
+
+def on_term(signum, frame):
+    pass
+
+signal.signal(signal.SIGINT, on_int)
+signal.signal(signal.SIGTERM, on_term)
+real = signal.signal
+state = {"body": False, "done": False}
+
+def put_back(sig, handler):  # SIGINT's handler, once back, runs at once (a Ctrl-C on another thread)
+    previous = real(sig, handler)
+    if state["body"] and handler is on_int and not state["done"]:
+        state["done"] = True
+        raise KeyboardInterrupt
+    return previous
+
+signal.signal = put_back
+try:
+    with signals_held():
+        state["body"] = True
+    print("not raised")
+except KeyboardInterrupt:
+    print("raised")
+signal.signal = real
+print(signal.getsignal(signal.SIGINT) is on_int, signal.getsignal(signal.SIGTERM) is on_term,
+      signal.pthread_sigmask(signal.SIG_BLOCK, []) == set())
+"""
+
+
+def test_signals_held_puts_every_handler_and_the_mask_back_though_one_runs_meanwhile():
+    """Ctrl-C landing while the handlers are put back runs SIGINT's (back already), which raises:
+    the others are put back all the same, the mask restored, and the interrupt raised after (it
+    had left SIGTERM noting for good and the signals blocked)."""
+    out = subprocess.run([sys.executable, "-c", HANDLER_RUNS_WHILE_PUT_BACK], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["raised", "True", "True", "True"], (out.stdout, out.stderr)
+
+
+def test_a_plain_exit_1_python_could_only_print_is_not_taken_for_sighup():
+    """SystemExit(1) is a failure's exit code and SIGHUP's number: the hook passes it on."""
+    script = LOST_INTERRUPT.replace('raise KeyboardInterrupt()', 'raise SystemExit(1)')
+    out = subprocess.run([sys.executable, "-c", script, "exit1"], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "lost" and "SystemExit: 1" in out.stderr, (out.stdout, out.stderr)

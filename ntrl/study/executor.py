@@ -335,36 +335,63 @@ def run_study(
 
 
 @contextlib.contextmanager
-def signals_held():
-    """Hold SIGINT, SIGTERM and SIGHUP back for the body (they are delivered when it ends).
+def signals_held(block: bool = True) -> Iterator[list[int]]:
+    """Hold SIGINT, SIGTERM and SIGHUP back for the body; each that arrives is raised again,
+    under the handler of before, once the body is done. A second arrival of the same signal
+    acts at once (the user asked twice: a clean-up that hangs can still be stopped). A signal
+    this process ignores stays ignored. Yields the list of the signals noted so far.
 
-    Blocked in this thread, so that a process the body starts inherits them blocked. That alone
-    holds back only what the kernel gives this thread: a signal to the process goes to any
-    thread that does not block it (Ray's C++ threads, a progress bar's monitor), and Python then
-    runs the handler in this thread all the same, inside the body (a SIGTERM so cut ray.shutdown
-    short, and the driver crashed as it exited). So the body also runs under handlers that only
-    note such a signal, and each noted one is raised again, under the handler of before, once
-    the body is done. A signal this process ignores stays ignored."""
+    With ``block``, they are also blocked in this thread, so that a process the body starts
+    inherits them blocked (``block=False`` where that would be wrong: ray.init, whose processes
+    must stay stoppable). The mask alone would hold back only what the kernel gives this thread:
+    a signal to the process goes to any thread that does not block it (Ray's C++ threads, a
+    progress bar's monitor), and Python runs the handler in this thread all the same, inside the
+    body (a SIGTERM so cut ray.shutdown short, and the driver crashed as it exited). So the body
+    runs under handlers that note. The handlers of before are put back, and the mask restored,
+    even where one of them runs meanwhile and raises (that is raised after)."""
     import signal
     import threading
 
     sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    old = {sig: handler for sig in sigs if (handler := signal.getsignal(sig)) not in (signal.SIG_IGN, None)}
     arrived: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield arrived
+        return
+    old = {sig: handler for sig in sigs if (handler := signal.getsignal(sig)) not in (signal.SIG_IGN, None)}
+
+    def note(signum: int, frame: Any) -> None:
+        again = signum in arrived
+        arrived.append(signum)
+        if again and callable(old[signum]):
+            old[signum](signum, frame)
+
+    old_mask = None
     try:
+        if block:
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
         for sig in old:
-            signal.signal(sig, lambda signum, frame: arrived.append(signum))
-        yield
+            signal.signal(sig, note)
+        yield arrived
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(arrived):  # pending, as this thread blocks it, until the mask is restored
-            signal.raise_signal(sig)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        raised = None
+        while True:  # every handler put back, though one put back already runs and raises meanwhile
+            try:
+                for sig, handler in old.items():
+                    if signal.getsignal(sig) is not handler:
+                        signal.signal(sig, handler)
+                break
+            except BaseException as e:
+                raised = raised or e
+        try:
+            for sig in dict.fromkeys(arrived):  # pending until the mask is restored, where it blocks them
+                signal.raise_signal(sig)
+        except BaseException as e:
+            raised = raised or e
+        finally:
+            if old_mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        if raised is not None:
+            raise raised
 
 
 def progress_line(study: StudyConfig, study_dir: Path) -> str:

@@ -30,7 +30,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -53,20 +52,32 @@ def require_ray():
     """The ray module, or a ConfigError that says how to install it.
 
     ntrl's driver handles SIGTERM itself (records kept, one line, exit 143), so in this process
-    ray.init installs no SIGTERM handler of its own: neither its Python one (``sys.exit``, raised
-    wherever ray.init then is: a SIGTERM landing after its core worker started left that worker
-    running, half set up, and the driver crashed as it exited, exit -11) nor its C++ failure-signal
-    handler (which printed a C++ stack and aborted, exit -6). 4 and 6 of 30 SIGTERMs sent near
-    the end of ray.init ended so. With both off, ntrl's handler stays in place and
-    :func:`signals_deferred` holds the signal until ray.init is done. Only this process is
-    changed: Ray's own processes import Ray afresh and keep both."""
+    ray.init installs no SIGTERM handler of its own, and the signal waits until ray.init returns
+    (:func:`signals_deferred`). Left to itself, ray.init installs two: a Python one that calls
+    ``sys.exit`` wherever ray.init then is (a SIGTERM after its core worker started left that
+    worker half set up, and the driver crashed as it exited, exit -11), and Ray's C++ failure-
+    signal handler (a C++ stack, then abort, -6). In stress runs 10 of 54 SIGTERMs sent 2.5 to
+    6 s into a study's start ended so (6 of 24 aimed at ray.init's last moments), and none of
+    the same 54 since. The C++ handler covers the fatal signals too (SIGSEGV, SIGABRT, ...):
+    Python's faulthandler prints the driver's Python stack for those instead. This lasts for the
+    process (a later ray.init in it is the same); Ray's own processes import Ray afresh and keep
+    both handlers."""
     try:
         import ray
     except ImportError:
         raise ConfigError("--executor", f"ray needs the optional extra, which is not installed: {INSTALL_HINT}") from None
-    constants, utils = sys.modules.get("ray._private.ray_constants"), sys.modules.get("ray._private.utils")
+    import faulthandler
+    import importlib
+
+    try:
+        constants = importlib.import_module("ray._private.ray_constants")
+        utils = importlib.import_module("ray._private.utils")
+    except ImportError:  # another Ray's layout: its handlers stay; signals_deferred still catches its SystemExit
+        return ray
     if hasattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"):  # read by ray.init as it connects
         constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+        if not faulthandler.is_enabled():
+            faulthandler.enable()
     if callable(getattr(utils, "set_sigterm_handler", None)):  # called by ray.init, in the main thread
         utils.set_sigterm_handler = _keep_ntrls_sigterm_handler
     return ray
@@ -298,13 +309,13 @@ def ray_session(address: str | None, workers: int) -> Iterator[None]:
     try:
         yield
     finally:
-        with signals_held():
+        with signals_held():  # a Ctrl-C or SIGTERM now would cut the clean-up short: it comes after
             ray.shutdown()
-        if reaper is not None:
-            from ntrl.study.reaper import stop_reaper
+            if reaper is not None:
+                from ntrl.study.reaper import stop_reaper
 
-            stop_reaper(reaper)
-            remove_stale_unit_dirs()  # those of the tasks that shutdown stopped midway, on this machine
+                stop_reaper(reaper)
+                remove_stale_unit_dirs()  # those of the tasks that shutdown stopped midway, on this machine
 
 
 def start_local_ray(ray, workers: int):
@@ -328,36 +339,19 @@ def start_local_ray(ray, workers: int):
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the body (ray.init) is done, then act as ntrl's handlers say:
-    raised inside ray.init they can crash its threads or be swallowed by a fork callback. Not a
-    blocked mask, which Ray's processes would inherit. A signal this process ignores (Ctrl-C in a
-    job a shell started with ``&``) stays ignored. A SIGTERM handler that ray.init installs
-    (:func:`require_ray` keeps it from doing so; a Ray that did it some other way) is replaced by
-    ntrl's again, and its ``SystemExit`` taken as the SIGTERM it stands for."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    deferred = [sig for sig, handler in old.items() if handler is not signal.SIG_IGN]
-    arrived: list[int] = []
-    for sig in deferred:
-        signal.signal(sig, lambda signum, frame: arrived.append(signum))
-    try:
-        yield
-    except SystemExit as e:  # ray.init's own SIGTERM handler
-        if e.code != signal.SIGTERM or signal.SIGTERM not in deferred:
-            raise
-        arrived.append(signal.SIGTERM)
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    if arrived:
-        handler = old[arrived[0]]
-        if callable(handler):
-            handler(arrived[0], None)  # ntrl's: notes SIGTERM's exit status and raises
-        raise KeyboardInterrupt
+    """Ctrl-C, SIGTERM and SIGHUP wait until the body (ray.init) is done, then act as ntrl's
+    handlers say: raised inside ray.init they can crash its threads or be swallowed by a fork
+    callback (:func:`ntrl.study.executor.signals_held`, without a blocked mask, which Ray's
+    processes would inherit). A SIGTERM handler that ray.init installs after all
+    (:func:`require_ray` keeps it from doing so; a Ray that did it some other way) is replaced
+    by ntrl's again, and its ``SystemExit`` taken as the SIGTERM it stands for."""
+    with signals_held(block=False) as arrived:
+        try:
+            yield
+        except SystemExit as e:
+            if e.code != signal.SIGTERM:
+                raise
+            arrived.append(signal.SIGTERM)
 
 
 def resolve_ray_address(address: str) -> str:
