@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from grids import kill_grid, tiny_grid
+from signal_scripts import MINE_ON_SIGTERM
 from ntrl.records import read_records
 
 NTRL = str(Path(sys.executable).with_name("ntrl"))
@@ -104,17 +105,10 @@ def test_ctrl_c_during_ray_init_waits_for_its_end_and_an_ignored_one_stays_ignor
         signal.signal(signal.SIGINT, before)
 
 
-SIGTERM_AS_RAY_INIT_RETURNS = """
-import logging, os, signal, sys, time
+SIGTERM_AS_RAY_INIT_RETURNS = MINE_ON_SIGTERM + """
+import logging
 from ntrl.study.ray_executor import require_ray
 
-class Mine(Exception):
-    pass
-
-def mine(signum, frame):
-    raise Mine()
-
-signal.signal(signal.SIGTERM, mine)
 ray = require_ray()
 ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.ERROR)
 try:  # the moment before signals_deferred would put ntrl's handler back: whose handler has SIGTERM?

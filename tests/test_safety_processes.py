@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from grids import kill_grid
+from signal_scripts import MINE_ON_SIGTERM
 from ntrl.records import read_records
 
 NTRL = str(Path(sys.executable).with_name("ntrl"))
@@ -305,17 +306,8 @@ def test_an_interrupt_python_could_only_print_is_sent_again_not_lost(kind, said)
     assert out.stdout.strip() == said and out.stderr == "", (out.stdout, out.stderr)
 
 
-HELD_WHILE_ANOTHER_THREAD_TAKES_IT = """
-import os, signal, sys, threading, time
+HELD_WHILE_ANOTHER_THREAD_TAKES_IT = MINE_ON_SIGTERM + """
 from ntrl.study.executor import signals_held
-
-class Mine(Exception):
-    pass
-
-def mine(signum, frame):
-    raise Mine()
-
-signal.signal(signal.SIGTERM, mine)
 signal.signal(signal.SIGHUP, signal.SIG_IGN)
 threading.Thread(target=time.sleep, args=(10,), daemon=True).start()  # blocks nothing: the kernel gives it the signal
 try:
@@ -344,17 +336,8 @@ def test_a_signal_held_back_is_held_back_where_another_thread_takes_it():
     assert out.stdout.split() == ["body", "done", "raised", "after", "True", "True", "True"], (out.stdout, out.stderr)
 
 
-HELD_AND_ASKED_TWICE = """
-import os, signal, threading, time
+HELD_AND_ASKED_TWICE = MINE_ON_SIGTERM + """
 from ntrl.study.executor import signals_held
-
-class Mine(Exception):
-    pass
-
-def mine(signum, frame):
-    raise Mine()
-
-signal.signal(signal.SIGTERM, mine)
 threading.Thread(target=time.sleep, args=(10,), daemon=True).start()
 try:
     with signals_held():
