@@ -374,13 +374,13 @@ def signals_held(block: bool = True) -> Iterator[list[int]]:
         yield arrived
     finally:
         raised = None
-        while True:  # every handler put back, though one put back already runs and raises meanwhile
+        for _ in range(len(sigs) + 1):  # every handler put back, though one put back runs and raises meanwhile
             try:
                 for sig, handler in old.items():
                     if signal.getsignal(sig) is not handler:
                         signal.signal(sig, handler)
                 break
-            except BaseException as e:
+            except BaseException as e:  # once per signal at most; anything else again and again is raised
                 raised = raised or e
         try:
             for sig in dict.fromkeys(arrived):  # pending until the mask is restored, where it blocks them
