@@ -155,7 +155,7 @@ def _make_run_dir(config: TrainConfig, mark: bool, created: list[list[Path]] | N
     out = check_out_dir(config.out)
     name = check_name(config.run_name or config.default_run_name(), "--run-name")
     run_dir = Path(config.out) / name
-    missing = missing_dirs(out / name)
+    missing = missing_dirs(out / name) if created is not None else []
     with made_dirs(out):
         replace_run_dir(out / name, config.force)
         (out / name).mkdir(exist_ok=True)
@@ -173,14 +173,14 @@ def prepare_run_dirs(configs: Sequence[TrainConfig], made: Callable[[], None] | 
     given its config.json and an empty records file, with two syncs in all
     (:func:`ntrl.records.write_bytes_many_atomic`) instead of two fsyncs a run.
 
-    Every directory is made first, then the three files of each are written: every marker goes
-    into place, synced, before any other file is written. For a progress bar, ``made`` is called
-    after each directory and after each file, ``files`` once between the two. A kill before the markers are in place leaves
-    directories that are empty or hold only a marker's temporary file, which any rerun takes; a
-    kill after leaves runs of ntrl's, cut short, which a resumed population trains again
-    (:func:`ntrl.population.trainer.resume_population`) or ``force`` replaces: never a directory
-    that ntrl refuses as not its own. Two runs that reach one directory by different paths (a
-    symbolic link, ``a/../a``, a case-insensitive file system) are refused before anything is
+    Every directory is made first, then the three files of each are written: every marker goes into
+    place, synced, before any other file is written. For a progress bar, ``made`` is called after
+    each directory and after each file, ``files`` once between the two. A kill before the markers
+    are in place leaves directories that are empty or hold only a marker's temporary file, which any
+    rerun takes; a kill after leaves runs of ntrl's, cut short, which a resumed population trains
+    again (:func:`ntrl.population.trainer.resume_population`) or ``force`` replaces: never a
+    directory that ntrl refuses as not its own. Two runs that reach one directory by different paths
+    (a symbolic link, ``a/../a``, a case-insensitive file system) are refused before anything is
     written into it. If making or writing fails, the directories this call made that are still
     empty are removed again."""
     run_dirs: list[Path] = []
