@@ -39,8 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_population as bp  # noqa: E402  (the same configs and single-run timing)
-from bench_population import stamped_iterations  # noqa: E402
+import bench_population as bp  # noqa: E402  (the same configs, single-run timing and loop stamps)
 
 
 def iteration_seconds(make_configs: Callable[[str, int, int], list], members: int, updates: int, every: int,
@@ -55,7 +54,7 @@ def iteration_seconds(make_configs: Callable[[str, int, int], list], members: in
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with stamped_iterations(time.perf_counter) as stamps, tempfile.TemporaryDirectory() as d:
+    with bp.stamped_iterations(time.perf_counter) as stamps, tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         r = train_population(make_configs(d, members, updates + 11), schedule=TrackSchedule(every=every),
                              progress=False, device=device)
