@@ -54,14 +54,14 @@ def require_ray():
     ntrl's driver handles SIGTERM itself (records kept, one line, exit 143), so in this process
     ray.init installs no SIGTERM handler of its own, and the signal waits until ray.init returns
     (:func:`signals_deferred`). Left to itself, ray.init installs two: a Python one that calls
-    ``sys.exit`` wherever ray.init then is (a SIGTERM after its core worker started left that
-    worker half set up, and the driver crashed as it exited, exit -11), and Ray's C++ failure-
-    signal handler (a C++ stack, then abort, -6). In stress runs 10 of 54 SIGTERMs sent 2.5 to
-    6 s into a study's start ended so (6 of 24 aimed at ray.init's last moments), and none of
-    the same 54 since. The C++ handler covers the fatal signals too (SIGSEGV, SIGABRT, ...):
-    Python's faulthandler prints the driver's Python stack for those instead. This lasts for the
-    process (a later ray.init in it is the same); Ray's own processes import Ray afresh and keep
-    both handlers."""
+    ``sys.exit`` wherever ray.init then is (a SIGTERM after its core worker started left that worker
+    half set up, and the driver crashed as it exited, exit -11), and Ray's C++ failure-signal
+    handler (a C++ stack, then abort, -6). In stress runs 10 of 54 SIGTERMs sent 2.5 to 6 s into a
+    study's start ended so (6 of 24 aimed at ray.init's last moments), and none of the same 54 since
+    (benchmarks/stress_ray_signals.py). The C++ handler covers the fatal signals too (SIGSEGV,
+    SIGABRT, ...): Python's faulthandler prints the driver's Python stack for those instead. This
+    lasts for the process (a later ray.init in it is the same); Ray's own processes import Ray
+    afresh and keep both handlers."""
     try:
         import ray
     except ImportError:
