@@ -27,6 +27,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal, Sequence
 
+from ntrl.termination import send_again as _send_again  # the standard library's modules alone
+
 # ``ntrl train <name>``: the config class of each experiment, imported when used.
 EXPERIMENTS = {
     "bandit": ("ntrl.experiments.bandit:BanditConfig", "REINFORCE on ntrl/TwoArmedBandit-v0"),
@@ -364,15 +366,6 @@ def _raise_interrupt(signum, frame) -> None:
         _send_again(signum)
         return
     raise KeyboardInterrupt
-
-
-def _send_again(signum: int) -> None:
-    """Send ``signum`` to this process again 10 ms from now, from another thread."""
-    import threading
-
-    timer = threading.Timer(0.01, os.kill, (os.getpid(), signum))
-    timer.daemon = True
-    timer.start()
 
 
 _IN_UNRAISABLE_HOOK = False  # the handlers above send a signal that lands inside the hook again

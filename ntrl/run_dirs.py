@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import json
 import os
@@ -306,6 +308,177 @@ def remove_marked_dir(directory: Path) -> None:
             child.unlink()
     (directory / MARKER).unlink(missing_ok=True)
     directory.rmdir()
+
+
+class RunLocked(ConfigError):
+    """A run directory that another live process holds (:class:`RunDirLocks`)."""
+
+
+# flock(2) errors of a file system that cannot lock a directory opened for reading (NFS, which
+# emulates flock with byte-range locks; Lustre without its flock option; some CIFS): runs go on
+# there without their lock, said once
+_NO_LOCKING = (errno.EBADF, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+_HELD: dict[tuple[int, int], list[int]] = {}  # this process's locked directories: (st_dev, st_ino) → [fd, holders]
+_SAID_NO_LOCKING: set[int] = set()  # the file systems (st_dev) already said to lock nothing
+
+
+class RunDirLocks:
+    """Exclusive ``flock(2)`` locks on run directories, held while their runs train, so that
+    another process never trains, resumes or replaces (``force``) a run that a live one is still
+    writing: it is refused with the holder's PID. The lock is on the directory itself (nothing is
+    written for it, so nothing is left to clean up), and the kernel drops it when its holder dies,
+    however it dies: a run whose process was killed is never blocked. A process holds each
+    directory once, whichever of its :class:`RunDirLocks` took it (a study's worker, then the run it
+    trains), until the last of them lets go. Each held directory takes one file descriptor, closed
+    on ``exec`` (a process started with ``subprocess`` does not keep the lock; a ``fork()``-ed child
+    shares it until it exits); :meth:`reserve` raises the soft limit on open files where a
+    population needs more. On a file system that cannot lock a directory (NFS, for one) runs go on
+    without their lock, said once. Use as a context manager: leaving it lets go of its locks."""
+
+    def __init__(self) -> None:
+        self._keys: list[tuple[int, int]] = []  # what this holds, once each
+
+    def __enter__(self) -> "RunDirLocks":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Let go of every lock this holds."""
+        keys, self._keys = self._keys, []
+        for key in keys:
+            _let_go(key)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @staticmethod
+    def reserve(n: int) -> None:
+        """Raise the soft limit on open files (RLIMIT_NOFILE) towards its hard limit, so that ``n``
+        more locks fit beside what the process has open (a margin of :data:`SPARE_FILES`); a
+        ConfigError where the hard limit is too low."""
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            in_use = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            in_use = 64
+        need = in_use + n + SPARE_FILES
+        if soft == resource.RLIM_INFINITY or need <= soft:
+            return
+        if hard != resource.RLIM_INFINITY and need > hard:
+            raise ConfigError("--population", f"{n} run directories are to be locked while they train, one open file "
+                                              f"each, but this process may open at most {hard} files (ulimit -Hn); "
+                                              f"train fewer members at once, or raise the limit")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+    def acquire(self, run_dir: Path, flag: str = "--run-name") -> None:
+        """Lock the directory ``run_dir`` (not through a symbolic link; nothing where there is no
+        directory), or a :class:`RunLocked` naming the live process that holds it."""
+        try:
+            fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # nothing to lock: the checks say why
+                return
+            raise ConfigError(flag, f"cannot open {run_dir} to lock it: {e.strerror or e}") from None
+        try:  # the descriptor is closed on every way out but the lock's being held
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            if key in self._keys:
+                os.close(fd)
+                return
+            if key in _HELD:  # this process holds it already
+                os.close(fd)
+                _HELD[key][1] += 1
+                self._keys.append(key)
+                return
+            if not _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, run_dir, st, flag):
+                os.close(fd)  # the file system locks nothing
+                return
+            _HELD[key] = [fd, 1]
+            self._keys.append(key)
+        except BaseException:
+            if not any(held[0] == fd for held in _HELD.values()):
+                os.close(fd)
+            raise
+
+    def release(self, run_dir_stat: os.stat_result) -> None:
+        """Let go of the lock on the directory of ``run_dir_stat``, if this holds it."""
+        key = (run_dir_stat.st_dev, run_dir_stat.st_ino)
+        if key in self._keys:
+            self._keys.remove(key)
+            _let_go(key)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def creating(out: Path) -> Iterator[None]:
+        """Hold ``out``'s own lock (waiting for it) while a run directory in it is looked at,
+        replaced, made and locked, so that no other process makes, locks or replaces it in between
+        (they take the same lock). Held for moments only."""
+        try:
+            fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:  # the checks that follow say what is wrong with out
+            yield
+            return
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) not in _HELD:  # held as a run directory already: by this process alone
+                _flock(fd, fcntl.LOCK_EX, out, st, "--out")
+            yield
+        finally:
+            os.close(fd)
+
+
+def _flock(fd: int, operation: int, path: Path, st: os.stat_result, flag: str) -> bool:
+    """``flock(fd, operation)``: True once held; False where the file system cannot lock (said
+    once per file system); a :class:`RunLocked` where another process holds it."""
+    try:
+        fcntl.flock(fd, operation)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            holder = flock_holder(st)
+            raise RunLocked(flag, f"{path} is being trained by another live process "
+                                  f"({'PID ' + str(holder) if holder else 'its PID unknown'}); wait for it to end "
+                                  f"or stop it, or choose another run name") from None
+        if e.errno in _NO_LOCKING:
+            if st.st_dev not in _SAID_NO_LOCKING:
+                _SAID_NO_LOCKING.add(st.st_dev)
+                from ntrl.wandb_sink import warn
+
+                warn(f"the file system of {path} cannot lock a directory ({e.strerror or e}); runs there are not "
+                     f"guarded against a second process training them")
+            return False
+        raise ConfigError(flag, f"cannot lock {path}: {e.strerror or e}") from None
+
+
+def _let_go(key: tuple[int, int]) -> None:
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD[key]
+        os.close(held[0])  # the only descriptor of its open file: its flock goes with it
+
+
+SPARE_FILES = 256  # open files left for everything else when run directories are locked
+
+
+def flock_holder(st: os.stat_result) -> int | None:
+    """The PID holding a ``flock`` on the file of ``st``, from /proc/locks (Linux); None if unknown."""
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted and fields[4].isdigit():
+                    return int(fields[4])
+    except OSError:
+        pass
+    return None
 
 
 # What a run directory holds when ntrl alone wrote it (W&B writes inside wandb/).

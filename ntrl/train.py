@@ -6,9 +6,11 @@ Readable top to bottom; ``scripts/train_bandit.py`` and ``ntrl train <env>`` bot
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +25,11 @@ from ntrl.records import (
     write_bytes_many_atomic, write_json_atomic,
 )
 from ntrl.run_dirs import (
-    MARKER, RUN_KIND, check_name, check_out_dir, inside, made_dirs, marker_contents, missing_dirs, remove_empty_dirs,
+    MARKER, RUN_KIND, RunDirLocks, check_name, check_out_dir, inside, made_dirs, marker_contents, missing_dirs, remove_empty_dirs,
     replace_run_dir, write_marker,
 )
 from ntrl.engine.tangent import TangentEngine
+from ntrl.termination import sigterm_as_interrupt
 from ntrl.tracker import (
     FIRST_ORDER_SHARE, FIRST_ORDER_TOLERANCE, Tracker, first_order_scale_of_columns, price_agreement,
 )
@@ -141,34 +144,49 @@ def use_policy(exp: Any, policy: Any, config: TrainConfig) -> None:
     exp.optimizer = make_optimizer(config.optimizer, own, config.lr, **config.optimizer_kwargs())
 
 
-def prepare_run_dir(config: TrainConfig) -> Path:
+def prepare_run_dir(config: TrainConfig, locks: RunDirLocks | None = None) -> Path:
     """``--out``/``--run-name``, made and marked as ntrl's (see :mod:`ntrl.run_dirs`).
 
     An existing run of ntrl's is replaced only with ``force``; a directory holding anything ntrl
-    did not write, a symbolic link, or a name that is not a plain name is refused."""
-    return _make_run_dir(config, mark=True)
+    did not write, a symbolic link, or a name that is not a plain name is refused. With ``locks``,
+    the directory is locked before it is looked at (a run another live process trains is refused)
+    and stays locked in ``locks``."""
+    return _make_run_dir(config, mark=True, locks=locks)
 
 
-def _make_run_dir(config: TrainConfig, mark: bool, created: list[list[Path]] | None = None) -> Path:
+def _make_run_dir(config: TrainConfig, mark: bool, created: list[list[Path]] | None = None,
+                  locks: RunDirLocks | None = None) -> Path:
     """The run directory of ``config``, made (and ``mark``-ed); ``created`` gets the directories
-    this made (the run directory and ``out``'s missing parents, innermost first)."""
+    this made (the run directory and ``out``'s missing parents, innermost first); ``locks``, where
+    given, holds its lock (:class:`ntrl.run_dirs.RunDirLocks`): an existing directory's, taken
+    before it is checked or replaced, and the new one's where it was replaced."""
     out = check_out_dir(config.out)
     name = check_name(config.run_name or config.default_run_name(), "--run-name")
     run_dir = Path(config.out) / name
     missing = missing_dirs(out / name) if created is not None else []
-    with made_dirs(out):
-        replace_run_dir(out / name, config.force)
-        (out / name).mkdir(exist_ok=True)
-        inside(out / name, out)
+    with made_dirs(out), (locks.creating(out) if locks is not None else contextlib.nullcontext()):
+        target = out / name
+        before = None
+        if locks is not None:
+            locks.acquire(target)
+            before = os.stat(target) if target.is_dir() and not target.is_symlink() else None
+        replace_run_dir(target, config.force)
+        target.mkdir(exist_ok=True)
+        inside(target, out)
+        if locks is not None:
+            locks.acquire(target)
+            now = os.stat(target)
+            if before is not None and (before.st_dev, before.st_ino) != (now.st_dev, now.st_ino):
+                locks.release(before)  # the directory it replaced
         if mark:
-            write_marker(out / name, RUN_KIND)
+            write_marker(target, RUN_KIND)
     if created is not None:
         created.append(missing)
     return run_dir
 
 
 def prepare_run_dirs(configs: Sequence[TrainConfig], made: Callable[[], None] | None = None,
-                     files: Callable[[], None] | None = None) -> list[Path]:
+                     files: Callable[[], None] | None = None, locks: RunDirLocks | None = None) -> list[Path]:
     """:func:`prepare_run_dir` for many runs (a population's members), each run directory also
     given its config.json and an empty records file, with two syncs in all
     (:func:`ntrl.records.write_bytes_many_atomic`) instead of two fsyncs a run.
@@ -182,13 +200,13 @@ def prepare_run_dirs(configs: Sequence[TrainConfig], made: Callable[[], None] | 
     directory that ntrl refuses as not its own. Two runs that reach one directory by different paths
     (a symbolic link, ``a/../a``, a case-insensitive file system) are refused before anything is
     written into it. If making or writing fails, the directories this call made that are still
-    empty are removed again."""
+    empty are removed again. ``locks``: each directory's lock goes there (:func:`prepare_run_dir`)."""
     run_dirs: list[Path] = []
     created: list[list[Path]] = []  # per run, the directories this call made
     seen: dict[tuple[int, int], int] = {}
     try:
         for i, config in enumerate(configs):
-            run_dir = _make_run_dir(config, mark=False, created=created)
+            run_dir = _make_run_dir(config, mark=False, created=created, locks=locks)
             st = run_dir.stat()
             if (st.st_dev, st.st_ino) in seen:
                 raise ConfigError("--run-name", f"members of one population need distinct run directories: members "
@@ -315,16 +333,26 @@ def run_summary(config: TrainConfig, run_dir: Path, sink: WandbSink, *, status: 
     }
 
 
-def train(config: TrainConfig, progress: bool = True, policy: Any = None) -> RunResult:
+def train(config: TrainConfig, progress: bool = True, policy: Any = None,
+          locks: RunDirLocks | None = None) -> RunResult:
     """Run REINFORCE with Price tracking; write records, config and summary to the run dir.
-    ``policy``: the user's own torch module, trained instead of the config's (:func:`use_policy`)."""
+    ``policy``: the user's own torch module, trained instead of the config's (:func:`use_policy`).
+    The run directory is locked while the run trains (:class:`ntrl.run_dirs.RunDirLocks`), and
+    beyond where the caller gives its own ``locks`` (a study's worker writes the summary again); a
+    SIGTERM at its default action ends the process only once the run is written
+    (:func:`ntrl.termination.sigterm_as_interrupt`)."""
+    with sigterm_as_interrupt(), RunDirLocks() as own:
+        return _train(config, progress, policy, own if locks is None else locks)
+
+
+def _train(config: TrainConfig, progress: bool, policy: Any, locks: RunDirLocks) -> RunResult:
     config.validate()
     torch.set_num_threads(config.threads)  # tiny networks: extra threads only add contention
     exp = config.build()  # bad input fails here, before anything is written
     try:
         if policy is not None:
             use_policy(exp, policy, config)
-        run_dir = prepare_run_dir(config)
+        run_dir = prepare_run_dir(config, locks)
     except BaseException:
         exp.env.close()
         raise

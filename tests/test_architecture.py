@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"ntrl": ROOT / "ntrl", "ntrl.agents": ROOT / "agents", "ntrl.envs": ROOT / "envs"}
-CORE = {"config", "properties", "tracker", "records", "wandb_sink", "train", "run_dirs", "verbose"}
+CORE = {"config", "properties", "tracker", "records", "wandb_sink", "train", "run_dirs", "verbose", "termination"}
 # Lower number = lower layer. The policy networks come first (the engine recognises their
 # structure); agents (REINFORCE, optimizers) and envs sit on the engine; the SB3 callback
 # ntrl.agents.sb3 is an integration, at the experiments' layer.

@@ -19,6 +19,8 @@ import torch
 
 from ntrl.experiments.gym_env import GymConfig
 from ntrl.records import CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, read_records, write_json_atomic
+from ntrl.run_dirs import RunDirLocks
+from ntrl.termination import sigterm_as_interrupt
 from ntrl.train import RunInterrupted, RunResult, non_default_settings, prepare_run_dir, price_check, price_check_text
 from ntrl.wandb_sink import WandbSink
 
@@ -49,7 +51,14 @@ def make_model(config: GymConfig, verbose: int = 0):
 
 
 def train_sb3(config: GymConfig, progress: bool = True) -> RunResult:
-    """Train PPO or A2C with Price tracking at every ``track_every``-th rollout."""
+    """Train PPO or A2C with Price tracking at every ``track_every``-th rollout. The run directory
+    is locked while the run trains (:class:`ntrl.run_dirs.RunDirLocks`); a SIGTERM at its default
+    action ends the process only once the run is written (:mod:`ntrl.termination`)."""
+    with sigterm_as_interrupt(), RunDirLocks() as locks:
+        return _train_sb3(config, progress, locks)
+
+
+def _train_sb3(config: GymConfig, progress: bool, locks: RunDirLocks) -> RunResult:
     from ntrl.agents.sb3 import NTCovCallback
     from ntrl.experiments.user_properties import load_probe_states
 
@@ -61,7 +70,7 @@ def train_sb3(config: GymConfig, progress: bool = True) -> RunResult:
     specs = [f"P=action:{config.target}"] + list(config.property)
     exact = _exact_model(config, specs)
     _check_properties(config, model, specs, probes, exact)  # before any run directory exists
-    run_dir = prepare_run_dir(config)
+    run_dir = prepare_run_dir(config, locks)
     recorded = sb3_config(config, model)
     write_json_atomic(run_dir / CONFIG_FILE, recorded)
     sink = WandbSink(run_dir, recorded, mode=config.wandb, name=run_dir.name, group=config.group,

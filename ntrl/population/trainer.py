@@ -69,7 +69,8 @@ from ntrl.records import (
     CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, finite_rows, json_file_bytes, nonfinite_field, read_records, record_line,
     record_lines, write_json_atomic, write_json_many_atomic,
 )
-from ntrl.run_dirs import check_out_dir, check_run_dir, is_ntrl_run, ntrl_wandb_dir
+from ntrl.run_dirs import RunDirLocks, RunLocked, check_out_dir, check_run_dir, is_ntrl_run, ntrl_wandb_dir
+from ntrl.termination import sigterm_as_interrupt
 from ntrl.tracker import TrackSchedule, first_order
 from ntrl.train import (
     COMPLETE, RunInterrupted, RunResult, prepare_run_dirs, price_check, price_check_of_columns, run_summary, split_seed,
@@ -217,14 +218,17 @@ def validated_members(configs: Sequence[TrainConfig], schedule: TrackSchedule | 
     return out
 
 
-def check_members_run_dirs(configs: Sequence[TrainConfig]) -> None:
-    """Every member's run directory may take its run (:func:`ntrl.run_dirs.check_run_dir`), or
-    one ConfigError: the first refusal, and how many more members are refused (a rerun of an
-    interrupted population finds every one of them)."""
+def check_members_run_dirs(configs: Sequence[TrainConfig], locks: RunDirLocks | None = None) -> None:
+    """Every member's run directory may take its run (:func:`ntrl.run_dirs.check_run_dir`), and
+    (``locks``) is locked there, not trained by another live process; or one ConfigError: the first
+    refusal, and how many more members are refused (a rerun of an interrupted population finds
+    every one of them)."""
     refusals = []
     for c in configs:
         run_dir = c.run_dir()
         try:
+            if locks is not None:
+                locks.acquire(run_dir)
             check_run_dir(run_dir, c.force)
         except ConfigError as e:
             refusals.append((run_dir, e))
@@ -233,7 +237,7 @@ def check_members_run_dirs(configs: Sequence[TrainConfig]) -> None:
         others = [str(d) for d, _ in refusals[1:]]
         more = f" ({len(others)} more member{'s are' if len(others) > 1 else ' is'} refused, each for its own run " \
                f"directory: {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
-        if len(configs) > 1 and any(is_ntrl_run(d) for d, _ in refusals):
+        if len(configs) > 1 and any(is_ntrl_run(d) and not isinstance(e, RunLocked) for d, e in refusals):
             more += "; train_population(..., resume=True) trains only the members without a complete run"
         raise ConfigError(first.flag, first.message + more)
 
@@ -578,8 +582,11 @@ def train_population(
     training settings) is not trained again, and its result is read back; a member whose run of
     ntrl's was cut short (interrupted, failed, or no summary) is trained again from the start in
     its place, as ``force`` would; the others train as they would without it
-    (:func:`resume_population`). Nothing guards a run another process is still training: resume
-    a population only once the process that trained it has stopped.
+    (:func:`resume_population`). Every member's run directory is locked while the population
+    trains (:class:`ntrl.run_dirs.RunDirLocks`): a member that another live process is training
+    is refused, with that process's PID, before anything is written. A SIGTERM at its default
+    action stops the population as Ctrl-C does and then ends the process, once every member's
+    records and summary are written (:mod:`ntrl.termination`).
 
     Each member is tracked on its config's schedule, or on ``schedule`` when one is given (then
     written into each member's config.json).
@@ -594,6 +601,17 @@ def train_population(
     goes to appending). ``before_summary`` is called before the summaries of the members that stop
     together are written (a study's worker ends there if its parent has died, so that nothing
     completes after a kill)."""
+    with sigterm_as_interrupt():
+        return _train_population(configs, schedule, device, progress, wandb_parent, wandb_name, wandb_config,
+                                 max_memory, flush_seconds, summary_extra, before_summary, resume)
+
+
+def _train_population(configs: Sequence[TrainConfig], schedule: TrackSchedule | None, device: str, progress: bool,
+                      wandb_parent: str | os.PathLike | None, wandb_name: str | None,
+                      wandb_config: dict[str, Any] | None, max_memory: int | None, flush_seconds: float,
+                      summary_extra: Sequence[dict[str, Any]] | None, before_summary: Callable[[], None] | None,
+                      resume: bool) -> PopulationResult:
+    """:func:`train_population`, SIGTERM taken care of."""
     configs = validated_members(configs, schedule)
     check_compatible(configs)
     if wandb_parent is None:  # no W&B run: each member's config.json says so, as its summary does
@@ -603,11 +621,24 @@ def train_population(
                                  wandb_parent=wandb_parent, wandb_name=wandb_name, wandb_config=wandb_config,
                                  max_memory=max_memory, flush_seconds=flush_seconds, summary_extra=summary_extra,
                                  before_summary=before_summary)
+    with RunDirLocks() as locks:
+        return _train_members(configs, locks, schedule, device, progress, wandb_parent, wandb_name, wandb_config,
+                              max_memory, flush_seconds, summary_extra, before_summary)
+
+
+def _train_members(configs: list[TrainConfig], locks: RunDirLocks, schedule: TrackSchedule | None, device: str,
+                   progress: bool, wandb_parent: str | os.PathLike | None, wandb_name: str | None,
+                   wandb_config: dict[str, Any] | None, max_memory: int | None, flush_seconds: float,
+                   summary_extra: Sequence[dict[str, Any]] | None,
+                   before_summary: Callable[[], None] | None) -> PopulationResult:
+    """:func:`train_population` of validated, compatible ``configs``, their run directories held in
+    ``locks``."""
     first = configs[0]
     dev = resolve_device(device)
     torch.set_num_threads(first.threads)
     check_memory(first, len(configs), dev, max_memory)
-    check_members_run_dirs(configs)
+    RunDirLocks.reserve(len(configs))
+    check_members_run_dirs(configs, locks)
     if wandb_parent is not None:
         check_out_dir(wandb_parent, "wandb_parent")
     log.info("tangent engine: population backend (ntrl.engine.batched, %d members on %s) for 'P', 'R' and "
@@ -624,7 +655,7 @@ def train_population(
             if setup:
                 setup.next_phase()
             run_dirs = prepare_run_dirs(configs, made=setup.tick if setup else None,
-                                        files=setup.files_phase if setup else None)
+                                        files=setup.files_phase if setup else None, locks=locks)
             members = [MemberState(c, run_dir, extra=dict(summary_extra[i]) if summary_extra else {},
                                    before_summary=before_summary) for i, (c, run_dir) in enumerate(zip(configs, run_dirs))]
     finally:
@@ -793,14 +824,18 @@ def resume_population(configs: list[TrainConfig], **kwargs: Any) -> PopulationRe
     (:func:`completed_member`), each run of ntrl's that was cut short replaced (``force``), and
     the complete ones' results read back; results and failures in the order of ``configs``."""
     start = time.time()
-    done = {i: s for i, c in enumerate(configs) if (s := completed_member(c)) is not None}
-    todo = [i for i in range(len(configs)) if i not in done]
-    trained = None
-    if todo:
-        extra = kwargs.pop("summary_extra")
-        again = [dataclasses.replace(configs[i], force=True) if configs[i].run_dir().exists() else configs[i]
-                 for i in todo]
-        trained = train_population(again, summary_extra=[extra[i] for i in todo] if extra else None, **kwargs)
+    RunDirLocks.reserve(len(configs))
+    with RunDirLocks() as locks:  # every member's directory locked before it is read: none completes meanwhile
+        for c in configs:
+            locks.acquire(c.run_dir())
+        done = {i: s for i, c in enumerate(configs) if (s := completed_member(c)) is not None}
+        todo = [i for i in range(len(configs)) if i not in done]
+        trained = None
+        if todo:
+            extra = kwargs.pop("summary_extra")
+            again = [dataclasses.replace(configs[i], force=True) if configs[i].run_dir().exists() else configs[i]
+                     for i in todo]
+            trained = train_population(again, summary_extra=[extra[i] for i in todo] if extra else None, **kwargs)
     results: list[RunResult | None] = [None] * len(configs)
     for i, summary in done.items():
         results[i] = RunResult(configs[i].run_dir(), summary, summary.get("wandb_dir"), target_label(configs[i]))

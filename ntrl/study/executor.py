@@ -45,6 +45,7 @@ def run_one(study_dict: dict[str, Any], spec_dict: dict[str, Any], runs_dir: str
     import torch
 
     from ntrl.records import SUMMARY_FILE, write_json_atomic
+    from ntrl.run_dirs import RunDirLocks
     from ntrl.study.lock import parent_alive
     from ntrl.train import train
 
@@ -56,12 +57,13 @@ def run_one(study_dict: dict[str, Any], spec_dict: dict[str, Any], runs_dir: str
     study = StudyConfig(**study_dict)
     spec = RunSpec(**spec_dict)
     config = train_config_for(study, spec, Path(runs_dir), wandb_mode)
-    result = train(config, progress=False)
-    summary = dict(result.summary)
-    summary["spec"] = spec_dict
-    if parent_pid is not None and not parent_alive(parent_pid):
-        os._exit(1)
-    write_json_atomic(result.run_dir / SUMMARY_FILE, summary)
+    with RunDirLocks() as locks:  # the run's directory stays locked until its final summary is written
+        result = train(config, progress=False, locks=locks)
+        summary = dict(result.summary)
+        summary["spec"] = spec_dict
+        if parent_pid is not None and not parent_alive(parent_pid):
+            os._exit(1)
+        write_json_atomic(result.run_dir / SUMMARY_FILE, summary)
     return summary
 
 
@@ -222,10 +224,14 @@ def removal_plan(out: Path) -> list[Path]:
 def remove_study_outputs(plan: list[Path], out: Path) -> None:
     """Remove what :func:`removal_plan` listed (and runs/ once it is empty): each directory, a run's
     or the W&B one, with its marker last (:func:`ntrl.run_dirs.remove_marked_dir`)."""
-    from ntrl.run_dirs import remove_marked_dir
+    from ntrl.run_dirs import RunDirLocks, remove_marked_dir
 
-    for path in plan:
-        remove_marked_dir(path) if path.is_dir() else path.unlink()
+    with RunDirLocks() as locks:
+        for path in plan:  # none is removed while another process trains a run of it (a RunLocked first)
+            if path.is_dir():
+                locks.acquire(path, "--out")
+        for path in plan:
+            remove_marked_dir(path) if path.is_dir() else path.unlink()
     runs = out / "runs"
     if runs.is_dir() and not runs.is_symlink() and not any(runs.iterdir()):
         runs.rmdir()

@@ -188,8 +188,18 @@ def write_unit(study: StudyConfig, unit: list[RunSpec], kind: str,
                wandb_mode: str, wandb_parent: str | None) -> UnitResult:
     """Write a returned unit into the study's ``runs_dir``, as the local executor's workers would
     have written it: each run's directory, marker, config, records and, last, its summary (with
-    this machine's paths, and its W&B run logged from the records when W&B is on). Returns
+    this machine's paths, and its W&B run logged from the records when W&B is on), each run's
+    directory locked until its summary is written (:class:`ntrl.run_dirs.RunDirLocks`). Returns
     (spec, summary, error) per run, as the local executor does."""
+    from ntrl.run_dirs import RunDirLocks
+
+    with RunDirLocks() as locks:
+        return _write_unit(study, unit, kind, returned, runs_dir, wandb_mode, wandb_parent, locks)
+
+
+def _write_unit(study: StudyConfig, unit: list[RunSpec], kind: str,
+                returned: list[tuple[dict[str, Any], dict[str, bytes] | None, str | None]], runs_dir: Path,
+                wandb_mode: str, wandb_parent: str | None, locks: Any) -> UnitResult:
     from ntrl.population.trainer import log_finished_population
     from ntrl.train import log_finished_run, prepare_run_dir
 
@@ -202,7 +212,7 @@ def write_unit(study: StudyConfig, unit: list[RunSpec], kind: str,
         config = train_config_for(study, spec, runs_dir, wandb_mode)
         try:
             with signals_held():  # a run's directory is written whole, or left for a resume to replace
-                run_dir = prepare_run_dir(config)  # refuses a directory ntrl did not make, as a worker would
+                run_dir = prepare_run_dir(config, locks)  # refuses a directory ntrl did not make, as a worker would
                 write_json_atomic(run_dir / CONFIG_FILE, config.to_dict())
                 if RECORDS_FILE in files:
                     write_bytes_atomic(run_dir / RECORDS_FILE, files[RECORDS_FILE])

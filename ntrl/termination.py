@@ -1,0 +1,92 @@
+"""SIGTERM while a run or a population trains from Python.
+
+``ntrl``'s CLI turns SIGTERM into an interrupt itself (records kept, one line, exit 143). A
+Python program that calls :func:`ntrl.train.train` or :func:`ntrl.population.train_population`
+and leaves SIGTERM at its default action (a batch scheduler's time limit, ``kill PID``) would
+die at once, with no summary written for any run still training. :func:`sigterm_as_interrupt`
+keeps that ending and only delays it: during the call, SIGTERM is raised as :class:`Terminated`
+where the training loop is, which the loop takes as it takes Ctrl-C (the records so far flushed,
+each run's summary written, "interrupted"); then one line goes to stderr and the process ends by
+SIGTERM after all, as it would have (Python's own buffers flushed first; its ``finally`` blocks
+and ``atexit`` functions do not run, as they would not have). A second SIGTERM meanwhile ends it
+at once. A SIGTERM that lands where Python can only print an exception (a finalizer, a weakref
+callback) is sent again a moment later rather than lost. A program that handles SIGTERM itself,
+or a call from a thread other than the main one, is left as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import Iterator
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where training is, to be handled as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """For the body: SIGTERM at its default action becomes :class:`Terminated`, and once the body
+    has ended (it wrote what it keeps) the process ends by SIGTERM; see the module docstring."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    arrived: list[int] = []
+    hooking: list[bool] = []  # inside the unraisable hook below
+    previous_hook = sys.unraisablehook
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if hooking:  # raised here it would be lost as well
+            send_again(signum)
+            return
+        if arrived:  # the second: at once
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        arrived.append(signum)
+        raise Terminated()
+
+    def on_unraisable(unraisable: object) -> None:
+        hooking.append(True)
+        try:
+            if isinstance(getattr(unraisable, "exc_value", None), Terminated) and arrived:
+                arrived.clear()  # lost where Python could only print it: once more, as the first
+                send_again(signal.SIGTERM)
+            else:
+                previous_hook(unraisable)
+        finally:
+            hooking.clear()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    sys.unraisablehook = on_unraisable
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if sys.unraisablehook is on_unraisable:
+            sys.unraisablehook = previous_hook
+        if arrived:
+            said = getattr(error, "message", None) or (str(error) if error is not None else "")
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # noqa: BLE001 - a closed stream: nothing of it to keep
+                    pass
+            print(f"ntrl: terminated by SIGTERM{': ' + said if said else ''}", file=sys.stderr, flush=True)
+            signal.raise_signal(signal.SIGTERM)
+
+
+def send_again(signum: int) -> None:
+    """Send ``signum`` to this process again 10 ms from now, from another thread (a signal raised
+    where Python can only print the exception would be lost)."""
+    timer = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()

@@ -1,0 +1,190 @@
+"""A run directory is locked while its run trains (ntrl.run_dirs.RunDirLocks): a second process
+that would train, resume or replace it is refused with the holder's PID, before anything is
+written or removed; the lock goes with its holder, however that dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ntrl.config import ConfigError
+from ntrl.experiments.bandit import BanditConfig
+from ntrl.population import train_population
+from ntrl.run_dirs import RunDirLocks
+from ntrl.train import train
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from ntrl.run_dirs import RunDirLocks
+    locks = RunDirLocks()
+    for d in sys.argv[1:]:
+        locks.acquire(Path(d))
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
+def config(out: Path, name: str, seed: int = 0, **kw) -> BanditConfig:
+    return BanditConfig(policy="single_logit", steps=12, seed=seed, out=str(out), run_name=name, wandb="disabled", **kw)
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+class Holder:
+    """Another live process that holds the locks of ``dirs``, as a training ntrl would."""
+
+    def __init__(self, *dirs: Path):
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, *map(str, dirs)], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "locked"
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def holder():
+    made = []
+
+    def start(*dirs: Path) -> Holder:
+        made.append(Holder(*dirs))
+        return made[-1]
+
+    yield start
+    for h in made:
+        if h.proc.poll() is None:
+            h.kill()
+
+
+def test_force_does_not_replace_a_run_another_live_process_trains(tmp_path, holder):
+    train(config(tmp_path, "r0"), progress=False)
+    before = files_of(tmp_path / "r0")
+    h = holder(tmp_path / "r0")
+    with pytest.raises(ConfigError, match=rf"being trained by another live process \(PID {h.proc.pid}\)"):
+        train(config(tmp_path, "r0", force=True), progress=False)
+    assert files_of(tmp_path / "r0") == before  # nothing removed or written
+    h.kill()  # the kernel drops the lock with its holder, however it dies
+    train(config(tmp_path, "r0", force=True), progress=False)
+
+
+def test_a_resumed_population_refuses_a_member_another_process_trains_before_writing_anything(tmp_path, holder):
+    configs = [config(tmp_path, f"m{i}", seed=i) for i in range(3)]
+    train_population(configs, progress=False)
+    (tmp_path / "m1" / "summary.json").unlink()  # cut short: a resume would train it again
+    (tmp_path / "m2" / "summary.json").unlink()
+    before = files_of(tmp_path)
+    h = holder(tmp_path / "m1")
+    with pytest.raises(ConfigError, match=rf"m1 is being trained by another live process \(PID {h.proc.pid}\)") as e:
+        train_population(configs, progress=False, resume=True)
+    assert "resume=True" not in str(e.value)  # the hint for runs of other settings would mislead here
+    assert files_of(tmp_path) == before  # m2, which was free, was not replaced either
+    h.kill()
+    result = train_population(configs, progress=False, resume=True)
+    assert [r.summary["status"] for r in result.results] == ["finished"] * 3
+
+
+def test_a_new_population_refuses_a_member_directory_another_process_holds(tmp_path, holder):
+    (tmp_path / "m1").mkdir()  # an empty directory, which a population would take
+    h = holder(tmp_path / "m1")
+    with pytest.raises(ConfigError, match=f"PID {h.proc.pid}"):
+        train_population([config(tmp_path, f"m{i}", seed=i) for i in range(3)], progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m1"] and not any((tmp_path / "m1").iterdir())
+
+
+def test_runs_release_their_locks_when_they_end(tmp_path):
+    train(config(tmp_path, "r0"), progress=False)
+    train_population([config(tmp_path, f"m{i}", seed=i) for i in range(2)], progress=False)
+    with RunDirLocks() as locks:  # free again: this process could lock them all
+        for d in ("r0", "m0", "m1"):
+            locks.acquire(tmp_path / d)
+        assert len(locks) == 3
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if fd.isdigit()
+           and os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [f for f in fds if f.startswith(str(tmp_path))]
+
+
+def test_one_process_holds_a_directory_once_whichever_of_its_locks_took_it(tmp_path, holder):
+    with RunDirLocks() as outer:
+        outer.acquire(tmp_path)
+        with RunDirLocks() as inner:  # a study's worker, then the run it trains: no conflict with itself
+            inner.acquire(tmp_path)
+            assert len(inner) == 1
+        with pytest.raises(subprocess.CalledProcessError):  # still held after the inner one let go
+            subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                            "from ntrl.run_dirs import RunDirLocks; RunDirLocks().acquire(Path(sys.argv[1]))",
+                            str(tmp_path)], check=True, capture_output=True)
+    holder(tmp_path)  # and free once the outer one let go too
+
+
+def test_a_file_system_that_cannot_lock_a_directory_trains_without_the_lock_and_says_so_once(tmp_path, monkeypatch,
+                                                                                            capsys):
+    import errno
+    import fcntl
+
+    from ntrl import run_dirs
+
+    def no_locking(fd, operation):  # what NFS answers for flock on a directory opened for reading
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(fcntl, "flock", no_locking)
+    monkeypatch.setattr(run_dirs, "_SAID_NO_LOCKING", set())
+    train(config(tmp_path, "r0"), progress=False)
+    train_population([config(tmp_path, f"m{i}", seed=i) for i in range(2)], progress=False)
+    said = capsys.readouterr().err
+    assert said.count("cannot lock a directory") == 1 and "not guarded against a second process" in said
+    assert json.loads((tmp_path / "m1" / "summary.json").read_text())["status"] == "finished"
+
+
+def test_a_study_s_force_removes_nothing_while_another_process_trains_one_of_its_runs(tmp_path, holder):
+    from ntrl.study.grid import StudyConfig, enumerate_runs
+    from ntrl.study.executor import run_study
+
+    grid = dict(name="s", policies=["single_logit"], optimizers=["sgd"], p0s=[0.01], seeds=1, extinction_steps=20,
+                max_steps=200, track_every=5, price_scales=[1.0, 0.5])
+    study = StudyConfig(**grid)
+    out = tmp_path / "s"
+    run_study(study, out, workers=1, wandb_mode="disabled", progress=False)
+    before = files_of(out)
+    h = holder(out / "runs" / enumerate_runs(study)[0].run_id)
+    with pytest.raises(ConfigError, match=f"another live process \\(PID {h.proc.pid}\\)"):
+        run_study(StudyConfig(**{**grid, "seeds": 2}), out, workers=1, wandb_mode="disabled", progress=False,
+                  force=True)
+    assert files_of(out) == before
+
+
+def test_a_population_raises_the_soft_limit_on_open_files_it_needs_and_refuses_past_the_hard_one(tmp_path):
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from ntrl.config import ConfigError
+        from ntrl.experiments.bandit import BanditConfig
+        from ntrl.population import train_population
+        hard = int(sys.argv[1])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))
+        configs = [BanditConfig(policy="single_logit", steps=3, seed=i, out=sys.argv[2], run_name=f"m{{i}}",
+                                wandb="disabled") for i in range(300)]
+        try:
+            train_population(configs, progress=False)
+        except ConfigError as e:
+            print("refused:", e)
+        else:
+            print("trained", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    """)
+    ok = subprocess.run([sys.executable, "-c", script, "4096", str(tmp_path / "a")], capture_output=True, text=True,
+                        check=True).stdout
+    assert ok.startswith("trained") and int(ok.split()[1]) > 300
+    assert len(list((tmp_path / "a").iterdir())) == 300
+    refused = subprocess.run([sys.executable, "-c", script, "250", str(tmp_path / "b")], capture_output=True,
+                             text=True, check=True).stdout
+    assert "300 run directories are to be locked" in refused and "at most 250 files" in refused
+    assert not (tmp_path / "b").exists()  # refused before anything was written
