@@ -7,6 +7,7 @@ value raises :class:`ConfigError` naming the flag and the allowed range.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,6 +95,48 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: bool = T
     return field(metadata={"help": help, "flag": flag, "values": values}, **kw)
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """None where ``value`` fits the annotation ``hint``; else what it should be, in words."""
+    import numbers
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any or origin is Literal:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        others = [a for a in args if a is not type(None)]
+        problems = [_type_problem(value, a) for a in others]
+        if any(p is None for p in problems):
+            return None
+        return " or ".join(problems) + (" or None" if type(None) in args else "")
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, numbers.Integral) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, numbers.Real) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is list:
+        item = args[0] if args else typing.Any
+        if isinstance(value, (list, tuple)) and all(_type_problem(v, item) is None for v in value):
+            return None
+        return {int: "a list of integers", float: "a list of numbers", str: "a list of strings"}.get(item, "a list")
+    if origin is dict:
+        return None if isinstance(value, dict) else "a dict"
+    return None
+
+
 @dataclass
 class TrainConfig:
     """What every training run shares. Environment configs subclass it and add ``build()``."""
@@ -151,7 +194,25 @@ class TrainConfig:
         if not ok:
             raise ConfigError(flag_of(name), message)
 
+    def check_types(self) -> None:
+        """A ConfigError for the first field whose value is not of its annotated type (a number
+        where a float is, an integer where an int is, a list of them, or None where allowed), as a
+        Python caller can pass anything; ``out`` may be any path (``pathlib.Path``), kept as its
+        string. The values of a ``Literal`` field are checked by :meth:`validate`."""
+        import os
+        import typing
+
+        if isinstance(self.out, os.PathLike):
+            self.out = os.fspath(self.out)
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = _type_problem(value, hints.get(f.name, typing.Any))
+            if kind is not None:
+                raise ConfigError(flag_of(f.name), f"must be {kind}, got {type(value).__name__} {value!r}")
+
     def validate(self) -> "TrainConfig":
+        self.check_types()
         need = self.need
 
         def choice(name: str, allowed) -> None:

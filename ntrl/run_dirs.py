@@ -22,6 +22,8 @@ import functools
 import json
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -319,7 +321,9 @@ class RunLocked(ConfigError):
 # there without their lock, said once
 _NO_LOCKING = (errno.EBADF, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 _HELD: dict[tuple[int, int], list[int]] = {}  # this process's locked directories: (st_dev, st_ino) → [fd, holders]
+_HELD_GUARD = threading.Lock()  # _HELD is shared by the threads of the process
 _SAID_NO_LOCKING: set[int] = set()  # the file systems (st_dev) already said to lock nothing
+CREATING_WAIT_S = 10.0  # how long a run directory's making waits for --out's lock before it is refused
 
 
 class RunDirLocks:
@@ -328,12 +332,13 @@ class RunDirLocks:
     writing: it is refused with the holder's PID. The lock is on the directory itself (nothing is
     written for it, so nothing is left to clean up), and the kernel drops it when its holder dies,
     however it dies: a run whose process was killed is never blocked. A process holds each
-    directory once, whichever of its :class:`RunDirLocks` took it (a study's worker, then the run it
-    trains), until the last of them lets go. Each held directory takes one file descriptor, closed
-    on ``exec`` (a process started with ``subprocess`` does not keep the lock; a ``fork()``-ed child
-    shares it until it exits); :meth:`reserve` raises the soft limit on open files where a
-    population needs more. On a file system that cannot lock a directory (NFS, for one) runs go on
-    without their lock, said once. Use as a context manager: leaving it lets go of its locks."""
+    directory once, whichever of its :class:`RunDirLocks` (or threads) took it (a study's worker,
+    then the run it trains), until the last of them lets go: the locks keep processes apart, not
+    the threads of one. Each held directory takes one file descriptor, closed on ``exec`` (a
+    process started with ``subprocess`` does not keep the lock; a ``fork()``-ed child shares it
+    until it exits); :meth:`reserve` raises the soft limit on open files where a population needs
+    more. On a file system that cannot lock a directory (NFS, for one) runs go on without their
+    lock, said once. Use as a context manager: leaving it lets go of its locks."""
 
     def __init__(self) -> None:
         self._keys: list[tuple[int, int]] = []  # what this holds, once each
@@ -346,9 +351,8 @@ class RunDirLocks:
 
     def close(self) -> None:
         """Let go of every lock this holds."""
-        keys, self._keys = self._keys, []
-        for key in keys:
-            _let_go(key)
+        while self._keys:
+            _let_go(self._keys.pop())
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -376,31 +380,34 @@ class RunDirLocks:
 
     def acquire(self, run_dir: Path, flag: str = "--run-name") -> None:
         """Lock the directory ``run_dir`` (not through a symbolic link; nothing where there is no
-        directory), or a :class:`RunLocked` naming the live process that holds it."""
+        directory), or a :class:`RunLocked` naming the live process that holds it (``flag``: what
+        the error names)."""
         try:
             fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # nothing to lock: the checks say why
                 return
             raise ConfigError(flag, f"cannot open {run_dir} to lock it: {e.strerror or e}") from None
-        try:  # the descriptor is closed on every way out but the lock's being held
+        try:  # the descriptor is closed on every way out but the lock's being held (fd −1 once closed or kept)
             st = os.fstat(fd)
             key = (st.st_dev, st.st_ino)
-            if key in self._keys:
-                os.close(fd)
-                return
-            if key in _HELD:  # this process holds it already
-                os.close(fd)
-                _HELD[key][1] += 1
+            with _HELD_GUARD:
+                if key in self._keys or key in _HELD:
+                    os.close(fd)
+                    fd = -1
+                    if key not in self._keys:  # this process holds it already, for another
+                        _HELD[key][1] += 1
+                        self._keys.append(key)
+                    return
+                if not _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, run_dir, st, flag):
+                    os.close(fd)  # the file system locks nothing
+                    fd = -1
+                    return
+                _HELD[key] = [fd, 1]
+                fd = -1
                 self._keys.append(key)
-                return
-            if not _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, run_dir, st, flag):
-                os.close(fd)  # the file system locks nothing
-                return
-            _HELD[key] = [fd, 1]
-            self._keys.append(key)
         except BaseException:
-            if not any(held[0] == fd for held in _HELD.values()):
+            if fd >= 0:
                 os.close(fd)
             raise
 
@@ -414,9 +421,11 @@ class RunDirLocks:
     @staticmethod
     @contextlib.contextmanager
     def creating(out: Path) -> Iterator[None]:
-        """Hold ``out``'s own lock (waiting for it) while a run directory in it is looked at,
-        replaced, made and locked, so that no other process makes, locks or replaces it in between
-        (they take the same lock). Held for moments only."""
+        """Hold ``out``'s own lock while a run directory in it is looked at, replaced, made and
+        locked, so that no other process makes, locks or replaces it in between (they take the
+        same lock, each for moments). Where ``out`` stays locked for :data:`CREATING_WAIT_S`, it is
+        a run directory that another process trains (runs inside a run) or that process hangs: a
+        :class:`RunLocked` naming it, rather than a wait without end."""
         try:
             fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError:  # the checks that follow say what is wrong with out
@@ -424,8 +433,22 @@ class RunDirLocks:
             return
         try:
             st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) not in _HELD:  # held as a run directory already: by this process alone
-                _flock(fd, fcntl.LOCK_EX, out, st, "--out")
+            with _HELD_GUARD:
+                ours = (st.st_dev, st.st_ino) in _HELD  # held as a run directory already: by this process alone
+            deadline = time.monotonic() + CREATING_WAIT_S
+            while not ours:
+                try:
+                    _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, out, st, "--out")
+                    break
+                except RunLocked:
+                    if time.monotonic() > deadline:
+                        holder = flock_holder(st)
+                        raise RunLocked("--out", f"{out} has been locked by another process "
+                                                 f"({'PID ' + str(holder) if holder else 'its PID unknown'}) for "
+                                                 f"{CREATING_WAIT_S:.0f} s: it is a run directory being trained (runs "
+                                                 f"do not go inside runs), or that process hangs while it makes a run "
+                                                 f"in it; choose another --out") from None
+                    time.sleep(0.01)
             yield
         finally:
             os.close(fd)
@@ -440,9 +463,10 @@ def _flock(fd: int, operation: int, path: Path, st: os.stat_result, flag: str) -
     except OSError as e:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             holder = flock_holder(st)
+            advice = "or choose another run name" if flag == "--run-name" else "or choose another directory"
             raise RunLocked(flag, f"{path} is being trained by another live process "
                                   f"({'PID ' + str(holder) if holder else 'its PID unknown'}); wait for it to end "
-                                  f"or stop it, or choose another run name") from None
+                                  f"or stop it, {advice}") from None
         if e.errno in _NO_LOCKING:
             if st.st_dev not in _SAID_NO_LOCKING:
                 _SAID_NO_LOCKING.add(st.st_dev)
@@ -455,13 +479,14 @@ def _flock(fd: int, operation: int, path: Path, st: os.stat_result, flag: str) -
 
 
 def _let_go(key: tuple[int, int]) -> None:
-    held = _HELD.get(key)
-    if held is None:
-        return
-    held[1] -= 1
-    if held[1] == 0:
-        del _HELD[key]
-        os.close(held[0])  # the only descriptor of its open file: its flock goes with it
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[key]
+            os.close(held[0])  # the only descriptor of its open file: its flock goes with it
 
 
 SPARE_FILES = 256  # open files left for everything else when run directories are locked

@@ -7,8 +7,8 @@ die at once, with no summary written for any run still training. :func:`sigterm_
 keeps that ending and only delays it: during the call, SIGTERM is raised as :class:`Terminated`
 where the training loop is, which the loop takes as it takes Ctrl-C (the records so far flushed,
 each run's summary written, "interrupted"); then one line goes to stderr and the process ends by
-SIGTERM after all, as it would have (Python's own buffers flushed first; its ``finally`` blocks
-and ``atexit`` functions do not run, as they would not have). A second SIGTERM meanwhile ends it
+SIGTERM after all, as it would have (sys.stdout and sys.stderr flushed first; the program's
+``finally`` blocks and ``atexit`` functions do not run, as they would not have). A second SIGTERM meanwhile ends it
 at once. A SIGTERM that lands where Python can only print an exception (a finalizer, a weakref
 callback) is sent again a moment later rather than lost. A program that handles SIGTERM itself,
 or a call from a thread other than the main one, is left as it is.
@@ -70,18 +70,35 @@ def sigterm_as_interrupt() -> Iterator[None]:
         error = e
         raise
     finally:
+        # SIGTERM held back while the handlers are put back: one now would leave them installed
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            if sys.unraisablehook is on_unraisable:
+                sys.unraisablehook = previous_hook
+            if arrived:
+                end_by_sigterm(getattr(error, "message", None) if isinstance(error, KeyboardInterrupt) else None)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGTERM held back ends the process here
+
+
+def end_by_sigterm(said: str | None) -> None:
+    """Flush sys.stdout and sys.stderr, print ntrl's one line (with ``said``, what the run kept)
+    and end the process by SIGTERM, as its default action would have; whatever fails on the way
+    (a closed stderr, a broken pipe), the process still ends so."""
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed stream: nothing of it to keep
+                pass
+        print(f"ntrl: terminated by SIGTERM{': ' + said if said else ''}", file=sys.stderr, flush=True)
+    except Exception:  # noqa: BLE001 - the line is lost, not the ending
+        pass
+    finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if sys.unraisablehook is on_unraisable:
-            sys.unraisablehook = previous_hook
-        if arrived:
-            said = getattr(error, "message", None) or (str(error) if error is not None else "")
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except Exception:  # noqa: BLE001 - a closed stream: nothing of it to keep
-                    pass
-            print(f"ntrl: terminated by SIGTERM{': ' + said if said else ''}", file=sys.stderr, flush=True)
-            signal.raise_signal(signal.SIGTERM)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.raise_signal(signal.SIGTERM)
 
 
 def send_again(signum: int) -> None:

@@ -243,3 +243,44 @@ def test_bad_grid_files_are_one_line_exit_2_and_leave_no_directory(tmp_path_fact
     assert len(lines) == 1 and lines[0].startswith("ntrl: error: "), (key, err)
     assert "Traceback" not in err
     assert sorted(p.name for p in work.iterdir()) == ["g.toml"]
+
+
+@pytest.mark.parametrize("kw, flag, words", [
+    (dict(lr="0.01"), "--lr", "must be a number, got str '0.01'"),
+    (dict(seed=1.5), "--seed", "must be an integer, got float 1.5"),
+    (dict(steps=True), "--steps", "must be an integer, got bool"),
+    (dict(price_scales=[1.0, "a"]), "--price-scales", "must be a list of numbers"),
+    (dict(run_name=3), "--run-name", "must be a string or None, got int 3"),
+])
+def test_a_python_caller_s_value_of_the_wrong_type_is_named_before_anything_is_written(tmp_path, kw, flag, words):
+    from ntrl.config import ConfigError
+    from ntrl.experiments.bandit import BanditConfig
+    from ntrl.experiments.kbandit import KBanditConfig
+    from ntrl.population import train_population
+    from ntrl.train import train
+
+    with pytest.raises(ConfigError, match=f"^{flag}: {words}"):
+        train(BanditConfig(**{"out": str(tmp_path / "a"), "steps": 3, "wandb": "disabled", **kw}), progress=False)
+    members = [{"out": str(tmp_path / "b"), "steps": 3, "wandb": "disabled", "run_name": f"m{i}", "seed": i}
+               for i in range(2)]
+    with pytest.raises(ConfigError, match=f"^{flag}: member 1 .*{words}"):
+        train_population([BanditConfig(**{**m, **(kw if i == 1 else {})}) for i, m in enumerate(members)],
+                         progress=False)
+    with pytest.raises(ConfigError, match="^--rewards: must be a list of numbers or None"):
+        KBanditConfig(out=str(tmp_path / "c"), rewards=["1", 0]).validate()  # read before the base class's checks
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_pathlib_out_is_taken_as_its_string(tmp_path):
+    from pathlib import Path
+
+    from ntrl.experiments.bandit import BanditConfig
+    from ntrl.population import train_population
+    from ntrl.train import train
+
+    result = train(BanditConfig(out=Path(tmp_path), run_name="r", steps=3, wandb="disabled"), progress=False)
+    assert json.loads((result.run_dir / "config.json").read_text())["out"] == str(tmp_path)
+    configs = [BanditConfig(out=Path(tmp_path), run_name=f"m{i}", seed=i, steps=3, wandb="disabled") for i in range(2)]
+    train_population(configs, progress=False)
+    train_population(configs, progress=False, resume=True)  # the written config is this config: nothing to redo
+    assert json.loads((tmp_path / "m1" / "summary.json").read_text())["status"] == "finished"

@@ -188,3 +188,15 @@ def test_a_population_raises_the_soft_limit_on_open_files_it_needs_and_refuses_p
                              text=True, check=True).stdout
     assert "300 run directories are to be locked" in refused and "at most 250 files" in refused
     assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
+def test_a_run_inside_a_run_another_process_trains_is_refused_not_left_waiting(tmp_path, holder, monkeypatch):
+    from ntrl import run_dirs
+
+    monkeypatch.setattr(run_dirs, "CREATING_WAIT_S", 1.0)
+    (tmp_path / "a").mkdir()
+    h = holder(tmp_path / "a")  # a run directory another process trains, named as --out
+    with pytest.raises(ConfigError, match=rf"--out: {tmp_path / 'a'} has been locked by another process "
+                                          rf"\(PID {h.proc.pid}\) for 1 s: it is a run directory being trained"):
+        train(config(tmp_path / "a", "x"), progress=False)
+    assert not any((tmp_path / "a").iterdir())

@@ -68,6 +68,8 @@ def test_sigterm_writes_every_summary_then_ends_the_process_by_sigterm(tmp_path,
     ours = [line for line in err.splitlines() if line.startswith("ntrl: ")]
     assert len(ours) == 1 and ours[0].startswith("ntrl: terminated by SIGTERM: ") and "kept" in ours[0], err
     assert err.splitlines()[-1] == ours[0]  # the last word
+    said = int(ours[0].split("at update ")[1].split(";")[0])
+    assert said == json.loads((tmp_path / "m0" / "summary.json").read_text())["updates"]  # the line says what was kept
     for d in sorted(tmp_path.iterdir()):
         summary = json.loads((d / "summary.json").read_text())
         n = len((d / "records.jsonl").read_text().splitlines())
@@ -156,3 +158,44 @@ def test_outside_the_main_thread_nothing_changes():
     t.start()
     t.join()
     assert seen == [before] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_closed_stderr_does_not_keep_the_process_from_ending_by_sigterm():
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from ntrl.termination import sigterm_as_interrupt
+        with sigterm_as_interrupt():
+            sys.stderr.close()  # ntrl's line cannot be printed
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pause()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+
+
+def test_a_study_s_worker_ends_at_once_on_sigterm_and_writes_nothing_more(tmp_path):
+    script = textwrap.dedent("""
+        import os, sys
+        from ntrl.experiments.bandit import BanditConfig
+        from ntrl.study.lock import worker_init
+        from ntrl.train import train
+        worker_init(os.getppid())
+        train(BanditConfig(policy="mlp", width=8, steps=10**7, out=sys.argv[1], run_name="m0", wandb="disabled"),
+              progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        records = tmp_path / "m0" / "records.jsonl"
+        deadline = time.monotonic() + 120
+        while not (records.exists() and records.stat().st_size > 0):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == -signal.SIGTERM and "ntrl: terminated" not in err
+    assert not (tmp_path / "m0" / "summary.json").exists()  # the study says what it kept, not each worker

@@ -268,6 +268,7 @@ class GymConfig(TrainConfig):
     fisher: bool = TrainConfig.redefault("fisher", False)
 
     def validate(self) -> "GymConfig":
+        self.check_types()  # before this config's own checks read its fields
         if self.algo == "reinforce" and self.mode == "exact":
             self.need(self.n_envs == 1, "n_envs", "applies to sampled rollouts (--mode sampled) and SB3; exact "
                                                   "gradients roll nothing out")

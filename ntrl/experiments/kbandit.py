@@ -67,6 +67,7 @@ class KBanditConfig(TrainConfig):
         return self
 
     def validate(self) -> "KBanditConfig":
+        self.check_types()  # before this config's own checks read its fields
         self.resolve()
         need = self.need
         need(self.policy != "cnn", "policy", "cnn reads image observations; the bandit's is the constant [1]")

@@ -769,7 +769,7 @@ def _train_members(configs: list[TrainConfig], locks: RunDirLocks, schedule: Tra
         wandb_dir = sink.directory  # None once finished
         close_population_sink(sink, members, t)
     if interrupted:
-        raise RunInterrupted(f"population interrupted at update {t}; the records so far and each member's "
+        raise RunInterrupted(f"population interrupted at update {updates_taken}; the records so far and each member's "
                              f"summary are kept")
     results = [RunResult(st.run_dir, st.summary, st.summary["wandb_dir"], target_label(st.config)) for st in members]
     failures = [(i, st.run_dir.name, st.error) for i, st in enumerate(members) if st.error]

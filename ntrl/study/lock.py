@@ -77,9 +77,18 @@ def _set_parent_death_signal() -> None:
         pass
 
 
+def _end_at_once(signum: int, frame: object) -> None:
+    """SIGTERM's default action, as a handler of its own: a study's worker ends at once, as
+    before, rather than write its runs first (:mod:`ntrl.termination` leaves a program's own
+    handler alone; the study says what it kept, in one line)."""
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+
+
 def worker_init(parent_pid: int) -> None:
-    """Initializer of a study worker: ignore Ctrl-C, and die with the parent."""
+    """Initializer of a study worker: ignore Ctrl-C, end at once on SIGTERM, and die with the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _end_at_once)
     # the parent holds these back while it starts a worker, and a new process inherits that mask
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
     _set_parent_death_signal()
