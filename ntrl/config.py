@@ -11,7 +11,7 @@ import functools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 from ntrl.agents.optimizers import OPTIMIZERS
 from ntrl.agents.policies import ACTIVATIONS, POLICY_KINDS
@@ -181,6 +181,8 @@ class TrainConfig:
     axes: dict[str, Any] = option(default_factory=dict, help="a study's grid axes of this run (W&B config)", flag=False)
     wandb: WandbMode = option("offline", "W&B mode (default: WANDB_MODE from the environment, else offline)")
     force: bool = option(False, "replace an existing run directory that ntrl made")
+    # fields that take more from Python than their flag's type, each checked where it is read
+    TYPES_CHECKED_ELSEWHERE: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def redefault(cls, name: str, default: Any) -> Any:
@@ -206,6 +208,8 @@ class TrainConfig:
             self.out = os.fspath(self.out)
         hints = _type_hints(type(self))
         for f in dataclasses.fields(self):
+            if f.name in self.TYPES_CHECKED_ELSEWHERE:
+                continue
             value = getattr(self, f.name)
             kind = _type_problem(value, hints.get(f.name, typing.Any))
             if kind is not None:

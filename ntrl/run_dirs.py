@@ -465,8 +465,8 @@ def _flock(fd: int, operation: int, path: Path, st: os.stat_result, flag: str) -
             holder = flock_holder(st)
             advice = "or choose another run name" if flag == "--run-name" else "or choose another directory"
             raise RunLocked(flag, f"{path} is being trained by another live process "
-                                  f"({'PID ' + str(holder) if holder else 'its PID unknown'}); wait for it to end "
-                                  f"or stop it, {advice}") from None
+                                  f"({'PID ' + str(holder) if holder else 'its PID unknown'}), or belongs to a "
+                                  f"population it trains; wait for it to end or stop it, {advice}") from None
         if e.errno in _NO_LOCKING:
             if st.st_dev not in _SAID_NO_LOCKING:
                 _SAID_NO_LOCKING.add(st.st_dev)

@@ -881,7 +881,7 @@ def test_ctrl_c_after_a_step_counts_it_as_the_per_run_path_does(tmp_path, monkey
         assert summary["p_end"] == pytest.approx(alone.summary["p_end"], rel=1e-12)
 
 
-def test_resume_trains_only_the_members_a_population_left_unfinished(tmp_path):
+def test_resume_trains_only_the_members_a_population_left_unfinished(tmp_path, capsys):
     """An interrupted population, resumed: the members that had finished are read back, not
     trained (their files untouched); the others train from the start in their run directories,
     and every member's records and summary equal an uninterrupted population's."""
@@ -917,8 +917,9 @@ def test_resume_trains_only_the_members_a_population_left_unfinished(tmp_path):
         assert read_records(r.run_dir) == [{**x} for x in read_records(w.run_dir)]
         for key in ("status", "updates", "p_end", "crossed_half_at"):
             assert r.summary[key] == w.summary[key], (i, key)
-    again = train_population(cfgs(tmp_path / "pop"), progress=False, resume=True)  # all complete: nothing trains
+    again = train_population(cfgs(tmp_path / "pop"), progress=True, resume=True)  # all complete: nothing trains
     assert again.updates == 0 and [r.summary for r in again.results] == [r.summary for r in resumed.results]
+    assert "ntrl: resume: 4 of 4 members already complete, read back untouched; training 0" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_complete_run_of_other_settings(tmp_path):

@@ -26,7 +26,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import ClassVar, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -266,6 +266,8 @@ class GymConfig(TrainConfig):
     batch_size: int = TrainConfig.redefault("batch_size", 8)
     width: int = TrainConfig.redefault("width", 32)
     fisher: bool = TrainConfig.redefault("fisher", False)
+    # from Python, a property may be a callable and the probe states an array or a callable
+    TYPES_CHECKED_ELSEWHERE: ClassVar[tuple[str, ...]] = ("property", "probe_states")
 
     def validate(self) -> "GymConfig":
         self.check_types()  # before this config's own checks read its fields

@@ -830,6 +830,9 @@ def resume_population(configs: list[TrainConfig], **kwargs: Any) -> PopulationRe
             locks.acquire(c.run_dir())
         done = {i: s for i, c in enumerate(configs) if (s := completed_member(c)) is not None}
         todo = [i for i in range(len(configs)) if i not in done]
+        if kwargs.get("progress", True):
+            print(f"ntrl: resume: {len(done)} of {len(configs)} members already complete, read back untouched; "
+                  f"training {len(todo)}", file=sys.stderr)
         trained = None
         if todo:
             extra = kwargs.pop("summary_extra")
