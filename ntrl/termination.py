@@ -38,17 +38,19 @@ def sigterm_as_interrupt() -> Iterator[None]:
         return
     arrived: list[int] = []
     hooking: list[bool] = []  # inside the unraisable hook below
+    closing: list[bool] = []  # the body has ended
     previous_hook = sys.unraisablehook
 
     def on_sigterm(signum: int, frame: object) -> None:
         if hooking:  # raised here it would be lost as well
             send_again(signum)
             return
-        if arrived:  # the second: at once
+        if arrived and not closing:  # the second: at once
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
         arrived.append(signum)
-        raise Terminated()
+        if not closing:  # else the clean-up below acts on it, once the handlers are put back
+            raise Terminated()
 
     def on_unraisable(unraisable: object) -> None:
         hooking.append(True)
@@ -70,7 +72,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
         error = e
         raise
     finally:
-        # SIGTERM held back while the handlers are put back: one now would leave them installed
+        # a SIGTERM now is noted, not raised, and held back while the handlers are put back: raised
+        # here it would leave them installed
+        closing.append(True)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -25,8 +25,8 @@ from ntrl.records import (
     write_bytes_many_atomic, write_json_atomic,
 )
 from ntrl.run_dirs import (
-    MARKER, RUN_KIND, RunDirLocks, check_name, check_out_dir, inside, made_dirs, marker_contents, missing_dirs, remove_empty_dirs,
-    replace_run_dir, write_marker,
+    MARKER, RUN_KIND, RunDirLocks, check_name, check_out_dir, inside, made_dirs, marker_contents, missing_dirs,
+    remove_empty_dirs, replace_run_dir, write_marker,
 )
 from ntrl.engine.tangent import TangentEngine
 from ntrl.termination import sigterm_as_interrupt
