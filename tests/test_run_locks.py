@@ -200,3 +200,45 @@ def test_a_run_inside_a_run_another_process_trains_is_refused_not_left_waiting(t
                                           rf"\(PID {h.proc.pid}\) for 1 s: it is a run directory being trained"):
         train(config(tmp_path / "a", "x"), progress=False)
     assert not any((tmp_path / "a").iterdir())
+
+
+def test_a_run_directory_is_made_only_under_its_out_s_lock(tmp_path):
+    """While another process holds --out's lock (as a process making a run directory there does),
+    no run directory appears in it; once it lets go, the run is made and trains. So two processes
+    never both check, replace and take one directory."""
+    import threading
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    script = textwrap.dedent("""
+        import fcntl, os, sys, time
+        fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        time.sleep(1.5)
+        print(time.time(), flush=True)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        seen: list[float] = []
+
+        def watch() -> None:  # when the run directory first exists
+            while not seen:
+                if (out / "r").exists():
+                    seen.append(time.time())
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        train(config(out, "r"), progress=False)
+        watcher.join(timeout=10)
+        released = float(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert seen and seen[0] >= released - 0.05  # not before the holder let go (clocks of one machine)
+    assert json.loads((out / "r" / "summary.json").read_text())["status"] == "finished"

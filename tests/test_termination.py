@@ -27,6 +27,11 @@ TRAIN = textwrap.dedent("""
                for i in range(3)]
     if kind == "population":
         train_population(configs, progress=False, flush_seconds=0.05)
+    elif kind == "sb3":
+        from ntrl.experiments.gym_env import GymConfig
+        from ntrl.experiments.sb3_train import train_sb3
+        train_sb3(GymConfig(env="CartPole-v1", algo="ppo", steps=10**5, n_steps=32, out=out, run_name="m0",
+                            wandb="disabled"), progress=False)
     else:
         train(configs[0], progress=False)
     print("returned")
@@ -58,7 +63,7 @@ def start():
         proc.communicate()
 
 
-@pytest.mark.parametrize("kind", ["population", "run"])
+@pytest.mark.parametrize("kind", ["population", "run", "sb3"])
 def test_sigterm_writes_every_summary_then_ends_the_process_by_sigterm(tmp_path, kind, start):
     proc = start(kind, tmp_path)
     proc.send_signal(signal.SIGTERM)
