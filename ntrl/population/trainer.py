@@ -602,28 +602,18 @@ def train_population(
     together are written (a study's worker ends there if its parent has died, so that nothing
     completes after a kill)."""
     with sigterm_as_interrupt():
-        return _train_population(configs, schedule, device, progress, wandb_parent, wandb_name, wandb_config,
-                                 max_memory, flush_seconds, summary_extra, before_summary, resume)
-
-
-def _train_population(configs: Sequence[TrainConfig], schedule: TrackSchedule | None, device: str, progress: bool,
-                      wandb_parent: str | os.PathLike | None, wandb_name: str | None,
-                      wandb_config: dict[str, Any] | None, max_memory: int | None, flush_seconds: float,
-                      summary_extra: Sequence[dict[str, Any]] | None, before_summary: Callable[[], None] | None,
-                      resume: bool) -> PopulationResult:
-    """:func:`train_population`, SIGTERM taken care of."""
-    configs = validated_members(configs, schedule)
-    check_compatible(configs)
-    if wandb_parent is None:  # no W&B run: each member's config.json says so, as its summary does
-        configs = [c if c.wandb == "disabled" else dataclasses.replace(c, wandb="disabled") for c in configs]
-    if resume:
-        return resume_population(configs, schedule=schedule, device=device, progress=progress,
-                                 wandb_parent=wandb_parent, wandb_name=wandb_name, wandb_config=wandb_config,
-                                 max_memory=max_memory, flush_seconds=flush_seconds, summary_extra=summary_extra,
-                                 before_summary=before_summary)
-    with RunDirLocks() as locks:
-        return _train_members(configs, locks, schedule, device, progress, wandb_parent, wandb_name, wandb_config,
-                              max_memory, flush_seconds, summary_extra, before_summary)
+        configs = validated_members(configs, schedule)
+        check_compatible(configs)
+        if wandb_parent is None:  # no W&B run: each member's config.json says so, as its summary does
+            configs = [c if c.wandb == "disabled" else dataclasses.replace(c, wandb="disabled") for c in configs]
+        if resume:
+            return resume_population(configs, schedule=schedule, device=device, progress=progress,
+                                     wandb_parent=wandb_parent, wandb_name=wandb_name, wandb_config=wandb_config,
+                                     max_memory=max_memory, flush_seconds=flush_seconds, summary_extra=summary_extra,
+                                     before_summary=before_summary)
+        with RunDirLocks() as locks:
+            return _train_members(configs, locks, schedule, device, progress, wandb_parent, wandb_name, wandb_config,
+                                  max_memory, flush_seconds, summary_extra, before_summary)
 
 
 def _train_members(configs: list[TrainConfig], locks: RunDirLocks, schedule: TrackSchedule | None, device: str,
