@@ -378,15 +378,15 @@ class RunDirLocks:
                                               f"train fewer members at once, or raise the limit")
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
-    def acquire(self, run_dir: Path, flag: str = "--run-name") -> None:
+    def acquire(self, run_dir: Path, flag: str = "--run-name") -> os.stat_result | None:
         """Lock the directory ``run_dir`` (not through a symbolic link; nothing where there is no
         directory), or a :class:`RunLocked` naming the live process that holds it (``flag``: what
-        the error names)."""
+        the error names). Returns the directory's stat, None where there is none."""
         try:
             fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # nothing to lock: the checks say why
-                return
+                return None
             raise ConfigError(flag, f"cannot open {run_dir} to lock it: {e.strerror or e}") from None
         try:  # the descriptor is closed on every way out but the lock's being held (fd −1 once closed or kept)
             st = os.fstat(fd)
@@ -398,14 +398,21 @@ class RunDirLocks:
                     if key not in self._keys:  # this process holds it already, for another
                         _HELD[key][1] += 1
                         self._keys.append(key)
-                    return
-                if not _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, run_dir, st, flag):
+                    return st
+                locked = _try_flock(fd, run_dir, st, flag)
+                if locked is None:
                     os.close(fd)  # the file system locks nothing
                     fd = -1
-                    return
+                    return st
+                if not locked:
+                    other = "run name" if flag == "--run-name" else "directory"
+                    raise RunLocked(flag, f"{run_dir} is being trained by another live process ({holder_text(st)}), "
+                                          f"or belongs to a population it trains; wait for it to end or stop it, "
+                                          f"or choose another {other}")
                 _HELD[key] = [fd, 1]
                 fd = -1
                 self._keys.append(key)
+                return st
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -436,37 +443,27 @@ class RunDirLocks:
             with _HELD_GUARD:
                 ours = (st.st_dev, st.st_ino) in _HELD  # held as a run directory already: by this process alone
             deadline = time.monotonic() + CREATING_WAIT_S
-            while not ours:
-                try:
-                    _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, out, st, "--out")
-                    break
-                except RunLocked:
-                    if time.monotonic() > deadline:
-                        holder = flock_holder(st)
-                        raise RunLocked("--out", f"{out} has been locked by another process "
-                                                 f"({'PID ' + str(holder) if holder else 'its PID unknown'}) for "
-                                                 f"{CREATING_WAIT_S:.0f} s: it is a run directory being trained (runs "
-                                                 f"do not go inside runs), or that process hangs while it makes a run "
-                                                 f"in it; choose another --out") from None
-                    time.sleep(0.01)
+            while not ours and _try_flock(fd, out, st, "--out") is False:
+                if time.monotonic() > deadline:
+                    raise RunLocked("--out", f"{out} has been locked by another process ({holder_text(st)}) for "
+                                             f"{CREATING_WAIT_S:.0f} s: it is a run directory being trained (runs do "
+                                             f"not go inside runs), or that process hangs while it makes a run in it; "
+                                             f"choose another --out")
+                time.sleep(0.01)
             yield
         finally:
             os.close(fd)
 
 
-def _flock(fd: int, operation: int, path: Path, st: os.stat_result, flag: str) -> bool:
-    """``flock(fd, operation)``: True once held; False where the file system cannot lock (said
-    once per file system); a :class:`RunLocked` where another process holds it."""
+def _try_flock(fd: int, path: Path, st: os.stat_result, flag: str) -> bool | None:
+    """An exclusive ``flock`` of ``fd`` without waiting: True once held, False where another
+    process holds it, None where the file system cannot lock (said once per file system)."""
     try:
-        fcntl.flock(fd, operation)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except OSError as e:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            holder = flock_holder(st)
-            advice = "or choose another run name" if flag == "--run-name" else "or choose another directory"
-            raise RunLocked(flag, f"{path} is being trained by another live process "
-                                  f"({'PID ' + str(holder) if holder else 'its PID unknown'}), or belongs to a "
-                                  f"population it trains; wait for it to end or stop it, {advice}") from None
+            return False
         if e.errno in _NO_LOCKING:
             if st.st_dev not in _SAID_NO_LOCKING:
                 _SAID_NO_LOCKING.add(st.st_dev)
@@ -474,8 +471,14 @@ def _flock(fd: int, operation: int, path: Path, st: os.stat_result, flag: str) -
 
                 warn(f"the file system of {path} cannot lock a directory ({e.strerror or e}); runs there are not "
                      f"guarded against a second process training them")
-            return False
+            return None
         raise ConfigError(flag, f"cannot lock {path}: {e.strerror or e}") from None
+
+
+def holder_text(st: os.stat_result) -> str:
+    """"PID n" of the process holding a ``flock`` on the file of ``st``, as an error names it."""
+    holder = flock_holder(st)
+    return f"PID {holder}" if holder else "its PID unknown"
 
 
 def _let_go(key: tuple[int, int]) -> None:

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import inspect
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,16 +165,12 @@ def _make_run_dir(config: TrainConfig, mark: bool, created: list[list[Path]] | N
     missing = missing_dirs(out / name) if created is not None else []
     with made_dirs(out), (locks.creating(out) if locks is not None else contextlib.nullcontext()):
         target = out / name
-        before = None
-        if locks is not None:
-            locks.acquire(target)
-            before = os.stat(target) if target.is_dir() and not target.is_symlink() else None
+        before = locks.acquire(target) if locks is not None else None
         replace_run_dir(target, config.force)
         target.mkdir(exist_ok=True)
         inside(target, out)
         if locks is not None:
-            locks.acquire(target)
-            now = os.stat(target)
+            now = locks.acquire(target)
             if before is not None and (before.st_dev, before.st_ino) != (now.st_dev, now.st_ino):
                 locks.release(before)  # the directory it replaced
         if mark:
