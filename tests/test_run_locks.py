@@ -102,13 +102,10 @@ def test_a_new_population_refuses_a_member_directory_another_process_holds(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m1"] and not any((tmp_path / "m1").iterdir())
 
 
-def test_runs_release_their_locks_when_they_end(tmp_path):
+def test_runs_release_their_locks_when_they_end(tmp_path, holder):
     train(config(tmp_path, "r0"), progress=False)
     train_population([config(tmp_path, f"m{i}", seed=i) for i in range(2)], progress=False)
-    with RunDirLocks() as locks:  # free again: this process could lock them all
-        for d in ("r0", "m0", "m1"):
-            locks.acquire(tmp_path / d)
-        assert len(locks) == 3
+    holder(*(tmp_path / d for d in ("r0", "m0", "m1")))  # free again: another process locks them all
     fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if fd.isdigit()
            and os.path.exists(f"/proc/self/fd/{fd}")]
     assert not [f for f in fds if f.startswith(str(tmp_path))]
