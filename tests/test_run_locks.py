@@ -161,14 +161,14 @@ def test_a_study_s_force_removes_nothing_while_another_process_trains_one_of_its
 
 
 def test_a_population_raises_the_soft_limit_on_open_files_it_needs_and_refuses_past_the_hard_one(tmp_path):
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import resource, sys
         from ntrl.config import ConfigError
         from ntrl.experiments.bandit import BanditConfig
         from ntrl.population import train_population
         hard = int(sys.argv[1])
         resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))
-        configs = [BanditConfig(policy="single_logit", steps=3, seed=i, out=sys.argv[2], run_name=f"m{{i}}",
+        configs = [BanditConfig(policy="single_logit", steps=3, seed=i, out=sys.argv[2], run_name=f"m{i}",
                                 wandb="disabled") for i in range(300)]
         try:
             train_population(configs, progress=False)
