@@ -9,6 +9,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
+import os
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
@@ -97,17 +101,11 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: bool = T
 
 @functools.lru_cache(maxsize=None)
 def _type_hints(cls: type) -> dict[str, Any]:
-    import typing
-
     return typing.get_type_hints(cls)
 
 
 def _type_problem(value: Any, hint: Any) -> str | None:
     """None where ``value`` fits the annotation ``hint``; else what it should be, in words."""
-    import numbers
-    import types
-    import typing
-
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is typing.Any or origin is Literal:
         return None
@@ -201,9 +199,6 @@ class TrainConfig:
         where a float is, an integer where an int is, a list of them, or None where allowed), as a
         Python caller can pass anything; ``out`` may be any path (``pathlib.Path``), kept as its
         string. The values of a ``Literal`` field are checked by :meth:`validate`."""
-        import os
-        import typing
-
         if isinstance(self.out, os.PathLike):
             self.out = os.fspath(self.out)
         hints = _type_hints(type(self))
