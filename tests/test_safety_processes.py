@@ -338,6 +338,13 @@ def test_a_signal_held_back_is_held_back_where_another_thread_takes_it():
 
 HELD_AND_ASKED_TWICE = MINE_ON_SIGTERM + """
 from ntrl.study.executor import signals_held
+calls = []
+
+def mine(signum, frame):  # counts its calls
+    calls.append(signum)
+    raise Mine()
+
+signal.signal(signal.SIGTERM, mine)
 threading.Thread(target=time.sleep, args=(10,), daemon=True).start()
 try:
     with signals_held():
@@ -349,14 +356,34 @@ try:
         print("body done")
 except Mine:
     print("raised")
-print(signal.getsignal(signal.SIGTERM) is mine, signal.pthread_sigmask(signal.SIG_BLOCK, []) == set())
+print(signal.getsignal(signal.SIGTERM) is mine, signal.pthread_sigmask(signal.SIG_BLOCK, []) == set(), len(calls))
 """
 
 
 def test_a_signal_held_back_acts_at_once_when_it_comes_again():
-    """The user asked twice: a clean-up that hangs (ray.shutdown) can still be stopped."""
+    """The user asked twice: a clean-up that hangs (ray.shutdown) can still be stopped, and the
+    handler runs once for the two (not again once the body is done)."""
     out = subprocess.run([sys.executable, "-c", HELD_AND_ASKED_TWICE], capture_output=True, text=True, timeout=60)
-    assert out.stdout.split() == ["once", "raised", "True", "True"], (out.stdout, out.stderr)
+    assert out.stdout.split() == ["once", "raised", "True", "True", "1"], (out.stdout, out.stderr)
+
+
+HELD_AT_THE_DEFAULT_AND_ASKED_TWICE = """
+import os, signal, time
+from ntrl.study.executor import signals_held
+with signals_held():
+    os.kill(os.getpid(), signal.SIGHUP)  # SIGHUP at its default action
+    time.sleep(0.3)
+    print("once", flush=True)
+    os.kill(os.getpid(), signal.SIGHUP)
+    time.sleep(0.3)
+    print("body done", flush=True)
+"""
+
+
+def test_a_signal_at_its_default_action_held_back_ends_the_process_when_it_comes_again():
+    out = subprocess.run([sys.executable, "-c", HELD_AT_THE_DEFAULT_AND_ASKED_TWICE], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout == "once\n" and out.returncode == -signal.SIGHUP, (out.stdout, out.stderr)
 
 
 HANDLER_RUNS_WHILE_PUT_BACK = """

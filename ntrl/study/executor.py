@@ -366,10 +366,16 @@ def signals_held(block: bool = True) -> Iterator[list[int]]:
     old = {sig: handler for sig in sigs if (handler := signal.getsignal(sig)) not in (signal.SIG_IGN, None)}
 
     def note(signum: int, frame: Any) -> None:
-        again = signum in arrived
-        arrived.append(signum)
-        if again and callable(old[signum]):
+        if signum not in arrived:
+            arrived.append(signum)
+            return
+        arrived.remove(signum)  # the second: acted on now, once, and not again after the body
+        if callable(old[signum]):
             old[signum](signum, frame)
+        else:  # SIG_DFL: its default action, now
+            signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+            signal.raise_signal(signum)
 
     old_mask = None
     try:
