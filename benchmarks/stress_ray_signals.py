@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,18 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from grids import tiny_grid  # noqa: E402
-from test_ray_executor import session_processes  # noqa: E402  (the tests' own count of what is left)
-
-NTRL = str(Path(sys.executable).with_name("ntrl"))
+from test_ray_executor import session_processes, start  # noqa: E402  (the tests' own start and count of what is left)
 
 
 def one_run(where: Path, sig: signal.Signals, delay: float) -> tuple[bool, str]:
     """(good, what happened) of one study signalled ``delay`` seconds after it starts."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RAY_"))}
-    env["WANDB_MODE"] = "disabled"
-    proc = subprocess.Popen([NTRL, "rarity", "--config", "grid.toml", "--out", "out", "--quiet", "--executor", "ray"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, cwd=where)
+    proc = start(where / "grid.toml", where / "out", "--executor", "ray")  # as the tests start a study
     time.sleep(delay)
     os.killpg(proc.pid, sig) if sig == signal.SIGINT else os.kill(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
