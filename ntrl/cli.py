@@ -379,9 +379,10 @@ def _redeliver_lost_interrupt(unraisable) -> None:
     raised now, inside this hook, would be lost the same way. On a busy machine that moment can
     come while this hook still runs (a CI run lost a SIGTERM so): the handlers then send it once
     more rather than raise it here. A ``SystemExit(SIGTERM)`` is SIGTERM turned into an exit by a
-    library's handler (``ray.init`` installs one that calls ``sys.exit(signum)``; a CI run lost a
-    SIGTERM to it inside logging's lock release): it is sent again too, for ntrl's handler, once
-    restored, to raise. (Not SIGHUP's 1, which is also the plain ``sys.exit(1)`` of a failure.)
+    library's handler (``ray.init`` installs one that calls ``sys.exit(signum)``, where
+    :func:`ntrl.study.ray_executor.require_ray` cannot keep it out: a Ray whose modules moved; a
+    CI run lost a SIGTERM to it inside logging's lock release): it is sent again too, for ntrl's
+    handler, once restored, to raise. (Not SIGHUP's 1, which is also the plain ``sys.exit(1)`` of a failure.)
     Anything else goes to the previous hook."""
     import signal
 

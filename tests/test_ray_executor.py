@@ -213,8 +213,8 @@ def test_ray_gives_the_local_executors_verdicts_records_and_summaries(tmp_path, 
 @pytest.mark.slow
 def test_the_quick_grid_on_a_local_ray_of_2_cpus_gives_the_local_executors_verdicts(tmp_path):
     """The issue's check, on the README's main job: every cell of `--quick`, the gravity well's
-    included, under both executors. Slow (about 200 s of the suite's time: the quick study three
-    times over, beside the other tests); CI runs it with ``-m slow``, after the default run.
+    included, under both executors. Slow (about 200 s of the suite's time: the quick study twice,
+    beside the other tests); CI runs it with ``-m slow``, after the default run.
     test_ray_gives_the_local_executors_verdicts_records_and_summaries checks the same on a smaller
     grid in the default run."""
     pytest.importorskip("ray")
