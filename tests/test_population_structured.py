@@ -11,6 +11,7 @@ drop threshold.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -79,6 +80,16 @@ def test_factored_jacobian_agrees_with_the_torch_func_reference(K, activation):
     jac.step_(stepped, c, scale)
     close(stepped - theta, scale[:, None] * (J * c[:, :, None]).sum(1))
     close(quad(c, jac.gram, c), ((J * c[:, :, None]).sum(1) ** 2).sum(1))
+    # without its columns (an untracked SGD, sign or Adam step): Jᵀc and the step by the backward
+    # pass of c alone; the Gram matrix and products with other vectors are refused, not guessed
+    lean = ss.jacobian(fwd, columns=False)
+    close(lean.materialize(c, sp.n_params), (J * c[:, :, None]).sum(1))
+    stepped = theta.clone()
+    lean.step_(stepped, c, scale)
+    close(stepped - theta, scale[:, None] * (J * c[:, :, None]).sum(1))
+    for product in (lambda: lean.gram, lambda: lean.dot(v), lambda: lean.gram_diagonal(d)):
+        with pytest.raises(RuntimeError, match="without its columns"):
+            product()
 
 
 @pytest.mark.parametrize("K", [2, 3])
@@ -179,15 +190,16 @@ def test_the_finite_gradient_test_is_jtc_tested_entry_by_entry():
     ss = StackedSequential.plan(sp.module, sp.names, sp.sizes)
     z, fwd = ss.forward(theta, obs)
     seen = set()
-    for scales, big_input in (([1.0, 1.0, 1.0], 1.0), ([1.0, 1e140, 1.0], 1.0), ([1.0, 1e160, 1.0], 1.0),
-                              ([1e300, 1.0, 1e149], 1.0), ([math.inf, 1.0, 1.0], 1.0), ([1.0, math.nan, 1.0], 1.0),
-                              ([1e308, 1e308, 1.0], 1.0), ([1e220, 1.0, 1e100], 1e100)):
-        jac = ss.jacobian(fwd)
+    for (scales, big_input), columns in itertools.product((
+            ([1.0, 1.0, 1.0], 1.0), ([1.0, 1e140, 1.0], 1.0), ([1.0, 1e160, 1.0], 1.0),
+            ([1e300, 1.0, 1e149], 1.0), ([math.inf, 1.0, 1.0], 1.0), ([1.0, math.nan, 1.0], 1.0),
+            ([1e308, 1e308, 1.0], 1.0), ([1e220, 1.0, 1e100], 1e100)), (True, False)):
+        jac = ss.jacobian(fwd, columns)
         jac.inputs = [jac.inputs[0] * big_input, *jac.inputs[1:]]  # an input of 1e100: products of finite factors overflow
         c = torch.tensor([[1.0, -1.0]] * 3, dtype=F64) * torch.tensor(scales, dtype=F64)[:, None]
         want = torch.isfinite(jac.materialize(c, sp.n_params)).all(1)
         got = jac.finite_gradient(c)
-        assert got.tolist() == want.tolist(), scales
+        assert got.tolist() == want.tolist(), (scales, columns)
         seen.add(tuple(want.tolist()))
     assert (True, True, True) in seen and len(seen) >= 3  # both answers, on both paths
 

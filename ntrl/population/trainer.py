@@ -970,9 +970,11 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
     names = pop.model.properties
     n_z = pop.model.n_z
     cots = output_cotangents(pop, q, U, tracked)
-    jac = pop.structured.jacobian(q["fwd"])
-    cU = cots[0]
     opt = pop.optimizer
+    # J's K columns where the update reads its Gram matrix (tracked, or NPG's metric); an untracked
+    # SGD, sign or Adam step reads only Δ_l c, formed by the backward pass of c alone
+    jac = pop.structured.jacobian(q["fwd"], columns=tracked or opt.name == "npg")
+    cU = cots[0]
     G = jac.gram if tracked or opt.name == "npg" else None  # an untracked SGD, Adam or sign step needs none
     # whether g = Jᵀc_U is finite entry by entry, as the per-run path tests g (‖g‖² overflows
     # sooner): read off g itself where the step forms it (Adam, sign descent), else from the factors
