@@ -350,9 +350,15 @@ class RunDirLocks:
         self.close()
 
     def close(self) -> None:
-        """Let go of every lock this holds."""
-        while self._keys:
-            _let_go(self._keys.pop())
+        """Let go of every lock this holds. An interrupt (Ctrl-C, or SIGTERM taken as one) that
+        lands meanwhile lets go of the rest before it goes on, so that a long-lived process (a
+        notebook) does not keep them from other processes."""
+        try:
+            while self._keys:
+                _let_go(self._keys.pop())
+        finally:
+            while self._keys:  # only after an interrupt above
+                _let_go(self._keys.pop())
 
     def __len__(self) -> int:
         return len(self._keys)

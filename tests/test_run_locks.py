@@ -239,3 +239,61 @@ def test_a_run_directory_is_made_only_under_its_out_s_lock(tmp_path):
         proc.stdout.close()
     assert seen and seen[0] >= released - 0.05  # not before the holder let go (clocks of one machine)
     assert json.loads((out / "r" / "summary.json").read_text())["status"] == "finished"
+
+
+def test_the_ray_driver_writes_no_returned_run_into_a_directory_another_live_process_holds(tmp_path, holder,
+                                                                                          monkeypatch):
+    """The Ray driver writes each run a unit returns under that run's lock (write_unit): a run
+    whose directory another process holds comes back as that run's error, with the holder's PID,
+    and its directory is untouched; the unit's other run is written whole. (No Ray is needed to
+    run a unit, a population chunk here, and write what it returned.)"""
+    from dataclasses import asdict
+
+    from ntrl.study.grid import StudyConfig, enumerate_runs
+    from ntrl.study.ray_executor import ray_unit, write_unit
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the unit's own temporary directory
+    monkeypatch.setattr("tempfile.tempdir", None)
+    study = StudyConfig(name="e", policies=["single_logit"], optimizers=["sgd"], p0s=[0.01], seeds=1,
+                        extinction_steps=20, max_steps=50, track_every=5).validate()
+    specs = enumerate_runs(study)[:2]
+    returned = ray_unit(study.to_dict(), "population", [asdict(s) for s in specs])
+    assert all(files and error is None for _, files, error in returned)
+    runs = tmp_path / "runs"
+    held = runs / specs[0].run_id
+    held.mkdir(parents=True)  # an empty directory, which the driver would take
+    h = holder(held)
+    results = write_unit(study, specs, "population", returned, runs, "disabled", None)
+    (_, summary0, error0), (_, summary1, error1) = results
+    assert summary0 is None and isinstance(error0, ConfigError) and f"PID {h.proc.pid}" in str(error0)
+    assert not any(held.iterdir())
+    assert error1 is None and summary1["status"] == "finished"
+    assert json.loads((runs / specs[1].run_id / "summary.json").read_text())["status"] == "finished"
+
+
+def test_an_interrupt_while_locks_are_let_go_still_lets_go_of_the_rest(tmp_path, monkeypatch):
+    """A Ctrl-C that lands while a population's locks are let go (RunDirLocks.close) goes on, but
+    only after every other lock is let go: another process can take them at once, though this
+    one lives on (a notebook)."""
+    import ntrl.run_dirs as run_dirs
+
+    dirs = [tmp_path / f"m{i}" for i in range(3)]
+    for d in dirs:
+        d.mkdir()
+    let_go, calls = run_dirs._let_go, []
+
+    def interrupted_once(key):
+        let_go(key)
+        calls.append(key)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_dirs, "_let_go", interrupted_once)
+    locks = RunDirLocks()
+    for d in dirs:
+        locks.acquire(d)
+    with pytest.raises(KeyboardInterrupt):
+        locks.close()
+    assert len(calls) == 3 and len(locks) == 0
+    subprocess.run([sys.executable, "-c", HOLDER.replace("time.sleep(120)", ""), *map(str, dirs)], check=True,
+                   capture_output=True, timeout=60)  # another process takes all three
