@@ -134,8 +134,8 @@ class StackedSequential:
                         out = step(y)
                         derivs.append(torch.autograd.grad(out.sum(), y)[0])
                     x = out.detach()
-                else:
-                    x = step(x)
+                else:  # the values alone (the η-probe's perturbed members)
+                    x = torch.tanh(x) if type(step) is nn.Tanh else step(x)
                     derivs.append(None)
         return x, (Forward(theta, inputs, derivs, views) if trace else None)
 

@@ -951,8 +951,11 @@ def output_cotangents(pop: _Population, q: dict[str, Any], U: Tensor, tracked: b
     without a reverse pass; otherwise by :func:`logit_cotangents` on ``q``'s graph."""
     Z = q["Z"]
     if pop.closed_form:
-        units = torch.eye(Z.shape[-1], dtype=Z.dtype, device=Z.device)
-        return pop.model.cotangents(q, tracked) + [units[a].expand(Z.shape[0], -1) for a in range(n_logits)]
+        cots = pop.model.cotangents(q, tracked)
+        if n_logits:
+            units = torch.eye(Z.shape[-1], dtype=Z.dtype, device=Z.device)
+            cots += [units[a].expand(Z.shape[0], -1) for a in range(n_logits)]
+        return cots
     outputs = [U] + ([q[x] for x in pop.model.properties] + [q["z"][:, i] for i in range(pop.model.n_z)]
                      if tracked else []) + [Z[:, 0, a] for a in range(n_logits)]
     return logit_cotangents(outputs, Z)
