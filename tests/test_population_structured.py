@@ -53,7 +53,7 @@ def reference_jacobian(policy, obs, K: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("K, activation", [(2, "tanh"), (3, "tanh"), (2, "relu")])
+@pytest.mark.parametrize("K, activation", [(2, "tanh"), (3, "tanh"), (2, "relu"), (6, "tanh")])
 def test_factored_jacobian_agrees_with_the_torch_func_reference(K, activation):
     obs, policies, sp, theta = population(K, activation=activation)
     ss = StackedSequential.plan(sp.module, sp.names, sp.sizes)

@@ -1186,7 +1186,7 @@ def eta_probe(pop: "_Population", q: dict[str, Any], plan, ntcov: Tensor,
         lrs = lr[:, None] * torch.tensor(scales, dtype=lr.dtype, device=lr.device)  # (M, S): η·s
         # the logits at every scale from one forward pass of the members stacked scale by scale,
         # θ + (η s) d in one broadcast product (on the structured path each member's logits are the
-        # same bytes in a stack of any size: batched_structured.matvec; tested with the η-probe on)
+        # same bytes in a stack of any size: batched_structured.row_times; tested with the η-probe on)
         Z = pop.logits_at((pop.theta + lrs.T[:, :, None] * d).reshape(len(scales) * M, -1))
         probability = getattr(pop.model, "probability", None)  # P alone, of all the scales' rows at once
         P = probability(Z).reshape(len(scales), M) if probability is not None else \
