@@ -583,3 +583,25 @@ def test_an_overflowing_gradient_ends_an_adam_or_sign_member_as_its_single_run_e
     assert member["status"] == "failed" and "gradient" in member["error"]
     assert [pop.results[i].summary["status"] for i in (0, 2)] == ["finished", "finished"]
     assert [len(read_records(pop.results[i].run_dir)) for i in (0, 1, 2)] == [5, member["updates"], 5]
+
+
+def test_a_sequential_that_begins_with_an_activation():
+    """An activation before the first Linear layer holds no parameter: the backward passes stop
+    at that layer (they had multiplied by its derivative, of the input's shape, and crashed), and
+    the Jacobian, with or without its columns, agrees with autograd's, member by member."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Tanh(), torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+            for _ in range(3)]
+    sp = StackedPolicy(nets[0])
+    theta = torch.stack([sp.flatten(n) for n in nets])
+    obs = torch.randn(1, 3, dtype=F64)
+    ss = StackedSequential.plan(nets[0], sp.names, sp.sizes)
+    z, fwd = ss.forward(theta, obs)
+    c = torch.randn(3, 2, dtype=F64)
+    for columns in (True, False):
+        jac = ss.jacobian(fwd, columns)
+        for m, n in enumerate(nets):
+            n.zero_grad()
+            (n(obs)[0] * c[m]).sum().backward()
+            want = torch.cat([p.grad.reshape(-1) for p in n.parameters()])
+            assert torch.allclose(jac.materialize(c, sp.n_params)[m], want, rtol=1e-12, atol=1e-14)

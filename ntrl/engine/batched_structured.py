@@ -169,6 +169,8 @@ class StackedSequential:
                     delta = W.transpose(1, 2).contiguous() if identity else \
                         torch.bmm(delta.transpose(1, 2), W).transpose(1, 2)
                     identity = False
+                else:  # the first Linear layer: what comes before it holds no parameter
+                    break
             else:
                 ai -= 1
                 delta = delta * fwd.derivs[ai][:, :, None]
@@ -191,6 +193,8 @@ class StackedSequential:
                 out.append(delta)
                 if li > 0:
                     delta = row_times(delta, fwd.views[li][0])
+                else:  # the first Linear layer: what comes before it holds no parameter
+                    break
             else:
                 ai -= 1
                 delta = delta * fwd.derivs[ai]
