@@ -437,7 +437,7 @@ def test_stale_unit_directories_are_removed_only_when_ntrl_made_them_and_their_p
 def test_without_ray_the_executor_flag_is_one_line_that_says_how_to_install_it(tmp_path):
     (tmp_path / "grid.toml").write_text(TINY)
     code = ("import sys; sys.modules['ray'] = None; from ntrl.cli import main; "
-            f"sys.exit(main(['rarity', '--config', 'grid.toml', '--out', 'out', '--executor', 'ray']))")
+            "sys.exit(main(['rarity', '--config', 'grid.toml', '--out', 'out', '--executor', 'ray']))")
     done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
     assert done.returncode == 2
