@@ -364,7 +364,7 @@ class RunDirLocks:
         return len(self._keys)
 
     @staticmethod
-    def reserve(n: int) -> None:
+    def reserve(n: int, flag: str = "--population") -> None:
         """Raise the soft limit on open files (RLIMIT_NOFILE) towards its hard limit, so that ``n``
         more locks fit beside what the process has open (a margin of :data:`SPARE_FILES`); a
         ConfigError where the hard limit is too low."""
@@ -379,9 +379,10 @@ class RunDirLocks:
         if soft == resource.RLIM_INFINITY or need <= soft:
             return
         if hard != resource.RLIM_INFINITY and need > hard:
-            raise ConfigError("--population", f"{n} run directories are to be locked while they train, one open file "
-                                              f"each, but this process may open at most {hard} files (ulimit -Hn); "
-                                              f"train fewer members at once, or raise the limit")
+            raise ConfigError(flag, f"{n} run directories are to be locked, one open file each, but this process may "
+                                    f"open at most {hard} files (ulimit -Hn); "
+                                    + ("train fewer members at once, or raise the limit" if flag == "--population"
+                                       else "raise the limit"))
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
     def acquire(self, run_dir: Path, flag: str = "--run-name") -> os.stat_result | None:

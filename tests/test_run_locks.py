@@ -297,3 +297,26 @@ def test_an_interrupt_while_locks_are_let_go_still_lets_go_of_the_rest(tmp_path,
     assert len(calls) == 3 and len(locks) == 0
     subprocess.run([sys.executable, "-c", HOLDER.replace("time.sleep(120)", ""), *map(str, dirs)], check=True,
                    capture_output=True, timeout=60)  # another process takes all three
+
+
+def test_a_study_s_force_raises_the_soft_limit_on_open_files_for_its_run_locks(tmp_path):
+    """A study's --force locks every run it removes before it removes any: one open file each,
+    so a study of more runs than the soft limit on open files (a default 1024 against thousands
+    of runs) raises that limit rather than fail on "Too many open files" (300 runs under 200)."""
+    script = textwrap.dedent("""
+        import resource, sys
+        from pathlib import Path
+        from ntrl.run_dirs import RUN_KIND, write_marker
+        from ntrl.study.executor import remove_study_outputs
+        out = Path(sys.argv[1])
+        plan = []
+        for i in range(300):
+            (out / "runs" / f"r{i}").mkdir(parents=True)
+            write_marker(out / "runs" / f"r{i}", RUN_KIND)
+            plan.append(out / "runs" / f"r{i}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        remove_study_outputs(plan, out)
+        print("removed", sorted(p.name for p in out.iterdir()))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "removed []", done.stderr[-2000:]

@@ -226,6 +226,7 @@ def remove_study_outputs(plan: list[Path], out: Path) -> None:
     or the W&B one, with its marker last (:func:`ntrl.run_dirs.remove_marked_dir`)."""
     from ntrl.run_dirs import RunDirLocks, remove_marked_dir
 
+    RunDirLocks.reserve(sum(path.is_dir() for path in plan), "--force")  # a lock per run: a big study's thousands
     with RunDirLocks() as locks:
         for path in plan:  # none is removed while another process trains a run of it (a RunLocked first)
             if path.is_dir():
