@@ -135,6 +135,19 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     return None
 
 
+def _plain_numbers(value: Any, hint: Any) -> Any:
+    """``value`` (which fits ``hint``) with a number of another type (numpy's int64 or float32, as a
+    sweep over ``np.linspace`` gives them) as Python's int or float, so that config.json can hold
+    it; a list's numbers too."""
+    if isinstance(value, numbers.Number) and not isinstance(value, bool) and type(value) not in (int, float):
+        return int(value) if isinstance(value, numbers.Integral) else float(value) \
+            if isinstance(value, numbers.Real) else value
+    if isinstance(value, (list, tuple)) and any(isinstance(v, numbers.Number) and type(v) not in (int, float, bool)
+                                                 for v in value):
+        return type(value)(_plain_numbers(v, typing.Any) for v in value)
+    return value
+
+
 @dataclass
 class TrainConfig:
     """What every training run shares. Environment configs subclass it and add ``build()``."""
@@ -206,9 +219,13 @@ class TrainConfig:
             if f.name in self.TYPES_CHECKED_ELSEWHERE:
                 continue
             value = getattr(self, f.name)
-            kind = _type_problem(value, hints.get(f.name, typing.Any))
+            hint = hints.get(f.name, typing.Any)
+            kind = _type_problem(value, hint)
             if kind is not None:
                 raise ConfigError(flag_of(f.name), f"must be {kind}, got {type(value).__name__} {value!r}")
+            setattr(self, f.name, _plain_numbers(value, hint))
+
+
 
     def validate(self) -> "TrainConfig":
         self.check_types()

@@ -284,3 +284,25 @@ def test_a_pathlib_out_is_taken_as_its_string(tmp_path):
     train_population(configs, progress=False)
     train_population(configs, progress=False, resume=True)  # the written config is this config: nothing to redo
     assert json.loads((tmp_path / "m1" / "summary.json").read_text())["status"] == "finished"
+
+
+def test_numpy_numbers_from_a_sweep_are_taken_as_python_numbers(tmp_path):
+    """np.int64 and np.float32 (what np.arange and np.linspace give a sweep) fit an int and a
+    float field; they are kept as Python's int and float, so config.json can hold them (they had
+    passed the type check, then failed writing it with a half-made run directory left behind)."""
+    import numpy as np
+
+    from ntrl.experiments.bandit import BanditConfig
+    from ntrl.population import train_population
+    from ntrl.train import train
+
+    def cfg(name, seed):
+        return BanditConfig(out=str(tmp_path), run_name=name, seed=np.int64(seed), steps=np.int64(3),
+                            lr=np.float32(0.5), price_scales=[np.float32(1.0), np.float64(0.5)], wandb="disabled")
+
+    train(cfg("r", 0), progress=False)
+    train_population([cfg(f"m{i}", i) for i in range(2)], progress=False)
+    for name in ("r", "m1"):
+        written = json.loads((tmp_path / name / "config.json").read_text())
+        assert (written["steps"], written["lr"], written["price_scales"]) == (3, float(np.float32(0.5)), [1.0, 0.5])
+        assert json.loads((tmp_path / name / "summary.json").read_text())["status"] == "finished"
