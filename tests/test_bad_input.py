@@ -268,6 +268,10 @@ def test_a_python_caller_s_value_of_the_wrong_type_is_named_before_anything_is_w
                          progress=False)
     with pytest.raises(ConfigError, match="^--rewards: must be a list of numbers or None"):
         KBanditConfig(out=str(tmp_path / "c"), rewards=["1", 0]).validate()  # read before the base class's checks
+    from ntrl.experiments.gym_env import GymConfig
+
+    with pytest.raises(ConfigError, match="^--property: must be a list of properties .* got str 'action:1'"):
+        GymConfig(env="CartPole-v1", out=str(tmp_path / "d"), property="action:1").validate()  # not its characters
     assert not any(tmp_path.iterdir())
 
 

@@ -293,6 +293,9 @@ class GymConfig(TrainConfig):
             self.p0 = p0
         need = self.need
         need(self.algo in ALGOS, "algo", f"must be one of {', '.join(ALGOS)}, got {self.algo!r}")
+        need(isinstance(self.property, (list, tuple)), "property",  # its items: strings or callables, read below
+             f"must be a list of properties (action:A, event:MOD:PRED, return, MOD:FUNC or a callable), "
+             f"got {type(self.property).__name__} {self.property!r}")
         need(isinstance(self.env, str) and bool(self.env), "env", "give a Gymnasium id, e.g. --env CartPole-v1")
         parse_env_kwargs(self.env_kwargs)
         need(self.target >= 0, "target", f"must be an action index >= 0, got {self.target}")
