@@ -27,6 +27,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal, Sequence
 
+from ntrl.termination import Terminated  # SIGTERM or SIGHUP, handled like Ctrl-C (one line, exit 128 + N)
 from ntrl.termination import send_again as _send_again  # the standard library's modules alone
 
 # ``ntrl train <name>``: the config class of each experiment, imported when used.
@@ -332,10 +333,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C (records kept, one line), with exit status 143."""
 
 
 _TERMINATED: list[int] = []

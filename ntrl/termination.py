@@ -25,7 +25,8 @@ from typing import Iterator
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where training is, to be handled as Ctrl-C is."""
+    """SIGTERM (or, in the CLI, SIGHUP), raised where the work is, to be handled as Ctrl-C is: the
+    records kept, one line, and the process ends by the signal (exit 128 + its number in a shell)."""
 
 
 @contextlib.contextmanager
