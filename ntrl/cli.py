@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal, Sequence
 
 from ntrl.termination import Terminated  # SIGTERM or SIGHUP, handled like Ctrl-C (one line, exit 128 + N)
+from ntrl.termination import forget_raised, note_raised, noting_raised, raise_if_swallowed
 from ntrl.termination import send_again as _send_again  # the standard library's modules alone
 
 # ``ntrl train <name>``: the config class of each experiment, imported when used.
@@ -353,6 +354,7 @@ def _raise_terminated(signum, frame) -> None:
     if _IN_UNRAISABLE_HOOK:  # raised here it would be lost too: sent again in a moment
         _send_again(signum)
         return
+    note_raised(signum)
     raise Terminated()
 
 
@@ -362,6 +364,7 @@ def _raise_interrupt(signum, frame) -> None:
     if _IN_UNRAISABLE_HOOK:
         _send_again(signum)
         return
+    note_raised(signum)
     raise KeyboardInterrupt
 
 
@@ -388,6 +391,7 @@ def _redeliver_lost_interrupt(unraisable) -> None:
     try:
         exc = unraisable.exc_value
         if isinstance(exc, KeyboardInterrupt):
+            forget_raised()  # lost here, and sent again: raised once more when it arrives
             terminated = isinstance(exc, Terminated) and _TERMINATED
             _send_again(_TERMINATED[-1] if terminated else signal.SIGINT)
         elif isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
@@ -422,6 +426,7 @@ def report_errors(run: Callable[[], str]) -> int:
     try:
         text = run()
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the run said what it kept
+        forget_raised()
         print(f"ntrl: {getattr(e, 'message', None) or 'interrupted'}", file=sys.stderr)
         return 128 + _TERMINATED[-1] if _TERMINATED else 130
     except Exception as e:
@@ -460,6 +465,7 @@ def run_train(cls: type, flags: Any, args: list[str]) -> str:
         if config.algo != "reinforce":
             from ntrl.experiments.sb3_train import describe_sb3, train_sb3
 
+            raise_if_swallowed()
             return describe_sb3(train_sb3(config, progress=progress), config)
         config.prebuild()
     from ntrl.train import describe, train
@@ -473,8 +479,10 @@ def run_train(cls: type, flags: Any, args: list[str]) -> str:
                 raise UsageError("--device", f"a {flags.device} run trains as a population of one, and {reason}")
             from ntrl.population import train_population
 
+            raise_if_swallowed()
             result = train_population([config], device=flags.device, progress=progress, wandb_parent=config.out)
             return describe(result.results[0], config)
+    raise_if_swallowed()  # an interrupt swallowed in an import above: nothing is written yet
     return describe(train(config, progress=progress), config)
 
 
@@ -532,6 +540,7 @@ def run_rarity(flags: RarityArgs) -> str:
 
         # --device cuda without a GPU: one line now, not from every worker (Ray: the cluster's GPUs count)
         resolve_device(flags.device)
+    raise_if_swallowed()  # an interrupt swallowed in an import above (Ray's, say): nothing is written yet
     return rarity(study, study_dir, workers=flags.workers, wandb_mode=wandb_mode, force=flags.force,
                   progress=not flags.quiet, analyse_only=flags.analyse_only, verbose=flags.verbose,
                   population=flags.population, device=flags.device, executor=flags.executor,
@@ -541,6 +550,7 @@ def run_rarity(flags: RarityArgs) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     import threading
 
+    _TERMINATED.clear()  # this command's, not an earlier one's in the same process
     if threading.current_thread() is threading.main_thread():
         install_signal_handlers()
     argv = normalise(sys.argv[1:] if argv is None else argv)
@@ -565,7 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               f"command to start it") from None
 
     try:
-        return report_errors(run)
+        with noting_raised():
+            return report_errors(run)
     except SystemExit as e:  # --help
         return int(e.code or 0)
 

@@ -12,6 +12,9 @@ SIGTERM after all, as it would have (sys.stdout and sys.stderr flushed first; th
 at once. A SIGTERM that lands where Python can only print an exception (a finalizer, a weakref
 callback) is sent again a moment later rather than lost. A program that handles SIGTERM itself,
 or a call from a thread other than the main one, is left as it is.
+
+For the CLI, whose handlers raise the interrupt themselves: :func:`raise_if_swallowed` raises
+again, where ntrl's code runs on, an interrupt that a library caught and dropped.
 """
 
 from __future__ import annotations
@@ -85,6 +88,51 @@ def sigterm_as_interrupt() -> Iterator[None]:
                 end_by_sigterm(getattr(error, "message", None) if isinstance(error, KeyboardInterrupt) else None)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a SIGTERM held back ends the process here
+
+
+_RAISED: list[int] = []  # the signals whose interrupt ntrl's CLI handlers raised, not yet taken
+_WATCHING: list[bool] = []  # a command runs (:func:`noting_raised`)
+
+
+@contextlib.contextmanager
+def noting_raised() -> Iterator[None]:
+    """For the body, a CLI command: the interrupts that ntrl's handlers raise are noted
+    (:func:`note_raised`), so that :func:`raise_if_swallowed` raises one again that no handler of
+    ntrl's took. Outside a command nothing is noted: a notebook whose Ctrl-C its own code took
+    (the CLI's handlers stay installed after ``cli.main``) does not stop a later study."""
+    _RAISED.clear()
+    _WATCHING.append(True)
+    try:
+        yield
+    finally:
+        _WATCHING.pop()
+        _RAISED.clear()
+
+
+def note_raised(signum: int) -> None:
+    """A handler is about to raise ``signum``'s interrupt (:class:`Terminated`, or KeyboardInterrupt
+    for SIGINT): inside :func:`noting_raised`, :func:`raise_if_swallowed` raises it again if no
+    handler of ntrl's takes it."""
+    if _WATCHING:
+        _RAISED.append(signum)
+
+
+def forget_raised() -> None:
+    """The interrupts raised so far are taken: handled, or to be sent again (an interrupt that the
+    unraisable hook sends again is noted when it arrives)."""
+    _RAISED.clear()
+
+
+def raise_if_swallowed() -> None:
+    """Raise again an interrupt that a signal handler raised and that code then swallowed, so that
+    the command stops after all rather than run on to its end. Cython's modules catch every
+    exception while they patch a module during their import and drop it as a warning: a SIGTERM
+    that lands there, during ``import ray`` say, was lost so (a CI run: exit 0 and no line, the
+    study run to its end). Called where ntrl's own code runs on normally (before a command's work
+    starts, between a study's units): an interrupt raised earlier would have left that code by an
+    exception, so one still noted there was swallowed on the way."""
+    if _RAISED:  # still noted: swallowed once more, it is raised again at the next such place
+        raise KeyboardInterrupt if _RAISED[-1] == signal.SIGINT else Terminated()
 
 
 def end_by_sigterm(said: str | None) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from grids import kill_grid
+from grids import kill_grid, tiny_grid
 from signal_scripts import MINE_ON_SIGTERM
 from ntrl.records import read_records
 
@@ -304,6 +304,80 @@ def test_an_interrupt_python_could_only_print_is_sent_again_not_lost(kind, said)
     exited 0 so), once ntrl's handler is back."""
     out = subprocess.run([sys.executable, "-c", LOST_INTERRUPT, kind], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == said and out.stderr == "", (out.stdout, out.stderr)
+
+
+SWALLOWED = """
+import signal, sys
+from ntrl import cli
+from ntrl.study import executor, grid
+where, sig = sys.argv[1], int(sys.argv[2])
+
+def swallow():  # the signal arrives where its exception is caught and dropped, as Cython's module patching drops it
+    try:
+        signal.raise_signal(sig)
+    except BaseException:
+        pass
+    print("swallowed", flush=True)
+
+if where == "start":  # while the command starts (an import, say): nothing is written yet
+    real_from_file = grid.StudyConfig.from_file.__func__
+    grid.StudyConfig.from_file = classmethod(lambda cls, path: (swallow(), real_from_file(cls, path))[1])
+else:  # in the study's driver, as it waits for its first units
+    real_wait, calls = executor.wait, []
+
+    def wait(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            swallow()
+        return real_wait(*args, **kwargs)
+
+    executor.wait = wait
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("where", ["start", "driver"])
+def test_an_interrupt_that_a_library_swallows_still_stops_the_study(tmp_path, where, sig):
+    """A SIGTERM (or Ctrl-C) whose exception a library catches and drops (Cython's modules do,
+    patching a module during their import: a CI run's ``ntrl rarity`` exited 0 with no line after a
+    SIGTERM during Ray's start-up) is raised again where ntrl's own code runs on: before the study
+    starts (nothing written) or between the driver's waits (the runs so far kept). Before, the
+    study ran to its end and exited 0."""
+    (tmp_path / "grid.toml").write_text(tiny_grid("s"))
+    out = subprocess.run([sys.executable, "-c", SWALLOWED, where, str(int(sig)), "rarity", "--config", "grid.toml",
+                          "--out", ".", "--quiet"], env=env(), capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.stdout.split() == ["swallowed"], (out.stdout, out.stderr)
+    assert out.returncode == 128 + int(sig) and len(lines) == 1, (out.returncode, out.stderr)
+    assert not (tmp_path / "s" / "verdicts.csv").exists()
+    if where == "start":
+        assert "nothing was written" in lines[0] and not (tmp_path / "s").exists(), lines
+    else:
+        assert "re-run the same command to resume" in lines[0], lines
+
+
+def test_an_interrupt_taken_is_not_raised_again_outside_its_command(tmp_path):
+    """The CLI's handlers stay installed after ``cli.main`` (a notebook, a test): a Ctrl-C that the
+    caller's own code took then stops neither a study run from Python nor the next command."""
+    from ntrl import cli
+    from ntrl.study import StudyConfig, run_study
+
+    cli.install_signal_handlers()
+    try:
+        cli._raise_interrupt(signal.SIGINT, None)  # the handler's part of a Ctrl-C, taken below
+    except KeyboardInterrupt:
+        pass
+    (tmp_path / "grid.toml").write_text(tiny_grid("s"))
+    study = StudyConfig.from_file(tmp_path / "grid.toml")
+    try:
+        assert len(run_study(study, tmp_path / "py", workers=1, wandb_mode="disabled", progress=False)) == 2
+    except KeyboardInterrupt as e:  # failed, and not by ending the test session
+        pytest.fail(f"the taken Ctrl-C stopped the study: {e!r}")
+    assert cli.main(["rarity", "--config", str(tmp_path / "grid.toml"), "--out", str(tmp_path), "--quiet",
+                     "--wandb", "disabled", "--workers", "1"]) == 0
+    assert (tmp_path / "s" / "verdicts.csv").exists()
 
 
 HELD_WHILE_ANOTHER_THREAD_TAKES_IT = MINE_ON_SIGTERM + """

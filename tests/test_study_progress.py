@@ -38,11 +38,37 @@ def test_in_flight_beats_while_no_unit_finishes():
                                           heartbeat=lambda: beats.append(1))]
     assert sorted(u[0] for u in done) == ["u0", "u1", "u2"]
     assert len(beats) == 3 and set(timeouts) == {HEARTBEAT_SECONDS}
-    # without a heartbeat the executor waits without a limit, as before
+    # without a heartbeat too the executor waits a heartbeat at a time: between waits it raises an
+    # interrupt that a library swallowed
     timeouts.clear()
     polls = iter([1, 1, 1])
     assert len(list(in_flight(units, 2, lambda kind, unit: next(handles), wait_some))) == 3
-    assert set(timeouts) == {None}
+    assert set(timeouts) == {HEARTBEAT_SECONDS}
+
+
+def test_in_flight_raises_an_interrupt_swallowed_while_it_waited():
+    """An interrupt whose exception a library dropped while the driver waited
+    (:func:`ntrl.termination.raise_if_swallowed`) stops the driver before its next wait."""
+    import signal
+
+    import pytest
+
+    from ntrl import termination
+
+    units = [("run", [f"u{i}"]) for i in range(3)]
+    waits = []
+
+    def wait_some(pending, timeout):
+        waits.append(timeout)
+        if len(waits) == 1:
+            termination.note_raised(signal.SIGTERM)  # raised by the handler, then swallowed
+            return set(), set(pending)
+        return set(pending), set()
+
+    handles = iter(range(100))
+    with termination.noting_raised(), pytest.raises(termination.Terminated):  # as inside a CLI command
+        list(in_flight(units, 2, lambda kind, unit: next(handles), wait_some))
+    assert len(waits) == 1
 
 
 def test_in_flight_beats_on_time_while_units_keep_finishing(monkeypatch):

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 from ntrl.config import ConfigError
 from ntrl.study.grid import STUDY_FILE, RunSpec, StudyConfig, enumerate_runs, train_config_for
+from ntrl.termination import raise_if_swallowed
 from ntrl.train import COMPLETE, TrainingError
 
 
@@ -562,7 +563,8 @@ def in_flight(units: list[tuple[str, list[RunSpec]]], slots: int, submit: Callab
     pending) handles, none finished when ``timeout`` seconds (None: no limit) pass first; yields
     (handle, unit) per finished unit, after submitting the next. ``heartbeat()``, where given, is
     called about every :data:`HEARTBEAT_SECONDS`, whether or not units finish meanwhile (the study's
-    progress bar counts a population's members as they stop, :class:`RunsProgress`)."""
+    progress bar counts a population's members as they stop, :class:`RunsProgress`). Between waits
+    an interrupt that a library swallowed is raised again (:func:`ntrl.termination.raise_if_swallowed`)."""
     queue, owner, pending = iter(units), {}, set()
     last_beat = time.monotonic()
 
@@ -576,7 +578,8 @@ def in_flight(units: list[tuple[str, list[RunSpec]]], slots: int, submit: Callab
     for _ in range(slots):
         submit_next()
     while pending:
-        finished, rest = wait_some(pending, HEARTBEAT_SECONDS if heartbeat is not None else None)
+        raise_if_swallowed()  # the driver stops now, not when the last unit is done
+        finished, rest = wait_some(pending, HEARTBEAT_SECONDS)
         pending.clear()
         pending.update(rest)
         if heartbeat is not None and (not finished or time.monotonic() - last_beat >= HEARTBEAT_SECONDS):
