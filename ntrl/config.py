@@ -221,8 +221,9 @@ class TrainConfig:
             value = getattr(self, f.name)
             hint = hints.get(f.name, typing.Any)
             kind = _type_problem(value, hint)
-            if kind is not None:
-                raise ConfigError(flag_of(f.name), f"must be {kind}, got {type(value).__name__} {value!r}")
+            if kind is not None:  # a field with no flag (a study's ``axes``) by its own name
+                raise ConfigError(flag_of(f.name) if f.metadata.get("flag", True) else f.name,
+                                  f"must be {kind}, got {type(value).__name__} {value!r}")
             setattr(self, f.name, _plain_numbers(value, hint))
 
 

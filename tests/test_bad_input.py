@@ -251,6 +251,7 @@ def test_bad_grid_files_are_one_line_exit_2_and_leave_no_directory(tmp_path_fact
     (dict(steps=True), "--steps", "must be an integer, got bool"),
     (dict(price_scales=[1.0, "a"]), "--price-scales", "must be a list of numbers"),
     (dict(run_name=3), "--run-name", "must be a string or None, got int 3"),
+    (dict(axes=["policy"]), "axes", "must be a dict"),  # no flag: named as the field, not as a --axes
 ])
 def test_a_python_caller_s_value_of_the_wrong_type_is_named_before_anything_is_written(tmp_path, kw, flag, words):
     from ntrl.config import ConfigError
