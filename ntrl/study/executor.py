@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ntrl.config import ConfigError
-from ntrl.study.grid import STUDY_FILE, RunSpec, StudyConfig, enumerate_runs, train_config_for
+from ntrl.study.grid import STUDY_FILE, RunSpec, StudyConfig, enumerate_runs, train_config_for, update_cap
 from ntrl.termination import raise_if_swallowed
 from ntrl.train import COMPLETE, TrainingError
 
@@ -113,17 +113,42 @@ def chunk_wandb_run(study: StudyConfig, specs: list[RunSpec]) -> tuple[str, dict
         "members": len(specs), "runs": [s.run_id for s in specs]}
 
 
+# Seconds an update of a population chunk took, by environment, policy and gradient mode, in the
+# 760-run grid of 2026-11-25 and the quick grid's well on 2 cores (benchmarks/RESULTS.md, run 19;
+# rounded). Only the order in which a study's units start depends on them, never what they compute.
+UPDATE_SECONDS: dict[tuple[str, str, str], float] = {
+    ("bandit", "single_logit", "exact"): 0.8e-3, ("bandit", "single_logit", "sampled"): 1.6e-3,
+    ("bandit", "tabular", "exact"): 0.8e-3, ("bandit", "tabular", "sampled"): 1.7e-3,
+    ("bandit", "mlp", "exact"): 2.5e-3, ("bandit", "mlp", "sampled"): 4e-3,
+    ("juice", "tabular", "exact"): 4e-3, ("juice", "tabular", "sampled"): 13e-3,
+    ("juice", "mlp", "exact"): 30e-3, ("juice", "mlp", "sampled"): 25e-3,
+    ("kbandit", "tabular", "exact"): 0.3e-3, ("kbandit", "escort", "exact"): 0.3e-3,
+}
+
+
+def estimated_seconds(study: StudyConfig, unit: list[RunSpec]) -> float:
+    """How long a unit may take, for the order of the units alone: its runs' most updates
+    (:func:`ntrl.study.grid.update_cap`) times the seconds an update of its kind took
+    (:data:`UPDATE_SECONDS`; a kind not listed as the dearest listed)."""
+    spec = unit[0]  # a unit's runs share their environment, policy and mode
+    per_update = UPDATE_SECONDS.get((spec.env, spec.policy, spec.mode), max(UPDATE_SECONDS.values()))
+    return per_update * max(update_cap(study, s) for s in unit)
+
+
 def work_units(study: StudyConfig, todo: list[RunSpec], runs_dir: Path, workers: int, population: bool,
                max_members: int = 256, device: str = "cpu") -> list[tuple[str, list[RunSpec]]]:
     """What the pool schedules: population chunks (the runs of one cell the population path
     supports, at most ``max_members`` each and as many as fit in a worker's share of the memory,
     :func:`ntrl.population.trainer.members_that_fit`, and split so that every worker has one), as
-    ("population", runs), and single runs, as ("run", [run]), for the cells it does not support."""
+    ("population", runs), and single runs, as ("run", [run]), for the cells it does not support.
+    The longest first (:func:`estimated_seconds`; the grid's order among equals): a long chunk
+    that starts last leaves the study waiting for it alone (the 760-run grid's longest, sampled
+    NPG on the juice MLP, started 233 s in and ended at 834 s, while the rest took 320 s)."""
     from ntrl.population import unsupported_reason
     from ntrl.population.trainer import members_that_fit
 
     if not population:
-        return [("run", [s]) for s in todo]
+        return longest_first(study, [("run", [s]) for s in todo])
     cells: dict[tuple, list[RunSpec]] = {}
     singles = []
     supported: dict[tuple, bool] = {}  # what the population path covers depends on the cell alone
@@ -148,7 +173,12 @@ def work_units(study: StudyConfig, todo: list[RunSpec], runs_dir: Path, workers:
     for c, rs in cells.items():
         k = n_chunks[c]
         chunks += [("population", rs[i::k]) for i in range(k)]
-    return chunks + singles
+    return longest_first(study, chunks + singles)
+
+
+def longest_first(study: StudyConfig, units: list[tuple[str, list[RunSpec]]]) -> list[tuple[str, list[RunSpec]]]:
+    """``units`` by :func:`estimated_seconds`, the longest first; equals in their order."""
+    return sorted(units, key=lambda unit: -estimated_seconds(study, unit[1]))
 
 
 def completed_summary(run_dir: Path) -> dict[str, Any] | None:

@@ -356,6 +356,18 @@ def enumerate_runs(study: StudyConfig) -> list[RunSpec]:
     return specs
 
 
+def update_cap(study: StudyConfig, spec: RunSpec) -> int:
+    """The most updates a run may take: ``well_steps`` in the well, ``max_steps`` rewarded,
+    ``extinction_steps`` punished (Adam's: its ⌈memories/(1 − β₂)⌉ when fewer)."""
+    if spec.direction == "well":
+        return study.well_steps
+    if spec.direction == "rewarded":
+        return study.max_steps
+    if spec.optimizer == "adam":
+        return min(study.extinction_steps, math.ceil(study.adam_extinction_memories / (1 - spec.adam_beta2)))
+    return study.extinction_steps
+
+
 def train_config_for(study: StudyConfig, spec: RunSpec, runs_dir: Path, wandb_mode: str) -> TrainConfig:
     """The TrainConfig of one run: rewards and stopping rule follow its direction."""
     if spec.direction == "well":
@@ -364,7 +376,7 @@ def train_config_for(study: StudyConfig, spec: RunSpec, runs_dir: Path, wandb_mo
 
         return KBanditConfig(
             policy=spec.policy, optimizer=spec.optimizer, mode="exact", start=list(gravity_well_start(spec.p0)),
-            lr=float(study.lrs["kbandit"][spec.policy][spec.optimizer]), steps=study.well_steps, stop_at_p=0.5,
+            lr=float(study.lrs["kbandit"][spec.policy][spec.optimizer]), steps=update_cap(study, spec), stop_at_p=0.5,
             seed=spec.seed, track_per_decade=study.extinction_per_decade, price_scales=list(study.price_scales),
             out=str(runs_dir), run_name=spec.run_id, group=study.name, wandb=wandb_mode, force=True,
             axes={"study": study.name, **asdict(spec)},
@@ -373,7 +385,7 @@ def train_config_for(study: StudyConfig, spec: RunSpec, runs_dir: Path, wandb_mo
     common = dict(
         policy=spec.policy, optimizer=spec.optimizer, mode=spec.mode, p0=spec.p0,
         lr=float(study.lrs[spec.env][spec.policy][spec.optimizer]),
-        steps=study.max_steps if rewarded else study.extinction_steps,
+        steps=update_cap(study, spec),
         stop_at_p=0.5 if rewarded else None,
         stop_below_p=None if rewarded else spec.p0 * 10.0 ** -study.extinction_decades,
         seed=spec.seed, batch_size=study.batch_size, track_every=study.track_every,
@@ -384,9 +396,8 @@ def train_config_for(study: StudyConfig, spec: RunSpec, runs_dir: Path, wandb_mo
     )
     if spec.optimizer == "adam":
         common.update(adam_beta1=spec.adam_beta1, adam_beta2=spec.adam_beta2, adam_eps=spec.adam_eps)
-        if not rewarded:  # long enough for the late-time decay (README, "Adam's late-time decay")
-            memories = math.ceil(study.adam_extinction_memories / (1 - spec.adam_beta2))
-            common.update(steps=min(study.extinction_steps, memories), stop_below_p=None)
+        if not rewarded:  # as long as update_cap says, for the late-time decay (README, "Adam's late-time decay")
+            common.update(stop_below_p=None)
     if spec.env == "juice":
         from ntrl.experiments.juice import JuiceConfig
 
