@@ -574,8 +574,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise Interrupted(f"interrupted before the {what} started; nothing was written, re-run the same "
                               f"command to start it") from None
 
+    # noted on the main thread only, where the handlers run: a command on another thread would
+    # take the main thread's interrupts for its own (and clear the notes of one running there)
+    noting = noting_raised() if threading.current_thread() is threading.main_thread() else contextlib.nullcontext()
     try:
-        with noting_raised():
+        with noting:
             return report_errors(run)
     except SystemExit as e:  # --help
         return int(e.code or 0)

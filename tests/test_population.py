@@ -1048,15 +1048,21 @@ def test_study_units_start_longest_first(tmp_path):
 
 
 def test_a_runs_update_cap_is_the_steps_of_its_config(tmp_path):
-    """update_cap (the units' order) and train_config_for (what a run trains) agree on how many
-    updates every run of the full grid may take: Adam's punished runs, the well's included."""
+    """How many updates each run of the full grid may take, as its config says: 100,000 rewarded,
+    50,000 punished, Adam's punished runs 20 second-moment memories (20,000 at β₂ = 0.999, 2,000
+    at 0.99), the well's 500,000; update_cap (the units' order) says the same."""
     from ntrl.study.grid import StudyConfig, enumerate_runs, train_config_for, update_cap
 
     study = StudyConfig.full()
-    specs = enumerate_runs(study)
-    assert {update_cap(study, s) for s in specs} >= {study.max_steps, study.well_steps, 20_000}
-    for spec in specs:
-        assert update_cap(study, spec) == train_config_for(study, spec, tmp_path, "disabled").steps, spec
+    expected = {"rewarded": 100_000, "punished": 50_000, "well": 500_000}
+    seen = set()
+    for spec in enumerate_runs(study):
+        want = expected[spec.direction]
+        if spec.direction == "punished" and spec.optimizer == "adam":
+            want = {0.999: 20_000, 0.99: 2_000}[spec.adam_beta2]
+        seen.add(want)
+        assert train_config_for(study, spec, tmp_path, "disabled").steps == want == update_cap(study, spec), spec
+    assert seen == {100_000, 50_000, 500_000, 20_000, 2_000}
 
 
 def test_the_wandb_history_of_a_long_population_is_thinned_log_evenly():

@@ -322,6 +322,14 @@ def swallow():  # the signal arrives where its exception is caught and dropped, 
 if where == "start":  # while the command starts (an import, say): nothing is written yet
     real_parse_flags = cli.parse_flags
     cli.parse_flags = lambda *args, **kwargs: (swallow(), real_parse_flags(*args, **kwargs))[1]
+elif where == "end":  # in the study's driver, as the last unit's results are taken
+    real_results = executor.local_unit_results
+
+    def local_unit_results(*args, **kwargs):
+        yield from real_results(*args, **kwargs)
+        swallow()
+
+    executor.local_unit_results = local_unit_results
 else:  # in the study's driver, as it waits for its first units
     real_wait, calls = executor.wait, []
 
@@ -341,6 +349,7 @@ sys.exit(cli.main(sys.argv[3:]))
     ("start", ["rarity", "--config", "grid.toml", "--out", "."]),
     ("start", ["train", "bandit", "--policy", "single_logit", "--steps", "50", "--out", ".", "--run-name", "s"]),
     ("driver", ["rarity", "--config", "grid.toml", "--out", "."]),
+    ("end", ["rarity", "--config", "grid.toml", "--out", "."]),
 ])
 def test_an_interrupt_that_a_library_swallows_still_stops_the_command(tmp_path, where, command, sig):
     """A SIGTERM (or Ctrl-C) whose exception a library catches and drops (torch does, as it
@@ -358,6 +367,28 @@ def test_an_interrupt_that_a_library_swallows_still_stops_the_command(tmp_path, 
     else:
         assert "re-run the same command to resume" in lines[0], lines
         assert not (tmp_path / "s" / "verdicts.csv").exists()
+
+
+def test_a_command_on_another_thread_does_not_take_the_main_threads_interrupt(tmp_path):
+    """``cli.main`` on a thread other than the main one (a notebook's, a GUI's) notes nothing: a
+    Ctrl-C that the main thread raised and took meanwhile does not stop that command."""
+    import threading
+
+    from ntrl import cli, termination
+
+    (tmp_path / "grid.toml").write_text(tiny_grid("s"))
+    codes = []
+    command = threading.Thread(target=lambda: codes.append(cli.main([
+        "rarity", "--config", str(tmp_path / "grid.toml"), "--out", str(tmp_path), "--quiet", "--wandb", "disabled",
+        "--workers", "1"])))
+    command.start()
+    assert wait_for(lambda: termination._WATCHING or not command.is_alive(), limit_s=60.0, step=0.001)
+    try:
+        cli._raise_interrupt(signal.SIGINT, None)  # the handler's part of a Ctrl-C, taken here
+    except KeyboardInterrupt:
+        pass
+    command.join(300)
+    assert codes == [0] and (tmp_path / "s" / "verdicts.csv").exists(), codes
 
 
 SIGTERM_IN_TORCH_IMPORT = """

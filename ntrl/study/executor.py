@@ -143,7 +143,8 @@ def work_units(study: StudyConfig, todo: list[RunSpec], runs_dir: Path, workers:
     ("population", runs), and single runs, as ("run", [run]), for the cells it does not support.
     The longest first (:func:`estimated_seconds`; the grid's order among equals): a long chunk
     that starts last leaves the study waiting for it alone (the 760-run grid's longest, sampled
-    NPG on the juice MLP, started 233 s in and ended at 834 s, while the rest took 320 s)."""
+    NPG on the juice MLP, started 233 s in and ended at 834 s; the other worker had nothing left
+    to do from about 350 s on)."""
     from ntrl.population import unsupported_reason
     from ntrl.population.trainer import members_that_fit
 
@@ -509,6 +510,7 @@ def run_grid(study: StudyConfig, out: Path, workers: int = 2, wandb_mode: str = 
                                     on_error(spec, e)
                         if runs_progress is not None:
                             runs_progress.unit_done(unit)
+                raise_if_swallowed()  # in the last wait, or as the last unit's results were taken
             except KeyboardInterrupt:
                 interrupted = True
             if interrupted:
