@@ -128,9 +128,10 @@ def raise_if_swallowed() -> None:
     the command stops after all rather than run on to its end. torch's C module imports numpy as
     it loads and, when that import fails, goes on without it: a SIGTERM that lands there, 1 s into
     ``ntrl rarity``, was lost so (a CI run: exit 0 and no line, the study run to its end; found
-    again by sending it at 600 seeded points of the start-up). Called where ntrl's own code runs on normally (before a command's work
-    starts, between a study's units): an interrupt raised earlier would have left that code by an
-    exception, so one still noted there was swallowed on the way."""
+    again by sending it at 600 seeded points of the start-up). Called where ntrl's own code runs
+    on normally (before a command's work starts, between a study's waits and after its last unit):
+    an interrupt raised earlier would have left that code by an exception, so one still noted
+    there was swallowed on the way."""
     if _RAISED:  # still noted: swallowed once more, it is raised again at the next such place
         raise KeyboardInterrupt if _RAISED[-1] == signal.SIGINT else Terminated()
 
