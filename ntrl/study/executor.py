@@ -588,11 +588,11 @@ HEARTBEAT_SECONDS = 2.0  # how often a study looks for runs finished inside unit
 
 
 def in_flight(units: list[tuple[str, list[RunSpec]]], slots: int, submit: Callable[[str, list[RunSpec]], Any],
-              wait_some: Callable[[set, float | None], tuple[set, set]],
+              wait_some: Callable[[set, float], tuple[set, set]],
               heartbeat: Callable[[], None] | None = None) -> Iterator[tuple[Any, list[RunSpec]]]:
     """Keep ``slots`` units submitted at a time (a huge grid neither starts nor stops all at
     once): ``submit(kind, unit)`` gives a handle, ``wait_some(pending, timeout)`` the (finished,
-    pending) handles, none finished when ``timeout`` seconds (None: no limit) pass first; yields
+    pending) handles, none finished when ``timeout`` seconds (:data:`HEARTBEAT_SECONDS`) pass first; yields
     (handle, unit) per finished unit, after submitting the next. ``heartbeat()``, where given, is
     called about every :data:`HEARTBEAT_SECONDS`, whether or not units finish meanwhile (the study's
     progress bar counts a population's members as they stop, :class:`RunsProgress`). Between waits
@@ -648,7 +648,7 @@ def local_unit_results(study: StudyConfig, units: list[tuple[str, list[RunSpec]]
                                    wandb_mode, verbose, device, wandb_parent, os.getpid())
             return pool.submit(run_one, study_dict, asdict(unit[0]), str(runs_dir), wandb_mode, os.getpid(), verbose)
 
-    def wait_some(pending: set, timeout: float | None) -> tuple[set, set]:
+    def wait_some(pending: set, timeout: float) -> tuple[set, set]:
         finished, rest = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
         return set(finished), set(rest)
 

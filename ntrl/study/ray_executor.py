@@ -411,7 +411,7 @@ def ray_unit_results(study: StudyConfig, units: list[tuple[str, list[RunSpec]]],
         kinds[ref] = kind
         return ref
 
-    def wait_some(pending: set, timeout: float | None) -> tuple[set, set]:
+    def wait_some(pending: set, timeout: float) -> tuple[set, set]:
         ready, rest = ray.wait(list(pending), num_returns=1, timeout=timeout)
         return set(ready), set(rest)
 
