@@ -605,3 +605,56 @@ def test_a_sequential_that_begins_with_an_activation():
             (n(obs)[0] * c[m]).sum().backward()
             want = torch.cat([p.grad.reshape(-1) for p in n.parameters()])
             assert torch.allclose(jac.materialize(c, sp.n_params)[m], want, rtol=1e-12, atol=1e-14)
+
+
+def test_the_structured_updates_kept_views_and_buffers_change_no_number():
+    """The structured update keeps, between calls, θ's layer views, the encoded observation and
+    row_times' padded rows, steps Adam and sign descent in place, and forms the Gram matrix's
+    small-K entries in one product. Each must give the bytes of what it replaced: a stale view or
+    buffer (θ replaced, members dropped, a new shape) would be a wrong number, not an error."""
+    from ntrl.engine.batched_structured import gram_columns, row_times
+    from ntrl.population.optimizers import BatchedOptimizer
+
+    gen = torch.Generator().manual_seed(1)
+    for K in (2, 3, 4):  # the pairs' product against the loop it replaced, entry by entry
+        for M, n in ((1, 2), (5, 64), (300, 65), (7, 1)):
+            D = torch.randn(M, n, K, dtype=F64, generator=gen) * 10.0 ** torch.randint(-8, 8, (M, 1, 1), generator=gen)
+            want = torch.empty(M, K, K, dtype=F64)
+            for k in range(K):
+                for j in range(k, K):
+                    want[:, k, j] = want[:, j, k] = (D[:, :, k] * D[:, :, j]).sum(1)
+            assert torch.equal(gram_columns(D), want)
+            assert torch.equal(gram_columns(D.transpose(1, 2).contiguous().transpose(1, 2)), want)  # another layout
+    pads: dict = {}
+    for M, n, m in ((5, 64, 64), (30, 64, 64), (5, 64, 64), (4, 9, 3), (5, 64, 64)):  # kept rows, shapes changing
+        x = torch.randn(M, n, dtype=F64, generator=gen)
+        A = torch.randn(M, n, m, dtype=F64, generator=gen)
+        assert torch.equal(row_times(x, A, pads), row_times(x, A))
+
+    obs, _, sp, theta = population(3, width=16)
+    ss = StackedSequential.plan(sp.module, sp.names, sp.sizes)
+
+    def fresh(t):  # a StackedSequential that has kept nothing yet
+        return StackedSequential.plan(sp.module, sp.names, sp.sizes).forward(t, obs)[0]
+
+    assert torch.equal(ss.forward(theta, obs)[0], fresh(theta))
+    theta.mul_(1.5)  # stepped in place: the kept views see it
+    assert torch.equal(ss.forward(theta, obs)[0], fresh(theta))
+    other = theta.flip(0).contiguous()  # another θ (Adam's out-of-place step, or select)
+    assert torch.equal(ss.forward(other, obs)[0], fresh(other))
+    fewer = theta[[0, 2]]  # members dropped: new M
+    assert torch.equal(ss.forward(fewer, obs)[0], fresh(fewer))
+    probe = theta.repeat(4, 1) * 1.01  # the η-probe's rows in between, then θ again
+    assert torch.equal(ss.forward(probe, obs, trace=False)[0], fresh(probe))
+    assert torch.equal(ss.forward(theta, obs)[0], fresh(theta))
+
+    for name in ("sgd", "sign", "adam"):
+        g = torch.randn(3, theta.shape[1], dtype=F64, generator=gen)
+        outs = []
+        for in_place in (False, True):
+            opt = BatchedOptimizer(name, torch.tensor([0.1, 0.01, 1e-3], dtype=F64))
+            t = theta.clone()
+            for _ in range(3):
+                t = opt.apply(t, opt.plan(g, tracked=False), in_place=in_place)
+            outs.append(t)
+        assert torch.equal(outs[0], outs[1]), name

@@ -41,6 +41,7 @@ batched engine in float64.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,6 +77,9 @@ class StackedSequential:
             else:
                 self.steps.append(("act", step.module))
         self.encode = encode
+        self._views: tuple[weakref.ref, list[tuple[Tensor, Tensor | None, Tensor]]] | None = None
+        self._x0: tuple[Tensor, torch.dtype, int, Tensor] | None = None
+        self._pads: dict = {}  # row_times' padded rows, by shape
 
     @classmethod
     def plan(cls, module: nn.Module, names: list[str], sizes: list[int]) -> "StackedSequential | None":
@@ -111,23 +115,47 @@ class StackedSequential:
     def _bias(theta: Tensor, L: _Layer) -> Tensor | None:
         return None if L.b0 is None else theta[:, L.b0:L.b0 + L.out]
 
+    def layer_views(self, theta: Tensor, keep: bool = True) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+        """(W_l, b_l, W_lᵀ) of every Linear layer: views into ``theta``; where ``keep``, kept for
+        the θ of the last such call (a population's θ is stepped in place, so every update reads
+        the same views)."""
+        if self._views is not None and self._views[0]() is theta:
+            return self._views[1]
+        views = []
+        for kind, step in self.steps:
+            if kind == "linear":
+                W = self._weight(theta, step)
+                views.append((W, self._bias(theta, step), W.transpose(1, 2)))
+        if keep:
+            self._views = (weakref.ref(theta), views)
+        return views
+
+    def _first_input(self, obs: Tensor, dtype: torch.dtype, M: int) -> Tensor:
+        """The encoded observation, (M, d): the same rows for every member (kept for the last call)."""
+        if self._x0 is not None and self._x0[0] is obs and self._x0[1] == dtype and self._x0[2] == M:
+            return self._x0[3]
+        x = self.encode(obs, dtype).reshape(1, -1).expand(M, -1)
+        self._x0 = (obs, dtype, M, x)
+        return x
+
     def forward(self, theta: Tensor, obs: Tensor, trace: bool = True) -> tuple[Tensor, "Forward | None"]:
         """The logits (M, K) at the one observation ``obs`` (1, d), and (``trace``) every layer's
         input and every activation's derivative for :meth:`jacobian`."""
         M = theta.shape[0]
-        x = self.encode(obs, theta.dtype).reshape(1, -1).expand(M, -1)
+        x = self._first_input(obs, theta.dtype, M)
         inputs, derivs, views = [], [], []
+        layer_views = iter(self.layer_views(theta, keep=trace))  # the η-probe's θ (no trace) is new each time
         for kind, step in self.steps:
             if kind == "linear":
                 inputs.append(x)
-                W, b = self._weight(theta, step), self._bias(theta, step)
+                W, b, WT = next(layer_views)
                 views.append((W, b))
-                y = W[:, :, 0] * x if step.inp == 1 else row_times(x, W.transpose(1, 2))
+                y = W[:, :, 0] * x if step.inp == 1 else row_times(x, WT, self._pads)
                 x = y if b is None else y + b
             else:
                 if trace and type(step) is nn.Tanh:  # σ' = 1 − σ², as autograd's tanh_backward forms it
                     x = torch.tanh(x)
-                    derivs.append(1 - x * x)
+                    derivs.append(torch.rsub(x * x, 1))  # 1 − x², without Tensor.__rsub__'s Python wrapper
                 elif trace:  # any other elementwise σ: σ'(y) from autograd, the gradient of Σ σ(y)
                     with torch.enable_grad():
                         y = x.detach().requires_grad_(True)
@@ -192,7 +220,7 @@ class StackedSequential:
                 li -= 1
                 out.append(delta)
                 if li > 0:
-                    delta = row_times(delta, fwd.views[li][0])
+                    delta = row_times(delta, fwd.views[li][0], self._pads)
                 else:  # the first Linear layer: what comes before it holds no parameter
                     break
             else:
@@ -261,12 +289,18 @@ class LogitJacobian:
         NaN or ±inf, and no product (Δc)_i a_j overflows (max |Δc| · max |a| is finite). First for
         all members at once: where every |c|, |Δc| and |a| is at most :data:`NO_OVERFLOW` (a NaN
         is not), no product can overflow, and every member passes; otherwise layer by layer."""
-        if bool((torch.cat([c, *self.combinations(c), *self.inputs], 1).abs().amax(1) <= NO_OVERFLOW).all()):
+        if self.surely_finite(c):
             return torch.ones(c.shape[0], dtype=torch.bool, device=c.device)
         ok = torch.isfinite(c).all(1)
         for a, d in zip(self.inputs, self.combinations(c)):
             ok &= torch.isfinite(d.abs().amax(1) * a.abs().amax(1))
         return ok
+
+    def surely_finite(self, c: Tensor) -> bool:
+        """Whether every member's Jᵀc is surely finite, by :meth:`finite_gradient`'s first test:
+        every |c|, |Δc| and |a| at most :data:`NO_OVERFLOW`. False says only that the test per
+        member is needed."""
+        return bool((torch.cat([c, *self.combinations(c), *self.inputs], 1).abs().amax(1) <= NO_OVERFLOW).all())
 
     def gram_diagonal(self, d: Tensor) -> Tensor:
         """J D Jᵀ for a diagonal metric D = diag(d), d (M, P): (M, K, K)."""
@@ -305,8 +339,9 @@ class LogitJacobian:
         W_l += (scale·Δ_l β) a_lᵀ."""
         views = self.fwd.views if self.fwd is not None and self.fwd.theta is theta else \
             [(StackedSequential._weight(theta, L), StackedSequential._bias(theta, L)) for L in self.layers]
+        scale = scale[:, None]
         for (W, b), a, d in zip(views, self.inputs, self.combinations(beta)):
-            d = d * scale[:, None]
+            d = d * scale
             W.addcmul_(d[:, :, None], a[:, None, :])
             if b is not None:
                 b.add_(d)
@@ -380,12 +415,20 @@ def gram_columns(D: Tensor) -> Tensor:
     K = D.shape[2]
     if K > SMALL_K:
         return torch.bmm(D.transpose(1, 2), D)
-    out = torch.empty(D.shape[0], K, K, dtype=D.dtype, device=D.device)
-    for k in range(K):
-        for j in range(k, K):
-            out[:, k, j] = (D[:, :, k] * D[:, :, j]).sum(1)
-            out[:, j, k] = out[:, k, j]
+    # every pair k ≤ j at once: the products Dₖ ⊙ Dⱼ as contiguous rows, each summed as the column
+    # pair's own product (Dₖ ⊙ Dⱼ).sum() sums it (the same bytes; tested against that loop)
+    if K not in _PAIRS:
+        _PAIRS[K] = tuple(list(x) for x in zip(*[(k, j) for k in range(K) for j in range(k, K)]))
+    ks, js = _PAIRS[K]
+    Dt = D.transpose(1, 2).contiguous()
+    sums = (Dt[:, ks] * Dt[:, js]).sum(2)
+    out = D.new_empty(D.shape[0], K, K)
+    out[:, ks, js] = sums
+    out[:, js, ks] = sums
     return out
+
+
+_PAIRS: dict[int, tuple[list[int], list[int]]] = {}  # K → the pairs (k, j ≥ k) of gram_columns
 
 
 def matvec(A: Tensor, x: Tensor) -> Tensor:
@@ -398,7 +441,7 @@ def matvec(A: Tensor, x: Tensor) -> Tensor:
     return torch.bmm(A, X)[:, :, 0]
 
 
-def row_times(x: Tensor, A: Tensor) -> Tensor:
+def row_times(x: Tensor, A: Tensor, pads: dict | None = None) -> Tensor:
     """xᵀ A per member: x (M, n), A (M, n, m) → (M, m): for a few rows of A (n ≤ SMALL_K, the last
     layer's K logits) a sum of scaled rows, else the first row of [x, 0]ᵀ A by one batched
     product. Like :func:`matvec`, each member's result is the same bytes whatever M (checked for
@@ -406,13 +449,22 @@ def row_times(x: Tensor, A: Tensor) -> Tensor:
     gemv for one member and gemm for several). On a 64 × 64 layer it is about 1.25× faster than
     :func:`matvec` of Aᵀ for one member and about 2× for 5 to 256, but 10–16 % slower per product
     at 1024, where a whole population update took as long either way (15.6 against 15.9 ms, one
-    thread)."""
+    thread). ``pads``: where given, [·, 0] is kept there by shape and written again at each call
+    (its zero row stays), not allocated (outside autograd)."""
     if x.shape[1] <= SMALL_K:  # a few rows (the last layer's K logits): a sum of scaled rows
         out = A[:, 0] * x[:, 0:1]
         for k in range(1, x.shape[1]):
             out = out.addcmul_(A[:, k], x[:, k:k + 1])
         return out
-    X = torch.zeros(x.shape[0], 2, x.shape[1], dtype=x.dtype, device=x.device)
+    if pads is None or (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad)):
+        X = torch.zeros(x.shape[0], 2, x.shape[1], dtype=x.dtype, device=x.device)
+    else:
+        key = (x.shape[0], x.shape[1], x.dtype, x.device)
+        X = pads.get(key)
+        if X is None:
+            if len(pads) >= 8:  # the shapes of the moment: a population's, its η-probe's
+                pads.clear()
+            X = pads[key] = torch.zeros(x.shape[0], 2, x.shape[1], dtype=x.dtype, device=x.device)
     X[:, 0] = x
     return torch.bmm(X, A)[:, 0]
 

@@ -121,13 +121,21 @@ class BanditModel:
         t = self.target
         r = self.rewards.to(probs.dtype)
         r_ref = r.gather(1, probs.detach().argmax(dim=1, keepdim=True))
-        R = r_ref[:, 0] + (probs * (r - r_ref)).sum(dim=1)
-        out = {"U": R, "P": logp[:, t].exp(), "R": R}
+        g_U = probs * (r - r_ref)  # ∂U/∂log π: :meth:`cotangents` reads it rather than forming it again
+        R = r_ref[:, 0] + g_U.sum(dim=1)
+        out = {"U": R, "P": logp[:, t].exp(), "R": R, "dU_dlogp": g_U}
         if with_z:
             out["z"] = log_odds(logp, t)[:, None]
         out["logp"] = logp[:, None]
-        out["weights"] = torch.ones(Z.shape[0], 1, dtype=probs.dtype, device=probs.device)
+        out["weights"] = self._unit_weights(Z.shape[0], probs.dtype)
         return out
+
+    def _unit_weights(self, M: int, dtype: torch.dtype) -> Tensor:
+        """The one state's weight 1 of every member, (M, 1): one tensor kept while M stays (read, never written)."""
+        w = getattr(self, "_ones", None)
+        if w is None or w.shape[0] != M or w.dtype != dtype:
+            w = self._ones = torch.ones(M, 1, dtype=dtype, device=self.rewards.device)
+        return w
 
     def probability(self, Z: Tensor) -> Tensor:
         """P (rows,) alone, from logits (rows, 1, K) of any number of rows (the η-probe's members at
@@ -146,9 +154,7 @@ class BanditModel:
         * z = log π_t − logsumexp_{b≠t} log π_b: g = 1 at t, −exp(log π_b − logsumexp) elsewhere.
         """
         logp = q["logp"].detach()[:, 0]
-        probs = logp.exp()
-        r = self.rewards.to(probs.dtype)
-        g = (r - r.gather(1, probs.argmax(dim=1, keepdim=True))) * probs
+        g = q["dU_dlogp"].detach()  # (r − r_ref) ⊙ π, as :meth:`quantities` formed it
         c_U = torch.ops.aten._log_softmax_backward_data(g, logp, 1, logp.dtype)
         if not tracked:
             return [c_U]

@@ -73,24 +73,41 @@ class BatchedOptimizer:
         gp = -g
         m = torch.zeros_like(gp) if self.m is None else self.m
         v = torch.zeros_like(gp) if self.v is None else self.v
-        b1, b2 = self.beta1[:, None], self.beta2[:, None]
-        m = torch.lerp(m, gp, 1 - b1)
-        v = v * b2 + (1 - b2) * gp * gp
+        c = self.columns()
+        b1, b2 = c["beta1"], c["beta2"]
+        m = torch.lerp(m, gp, c["1-beta1"])
+        v = v * b2 + c["1-beta2"] * gp * gp
         if not tracked:  # √v̂ + ε as adam_metric_and_direction forms it
-            return BatchedPlan(None, adam_state=(m, v, v.sqrt() / (1 - b2 ** (self.t + 1)) ** 0.5 + self.eps[:, None]))
-        d, direction, denom = adam_metric_and_direction(m, v, b1, b2, self.t + 1, self.eps[:, None])
+            # (1 − β₂ᵗ)^½ by torch.rsub: the number 1 − β₂ᵗ gives, without Tensor.__rsub__'s Python wrapper
+            return BatchedPlan(None, adam_state=(m, v, v.sqrt() / torch.rsub(b2 ** (self.t + 1), 1) ** 0.5 + c["eps"]))
+        d, direction, denom = adam_metric_and_direction(m, v, b1, b2, self.t + 1, c["eps"])
         return BatchedPlan(direction, diagonal=d, adam_state=(m, v, denom))
 
-    def apply(self, theta: Tensor, plan: BatchedPlan) -> Tensor:
+    def columns(self) -> dict[str, Tensor]:
+        """lr, β₁, β₂, 1 − β₁, 1 − β₂ and ε as columns (M, 1), formed once for the members of the
+        moment (the same numbers at every update, so an update need not form them again)."""
+        source = (self.lr, self.beta1, self.beta2, self.eps)
+        if getattr(self, "_columns_of", None) is None or any(a is not b for a, b in zip(self._columns_of, source)):
+            b1, b2 = self.beta1[:, None], self.beta2[:, None]
+            self._columns = {"lr": self.lr[:, None], "beta1": b1, "beta2": b2, "1-beta1": 1 - b1, "1-beta2": 1 - b2,
+                             "eps": self.eps[:, None]}
+            self._columns_of = source
+        return self._columns
+
+    def apply(self, theta: Tensor, plan: BatchedPlan, in_place: bool = False) -> Tensor:
         """θ + η·d, for every member (Adam: torch's step, θ − η/(1 − β₁ᵗ)·m/(√v̂ + ε), from the
-        moments and denominator the plan formed)."""
-        lr = self.lr[:, None]
+        moments and denominator the plan formed); ``in_place``: into ``theta`` itself (the same
+        numbers), which it returns."""
+        c = self.columns()
+        lr = c["lr"]
         if self.name != "adam":
-            return theta + lr * plan.direction
+            step = lr * plan.direction
+            return theta.add_(step) if in_place else theta + step
         self.m, self.v, denom = plan.adam_state
         self.t += 1
-        step_size = lr / (1 - self.beta1[:, None] ** self.t)
-        return theta - step_size * (self.m / denom)
+        step_size = lr / torch.rsub(c["beta1"] ** self.t, 1)  # lr/(1 − β₁ᵗ)
+        step = step_size * (self.m / denom)
+        return theta.sub_(step) if in_place else theta - step
 
     def nonfinite(self) -> Tensor:
         """Which members' optimizer state holds a NaN or ±inf, shape (M,)."""

@@ -329,6 +329,9 @@ def keep_freed_memory() -> None:
 
 
 def _floats(t: Tensor) -> list[float]:
+    """``t``'s numbers as Python floats (float64 on the CPU first)."""
+    if t.dtype == torch.float64 and t.device.type == "cpu":
+        return t.tolist()
     return t.detach().to("cpu", torch.float64).tolist()
 
 
@@ -682,14 +685,14 @@ def _train_members(configs: list[TrainConfig], locks: RunDirLocks, schedule: Tra
             returns = U_val if batch is None else batch.mean_return.tolist()
             pop.note_returns(returns)
             update = structured_update if pop.structured is not None else general_update
-            bad_g, before, take_step = update(pop, q, U, batch, tracked, first)
+            bad_rows, before, take_step = update(pop, q, U, batch, tracked, first)
             take_step()
             updates_taken = t + 1  # as the per-run path counts a step once taken
             p_before = q["P"].detach()
             q = pop.forward()
             p_after = _floats(q["P"])
             done: dict[int, tuple[str, str | None, float, int]] = {}  # row → (status, error, p_end, updates)
-            for row in torch.nonzero(bad_g).flatten().tolist():
+            for row in bad_rows:
                 done[row] = ("failed", f"non-finite utility gradient at update {t}", float(p_before[row]), t)
             if tracked:
                 fields = record_fields(t, before, q, U_val, pop.optimizer.lr, returns, pop.sampled, names)
@@ -858,12 +861,12 @@ def current_p(pop: _Population) -> dict[int, float]:
 
 
 def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None, tracked: bool,
-                   first: TrainConfig) -> tuple[Tensor, dict[str, Any] | None, Callable[[], None]]:
+                   first: TrainConfig) -> tuple[list[int], dict[str, Any] | None, Callable[[], None]]:
     """One update by the batched engine (:func:`ntrl.engine.batched.member_gradients`: every
     gradient formed per member; for a policy whose logits are entries of θ, the logits' cotangents
-    read at each parameter, :class:`~ntrl.engine.batched_structured.LogitSelection`): (which
-    members' utility gradient is non-finite, what the tracker records before the step or None, the
-    step itself)."""
+    read at each parameter, :class:`~ntrl.engine.batched_structured.LogitSelection`): (the rows of
+    the members whose utility gradient is non-finite, what the tracker records before the step or
+    None, the step itself)."""
     K, N, names = pop.model.n_actions, pop.model.n_states, pop.model.properties
     n_z = pop.model.n_z
     noise = pop.sampled and first.noise
@@ -888,8 +891,11 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
     g = grads[0]
     prop_grads = dict(zip(names, grads[1:1 + len(names)])) if tracked else {}
     z_grads = grads[1 + len(names):1 + len(names) + n_z] if tracked else []
-    bad_g = ~torch.isfinite(g).all(dim=1)  # entry by entry, as the per-run path tests g (a sum overflows sooner)
-    any_bad = bool(bad_g.any())
+    if math.isfinite(float(g.abs().amax())):  # the common case: every entry finite (a NaN is not), in one number
+        bad_g, any_bad = None, False
+    else:  # entry by entry, as the per-run path tests g (a sum overflows sooner)
+        bad_g = ~torch.isfinite(g).all(dim=1)
+        any_bad = bool(bad_g.any())
     rows = pop.log_prob_rows(q, grads[-N * K:]) if need_fisher else None
     fisher, fisher0 = pop.fishers(q, rows, first.optimizer == "npg", tracked and first.fisher) \
         if need_fisher else (None, None)
@@ -907,7 +913,12 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
         stepped = pop.optimizer.apply(pop.theta.detach(), plan)
         pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
 
-    return bad_g, before, take_step
+    return bad_rows(bad_g) if any_bad else [], before, take_step
+
+
+def bad_rows(bad: Tensor) -> list[int]:
+    """The rows where ``bad`` (M,) is true."""
+    return torch.nonzero(bad).flatten().tolist()
 
 
 def derived_gradients(pop: _Population, q: dict[str, Any], names: Sequence[str]) -> dict[str, Callable]:
@@ -962,7 +973,7 @@ def output_cotangents(pop: _Population, q: dict[str, Any], U: Tensor, tracked: b
 
 
 def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None, tracked: bool,
-                      first: TrainConfig) -> tuple[Tensor, dict[str, Any] | None, Callable[[], None]]:
+                      first: TrainConfig) -> tuple[list[int], dict[str, Any] | None, Callable[[], None]]:
     """One exact update at one shared state by the structured path
     (:mod:`ntrl.engine.batched_structured`): the cotangents c_X = ∂X/∂z at the logits
     (:func:`output_cotangents`), the logits' Jacobian in factored form from one backward pass,
@@ -982,8 +993,11 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
     # whether g = Jᵀc_U is finite entry by entry, as the per-run path tests g (‖g‖² overflows
     # sooner): read off g itself where the step forms it (Adam, sign descent), else from the factors
     g = jac.materialize(cU, pop.stacked.n_params) if opt.name in ("adam", "sign") else None
-    bad_g = ~(torch.isfinite(g).all(1) if g is not None else jac.finite_gradient(cU))
-    any_bad = bool(bad_g.any())
+    if jac.surely_finite(cU) if g is None else math.isfinite(float(g.abs().amax())):  # the common case, in one number
+        bad_g, any_bad = None, False
+    else:
+        bad_g = ~(torch.isfinite(g).all(1) if g is not None else jac.finite_gradient(cU))
+        any_bad = bool(bad_g.any())
     c_step = torch.where(bad_g[:, None], torch.zeros_like(cU), cU) if any_bad else cU
     fisher = fisher0 = None
     if opt.name == "npg" or (tracked and first.fisher):  # F at the one state, from π and its weight
@@ -1035,10 +1049,12 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
         if beta is not None:
             jac.step_(pop.theta, beta, opt.lr)
             return
-        stepped = opt.apply(pop.theta, plan)
-        pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
+        if not any_bad:  # in place, as the step along Jᵀβ: the forward pass's views into θ stay
+            opt.apply(pop.theta, plan, in_place=True)
+            return
+        pop.theta = torch.where(bad_g[:, None], pop.theta, opt.apply(pop.theta, plan))
 
-    return bad_g, before, take_step
+    return bad_rows(bad_g) if any_bad else [], before, take_step
 
 
 def close_population_sink(sink: WandbSink, members: Sequence[Any], updates: int) -> None:
@@ -1251,7 +1267,8 @@ def record_fields(t: int, before: dict[str, Any], q: dict[str, Tensor], U: list[
         tensors[f"{name}/first_order"] = None  # from the host's real and predicted changes, below
     M = lr.shape[0]
     flat = [k for k, v in tensors.items() if v is not None and v.shape == (M,) and v.dtype.is_floating_point]
-    rows = dict(zip(flat, _array(torch.stack([tensors[k].detach().to(torch.float64) for k in flat]))))
+    rows = dict(zip(flat, _array(torch.stack([tensors[k] if tensors[k].dtype == torch.float64 else
+                                              tensors[k].to(torch.float64) for k in flat]))))
     fields: dict[str, Any] = {"update": t, "lr": rows["lr"], "U": np.asarray(U, dtype=np.float64)}
     for key, value in tensors.items():
         if key in rows:
