@@ -415,20 +415,12 @@ def gram_columns(D: Tensor) -> Tensor:
     K = D.shape[2]
     if K > SMALL_K:
         return torch.bmm(D.transpose(1, 2), D)
-    # every pair k ≤ j at once: the products Dₖ ⊙ Dⱼ as contiguous rows, each summed as the column
-    # pair's own product (Dₖ ⊙ Dⱼ).sum() sums it (the same bytes; tested against that loop)
-    if K not in _PAIRS:
-        _PAIRS[K] = tuple(list(x) for x in zip(*[(k, j) for k in range(K) for j in range(k, K)]))
-    ks, js = _PAIRS[K]
-    Dt = D.transpose(1, 2).contiguous()
-    sums = (Dt[:, ks] * Dt[:, js]).sum(2)
-    out = D.new_empty(D.shape[0], K, K)
-    out[:, ks, js] = sums
-    out[:, js, ks] = sums
+    out = torch.empty(D.shape[0], K, K, dtype=D.dtype, device=D.device)
+    for k in range(K):
+        for j in range(k, K):
+            out[:, k, j] = (D[:, :, k] * D[:, :, j]).sum(1)
+            out[:, j, k] = out[:, k, j]
     return out
-
-
-_PAIRS: dict[int, tuple[list[int], list[int]]] = {}  # K → the pairs (k, j ≥ k) of gram_columns
 
 
 def matvec(A: Tensor, x: Tensor) -> Tensor:
