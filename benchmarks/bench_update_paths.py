@@ -15,7 +15,10 @@ population tracked every 10th update beside them.
 With ``--against``, a temporary git worktree of COMMIT (removed at the end; only the one this
 script made) supplies the other ntrl: each round runs this script's measurement in a fresh
 process of the baseline (``PYTHONPATH`` = the worktree) and then of this checkout, so that the
-shared VM's drift falls on both. The medians over the rounds and their ratios are printed.
+shared VM's drift falls on both. The medians over the rounds and their ratios are printed. The
+editable install maps ``ntrl.agents`` and ``ntrl.envs`` to this checkout's ``agents/`` and
+``envs/`` whatever ``PYTHONPATH`` says, so a COMMIT whose ``agents/`` or ``envs/`` differ from this
+checkout's is refused rather than half-measured.
 """
 
 from __future__ import annotations
@@ -88,8 +91,8 @@ def run_measurement(pythonpath: str | None) -> dict[str, float]:
         env["PYTHONPATH"] = pythonpath
     else:
         env.pop("PYTHONPATH", None)
-    done = subprocess.run([sys.executable, __file__, "--measure"], env=env, capture_output=True, text=True,
-                          check=True, cwd=tempfile.gettempdir())
+    done = subprocess.run([sys.executable, __file__, "--measure"], env=env, stdout=subprocess.PIPE, text=True,
+                          check=True, cwd=tempfile.gettempdir())  # its stderr (which ntrl it ran) shows
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -99,6 +102,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternated rounds with --against (default 3)")
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # one process's measurement, as JSON
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if args.measure:
         import ntrl
 
@@ -109,9 +114,13 @@ def main() -> None:
         for name, ms in run_measurement(None).items():
             print(f"{name}: {ms:.3f} ms per update")
         return
+    if subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", args.against, "--", "agents", "envs"]).returncode:
+        sys.exit(f"{args.against}'s agents/ or envs/ differ from this checkout's (or git cannot compare them): "
+                 "the editable install would import this checkout's, so the comparison would not be of that commit")
     base_dir = Path(tempfile.mkdtemp(prefix="ntrl-base-")) / "tree"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base_dir), args.against], check=True)
     try:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base_dir), args.against],
+                       check=True)
         readings: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
         for r in range(args.rounds):
             readings["base"].append(run_measurement(str(base_dir)))

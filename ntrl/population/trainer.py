@@ -913,12 +913,12 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
         stepped = pop.optimizer.apply(pop.theta.detach(), plan)
         pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
 
-    return bad_rows(bad_g) if any_bad else [], before, take_step
+    return rows_where(bad_g) if any_bad else [], before, take_step
 
 
-def bad_rows(bad: Tensor) -> list[int]:
-    """The rows where ``bad`` (M,) is true."""
-    return torch.nonzero(bad).flatten().tolist()
+def rows_where(mask: Tensor) -> list[int]:
+    """The rows where ``mask`` (M,) is true."""
+    return torch.nonzero(mask).flatten().tolist()
 
 
 def derived_gradients(pop: _Population, q: dict[str, Any], names: Sequence[str]) -> dict[str, Callable]:
@@ -1054,7 +1054,7 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
             return
         pop.theta = torch.where(bad_g[:, None], pop.theta, opt.apply(pop.theta, plan))
 
-    return bad_rows(bad_g) if any_bad else [], before, take_step
+    return rows_where(bad_g) if any_bad else [], before, take_step
 
 
 def close_population_sink(sink: WandbSink, members: Sequence[Any], updates: int) -> None:
