@@ -39,30 +39,26 @@ SCALES = [4.0, 2.0, 1.0, 0.5, 0.25, 0.125]  # the study's η-probe
 
 def kinds() -> dict[str, tuple]:
     """name → (make configs(out, updates), updates timed, schedule or None)."""
+    from bench_population import configs, tail_configs  # the quick study's tails, and item 1's members
+
     from ntrl.experiments.bandit import BanditConfig
     from ntrl.population import TrackSchedule
-
-    def tail(policy: str, members: int, lr: float):  # the quick study's rewarded runs from p₀ = 5e-6
-        return lambda out, k: [BanditConfig(policy=policy, optimizer="sgd", p0=5e-6, lr=lr, steps=k, seed=i,
-                                            track_every=10, price_scales=SCALES, wandb="disabled", out=out,
-                                            run_name=f"m{i}") for i in range(members)]
 
     def punished_adam(out, k):  # the quick study's punished MLP Adam runs
         return [BanditConfig(policy="mlp", optimizer="adam", p0=0.2, lr=0.01, steps=k, seed=i, reward_do=-1.0,
                              reward_dont=1.0, track_per_decade=50, price_scales=SCALES, wandb="disabled", out=out,
                              run_name=f"m{i}") for i in range(5)]
 
-    def wide(out, k):
-        return [BanditConfig(policy="mlp", optimizer="sgd", p0=0.01, lr=0.1, steps=k, seed=i, track_every=10,
-                             wandb="disabled", out=out, run_name=f"m{i}") for i in range(256)]
+    def tail(policy: str, members: int):
+        return lambda out, k: tail_configs(out, policy, members, k)
 
     return {
-        "1 single-logit SGD": (tail("single_logit", 1, 2.0), 1000, None),
-        "1 MLP SGD": (tail("mlp", 1, 0.1), 1000, None),
-        "5 MLP SGD": (tail("mlp", 5, 0.1), 1000, None),
-        "5 MLP SGD, untracked": (tail("mlp", 5, 0.1), 1000, TrackSchedule(every=10**9)),
+        "1 single-logit SGD": (tail("single_logit", 1), 1000, None),
+        "1 MLP SGD": (tail("mlp", 1), 1000, None),
+        "5 MLP SGD": (tail("mlp", 5), 1000, None),
+        "5 MLP SGD, untracked": (tail("mlp", 5), 1000, TrackSchedule(every=10**9)),
         "5 MLP Adam, punished": (punished_adam, 2000, None),
-        "256 MLP SGD": (wide, 300, None),
+        "256 MLP SGD": (lambda out, k: configs(out, 256, k), 300, None),
     }
 
 
