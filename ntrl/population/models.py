@@ -88,6 +88,7 @@ class BanditModel:
         self.target = int(target)
         self.n_actions = self.rewards_np.shape[1]
         self.obs = torch.ones(1, 1, dtype=torch.float64, device=device)
+        self._ones: Tensor | None = None  # the state's weights, kept by _unit_weights
 
     @classmethod
     def from_configs(cls, configs: Sequence[Any], device: torch.device) -> "BanditModel":
@@ -132,7 +133,7 @@ class BanditModel:
 
     def _unit_weights(self, M: int, dtype: torch.dtype) -> Tensor:
         """The one state's weight 1 of every member, (M, 1): one tensor kept while M stays (read, never written)."""
-        w = getattr(self, "_ones", None)
+        w = self._ones
         if w is None or w.shape[0] != M or w.dtype != dtype:
             w = self._ones = torch.ones(M, 1, dtype=dtype, device=self.rewards.device)
         return w

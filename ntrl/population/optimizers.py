@@ -51,6 +51,8 @@ class BatchedOptimizer:
         self.m: Tensor | None = None
         self.v: Tensor | None = None
         self.t = 0  # Adam's step count (every active member steps at every update)
+        self._columns: dict[str, Tensor] = {}
+        self._columns_of: tuple[Tensor, ...] = ()  # the tensors _columns was formed from
 
     def select(self, keep: Tensor) -> None:
         """Keep only the members ``keep`` (an index tensor), in that order."""
@@ -87,7 +89,7 @@ class BatchedOptimizer:
         """lr, β₁, β₂, 1 − β₁, 1 − β₂ and ε as columns (M, 1), formed once for the members of the
         moment (the same numbers at every update, so an update need not form them again)."""
         source = (self.lr, self.beta1, self.beta2, self.eps)
-        if getattr(self, "_columns_of", None) is None or any(a is not b for a, b in zip(self._columns_of, source)):
+        if len(self._columns_of) != len(source) or any(a is not b for a, b in zip(self._columns_of, source)):
             b1, b2 = self.beta1[:, None], self.beta2[:, None]
             self._columns = {"lr": self.lr[:, None], "beta1": b1, "beta2": b2, "1-beta1": 1 - b1, "1-beta2": 1 - b2,
                              "eps": self.eps[:, None]}

@@ -891,11 +891,8 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
     g = grads[0]
     prop_grads = dict(zip(names, grads[1:1 + len(names)])) if tracked else {}
     z_grads = grads[1 + len(names):1 + len(names) + n_z] if tracked else []
-    if math.isfinite(float(g.abs().amax())):  # the common case: every entry finite (a NaN is not), in one number
-        bad_g, any_bad = None, False
-    else:  # entry by entry, as the per-run path tests g (a sum overflows sooner)
-        bad_g = ~torch.isfinite(g).all(dim=1)
-        any_bad = bool(bad_g.any())
+    bad_g = nonfinite_members(g)
+    any_bad = bad_g is not None
     rows = pop.log_prob_rows(q, grads[-N * K:]) if need_fisher else None
     fisher, fisher0 = pop.fishers(q, rows, first.optimizer == "npg", tracked and first.fisher) \
         if need_fisher else (None, None)
@@ -914,6 +911,15 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
         pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
 
     return rows_where(bad_g) if any_bad else [], before, take_step
+
+
+def nonfinite_members(g: Tensor) -> Tensor | None:
+    """Which members' gradient g (M, P) has a NaN or ±inf entry, (M,) bool, tested entry by entry
+    as the per-run path tests g (a sum overflows sooner); None where none has, which one number
+    tells (max |g| is finite; a NaN is not)."""
+    if math.isfinite(float(g.abs().amax())):
+        return None
+    return ~torch.isfinite(g).all(dim=1)
 
 
 def rows_where(mask: Tensor) -> list[int]:
@@ -993,11 +999,11 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
     # whether g = Jᵀc_U is finite entry by entry, as the per-run path tests g (‖g‖² overflows
     # sooner): read off g itself where the step forms it (Adam, sign descent), else from the factors
     g = jac.materialize(cU, pop.stacked.n_params) if opt.name in ("adam", "sign") else None
-    if jac.surely_finite(cU) if g is None else math.isfinite(float(g.abs().amax())):  # the common case, in one number
-        bad_g, any_bad = None, False
-    else:
-        bad_g = ~(torch.isfinite(g).all(1) if g is not None else jac.finite_gradient(cU))
-        any_bad = bool(bad_g.any())
+    if g is not None:
+        bad_g = nonfinite_members(g)
+    else:  # from the factors, all members at once where they surely are finite
+        bad_g = None if jac.surely_finite(cU) else ~jac.finite_gradient(cU)
+    any_bad = bad_g is not None and bool(bad_g.any())
     c_step = torch.where(bad_g[:, None], torch.zeros_like(cU), cU) if any_bad else cU
     fisher = fisher0 = None
     if opt.name == "npg" or (tracked and first.fisher):  # F at the one state, from π and its weight
