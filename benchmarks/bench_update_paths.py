@@ -110,9 +110,12 @@ def main() -> None:
         for name, ms in run_measurement(None).items():
             print(f"{name}: {ms:.3f} ms per update")
         return
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--quiet", "--verify", f"{args.against}^{{commit}}"],
+                      stdout=subprocess.DEVNULL).returncode:
+        sys.exit(f"--against: no commit {args.against!r} in {ROOT}; give a commit hash or branch of this repository")
     if subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", args.against, "--", "agents", "envs"]).returncode:
-        sys.exit(f"{args.against}'s agents/ or envs/ differ from this checkout's (or git cannot compare them): "
-                 "the editable install would import this checkout's, so the comparison would not be of that commit")
+        sys.exit(f"--against: {args.against}'s agents/ or envs/ differ from this checkout's: the editable install "
+                 "would import this checkout's, so the comparison would not be of that commit")
     base_dir = Path(tempfile.mkdtemp(prefix="ntrl-base-")) / "tree"
     try:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base_dir), args.against],
