@@ -108,7 +108,8 @@ def analyse_and_report(out: Path, wandb_mode: str = "offline", progress: bool = 
     """Analyse the runs in ``out``, write the report, log the W&B summary run; ``progress``: say
     on stderr what it is doing (these take seconds to minutes, after the runs' progress bar)."""
     from ntrl.study.analysis import analyse, load_study
-    from ntrl.study.report import VERDICT_COLUMNS, log_summary_run, text_table, verdict_rows, write_report
+    from ntrl.study.report import VERDICT_COLUMNS, text_table, verdict_rows, write_report
+    from ntrl.study.wandb_summary import summary_run_beside
     from ntrl.study.well import WELL_TITLE, WELL_VERDICT_COLUMNS, analyse_well, well_verdicts
 
     def say(text: str) -> None:
@@ -117,18 +118,21 @@ def analyse_and_report(out: Path, wandb_mode: str = "offline", progress: bool = 
 
     say(f"reading the runs of {out} ...")
     study, runs = load_study(out)
-    say(f"analysing {len(runs)} runs (fits and bootstrap intervals) ...")
-    cells = analyse(runs, study.batch_size)
-    well_cells = analyse_well(runs, study.well_p0s)
-    say("writing the report and its plots ...")
-    paths = write_report(out, study, runs, cells, well_cells)
-    short = [r[:8] for r in verdict_rows(cells)]
-    paths["table"] = text_table(VERDICT_COLUMNS[:8], short)
-    if well_cells:
-        paths["table"] += (f"\n\n{WELL_TITLE}, rewards (1, 0.9, 0), start (p₀, 0.95 − p₀, 0.05):\n"
-                           + text_table(WELL_VERDICT_COLUMNS, well_verdicts(well_cells)))
-    if wandb_mode != "disabled":
-        say("logging the W&B summary run ...")
-    paths["wandb"] = log_summary_run(out, study, runs, cells, mode=wandb_mode, well_cells=well_cells)
+    # the W&B summary run, logged beside the analysis and the report where a second core is free
+    with summary_run_beside(out, study, runs, wandb_mode) as summary:
+        say(f"analysing {len(runs)} runs (fits and bootstrap intervals) ...")
+        cells = analyse(runs, study.batch_size)
+        well_cells = analyse_well(runs, study.well_p0s)
+        summary.cells(cells, well_cells)
+        say("writing the report and its plots ...")
+        paths = write_report(out, study, runs, cells, well_cells)
+        short = [r[:8] for r in verdict_rows(cells)]
+        paths["table"] = text_table(VERDICT_COLUMNS[:8], short)
+        if well_cells:
+            paths["table"] += (f"\n\n{WELL_TITLE}, rewards (1, 0.9, 0), start (p₀, 0.95 − p₀, 0.05):\n"
+                               + text_table(WELL_VERDICT_COLUMNS, well_verdicts(well_cells)))
+        if wandb_mode != "disabled":
+            say("finishing the W&B summary run ...")
+        paths["wandb"] = summary.finish()
     paths["cells"] = cells
     return paths

@@ -1,5 +1,5 @@
-"""The rarity report: PNG plots, CSV tables, report.md, a self-contained report.html, and a
-W&B summary run carrying the verdict table and the key charts.
+"""The rarity report: PNG plots, CSV tables, report.md and a self-contained report.html, and the
+rows of the W&B summary run's tables (:mod:`ntrl.study.wandb_summary` logs that run).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ntrl.study.analysis import (
 from ntrl.study.extinction import ADAM_LATE_MEMORIES, FLOOR_FRACTION, WINDOW_DECADES, curve
 from ntrl.study.price import probe_points, standardized
 from ntrl.study.well import (
-    WELL_COLUMNS, WELL_FACTOR, WELL_TITLE, WELL_VERDICT_COLUMNS, WellCell, plot_well, well_numbers, well_rows,
+    WELL_COLUMNS, WELL_FACTOR, WELL_TITLE, WELL_VERDICT_COLUMNS, WellCell, plot_well, well_rows,
     well_verdicts,
 )
 from ntrl.tracker import FIRST_ORDER_TOLERANCE
@@ -729,80 +729,3 @@ def numeric_verdict_rows(cells: Sequence[CellResult]) -> tuple[list[str], list[l
         return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
 
     return cols, [[clean(r.get(k)) for k in cols] for r in rows]
-
-
-def log_summary_run(study_dir: Path, study, runs: Sequence[RunData], cells: Sequence[CellResult],
-                    mode: str = "offline", well_cells: Sequence[WellCell] = ()) -> str | None:
-    """A W&B summary run in the study's group: the verdict table as a wandb.Table of numbers (and
-    its text form), T(p₀) as a line series, the Price check's relative residual against P for every
-    record (subsampled per cell beyond :data:`RESIDUAL_POINTS`) as a table with the optimizer as a
-    column and a scatter per optimizer (W&B's scatter has no colour channel; the report's residual
-    PNG, logged too, colours by optimizer), the report's PNGs as images, and report.html, report.md
-    and the CSVs as a ``report`` artifact."""
-    if mode == "disabled":
-        return None
-    import wandb
-
-    from ntrl.run_dirs import ntrl_wandb_dir
-    from ntrl.wandb_sink import WandbSink, table
-
-    if ntrl_wandb_dir(study_dir) is None:  # it has said why
-        return None
-    sink = WandbSink(study_dir, study.to_dict(), mode=mode, name=f"{study.name}-summary", group=study.name,
-                     job_type="summary")
-    run = sink.run
-    if run is None:  # W&B could not start; it has said why
-        return None
-    cols, numeric = numeric_verdict_rows(cells)
-    data: dict[str, Any] = {"verdicts": wandb.Table(columns=cols, data=numeric),
-                            "verdicts_text": wandb.Table(columns=VERDICT_COLUMNS, data=verdict_rows(cells))}
-    for key, cols, rows in (("extinction", EXTINCTION_COLUMNS, extinction_rows(cells)),
-                            ("price_across_training", PRICE_COLUMNS, price_rows(cells)),
-                            ("noise", NOISE_TABLE_COLUMNS, noise_rows_table(cells))):
-        if rows:
-            data[key] = wandb.Table(columns=cols, data=rows)
-    residuals: list[list[Any]] = []
-    for (env, gmode), by_policy in sorted(_groups(runs).items()):
-        for pol, by_opt in sorted(by_policy.items()):
-            xs, ys, keys = [], [], []
-            for opt, rs in sorted(by_opt.items()):
-                p0, T = escape_data([r for r in rs if r.spec.direction == "rewarded"])
-                if not len(p0):
-                    continue
-                uniq = sorted(set(p0.tolist()))
-                xs.append(uniq)
-                ys.append([float(np.nanmedian(T[p0 == u])) for u in uniq])
-                keys.append(opt)
-            if keys:
-                data[f"escape/{env}_{gmode}_{pol}"] = wandb.plot.line_series(
-                    xs=xs, ys=ys, keys=keys, title=f"T(p0), {env} {gmode} {pol} (median over seeds)", xname="p0")
-            for opt, rs in sorted(by_opt.items()):
-                rows = residual_rows(env, gmode, pol, opt, rs)
-                residuals.extend(rows)
-                if rows:
-                    t = table(RESIDUAL_COLUMNS, rows)
-                    data[f"price_residual/{env}_{gmode}_{pol}/{opt}"] = wandb.plot.scatter(
-                        t, "P", "relative_residual",
-                        title=f"(realised − predicted)/|predicted| ΔP against P: {env} {gmode} {pol}, {opt}")
-    if residuals:
-        data["price_residual"] = table(RESIDUAL_COLUMNS, residuals)
-    if well_cells:
-        data["gravity_well"] = wandb.Table(columns=WELL_COLUMNS, data=well_numbers(well_cells))
-        data["gravity_well/min_p"] = wandb.plot.line_series(
-            xs=[[w.p0 for w in c.runs] for c in well_cells], ys=[[w.p_min for w in c.runs] for c in well_cells],
-            keys=[c.label for c in well_cells], title="Gravity well: least P against p0", xname="p0")
-    for png in sorted(study_dir.glob("*.png")):
-        data[f"plots/{png.stem}"] = wandb.Image(str(png))
-    directory = sink.directory
-    try:
-        run.log(data)
-        sink.log_artifact(f"{study.name}-report", "report", [study_dir / n for n in REPORT_FILES])
-        for c in cells:
-            run.summary[f"verdict/{'/'.join(c.cell)}"] = c.verdict
-        for c in well_cells:
-            run.summary[f"gravity_well/{c.policy}/{c.optimizer}"] = c.verdict
-    except Exception as e:
-        sink.lost("logging the summary run", e)
-        return None
-    sink.finish()
-    return directory

@@ -1,0 +1,80 @@
+"""The local executor's pool starts its workers before the study plans its units, so that their
+imports (torch, the training code, W&B's service) run meanwhile; and it leaves no worker behind
+when the study stops before the units run."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from ntrl.config import ConfigError
+from ntrl.study import StudyConfig, run_study
+from ntrl.study import executor
+
+
+def tiny_study() -> StudyConfig:
+    return StudyConfig(name="t", policies=["single_logit"], optimizers=["sgd"], p0s=[0.05], seeds=1,
+                       directions=["rewarded"], track_every=50).validate()
+
+
+def capture_pools(monkeypatch) -> list:
+    pools = []
+    start = executor.start_local_pool
+
+    def recording(*args, **kwargs):
+        pools.append(start(*args, **kwargs))
+        return pools[-1]
+
+    monkeypatch.setattr(executor, "start_local_pool", recording)
+    return pools
+
+
+def test_the_workers_start_before_the_units_are_planned(tmp_path, monkeypatch):
+    """When the units are planned, the pool's workers (as many as there are workers, or runs if
+    fewer) are already started; the study then runs its units in that same pool."""
+    pools = capture_pools(monkeypatch)
+    started_when_planned = []
+    plan = executor.work_units
+
+    def planning(*args, **kwargs):
+        started_when_planned.append(len(pools[-1]._processes) if pools else 0)
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "work_units", planning)
+    results = run_study(tiny_study(), tmp_path / "two", workers=2, wandb_mode="disabled", progress=False)
+    assert len(results) == 1 and len(pools) == 1
+    assert started_when_planned == [1]  # one run: one worker started, not two
+    study = StudyConfig(name="t", policies=["single_logit"], optimizers=["sgd", "sign"], p0s=[0.05], seeds=1,
+                        directions=["rewarded"], track_every=50).validate()
+    results = run_study(study, tmp_path / "more", workers=2, wandb_mode="disabled", progress=False)
+    assert len(results) == 2 and len(pools) == 2
+    assert started_when_planned == [1, 2]
+
+
+def test_a_study_stopped_while_planning_leaves_no_worker(tmp_path, monkeypatch):
+    """An error (or Ctrl-C) while the units are planned ends the workers already started."""
+    pools = capture_pools(monkeypatch)
+    processes = []
+
+    def failing(*args, **kwargs):
+        processes.extend(pools[-1]._processes.values())
+        raise ConfigError("--config", "planned to fail")
+
+    monkeypatch.setattr(executor, "work_units", failing)
+    with pytest.raises(ConfigError, match="planned to fail"):
+        run_study(tiny_study(), tmp_path, workers=2, wandb_mode="disabled", progress=False)
+    assert len(pools) == 1 and len(processes) == 1
+    for proc in processes:
+        proc.join(timeout=30)
+    assert not any(proc.is_alive() for proc in processes)
+
+
+def test_a_failing_import_in_the_warm_up_is_left_to_the_unit(monkeypatch):
+    """The warm-up never raises (an initializer's error would break every unit of the pool): an
+    import that fails there fails again in the unit, which reports it."""
+    import ntrl.study.lock
+
+    monkeypatch.setattr(ntrl.study.lock, "worker_init", lambda parent_pid: None)
+    monkeypatch.setitem(sys.modules, "ntrl.train", None)  # importing it raises ImportError
+    executor.warm_worker(0, "disabled")
