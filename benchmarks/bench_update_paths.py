@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/bench_update_paths.py                      # ~1 minute
     .venv/bin/python benchmarks/bench_update_paths.py --against e9018fe    # ~4 minutes per round
+    .venv/bin/python benchmarks/bench_update_paths.py --against 036b16b --study   # ~90 s per round
 
 The quick study's longest chunks are a few bandit members that go on for tens of thousands of
 updates (`bench_population.py`, item 8): the single-logit SGD member from p₀ = 5·10⁻⁶ (50,000
@@ -11,6 +12,9 @@ members (20,000, tracked log-spaced). Each is timed here as the study trains it,
 the difference (T(N + 10) − T(10)) / N of whole populations' update loops (which takes out
 building the members and writing their summaries; the least of three), with a 256-member MLP
 population tracked every 10th update beside them.
+
+With ``--study``, what is timed instead is ``ntrl rarity --quick`` end to end (W&B offline, in a
+fresh temporary directory each time), the command's wall time.
 
 With ``--against``, a temporary git worktree of COMMIT (removed at the end; only the one this
 script made) supplies the other ntrl: each round runs this script's measurement in a fresh
@@ -81,12 +85,32 @@ def measure() -> dict[str, float]:
     return out
 
 
-def run_measurement(pythonpath: str | None) -> dict[str, float]:
+def environment(pythonpath: str | None) -> dict[str, str]:
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
     else:
         env.pop("PYTHONPATH", None)
+    return env
+
+
+def study_seconds(pythonpath: str | None) -> dict[str, float]:
+    """``ntrl rarity --quick`` end to end in a fresh process of the ntrl on ``pythonpath`` (this
+    checkout's where None), W&B offline: its wall time in seconds."""
+    import time
+
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [str(Path(sys.executable).with_name("ntrl")), "rarity", "--quick", "--out", d, "--quiet", "--wandb",
+               "offline"]
+        start = time.perf_counter()
+        subprocess.run(cmd, env=environment(pythonpath), stdout=subprocess.DEVNULL, check=True, cwd=d)
+        return {"ntrl rarity --quick, s": time.perf_counter() - start}
+
+
+def run_measurement(pythonpath: str | None, study: bool = False) -> dict[str, float]:
+    if study:
+        return study_seconds(pythonpath)
+    env = environment(pythonpath)
     done = subprocess.run([sys.executable, __file__, "--measure"], env=env, stdout=subprocess.PIPE, text=True,
                           check=True, cwd=tempfile.gettempdir())  # its stderr (which ntrl it ran) shows
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -96,6 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", metavar="COMMIT", help="also time this commit's ntrl, alternated with this checkout's")
     ap.add_argument("--rounds", type=int, default=3, help="alternated rounds with --against (default 3)")
+    ap.add_argument("--study", action="store_true", help="time `ntrl rarity --quick` end to end instead")
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # one process's measurement, as JSON
     args = ap.parse_args()
     if args.rounds < 1:
@@ -106,9 +131,10 @@ def main() -> None:
         print(f"ntrl from {Path(ntrl.__file__).parent}", file=sys.stderr)
         print(json.dumps(measure()))
         return
+    unit = "" if args.study else " ms per update"
     if not args.against:
-        for name, ms in run_measurement(None).items():
-            print(f"{name}: {ms:.3f} ms per update")
+        for name, value in run_measurement(None, args.study).items():
+            print(f"{name}: {value:.3f}{unit}")
         return
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--quiet", "--verify", f"{args.against}^{{commit}}"],
                       stdout=subprocess.DEVNULL).returncode:
@@ -122,15 +148,15 @@ def main() -> None:
                        check=True)
         readings: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
         for r in range(args.rounds):
-            readings["base"].append(run_measurement(str(base_dir)))
-            readings["this"].append(run_measurement(None))
+            readings["base"].append(run_measurement(str(base_dir), args.study))
+            readings["this"].append(run_measurement(None, args.study))
             print(f"round {r + 1}: " + "; ".join(f"{k} {readings['base'][-1][k]:.3f} → {readings['this'][-1][k]:.3f}"
                                                  for k in readings["this"][-1]), flush=True)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_dir)], check=False)
         with contextlib.suppress(OSError):  # the folder mkdtemp made, once git has removed its worktree
             base_dir.parent.rmdir()
-    print(f"medians over {args.rounds} alternated rounds, ms per update ({args.against} → this checkout):")
+    print(f"medians over {args.rounds} alternated rounds{',' if unit else ''}{unit} ({args.against} → this checkout):")
     for k in readings["this"][0]:
         b = statistics.median(x[k] for x in readings["base"])
         t = statistics.median(x[k] for x in readings["this"])

@@ -654,8 +654,9 @@ def start_local_pool(workers: int, wandb_mode: str, start: int) -> ProcessPoolEx
     """The local executor's process pool of ``workers`` (spawned, each initialised by
     :func:`warm_worker`), ``start`` of them (at most ``workers``) started now: a spawning pool
     starts a worker per task submitted while none is idle, so one no-op task each. Started before
-    the study plans its units, the workers' imports run meanwhile (``ntrl rarity --quick``'s first
-    chunks began about 2 s sooner)."""
+    the study plans its units, the workers' imports run meanwhile (in one instrumented run of
+    ``ntrl rarity --quick`` before and after, its longest chunk set up in 1.3 s instead of 2.3 s
+    and ended 1.7 s sooner after the command started)."""
     import multiprocessing as mp
 
     pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),

@@ -163,6 +163,7 @@ def log_summary_run(study_dir: Path, study: Any, runs: Sequence[RunData], cells:
 
 
 HELPER_GRACE_S = 120.0  # the least time the summary run's helper gets to answer once the report is written
+# (or twice the time it has had so far, if longer: a large study's tables take longer to log)
 
 
 class SummaryRunBeside:
@@ -173,6 +174,7 @@ class SummaryRunBeside:
         self.study_dir, self.study, self.runs, self.mode = study_dir, study, runs, mode
         self.pid = 0
         self.to_child = self.from_child = -1
+        self.started = 0.0  # time.monotonic() when the helper was forked
         self.writer: threading.Thread | None = None  # sends the helper its messages (cells)
         self.report_written = threading.Event()
         self.analysed: tuple[Sequence[CellResult], Sequence[WellCell]] | None = None
@@ -180,6 +182,9 @@ class SummaryRunBeside:
     def start(self) -> None:
         """Fork the helper: it starts the run and logs the runs' part now, then the cells' part
         when they arrive, then the report's."""
+        import time
+
+        self.started = time.monotonic()
         sys.stdout.flush()  # nothing written before the fork is written again by the helper
         sys.stderr.flush()
         to_child, child_in = os.pipe()
@@ -252,7 +257,7 @@ class SummaryRunBeside:
     def finish(self) -> str | None:
         """The report is written: the helper logs its part and finishes the run. Returns the run's
         directory, or None where W&B logged nothing (it has said why). Where there is no helper,
-        or it died or did not answer within :data:`HELPER_GRACE_S` (stopped then), the summary
+        or it died or did not answer in time (:data:`HELPER_GRACE_S`; stopped then), the summary
         run is logged here."""
         import select
         import time
@@ -261,7 +266,8 @@ class SummaryRunBeside:
             return self._here()
         if self.writer is None:
             self.cells(())
-        deadline = time.monotonic() + HELPER_GRACE_S
+        now = time.monotonic()
+        deadline = now + max(HELPER_GRACE_S, 2 * (now - self.started))
         self.report_written.set()
         self.writer.join(max(0.0, deadline - time.monotonic()))
         chunks = []
@@ -310,7 +316,8 @@ class SummaryRunBeside:
 @contextlib.contextmanager
 def summary_run_beside(study_dir: Path, study: Any, runs: Sequence[RunData], mode: str) -> Iterator[SummaryRunBeside]:
     """The study's W&B summary run, logged by a forked helper process while this one analyses the
-    runs and writes the report, on a second core (``ntrl rarity --quick`` ended about 2 s sooner):
+    runs and writes the report, on a second core (the end of ``ntrl rarity --quick`` took 1.0–2.4 s
+    less in three alternated readings):
     it starts W&B and logs the runs' part now, the cells' part once :meth:`SummaryRunBeside.cells`
     hands them over, and the report's once :meth:`SummaryRunBeside.finish` says it is written.
     In this process instead (all in ``finish``) on one core, where the platform cannot fork, or
