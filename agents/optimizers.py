@@ -16,6 +16,7 @@ For Adam, m̂ and v̂ are the moments *after* this step's update, exactly as tor
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -91,9 +92,18 @@ class PolicyOptimizer(ABC):
 
 
 class _TorchOptimizer(PolicyOptimizer):
-    """Steps through a torch.optim optimizer on the loss −U (so that it ascends U)."""
+    """Steps through a torch.optim optimizer on the loss −U (so that it ascends U). The torch.optim
+    optimizer is made when it is first used (:attr:`torch_opt`): making one imports torch._dynamo,
+    about 1.4 s once per process, which a population, reading only its members' built policies,
+    and a study sizing its chunks never need."""
 
-    torch_opt: torch.optim.Optimizer
+    @abstractmethod
+    def _make_torch_opt(self) -> torch.optim.Optimizer:
+        """The torch.optim optimizer over ``self.params``."""
+
+    @functools.cached_property
+    def torch_opt(self) -> torch.optim.Optimizer:
+        return self._make_torch_opt()
 
     def apply(self, plan: StepPlan) -> None:
         grads = -plan.gradient
@@ -119,7 +129,9 @@ class SGD(_TorchOptimizer):
 
     def __init__(self, policy: nn.Module, lr: float):
         super().__init__(policy, lr)
-        self.torch_opt = torch.optim.SGD(self.params, lr=self.lr)
+
+    def _make_torch_opt(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.params, lr=self.lr)
 
     def plan(self, g, fisher_states=None):
         return StepPlan(Euclidean(), g.detach(), self.lr, g.detach())
@@ -131,7 +143,9 @@ class Adam(_TorchOptimizer):
     def __init__(self, policy: nn.Module, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
         super().__init__(policy, lr)
         self.betas, self.eps = betas, eps
-        self.torch_opt = torch.optim.Adam(self.params, lr=self.lr, betas=betas, eps=eps, foreach=False)
+
+    def _make_torch_opt(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.params, lr=self.lr, betas=self.betas, eps=self.eps, foreach=False)
 
     def plan(self, g, fisher_states=None):
         """Reproduce torch's Adam update for loss gradient −g without mutating its state."""

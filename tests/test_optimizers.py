@@ -82,3 +82,45 @@ def test_bad_optimizer_and_lr():
         make_optimizer("sgd", pol, 0.0)
     with pytest.raises(ValueError, match="npg needs"):
         make_optimizer("npg", pol, 0.1).plan(torch.ones(1, dtype=torch.float64))
+
+
+NO_DYNAMO = """
+import sys, tempfile
+from pathlib import Path
+from ntrl.experiments.bandit import BanditConfig
+from ntrl.population import train_population
+from ntrl.study.executor import work_units
+from ntrl.study.grid import StudyConfig, enumerate_runs
+
+study = StudyConfig.quick()
+work_units(study, enumerate_runs(study), Path(tempfile.mkdtemp()) / "runs", 2, True)
+with tempfile.TemporaryDirectory() as d:
+    configs = [BanditConfig(policy=p, optimizer=o, p0=0.1, steps=5, seed=i, wandb="disabled", out=d,
+                            run_name=f"{p}-{o}-{i}") for p in ("mlp", "single_logit") for o in ("sgd", "adam")
+               for i in range(2)]
+    for k in range(0, len(configs), 2):
+        train_population(configs[k:k + 2], progress=False)
+print("torch._dynamo" in sys.modules)
+"""
+
+
+def test_building_members_and_sizing_chunks_makes_no_torch_optimizer():
+    """A population builds each member's experiment for its policy, and a study sizes its chunks
+    from a built member: neither makes the torch.optim optimizer, whose first construction in a
+    process imports torch._dynamo (about 1.4 s, once on the study's critical path and once in
+    each worker). The per-run path makes it at its first use (the tests above step through it)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", NO_DYNAMO], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_the_torch_optimizer_is_made_at_its_first_use(name):
+    pol = make_policy("mlp", 1, 2, 1, 0.2, OBS, seed=0, width=6)
+    opt = make_optimizer(name, pol, lr=0.05)
+    assert "torch_opt" not in vars(opt)
+    opt.apply(opt.plan(torch.ones(flat(pol).numel(), dtype=torch.float64)))
+    assert isinstance(opt.torch_opt, torch.optim.Optimizer) and opt.torch_opt.param_groups[0]["params"] == opt.params
