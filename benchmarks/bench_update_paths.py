@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/bench_update_paths.py                      # ~1 minute
     .venv/bin/python benchmarks/bench_update_paths.py --against e9018fe    # ~4 minutes per round
-    .venv/bin/python benchmarks/bench_update_paths.py --against 036b16b --study   # ~90 s per round
+    .venv/bin/python benchmarks/bench_update_paths.py --against COMMIT --study    # ~90 s per round
 
 The quick study's longest chunks are a few bandit members that go on for tens of thousands of
 updates (`bench_population.py`, item 8): the single-logit SGD member from p₀ = 5·10⁻⁶ (50,000

@@ -78,3 +78,32 @@ def test_a_failing_import_in_the_warm_up_is_left_to_the_unit(monkeypatch):
     monkeypatch.setattr(ntrl.study.lock, "worker_init", lambda parent_pid: None)
     monkeypatch.setitem(sys.modules, "ntrl.train", None)  # importing it raises ImportError
     executor.warm_worker(0, "disabled")
+
+
+def test_a_signal_while_the_workers_start_stops_them(monkeypatch):
+    """A Ctrl-C or SIGTERM held back while the workers start arrives as the pool is returned: the
+    workers started are stopped, not left to finish their imports."""
+    import contextlib
+
+    started = []
+    pool_class = executor.ProcessPoolExecutor
+
+    class Recording(pool_class):
+        def submit(self, *args, **kwargs):
+            future = super().submit(*args, **kwargs)
+            started.extend(p for p in self._processes.values() if p not in started)
+            return future
+
+    @contextlib.contextmanager
+    def held_then_raised():
+        yield []
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executor, "ProcessPoolExecutor", Recording)
+    monkeypatch.setattr(executor, "signals_held", held_then_raised)
+    with pytest.raises(KeyboardInterrupt):
+        executor.start_local_pool(2, "disabled", 2)
+    assert len(started) == 2
+    for proc in started:
+        proc.join(timeout=30)
+    assert not any(proc.is_alive() for proc in started)

@@ -661,11 +661,15 @@ def start_local_pool(workers: int, wandb_mode: str, start: int) -> ProcessPoolEx
 
     pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),
                                initializer=warm_worker, initargs=(os.getpid(), wandb_mode))
-    # no Ctrl-C or SIGTERM halfway through starting a worker (one started but not yet known to
-    # the pool would not be stopped); they arrive once the worker is known
-    with signals_held():
-        for _ in range(min(start, max(1, workers))):
-            pool.submit(int)
+    try:
+        # no Ctrl-C or SIGTERM halfway through starting a worker (one started but not yet known to
+        # the pool would not be stopped); they arrive once the worker is known, and stop it
+        with signals_held():
+            for _ in range(min(start, max(1, workers))):
+                pool.submit(int)
+    except BaseException:
+        close_pool(pool, kill=True)
+        raise
     return pool
 
 

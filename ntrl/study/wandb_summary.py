@@ -162,8 +162,11 @@ def log_summary_run(study_dir: Path, study: Any, runs: Sequence[RunData], cells:
     return run.log_report()
 
 
-HELPER_GRACE_S = 120.0  # the least time the summary run's helper gets to answer once the report is written
-# (or twice the time it has had so far, if longer: a large study's tables take longer to log)
+HELPER_GRACE_S = 120.0  # the least time the summary run's helper gets, once the report is written, to say
+# that it is logging the report's part (or twice the time it has had so far, if longer: a large
+# study's tables take longer); from then on it is waited for as long as it lives (an upload online
+# takes as long as it takes, as it did in this process)
+STARTED, ANSWERED = b"L", b"\n"  # the helper's messages: logging the report's part; its answer's end
 
 
 class SummaryRunBeside:
@@ -181,66 +184,90 @@ class SummaryRunBeside:
 
     def start(self) -> None:
         """Fork the helper: it starts the run and logs the runs' part now, then the cells' part
-        when they arrive, then the report's."""
+        when they arrive, then the report's. Ctrl-C and SIGTERM are held back meanwhile, so that
+        a helper is never forked without this process knowing it (to stop it)."""
         import time
 
-        self.started = time.monotonic()
+        from ntrl.study.executor import signals_held
+
         sys.stdout.flush()  # nothing written before the fork is written again by the helper
         sys.stderr.flush()
-        to_child, child_in = os.pipe()
-        child_out, from_child = os.pipe()
-        try:
-            pid = os.fork()
-        except OSError:  # no helper: all of it in this process, in finish()
-            for fd in (to_child, child_in, child_out, from_child):
-                os.close(fd)
-            return
-        if pid == 0:  # the helper: log, answer, and leave without running anything of the parent's
-            code = 1
+        with signals_held():
+            to_child, child_in = os.pipe()
+            child_out, from_child = os.pipe()
             try:
-                os.close(child_in)
-                os.close(child_out)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C ends it; the parent stops it too
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                directory = self._helper(to_child)
-                os.write(from_child, (directory or "").encode() + b"\n")
-                code = 0
-            finally:
-                with contextlib.suppress(BaseException):
-                    sys.stderr.flush()
-                os._exit(code)
-        os.close(to_child)
-        os.close(from_child)
-        self.pid, self.to_child, self.from_child = pid, child_in, child_out
+                pid = os.fork()
+            except OSError:  # no helper: all of it in this process, in finish()
+                for fd in (to_child, child_in, child_out, from_child):
+                    os.close(fd)
+                return
+            if pid == 0:  # the helper: log, answer, and leave without running anything of the parent's
+                self._helper_process(to_child, from_child, (child_in, child_out))
+            self.pid, self.to_child, self.from_child, self.started = pid, child_in, child_out, time.monotonic()
+            os.close(to_child)
+            os.close(from_child)
 
-    def _helper(self, commands: int) -> str | None:
-        """In the helper: the summary run, step by step as the parent's messages come (the cells,
-        pickled; then one byte once the report is written). A parent that stops first (its end of
-        the pipe closed early) leaves the run unfinished, as W&B leaves a crashed run."""
+    def _helper_process(self, commands: int, answers: int, parents: tuple[int, int]) -> None:
+        """The helper's whole life: it ends with its parent (SIGKILL from the kernel, as a study's
+        workers do), takes Ctrl-C, SIGTERM and SIGHUP by their default actions, logs, answers, and
+        leaves by ``os._exit``. Where it fails, it says why in one line and leaves W&B's run
+        unfinished (its service process ends with it), as a crashed run; its parent then logs the
+        summary run itself."""
+        code = 1
         try:
-            run = SummaryRun(self.study_dir, self.study, self.mode)
-            run.log_runs(self.runs)
-            with os.fdopen(commands, "rb") as pipe:
-                cells, well_cells = pickle.load(pipe)
-                run.log_cells(cells, well_cells)
-                if pipe.read(1) != b"R":
-                    return None
-            return run.log_report()
-        finally:
-            if "wandb" in sys.modules:  # W&B's service process ends with this helper, not on its own later
-                with contextlib.suppress(Exception):
+            from ntrl.study.lock import _set_parent_death_signal
+
+            for fd in parents:
+                os.close(fd)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+            _set_parent_death_signal()
+            try:
+                directory = self._helper(commands, answers)
+            except Exception as e:  # a parent that stopped first (EOFError) has nobody to tell
+                if os.getppid() != 1:
+                    print(f"ntrl: warning: the W&B summary run's helper process failed ({type(e).__name__}: {e})",
+                          file=sys.stderr)
+            else:
+                os.write(answers, (directory or "").encode() + ANSWERED)
+                code = 0
+                with contextlib.suppress(BaseException):  # W&B's service process ends with this helper
                     import wandb
 
                     wandb.teardown()
+        finally:
+            with contextlib.suppress(BaseException):
+                sys.stderr.flush()
+            os._exit(code)
+
+    def _helper(self, commands: int, answers: int) -> str | None:
+        """In the helper: the summary run, step by step as the parent's messages come (the cells,
+        pickled; then one byte once the report is written, which it answers with
+        :data:`STARTED`)."""
+        run = SummaryRun(self.study_dir, self.study, self.mode)
+        run.log_runs(self.runs)
+        with os.fdopen(commands, "rb") as pipe:
+            cells, well_cells = pickle.load(pipe)
+            run.log_cells(cells, well_cells)
+            if pipe.read(1) != b"R":
+                raise EOFError("the study stopped before its report was written")
+        os.write(answers, STARTED)
+        return run.log_report()
 
     def cells(self, cells: Sequence[CellResult], well_cells: Sequence[WellCell] = ()) -> None:
         """Hand the analysis to the helper, and then (once :meth:`finish` says so) the news that the
         report is written, from a thread: the helper reads them once it has logged the runs' part,
-        and a pipe holds only so much meanwhile."""
+        and a pipe holds only so much meanwhile. An analysis that cannot be pickled stops the
+        helper: :meth:`finish` then logs the run here."""
         self.analysed = (cells, well_cells)
         if not self.pid:
             return
-        payload = pickle.dumps((cells, well_cells), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            payload = pickle.dumps((cells, well_cells), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            self._reap(kill=True)
+            return
         fd = self.to_child
 
         def send() -> None:
@@ -257,8 +284,8 @@ class SummaryRunBeside:
     def finish(self) -> str | None:
         """The report is written: the helper logs its part and finishes the run. Returns the run's
         directory, or None where W&B logged nothing (it has said why). Where there is no helper,
-        or it died or did not answer in time (:data:`HELPER_GRACE_S`; stopped then), the summary
-        run is logged here."""
+        or it died or did not start on the report's part in time (:data:`HELPER_GRACE_S`; stopped
+        then), the summary run is logged here, with one line saying so."""
         import select
         import time
 
@@ -266,22 +293,25 @@ class SummaryRunBeside:
             return self._here()
         if self.writer is None:
             self.cells(())
+            if not self.pid:
+                return self._here()
         now = time.monotonic()
         deadline = now + max(HELPER_GRACE_S, 2 * (now - self.started))
         self.report_written.set()
-        self.writer.join(max(0.0, deadline - time.monotonic()))
-        chunks = []
-        if not self.writer.is_alive():
-            answers = self.from_child
-            while (left := deadline - time.monotonic()) > 0 and select.select([answers], [], [], left)[0]:
-                chunk = os.read(answers, 1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        status = self._reap(kill=time.monotonic() >= deadline)
-        text = b"".join(chunks).decode("utf-8", "replace")
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and text.endswith("\n"):
-            return text.strip() or None
+        self.writer.join(max(0.0, deadline - now))
+        text, started = b"", False
+        while not self.writer.is_alive():
+            left = None if started else deadline - time.monotonic()
+            if left is not None and (left <= 0 or not select.select([self.from_child], [], [], left)[0]):
+                break  # not started on the report's part in time
+            chunk = os.read(self.from_child, 1 << 16)
+            if not chunk:
+                break
+            text += chunk
+            started = text.startswith(STARTED)
+        status = self._reap(kill=not text.endswith(ANSWERED))
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and started and text.endswith(ANSWERED):
+            return text[len(STARTED):-len(ANSWERED)].decode("utf-8", "replace") or None
         print("ntrl: warning: the W&B summary run's helper process stopped before it finished; logging the "
               "summary run again here", file=sys.stderr)
         return self._here()
@@ -317,15 +347,15 @@ class SummaryRunBeside:
 def summary_run_beside(study_dir: Path, study: Any, runs: Sequence[RunData], mode: str) -> Iterator[SummaryRunBeside]:
     """The study's W&B summary run, logged by a forked helper process while this one analyses the
     runs and writes the report, on a second core (the end of ``ntrl rarity --quick`` took 1.0–2.4 s
-    less in three alternated readings):
-    it starts W&B and logs the runs' part now, the cells' part once :meth:`SummaryRunBeside.cells`
-    hands them over, and the report's once :meth:`SummaryRunBeside.finish` says it is written.
-    In this process instead (all in ``finish``) on one core, where the platform cannot fork, or
-    with W&B off. An error or Ctrl-C in the body stops the helper."""
+    less in three alternated readings): it starts W&B and logs the runs' part now, the cells' part
+    once :meth:`SummaryRunBeside.cells` hands them over, and the report's once
+    :meth:`SummaryRunBeside.finish` says it is written. In this process instead (all in
+    ``finish``) on one core, where the platform cannot fork, or with W&B off. An error or Ctrl-C
+    in the body stops the helper."""
     beside = SummaryRunBeside(study_dir, study, runs, mode)
-    if mode != "disabled" and (os.cpu_count() or 1) >= 2 and hasattr(os, "fork"):
-        beside.start()
     try:
+        if mode != "disabled" and (os.cpu_count() or 1) >= 2 and hasattr(os, "fork"):
+            beside.start()
         yield beside
     finally:
         beside.stop()
