@@ -200,6 +200,8 @@ def test_the_finite_gradient_test_is_jtc_tested_entry_by_entry():
         want = torch.isfinite(jac.materialize(c, sp.n_params)).all(1)
         got = jac.finite_gradient(c)
         assert got.tolist() == want.tolist(), (scales, columns)
+        bad = jac.nonfinite_members(c)  # None only where every member passes, else the same answer
+        assert (bad is None and all(want.tolist())) or (~bad).tolist() == want.tolist(), (scales, columns)
         seen.add(tuple(want.tolist()))
     assert (True, True, True) in seen and len(seen) >= 3  # both answers, on both paths
 

@@ -289,12 +289,20 @@ class LogitJacobian:
         NaN or ±inf, and no product (Δc)_i a_j overflows (max |Δc| · max |a| is finite). First for
         all members at once: where every |c|, |Δc| and |a| is at most :data:`NO_OVERFLOW` (a NaN
         is not), no product can overflow, and every member passes; otherwise layer by layer."""
+        bad = self.nonfinite_members(c)
+        return torch.ones(c.shape[0], dtype=torch.bool, device=c.device) if bad is None else ~bad
+
+    def nonfinite_members(self, c: Tensor) -> Tensor | None:
+        """:meth:`finite_gradient`'s answer the other way round, (M,) bool, true where Jᵀc has a
+        NaN or ±inf entry; None where every member surely passes (its first test, one number):
+        what an update needs, as :func:`ntrl.population.trainer.nonfinite_members` gives it of a
+        formed g."""
         if self.surely_finite(c):
-            return torch.ones(c.shape[0], dtype=torch.bool, device=c.device)
+            return None
         ok = torch.isfinite(c).all(1)
         for a, d in zip(self.inputs, self.combinations(c)):
             ok &= torch.isfinite(d.abs().amax(1) * a.abs().amax(1))
-        return ok
+        return ~ok
 
     def surely_finite(self, c: Tensor) -> bool:
         """Whether every member's Jᵀc is surely finite, by :meth:`finite_gradient`'s first test:

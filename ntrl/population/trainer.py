@@ -999,10 +999,7 @@ def structured_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
     # whether g = Jᵀc_U is finite entry by entry, as the per-run path tests g (‖g‖² overflows
     # sooner): read off g itself where the step forms it (Adam, sign descent), else from the factors
     g = jac.materialize(cU, pop.stacked.n_params) if opt.name in ("adam", "sign") else None
-    if g is not None:
-        bad_g = nonfinite_members(g)
-    else:  # from the factors, all members at once where they surely are finite
-        bad_g = None if jac.surely_finite(cU) else ~jac.finite_gradient(cU)
+    bad_g = nonfinite_members(g) if g is not None else jac.nonfinite_members(cU)  # else from the factors
     any_bad = bad_g is not None and bool(bad_g.any())
     c_step = torch.where(bad_g[:, None], torch.zeros_like(cU), cU) if any_bad else cU
     fisher = fisher0 = None
