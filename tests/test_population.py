@@ -664,10 +664,12 @@ def test_gradients_through_the_logits_equal_one_reverse_pass_per_output(policy):
 def test_the_juice_p_gradient_from_u_and_f_equals_its_reverse_pass(tmp_path, policy, monkeypatch):
     """Where every member's reward is paid exactly for an approach (view radius 1), a tracked
     exact update forms ∇P = (∇U/(H·r) − P·∇F)/F instead of a reverse pass through the
-    visitation. Each time, against that reverse pass: U/(H·r) = F·P is a product, and the
-    subtraction's rounding is a few ulps of |∇(F·P)|/F = |∇P + P·∇F/F|, which for P ≤ ½ stays
-    within a few times |∇P| here (measured: at most 3.4·10⁻¹⁴ normwise): 1e-12 leaves more than
-    an order of magnitude. Rewards +1, −1 and 2.5, P from 10⁻⁹ to 10⁻²."""
+    visitation (the MLP's: the same of the cotangents at the logits, ∂P/∂z, for
+    :func:`~ntrl.population.trainer.states_tracked_update`). Each time, against that reverse pass:
+    U/(H·r) = F·P is a product, and the subtraction's rounding is a few ulps of
+    |∇(F·P)|/F = |∇P + P·∇F/F|, which for P ≤ ½ stays within a few times |∇P| here (measured: at
+    most 3.4·10⁻¹⁴ normwise): 1e-12 leaves more than an order of magnitude. Rewards +1, −1 and
+    2.5, P from 10⁻⁹ to 10⁻²."""
     from ntrl.experiments.juice import JuiceConfig
     from ntrl.population import trainer
 
@@ -676,13 +678,17 @@ def test_the_juice_p_gradient_from_u_and_f_equals_its_reverse_pass(tmp_path, pol
     def checked(pop, q, names):
         derived = derive(pop, q, names)
         if "P" in derived:
-            parts = torch.autograd.grad(q["P"].sum(), q["leaves"], retain_graph=True, allow_unused=True)
-            want = torch.cat([(g if g is not None else torch.zeros_like(leaf)).reshape(len(q["P"]), -1)
-                              for g, leaf in zip(parts, q["leaves"])], dim=1)
+            M = len(q["P"])
+            at_logits = pop.states is not None  # the MLP: cotangents at the logits
+            wrt = [q["Z"]] if at_logits else q["leaves"]
+            parts = torch.autograd.grad(q["P"].sum(), wrt, retain_graph=True, allow_unused=True)
+            want = torch.cat([(g if g is not None else torch.zeros_like(x)).reshape(M, -1)
+                              for g, x in zip(parts, wrt)], dim=1)
             of = derived["P"]
 
             def compare(grads):
                 got = of(grads)
+                assert got.shape == want.shape
                 compared.append(float(((got - want).norm(dim=1) / want.norm(dim=1)).max()))
                 return got
             derived["P"] = compare

@@ -59,6 +59,7 @@ from ntrl.config import ConfigError, TrainConfig, training_settings
 from ntrl.engine.batched import (
     BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients, member_gradients_through,
 )
+from ntrl.engine.batched_states import StatesInverseFisher, quadratic_forms, states_jacobian
 from ntrl.engine.batched_structured import (
     LogitInverseFisher, LogitSelection, StackedSequential, fisher_ntvar, quad,
 )
@@ -369,6 +370,12 @@ class _Population:
         self.selection = None
         if self.structured is None and self.model.obs.shape[0] == 1:
             self.selection = LogitSelection.plan(self.stacked.module, self.stacked.names)
+        # exact training at several observations (the juice gridworld) of a Sequential network: its
+        # tracked SGD, sign and Adam updates read the tracked quantities off the logits' factored
+        # Jacobian (ntrl.engine.batched_states, states_tracked_update), not off per-member gradients
+        self.states = None
+        if not self.sampled and self.model.obs.shape[0] > 1 and first.optimizer != "npg":
+            self.states = StackedSequential.plan(self.stacked.module, self.stacked.names, self.stacked.sizes)
         f64 = dict(dtype=torch.float64, device=device)
         per_member = lambda name: torch.tensor([getattr(c, name) for c in configs], **f64)  # noqa: E731
         self.optimizer = BatchedOptimizer(first.optimizer, per_member("lr"),
@@ -684,7 +691,8 @@ def _train_members(configs: list[TrainConfig], locks: RunDirLocks, schedule: Tra
             U_val = _floats(U)
             returns = U_val if batch is None else batch.mean_return.tolist()
             pop.note_returns(returns)
-            update = structured_update if pop.structured is not None else general_update
+            update = structured_update if pop.structured is not None else \
+                states_tracked_update if tracked and pop.states is not None else general_update
             bad_rows, before, take_step = update(pop, q, U, batch, tracked, first)
             take_step()
             updates_taken = t + 1  # as the per-run path counts a step once taken
@@ -905,6 +913,85 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
             before["probe"] = eta_probe(pop, q, plan, before["P"]["ntcov_opt"], first.price_scales)
         if noise:
             before["noise"] = noise_spread(batch, rows, prop_grads, plan, pop.optimizer.lr)
+
+    def take_step() -> None:
+        stepped = pop.optimizer.apply(pop.theta.detach(), plan)
+        pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
+
+    return rows_where(bad_g) if any_bad else [], before, take_step
+
+
+STATES_MAX_CONDITION = 1e4  # the largest κ(G_FF) = κ(J_F)² a tracked Fisher takes from the Gram matrix: its
+# NTVar then errs by about eps·κ(G_FF) ≈ 2e-12 relative at most, near the per-run QR's accuracy
+
+
+def gram_condition(G: Tensor) -> Tensor:
+    """The condition number of each member's Gram matrix (M, n, n), σ_max/σ_min (inf where σ_min is
+    0; NaN where G is not finite)."""
+    s = torch.linalg.svdvals(torch.where(torch.isfinite(G), G, torch.zeros_like(G)))
+    cond = s[:, 0] / s[:, -1]
+    return torch.where(torch.isfinite(G).flatten(1).all(1), cond, torch.full_like(cond, float("nan")))
+
+
+def states_tracked_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None,
+                          tracked: bool, first: TrainConfig) -> tuple[list[int], dict[str, Any] | None,
+                                                                      Callable[[], None]]:
+    """A tracked exact SGD, sign or Adam update at several observations (the juice MLP,
+    :attr:`_Population.states`): the step as :func:`general_update` takes it, from g = Jᵀc_U by one
+    reverse pass of U's cotangent c_U = ∂U/∂Z through the network; every tracked quantity from the
+    cotangents c_X = ∂X/∂Z (a reverse pass through the model alone per property that is not derived
+    from others, :func:`derived_gradients`) and the logits' factored Jacobian at the model's
+    observations and probes (:mod:`ntrl.engine.batched_states`): ∇X·∇Y = c_Xᵀ G c_Y, ∇X·d = c_X·(J d),
+    ∇X·D∇Y = c_Xᵀ (J D Jᵀ) c_Y and the Fisher's NTVar in the space of the logits, without forming any
+    property's gradient or the Fisher's rows. Where the Fisher is tracked and some member's
+    Jacobian at the model's observations is worse conditioned than :data:`STATES_MAX_CONDITION`
+    (the Gram matrix squares it), the update is :func:`general_update`'s instead. Returns what
+    :func:`general_update` returns."""
+    names, n_z = pop.model.properties, pop.model.n_z
+    Z = q["Z"]
+    M = Z.shape[0]
+    derived = derived_gradients(pop, q, names)
+    named = {"U": U, **{x: q[x] for x in names}, **{f"z{i}": q["z"][:, i] for i in range(n_z)}}
+    cots: dict[str, Tensor] = {}
+    for x, value in named.items():  # U first: its cotangent is the network's, below
+        if x in derived:
+            continue
+        c = torch.autograd.grad(value.sum(), Z, retain_graph=True, allow_unused=True)[0] \
+            if value.requires_grad else None
+        cots[x] = (torch.zeros_like(Z) if c is None else c).reshape(M, -1)
+    cots.update({x: of(cots) for x, of in derived.items()})
+    jac = states_jacobian(pop.states, pop.theta, pop.model.obs)
+    G = jac.gram()
+    fisher = None
+    if first.fisher:  # F⁺ over the model's observations, weighted by the visitation
+        nf = q["logp"].shape[1] * q["logp"].shape[2]
+        if not bool((gram_condition(G[:, :nf, :nf]) <= STATES_MAX_CONDITION).all()):
+            return general_update(pop, q, U, batch, tracked, first)  # q's graph is still whole
+        fisher = StatesInverseFisher.from_gram(G, q["logp"].detach().exp(), q["weights"].detach())
+    leaves = q["leaves"]
+    parts = torch.autograd.grad(Z, leaves, grad_outputs=cots["U"].reshape(Z.shape), allow_unused=True)
+    g = torch.cat([(p if p is not None else torch.zeros_like(leaf)).reshape(M, -1) for p, leaf in zip(parts, leaves)],
+                  dim=1)
+    bad_g = nonfinite_members(g)
+    any_bad = bad_g is not None
+    plan = pop.optimizer.plan(torch.where(bad_g[:, None], torch.zeros_like(g), g) if any_bad else g, None, True)
+    n_x = len(names)
+    C = torch.stack([cots[x] for x in names] + [cots[f"z{i}"] for i in range(n_z)] + [cots["U"]], 1)
+    D = quadratic_forms(C, G)
+    props = C[:, :n_x]
+    along = (props * jac.dot(plan.direction)[:, None, :]).sum(2)  # ∇X·d, (M, n_x)
+    in_opt = None if plan.diagonal is None else \
+        torch.diagonal(quadratic_forms(props, jac.gram_diagonal(plan.diagonal)), dim1=1, dim2=2)
+    in_fisher = None if fisher is None else fisher.ntvars(props)
+    lr = pop.optimizer.lr
+    before: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        euc = D[:, i, i]
+        before[name] = stat_fields(q[name], euc, euc if in_opt is None else in_opt[:, i],
+                                   None if in_fisher is None else in_fisher[:, i], D[:, i, -1], along[:, i], lr)
+    before["kappa"] = kappa_field([D[:, n_x + k, n_x + k] for k in range(n_z)])
+    if first.price_scales:
+        before["probe"] = eta_probe(pop, q, plan, before["P"]["ntcov_opt"], first.price_scales)
 
     def take_step() -> None:
         stepped = pop.optimizer.apply(pop.theta.detach(), plan)

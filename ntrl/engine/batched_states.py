@@ -1,0 +1,195 @@
+"""Structured tangents for a population at N shared observations: the logits' Jacobian in factored
+form, and tracked quantities in the N·K-dimensional space of the logits.
+
+:mod:`ntrl.engine.batched_structured` factors the Jacobian of M stacked Sequential networks at ONE
+observation; this module does the same at N observations o = 1 … N (the juice gridworld's distinct
+observations and its probes), z_m = (z_m(o, k)) ∈ R^{N·K}, flattened observation by observation.
+Per Linear layer l with input a_l(o) (M, N, in) and, from one backward pass of every observation's K
+unit cotangents, Δ_l(o) = [δ_l^(o,1) … δ_l^(o,K)] (M, N, out, K) with δ_l^(o,k) = ∂z(o, k)/∂y_l(o),
+
+    ∇_{W_l} z(o, k) = δ_l^(o,k) a_l(o)ᵀ,        ∇_{b_l} z(o, k) = δ_l^(o,k),
+
+so, with every property's gradient ∇X = Jᵀc_X (c_X = ∂X/∂z, (M, N·K)),
+
+    G = J Jᵀ,  G[(o,k), (p,j)] = Σ_l (a_l(o)·a_l(p) + 1_b) δ_l^(o,k)·δ_l^(p,j)
+    J D Jᵀ[(o,k), (p,j)]      = Σ_l Σ_i δ_l^(o,k)_i δ_l^(p,j)_i (Σ_n D_l,in a_l(o)_n a_l(p)_n + d_b,i)
+    J v[(o,k)]                = Σ_l δ_l^(o,k) · (V_l a_l(o) + v_b)
+    ∇X·∇Y = c_Xᵀ G c_Y,  ∇X·D∇Y = c_Xᵀ (J D Jᵀ) c_Y,  ∇X·v = c_X · (J v),
+
+without forming any (M, P) gradient or any row of J.
+
+**The Fisher** over the first N_F observations (the model's states, weights w_o, policy π(·|o)):
+F = AᵀA, A = L J_F with L block-diagonal, block o = diag(√(w_o π_o)) (I − 1π_oᵀ), as
+:class:`ntrl.engine.batched.BatchedInverseFisher` takes its rows. With G_FF = RᵀR (Cholesky) and
+the SVD R Lᵀ = U S Wᵀ, A's right singular vectors are v_k = J_Fᵀ R⁻¹ u_k (as in
+:class:`ntrl.engine.batched_structured.LogitInverseFisher`, with N_F·K logits), so for any c
+
+    v_k · Jᵀc = u_kᵀ R⁻ᵀ (G_{F,:} c),        NTVar_{F⁺}(Jᵀc) = Σ_{k kept} (v_k · Jᵀc)² / S_k²,
+
+singular values kept by the per-run rule (:func:`ntrl.engine.metrics.kept_singular`). G_FF's
+conditioning is J_F's squared; on the juice MLP J_F (25 × 4741 at width 64) has a condition number
+of about 4–30 at initialisation, and the last layer's bias keeps G_FF positive definite.
+``tests/test_population_states.py`` checks it all against explicit gradients in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ntrl.engine.batched_structured import StackedSequential, _Layer
+from ntrl.engine.metrics import kept_singular
+
+
+@dataclass
+class StatesJacobian:
+    """J = ∂z/∂θ of every member at N observations in factored form (see the module docstring):
+    per Linear layer its slot in θ, its input a_l (M, N, in) and Δ_l (M, N, out, K)."""
+
+    layers: list[_Layer]
+    inputs: list[Tensor]
+    deltas: list[Tensor]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(M, N, K)."""
+        M, N, _, K = self.deltas[-1].shape
+        return M, N, K
+
+    def gram(self) -> Tensor:
+        """G = J Jᵀ, (M, N·K, N·K)."""
+        M, N, K = self.shape
+        G = None
+        for L, a, D in zip(self.layers, self.inputs, self.deltas):
+            A = torch.bmm(a, a.transpose(1, 2))  # (M, N, N)
+            if L.b0 is not None:
+                A = A + 1.0
+            cols = D.transpose(2, 3).reshape(M, N * K, -1)  # row (o, k): δ_l^(o,k)
+            term = torch.bmm(cols, cols.transpose(1, 2)).view(M, N, K, N, K) * A[:, :, None, :, None]
+            G = term if G is None else G + term
+        return G.reshape(M, N * K, N * K)
+
+    def gram_diagonal(self, d: Tensor) -> Tensor:
+        """J D Jᵀ for a diagonal metric D = diag(d), d (M, P): (M, N·K, N·K)."""
+        M, N, K = self.shape
+        G = None
+        for L, a, D in zip(self.layers, self.inputs, self.deltas):
+            pairs = (a[:, :, None, :] * a[:, None, :, :]).reshape(M, N * N, -1)  # a(o) ⊙ a(p)
+            w = torch.bmm(StackedSequential._weight(d, L), pairs.transpose(1, 2))  # (M, out, N·N)
+            if L.b0 is not None:
+                w = w + StackedSequential._bias(d, L)[:, :, None]
+            term = torch.einsum("moik,miop,mpij->mokpj", D, w.view(M, -1, N, N), D)
+            G = term if G is None else G + term
+        return G.reshape(M, N * K, N * K)
+
+    def dot(self, v: Tensor) -> Tensor:
+        """J v for vectors v (M, P): (M, N·K)."""
+        M, N, K = self.shape
+        out = None
+        for L, a, D in zip(self.layers, self.inputs, self.deltas):
+            y = torch.bmm(a, StackedSequential._weight(v, L).transpose(1, 2))  # (M, N, out)
+            if L.b0 is not None:
+                y = y + StackedSequential._bias(v, L)[:, None, :]
+            term = torch.einsum("mnik,mni->mnk", D, y)
+            out = term if out is None else out + term
+        return out.reshape(M, N * K)
+
+
+def states_jacobian(net: StackedSequential, theta: Tensor, obs: Tensor) -> StatesJacobian:
+    """The factored Jacobian of every member's logits at the N observations ``obs`` (N, …): one
+    forward pass keeping each Linear layer's input and each activation's derivative, then one
+    backward pass of every observation's K unit cotangents at once."""
+    M = theta.shape[0]
+    x = net.encode(obs, theta.dtype).reshape(obs.shape[0], -1)
+    x = x[None].expand(M, -1, -1)  # (M, N, d)
+    N = x.shape[1]
+    inputs, derivs, weights = [], [], []
+    for kind, step in net.steps:
+        if kind == "linear":
+            inputs.append(x)
+            W, b = StackedSequential._weight(theta, step), StackedSequential._bias(theta, step)
+            weights.append(W)
+            y = torch.bmm(x, W.transpose(1, 2))
+            x = y if b is None else y + b[:, None, :]
+        elif type(step) is nn.Tanh:
+            x = torch.tanh(x)
+            derivs.append(torch.rsub(x * x, 1))
+        else:  # any other elementwise σ: σ'(y) from autograd
+            with torch.enable_grad():
+                y = x.detach().requires_grad_(True)
+                out = step(y)
+                derivs.append(torch.autograd.grad(out.sum(), y)[0])
+            x = out.detach()
+    K = x.shape[2]
+    delta = torch.eye(K, dtype=theta.dtype, device=theta.device).expand(M, N, K, K)  # (M, N, out, K)
+    deltas: list[Tensor] = []
+    layers: list[_Layer] = []
+    li, ai = len(inputs), len(derivs)
+    for kind, step in reversed(net.steps):
+        if kind == "linear":
+            li -= 1
+            deltas.append(delta)
+            layers.append(step)
+            if li == 0:  # the first Linear layer: what comes before it holds no parameter
+                break
+            W = weights[li]  # (M, out, in): Wᵀ Δ per observation
+            delta = torch.einsum("moi,mnok->mnik", W, delta)
+        else:
+            ai -= 1
+            delta = delta * derivs[ai][:, :, :, None]
+    deltas.reverse()
+    layers.reverse()
+    return StatesJacobian(layers, inputs, deltas)
+
+
+def quadratic_forms(C: Tensor, G: Tensor) -> Tensor:
+    """C G Cᵀ per member: every product c_iᵀ G c_j of the rows of C (M, n_c, n), (M, n_c, n_c)."""
+    return torch.bmm(C, torch.bmm(G, C.transpose(1, 2)))
+
+
+@dataclass
+class StatesInverseFisher:
+    """F⁺ (undamped) of every member over its first N_F observations, acting on vectors Jᵀc
+    (see the module docstring): ``GF`` the rows G_{F,:} (M, N_F·K, N·K), ``R`` (M, N_F·K, N_F·K)
+    upper with G_FF = RᵀR, ``U`` the left singular vectors of R Lᵀ, ``inv`` 1/S_k² on the kept
+    singular values and 0 elsewhere (NaN for a member whose G, π or w is not finite or whose G_FF
+    is not positive definite)."""
+
+    GF: Tensor
+    R: Tensor
+    U: Tensor
+    inv: Tensor
+
+    @classmethod
+    def from_gram(cls, G: Tensor, probs: Tensor, weights: Tensor, rtol: float | None = None) -> "StatesInverseFisher":
+        """From G = J Jᵀ (M, n, n), π (M, N_F, K) and the states' weights w (M, N_F)."""
+        M, NF, K = probs.shape
+        nf = NF * K
+        GF = G[:, :nf]
+        GFF = GF[:, :, :nf]
+        eye = torch.eye(nf, dtype=G.dtype, device=G.device)
+        ok = torch.isfinite(G).flatten(1).all(1) & torch.isfinite(probs).flatten(1).all(1) & torch.isfinite(weights).all(1)
+        chol, info = torch.linalg.cholesky_ex(torch.where(ok[:, None, None], GFF, eye))
+        ok = ok & (info == 0)
+        R = torch.where(ok[:, None, None], chol.mT, eye)
+        probs = torch.where(ok[:, None, None], probs, torch.full_like(probs, 1.0 / K))
+        weights = torch.where(ok[:, None], weights, torch.ones_like(weights))
+        scale = (weights[:, :, None] * probs).clamp_min(0).sqrt()  # (M, N_F, K)
+        block = scale[..., None] * (torch.eye(K, dtype=G.dtype, device=G.device) - probs[:, :, None, :])
+        L = torch.zeros(M, NF, K, NF, K, dtype=G.dtype, device=G.device)
+        idx = torch.arange(NF, device=G.device)
+        L[:, idx, :, idx, :] = block.transpose(0, 1)  # block o on the diagonal: √(w π_a)(e_a − π)
+        U, S, _ = torch.linalg.svd(torch.bmm(R, L.reshape(M, nf, nf).mT))
+        keep = kept_singular(S, rtol)
+        inv = torch.where(keep, 1.0 / S**2, torch.zeros_like(S))
+        inv = torch.where(ok[:, None], inv, torch.full_like(inv, float("nan")))
+        return cls(GF, R, U, inv)
+
+    def ntvars(self, C: Tensor) -> Tensor:
+        """(Jᵀc)ᵀ F⁺ (Jᵀc) for each row c of C (M, n_c, n): (M, n_c)."""
+        y = torch.bmm(self.GF, C.transpose(1, 2))  # G_{F,:} c, (M, N_F·K, n_c)
+        x = torch.linalg.solve_triangular(self.R.mT, y, upper=False)  # R⁻ᵀ G_{F,:} c
+        coef = torch.bmm(self.U.mT, x)  # (M, N_F·K, n_c)
+        return (coef**2 * self.inv[:, :, None]).sum(1)

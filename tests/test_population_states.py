@@ -1,0 +1,150 @@
+"""The structured path at several observations (ntrl.engine.batched_states) against the explicit
+Jacobian from torch.func (jacrev of every member's logits) and the batched engine's QR inverse
+Fisher, in float64.
+
+Tolerances: the factored forms sum the same products in another order, so they agree with the
+explicit ones to a few ulps of the largest term; 1e-12 relative leaves three orders of
+magnitude. The Fisher's Gram-space form errs by eps times J_F's condition number squared (about
+10³ here), still well below 1e-12 of the values compared."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call, jacrev, vmap
+
+from ntrl.agents.policies import make_policy
+from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows
+from ntrl.engine.batched_states import StatesInverseFisher, quadratic_forms, states_jacobian
+from ntrl.engine.batched_structured import StackedSequential
+
+F64 = torch.float64
+
+
+def population(activation: str = "tanh", n_obs: int = 5, d: int = 3, K: int = 5, members: int = 3, width: int = 8):
+    gen = torch.Generator().manual_seed(0)
+    obs = torch.randn(n_obs, d, generator=gen, dtype=F64)
+    policies = [make_policy("mlp", d, K, 1, p0, obs[:1], seed=s, width=width, activation=activation)
+                for s, p0 in enumerate((0.3, 1e-2, 1e-4)[:members])]
+    sp = StackedPolicy(policies[0])
+    theta = torch.stack([sp.flatten(p) for p in policies])
+    return obs, sp, theta
+
+
+def explicit_jacobian(sp: StackedPolicy, theta: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+    """∂z(o, k)/∂θ of every member, (M, N·K, P), by jacrev of the flat parameters."""
+    def logits(flat):
+        return functional_call(sp.module, sp.unflatten(flat), (obs,)).reshape(-1)
+
+    return vmap(jacrev(logits))(theta)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_the_factored_jacobian_at_several_observations_agrees_with_jacrev(activation):
+    obs, sp, theta = population(activation)
+    net = StackedSequential.plan(sp.module, sp.names, sp.sizes)
+    jac = states_jacobian(net, theta, obs)
+    J = explicit_jacobian(sp, theta, obs)
+    G = jac.gram()
+    torch.testing.assert_close(G, J @ J.mT, rtol=1e-12, atol=1e-12 * float(G.abs().max()))
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(theta.shape, generator=gen, dtype=F64)
+    Jv = jac.dot(v)
+    torch.testing.assert_close(Jv, (J @ v[:, :, None])[..., 0], rtol=1e-12, atol=1e-12 * float(Jv.abs().max()))
+    d = torch.rand(theta.shape, generator=gen, dtype=F64) + 0.1
+    GD = jac.gram_diagonal(d)
+    torch.testing.assert_close(GD, J @ (d[:, :, None] * J.mT), rtol=1e-12, atol=1e-12 * float(GD.abs().max()))
+    C = torch.randn(theta.shape[0], 4, J.shape[1], generator=gen, dtype=F64)
+    grads = C @ J  # ∇X = Jᵀc for each row c
+    torch.testing.assert_close(quadratic_forms(C, G), grads @ grads.mT, rtol=1e-12, atol=1e-12 * float(G.abs().max()))
+
+
+def test_the_fisher_in_the_space_of_the_logits_equals_the_qr_of_its_rows():
+    """NTVar in F⁺ over the first three observations (the others like the juice model's probes),
+    for cotangents on every observation, against BatchedInverseFisher of the explicit rows
+    √(w π) ∇log π; a member whose G is not finite gets NaN, the others not."""
+    obs, sp, theta = population(n_obs=5)
+    NF, K = 3, 5
+    net = StackedSequential.plan(sp.module, sp.names, sp.sizes)
+    jac = states_jacobian(net, theta, obs)
+    J = explicit_jacobian(sp, theta, obs)
+    M = theta.shape[0]
+    Z = torch.stack([functional_call(sp.module, sp.unflatten(t), (obs,)) for t in theta])
+    probs = torch.softmax(Z[:, :NF], -1)
+    gen = torch.Generator().manual_seed(2)
+    weights = torch.rand(M, NF, generator=gen, dtype=F64) + 0.05
+    rows = log_prob_rows(J[:, :NF * K].reshape(M, NF, K, -1), probs)
+    reference = BatchedInverseFisher.from_log_prob_rows(rows, weights, probs, torch.zeros(M, dtype=F64))
+    fisher = StatesInverseFisher.from_gram(jac.gram(), probs, weights)
+    C = torch.randn(M, 4, J.shape[1], generator=gen, dtype=F64)
+    got = fisher.ntvars(C)
+    want = torch.stack(reference.ntvars(list((C @ J).unbind(1))), 1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+    G = jac.gram().clone()
+    G[1, 0, 0] = float("nan")
+    bad = StatesInverseFisher.from_gram(G, probs, weights).ntvars(C)
+    assert bad[1].isnan().all() and not bad[[0, 2]].isnan().any()
+
+
+def juice_cell(out, optimizer: str, policy: str = "mlp", mode: str = "exact", steps: int = 7):
+    from ntrl.experiments.juice import JuiceConfig
+    from ntrl.study.grid import DEFAULT_LRS
+
+    return [JuiceConfig(policy=policy, optimizer=optimizer, mode=mode, p0=p0, lr=DEFAULT_LRS["juice"][policy][optimizer],
+                        reward=r, steps=steps, seed=i, track_every=2, width=16, batch_size=8, decomposition=False,
+                        wandb="disabled", out=str(out), run_name=f"m{i}", price_scales=[1.0, 0.5])
+            for i, (p0, r) in enumerate([(0.01, 1.0), (0.2, -1.0)])]
+
+
+def counted_updates(monkeypatch) -> dict[str, int]:
+    """How many tracked updates each update function of the trainer took (the fallback counted
+    once under its own name, not as general_update's own)."""
+    from ntrl.population import trainer
+
+    counts = {"states": 0, "general": 0}
+    states, general = trainer.states_tracked_update, trainer.general_update
+
+    def count_states(*a, **k):
+        counts["states"] += 1
+        return states(*a, **k)
+
+    def count_general(pop, q, U, batch, tracked, first):
+        counts["general"] += tracked
+        return general(pop, q, U, batch, tracked, first)
+
+    monkeypatch.setattr(trainer, "states_tracked_update", count_states)
+    monkeypatch.setattr(trainer, "general_update", count_general)
+    return counts
+
+
+@pytest.mark.parametrize("optimizer, policy, mode, takes_it", [
+    ("sgd", "mlp", "exact", True), ("sign", "mlp", "exact", True), ("adam", "mlp", "exact", True),
+    ("npg", "mlp", "exact", False), ("sgd", "tabular", "exact", False), ("sgd", "mlp", "sampled", False)])
+def test_which_juice_populations_track_through_the_factored_jacobian(tmp_path, monkeypatch, optimizer, policy, mode,
+                                                                     takes_it):
+    """Exact SGD, sign and Adam on the juice MLP: every tracked update by states_tracked_update (4
+    of 7 here, tracked every 2nd), none by the general path; NPG (whose step needs the Fisher's
+    rows), the tabular policy and sampled mode by the general path."""
+    from ntrl.population import train_population
+
+    counts = counted_updates(monkeypatch)
+    assert not train_population(juice_cell(tmp_path, optimizer, policy, mode), progress=False).failures
+    assert counts == ({"states": 4, "general": 0} if takes_it else {"states": 0, "general": 4}), counts
+
+
+def test_an_ill_conditioned_jacobian_falls_back_to_the_general_path_and_equals_the_runs(tmp_path, monkeypatch):
+    """Where some member's κ(G_FF) exceeds STATES_MAX_CONDITION (0 here: every update), the
+    tracked update is the general path's, from the same graph, and every record still equals the
+    member's single run to 1e-12."""
+    from ntrl.population import train_population, trainer
+    from ntrl.records import read_records
+    from ntrl.train import train
+    from test_population import assert_records_equal
+
+    per = [train(c, progress=False) for c in juice_cell(tmp_path / "per", "adam")]
+    monkeypatch.setattr(trainer, "STATES_MAX_CONDITION", 0.0)
+    counts = counted_updates(monkeypatch)
+    pop = train_population(juice_cell(tmp_path / "pop", "adam"), progress=False)
+    assert counts == {"states": 4, "general": 4}, counts  # each tracked update tried, then fell back
+    for r1, r2 in zip(per, pop.results):
+        assert_records_equal(read_records(r1.run_dir), read_records(r2.run_dir))
