@@ -9,6 +9,8 @@ magnitude. The Fisher's Gram-space form errs by eps times J_F's condition number
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.func import functional_call, jacrev, vmap
@@ -17,6 +19,7 @@ from ntrl.agents.policies import make_policy
 from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows
 from ntrl.engine.batched_states import StatesInverseFisher, quadratic_forms, states_jacobian
 from ntrl.engine.batched_structured import StackedSequential
+from test_population import assert_records_equal
 
 F64 = torch.float64
 
@@ -101,35 +104,49 @@ def counted_updates(monkeypatch) -> dict[str, int]:
     once under its own name, not as general_update's own)."""
     from ntrl.population import trainer
 
-    counts = {"states": 0, "general": 0}
-    states, general = trainer.states_tracked_update, trainer.general_update
+    counts = {"states": 0, "npg": 0, "general": 0, "general untracked": 0}
+    states, npg, general = trainer.states_tracked_update, trainer.states_npg_update, trainer.general_update
 
     def count_states(*a, **k):
         counts["states"] += 1
         return states(*a, **k)
 
+    def count_npg(*a, **k):
+        counts["npg"] += 1
+        return npg(*a, **k)
+
     def count_general(pop, q, U, batch, tracked, first):
-        counts["general"] += tracked
+        counts["general" if tracked else "general untracked"] += 1
         return general(pop, q, U, batch, tracked, first)
 
     monkeypatch.setattr(trainer, "states_tracked_update", count_states)
+    monkeypatch.setattr(trainer, "states_npg_update", count_npg)
     monkeypatch.setattr(trainer, "general_update", count_general)
     return counts
 
 
-@pytest.mark.parametrize("optimizer, policy, mode, takes_it", [
-    ("sgd", "mlp", "exact", True), ("sign", "mlp", "exact", True), ("adam", "mlp", "exact", True),
-    ("npg", "mlp", "exact", False), ("sgd", "tabular", "exact", False), ("sgd", "mlp", "sampled", False)])
-def test_which_juice_populations_track_through_the_factored_jacobian(tmp_path, monkeypatch, optimizer, policy, mode,
-                                                                     takes_it):
-    """Exact SGD, sign and Adam on the juice MLP: every tracked update by states_tracked_update (4
-    of 7 here, tracked every 2nd), none by the general path; NPG (whose step needs the Fisher's
-    rows), the tabular policy and sampled mode by the general path."""
+TRACKED = {"states": 4, "npg": 0, "general": 0, "general untracked": 3}  # 4 of 7 updates tracked
+NPG = {"states": 0, "npg": 3, "general": 4, "general untracked": 0}
+GENERAL = {"states": 0, "npg": 0, "general": 4, "general untracked": 3}
+
+
+@pytest.mark.parametrize("optimizer, policy, mode, damping, want", [
+    ("sgd", "mlp", "exact", 0.0, TRACKED), ("sign", "mlp", "exact", 0.0, TRACKED),
+    ("adam", "mlp", "exact", 0.0, TRACKED), ("npg", "mlp", "exact", 0.0, NPG), ("npg", "mlp", "sampled", 0.0, NPG),
+    ("npg", "mlp", "sampled", 0.1, GENERAL), ("sgd", "tabular", "exact", 0.0, GENERAL),
+    ("npg", "tabular", "sampled", 0.0, GENERAL), ("sgd", "mlp", "sampled", 0.0, GENERAL)])
+def test_which_juice_populations_take_the_factored_jacobian(tmp_path, monkeypatch, optimizer, policy, mode, damping,
+                                                            want):
+    """On the juice MLP: exact SGD, sign and Adam take every tracked update by
+    states_tracked_update (4 of 7 here, tracked every 2nd); undamped NPG, exact or sampled, every
+    untracked update by states_npg_update and its tracked ones by the general path; damped NPG,
+    the tabular policy and sampled SGD every update by the general path."""
     from ntrl.population import train_population
 
     counts = counted_updates(monkeypatch)
-    assert not train_population(juice_cell(tmp_path, optimizer, policy, mode), progress=False).failures
-    assert counts == ({"states": 4, "general": 0} if takes_it else {"states": 0, "general": 4}), counts
+    cfgs = [dataclasses.replace(c, npg_damping=damping) for c in juice_cell(tmp_path, optimizer, policy, mode)]
+    assert not train_population(cfgs, progress=False).failures
+    assert counts == want, counts
 
 
 def test_an_ill_conditioned_jacobian_falls_back_to_the_general_path_and_equals_the_runs(tmp_path, monkeypatch):
@@ -139,12 +156,59 @@ def test_an_ill_conditioned_jacobian_falls_back_to_the_general_path_and_equals_t
     from ntrl.population import train_population, trainer
     from ntrl.records import read_records
     from ntrl.train import train
-    from test_population import assert_records_equal
-
     per = [train(c, progress=False) for c in juice_cell(tmp_path / "per", "adam")]
     monkeypatch.setattr(trainer, "STATES_MAX_CONDITION", 0.0)
     counts = counted_updates(monkeypatch)
     pop = train_population(juice_cell(tmp_path / "pop", "adam"), progress=False)
-    assert counts == {"states": 4, "general": 4}, counts  # each tracked update tried, then fell back
+    assert counts == {"states": 4, "npg": 0, "general": 4, "general untracked": 3}, counts  # tried, fell back
     for r1, r2 in zip(per, pop.results):
         assert_records_equal(read_records(r1.run_dir), read_records(r2.run_dir))
+
+
+@pytest.mark.parametrize("mode", ["exact", "sampled"])
+def test_undamped_npg_steps_in_logit_space_equal_the_runs_and_fall_back_when_ill_conditioned(tmp_path, monkeypatch,
+                                                                                             mode):
+    """Undamped NPG on the juice MLP, its untracked steps F⁺g = J_Fᵀβ in logit space: every record
+    equal to the member's single run (exact to 1e-12; sampled to 1e-6, the sampled NPG MLP's
+    tolerance in test_population.py); and with STATES_MAX_CONDITION at 0 each of those updates
+    falls back to the general path, with the same records."""
+    from ntrl.population import train_population, trainer
+    from ntrl.records import read_records
+    from ntrl.train import train
+
+    rtol = 1e-12 if mode == "exact" else 1e-6
+    per = [train(c, progress=False) for c in juice_cell(tmp_path / "per", "npg", mode=mode)]
+    for limit in (trainer.STATES_MAX_CONDITION, 0.0):
+        monkeypatch.setattr(trainer, "STATES_MAX_CONDITION", limit)
+        counts = counted_updates(monkeypatch)
+        pop = train_population(juice_cell(tmp_path / f"pop{limit}", "npg", mode=mode), progress=False)
+        assert counts == ({**NPG, "general untracked": 3} if limit == 0 else NPG), counts
+        for r1, r2 in zip(per, pop.results):
+            assert_records_equal(read_records(r1.run_dir), read_records(r2.run_dir), rtol=rtol, floor=1e-20)
+
+
+def test_the_fishers_step_and_the_gradient_from_the_factors_equal_the_explicit_ones():
+    """F⁺ Jᵀc = J_Fᵀβ (StatesInverseFisher.apply, then StatesJacobian.materialize) against
+    BatchedInverseFisher.apply of the explicit rows, and Jᵀc itself, for cotangents on the
+    Fisher's observations (a sampled surrogate's)."""
+    obs, sp, theta = population(n_obs=5)
+    NF, K = 3, 5
+    net = StackedSequential.plan(sp.module, sp.names, sp.sizes)
+    jac = states_jacobian(net, theta, obs)
+    J = explicit_jacobian(sp, theta, obs)
+    M, P = theta.shape
+    Z = torch.stack([functional_call(sp.module, sp.unflatten(t), (obs,)) for t in theta])
+    probs = torch.softmax(Z[:, :NF], -1)
+    gen = torch.Generator().manual_seed(3)
+    weights = torch.rand(M, NF, generator=gen, dtype=F64) + 0.05
+    weights[0, 1] = 0.0  # an observation the batch did not see: its rows are zero
+    c = torch.zeros(M, J.shape[1], dtype=F64)
+    c[:, :NF * K] = torch.randn(M, NF * K, generator=gen, dtype=F64)
+    g = (c[:, None, :] @ J)[:, 0]
+    torch.testing.assert_close(jac.materialize(c, P), g, rtol=1e-12, atol=1e-12 * float(g.abs().max()))
+    rows = log_prob_rows(J[:, :NF * K].reshape(M, NF, K, -1), probs)
+    want = BatchedInverseFisher.from_log_prob_rows(rows, weights, probs, torch.zeros(M, dtype=F64)).apply(g)
+    fisher = StatesInverseFisher.from_gram(jac.gram(), probs, weights)
+    beta = fisher.apply(c)
+    got = jac.materialize(torch.cat([beta, torch.zeros(M, J.shape[1] - NF * K, dtype=F64)], 1), P)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))

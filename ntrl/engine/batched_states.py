@@ -84,6 +84,18 @@ class StatesJacobian:
             G = term if G is None else G + term
         return G.reshape(M, N * K, N * K)
 
+    def materialize(self, c: Tensor, n_params: int) -> Tensor:
+        """Jᵀ c (M, P) for coefficients c (M, N·K): Σ_o of each layer's (Δ_l(o) c(o)) a_l(o)ᵀ."""
+        M, N, K = self.shape
+        c = c.reshape(M, N, K)
+        out = torch.empty(M, n_params, dtype=c.dtype, device=c.device)
+        for L, a, D in zip(self.layers, self.inputs, self.deltas):
+            d = torch.einsum("mnik,mnk->mni", D, c)  # Δ_l(o) c(o), (M, N, out)
+            torch.bmm(d.transpose(1, 2), a, out=StackedSequential._weight(out, L))
+            if L.b0 is not None:
+                torch.sum(d, 1, out=StackedSequential._bias(out, L))
+        return out
+
     def dot(self, v: Tensor) -> Tensor:
         """J v for vectors v (M, P): (M, N·K)."""
         M, N, K = self.shape
@@ -187,9 +199,18 @@ class StatesInverseFisher:
         inv = torch.where(ok[:, None], inv, torch.full_like(inv, float("nan")))
         return cls(GF, R, U, inv)
 
+    def apply(self, c: Tensor) -> Tensor:
+        """β (M, N_F·K) with F⁺ Jᵀc = J_Fᵀβ, for c (M, N·K): Σ_k v_k (v_k·Jᵀc)/S_k² with v_k = J_Fᵀ R⁻¹ u_k,
+        so β = R⁻¹ U (inv ⊙ Uᵀ R⁻ᵀ G_{F,:} c)."""
+        coef = self._coefficients(c[:, :, None])[..., 0]
+        return torch.linalg.solve_triangular(self.R, torch.bmm(self.U, (coef * self.inv)[:, :, None]), upper=True)[..., 0]
+
+    def _coefficients(self, C: Tensor) -> Tensor:
+        """v_k · Jᵀc for each column c of C (M, n, n_c): Uᵀ R⁻ᵀ G_{F,:} C, (M, N_F·K, n_c)."""
+        x = torch.linalg.solve_triangular(self.R.mT, torch.bmm(self.GF, C), upper=False)
+        return torch.bmm(self.U.mT, x)
+
     def ntvars(self, C: Tensor) -> Tensor:
         """(Jᵀc)ᵀ F⁺ (Jᵀc) for each row c of C (M, n_c, n): (M, n_c)."""
-        y = torch.bmm(self.GF, C.transpose(1, 2))  # G_{F,:} c, (M, N_F·K, n_c)
-        x = torch.linalg.solve_triangular(self.R.mT, y, upper=False)  # R⁻ᵀ G_{F,:} c
-        coef = torch.bmm(self.U.mT, x)  # (M, N_F·K, n_c)
+        coef = self._coefficients(C.transpose(1, 2))  # (M, N_F·K, n_c)
         return (coef**2 * self.inv[:, :, None]).sum(1)

@@ -65,7 +65,7 @@ from ntrl.engine.batched_structured import (
 )
 from ntrl.engine.metrics import scaled_inner, scaled_norm
 from ntrl.population.models import SampledBatch, population_model
-from ntrl.population.optimizers import BatchedOptimizer
+from ntrl.population.optimizers import BatchedOptimizer, BatchedPlan
 from ntrl.records import (
     CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, finite_rows, json_file_bytes, nonfinite_field, read_records, record_line,
     record_lines, write_json_atomic, write_json_many_atomic,
@@ -370,11 +370,12 @@ class _Population:
         self.selection = None
         if self.structured is None and self.model.obs.shape[0] == 1:
             self.selection = LogitSelection.plan(self.stacked.module, self.stacked.names)
-        # exact training at several observations (the juice gridworld) of a Sequential network: its
+        # training at several observations (the juice gridworld) of a Sequential network: its exact
         # tracked SGD, sign and Adam updates read the tracked quantities off the logits' factored
-        # Jacobian (ntrl.engine.batched_states, states_tracked_update), not off per-member gradients
+        # Jacobian (ntrl.engine.batched_states), not off per-member gradients, and its untracked
+        # undamped NPG steps take the inverse Fisher there (update_kind)
         self.states = None
-        if not self.sampled and self.model.obs.shape[0] > 1 and first.optimizer != "npg":
+        if self.model.obs.shape[0] > 1:
             self.states = StackedSequential.plan(self.stacked.module, self.stacked.names, self.stacked.sizes)
         f64 = dict(dtype=torch.float64, device=device)
         per_member = lambda name: torch.tensor([getattr(c, name) for c in configs], **f64)  # noqa: E731
@@ -691,8 +692,7 @@ def _train_members(configs: list[TrainConfig], locks: RunDirLocks, schedule: Tra
             U_val = _floats(U)
             returns = U_val if batch is None else batch.mean_return.tolist()
             pop.note_returns(returns)
-            update = structured_update if pop.structured is not None else \
-                states_tracked_update if tracked and pop.states is not None else general_update
+            update = update_kind(pop, tracked, first)
             bad_rows, before, take_step = update(pop, q, U, batch, tracked, first)
             take_step()
             updates_taken = t + 1  # as the per-run path counts a step once taken
@@ -919,6 +919,57 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
         pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
 
     return rows_where(bad_g) if any_bad else [], before, take_step
+
+
+def update_kind(pop: _Population, tracked: bool, first: TrainConfig) -> Callable:
+    """The function that takes this update: :func:`structured_update` at one shared state;
+    :func:`states_tracked_update` for a tracked exact SGD, sign or Adam update at several
+    observations, :func:`states_npg_update` for an untracked NPG update there whose members are all
+    undamped; else :func:`general_update`."""
+    if pop.structured is not None:
+        return structured_update
+    if pop.states is not None:
+        if tracked and not pop.sampled and first.optimizer != "npg":
+            return states_tracked_update
+        if not tracked and first.optimizer == "npg" and not bool((pop.optimizer.damping > 0).any()):
+            return states_npg_update
+    return general_update
+
+
+def states_npg_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None, tracked: bool,
+                      first: TrainConfig) -> tuple[list[int], dict[str, Any] | None, Callable[[], None]]:
+    """An untracked, undamped NPG update at several observations (the juice MLP, exact or sampled):
+    U's cotangent c_U = ∂U/∂Z by a reverse pass through the model (or the sampled surrogate) alone,
+    g = Jᵀc_U and the step F⁺g = J_Fᵀβ from the logits' factored Jacobian at the model's observations
+    (:class:`~ntrl.engine.batched_states.StatesInverseFisher`), without the Fisher's rows or a reverse
+    pass per logit. Where some member's κ(G_FF) exceeds :data:`STATES_MAX_CONDITION`, the update is
+    :func:`general_update`'s instead. Returns what :func:`general_update` returns."""
+    Z = q["Z"]
+    M = Z.shape[0]
+    c = torch.autograd.grad(U.sum(), Z, retain_graph=True, allow_unused=True)[0] if U.requires_grad else None
+    cU = (torch.zeros_like(Z) if c is None else c).reshape(M, -1)
+    n_f, K = q["logp"].shape[1], q["logp"].shape[2]
+    jac = states_jacobian(pop.states, pop.theta, pop.model.obs[:n_f])  # the Fisher's observations
+    G = jac.gram()
+    if not bool((gram_condition(G) <= STATES_MAX_CONDITION).all()):
+        return general_update(pop, q, U, batch, tracked, first)  # q's graph is still whole
+    fisher = StatesInverseFisher.from_gram(G, q["logp"].detach().exp(), q["weights"].detach())
+    c_f = cU[:, :n_f * K]
+    if bool(cU[:, n_f * K:].any()):  # U reads the probes' logits: not a step of this form
+        return general_update(pop, q, U, batch, tracked, first)
+    g = jac.materialize(c_f, pop.stacked.n_params)
+    bad_g = nonfinite_members(g)
+    any_bad = bad_g is not None
+    beta = fisher.apply(torch.where(bad_g[:, None], torch.zeros_like(c_f), c_f) if any_bad else c_f)
+    if any_bad:  # a bad member takes no step (it is stopped)
+        beta = torch.where(bad_g[:, None], torch.zeros_like(beta), beta)
+    direction = jac.materialize(beta, pop.stacked.n_params)
+
+    def take_step() -> None:
+        stepped = pop.optimizer.apply(pop.theta.detach(), BatchedPlan(direction))
+        pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
+
+    return rows_where(bad_g) if any_bad else [], None, take_step
 
 
 STATES_MAX_CONDITION = 1e4  # the largest κ(G_FF) = κ(J_F)² a tracked Fisher takes from the Gram matrix: its
