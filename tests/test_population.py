@@ -766,11 +766,12 @@ def test_the_juice_p_gradient_is_derived_only_while_every_p_is_at_most_a_half():
 def test_a_few_juice_members_take_the_split_gradients_and_equal_their_runs(tmp_path, mode, split, monkeypatch):
     """Populations of at most SPLIT_MEMBERS members take their gradients through the logits
     (spied on here), larger ones a pass per output (SPLIT_MEMBERS set to 0 here, so that the same
-    two members take that path): NPG on the juice MLP, tracked with the Fisher (its untracked
-    updates take states_npg_update; the tracked ones, 4 of 12, the general path), every record
-    equal to its run's either way."""
+    two members take that path): NPG on the juice MLP, tracked with the Fisher, held to the general
+    path (which the juice MLP otherwise takes only where the factored Jacobian's Gram matrix is too
+    ill-conditioned, tests/test_population_states.py), every record equal to its run's either way."""
     import ntrl.population.trainer as trainer
 
+    monkeypatch.setattr(trainer, "update_kind", lambda pop, tracked, first: trainer.general_update)
     if not split:
         monkeypatch.setattr(trainer, "SPLIT_MEMBERS", 0)
     calls = []
@@ -779,7 +780,7 @@ def test_a_few_juice_members_take_the_split_gradients_and_equal_their_runs(tmp_p
     configs = juice_sampled_configs if mode == "sampled" else juice_configs
     per = [train(c, progress=False) for c in configs(tmp_path / "per", "mlp", "npg")[:2]]
     pop = train_population(configs(tmp_path / "pop", "mlp", "npg")[:2], progress=False)
-    assert not pop.failures and (len(calls) == 4 if split else not calls)
+    assert not pop.failures and (len(calls) >= 12 if split else not calls)
     rtol = 1e-6 if mode == "sampled" else 1e-12  # sampled NPG on the MLP: see the sampled test above
     for r1, r2 in zip(per, pop.results):
         assert_records_equal(read_records(r1.run_dir), read_records(r2.run_dir), rtol=rtol, floor=1e-20)

@@ -104,8 +104,13 @@ def counted_updates(monkeypatch) -> dict[str, int]:
     once under its own name, not as general_update's own)."""
     from ntrl.population import trainer
 
-    counts = {"states": 0, "npg": 0, "general": 0, "general untracked": 0}
+    counts = {"states": 0, "factored": 0, "npg": 0, "general": 0, "general untracked": 0}
     states, npg, general = trainer.states_tracked_update, trainer.states_npg_update, trainer.general_update
+    factored = trainer.states_factored_update
+
+    def count_factored(*a, **k):
+        counts["factored"] += 1
+        return factored(*a, **k)
 
     def count_states(*a, **k):
         counts["states"] += 1
@@ -121,26 +126,30 @@ def counted_updates(monkeypatch) -> dict[str, int]:
 
     monkeypatch.setattr(trainer, "states_tracked_update", count_states)
     monkeypatch.setattr(trainer, "states_npg_update", count_npg)
+    monkeypatch.setattr(trainer, "states_factored_update", count_factored)
     monkeypatch.setattr(trainer, "general_update", count_general)
     return counts
 
 
-TRACKED = {"states": 4, "npg": 0, "general": 0, "general untracked": 3}  # 4 of 7 updates tracked
-NPG = {"states": 0, "npg": 3, "general": 4, "general untracked": 0}
-GENERAL = {"states": 0, "npg": 0, "general": 4, "general untracked": 3}
+TRACKED = {"states": 4, "factored": 0, "npg": 0, "general": 0, "general untracked": 3}  # 4 of 7 updates tracked
+NPG = {"states": 0, "factored": 4, "npg": 3, "general": 0, "general untracked": 0}
+SAMPLED = {"states": 0, "factored": 4, "npg": 0, "general": 0, "general untracked": 3}
+GENERAL = {"states": 0, "factored": 0, "npg": 0, "general": 4, "general untracked": 3}
 
 
 @pytest.mark.parametrize("optimizer, policy, mode, damping, want", [
     ("sgd", "mlp", "exact", 0.0, TRACKED), ("sign", "mlp", "exact", 0.0, TRACKED),
     ("adam", "mlp", "exact", 0.0, TRACKED), ("npg", "mlp", "exact", 0.0, NPG), ("npg", "mlp", "sampled", 0.0, NPG),
+    ("sgd", "mlp", "sampled", 0.0, SAMPLED), ("adam", "mlp", "sampled", 0.0, SAMPLED),
     ("npg", "mlp", "sampled", 0.1, GENERAL), ("sgd", "tabular", "exact", 0.0, GENERAL),
-    ("npg", "tabular", "sampled", 0.0, GENERAL), ("sgd", "mlp", "sampled", 0.0, GENERAL)])
+    ("npg", "tabular", "sampled", 0.0, GENERAL)])
 def test_which_juice_populations_take_the_factored_jacobian(tmp_path, monkeypatch, optimizer, policy, mode, damping,
                                                             want):
     """On the juice MLP: exact SGD, sign and Adam take every tracked update by
-    states_tracked_update (4 of 7 here, tracked every 2nd); undamped NPG, exact or sampled, every
-    untracked update by states_npg_update and its tracked ones by the general path; damped NPG,
-    the tabular policy and sampled SGD every update by the general path."""
+    states_tracked_update (4 of 7 here, tracked every 2nd); undamped NPG, exact or sampled, its
+    untracked updates by states_npg_update and its tracked ones by states_factored_update, as
+    sampled SGD, sign and Adam take their tracked ones; damped NPG and the tabular policy every
+    update by the general path, as sampled SGD its untracked ones."""
     from ntrl.population import train_population
 
     counts = counted_updates(monkeypatch)
@@ -160,7 +169,7 @@ def test_an_ill_conditioned_jacobian_falls_back_to_the_general_path_and_equals_t
     monkeypatch.setattr(trainer, "STATES_MAX_CONDITION", 0.0)
     counts = counted_updates(monkeypatch)
     pop = train_population(juice_cell(tmp_path / "pop", "adam"), progress=False)
-    assert counts == {"states": 4, "npg": 0, "general": 4, "general untracked": 3}, counts  # tried, fell back
+    assert counts == {**TRACKED, "general": 4}, counts  # each tracked update tried, then fell back
     for r1, r2 in zip(per, pop.results):
         assert_records_equal(read_records(r1.run_dir), read_records(r2.run_dir))
 
@@ -168,10 +177,11 @@ def test_an_ill_conditioned_jacobian_falls_back_to_the_general_path_and_equals_t
 @pytest.mark.parametrize("mode", ["exact", "sampled"])
 def test_undamped_npg_steps_in_logit_space_equal_the_runs_and_fall_back_when_ill_conditioned(tmp_path, monkeypatch,
                                                                                              mode):
-    """Undamped NPG on the juice MLP, its untracked steps F⁺g = J_Fᵀβ in logit space: every record
-    equal to the member's single run (exact to 1e-12; sampled to 1e-6, the sampled NPG MLP's
-    tolerance in test_population.py); and with STATES_MAX_CONDITION at 0 each of those updates
-    falls back to the general path, with the same records."""
+    """Undamped NPG on the juice MLP, its steps F⁺g = J_Fᵀβ in logit space (untracked:
+    states_npg_update; tracked: states_factored_update): every record equal to the member's single
+    run (exact to 1e-12; sampled to 1e-6, the sampled NPG MLP's tolerance in test_population.py);
+    and with STATES_MAX_CONDITION at 0 each update falls back to the general path, with the same
+    records."""
     from ntrl.population import train_population, trainer
     from ntrl.records import read_records
     from ntrl.train import train
@@ -182,7 +192,7 @@ def test_undamped_npg_steps_in_logit_space_equal_the_runs_and_fall_back_when_ill
         monkeypatch.setattr(trainer, "STATES_MAX_CONDITION", limit)
         counts = counted_updates(monkeypatch)
         pop = train_population(juice_cell(tmp_path / f"pop{limit}", "npg", mode=mode), progress=False)
-        assert counts == ({**NPG, "general untracked": 3} if limit == 0 else NPG), counts
+        assert counts == ({**NPG, "general": 4, "general untracked": 3} if limit == 0 else NPG), counts
         for r1, r2 in zip(per, pop.results):
             assert_records_equal(read_records(r1.run_dir), read_records(r2.run_dir), rtol=rtol, floor=1e-20)
 
@@ -212,3 +222,19 @@ def test_the_fishers_step_and_the_gradient_from_the_factors_equal_the_explicit_o
     beta = fisher.apply(c)
     got = jac.materialize(torch.cat([beta, torch.zeros(M, J.shape[1] - NF * K, dtype=F64)], 1), P)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+
+
+def test_many_products_at_once_equal_one_at_a_time():
+    """materialize_many and dot_many (every cotangent of a tracked update at once) against
+    materialize and dot of each."""
+    obs, sp, theta = population(n_obs=4)
+    net = StackedSequential.plan(sp.module, sp.names, sp.sizes)
+    jac = states_jacobian(net, theta, obs)
+    M, P = theta.shape
+    gen = torch.Generator().manual_seed(4)
+    C = torch.randn(M, 3, 4 * 5, generator=gen, dtype=F64)
+    V = torch.randn(M, 3, P, generator=gen, dtype=F64)
+    many = jac.materialize_many(C, P)
+    for i in range(3):
+        torch.testing.assert_close(many[:, i], jac.materialize(C[:, i], P), rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(jac.dot_many(V)[:, i], jac.dot(V[:, i]), rtol=1e-13, atol=1e-13)

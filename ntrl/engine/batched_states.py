@@ -35,6 +35,7 @@ of about 4–30 at initialisation, and the last layer's bias keeps G_FF positive
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -86,15 +87,34 @@ class StatesJacobian:
 
     def materialize(self, c: Tensor, n_params: int) -> Tensor:
         """Jᵀ c (M, P) for coefficients c (M, N·K): Σ_o of each layer's (Δ_l(o) c(o)) a_l(o)ᵀ."""
+        return self.materialize_many(c[:, None], n_params)[:, 0]
+
+    def materialize_many(self, C: Tensor, n_params: int) -> Tensor:
+        """Jᵀ c (M, n_c, P) for each row c of C (M, n_c, N·K), all at once."""
         M, N, K = self.shape
-        c = c.reshape(M, N, K)
-        out = torch.empty(M, n_params, dtype=c.dtype, device=c.device)
+        n_c = C.shape[1]
+        C = C.reshape(M, n_c, N, K)
+        out = torch.empty(M, n_c, n_params, dtype=C.dtype, device=C.device)
         for L, a, D in zip(self.layers, self.inputs, self.deltas):
-            d = torch.einsum("mnik,mnk->mni", D, c)  # Δ_l(o) c(o), (M, N, out)
-            torch.bmm(d.transpose(1, 2), a, out=StackedSequential._weight(out, L))
+            d = torch.matmul(D[:, None], C[..., None])[..., 0]  # Δ_l(o) c(o), (M, n_c, N, out)
+            out[:, :, L.w0:L.w0 + L.out * L.inp] = torch.matmul(d.transpose(2, 3), a[:, None]).reshape(M, n_c, -1)
             if L.b0 is not None:
-                torch.sum(d, 1, out=StackedSequential._bias(out, L))
+                out[:, :, L.b0:L.b0 + L.out] = d.sum(2)
         return out
+
+    def dot_many(self, V: Tensor) -> Tensor:
+        """J v (M, n_v, N·K) for each row v of V (M, n_v, P), all at once."""
+        M, N, K = self.shape
+        n_v = V.shape[1]
+        out = None
+        for L, a, D in zip(self.layers, self.inputs, self.deltas):
+            Wv = V[:, :, L.w0:L.w0 + L.out * L.inp].reshape(M, n_v, L.out, L.inp)
+            y = torch.matmul(a[:, None], Wv.transpose(2, 3))  # (M, n_v, N, out)
+            if L.b0 is not None:
+                y = y + V[:, :, None, L.b0:L.b0 + L.out]
+            term = torch.matmul(y[:, :, :, None, :], D[:, None])[:, :, :, 0, :]  # (M, n_v, N, K)
+            out = term if out is None else out + term
+        return out.reshape(M, n_v, N * K)
 
     def dot(self, v: Tensor) -> Tensor:
         """J v for vectors v (M, P): (M, N·K)."""
@@ -202,15 +222,68 @@ class StatesInverseFisher:
     def apply(self, c: Tensor) -> Tensor:
         """β (M, N_F·K) with F⁺ Jᵀc = J_Fᵀβ, for c (M, N·K): Σ_k v_k (v_k·Jᵀc)/S_k² with v_k = J_Fᵀ R⁻¹ u_k,
         so β = R⁻¹ U (inv ⊙ Uᵀ R⁻ᵀ G_{F,:} c)."""
-        coef = self._coefficients(c[:, :, None])[..., 0]
+        return self._back(self._coefficients(c[:, :, None])[..., 0])
+
+    def _back(self, coef: Tensor) -> Tensor:
+        """R⁻¹ U (inv ⊙ coef) for coefficients (M, N_F·K)."""
         return torch.linalg.solve_triangular(self.R, torch.bmm(self.U, (coef * self.inv)[:, :, None]), upper=True)[..., 0]
 
     def _coefficients(self, C: Tensor) -> Tensor:
         """v_k · Jᵀc for each column c of C (M, n, n_c): Uᵀ R⁻ᵀ G_{F,:} C, (M, N_F·K, n_c)."""
-        x = torch.linalg.solve_triangular(self.R.mT, torch.bmm(self.GF, C), upper=False)
-        return torch.bmm(self.U.mT, x)
+        return self._coefficients_of(torch.bmm(self.GF, C))
+
+    def _coefficients_of(self, JFv: Tensor) -> Tensor:
+        """v_k · v from J_F v (M, N_F·K, n_c): Uᵀ R⁻ᵀ J_F v."""
+        return torch.bmm(self.U.mT, torch.linalg.solve_triangular(self.R.mT, JFv, upper=False))
 
     def ntvars(self, C: Tensor) -> Tensor:
         """(Jᵀc)ᵀ F⁺ (Jᵀc) for each row c of C (M, n_c, n): (M, n_c)."""
         coef = self._coefficients(C.transpose(1, 2))  # (M, N_F·K, n_c)
         return (coef**2 * self.inv[:, :, None]).sum(1)
+
+
+@dataclass
+class StatesFisherMetric:
+    """:class:`StatesInverseFisher` acting on vectors of parameter space (M, P), as
+    :class:`ntrl.engine.batched.BatchedInverseFisher` does (its ``apply`` and ``ntvars``), through the
+    Jacobian ``jac`` at every observation (the Fisher's first): v_k · v = u_kᵀ R⁻ᵀ (J_F v), and
+    F⁺v = J_Fᵀ R⁻¹ U (inv ⊙ (v_k · v)_k)."""
+
+    fisher: StatesInverseFisher
+    jac: StatesJacobian
+    n_params: int
+
+    def _coefficients(self, vs: list[Tensor]) -> Tensor:
+        nf = self.fisher.R.shape[1]
+        JFv = self.jac.dot_many(torch.stack(vs, 1))[:, :, :nf].transpose(1, 2)  # (M, N_F·K, n)
+        return self.fisher._coefficients_of(JFv)
+
+    def apply(self, v: Tensor) -> Tensor:
+        """F⁺ v for vectors v (M, P)."""
+        beta = self.fisher._back(self._coefficients([v])[..., 0])
+        M, N, K = self.jac.shape
+        padded = torch.zeros(M, N * K, dtype=beta.dtype, device=beta.device)
+        padded[:, :beta.shape[1]] = beta
+        return self.jac.materialize(padded, self.n_params)
+
+    def ntvar(self, grad: Tensor) -> Tensor:
+        return self.ntvars([grad])[0]
+
+    def ntvars(self, grads: list[Tensor]) -> list[Tensor]:
+        """∇X · F⁺ ∇X for each of several gradients (M, P)."""
+        coef = self._coefficients(grads)
+        return list((coef**2 * self.fisher.inv[:, :, None]).sum(1).unbind(-1))
+
+
+def log_prob_rows(jac: StatesJacobian, G: Tensor, probs: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """The rows ∇log π(a|o) = ∇z(o, a) − Σ_b π(b|o) ∇z(o, b) of the first N_F observations, in
+    factored form: L = B J_F with B block-diagonal (block o: I − 1π_oᵀ), as (L Lᵀ = B G_FF Bᵀ,
+    (M, N_F·K, N_F·K); v ↦ L v for v (M, P)), from the Jacobian, G = J Jᵀ and π (M, N_F, K)."""
+    M, NF, K = probs.shape
+    nf = NF * K
+    B = torch.zeros(M, NF, K, NF, K, dtype=probs.dtype, device=probs.device)
+    idx = torch.arange(NF, device=probs.device)
+    B[:, idx, :, idx, :] = (torch.eye(K, dtype=probs.dtype, device=probs.device) - probs[:, :, None, :]).transpose(0, 1)
+    B = B.reshape(M, nf, nf)
+    gram = torch.bmm(B, torch.bmm(G[:, :nf, :nf], B.mT))
+    return gram, lambda v: torch.bmm(B, jac.dot(v)[:, :nf, None])[..., 0]

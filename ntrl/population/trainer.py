@@ -59,7 +59,10 @@ from ntrl.config import ConfigError, TrainConfig, training_settings
 from ntrl.engine.batched import (
     BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients, member_gradients_through,
 )
-from ntrl.engine.batched_states import StatesInverseFisher, quadratic_forms, states_jacobian
+from ntrl.engine.batched_states import (
+    StatesFisherMetric, StatesInverseFisher, quadratic_forms, states_jacobian,
+)
+from ntrl.engine.batched_states import log_prob_rows as log_prob_rows_factored
 from ntrl.engine.batched_structured import (
     LogitInverseFisher, LogitSelection, StackedSequential, fisher_ntvar, quad,
 )
@@ -922,18 +925,82 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
 
 
 def update_kind(pop: _Population, tracked: bool, first: TrainConfig) -> Callable:
-    """The function that takes this update: :func:`structured_update` at one shared state;
-    :func:`states_tracked_update` for a tracked exact SGD, sign or Adam update at several
-    observations, :func:`states_npg_update` for an untracked NPG update there whose members are all
-    undamped; else :func:`general_update`."""
+    """The function that takes this update: :func:`structured_update` at one shared state; at
+    several observations, :func:`states_tracked_update` for a tracked exact SGD, sign or Adam
+    update, :func:`states_factored_update` for another tracked update (sampled, or NPG) and
+    :func:`states_npg_update` for an untracked NPG update, where no member's NPG is damped; else
+    :func:`general_update`."""
     if pop.structured is not None:
         return structured_update
     if pop.states is not None:
         if tracked and not pop.sampled and first.optimizer != "npg":
             return states_tracked_update
-        if not tracked and first.optimizer == "npg" and not bool((pop.optimizer.damping > 0).any()):
+        if first.optimizer == "npg" and bool((pop.optimizer.damping > 0).any()):
+            return general_update
+        if tracked:
+            return states_factored_update
+        if first.optimizer == "npg":
             return states_npg_update
     return general_update
+
+
+def states_factored_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None,
+                           tracked: bool, first: TrainConfig) -> tuple[list[int], dict[str, Any] | None,
+                                                                       Callable[[], None]]:
+    """A tracked update at several observations (the juice MLP) that :func:`states_tracked_update`
+    does not take (sampled, or NPG; no member damped): :func:`general_update`'s, with every
+    gradient Jᵀc_X formed from its cotangent at the logits (a reverse pass through the model or the
+    sampled surrogate alone) and the logits' factored Jacobian, the inverse Fisher in the space of
+    the logits (:class:`~ntrl.engine.batched_states.StatesFisherMetric`) and the noise model's
+    rows ∇log π in factored form (:func:`~ntrl.engine.batched_states.log_prob_rows`): no reverse
+    pass per logit, no Fisher rows, no QR. Where some member's κ(G_FF) exceeds
+    :data:`STATES_MAX_CONDITION`, the update is :func:`general_update`'s instead."""
+    names, n_z = pop.model.properties, pop.model.n_z
+    Z = q["Z"]
+    M = Z.shape[0]
+    derived = derived_gradients(pop, q, names) if not pop.sampled else {}
+    named = {"U": U, **{x: q[x] for x in names}, **{f"z{i}": q["z"][:, i] for i in range(n_z)}}
+    cots: dict[str, Tensor] = {}
+    for x, value in named.items():
+        if x in derived:
+            continue
+        c = torch.autograd.grad(value.sum(), Z, retain_graph=True, allow_unused=True)[0] \
+            if value.requires_grad else None
+        cots[x] = (torch.zeros_like(Z) if c is None else c).reshape(M, -1)
+    cots.update({x: of(cots) for x, of in derived.items()})
+    jac = states_jacobian(pop.states, pop.theta, pop.model.obs)
+    G = jac.gram()
+    probs = q["logp"].detach().exp()
+    nf = probs.shape[1] * probs.shape[2]
+    npg, noise = first.optimizer == "npg", pop.sampled and first.noise
+    fisher = None
+    if npg or first.fisher:
+        if not bool((gram_condition(G[:, :nf, :nf]) <= STATES_MAX_CONDITION).all()):
+            return general_update(pop, q, U, batch, tracked, first)  # q's graph is still whole
+        fisher = StatesFisherMetric(StatesInverseFisher.from_gram(G, probs, q["weights"].detach()), jac,
+                                    pop.stacked.n_params)
+    grads = dict(zip(cots, jac.materialize_many(torch.stack(list(cots.values()), 1), pop.stacked.n_params).unbind(1)))
+    g = grads["U"]
+    bad_g = nonfinite_members(g)
+    any_bad = bad_g is not None
+    plan = pop.optimizer.plan(torch.where(bad_g[:, None], torch.zeros_like(g), g) if any_bad else g,
+                              fisher if npg else None, tracked)
+    prop_grads = {x: grads[x] for x in names}
+    before = tracked_stats(q, prop_grads, [grads[f"z{i}"] for i in range(n_z)], g, plan, pop.optimizer.lr,
+                           fisher if first.fisher else None,
+                           utility_scale=pop.model.utility_scale if pop.sampled else None)
+    if first.price_scales:
+        before["probe"] = eta_probe(pop, q, plan, before["P"]["ntcov_opt"], first.price_scales)
+    if noise:
+        rows_gram, rows_times = log_prob_rows_factored(jac, G, probs)
+        before["noise"] = noise_from_rows(batch, rows_gram, rows_times, pop.stacked.n_params, prop_grads, plan,
+                                          pop.optimizer.lr)
+
+    def take_step() -> None:
+        stepped = pop.optimizer.apply(pop.theta.detach(), plan)
+        pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
+
+    return rows_where(bad_g) if any_bad else [], before, take_step
 
 
 def states_npg_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None, tracked: bool,
@@ -1362,20 +1429,27 @@ def noise_spread(batch: SampledBatch, rows: Tensor, prop_grads: dict[str, Tensor
         tr Σ = Σ_i ‖h_i − h̄‖² / (B(B − 1)) = Σ_i D_iᵀ G D_i / (B(B − 1)),   G = L Lᵀ,
 
     and the covariance of the first two properties' changes, minibatch and isotropic."""
-    M, B = batch.C_episode.shape[:2]
+    M = rows.shape[0]
     L = rows.reshape(M, -1, rows.shape[-1])
-    n_params = L.shape[-1]
+    return noise_from_rows(batch, torch.einsum("mrp,msp->mrs", L, L), lambda v: torch.einsum("mrp,mp->mr", L, v),
+                           L.shape[-1], prop_grads, plan, lr)
+
+
+def noise_from_rows(batch: SampledBatch, G: Tensor, rows_times: Callable[[Tensor], Tensor], n_params: int,
+                    prop_grads: dict[str, Tensor], plan, lr: Tensor) -> dict[str, Tensor]:
+    """:func:`noise_spread` from the rows' Gram matrix G = L Lᵀ (M, N·K, N·K) and v ↦ L v, whichever
+    way they were formed (:func:`ntrl.engine.batched_states.log_prob_rows`: without the rows)."""
+    M, B = batch.C_episode.shape[:2]
     if B < 2:
         return {}
-    C = batch.C_episode.reshape(M, B, -1).to(L.dtype)
+    C = batch.C_episode.reshape(M, B, -1).to(G.dtype)
     D = C - C.mean(1, keepdim=True)
-    G = torch.einsum("mrp,msp->mrs", L, L)
     trace = (torch.einsum("mbr,mrs,mbs->m", D, G, D) / (B * (B - 1))).clamp_min(0)  # ≥ 0 but for rounding
     out = {"noise/trace_sigma": trace}
     cs, vs = [], []
     for name, Gx in prop_grads.items():
         v = metric_apply(plan, Gx)
-        c = torch.einsum("mbr,mr->mb", D, torch.einsum("mrp,mp->mr", L, v))
+        c = torch.einsum("mbr,mr->mb", D, rows_times(v))
         cs.append(c)
         vs.append(v)
         out[f"{name}/noise_sd"] = lr * ((c**2).sum(1) / (B * (B - 1))).sqrt()
