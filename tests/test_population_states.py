@@ -17,7 +17,9 @@ from torch.func import functional_call, jacrev, vmap
 
 from ntrl.agents.policies import make_policy
 from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows
-from ntrl.engine.batched_states import StatesInverseFisher, quadratic_forms, states_jacobian
+from ntrl.engine.batched_states import (
+    StatesInverseFisher, layer_parameters, quadratic_forms, states_forward, states_jacobian,
+)
 from ntrl.engine.batched_structured import StackedSequential
 from test_population import assert_records_equal
 
@@ -42,11 +44,33 @@ def explicit_jacobian(sp: StackedPolicy, theta: torch.Tensor, obs: torch.Tensor)
     return vmap(jacrev(logits))(theta)
 
 
+def jacobian_at(net, theta, obs):
+    return states_jacobian(net, states_forward(net, layer_parameters(net, theta), obs)[1])
+
+
+@pytest.mark.parametrize("members", [1, 3, 30])
+def test_the_batched_forward_pass_gives_the_bytes_of_vmap(members):
+    """states_forward's logits, one batched product per layer, are vmap over functional_call's
+    bytes (what the population computed before), from θ's views or from autograd leaves."""
+    gen = torch.Generator().manual_seed(5)
+    obs = torch.randn(9, 3, generator=gen, dtype=F64)
+    policies = [make_policy("mlp", 3, 5, 1, 0.1, obs[:1], seed=s, width=64) for s in range(members)]
+    sp = StackedPolicy(policies[0])
+    theta = torch.stack([sp.flatten(p) for p in policies]) * 3
+    net = StackedSequential.plan(sp.module, sp.names, sp.sizes)
+    want = sp.logits(theta, obs)
+    assert torch.equal(states_forward(net, layer_parameters(net, theta), obs, trace=False)[0], want)
+    leaves = sp.leaves(theta)
+    with torch.enable_grad():
+        Z, _ = states_forward(net, [(leaves[0], leaves[1]), (leaves[2], leaves[3]), (leaves[4], leaves[5])], obs)
+    assert torch.equal(Z, want) and Z.requires_grad
+
+
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 def test_the_factored_jacobian_at_several_observations_agrees_with_jacrev(activation):
     obs, sp, theta = population(activation)
     net = StackedSequential.plan(sp.module, sp.names, sp.sizes)
-    jac = states_jacobian(net, theta, obs)
+    jac = jacobian_at(net, theta, obs)
     J = explicit_jacobian(sp, theta, obs)
     G = jac.gram()
     torch.testing.assert_close(G, J @ J.mT, rtol=1e-12, atol=1e-12 * float(G.abs().max()))
@@ -69,7 +93,7 @@ def test_the_fisher_in_the_space_of_the_logits_equals_the_qr_of_its_rows():
     obs, sp, theta = population(n_obs=5)
     NF, K = 3, 5
     net = StackedSequential.plan(sp.module, sp.names, sp.sizes)
-    jac = states_jacobian(net, theta, obs)
+    jac = jacobian_at(net, theta, obs)
     J = explicit_jacobian(sp, theta, obs)
     M = theta.shape[0]
     Z = torch.stack([functional_call(sp.module, sp.unflatten(t), (obs,)) for t in theta])
@@ -204,7 +228,7 @@ def test_the_fishers_step_and_the_gradient_from_the_factors_equal_the_explicit_o
     obs, sp, theta = population(n_obs=5)
     NF, K = 3, 5
     net = StackedSequential.plan(sp.module, sp.names, sp.sizes)
-    jac = states_jacobian(net, theta, obs)
+    jac = jacobian_at(net, theta, obs)
     J = explicit_jacobian(sp, theta, obs)
     M, P = theta.shape
     Z = torch.stack([functional_call(sp.module, sp.unflatten(t), (obs,)) for t in theta])
@@ -229,7 +253,7 @@ def test_many_products_at_once_equal_one_at_a_time():
     materialize and dot of each."""
     obs, sp, theta = population(n_obs=4)
     net = StackedSequential.plan(sp.module, sp.names, sp.sizes)
-    jac = states_jacobian(net, theta, obs)
+    jac = jacobian_at(net, theta, obs)
     M, P = theta.shape
     gen = torch.Generator().manual_seed(4)
     C = torch.randn(M, 3, 4 * 5, generator=gen, dtype=F64)

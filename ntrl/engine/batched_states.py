@@ -27,8 +27,10 @@ the SVD R Lᵀ = U S Wᵀ, A's right singular vectors are v_k = J_Fᵀ R⁻¹ u_
     v_k · Jᵀc = u_kᵀ R⁻ᵀ (G_{F,:} c),        NTVar_{F⁺}(Jᵀc) = Σ_{k kept} (v_k · Jᵀc)² / S_k²,
 
 singular values kept by the per-run rule (:func:`ntrl.engine.metrics.kept_singular`). G_FF's
-conditioning is J_F's squared; on the juice MLP J_F (25 × 4741 at width 64) has a condition number
-of about 4–30 at initialisation, and the last layer's bias keeps G_FF positive definite.
+conditioning is J_F's squared, and its rounding enters the NTVar as about eps·κ(G_FF): on the juice
+MLP (J_F 25 × 4741 at width 64) κ(J_F) was 4–30 at initialisation and at most about 55 over 3,000
+exact SGD, sign and Adam updates from p₀ = 5e-6; the trainer takes this path only while κ(G_FF) is
+at most 1e4 (:data:`ntrl.population.trainer.STATES_MAX_CONDITION`).
 ``tests/test_population_states.py`` checks it all against explicit gradients in float64.
 """
 
@@ -118,44 +120,68 @@ class StatesJacobian:
 
     def dot(self, v: Tensor) -> Tensor:
         """J v for vectors v (M, P): (M, N·K)."""
-        M, N, K = self.shape
-        out = None
-        for L, a, D in zip(self.layers, self.inputs, self.deltas):
-            y = torch.bmm(a, StackedSequential._weight(v, L).transpose(1, 2))  # (M, N, out)
-            if L.b0 is not None:
-                y = y + StackedSequential._bias(v, L)[:, None, :]
-            term = torch.einsum("mnik,mni->mnk", D, y)
-            out = term if out is None else out + term
-        return out.reshape(M, N * K)
+        return self.dot_many(v[:, None])[:, 0]
 
 
-def states_jacobian(net: StackedSequential, theta: Tensor, obs: Tensor) -> StatesJacobian:
-    """The factored Jacobian of every member's logits at the N observations ``obs`` (N, …): one
-    forward pass keeping each Linear layer's input and each activation's derivative, then one
-    backward pass of every observation's K unit cotangents at once."""
-    M = theta.shape[0]
-    x = net.encode(obs, theta.dtype).reshape(obs.shape[0], -1)
+@dataclass
+class StatesTrace:
+    """What :func:`states_forward` keeps for :func:`states_jacobian`: each Linear layer's input
+    a_l (M, N, in) and weight W_l (M, out, in), each activation's derivative σ'(y) (M, N, width),
+    all without autograd's graph."""
+
+    inputs: list[Tensor]
+    weights: list[Tensor]
+    derivs: list[Tensor]
+
+
+def layer_parameters(net: StackedSequential, theta: Tensor) -> list[tuple[Tensor, Tensor | None]]:
+    """(W_l, b_l) of every Linear layer: views into the stacked parameters θ (M, P)."""
+    return [(StackedSequential._weight(theta, step), StackedSequential._bias(theta, step))
+            for kind, step in net.steps if kind == "linear"]
+
+
+def states_forward(net: StackedSequential, params: list[tuple[Tensor, Tensor | None]], obs: Tensor,
+                   trace: bool = True) -> tuple[Tensor, StatesTrace | None]:
+    """Every member's logits (M, N, K) at the N observations ``obs`` from each Linear layer's
+    (W_l, b_l) (:func:`layer_parameters`, or autograd leaves: then the logits carry their graph),
+    as y = x W_lᵀ + b_l by one batched product per layer, which gives the bytes of ``vmap`` over
+    ``functional_call`` (checked for 1, 5 and 30 members); and (``trace``) what
+    :func:`states_jacobian` needs."""
+    M = params[0][0].shape[0]
+    x = net.encode(obs, params[0][0].dtype).reshape(obs.shape[0], -1)
     x = x[None].expand(M, -1, -1)  # (M, N, d)
-    N = x.shape[1]
-    inputs, derivs, weights = [], [], []
+    inputs, weights, derivs = [], [], []
+    layer = iter(params)
     for kind, step in net.steps:
         if kind == "linear":
-            inputs.append(x)
-            W, b = StackedSequential._weight(theta, step), StackedSequential._bias(theta, step)
-            weights.append(W)
+            W, b = next(layer)
+            if trace:
+                inputs.append(x.detach())
+                weights.append(W.detach())
             y = torch.bmm(x, W.transpose(1, 2))
             x = y if b is None else y + b[:, None, :]
         elif type(step) is nn.Tanh:
             x = torch.tanh(x)
-            derivs.append(torch.rsub(x * x, 1))
+            if trace:
+                xd = x.detach()
+                derivs.append(torch.rsub(xd * xd, 1))
         else:  # any other elementwise σ: σ'(y) from autograd
-            with torch.enable_grad():
-                y = x.detach().requires_grad_(True)
-                out = step(y)
-                derivs.append(torch.autograd.grad(out.sum(), y)[0])
-            x = out.detach()
-    K = x.shape[2]
-    delta = torch.eye(K, dtype=theta.dtype, device=theta.device).expand(M, N, K, K)  # (M, N, out, K)
+            if trace:
+                with torch.enable_grad():
+                    y = x.detach().requires_grad_(True)
+                    derivs.append(torch.autograd.grad(step(y).sum(), y)[0])
+            x = step(x)
+    return x, (StatesTrace(inputs, weights, derivs) if trace else None)
+
+
+def states_jacobian(net: StackedSequential, trace: StatesTrace) -> StatesJacobian:
+    """The factored Jacobian of every member's logits at the observations of a
+    :func:`states_forward` pass: one backward pass of every observation's K unit cotangents at
+    once."""
+    inputs, derivs = trace.inputs, trace.derivs
+    M, N = inputs[0].shape[:2]
+    K = trace.weights[-1].shape[1]
+    delta = torch.eye(K, dtype=inputs[0].dtype, device=inputs[0].device).expand(M, N, K, K)  # (M, N, out, K)
     deltas: list[Tensor] = []
     layers: list[_Layer] = []
     li, ai = len(inputs), len(derivs)
@@ -166,8 +192,7 @@ def states_jacobian(net: StackedSequential, theta: Tensor, obs: Tensor) -> State
             layers.append(step)
             if li == 0:  # the first Linear layer: what comes before it holds no parameter
                 break
-            W = weights[li]  # (M, out, in): Wᵀ Δ per observation
-            delta = torch.einsum("moi,mnok->mnik", W, delta)
+            delta = torch.einsum("moi,mnok->mnik", trace.weights[li], delta)  # W_lᵀ Δ per observation
         else:
             ai -= 1
             delta = delta * derivs[ai][:, :, :, None]
@@ -209,11 +234,8 @@ class StatesInverseFisher:
         probs = torch.where(ok[:, None, None], probs, torch.full_like(probs, 1.0 / K))
         weights = torch.where(ok[:, None], weights, torch.ones_like(weights))
         scale = (weights[:, :, None] * probs).clamp_min(0).sqrt()  # (M, N_F, K)
-        block = scale[..., None] * (torch.eye(K, dtype=G.dtype, device=G.device) - probs[:, :, None, :])
-        L = torch.zeros(M, NF, K, NF, K, dtype=G.dtype, device=G.device)
-        idx = torch.arange(NF, device=G.device)
-        L[:, idx, :, idx, :] = block.transpose(0, 1)  # block o on the diagonal: √(w π_a)(e_a − π)
-        U, S, _ = torch.linalg.svd(torch.bmm(R, L.reshape(M, nf, nf).mT))
+        L = centring_rows(probs, scale)  # block o: √(w π_a)(e_a − π)
+        U, S, _ = torch.linalg.svd(torch.bmm(R, L.mT))
         keep = kept_singular(S, rtol)
         inv = torch.where(keep, 1.0 / S**2, torch.zeros_like(S))
         inv = torch.where(ok[:, None], inv, torch.full_like(inv, float("nan")))
@@ -275,15 +297,25 @@ class StatesFisherMetric:
         return list((coef**2 * self.fisher.inv[:, :, None]).sum(1).unbind(-1))
 
 
+def centring_rows(probs: Tensor, scale: Tensor | None = None) -> Tensor:
+    """The block-diagonal matrix (M, N·K, N·K) whose block o maps the logits' gradients at o to
+    ∇log π(a|o) = ∇z(o, a) − Σ_b π(b|o) ∇z(o, b): row (o, a) is e_(o,a) − Σ_b π(b|o) e_(o,b), times
+    ``scale`` (M, N, K) where given, for π (M, N, K)."""
+    M, N, K = probs.shape
+    block = torch.eye(K, dtype=probs.dtype, device=probs.device) - probs[:, :, None, :]  # (M, N, K, K)
+    if scale is not None:
+        block = scale[..., None] * block
+    out = torch.zeros(M, N, K, N, K, dtype=probs.dtype, device=probs.device)
+    idx = torch.arange(N, device=probs.device)
+    out[:, idx, :, idx, :] = block.transpose(0, 1)
+    return out.reshape(M, N * K, N * K)
+
+
 def log_prob_rows(jac: StatesJacobian, G: Tensor, probs: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """The rows ∇log π(a|o) = ∇z(o, a) − Σ_b π(b|o) ∇z(o, b) of the first N_F observations, in
     factored form: L = B J_F with B block-diagonal (block o: I − 1π_oᵀ), as (L Lᵀ = B G_FF Bᵀ,
     (M, N_F·K, N_F·K); v ↦ L v for v (M, P)), from the Jacobian, G = J Jᵀ and π (M, N_F, K)."""
-    M, NF, K = probs.shape
-    nf = NF * K
-    B = torch.zeros(M, NF, K, NF, K, dtype=probs.dtype, device=probs.device)
-    idx = torch.arange(NF, device=probs.device)
-    B[:, idx, :, idx, :] = (torch.eye(K, dtype=probs.dtype, device=probs.device) - probs[:, :, None, :]).transpose(0, 1)
-    B = B.reshape(M, nf, nf)
+    nf = probs.shape[1] * probs.shape[2]
+    B = centring_rows(probs)
     gram = torch.bmm(B, torch.bmm(G[:, :nf, :nf], B.mT))
     return gram, lambda v: torch.bmm(B, jac.dot(v)[:, :nf, None])[..., 0]

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import itertools
 import json
 import logging
 import math
@@ -60,7 +61,7 @@ from ntrl.engine.batched import (
     BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients, member_gradients_through,
 )
 from ntrl.engine.batched_states import (
-    StatesFisherMetric, StatesInverseFisher, quadratic_forms, states_jacobian,
+    StatesFisherMetric, StatesInverseFisher, layer_parameters, quadratic_forms, states_forward, states_jacobian,
 )
 from ntrl.engine.batched_states import log_prob_rows as log_prob_rows_factored
 from ntrl.engine.batched_structured import (
@@ -373,13 +374,18 @@ class _Population:
         self.selection = None
         if self.structured is None and self.model.obs.shape[0] == 1:
             self.selection = LogitSelection.plan(self.stacked.module, self.stacked.names)
-        # training at several observations (the juice gridworld) of a Sequential network: its exact
-        # tracked SGD, sign and Adam updates read the tracked quantities off the logits' factored
-        # Jacobian (ntrl.engine.batched_states), not off per-member gradients, and its untracked
-        # undamped NPG steps take the inverse Fisher there (update_kind)
+        # training at several observations (the juice gridworld) of a Sequential network: its
+        # tracked updates and its NPG steps read the gradients, the inverse Fisher and the tracked
+        # quantities off the logits' factored Jacobian (ntrl.engine.batched_states), without a
+        # reverse pass per logit or per property (update_kind)
         self.states = None
         if self.model.obs.shape[0] > 1:
             self.states = StackedSequential.plan(self.stacked.module, self.stacked.names, self.stacked.sizes)
+        self.states_slots: list[tuple[int, int | None]] = []  # each Linear layer's (weight, bias) leaf
+        if self.states is not None:
+            offset = dict(zip(itertools.accumulate([0] + self.stacked.sizes[:-1]), range(len(self.stacked.sizes))))
+            self.states_slots = [(offset[step.w0], None if step.b0 is None else offset[step.b0])
+                                 for kind, step in self.states.steps if kind == "linear"]
         f64 = dict(dtype=torch.float64, device=device)
         per_member = lambda name: torch.tensor([getattr(c, name) for c in configs], **f64)  # noqa: E731
         self.optimizer = BatchedOptimizer(first.optimizer, per_member("lr"),
@@ -426,10 +432,15 @@ class _Population:
             q["Z"], q["fwd"] = z[:, None, :], fwd
             return q
         leaves = self.stacked.leaves(self.theta)
+        trace = None
         with torch.enable_grad():
-            Z = self.stacked.logits(leaves, self.model.obs)
+            if self.states is not None:  # by one batched product per layer, keeping what the Jacobian needs
+                Z, trace = states_forward(self.states, [(leaves[w], None if b is None else leaves[b])
+                                                        for w, b in self.states_slots], self.model.obs)
+            else:
+                Z = self.stacked.logits(leaves, self.model.obs)
             q = self.model.quantities(Z)
-        q["Z"], q["leaves"] = Z, leaves
+        q["Z"], q["leaves"], q["trace"] = Z, leaves, trace
         return q
 
     def with_graph(self, q: dict[str, Any]) -> dict[str, Any]:
@@ -451,6 +462,8 @@ class _Population:
             return self.structured.forward(theta, self.model.obs, trace=False)[0][:, None, :]
         if self.selection is not None:
             return self.selection.logits(theta)[:, None, :]
+        if self.states is not None:
+            return states_forward(self.states, layer_parameters(self.states, theta), self.model.obs, trace=False)[0]
         return self.stacked.logits(theta, self.model.obs)
 
     def utility(self, q: dict[str, Any], batch_size: int, baseline: str) -> tuple[Tensor, SampledBatch | None]:
@@ -917,11 +930,26 @@ def general_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sample
         if noise:
             before["noise"] = noise_spread(batch, rows, prop_grads, plan, pop.optimizer.lr)
 
-    def take_step() -> None:
-        stepped = pop.optimizer.apply(pop.theta.detach(), plan)
-        pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
+    return rows_where(bad_g) if any_bad else [], before, step_taker(pop, plan, bad_g)
 
-    return rows_where(bad_g) if any_bad else [], before, take_step
+
+def cotangents_at_logits(pop: _Population, q: dict[str, Any], U: Tensor) -> dict[str, Tensor]:
+    """c_X = ∂X/∂Z, flat (M, N·K), of U, each of the model's properties and each log-odds z_i (as
+    "z0", "z1", …), in that order: a reverse pass through ``q``'s graph from X to the logits alone,
+    each keeping the graph, or where exact training derives X's from others', that
+    (:func:`derived_gradients`, which is linear in what it is given)."""
+    names, Z = pop.model.properties, q["Z"]
+    derived = derived_gradients(pop, q, names) if not pop.sampled else {}
+    named = {"U": U, **{x: q[x] for x in names}, **{f"z{i}": q["z"][:, i] for i in range(pop.model.n_z)}}
+    cots: dict[str, Tensor] = {}
+    for x, value in named.items():
+        if x in derived:
+            continue
+        c = torch.autograd.grad(value.sum(), Z, retain_graph=True, allow_unused=True)[0] \
+            if value.requires_grad else None
+        cots[x] = (torch.zeros_like(Z) if c is None else c).reshape(Z.shape[0], -1)
+    cots.update({x: of(cots) for x, of in derived.items()})
+    return {x: cots[x] for x in named}
 
 
 def update_kind(pop: _Population, tracked: bool, first: TrainConfig) -> Callable:
@@ -956,19 +984,8 @@ def states_factored_update(pop: _Population, q: dict[str, Any], U: Tensor, batch
     pass per logit, no Fisher rows, no QR. Where some member's κ(G_FF) exceeds
     :data:`STATES_MAX_CONDITION`, the update is :func:`general_update`'s instead."""
     names, n_z = pop.model.properties, pop.model.n_z
-    Z = q["Z"]
-    M = Z.shape[0]
-    derived = derived_gradients(pop, q, names) if not pop.sampled else {}
-    named = {"U": U, **{x: q[x] for x in names}, **{f"z{i}": q["z"][:, i] for i in range(n_z)}}
-    cots: dict[str, Tensor] = {}
-    for x, value in named.items():
-        if x in derived:
-            continue
-        c = torch.autograd.grad(value.sum(), Z, retain_graph=True, allow_unused=True)[0] \
-            if value.requires_grad else None
-        cots[x] = (torch.zeros_like(Z) if c is None else c).reshape(M, -1)
-    cots.update({x: of(cots) for x, of in derived.items()})
-    jac = states_jacobian(pop.states, pop.theta, pop.model.obs)
+    cots = cotangents_at_logits(pop, q, U)
+    jac = states_jacobian(pop.states, q["trace"])
     G = jac.gram()
     probs = q["logp"].detach().exp()
     nf = probs.shape[1] * probs.shape[2]
@@ -996,11 +1013,7 @@ def states_factored_update(pop: _Population, q: dict[str, Any], U: Tensor, batch
         before["noise"] = noise_from_rows(batch, rows_gram, rows_times, pop.stacked.n_params, prop_grads, plan,
                                           pop.optimizer.lr)
 
-    def take_step() -> None:
-        stepped = pop.optimizer.apply(pop.theta.detach(), plan)
-        pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
-
-    return rows_where(bad_g) if any_bad else [], before, take_step
+    return rows_where(bad_g) if any_bad else [], before, step_taker(pop, plan, bad_g)
 
 
 def states_npg_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None, tracked: bool,
@@ -1015,28 +1028,22 @@ def states_npg_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: Sam
     M = Z.shape[0]
     c = torch.autograd.grad(U.sum(), Z, retain_graph=True, allow_unused=True)[0] if U.requires_grad else None
     cU = (torch.zeros_like(Z) if c is None else c).reshape(M, -1)
-    n_f, K = q["logp"].shape[1], q["logp"].shape[2]
-    jac = states_jacobian(pop.states, pop.theta, pop.model.obs[:n_f])  # the Fisher's observations
+    nf = q["logp"].shape[1] * q["logp"].shape[2]  # the Fisher's logits, those of the model's observations
+    jac = states_jacobian(pop.states, q["trace"])
     G = jac.gram()
-    if not bool((gram_condition(G) <= STATES_MAX_CONDITION).all()):
+    if not bool((gram_condition(G[:, :nf, :nf]) <= STATES_MAX_CONDITION).all()):
         return general_update(pop, q, U, batch, tracked, first)  # q's graph is still whole
     fisher = StatesInverseFisher.from_gram(G, q["logp"].detach().exp(), q["weights"].detach())
-    c_f = cU[:, :n_f * K]
-    if bool(cU[:, n_f * K:].any()):  # U reads the probes' logits: not a step of this form
-        return general_update(pop, q, U, batch, tracked, first)
-    g = jac.materialize(c_f, pop.stacked.n_params)
+    g = jac.materialize(cU, pop.stacked.n_params)
     bad_g = nonfinite_members(g)
     any_bad = bad_g is not None
-    beta = fisher.apply(torch.where(bad_g[:, None], torch.zeros_like(c_f), c_f) if any_bad else c_f)
+    beta = torch.zeros_like(cU)
+    beta[:, :nf] = fisher.apply(torch.where(bad_g[:, None], torch.zeros_like(cU), cU) if any_bad else cU)
     if any_bad:  # a bad member takes no step (it is stopped)
         beta = torch.where(bad_g[:, None], torch.zeros_like(beta), beta)
     direction = jac.materialize(beta, pop.stacked.n_params)
 
-    def take_step() -> None:
-        stepped = pop.optimizer.apply(pop.theta.detach(), BatchedPlan(direction))
-        pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
-
-    return rows_where(bad_g) if any_bad else [], None, take_step
+    return rows_where(bad_g) if any_bad else [], None, step_taker(pop, BatchedPlan(direction), bad_g)
 
 
 STATES_MAX_CONDITION = 1e4  # the largest κ(G_FF) = κ(J_F)² a tracked Fisher takes from the Gram matrix: its
@@ -1068,17 +1075,8 @@ def states_tracked_update(pop: _Population, q: dict[str, Any], U: Tensor, batch:
     names, n_z = pop.model.properties, pop.model.n_z
     Z = q["Z"]
     M = Z.shape[0]
-    derived = derived_gradients(pop, q, names)
-    named = {"U": U, **{x: q[x] for x in names}, **{f"z{i}": q["z"][:, i] for i in range(n_z)}}
-    cots: dict[str, Tensor] = {}
-    for x, value in named.items():  # U first: its cotangent is the network's, below
-        if x in derived:
-            continue
-        c = torch.autograd.grad(value.sum(), Z, retain_graph=True, allow_unused=True)[0] \
-            if value.requires_grad else None
-        cots[x] = (torch.zeros_like(Z) if c is None else c).reshape(M, -1)
-    cots.update({x: of(cots) for x, of in derived.items()})
-    jac = states_jacobian(pop.states, pop.theta, pop.model.obs)
+    cots = cotangents_at_logits(pop, q, U)
+    jac = states_jacobian(pop.states, q["trace"])
     G = jac.gram()
     fisher = None
     if first.fisher:  # F⁺ over the model's observations, weighted by the visitation
@@ -1111,11 +1109,17 @@ def states_tracked_update(pop: _Population, q: dict[str, Any], U: Tensor, batch:
     if first.price_scales:
         before["probe"] = eta_probe(pop, q, plan, before["P"]["ntcov_opt"], first.price_scales)
 
+    return rows_where(bad_g) if any_bad else [], before, step_taker(pop, plan, bad_g)
+
+
+def step_taker(pop: _Population, plan, bad_g: Tensor | None) -> Callable[[], None]:
+    """The step of ``plan`` for every member, as a function to call once the update's record is
+    formed: θ ← θ + η·d, where the members of ``bad_g`` (a non-finite gradient) keep their θ."""
     def take_step() -> None:
         stepped = pop.optimizer.apply(pop.theta.detach(), plan)
-        pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if any_bad else stepped
+        pop.theta = torch.where(bad_g[:, None], pop.theta, stepped) if bad_g is not None else stepped
 
-    return rows_where(bad_g) if any_bad else [], before, take_step
+    return take_step
 
 
 def nonfinite_members(g: Tensor) -> Tensor | None:
