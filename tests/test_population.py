@@ -767,8 +767,8 @@ def test_a_few_juice_members_take_the_split_gradients_and_equal_their_runs(tmp_p
     """Populations of at most SPLIT_MEMBERS members take their gradients through the logits
     (spied on here), larger ones a pass per output (SPLIT_MEMBERS set to 0 here, so that the same
     two members take that path): NPG on the juice MLP, tracked with the Fisher, held to the general
-    path (which the juice MLP otherwise takes only where the factored Jacobian's Gram matrix is too
-    ill-conditioned, tests/test_population_states.py), every record equal to its run's either way."""
+    path (which the juice MLP itself no longer takes: tests/test_population_states.py; the tabular
+    policy does), every record equal to its run's either way."""
     import ntrl.population.trainer as trainer
 
     monkeypatch.setattr(trainer, "update_kind", lambda pop, tracked, first: trainer.general_update)

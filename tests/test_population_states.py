@@ -18,7 +18,7 @@ from torch.func import functional_call, jacrev, vmap
 from ntrl.agents.policies import make_policy
 from ntrl.engine.batched import BatchedInverseFisher, StackedPolicy, log_prob_rows
 from ntrl.engine.batched_states import (
-    StatesInverseFisher, layer_parameters, quadratic_forms, states_forward, states_jacobian,
+    StatesFisherMetric, StatesInverseFisher, layer_parameters, quadratic_forms, states_forward, states_jacobian,
 )
 from ntrl.engine.batched_structured import StackedSequential
 from test_population import assert_records_equal
@@ -124,107 +124,120 @@ def juice_cell(out, optimizer: str, policy: str = "mlp", mode: str = "exact", st
 
 
 def counted_updates(monkeypatch) -> dict[str, int]:
-    """How many tracked updates each update function of the trainer took (the fallback counted
-    once under its own name, not as general_update's own)."""
+    """How many updates each update function of the trainer took (tracked and untracked ones of
+    the general path apart), and how many inverse Fishers states_fisher formed each way: "gram"
+    in the logits' space, "qr" from rows."""
     from ntrl.population import trainer
 
-    counts = {"states": 0, "factored": 0, "npg": 0, "general": 0, "general untracked": 0}
-    states, npg, general = trainer.states_tracked_update, trainer.states_npg_update, trainer.general_update
-    factored = trainer.states_factored_update
+    counts = {"states": 0, "factored": 0, "npg": 0, "general": 0, "general untracked": 0, "gram": 0, "qr": 0}
 
-    def count_factored(*a, **k):
-        counts["factored"] += 1
-        return factored(*a, **k)
-
-    def count_states(*a, **k):
-        counts["states"] += 1
-        return states(*a, **k)
-
-    def count_npg(*a, **k):
-        counts["npg"] += 1
-        return npg(*a, **k)
+    def counted(name, real):
+        def call(*a, **k):
+            out = real(*a, **k)
+            counts[name] += 1
+            return out
+        return call
 
     def count_general(pop, q, U, batch, tracked, first):
         counts["general" if tracked else "general untracked"] += 1
         return general(pop, q, U, batch, tracked, first)
 
-    monkeypatch.setattr(trainer, "states_tracked_update", count_states)
-    monkeypatch.setattr(trainer, "states_npg_update", count_npg)
-    monkeypatch.setattr(trainer, "states_factored_update", count_factored)
+    def count_fisher(*a, **k):
+        out = fisher(*a, **k)
+        counts["gram" if isinstance(out, trainer.StatesFisherMetric) else "qr"] += 1
+        return out
+
+    general, fisher = trainer.general_update, trainer.states_fisher
+    for name, attr in (("states", "states_tracked_update"), ("npg", "states_npg_update"),
+                       ("factored", "states_factored_update")):
+        monkeypatch.setattr(trainer, attr, counted(name, getattr(trainer, attr)))
     monkeypatch.setattr(trainer, "general_update", count_general)
+    monkeypatch.setattr(trainer, "states_fisher", count_fisher)
     return counts
 
 
-TRACKED = {"states": 4, "factored": 0, "npg": 0, "general": 0, "general untracked": 3}  # 4 of 7 updates tracked
-NPG = {"states": 0, "factored": 4, "npg": 3, "general": 0, "general untracked": 0}
-SAMPLED = {"states": 0, "factored": 4, "npg": 0, "general": 0, "general untracked": 3}
-GENERAL = {"states": 0, "factored": 0, "npg": 0, "general": 4, "general untracked": 3}
+NONE = {"states": 0, "factored": 0, "npg": 0, "general": 0, "general untracked": 0, "gram": 0, "qr": 0}
+TRACKED = {**NONE, "states": 4, "general untracked": 3}  # 4 of 7 updates tracked
+TRACKED_FISHER = {**TRACKED, "gram": 4}
+NPG = {**NONE, "factored": 4, "npg": 3, "gram": 7}
+SAMPLED = {**NONE, "factored": 4, "general untracked": 3}
+GENERAL = {**NONE, "general": 4, "general untracked": 3}
 
 
-@pytest.mark.parametrize("optimizer, policy, mode, damping, want", [
-    ("sgd", "mlp", "exact", 0.0, TRACKED), ("sign", "mlp", "exact", 0.0, TRACKED),
-    ("adam", "mlp", "exact", 0.0, TRACKED), ("npg", "mlp", "exact", 0.0, NPG), ("npg", "mlp", "sampled", 0.0, NPG),
-    ("sgd", "mlp", "sampled", 0.0, SAMPLED), ("adam", "mlp", "sampled", 0.0, SAMPLED),
-    ("npg", "mlp", "sampled", 0.1, GENERAL), ("sgd", "tabular", "exact", 0.0, GENERAL),
-    ("npg", "tabular", "sampled", 0.0, GENERAL)])
-def test_which_juice_populations_take_the_factored_jacobian(tmp_path, monkeypatch, optimizer, policy, mode, damping,
+@pytest.mark.parametrize("optimizer, policy, mode, fisher, want", [
+    ("sgd", "mlp", "exact", False, TRACKED), ("sgd", "mlp", "exact", True, TRACKED_FISHER),
+    ("sign", "mlp", "exact", True, TRACKED_FISHER), ("adam", "mlp", "exact", True, TRACKED_FISHER),
+    ("npg", "mlp", "exact", False, NPG), ("npg", "mlp", "sampled", False, NPG),
+    ("sgd", "mlp", "sampled", False, SAMPLED), ("adam", "mlp", "sampled", True, {**SAMPLED, "gram": 4}),
+    ("sgd", "tabular", "exact", True, GENERAL), ("npg", "tabular", "sampled", True, GENERAL)])
+def test_which_juice_populations_take_the_factored_jacobian(tmp_path, monkeypatch, optimizer, policy, mode, fisher,
                                                             want):
     """On the juice MLP: exact SGD, sign and Adam take every tracked update by
-    states_tracked_update (4 of 7 here, tracked every 2nd); undamped NPG, exact or sampled, its
-    untracked updates by states_npg_update and its tracked ones by states_factored_update, as
-    sampled SGD, sign and Adam take their tracked ones; damped NPG and the tabular policy every
-    update by the general path, as sampled SGD its untracked ones."""
+    states_tracked_update (4 of 7 here, tracked every 2nd), and its Fisher (where tracked) in the
+    logits' space; NPG, exact or sampled, its untracked updates by states_npg_update and its
+    tracked ones by states_factored_update (the Fisher in the logits' space at each, NPG's and the
+    record's one and the same), as sampled SGD, sign and Adam take their tracked ones; the tabular
+    policy every update by the general path, as sampled SGD its untracked ones."""
     from ntrl.population import train_population
 
     counts = counted_updates(monkeypatch)
-    cfgs = [dataclasses.replace(c, npg_damping=damping) for c in juice_cell(tmp_path, optimizer, policy, mode)]
+    cfgs = [dataclasses.replace(c, fisher=fisher) for c in juice_cell(tmp_path, optimizer, policy, mode)]
     assert not train_population(cfgs, progress=False).failures
     assert counts == want, counts
 
 
-def test_an_ill_conditioned_jacobian_falls_back_to_the_general_path_and_equals_the_runs(tmp_path, monkeypatch):
-    """Where some member's κ(G_FF) exceeds STATES_MAX_CONDITION (0 here: every update), the
-    tracked update is the general path's, from the same graph, and every record still equals the
-    member's single run to 1e-12."""
+@pytest.mark.parametrize("optimizer", ["adam", "npg"])
+def test_an_ill_conditioned_or_damped_fisher_takes_the_qr_of_rows_from_the_factors(tmp_path, monkeypatch, optimizer):
+    """Where some member's κ(G_FF) exceeds STATES_MAX_CONDITION (0 here: every update), or (NPG)
+    some member is damped (λ = 0.1, 0), states_fisher forms the Fisher's rows from the factored
+    Jacobian and takes their QR, and every record still equals the member's single run to 1e-12
+    (exact juice)."""
     from ntrl.population import train_population, trainer
     from ntrl.records import read_records
     from ntrl.train import train
-    per = [train(c, progress=False) for c in juice_cell(tmp_path / "per", "adam")]
+
+    per = [train(c, progress=False) for c in juice_cell(tmp_path / "per", optimizer)]
     monkeypatch.setattr(trainer, "STATES_MAX_CONDITION", 0.0)
     counts = counted_updates(monkeypatch)
-    pop = train_population(juice_cell(tmp_path / "pop", "adam"), progress=False)
-    assert counts == {**TRACKED, "general": 4}, counts  # each tracked update tried, then fell back
+    pop = train_population(juice_cell(tmp_path / "pop", optimizer), progress=False)
+    assert counts == ({**TRACKED, "qr": 4} if optimizer == "adam" else {**NPG, "gram": 0, "qr": 7}), counts
     for r1, r2 in zip(per, pop.results):
         assert_records_equal(read_records(r1.run_dir), read_records(r2.run_dir))
+    if optimizer == "npg":
+        monkeypatch.undo()
+        def damped(out):
+            return [dataclasses.replace(c, npg_damping=lam) for c, lam in zip(juice_cell(out, "npg"), (0.1, 0.0))]
+
+        per = [train(c, progress=False) for c in damped(tmp_path / "per_damped")]
+        counts = counted_updates(monkeypatch)
+        pop = train_population(damped(tmp_path / "pop_damped"), progress=False)
+        assert counts == {**NPG, "gram": 4, "qr": 7}, counts  # the record's F⁺, undamped, in logit space
+        for r1, r2 in zip(per, pop.results):
+            assert_records_equal(read_records(r1.run_dir), read_records(r2.run_dir))
 
 
 @pytest.mark.parametrize("mode", ["exact", "sampled"])
-def test_undamped_npg_steps_in_logit_space_equal_the_runs_and_fall_back_when_ill_conditioned(tmp_path, monkeypatch,
-                                                                                             mode):
-    """Undamped NPG on the juice MLP, its steps F⁺g = J_Fᵀβ in logit space (untracked:
-    states_npg_update; tracked: states_factored_update): every record equal to the member's single
-    run (exact to 1e-12; sampled to 1e-6, the sampled NPG MLP's tolerance in test_population.py);
-    and with STATES_MAX_CONDITION at 0 each update falls back to the general path, with the same
-    records."""
-    from ntrl.population import train_population, trainer
+def test_npg_steps_from_the_factored_jacobian_equal_the_runs(tmp_path, monkeypatch, mode):
+    """NPG on the juice MLP, its steps F⁺g in the logits' space (untracked: states_npg_update;
+    tracked: states_factored_update): every record equal to the member's single run (exact to
+    1e-12; sampled to 1e-6, the sampled NPG MLP's tolerance in test_population.py)."""
+    from ntrl.population import train_population
     from ntrl.records import read_records
     from ntrl.train import train
 
     rtol = 1e-12 if mode == "exact" else 1e-6
     per = [train(c, progress=False) for c in juice_cell(tmp_path / "per", "npg", mode=mode)]
-    for limit in (trainer.STATES_MAX_CONDITION, 0.0):
-        monkeypatch.setattr(trainer, "STATES_MAX_CONDITION", limit)
-        counts = counted_updates(monkeypatch)
-        pop = train_population(juice_cell(tmp_path / f"pop{limit}", "npg", mode=mode), progress=False)
-        assert counts == ({**NPG, "general": 4, "general untracked": 3} if limit == 0 else NPG), counts
-        for r1, r2 in zip(per, pop.results):
-            assert_records_equal(read_records(r1.run_dir), read_records(r2.run_dir), rtol=rtol, floor=1e-20)
+    counts = counted_updates(monkeypatch)
+    pop = train_population(juice_cell(tmp_path / "pop", "npg", mode=mode), progress=False)
+    assert counts == NPG, counts
+    for r1, r2 in zip(per, pop.results):
+        assert_records_equal(read_records(r1.run_dir), read_records(r2.run_dir), rtol=rtol, floor=1e-20)
 
 
 def test_the_fishers_step_and_the_gradient_from_the_factors_equal_the_explicit_ones():
-    """F⁺ Jᵀc = J_Fᵀβ (StatesInverseFisher.apply, then StatesJacobian.materialize) against
-    BatchedInverseFisher.apply of the explicit rows, and Jᵀc itself, for cotangents on the
-    Fisher's observations (a sampled surrogate's)."""
+    """F⁺v (StatesFisherMetric.apply: in the logits' space, then StatesJacobian.materialize)
+    against BatchedInverseFisher.apply of the explicit rows, for v = Jᵀc with c on the Fisher's
+    observations (a sampled surrogate's gradient) and for a v off the span; and Jᵀc itself."""
     obs, sp, theta = population(n_obs=5)
     NF, K = 3, 5
     net = StackedSequential.plan(sp.module, sp.names, sp.sizes)
@@ -241,11 +254,11 @@ def test_the_fishers_step_and_the_gradient_from_the_factors_equal_the_explicit_o
     g = (c[:, None, :] @ J)[:, 0]
     torch.testing.assert_close(jac.materialize(c, P), g, rtol=1e-12, atol=1e-12 * float(g.abs().max()))
     rows = log_prob_rows(J[:, :NF * K].reshape(M, NF, K, -1), probs)
-    want = BatchedInverseFisher.from_log_prob_rows(rows, weights, probs, torch.zeros(M, dtype=F64)).apply(g)
-    fisher = StatesInverseFisher.from_gram(jac.gram(), probs, weights)
-    beta = fisher.apply(c)
-    got = jac.materialize(torch.cat([beta, torch.zeros(M, J.shape[1] - NF * K, dtype=F64)], 1), P)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+    reference = BatchedInverseFisher.from_log_prob_rows(rows, weights, probs, torch.zeros(M, dtype=F64))
+    fisher = StatesFisherMetric(StatesInverseFisher.from_gram(jac.gram(), probs, weights), jac, P)
+    for v in (g, torch.randn(M, P, generator=gen, dtype=F64)):
+        want = reference.apply(v)
+        torch.testing.assert_close(fisher.apply(v), want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
 
 
 def test_many_products_at_once_equal_one_at_a_time():

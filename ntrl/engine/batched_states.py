@@ -241,13 +241,9 @@ class StatesInverseFisher:
         inv = torch.where(ok[:, None], inv, torch.full_like(inv, float("nan")))
         return cls(GF, R, U, inv)
 
-    def apply(self, c: Tensor) -> Tensor:
-        """β (M, N_F·K) with F⁺ Jᵀc = J_Fᵀβ, for c (M, N·K): Σ_k v_k (v_k·Jᵀc)/S_k² with v_k = J_Fᵀ R⁻¹ u_k,
-        so β = R⁻¹ U (inv ⊙ Uᵀ R⁻ᵀ G_{F,:} c)."""
-        return self._back(self._coefficients(c[:, :, None])[..., 0])
-
     def _back(self, coef: Tensor) -> Tensor:
-        """R⁻¹ U (inv ⊙ coef) for coefficients (M, N_F·K)."""
+        """β = R⁻¹ U (inv ⊙ coef) for coefficients coef_k = v_k·v (M, N_F·K), so that
+        F⁺v = Σ_k v_k inv_k coef_k = J_Fᵀβ (v_k = J_Fᵀ R⁻¹ u_k)."""
         return torch.linalg.solve_triangular(self.R, torch.bmm(self.U, (coef * self.inv)[:, :, None]), upper=True)[..., 0]
 
     def _coefficients(self, C: Tensor) -> Tensor:

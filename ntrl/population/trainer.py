@@ -61,7 +61,8 @@ from ntrl.engine.batched import (
     BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients, member_gradients_through,
 )
 from ntrl.engine.batched_states import (
-    StatesFisherMetric, StatesInverseFisher, layer_parameters, quadratic_forms, states_forward, states_jacobian,
+    StatesFisherMetric, StatesInverseFisher, StatesJacobian, layer_parameters, quadratic_forms, states_forward,
+    states_jacobian,
 )
 from ntrl.engine.batched_states import log_prob_rows as log_prob_rows_factored
 from ntrl.engine.batched_structured import (
@@ -69,7 +70,7 @@ from ntrl.engine.batched_structured import (
 )
 from ntrl.engine.metrics import scaled_inner, scaled_norm
 from ntrl.population.models import SampledBatch, population_model
-from ntrl.population.optimizers import BatchedOptimizer, BatchedPlan
+from ntrl.population.optimizers import BatchedOptimizer
 from ntrl.records import (
     CONFIG_FILE, RECORDS_FILE, SUMMARY_FILE, finite_rows, json_file_bytes, nonfinite_field, read_records, record_line,
     record_lines, write_json_atomic, write_json_many_atomic,
@@ -954,17 +955,14 @@ def cotangents_at_logits(pop: _Population, q: dict[str, Any], U: Tensor) -> dict
 
 def update_kind(pop: _Population, tracked: bool, first: TrainConfig) -> Callable:
     """The function that takes this update: :func:`structured_update` at one shared state; at
-    several observations, :func:`states_tracked_update` for a tracked exact SGD, sign or Adam
-    update, :func:`states_factored_update` for another tracked update (sampled, or NPG) and
-    :func:`states_npg_update` for an untracked NPG update, where no member's NPG is damped; else
-    :func:`general_update`."""
+    several observations (an MLP), :func:`states_tracked_update` for a tracked exact SGD, sign or
+    Adam update, :func:`states_factored_update` for another tracked update (sampled, or NPG) and
+    :func:`states_npg_update` for an untracked NPG update; else :func:`general_update`."""
     if pop.structured is not None:
         return structured_update
     if pop.states is not None:
         if tracked and not pop.sampled and first.optimizer != "npg":
             return states_tracked_update
-        if first.optimizer == "npg" and bool((pop.optimizer.damping > 0).any()):
-            return general_update
         if tracked:
             return states_factored_update
         if first.optimizer == "npg":
@@ -976,26 +974,23 @@ def states_factored_update(pop: _Population, q: dict[str, Any], U: Tensor, batch
                            tracked: bool, first: TrainConfig) -> tuple[list[int], dict[str, Any] | None,
                                                                        Callable[[], None]]:
     """A tracked update at several observations (the juice MLP) that :func:`states_tracked_update`
-    does not take (sampled, or NPG; no member damped): :func:`general_update`'s, with every
+    does not take (sampled, or NPG): :func:`general_update`'s, with every
     gradient Jᵀc_X formed from its cotangent at the logits (a reverse pass through the model or the
     sampled surrogate alone) and the logits' factored Jacobian, the inverse Fisher in the space of
-    the logits (:class:`~ntrl.engine.batched_states.StatesFisherMetric`) and the noise model's
-    rows ∇log π in factored form (:func:`~ntrl.engine.batched_states.log_prob_rows`): no reverse
-    pass per logit, no Fisher rows, no QR. Where some member's κ(G_FF) exceeds
-    :data:`STATES_MAX_CONDITION`, the update is :func:`general_update`'s instead."""
+    the logits, or the QR of rows formed from the factors (:func:`states_fisher`), and the noise
+    model's rows ∇log π in factored form (:func:`~ntrl.engine.batched_states.log_prob_rows`): no
+    reverse pass per logit."""
     names, n_z = pop.model.properties, pop.model.n_z
     cots = cotangents_at_logits(pop, q, U)
     jac = states_jacobian(pop.states, q["trace"])
     G = jac.gram()
-    probs = q["logp"].detach().exp()
-    nf = probs.shape[1] * probs.shape[2]
     npg, noise = first.optimizer == "npg", pop.sampled and first.noise
-    fisher = None
-    if npg or first.fisher:
-        if not bool((gram_condition(G[:, :nf, :nf]) <= STATES_MAX_CONDITION).all()):
-            return general_update(pop, q, U, batch, tracked, first)  # q's graph is still whole
-        fisher = StatesFisherMetric(StatesInverseFisher.from_gram(G, probs, q["weights"].detach()), jac,
-                                    pop.stacked.n_params)
+    fisher = fisher0 = None
+    if npg:
+        fisher = states_fisher(pop, q, jac, G, pop.optimizer.damping)
+    if first.fisher:  # undamped, for the record
+        fisher0 = fisher if fisher is not None and not bool((pop.optimizer.damping > 0).any()) else \
+            states_fisher(pop, q, jac, G, torch.zeros_like(pop.optimizer.lr))
     grads = dict(zip(cots, jac.materialize_many(torch.stack(list(cots.values()), 1), pop.stacked.n_params).unbind(1)))
     g = grads["U"]
     bad_g = nonfinite_members(g)
@@ -1003,13 +998,12 @@ def states_factored_update(pop: _Population, q: dict[str, Any], U: Tensor, batch
     plan = pop.optimizer.plan(torch.where(bad_g[:, None], torch.zeros_like(g), g) if any_bad else g,
                               fisher if npg else None, tracked)
     prop_grads = {x: grads[x] for x in names}
-    before = tracked_stats(q, prop_grads, [grads[f"z{i}"] for i in range(n_z)], g, plan, pop.optimizer.lr,
-                           fisher if first.fisher else None,
+    before = tracked_stats(q, prop_grads, [grads[f"z{i}"] for i in range(n_z)], g, plan, pop.optimizer.lr, fisher0,
                            utility_scale=pop.model.utility_scale if pop.sampled else None)
     if first.price_scales:
         before["probe"] = eta_probe(pop, q, plan, before["P"]["ntcov_opt"], first.price_scales)
     if noise:
-        rows_gram, rows_times = log_prob_rows_factored(jac, G, probs)
+        rows_gram, rows_times = log_prob_rows_factored(jac, G, q["logp"].detach().exp())
         before["noise"] = noise_from_rows(batch, rows_gram, rows_times, pop.stacked.n_params, prop_grads, plan,
                                           pop.optimizer.lr)
 
@@ -1018,32 +1012,39 @@ def states_factored_update(pop: _Population, q: dict[str, Any], U: Tensor, batch
 
 def states_npg_update(pop: _Population, q: dict[str, Any], U: Tensor, batch: SampledBatch | None, tracked: bool,
                       first: TrainConfig) -> tuple[list[int], dict[str, Any] | None, Callable[[], None]]:
-    """An untracked, undamped NPG update at several observations (the juice MLP, exact or sampled):
-    U's cotangent c_U = ∂U/∂Z by a reverse pass through the model (or the sampled surrogate) alone,
-    g = Jᵀc_U and the step F⁺g = J_Fᵀβ from the logits' factored Jacobian at the model's observations
-    (:class:`~ntrl.engine.batched_states.StatesInverseFisher`), without the Fisher's rows or a reverse
-    pass per logit. Where some member's κ(G_FF) exceeds :data:`STATES_MAX_CONDITION`, the update is
-    :func:`general_update`'s instead. Returns what :func:`general_update` returns."""
+    """An untracked NPG update at several observations (the juice MLP, exact or sampled): U's
+    cotangent c_U = ∂U/∂Z by a reverse pass through the model (or the sampled surrogate) alone,
+    g = Jᵀc_U from the logits' factored Jacobian, and the step (F + λI)⁻¹g by :func:`states_fisher`,
+    without a reverse pass per logit. Returns what :func:`general_update` returns."""
     Z = q["Z"]
-    M = Z.shape[0]
-    c = torch.autograd.grad(U.sum(), Z, retain_graph=True, allow_unused=True)[0] if U.requires_grad else None
-    cU = (torch.zeros_like(Z) if c is None else c).reshape(M, -1)
-    nf = q["logp"].shape[1] * q["logp"].shape[2]  # the Fisher's logits, those of the model's observations
+    c = torch.autograd.grad(U.sum(), Z, retain_graph=False, allow_unused=True)[0] if U.requires_grad else None
+    cU = (torch.zeros_like(Z) if c is None else c).reshape(Z.shape[0], -1)
     jac = states_jacobian(pop.states, q["trace"])
-    G = jac.gram()
-    if not bool((gram_condition(G[:, :nf, :nf]) <= STATES_MAX_CONDITION).all()):
-        return general_update(pop, q, U, batch, tracked, first)  # q's graph is still whole
-    fisher = StatesInverseFisher.from_gram(G, q["logp"].detach().exp(), q["weights"].detach())
+    fisher = states_fisher(pop, q, jac, jac.gram(), pop.optimizer.damping)
     g = jac.materialize(cU, pop.stacked.n_params)
     bad_g = nonfinite_members(g)
-    any_bad = bad_g is not None
-    beta = torch.zeros_like(cU)
-    beta[:, :nf] = fisher.apply(torch.where(bad_g[:, None], torch.zeros_like(cU), cU) if any_bad else cU)
-    if any_bad:  # a bad member takes no step (it is stopped)
-        beta = torch.where(bad_g[:, None], torch.zeros_like(beta), beta)
-    direction = jac.materialize(beta, pop.stacked.n_params)
+    plan = pop.optimizer.plan(torch.where(bad_g[:, None], torch.zeros_like(g), g) if bad_g is not None else g, fisher,
+                              tracked)
+    return rows_where(bad_g) if bad_g is not None else [], None, step_taker(pop, plan, bad_g)
 
-    return rows_where(bad_g) if any_bad else [], None, step_taker(pop, BatchedPlan(direction), bad_g)
+
+def states_fisher(pop: _Population, q: dict[str, Any], jac: StatesJacobian, G: Tensor,
+                  damping: Tensor) -> StatesFisherMetric | BatchedInverseFisher:
+    """Each member's (F + λI)⁻¹, or F⁺ where λ = 0, over the model's observations, acting on
+    parameter vectors: in the space of the logits (:class:`StatesFisherMetric`) where no member is
+    damped and every member's κ(G_FF) is at most :data:`STATES_MAX_CONDITION`; otherwise by the QR
+    of the rows √(w π) ∇log π (:class:`BatchedInverseFisher`, the general path's), formed from the
+    factored Jacobian (``materialize_many`` of the logits' unit cotangents), not by a reverse pass
+    per logit."""
+    probs, weights = q["logp"].detach().exp(), q["weights"].detach()
+    M, NF, K = probs.shape
+    nf = NF * K
+    if not bool((damping > 0).any()) and bool((gram_condition(G[:, :nf, :nf]) <= STATES_MAX_CONDITION).all()):
+        return StatesFisherMetric(StatesInverseFisher.from_gram(G, probs, weights), jac, pop.stacked.n_params)
+    units = torch.eye(G.shape[1], dtype=G.dtype, device=G.device)[:nf].expand(M, nf, -1)
+    rows = log_prob_rows(jac.materialize_many(units, pop.stacked.n_params).reshape(M, NF, K, -1), probs,
+                         overwrite=True)
+    return BatchedInverseFisher.from_log_prob_rows(rows, weights, probs, damping)
 
 
 STATES_MAX_CONDITION = 1e4  # the largest κ(G_FF) = κ(J_F)² a tracked Fisher takes from the Gram matrix: its
@@ -1068,22 +1069,14 @@ def states_tracked_update(pop: _Population, q: dict[str, Any], U: Tensor, batch:
     from others, :func:`derived_gradients`) and the logits' factored Jacobian at the model's
     observations and probes (:mod:`ntrl.engine.batched_states`): ∇X·∇Y = c_Xᵀ G c_Y, ∇X·d = c_X·(J d),
     ∇X·D∇Y = c_Xᵀ (J D Jᵀ) c_Y and the Fisher's NTVar in the space of the logits, without forming any
-    property's gradient or the Fisher's rows. Where the Fisher is tracked and some member's
-    Jacobian at the model's observations is worse conditioned than :data:`STATES_MAX_CONDITION`
-    (the Gram matrix squares it), the update is :func:`general_update`'s instead. Returns what
-    :func:`general_update` returns."""
+    property's gradient or the Fisher's rows (:func:`states_fisher` says where it takes them, from
+    the factors). Returns what :func:`general_update` returns."""
     names, n_z = pop.model.properties, pop.model.n_z
     Z = q["Z"]
     M = Z.shape[0]
     cots = cotangents_at_logits(pop, q, U)
     jac = states_jacobian(pop.states, q["trace"])
     G = jac.gram()
-    fisher = None
-    if first.fisher:  # F⁺ over the model's observations, weighted by the visitation
-        nf = q["logp"].shape[1] * q["logp"].shape[2]
-        if not bool((gram_condition(G[:, :nf, :nf]) <= STATES_MAX_CONDITION).all()):
-            return general_update(pop, q, U, batch, tracked, first)  # q's graph is still whole
-        fisher = StatesInverseFisher.from_gram(G, q["logp"].detach().exp(), q["weights"].detach())
     leaves = q["leaves"]
     parts = torch.autograd.grad(Z, leaves, grad_outputs=cots["U"].reshape(Z.shape), allow_unused=True)
     g = torch.cat([(p if p is not None else torch.zeros_like(leaf)).reshape(M, -1) for p, leaf in zip(parts, leaves)],
@@ -1098,7 +1091,14 @@ def states_tracked_update(pop: _Population, q: dict[str, Any], U: Tensor, batch:
     along = (props * jac.dot(plan.direction)[:, None, :]).sum(2)  # ∇X·d, (M, n_x)
     in_opt = None if plan.diagonal is None else \
         torch.diagonal(quadratic_forms(props, jac.gram_diagonal(plan.diagonal)), dim1=1, dim2=2)
-    in_fisher = None if fisher is None else fisher.ntvars(props)
+    in_fisher = None
+    if first.fisher:  # F⁺ over the model's observations, weighted by the visitation
+        fisher = states_fisher(pop, q, jac, G, torch.zeros_like(pop.optimizer.lr))
+        if isinstance(fisher, StatesFisherMetric):
+            in_fisher = fisher.fisher.ntvars(props)
+        else:  # ill-conditioned: the properties' gradients, for the QR's metric
+            grads = jac.materialize_many(props, pop.stacked.n_params).unbind(1)
+            in_fisher = torch.stack(fisher.ntvars(list(grads)), 1)
     lr = pop.optimizer.lr
     before: dict[str, Any] = {}
     for i, name in enumerate(names):
