@@ -1047,8 +1047,9 @@ def states_fisher(pop: _Population, q: dict[str, Any], jac: StatesJacobian, G: T
     return BatchedInverseFisher.from_log_prob_rows(rows, weights, probs, damping)
 
 
-STATES_MAX_CONDITION = 1e4  # the largest κ(G_FF) = κ(J_F)² a tracked Fisher takes from the Gram matrix: its
-# NTVar then errs by about eps·κ(G_FF) ≈ 2e-12 relative at most, near the per-run QR's accuracy
+STATES_MAX_CONDITION = 1e4  # the largest κ(G_FF) = κ(J_F)² at which states_fisher takes the inverse Fisher from
+# the Gram matrix: its rounding then adds at most about eps·κ(G_FF) ≈ 2e-12 relative, near the per-run QR's
+# accuracy (measured far less: benchmarks/RESULTS.md, run 22)
 
 
 def gram_condition(G: Tensor) -> Tensor:
