@@ -307,7 +307,7 @@ def centring_rows(probs: Tensor, scale: Tensor | None = None) -> Tensor:
     return out.reshape(M, N * K, N * K)
 
 
-def log_prob_rows(jac: StatesJacobian, G: Tensor, probs: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+def factored_log_prob_rows(jac: StatesJacobian, G: Tensor, probs: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """The rows ∇log π(a|o) = ∇z(o, a) − Σ_b π(b|o) ∇z(o, b) of the first N_F observations, in
     factored form: L = B J_F with B block-diagonal (block o: I − 1π_oᵀ), as (L Lᵀ = B G_FF Bᵀ,
     (M, N_F·K, N_F·K); v ↦ L v for v (M, P)), from the Jacobian, G = J Jᵀ and π (M, N_F, K)."""

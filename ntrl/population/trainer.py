@@ -61,10 +61,9 @@ from ntrl.engine.batched import (
     BatchedInverseFisher, StackedPolicy, log_prob_rows, member_gradients, member_gradients_through,
 )
 from ntrl.engine.batched_states import (
-    StatesFisherMetric, StatesInverseFisher, StatesJacobian, layer_parameters, quadratic_forms, states_forward,
-    states_jacobian,
+    StatesFisherMetric, StatesInverseFisher, StatesJacobian, factored_log_prob_rows, layer_parameters, quadratic_forms,
+    states_forward, states_jacobian,
 )
-from ntrl.engine.batched_states import log_prob_rows as log_prob_rows_factored
 from ntrl.engine.batched_structured import (
     LogitInverseFisher, LogitSelection, StackedSequential, fisher_ntvar, quad,
 )
@@ -978,7 +977,7 @@ def states_factored_update(pop: _Population, q: dict[str, Any], U: Tensor, batch
     gradient Jᵀc_X formed from its cotangent at the logits (a reverse pass through the model or the
     sampled surrogate alone) and the logits' factored Jacobian, the inverse Fisher in the space of
     the logits, or the QR of rows formed from the factors (:func:`states_fisher`), and the noise
-    model's rows ∇log π in factored form (:func:`~ntrl.engine.batched_states.log_prob_rows`): no
+    model's rows ∇log π in factored form (:func:`~ntrl.engine.batched_states.factored_log_prob_rows`): no
     reverse pass per logit."""
     names, n_z = pop.model.properties, pop.model.n_z
     cots = cotangents_at_logits(pop, q, U)
@@ -1003,7 +1002,7 @@ def states_factored_update(pop: _Population, q: dict[str, Any], U: Tensor, batch
     if first.price_scales:
         before["probe"] = eta_probe(pop, q, plan, before["P"]["ntcov_opt"], first.price_scales)
     if noise:
-        rows_gram, rows_times = log_prob_rows_factored(jac, G, q["logp"].detach().exp())
+        rows_gram, rows_times = factored_log_prob_rows(jac, G, q["logp"].detach().exp())
         before["noise"] = noise_from_rows(batch, rows_gram, rows_times, pop.stacked.n_params, prop_grads, plan,
                                           pop.optimizer.lr)
 
@@ -1443,7 +1442,7 @@ def noise_spread(batch: SampledBatch, rows: Tensor, prop_grads: dict[str, Tensor
 def noise_from_rows(batch: SampledBatch, G: Tensor, rows_times: Callable[[Tensor], Tensor], n_params: int,
                     prop_grads: dict[str, Tensor], plan, lr: Tensor) -> dict[str, Tensor]:
     """:func:`noise_spread` from the rows' Gram matrix G = L Lᵀ (M, N·K, N·K) and v ↦ L v, whichever
-    way they were formed (:func:`ntrl.engine.batched_states.log_prob_rows`: without the rows)."""
+    way they were formed (:func:`ntrl.engine.batched_states.factored_log_prob_rows`: without the rows)."""
     M, B = batch.C_episode.shape[:2]
     if B < 2:
         return {}
