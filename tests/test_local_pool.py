@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+import time
+
 import pytest
 
 from ntrl.config import ConfigError
@@ -65,9 +67,7 @@ def test_a_study_stopped_while_planning_leaves_no_worker(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="planned to fail"):
         run_study(tiny_study(), tmp_path, workers=2, wandb_mode="disabled", progress=False)
     assert len(pools) == 1 and len(processes) == 1
-    for proc in processes:
-        proc.join(timeout=30)
-    assert not any(proc.is_alive() for proc in processes)
+    assert all_ended(processes)
 
 
 def test_a_failing_import_in_the_warm_up_is_left_to_the_unit(monkeypatch):
@@ -104,6 +104,24 @@ def test_a_signal_while_the_workers_start_stops_them(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         executor.start_local_pool(2, "disabled", 2)
     assert len(started) == 2
-    for proc in started:
-        proc.join(timeout=30)
-    assert not any(proc.is_alive() for proc in started)
+    assert all_ended(started)
+
+
+def all_ended(processes, timeout: float = 30.0) -> bool:
+    """Whether every process has ended within ``timeout`` s, by the kernel's account (gone, or a
+    zombie not yet reaped). Not Process.is_alive(): the pool's manager thread reaps the killed
+    workers too, and a waitpid that loses that race gets ECHILD, which multiprocessing reads as
+    "still running"."""
+    deadline = time.monotonic() + timeout
+    while not all(process_ended(proc.pid) for proc in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return all(process_ended(proc.pid) for proc in processes)
+
+
+def process_ended(pid: int) -> bool:
+    """Whether process ``pid`` has exited (it is gone, or a zombie), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):  # gone before the open, or between the open and the read
+        return True
